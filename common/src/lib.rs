@@ -1,0 +1,18 @@
+//! Everything that crosses the wire between shardgate processes: the generated gRPC code, typed
+//! ids, the domain enums with their wire mapping, test-id validation, and the one table that maps
+//! domain errors to `tonic::Status`. The coordinator and the worker never include protos
+//! themselves.
+
+#![forbid(unsafe_code)]
+
+pub mod error;
+pub mod ids;
+pub mod labels;
+pub mod model;
+pub mod pb;
+pub mod report;
+pub mod validate;
+
+pub use error::Error;
+pub use ids::{AttemptId, RunId, ShardId, WorkerId};
+pub use model::{Outcome, RunStatus, RunnerKind};

@@ -1,0 +1,110 @@
+//! Domain enums (run status, test outcome, runner kind) with their text names, used in the
+//! database, in JSON and on the command line, and their mapping to the wire enums.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::pb;
+
+macro_rules! named_enum {
+    ($name:ident, $pb:ty, $what:literal, { $($variant:ident => ($text:literal, $wire:ident)),+ $(,)? }) => {
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        #[serde(rename_all = "snake_case")]
+        pub enum $name { $($variant),+ }
+
+        impl $name {
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+
+            pub fn as_str(self) -> &'static str {
+                match self { $($name::$variant => $text),+ }
+            }
+
+            pub fn to_wire(self) -> i32 {
+                match self { $($name::$variant => <$pb>::$wire as i32),+ }
+            }
+
+            /// The domain value of a wire enum; `None` for unspecified or unknown values.
+            pub fn from_wire(v: i32) -> Option<Self> {
+                match <$pb>::try_from(v).ok()? {
+                    $(<$pb>::$wire => Some($name::$variant),)+
+                    #[allow(unreachable_patterns)]
+                    _ => None,
+                }
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = String;
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                match s {
+                    $($text => Ok($name::$variant),)+
+                    _ => Err(format!("unknown {} '{}'", $what, s)),
+                }
+            }
+        }
+    };
+}
+
+named_enum!(RunStatus, pb::RunStatus, "run status", {
+    Queued => ("queued", Queued),
+    Running => ("running", Running),
+    Passed => ("passed", Passed),
+    Failed => ("failed", Failed),
+    Cancelled => ("cancelled", Cancelled),
+    Errored => ("errored", Errored),
+});
+
+impl RunStatus {
+    /// Terminal statuses never change again.
+    pub fn is_terminal(self) -> bool {
+        !matches!(self, RunStatus::Queued | RunStatus::Running)
+    }
+}
+
+named_enum!(Outcome, pb::Outcome, "outcome", {
+    Passed => ("passed", Passed),
+    Failed => ("failed", Failed),
+    Skipped => ("skipped", Skipped),
+    Flaky => ("flaky", Flaky),
+    TimedOut => ("timed_out", TimedOut),
+    InfraError => ("infra_error", InfraError),
+});
+
+impl Outcome {
+    /// Whether this outcome lets the gate pass (flaky does under the default policy).
+    pub fn is_green(self) -> bool {
+        matches!(self, Outcome::Passed | Outcome::Skipped | Outcome::Flaky)
+    }
+}
+
+named_enum!(RunnerKind, pb::RunnerKind, "runner kind", {
+    Exec => ("exec", Exec),
+});
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_wire_values_round_trip() {
+        for o in Outcome::ALL {
+            assert_eq!(o.as_str().parse::<Outcome>().unwrap(), *o);
+            assert_eq!(Outcome::from_wire(o.to_wire()), Some(*o));
+        }
+        for s in RunStatus::ALL {
+            assert_eq!(s.as_str().parse::<RunStatus>().unwrap(), *s);
+            assert_eq!(RunStatus::from_wire(s.to_wire()), Some(*s));
+        }
+        assert_eq!(Outcome::from_wire(0), None);
+        assert_eq!(Outcome::from_wire(99), None);
+        assert!("bogus".parse::<Outcome>().is_err());
+    }
+}

@@ -1,0 +1,121 @@
+//! The JSON shape of a run and its results, shared by `shardgate run --json` and the
+//! coordinator's HTTP API so that both speak the same document.
+
+use serde::{Deserialize, Serialize};
+
+use crate::labels;
+use crate::model::{Outcome, RunStatus};
+use crate::pb;
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Counts {
+    pub total: u32,
+    pub queued: u32,
+    pub running: u32,
+    pub passed: u32,
+    pub failed: u32,
+    pub skipped: u32,
+    pub flaky: u32,
+    pub timed_out: u32,
+    pub infra_error: u32,
+}
+
+impl From<&pb::RunCounts> for Counts {
+    fn from(c: &pb::RunCounts) -> Self {
+        Self {
+            total: c.total,
+            queued: c.queued,
+            running: c.running,
+            passed: c.passed,
+            failed: c.failed,
+            skipped: c.skipped,
+            flaky: c.flaky,
+            timed_out: c.timed_out,
+            infra_error: c.infra_error,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TestReport {
+    pub id: String,
+    /// `None` while the test has no counted result yet.
+    pub outcome: Option<Outcome>,
+    pub duration_ms: u64,
+    pub attempts: u32,
+    pub worker: String,
+    #[serde(skip_serializing_if = "String::is_empty", default)]
+    pub detail: String,
+    #[serde(skip_serializing_if = "String::is_empty", default)]
+    pub output: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunReport {
+    pub run_id: String,
+    /// `passed`, `failed`, `cancelled` or `errored` once the run ended; `None` before.
+    pub verdict: Option<RunStatus>,
+    pub status: RunStatus,
+    pub suite: String,
+    pub revision: String,
+    pub requested_by: String,
+    pub runner: String,
+    pub labels: labels::Labels,
+    pub priority: i32,
+    #[serde(skip_serializing_if = "String::is_empty", default)]
+    pub message: String,
+    pub created_at_ms: u64,
+    pub started_at_ms: u64,
+    pub finished_at_ms: u64,
+    /// Wall time from the first hand-out to the verdict.
+    pub makespan_ms: u64,
+    pub counts: Counts,
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub tests: Vec<TestReport>,
+}
+
+impl RunReport {
+    pub fn new(run: &pb::RunSummary, results: &[pb::TestResult]) -> Self {
+        let status = RunStatus::from_wire(run.status).unwrap_or(RunStatus::Queued);
+        Self {
+            run_id: run.run_id.clone(),
+            verdict: status.is_terminal().then_some(status),
+            status,
+            suite: run.suite.clone(),
+            revision: run.revision.clone(),
+            requested_by: run.requested_by.clone(),
+            runner: run.runner.clone(),
+            labels: run
+                .labels
+                .iter()
+                .map(|l| (l.key.clone(), l.value.clone()))
+                .collect(),
+            priority: run.priority,
+            message: run.message.clone(),
+            created_at_ms: run.created_at_ms,
+            started_at_ms: run.started_at_ms,
+            finished_at_ms: run.finished_at_ms,
+            makespan_ms: if run.started_at_ms > 0 && run.finished_at_ms >= run.started_at_ms {
+                run.finished_at_ms - run.started_at_ms
+            } else {
+                0
+            },
+            counts: run.counts.as_ref().map(Counts::from).unwrap_or_default(),
+            tests: results.iter().map(TestReport::from).collect(),
+        }
+    }
+}
+
+impl From<&pb::TestResult> for TestReport {
+    fn from(r: &pb::TestResult) -> Self {
+        Self {
+            id: r.test_id.clone(),
+            outcome: Outcome::from_wire(r.outcome),
+            duration_ms: r.duration_ms,
+            attempts: r.attempts,
+            worker: r.worker.clone(),
+            detail: r.detail.clone(),
+            output: r.output.clone(),
+        }
+    }
+}

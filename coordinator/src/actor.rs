@@ -1,0 +1,138 @@
+//! The scheduler actor: one thread owns the [`Core`] (and through it the database connection)
+//! and runs the messages that service handlers send it, one at a time. Handlers never lock
+//! scheduling state; they await a reply.
+//!
+//! After each message the actor publishes what the core produced: run events go to one
+//! broadcast channel (the coordinator's internal event stream, which watch streams, the HTTP API
+//! and metrics follow), and new work wakes the `AcquireShard` calls that are waiting for it.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use shardgate_common::{Error, pb};
+use tokio::sync::{Notify, broadcast, oneshot};
+use tracing::{error, info};
+
+use crate::core::Core;
+use crate::model::Now;
+
+type Job = Box<dyn FnOnce(&mut Core, Now) + Send>;
+
+/// One published event, numbered in the order the core produced it.
+#[derive(Debug, Clone)]
+pub struct Published {
+    pub seq: u64,
+    pub event: pb::run_event::Event,
+}
+
+impl Published {
+    /// The run the event is about.
+    pub fn run_id(&self) -> &str {
+        use pb::run_event::Event;
+        match &self.event {
+            Event::Snapshot(s) | Event::Finished(s) | Event::Progress(s) => &s.run_id,
+            Event::TestFinished(t) => &t.run_id,
+        }
+    }
+}
+
+/// A cheap, cloneable handle to the actor.
+#[derive(Debug, Clone)]
+pub struct Handle {
+    tx: mpsc::Sender<Job>,
+    events: broadcast::Sender<Arc<Published>>,
+    work: Arc<Notify>,
+    seq: Arc<AtomicU64>,
+}
+
+impl Handle {
+    /// Runs `f` on the core and returns its result.
+    pub async fn call<T, F>(&self, f: F) -> Result<T, Error>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Core, Now) -> Result<T, Error> + Send + 'static,
+    {
+        let (reply, rx) = oneshot::channel();
+        let job: Job = Box::new(move |core, now| {
+            let _ = reply.send(f(core, now));
+        });
+        self.tx
+            .send(job)
+            .map_err(|_| Error::Unavailable("the scheduler has stopped".into()))?;
+        rx.await
+            .map_err(|_| Error::Unavailable("the scheduler has stopped".into()))?
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Published>> {
+        self.events.subscribe()
+    }
+
+    /// The sequence number of the last published event.
+    pub fn last_seq(&self) -> u64 {
+        self.seq.load(Ordering::SeqCst)
+    }
+
+    /// Completes when new work may be available. Create it before asking for work, so that
+    /// work queued in between is not missed.
+    pub fn work_notify(&self) -> Arc<Notify> {
+        self.work.clone()
+    }
+}
+
+/// Starts the actor thread. It stops when every [`Handle`] is dropped.
+pub fn spawn(core: Core, tick: Duration) -> Handle {
+    let (tx, rx) = mpsc::channel::<Job>();
+    let (events, _) = broadcast::channel(16 * 1024);
+    let handle = Handle {
+        tx,
+        events,
+        work: Arc::new(Notify::new()),
+        seq: Arc::new(AtomicU64::new(0)),
+    };
+    let h = handle.clone();
+    // The thread holds only the parts it publishes to, not a sender, so dropping every handle
+    // ends it.
+    let (events, work, seq) = (h.events, h.work, h.seq);
+    std::thread::Builder::new()
+        .name("shardgate-scheduler".into())
+        .spawn(move || run(core, rx, tick, events, work, seq))
+        .expect("failed to spawn the scheduler thread");
+    handle
+}
+
+fn run(
+    mut core: Core,
+    rx: mpsc::Receiver<Job>,
+    tick: Duration,
+    events: broadcast::Sender<Arc<Published>>,
+    work: Arc<Notify>,
+    seq: Arc<AtomicU64>,
+) {
+    let mut next_tick = Instant::now() + tick;
+    loop {
+        let wait = next_tick.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(wait) {
+            Ok(job) => job(&mut core, Now::real()),
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+        if Instant::now() >= next_tick {
+            if let Err(e) = core.tick(Now::real()) {
+                error!(error = %e, "scheduler tick failed");
+            }
+            next_tick = Instant::now() + tick;
+        }
+        let effects = core.take_effects();
+        for event in effects.events {
+            let n = seq.fetch_add(1, Ordering::SeqCst) + 1;
+            // No subscriber is fine: nobody is watching.
+            let _ = events.send(Arc::new(Published { seq: n, event }));
+        }
+        if effects.work_added {
+            work.notify_waiters();
+        }
+    }
+    info!("scheduler stopped");
+}

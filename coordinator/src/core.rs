@@ -1,0 +1,1007 @@
+//! The scheduling core: the one owner of runs, tests, workers and attempts. It is plain
+//! synchronous code; the actor in `actor.rs` feeds it one message at a time on its own thread,
+//! and unit tests drive it directly with a stepped clock and an in-memory database.
+//!
+//! Every change is written to the store before the core's memory changes, so a failed write
+//! leaves both as they were, and a result is acknowledged only once it is on disk.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::time::Instant;
+
+use shardgate_common::labels;
+use shardgate_common::{AttemptId, Error, Outcome, RunId, RunStatus, RunnerKind, ShardId, WorkerId, pb, validate};
+use tracing::{info, warn};
+
+use crate::model::{CoreConfig, Now, Policy};
+use crate::scheduler;
+use crate::store::{ResultRow, RunRow, Store, StoreError, WorkerRow};
+
+impl From<StoreError> for Error {
+    fn from(e: StoreError) -> Self {
+        tracing::error!(error = %e, "store failure");
+        Error::Internal(e.to_string())
+    }
+}
+
+/// A test of an active run, as the scheduler tracks it.
+#[derive(Debug)]
+struct TestSlot {
+    id: String,
+    done: bool,
+    leased: Option<AttemptId>,
+    /// How many times this test was handed out.
+    handouts: u32,
+}
+
+/// A run that has not ended.
+#[derive(Debug)]
+struct RunState {
+    row: RunRow,
+    kind: RunnerKind,
+    tests: Vec<TestSlot>,
+    queue: VecDeque<u32>,
+    /// A discovery attempt must be handed out before the run has tests.
+    discover_pending: bool,
+    discover_handouts: u32,
+    /// Counted results per outcome, indexed by `Outcome::to_wire`.
+    done: [u32; 7],
+    running: u32,
+    live_attempts: u32,
+}
+
+impl RunState {
+    fn done_total(&self) -> u32 {
+        self.done.iter().sum()
+    }
+
+    fn has_work(&self) -> bool {
+        self.discover_pending || !self.queue.is_empty()
+    }
+
+    fn counts(&self) -> pb::RunCounts {
+        let total = self.tests.len() as u32;
+        let d = |o: Outcome| self.done[o.to_wire() as usize];
+        pb::RunCounts {
+            total,
+            queued: total - self.running - self.done_total(),
+            running: self.running,
+            passed: d(Outcome::Passed),
+            failed: d(Outcome::Failed),
+            skipped: d(Outcome::Skipped),
+            flaky: d(Outcome::Flaky),
+            timed_out: d(Outcome::TimedOut),
+            infra_error: d(Outcome::InfraError),
+        }
+    }
+
+    fn summary(&self) -> pb::RunSummary {
+        summary_of(&self.row, self.counts())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AttemptKind {
+    Run,
+    Discover,
+}
+
+#[derive(Debug)]
+struct Attempt {
+    shard: ShardId,
+    run: RunId,
+    worker: WorkerId,
+    kind: AttemptKind,
+    /// Tests of the shard still without a result from this attempt.
+    pending: Vec<u32>,
+    total: u32,
+    lease_until: Instant,
+    started_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WorkerLiveness {
+    Live,
+    Lost,
+    Gone,
+}
+
+impl WorkerLiveness {
+    fn as_str(self) -> &'static str {
+        match self {
+            WorkerLiveness::Live => "live",
+            WorkerLiveness::Lost => "lost",
+            WorkerLiveness::Gone => "gone",
+        }
+    }
+}
+
+#[derive(Debug)]
+struct WorkerState {
+    row: WorkerRow,
+    runners: HashMap<String, RunnerKind>,
+    liveness: WorkerLiveness,
+    last_seen: Instant,
+    attempts: HashSet<AttemptId>,
+}
+
+/// Why a test went back to the queue.
+#[derive(Debug, Clone)]
+enum RequeueReason {
+    LeaseExpired(String),
+    NoResult(String),
+    RunnerError(String),
+    Deregistered(String),
+}
+
+impl RequeueReason {
+    fn describe(&self) -> String {
+        match self {
+            RequeueReason::LeaseExpired(w) => format!("lease expired on worker {w}"),
+            RequeueReason::NoResult(w) => format!("worker {w} finished the shard without a result"),
+            RequeueReason::RunnerError(e) => format!("runner failed: {e}"),
+            RequeueReason::Deregistered(w) => format!("worker {w} left"),
+        }
+    }
+}
+
+/// What one message to the core produced besides its reply.
+#[derive(Debug, Default)]
+pub struct Effects {
+    pub events: Vec<pb::run_event::Event>,
+    /// New work was queued: wake waiting `AcquireShard` calls.
+    pub work_added: bool,
+}
+
+#[derive(Debug)]
+pub struct Core {
+    cfg: CoreConfig,
+    store: Store,
+    /// Active runs by id; ids are time-ordered, so iteration is oldest first.
+    runs: BTreeMap<RunId, RunState>,
+    workers: HashMap<WorkerId, WorkerState>,
+    attempts: HashMap<AttemptId, Attempt>,
+    /// Runner names any worker has ever registered, with their kind.
+    known_runners: BTreeMap<String, RunnerKind>,
+    effects: Effects,
+}
+
+impl Core {
+    /// Loads the store: known workers (as lost until they heartbeat) and every unfinished run,
+    /// whose tests without a counted result go back to the queue.
+    pub fn open(cfg: CoreConfig, store: Store, now: Now) -> Result<Self, Error> {
+        let mut core = Self {
+            cfg,
+            store,
+            runs: BTreeMap::new(),
+            workers: HashMap::new(),
+            attempts: HashMap::new(),
+            known_runners: BTreeMap::new(),
+            effects: Effects::default(),
+        };
+        for row in core.store.workers()? {
+            for (name, kind) in &row.runners {
+                core.known_runners.insert(name.clone(), *kind);
+            }
+            if row.state == WorkerLiveness::Gone.as_str() {
+                continue;
+            }
+            let runners = row.runners.iter().cloned().collect();
+            core.workers.insert(
+                row.id,
+                WorkerState {
+                    row,
+                    runners,
+                    liveness: WorkerLiveness::Lost,
+                    last_seen: now.at,
+                    attempts: HashSet::new(),
+                },
+            );
+        }
+        for row in core.store.unfinished_runs()? {
+            let Some(kind) = core.known_runners.get(&row.runner).copied() else {
+                warn!(run = %row.id, runner = %row.runner, "unfinished run names an unknown runner");
+                continue;
+            };
+            let stored = core.store.tests(row.id)?;
+            let mut state = RunState {
+                discover_pending: row.discover && stored.is_empty(),
+                row,
+                kind,
+                tests: Vec::with_capacity(stored.len()),
+                queue: VecDeque::new(),
+                discover_handouts: 0,
+                done: [0; 7],
+                running: 0,
+                live_attempts: 0,
+            };
+            for (i, t) in stored.into_iter().enumerate() {
+                if let Some(o) = t.outcome {
+                    state.done[o.to_wire() as usize] += 1;
+                } else {
+                    state.queue.push_back(i as u32);
+                }
+                state.tests.push(TestSlot {
+                    id: t.test_id,
+                    done: t.outcome.is_some(),
+                    leased: None,
+                    handouts: 0,
+                });
+            }
+            info!(run = %state.row.id, queued = state.queue.len(), "resumed unfinished run");
+            core.runs.insert(state.row.id, state);
+        }
+        // A run whose tests were all counted before a crash but whose verdict was not written
+        // gets its verdict now.
+        let complete: Vec<RunId> = core
+            .runs
+            .values()
+            .filter(|r| !r.discover_pending && r.done_total() as usize == r.tests.len() && !r.tests.is_empty())
+            .map(|r| r.row.id)
+            .collect();
+        for id in complete {
+            core.conclude(id, now)?;
+        }
+        core.effects.work_added = true;
+        Ok(core)
+    }
+
+    pub fn config(&self) -> &CoreConfig {
+        &self.cfg
+    }
+
+    /// Takes what the last messages produced.
+    pub fn take_effects(&mut self) -> Effects {
+        std::mem::take(&mut self.effects)
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Runs
+    // -----------------------------------------------------------------------------------------
+
+    pub fn submit(&mut self, req: pb::SubmitRunRequest, now: Now) -> Result<pb::RunSummary, Error> {
+        validate::name("suite", &req.suite, true)?;
+        validate::name("revision", &req.revision, true)?;
+        validate::name("requested_by", &req.requested_by, false)?;
+        validate::name("runner", &req.runner, true)?;
+        let labels = labels::from_wire("labels", &req.labels)?;
+        let kind = *self.known_runners.get(&req.runner).ok_or_else(|| {
+            let known: Vec<&str> = self.known_runners.keys().map(String::as_str).collect();
+            Error::invalid(
+                "runner",
+                format!(
+                    "unknown runner '{}': no worker has registered it (known runners: {})",
+                    req.runner,
+                    if known.is_empty() { "none".to_owned() } else { known.join(", ") }
+                ),
+            )
+        })?;
+        if req.discover && !req.tests.is_empty() {
+            return Err(Error::invalid("tests", "give either a test list or discover, not both"));
+        }
+        if !req.discover {
+            validate::test_list(kind, &req.tests)?;
+        }
+        let row = RunRow {
+            id: RunId::new(),
+            suite: req.suite,
+            revision: req.revision,
+            requested_by: req.requested_by,
+            runner: req.runner,
+            labels,
+            policy: Policy::resolve(req.policy.as_ref(), &self.cfg),
+            priority: req.priority,
+            discover: req.discover,
+            status: RunStatus::Queued,
+            message: String::new(),
+            created_ms: now.ms,
+            started_ms: 0,
+            finished_ms: 0,
+        };
+        self.store.insert_run(&row, &req.tests)?;
+        let state = RunState {
+            discover_pending: row.discover,
+            kind,
+            tests: req
+                .tests
+                .into_iter()
+                .map(|id| TestSlot {
+                    id,
+                    done: false,
+                    leased: None,
+                    handouts: 0,
+                })
+                .collect(),
+            queue: VecDeque::new(),
+            discover_handouts: 0,
+            done: [0; 7],
+            running: 0,
+            live_attempts: 0,
+            row,
+        };
+        let mut state = state;
+        state.queue = (0..state.tests.len() as u32).collect();
+        let summary = state.summary();
+        info!(run = %state.row.id, suite = %state.row.suite, tests = state.tests.len(), "run submitted");
+        self.runs.insert(state.row.id, state);
+        self.effects.work_added = true;
+        self.effects.events.push(pb::run_event::Event::Progress(summary.clone()));
+        Ok(summary)
+    }
+
+    pub fn cancel(&mut self, run: RunId, reason: &str, now: Now) -> Result<pb::RunSummary, Error> {
+        if !self.runs.contains_key(&run) {
+            let row = self.store.run(run)?.ok_or_else(|| Error::not_found("run", run))?;
+            return Err(Error::FailedPrecondition(format!(
+                "run '{run}' already ended ({})",
+                row.status
+            )));
+        }
+        let message = if reason.is_empty() { "cancelled".to_owned() } else { format!("cancelled: {reason}") };
+        self.finish_run(run, RunStatus::Cancelled, message, now)
+    }
+
+    /// A run's summary from memory when active, from the store otherwise.
+    pub fn summary(&self, run: RunId) -> Result<pb::RunSummary, Error> {
+        if let Some(r) = self.runs.get(&run) {
+            return Ok(r.summary());
+        }
+        let row = self.store.run(run)?.ok_or_else(|| Error::not_found("run", run))?;
+        let mut counts = pb::RunCounts::default();
+        for (o, n) in self.store.outcome_counts(run)? {
+            counts.total += n;
+            match o {
+                None => counts.queued += n,
+                Some(Outcome::Passed) => counts.passed += n,
+                Some(Outcome::Failed) => counts.failed += n,
+                Some(Outcome::Skipped) => counts.skipped += n,
+                Some(Outcome::Flaky) => counts.flaky += n,
+                Some(Outcome::TimedOut) => counts.timed_out += n,
+                Some(Outcome::InfraError) => counts.infra_error += n,
+            }
+        }
+        Ok(summary_of(&row, counts))
+    }
+
+    pub fn get_run(&self, run: RunId, include_results: bool) -> Result<pb::GetRunResponse, Error> {
+        let summary = self.summary(run)?;
+        let results = if include_results { self.store.results(run)? } else { Vec::new() };
+        Ok(pb::GetRunResponse {
+            run: Some(summary),
+            results,
+        })
+    }
+
+    pub fn list_runs(&self, limit: u32) -> Result<Vec<pb::RunSummary>, Error> {
+        let limit = if limit == 0 { 50 } else { limit.min(1000) };
+        self.store
+            .runs(limit)?
+            .into_iter()
+            .map(|row| self.summary(row.id))
+            .collect()
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Workers
+    // -----------------------------------------------------------------------------------------
+
+    pub fn register(&mut self, req: pb::RegisterRequest, now: Now) -> Result<pb::RegisterResponse, Error> {
+        validate::name("name", &req.name, true)?;
+        if req.slots == 0 || req.slots > 1024 {
+            return Err(Error::invalid("slots", format!("{} is out of range 1..=1024", req.slots)));
+        }
+        let labels = labels::from_wire("labels", &req.labels)?;
+        if req.runners.is_empty() {
+            return Err(Error::invalid("runners", "a worker must offer at least one runner"));
+        }
+        let mut runners = HashMap::new();
+        for r in &req.runners {
+            validate::name("runners", &r.name, true)?;
+            let kind = RunnerKind::from_wire(r.kind)
+                .ok_or_else(|| Error::invalid("runners", format!("runner '{}' has an unknown kind {}", r.name, r.kind)))?;
+            if let Some(&known) = self.known_runners.get(&r.name)
+                && known != kind
+            {
+                return Err(Error::invalid(
+                    "runners",
+                    format!("runner '{}' is registered as kind '{known}' by other workers, not '{kind}'", r.name),
+                ));
+            }
+            runners.insert(r.name.clone(), kind);
+        }
+        let id = WorkerId::new();
+        let row = WorkerRow {
+            id,
+            name: req.name,
+            slots: req.slots,
+            labels,
+            runners: {
+                let mut v: Vec<_> = runners.iter().map(|(n, k)| (n.clone(), *k)).collect();
+                v.sort();
+                v
+            },
+            registered_ms: now.ms,
+            last_seen_ms: now.ms,
+            state: WorkerLiveness::Live.as_str().to_owned(),
+        };
+        self.store.upsert_worker(&row)?;
+        for (n, k) in &runners {
+            self.known_runners.insert(n.clone(), *k);
+        }
+        info!(worker = %id, name = %row.name, slots = row.slots, "worker registered");
+        self.workers.insert(
+            id,
+            WorkerState {
+                row,
+                runners,
+                liveness: WorkerLiveness::Live,
+                last_seen: now.at,
+                attempts: HashSet::new(),
+            },
+        );
+        self.effects.work_added = true;
+        Ok(pb::RegisterResponse {
+            worker_id: id.to_string(),
+            heartbeat_interval_ms: self.cfg.heartbeat_interval.as_millis() as u64,
+            lease_ms: self.cfg.lease.as_millis() as u64,
+        })
+    }
+
+    pub fn heartbeat(&mut self, worker: WorkerId, attempts: &[String], now: Now) -> Result<pb::HeartbeatResponse, Error> {
+        let lease = self.cfg.lease;
+        let Some(w) = self.workers.get_mut(&worker) else {
+            return Ok(pb::HeartbeatResponse {
+                cancel_attempt_ids: Vec::new(),
+                reregister: true,
+            });
+        };
+        if w.liveness == WorkerLiveness::Gone {
+            return Ok(pb::HeartbeatResponse {
+                cancel_attempt_ids: attempts.to_vec(),
+                reregister: true,
+            });
+        }
+        w.last_seen = now.at;
+        if w.liveness != WorkerLiveness::Live {
+            w.liveness = WorkerLiveness::Live;
+            w.row.state = WorkerLiveness::Live.as_str().to_owned();
+            w.row.last_seen_ms = now.ms;
+            let row = w.row.clone();
+            self.store.upsert_worker(&row)?;
+            info!(worker = %worker, "worker is live again");
+            self.effects.work_added = true;
+        }
+        let mut cancel = Vec::new();
+        for a in attempts {
+            match a.parse::<AttemptId>().ok().and_then(|id| self.attempts.get_mut(&id)) {
+                Some(att) if att.worker == worker => att.lease_until = now.at + lease,
+                _ => cancel.push(a.clone()),
+            }
+        }
+        Ok(pb::HeartbeatResponse {
+            cancel_attempt_ids: cancel,
+            reregister: false,
+        })
+    }
+
+    pub fn deregister(&mut self, worker: WorkerId, now: Now) -> Result<(), Error> {
+        let Some(w) = self.workers.get_mut(&worker) else {
+            return Err(Error::not_found("worker", worker));
+        };
+        w.liveness = WorkerLiveness::Gone;
+        w.row.state = WorkerLiveness::Gone.as_str().to_owned();
+        w.row.last_seen_ms = now.ms;
+        let row = w.row.clone();
+        let attempts: Vec<AttemptId> = w.attempts.iter().copied().collect();
+        self.store.upsert_worker(&row)?;
+        for a in attempts {
+            self.end_attempt(a, RequeueReason::Deregistered(row.name.clone()), now)?;
+        }
+        info!(worker = %worker, name = %row.name, "worker deregistered");
+        Ok(())
+    }
+
+    pub fn list_workers(&self, include_gone: bool) -> Vec<pb::WorkerInfo> {
+        let mut out: Vec<_> = self
+            .workers
+            .values()
+            .filter(|w| include_gone || w.liveness != WorkerLiveness::Gone)
+            .map(|w| pb::WorkerInfo {
+                worker_id: w.row.id.to_string(),
+                name: w.row.name.clone(),
+                slots: w.row.slots,
+                busy_slots: w.attempts.len() as u32,
+                labels: labels::to_wire(&w.row.labels),
+                runners: w
+                    .row
+                    .runners
+                    .iter()
+                    .map(|(n, k)| pb::RunnerInfo {
+                        name: n.clone(),
+                        kind: k.to_wire(),
+                    })
+                    .collect(),
+                state: w.liveness.as_str().to_owned(),
+                last_seen_ms: w.row.last_seen_ms,
+            })
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name).then(a.worker_id.cmp(&b.worker_id)));
+        out
+    }
+
+    pub fn progress(&self, run: Option<RunId>) -> Result<pb::RunProgressResponse, Error> {
+        let runs = match run {
+            Some(id) => vec![self.summary(id)?],
+            None => self.runs.values().map(RunState::summary).collect(),
+        };
+        let mut shards: Vec<_> = self
+            .attempts
+            .iter()
+            .filter(|(_, a)| run.is_none_or(|r| a.run == r))
+            .map(|(id, a)| pb::ShardProgress {
+                attempt_id: id.to_string(),
+                run_id: a.run.to_string(),
+                worker: self.workers.get(&a.worker).map(|w| w.row.name.clone()).unwrap_or_default(),
+                tests: a.total,
+                done: a.total - a.pending.len() as u32,
+                started_at_ms: a.started_ms,
+                shard_id: a.shard.to_string(),
+            })
+            .collect();
+        shards.sort_by(|a, b| a.attempt_id.cmp(&b.attempt_id));
+        Ok(pb::RunProgressResponse { runs, shards })
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Shards
+    // -----------------------------------------------------------------------------------------
+
+    /// Forms a shard for `worker` from the run that most deserves a free slot, or `None` when
+    /// no run this worker may take has work.
+    pub fn acquire(&mut self, worker: WorkerId, now: Now) -> Result<Option<pb::Shard>, Error> {
+        let w = self
+            .workers
+            .get(&worker)
+            .ok_or_else(|| Error::not_found("worker", worker))?;
+        if w.liveness == WorkerLiveness::Gone {
+            return Err(Error::FailedPrecondition(format!("worker '{worker}' deregistered")));
+        }
+        if w.attempts.len() as u32 >= w.row.slots {
+            return Ok(None);
+        }
+        let eligible = |r: &RunState| {
+            r.has_work() && w.runners.get(&r.row.runner) == Some(&r.kind) && labels::satisfies(&w.row.labels, &r.row.labels)
+        };
+        // Highest priority first; among equals the run with the fewest live attempts (a fair
+        // share of the fleet), then the oldest.
+        let Some(run_id) = self
+            .runs
+            .values()
+            .filter(|r| eligible(r))
+            .min_by_key(|r| (std::cmp::Reverse(r.row.priority), r.live_attempts, r.row.id))
+            .map(|r| r.row.id)
+        else {
+            return Ok(None);
+        };
+        let fleet_slots = self.eligible_slots(run_id);
+        let run = self.runs.get_mut(&run_id).expect("chosen from the map");
+        let (kind, tests) = if run.discover_pending {
+            run.discover_pending = false;
+            run.discover_handouts += 1;
+            (AttemptKind::Discover, Vec::new())
+        } else {
+            let n = scheduler::batch_size(run.queue.len(), fleet_slots);
+            let tests: Vec<u32> = run.queue.drain(..n).collect();
+            (AttemptKind::Run, tests)
+        };
+        let attempt_id = AttemptId::new();
+        let shard_id = ShardId::new();
+        for &i in &tests {
+            let t = &mut run.tests[i as usize];
+            t.leased = Some(attempt_id);
+            t.handouts += 1;
+        }
+        run.running += tests.len() as u32;
+        run.live_attempts += 1;
+        if run.row.status == RunStatus::Queued {
+            run.row.status = RunStatus::Running;
+            run.row.started_ms = now.ms;
+            self.store
+                .update_run_status(run_id, RunStatus::Running, "", now.ms, 0)?;
+            self.effects.events.push(pb::run_event::Event::Progress(run.summary()));
+        }
+        let shard = pb::Shard {
+            shard_id: shard_id.to_string(),
+            attempt_id: attempt_id.to_string(),
+            run_id: run_id.to_string(),
+            kind: match kind {
+                AttemptKind::Run => pb::ShardKind::Run as i32,
+                AttemptKind::Discover => pb::ShardKind::Discover as i32,
+            },
+            runner: run.row.runner.clone(),
+            suite: run.row.suite.clone(),
+            revision: run.row.revision.clone(),
+            tests: tests.iter().map(|&i| run.tests[i as usize].id.clone()).collect(),
+            policy: Some(run.row.policy.to_wire()),
+            lease_ms: self.cfg.lease.as_millis() as u64,
+        };
+        self.attempts.insert(
+            attempt_id,
+            Attempt {
+                shard: shard_id,
+                run: run_id,
+                worker,
+                kind,
+                total: tests.len() as u32,
+                pending: tests,
+                lease_until: now.at + self.cfg.lease,
+                started_ms: now.ms,
+            },
+        );
+        self.workers
+            .get_mut(&worker)
+            .expect("checked above")
+            .attempts
+            .insert(attempt_id);
+        Ok(Some(shard))
+    }
+
+    /// Slots of live workers that may take `run`.
+    fn eligible_slots(&self, run: RunId) -> usize {
+        let Some(r) = self.runs.get(&run) else { return 0 };
+        self.workers
+            .values()
+            .filter(|w| {
+                w.liveness == WorkerLiveness::Live
+                    && w.runners.get(&r.row.runner) == Some(&r.kind)
+                    && labels::satisfies(&w.row.labels, &r.row.labels)
+            })
+            .map(|w| w.row.slots as usize)
+            .sum()
+    }
+
+    fn live_attempt(&self, worker: WorkerId, attempt: AttemptId) -> Result<&Attempt, Error> {
+        match self.attempts.get(&attempt) {
+            Some(a) if a.worker == worker => Ok(a),
+            Some(_) => Err(Error::FailedPrecondition(format!(
+                "attempt '{attempt}' belongs to another worker"
+            ))),
+            None => Err(Error::FailedPrecondition(format!(
+                "attempt '{attempt}' is not live (its lease expired, it was superseded or its run ended); nothing from it is counted"
+            ))),
+        }
+    }
+
+    /// Counts the results of a live attempt. Results for tests the attempt does not hold, or
+    /// that already have a result, are not counted.
+    pub fn report(
+        &mut self,
+        worker: WorkerId,
+        attempt_id: AttemptId,
+        results: Vec<pb::TestResult>,
+        now: Now,
+    ) -> Result<pb::ReportResultsResponse, Error> {
+        let attempt = self.live_attempt(worker, attempt_id)?;
+        if attempt.kind != AttemptKind::Run {
+            return Err(Error::FailedPrecondition(format!(
+                "attempt '{attempt_id}' is a discovery; report its tests with ReportDiscovery"
+            )));
+        }
+        let run_id = attempt.run;
+        let Some(run) = self.runs.get(&run_id) else {
+            return Ok(pb::ReportResultsResponse { accepted: 0, stop: true });
+        };
+        let worker_name = self.workers.get(&worker).map(|w| w.row.name.clone()).unwrap_or_default();
+        let mut rows = Vec::with_capacity(results.len());
+        let mut seen = HashSet::new();
+        for r in results {
+            let outcome = Outcome::from_wire(r.outcome)
+                .ok_or_else(|| Error::invalid("results", format!("test '{}' has no valid outcome ({})", r.test_id, r.outcome)))?;
+            let Some(&idx) = attempt.pending.iter().find(|&&i| run.tests[i as usize].id == r.test_id) else {
+                warn!(attempt = %attempt_id, test = %r.test_id, "result for a test this attempt does not hold; not counted");
+                continue;
+            };
+            if !seen.insert(idx) {
+                continue;
+            }
+            rows.push(ResultRow {
+                idx,
+                outcome,
+                duration_ms: r.duration_ms,
+                attempts: run.tests[idx as usize].handouts,
+                worker: worker_name.clone(),
+                detail: cap(&r.detail, 1024),
+                output: cap(&r.output, self.cfg.max_output_bytes),
+            });
+        }
+        let written = self.store.record_results(run_id, &rows)?;
+        debug_assert_eq!(written, rows.len(), "memory and store agree on which tests are open");
+        let lease = self.cfg.lease;
+        let attempt = self.attempts.get_mut(&attempt_id).expect("checked live above");
+        attempt.lease_until = now.at + lease;
+        let counted: HashSet<u32> = rows.iter().map(|r| r.idx).collect();
+        attempt.pending.retain(|i| !counted.contains(i));
+        let run = self.runs.get_mut(&run_id).expect("checked above");
+        for r in &rows {
+            let t = &mut run.tests[r.idx as usize];
+            t.done = true;
+            t.leased = None;
+            run.running -= 1;
+            run.done[r.outcome.to_wire() as usize] += 1;
+            let result = pb::TestResult {
+                test_id: t.id.clone(),
+                outcome: r.outcome.to_wire(),
+                duration_ms: r.duration_ms,
+                attempts: r.attempts,
+                worker: r.worker.clone(),
+                output: String::new(),
+                detail: r.detail.clone(),
+            };
+            self.effects.events.push(pb::run_event::Event::TestFinished(pb::TestFinished {
+                run_id: run_id.to_string(),
+                result: Some(result),
+                counts: Some(run.counts()),
+            }));
+        }
+        let accepted = rows.len() as u32;
+        if run.done_total() as usize == run.tests.len() {
+            self.conclude(run_id, now)?;
+        }
+        Ok(pb::ReportResultsResponse {
+            accepted,
+            stop: !self.runs.contains_key(&run_id),
+        })
+    }
+
+    /// Takes the test list a discovery attempt found.
+    pub fn discovery(&mut self, worker: WorkerId, attempt_id: AttemptId, tests: Vec<String>, error: &str, now: Now) -> Result<(), Error> {
+        let attempt = self.live_attempt(worker, attempt_id)?;
+        if attempt.kind != AttemptKind::Discover {
+            return Err(Error::FailedPrecondition(format!("attempt '{attempt_id}' is not a discovery")));
+        }
+        let run_id = attempt.run;
+        let worker_name = self.workers.get(&worker).map(|w| w.row.name.clone()).unwrap_or_default();
+        let kind = self.runs.get(&run_id).map(|r| r.kind).ok_or_else(|| Error::FailedPrecondition(format!("run '{run_id}' ended")))?;
+        self.forget_attempt(attempt_id);
+        let failure = if !error.is_empty() {
+            Some(format!("discovery failed on worker {worker_name}: {error}"))
+        } else if tests.is_empty() {
+            Some(format!("discovery on worker {worker_name} found no tests"))
+        } else {
+            validate::test_list(kind, &tests)
+                .err()
+                .map(|e| format!("discovery on worker {worker_name} returned a bad test list: {e}"))
+        };
+        if let Some(message) = failure {
+            warn!(run = %run_id, %message, "discovery failed");
+            self.finish_run(run_id, RunStatus::Errored, message, now)?;
+            return Ok(());
+        }
+        self.store.add_tests(run_id, 0, &tests)?;
+        let run = self.runs.get_mut(&run_id).expect("checked above");
+        run.tests = tests
+            .into_iter()
+            .map(|id| TestSlot {
+                id,
+                done: false,
+                leased: None,
+                handouts: 0,
+            })
+            .collect();
+        run.queue = (0..run.tests.len() as u32).collect();
+        info!(run = %run_id, tests = run.tests.len(), worker = %worker_name, "tests discovered");
+        self.effects.events.push(pb::run_event::Event::Progress(run.summary()));
+        self.effects.work_added = true;
+        Ok(())
+    }
+
+    /// Ends an attempt; its tests without a result go back to the queue.
+    pub fn finish(&mut self, worker: WorkerId, attempt_id: AttemptId, error: &str, now: Now) -> Result<pb::FinishShardResponse, Error> {
+        match self.live_attempt(worker, attempt_id) {
+            Ok(_) => {}
+            // The attempt already ended (its run finished, its lease expired): nothing is left
+            // to requeue, and finishing twice is harmless.
+            Err(_) if !self.attempts.contains_key(&attempt_id) => return Ok(pb::FinishShardResponse { requeued: 0 }),
+            Err(e) => return Err(e),
+        }
+        let worker_name = self.workers.get(&worker).map(|w| w.row.name.clone()).unwrap_or_default();
+        let reason = if error.is_empty() {
+            RequeueReason::NoResult(worker_name)
+        } else {
+            RequeueReason::RunnerError(error.to_owned())
+        };
+        let requeued = self.end_attempt(attempt_id, reason, now)?;
+        Ok(pb::FinishShardResponse { requeued })
+    }
+
+    /// Expires attempts whose lease ran out and marks silent workers lost.
+    pub fn tick(&mut self, now: Now) -> Result<(), Error> {
+        let expired: Vec<AttemptId> = self
+            .attempts
+            .iter()
+            .filter(|(_, a)| a.lease_until <= now.at)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in expired {
+            let worker = self.attempts[&id].worker;
+            let name = self.workers.get(&worker).map(|w| w.row.name.clone()).unwrap_or_default();
+            warn!(attempt = %id, worker = %name, "lease expired");
+            self.end_attempt(id, RequeueReason::LeaseExpired(name), now)?;
+        }
+        let lease = self.cfg.lease;
+        let lost: Vec<WorkerId> = self
+            .workers
+            .values()
+            .filter(|w| w.liveness == WorkerLiveness::Live && w.last_seen + lease <= now.at)
+            .map(|w| w.row.id)
+            .collect();
+        for id in lost {
+            let w = self.workers.get_mut(&id).expect("listed above");
+            w.liveness = WorkerLiveness::Lost;
+            w.row.state = WorkerLiveness::Lost.as_str().to_owned();
+            warn!(worker = %id, name = %w.row.name, "worker lost");
+            let row = w.row.clone();
+            self.store.upsert_worker(&row)?;
+        }
+        Ok(())
+    }
+
+    /// Removes an attempt from the maps without touching its tests.
+    fn forget_attempt(&mut self, id: AttemptId) -> Option<Attempt> {
+        let a = self.attempts.remove(&id)?;
+        if let Some(w) = self.workers.get_mut(&a.worker) {
+            w.attempts.remove(&id);
+        }
+        if let Some(r) = self.runs.get_mut(&a.run) {
+            r.live_attempts -= 1;
+        }
+        Some(a)
+    }
+
+    /// Ends an attempt and requeues its unfinished tests, or gives up on a test that has been
+    /// handed out too often and records it as an infrastructure error.
+    fn end_attempt(&mut self, id: AttemptId, reason: RequeueReason, now: Now) -> Result<u32, Error> {
+        let Some(a) = self.forget_attempt(id) else { return Ok(0) };
+        let Some(run) = self.runs.get_mut(&a.run) else { return Ok(0) };
+        if a.kind == AttemptKind::Discover {
+            if run.discover_handouts >= run.row.policy.max_infra_attempts {
+                let message = format!(
+                    "discovery got no answer after {} attempts: {}",
+                    run.discover_handouts,
+                    reason.describe()
+                );
+                self.finish_run(a.run, RunStatus::Errored, message, now)?;
+            } else {
+                run.discover_pending = true;
+                self.effects.work_added = true;
+            }
+            return Ok(0);
+        }
+        let max = run.row.policy.max_infra_attempts;
+        let mut give_up = Vec::new();
+        let mut requeued = 0;
+        // Pending tests go back to the front, in their shard order, so they run next.
+        for &i in a.pending.iter().rev() {
+            let t = &mut run.tests[i as usize];
+            t.leased = None;
+            if t.handouts >= max {
+                give_up.push(ResultRow {
+                    idx: i,
+                    outcome: Outcome::InfraError,
+                    duration_ms: 0,
+                    attempts: t.handouts,
+                    worker: String::new(),
+                    detail: format!("no result after {} attempts; last: {}", t.handouts, reason.describe()),
+                    output: String::new(),
+                });
+            } else {
+                run.queue.push_front(i);
+                requeued += 1;
+            }
+        }
+        run.running -= a.pending.len() as u32;
+        if !give_up.is_empty() {
+            // The tests are out of the queue and not running; if the write fails, put them back
+            // so they are not lost.
+            if let Err(e) = self.store.record_results(a.run, &give_up) {
+                for r in &give_up {
+                    run.queue.push_front(r.idx);
+                }
+                return Err(e.into());
+            }
+            for r in &give_up {
+                run.tests[r.idx as usize].done = true;
+                run.done[Outcome::InfraError.to_wire() as usize] += 1;
+            }
+        }
+        if requeued > 0 {
+            info!(run = %a.run, requeued, reason = %reason.describe(), "tests requeued");
+            self.effects.work_added = true;
+        }
+        self.effects.events.push(pb::run_event::Event::Progress(run.summary()));
+        if run.done_total() as usize == run.tests.len() {
+            self.conclude(a.run, now)?;
+        }
+        Ok(requeued)
+    }
+
+    /// All tests of `run` have a counted result: write the verdict.
+    fn conclude(&mut self, run: RunId, now: Now) -> Result<(), Error> {
+        let r = &self.runs[&run];
+        let green = Outcome::ALL
+            .iter()
+            .filter(|o| !o.is_green())
+            .all(|o| r.done[o.to_wire() as usize] == 0);
+        let (status, message) = if green {
+            (RunStatus::Passed, String::new())
+        } else {
+            (RunStatus::Failed, String::new())
+        };
+        self.finish_run(run, status, message, now).map(|_| ())
+    }
+
+    /// Moves an active run to a terminal status and drops its live attempts (their workers are
+    /// told to stop at their next heartbeat or report).
+    fn finish_run(&mut self, run: RunId, status: RunStatus, message: String, now: Now) -> Result<pb::RunSummary, Error> {
+        debug_assert!(status.is_terminal());
+        let r = self.runs.get(&run).ok_or_else(|| Error::not_found("run", run))?;
+        let started = if r.row.started_ms == 0 { now.ms } else { r.row.started_ms };
+        self.store.update_run_status(run, status, &message, started, now.ms)?;
+        let mut r = self.runs.remove(&run).expect("checked above");
+        r.row.status = status;
+        r.row.message = message;
+        r.row.started_ms = started;
+        r.row.finished_ms = now.ms;
+        let live: Vec<AttemptId> = self
+            .attempts
+            .iter()
+            .filter(|(_, a)| a.run == run)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in live {
+            self.forget_attempt(id);
+        }
+        let mut summary = r.summary();
+        // Tests that were running when the run ended are no longer running.
+        if let Some(c) = summary.counts.as_mut() {
+            c.queued += c.running;
+            c.running = 0;
+        }
+        info!(run = %run, status = %status, "run ended");
+        self.effects.events.push(pb::run_event::Event::Finished(summary.clone()));
+        Ok(summary)
+    }
+}
+
+fn summary_of(row: &RunRow, counts: pb::RunCounts) -> pb::RunSummary {
+    pb::RunSummary {
+        run_id: row.id.to_string(),
+        suite: row.suite.clone(),
+        revision: row.revision.clone(),
+        requested_by: row.requested_by.clone(),
+        runner: row.runner.clone(),
+        labels: labels::to_wire(&row.labels),
+        status: row.status.to_wire(),
+        counts: Some(counts),
+        created_at_ms: row.created_ms,
+        started_at_ms: row.started_ms,
+        finished_at_ms: row.finished_ms,
+        message: row.message.clone(),
+        discover: row.discover,
+        priority: row.priority,
+    }
+}
+
+/// Cuts `s` to at most `max` bytes on a character boundary, saying how much was cut.
+fn cap(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_owned();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}\n[… {} bytes cut]", &s[..end], s.len() - end)
+}
+
+#[cfg(test)]
+mod tests;

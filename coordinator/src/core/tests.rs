@@ -1,0 +1,286 @@
+//! Unit tests of the scheduling core: no network, an in-memory or temporary database, and a
+//! stepped clock.
+
+use std::path::Path;
+use std::time::Duration;
+
+use shardgate_common::{AttemptId, Error, Outcome, RunId, RunStatus, WorkerId, pb};
+
+use super::Core;
+use crate::model::{CoreConfig, Now};
+use crate::store::Store;
+
+fn core_at(path: &Path, now: Now) -> Core {
+    Core::open(CoreConfig::default(), Store::open(path).unwrap(), now).unwrap()
+}
+
+fn core() -> (Core, Now) {
+    let now = Now::real();
+    (core_at(Path::new(":memory:"), now), now)
+}
+
+fn register(core: &mut Core, name: &str, slots: u32, labels: &[(&str, &str)], now: Now) -> WorkerId {
+    let resp = core
+        .register(
+            pb::RegisterRequest {
+                name: name.into(),
+                slots,
+                labels: labels
+                    .iter()
+                    .map(|(k, v)| pb::Label { key: (*k).into(), value: (*v).into() })
+                    .collect(),
+                runners: vec![pb::RunnerInfo { name: "exec".into(), kind: pb::RunnerKind::Exec as i32 }],
+            },
+            now,
+        )
+        .unwrap();
+    resp.worker_id.parse().unwrap()
+}
+
+fn submit_req(tests: &[&str]) -> pb::SubmitRunRequest {
+    pb::SubmitRunRequest {
+        suite: "unit".into(),
+        revision: "r1".into(),
+        requested_by: "ci".into(),
+        runner: "exec".into(),
+        tests: tests.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    }
+}
+
+fn submit(core: &mut Core, tests: &[&str], now: Now) -> RunId {
+    core.submit(submit_req(tests), now).unwrap().run_id.parse().unwrap()
+}
+
+fn result(id: &str, outcome: Outcome) -> pb::TestResult {
+    pb::TestResult { test_id: id.into(), outcome: outcome.to_wire(), duration_ms: 3, ..Default::default() }
+}
+
+fn status(core: &Core, run: RunId) -> RunStatus {
+    RunStatus::from_wire(core.summary(run).unwrap().status).unwrap()
+}
+
+/// Runs every shard `worker` gets to completion with `outcome_of` deciding each test.
+fn drain(core: &mut Core, worker: WorkerId, now: Now, outcome_of: impl Fn(&str) -> Outcome) -> usize {
+    let mut shards = 0;
+    while let Some(shard) = core.acquire(worker, now).unwrap() {
+        shards += 1;
+        let attempt: AttemptId = shard.attempt_id.parse().unwrap();
+        let results = shard.tests.iter().map(|t| result(t, outcome_of(t))).collect();
+        core.report(worker, attempt, results, now).unwrap();
+        core.finish(worker, attempt, "", now).unwrap();
+    }
+    shards
+}
+
+#[test]
+fn every_test_gets_one_result_and_the_verdict_follows_the_outcomes() {
+    let (mut core, now) = core();
+    let w = register(&mut core, "w1", 2, &[], now);
+    let tests: Vec<String> = (0..50).map(|i| format!("t{i}")).collect();
+    let refs: Vec<&str> = tests.iter().map(String::as_str).collect();
+    let green = submit(&mut core, &refs, now);
+    assert!(drain(&mut core, w, now, |_| Outcome::Passed) > 1);
+    assert_eq!(status(&core, green), RunStatus::Passed);
+    let red = submit(&mut core, &refs, now);
+    drain(&mut core, w, now, |t| if t == "t7" { Outcome::Failed } else { Outcome::Passed });
+    assert_eq!(status(&core, red), RunStatus::Failed);
+    let got = core.get_run(red, true).unwrap();
+    assert_eq!(got.results.len(), 50);
+    let counts = got.run.unwrap().counts.unwrap();
+    assert_eq!((counts.passed, counts.failed, counts.queued, counts.running), (49, 1, 0, 0));
+}
+
+#[test]
+fn bad_submissions_name_the_problem_and_store_nothing() {
+    let (mut core, now) = core();
+    let err = core.submit(submit_req(&["a"]), now).unwrap_err();
+    assert!(err.to_string().contains("unknown runner 'exec'"), "{err}");
+    register(&mut core, "w1", 1, &[], now);
+    let mut req = submit_req(&["a"]);
+    req.runner = "pytest".into();
+    let err = core.submit(req, now).unwrap_err().to_string();
+    assert_eq!(err, "invalid runner: unknown runner 'pytest': no worker has registered it (known runners: exec)");
+    for (tests, want) in [
+        (vec![], "the run has no tests"),
+        (vec!["a", "a"], "duplicate test id 'a'"),
+        (vec!["../x"], "escapes the runner's root"),
+        (vec!["/etc/passwd"], "absolute path"),
+    ] {
+        let err = core.submit(submit_req(&tests), now).unwrap_err();
+        assert!(matches!(err, Error::InvalidArgument { .. }));
+        assert!(err.to_string().contains(want), "{err} should contain {want}");
+    }
+    assert!(core.list_runs(0).unwrap().is_empty());
+}
+
+#[test]
+fn an_expired_lease_requeues_only_the_unfinished_tests_and_refuses_late_reports() {
+    let (mut core, now) = core();
+    let w1 = register(&mut core, "w1", 1, &[], now);
+    let run = submit(&mut core, &["a", "b", "c"], now);
+    let shard = core.acquire(w1, now).unwrap().unwrap();
+    assert_eq!(shard.tests, vec!["a"], "three tests on one slot go out a third at a time");
+    let attempt: AttemptId = shard.attempt_id.parse().unwrap();
+    core.report(w1, attempt, vec![result("a", Outcome::Passed)], now).unwrap();
+    let shard = core.acquire(w1, now).unwrap();
+    assert!(shard.is_none(), "a worker with every slot busy gets nothing");
+    core.finish(w1, attempt, "", now).unwrap();
+    let shard = core.acquire(w1, now).unwrap().unwrap();
+    assert_eq!(shard.tests, vec!["b"]);
+    let attempt: AttemptId = shard.attempt_id.parse().unwrap();
+
+    // w1 goes silent past its lease; w2 takes over what w1 had not finished.
+    let later = now.after(Duration::from_secs(11));
+    core.tick(later).unwrap();
+    let w2 = register(&mut core, "w2", 1, &[], later);
+    let shard2 = core.acquire(w2, later).unwrap().unwrap();
+    assert_eq!(shard2.tests, vec!["b"], "the requeued test goes first");
+
+    let err = core.report(w1, attempt, vec![result("b", Outcome::Failed)], later).unwrap_err();
+    assert!(matches!(err, Error::FailedPrecondition(_)), "{err}");
+    assert!(err.to_string().contains("is not live"), "{err}");
+    let hb = core.heartbeat(w1, &[attempt.to_string()], later).unwrap();
+    assert_eq!(hb.cancel_attempt_ids, vec![attempt.to_string()]);
+
+    let a2: AttemptId = shard2.attempt_id.parse().unwrap();
+    let resp = core.report(w2, a2, vec![result("b", Outcome::Passed)], later).unwrap();
+    assert_eq!(resp.accepted, 1);
+    core.finish(w2, a2, "", later).unwrap();
+    drain(&mut core, w2, later, |_| Outcome::Passed);
+    assert_eq!(status(&core, run), RunStatus::Passed);
+    let results = core.get_run(run, true).unwrap().results;
+    assert_eq!(results.iter().map(|r| r.attempts).collect::<Vec<_>>(), vec![1, 2, 1]);
+    assert_eq!(results[1].worker, "w2");
+}
+
+#[test]
+fn a_duplicated_report_is_counted_once() {
+    let (mut core, now) = core();
+    let w = register(&mut core, "w1", 1, &[], now);
+    let run = submit(&mut core, &["a", "b"], now);
+    let shard = core.acquire(w, now).unwrap().unwrap();
+    let attempt: AttemptId = shard.attempt_id.parse().unwrap();
+    let first = core.report(w, attempt, vec![result("a", Outcome::Failed)], now).unwrap();
+    let again = core.report(w, attempt, vec![result("a", Outcome::Passed), result("a", Outcome::Passed)], now).unwrap();
+    assert_eq!((first.accepted, again.accepted), (1, 0));
+    let unknown = core.report(w, attempt, vec![result("zzz", Outcome::Passed)], now).unwrap();
+    assert_eq!(unknown.accepted, 0);
+    let counts = core.summary(run).unwrap().counts.unwrap();
+    assert_eq!((counts.failed, counts.passed, counts.queued + counts.running), (1, 0, 1));
+}
+
+#[test]
+fn a_test_that_keeps_losing_its_worker_becomes_an_infra_error() {
+    let (mut core, mut now) = core();
+    let run = {
+        register(&mut core, "w0", 1, &[], now);
+        submit(&mut core, &["poison"], now)
+    };
+    for i in 0..3 {
+        let w = register(&mut core, &format!("w{}", i + 1), 1, &[], now);
+        let shard = core.acquire(w, now).unwrap().expect("the test is requeued each time");
+        assert_eq!(shard.tests, vec!["poison"]);
+        now = now.after(Duration::from_secs(11));
+        core.tick(now).unwrap();
+    }
+    assert_eq!(status(&core, run), RunStatus::Failed);
+    let r = &core.get_run(run, true).unwrap().results[0];
+    assert_eq!(Outcome::from_wire(r.outcome), Some(Outcome::InfraError));
+    assert!(r.detail.contains("no result after 3 attempts"), "{}", r.detail);
+}
+
+#[test]
+fn labels_select_workers_and_priority_orders_runs() {
+    let (mut core, now) = core();
+    let linux = register(&mut core, "linux", 1, &[("os", "linux")], now);
+    let mac = register(&mut core, "mac", 1, &[("os", "mac")], now);
+    let mut req = submit_req(&["m"]);
+    req.labels = vec![pb::Label { key: "os".into(), value: "mac".into() }];
+    core.submit(req, now).unwrap();
+    assert!(core.acquire(linux, now).unwrap().is_none(), "linux may not take a mac run");
+    let low = submit(&mut core, &["low"], now);
+    let mut high = submit_req(&["high"]);
+    high.priority = 5;
+    let high: RunId = core.submit(high, now).unwrap().run_id.parse().unwrap();
+    let s = core.acquire(linux, now).unwrap().unwrap();
+    assert_eq!(s.run_id, high.to_string());
+    let s = core.acquire(mac, now).unwrap().unwrap();
+    assert_eq!(s.tests, vec!["m"], "the mac run is the only one the labels fit first");
+    let _ = low;
+}
+
+#[test]
+fn cancel_ends_the_run_and_stops_its_attempts() {
+    let (mut core, now) = core();
+    let w = register(&mut core, "w1", 1, &[], now);
+    let run = submit(&mut core, &["a", "b"], now);
+    let shard = core.acquire(w, now).unwrap().unwrap();
+    let summary = core.cancel(run, "superseded", now).unwrap();
+    assert_eq!(RunStatus::from_wire(summary.status), Some(RunStatus::Cancelled));
+    assert_eq!(summary.message, "cancelled: superseded");
+    let hb = core.heartbeat(w, std::slice::from_ref(&shard.attempt_id), now).unwrap();
+    assert_eq!(hb.cancel_attempt_ids, vec![shard.attempt_id.clone()]);
+    let err = core.cancel(run, "", now).unwrap_err().to_string();
+    assert!(err.contains("already ended (cancelled)"), "{err}");
+    let err = core.cancel(RunId::new(), "", now).unwrap_err();
+    assert!(matches!(err, Error::NotFound { .. }));
+}
+
+#[test]
+fn discovery_fills_the_run_or_errors_it() {
+    let (mut core, now) = core();
+    let w = register(&mut core, "w1", 1, &[], now);
+    let mut req = submit_req(&[]);
+    req.discover = true;
+    let run: RunId = core.submit(req.clone(), now).unwrap().run_id.parse().unwrap();
+    let shard = core.acquire(w, now).unwrap().unwrap();
+    assert_eq!(shard.kind, pb::ShardKind::Discover as i32);
+    let a: AttemptId = shard.attempt_id.parse().unwrap();
+    core.discovery(w, a, vec!["x".into(), "y".into()], "", now).unwrap();
+    drain(&mut core, w, now, |_| Outcome::Passed);
+    assert_eq!(status(&core, run), RunStatus::Passed);
+    assert_eq!(core.summary(run).unwrap().counts.unwrap().total, 2);
+
+    let bad: RunId = core.submit(req, now).unwrap().run_id.parse().unwrap();
+    let shard = core.acquire(w, now).unwrap().unwrap();
+    let a: AttemptId = shard.attempt_id.parse().unwrap();
+    core.discovery(w, a, vec!["../etc".into()], "", now).unwrap();
+    let s = core.summary(bad).unwrap();
+    assert_eq!(RunStatus::from_wire(s.status), Some(RunStatus::Errored));
+    assert!(s.message.contains("escapes"), "{}", s.message);
+}
+
+#[test]
+fn a_restart_resumes_unfinished_runs_and_keeps_finished_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db.sqlite");
+    let now = Now::real();
+    let (done, open) = {
+        let mut core = core_at(&path, now);
+        let w = register(&mut core, "w1", 1, &[], now);
+        let done = submit(&mut core, &["a", "b"], now);
+        drain(&mut core, w, now, |_| Outcome::Passed);
+        let open = submit(&mut core, &["c", "d", "e"], now);
+        let shard = core.acquire(w, now).unwrap().unwrap();
+        let a: AttemptId = shard.attempt_id.parse().unwrap();
+        core.report(w, a, vec![result("c", Outcome::Failed)], now).unwrap();
+        (done, open)
+    };
+    let mut core = core_at(&path, now);
+    assert_eq!(status(&core, done), RunStatus::Passed);
+    assert_eq!(core.get_run(done, true).unwrap().results.len(), 2);
+    // The runner stays known, so the resumed run can be finished by a new worker.
+    let w = register(&mut core, "w2", 1, &[], now);
+    let mut seen = Vec::new();
+    while let Some(shard) = core.acquire(w, now).unwrap() {
+        let a: AttemptId = shard.attempt_id.parse().unwrap();
+        seen.extend(shard.tests.clone());
+        let results = shard.tests.iter().map(|t| result(t, Outcome::Passed)).collect();
+        core.report(w, a, results, now).unwrap();
+        core.finish(w, a, "", now).unwrap();
+    }
+    seen.sort();
+    assert_eq!(seen, vec!["d", "e"], "the counted result of c is not run again");
+    assert_eq!(status(&core, open), RunStatus::Failed);
+}

@@ -1,0 +1,89 @@
+//! The coordinator's HTTP side: `/healthz` and a JSON API over the same scheduler the gRPC
+//! services use. The dashboard page and `/metrics` will hang off this router.
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Deserialize;
+use shardgate_common::report::RunReport;
+use shardgate_common::{Error, RunId};
+
+use crate::actor::Handle;
+
+pub fn router(handle: Handle) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/api/runs", get(list_runs))
+        .route("/api/runs/{id}", get(get_run))
+        .route("/api/workers", get(list_workers))
+        .with_state(handle)
+}
+
+struct ApiError(Error);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let code = match &self.0 {
+            Error::InvalidArgument { .. } => StatusCode::BAD_REQUEST,
+            Error::NotFound { .. } => StatusCode::NOT_FOUND,
+            Error::FailedPrecondition(_) => StatusCode::CONFLICT,
+            Error::ResourceExhausted(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        (code, Json(serde_json::json!({ "error": self.0.to_string() }))).into_response()
+    }
+}
+
+impl From<Error> for ApiError {
+    fn from(e: Error) -> Self {
+        Self(e)
+    }
+}
+
+async fn healthz(State(handle): State<Handle>) -> Result<&'static str, ApiError> {
+    // Answering proves the scheduler thread is alive, not just the HTTP server.
+    handle.call(|_, _| Ok(())).await?;
+    Ok("ok\n")
+}
+
+#[derive(Deserialize)]
+struct ListQuery {
+    limit: Option<u32>,
+}
+
+async fn list_runs(State(handle): State<Handle>, Query(q): Query<ListQuery>) -> Result<Json<Vec<RunReport>>, ApiError> {
+    let runs = handle
+        .call(move |core, _| core.list_runs(q.limit.unwrap_or(50)))
+        .await?;
+    Ok(Json(runs.iter().map(|r| RunReport::new(r, &[])).collect()))
+}
+
+async fn get_run(State(handle): State<Handle>, Path(id): Path<String>) -> Result<Json<RunReport>, ApiError> {
+    let id = RunId::parse_field("run id", &id)?;
+    let resp = handle.call(move |core, _| core.get_run(id, true)).await?;
+    let run = resp.run.unwrap_or_default();
+    Ok(Json(RunReport::new(&run, &resp.results)))
+}
+
+async fn list_workers(State(handle): State<Handle>) -> Result<Json<serde_json::Value>, ApiError> {
+    let workers = handle.call(|core, _| Ok(core.list_workers(true))).await?;
+    let v: Vec<_> = workers
+        .iter()
+        .map(|w| {
+            serde_json::json!({
+                "worker_id": w.worker_id,
+                "name": w.name,
+                "slots": w.slots,
+                "busy_slots": w.busy_slots,
+                "state": w.state,
+                "last_seen_ms": w.last_seen_ms,
+                "labels": w.labels.iter().map(|l| (l.key.clone(), l.value.clone())).collect::<std::collections::BTreeMap<_, _>>(),
+                "runners": w.runners.iter().map(|r| r.name.clone()).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    Ok(Json(serde_json::Value::Array(v)))
+}

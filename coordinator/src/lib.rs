@@ -1,0 +1,16 @@
+//! The shardgate coordinator: a durable store of runs and results, the scheduling core that
+//! hands shards to workers, and the gRPC and HTTP services in front of it.
+
+#![forbid(unsafe_code)]
+
+pub mod actor;
+pub mod core;
+pub mod http;
+pub mod model;
+pub mod scheduler;
+pub mod server;
+pub mod service;
+pub mod store;
+
+pub use model::CoreConfig;
+pub use server::{Config, run};

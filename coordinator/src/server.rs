@@ -1,0 +1,130 @@
+//! Starts the coordinator: opens the store, spawns the scheduler actor and serves gRPC (with
+//! health and reflection) and HTTP on listeners the caller bound, until `shutdown` completes.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use shardgate_common::pb;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tracing::info;
+
+use crate::actor;
+use crate::core::Core;
+use crate::model::{CoreConfig, Now};
+use crate::service::Services;
+use crate::store::{Store, StoreError};
+
+/// Largest gRPC message accepted, so a whole large suite fits in one `SubmitRun`.
+pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub db: PathBuf,
+    pub core: CoreConfig,
+    /// How often leases are checked.
+    pub tick: Duration,
+}
+
+impl Config {
+    pub fn new(db: PathBuf) -> Self {
+        Self {
+            db,
+            core: CoreConfig::default(),
+            tick: Duration::from_millis(250),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("failed to load the store: {0}")]
+    Load(#[from] shardgate_common::Error),
+    #[error("failed to serve gRPC: {0}")]
+    Grpc(#[from] tonic::transport::Error),
+    #[error("failed to serve HTTP: {0}")]
+    Http(#[from] std::io::Error),
+    #[error("failed to build the reflection service: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+}
+
+/// Serves until `shutdown` completes. `http` is optional: an embedded coordinator may skip it.
+pub async fn run(
+    config: Config,
+    grpc: TcpListener,
+    http: Option<TcpListener>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let store = Store::open(&config.db)?;
+    let core = Core::open(config.core.clone(), store, Now::real())?;
+    let handle = actor::spawn(core, config.tick);
+    let services = Services::new(handle.clone());
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<pb::run_service_server::RunServiceServer<Services>>()
+        .await;
+    health_reporter
+        .set_serving::<pb::worker_service_server::WorkerServiceServer<Services>>()
+        .await;
+    health_reporter
+        .set_serving::<pb::dashboard_service_server::DashboardServiceServer<Services>>()
+        .await;
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+
+    info!(grpc = %grpc.local_addr()?, db = %config.db.display(), "coordinator serving");
+    let http_task = match http {
+        Some(listener) => {
+            info!(http = %listener.local_addr()?, "http serving");
+            let app = crate::http::router(handle.clone());
+            let rx = stop_rx.clone();
+            Some(tokio::spawn(async move {
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(stopped(rx))
+                    .await
+            }))
+        }
+        None => None,
+    };
+
+    tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(
+            pb::run_service_server::RunServiceServer::new(services.clone())
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(
+            pb::worker_service_server::WorkerServiceServer::new(services.clone())
+                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(pb::dashboard_service_server::DashboardServiceServer::new(services))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), stopped(stop_rx))
+        .await?;
+    if let Some(t) = http_task {
+        t.await.map_err(std::io::Error::other)??;
+    }
+    info!("coordinator stopped");
+    Ok(())
+}

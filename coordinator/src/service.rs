@@ -1,0 +1,255 @@
+//! The gRPC services. Each handler checks and parses its request, then sends the work to the
+//! scheduler actor; none of them holds scheduling state. Errors go through the one mapping in
+//! `shardgate_common::error`.
+
+use std::pin::Pin;
+use std::time::Duration;
+
+use shardgate_common::pb::dashboard_service_server::DashboardService;
+use shardgate_common::pb::run_service_server::RunService;
+use shardgate_common::pb::worker_service_server::WorkerService;
+use shardgate_common::{AttemptId, Error, RunId, RunStatus, WorkerId, pb};
+use tokio::sync::broadcast::error::RecvError;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+use tracing::warn;
+
+use crate::actor::Handle;
+
+/// Longest time an `AcquireShard` call waits for work.
+pub const MAX_ACQUIRE_WAIT: Duration = Duration::from_secs(20);
+
+#[derive(Debug, Clone)]
+pub struct Services {
+    handle: Handle,
+}
+
+impl Services {
+    pub fn new(handle: Handle) -> Self {
+        Self { handle }
+    }
+}
+
+fn run_id(s: &str) -> Result<RunId, Status> {
+    Ok(RunId::parse_field("run_id", s)?)
+}
+
+fn worker_id(s: &str) -> Result<WorkerId, Status> {
+    Ok(WorkerId::parse_field("worker_id", s)?)
+}
+
+fn attempt_id(s: &str) -> Result<AttemptId, Status> {
+    Ok(AttemptId::parse_field("attempt_id", s)?)
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<pb::RunEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl RunService for Services {
+    async fn submit_run(&self, req: Request<pb::SubmitRunRequest>) -> Result<Response<pb::SubmitRunResponse>, Status> {
+        let req = req.into_inner();
+        let run = self.handle.call(move |core, now| core.submit(req, now)).await?;
+        Ok(Response::new(pb::SubmitRunResponse {
+            run_id: run.run_id.clone(),
+            run: Some(run),
+        }))
+    }
+
+    async fn get_run(&self, req: Request<pb::GetRunRequest>) -> Result<Response<pb::GetRunResponse>, Status> {
+        let req = req.into_inner();
+        let id = run_id(&req.run_id)?;
+        let resp = self
+            .handle
+            .call(move |core, _| core.get_run(id, req.include_results))
+            .await?;
+        Ok(Response::new(resp))
+    }
+
+    type WatchRunStream = EventStream;
+
+    async fn watch_run(&self, req: Request<pb::WatchRunRequest>) -> Result<Response<EventStream>, Status> {
+        let id = run_id(&req.into_inner().run_id)?;
+        let handle = self.handle.clone();
+        // Subscribe before taking the snapshot: every event after the snapshot's sequence
+        // number is then in the receiver, and those before it are skipped.
+        let mut rx = handle.subscribe();
+        let first = snapshot(&handle, id).await?;
+        let wanted = id.to_string();
+        let stream = async_stream(move |tx| async move {
+            let (mut seq, summary) = first;
+            let ended = RunStatus::from_wire(summary.status).is_some_and(RunStatus::is_terminal);
+            let first = if ended {
+                pb::run_event::Event::Finished(summary)
+            } else {
+                pb::run_event::Event::Snapshot(summary)
+            };
+            if tx.send(Ok(pb::RunEvent { seq, event: Some(first) })).await.is_err() || ended {
+                return;
+            }
+            loop {
+                match rx.recv().await {
+                    Ok(p) => {
+                        if p.seq <= seq || p.run_id() != wanted {
+                            continue;
+                        }
+                        seq = p.seq;
+                        let end = matches!(p.event, pb::run_event::Event::Finished(_));
+                        if tx.send(Ok(pb::RunEvent { seq: p.seq, event: Some(p.event.clone()) })).await.is_err() || end {
+                            return;
+                        }
+                    }
+                    Err(RecvError::Lagged(n)) => {
+                        // The watcher fell behind: start over from a fresh snapshot.
+                        warn!(run = %id, skipped = n, "watch fell behind; sending a new snapshot");
+                        rx = handle.subscribe();
+                        match snapshot(&handle, id).await {
+                            Ok((s, summary)) => {
+                                seq = s;
+                                let ended = RunStatus::from_wire(summary.status).is_some_and(RunStatus::is_terminal);
+                                let ev = if ended {
+                                    pb::run_event::Event::Finished(summary)
+                                } else {
+                                    pb::run_event::Event::Snapshot(summary)
+                                };
+                                if tx.send(Ok(pb::RunEvent { seq, event: Some(ev) })).await.is_err() || ended {
+                                    return;
+                                }
+                            }
+                            Err(e) => {
+                                let _ = tx.send(Err(e.into())).await;
+                                return;
+                            }
+                        }
+                    }
+                    Err(RecvError::Closed) => {
+                        let _ = tx.send(Err(Status::unavailable("the coordinator is shutting down"))).await;
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(stream))
+    }
+
+    async fn cancel_run(&self, req: Request<pb::CancelRunRequest>) -> Result<Response<pb::CancelRunResponse>, Status> {
+        let req = req.into_inner();
+        let id = run_id(&req.run_id)?;
+        let run = self.handle.call(move |core, now| core.cancel(id, &req.reason, now)).await?;
+        Ok(Response::new(pb::CancelRunResponse { run: Some(run) }))
+    }
+
+    async fn list_runs(&self, req: Request<pb::ListRunsRequest>) -> Result<Response<pb::ListRunsResponse>, Status> {
+        let limit = req.into_inner().limit;
+        let runs = self.handle.call(move |core, _| core.list_runs(limit)).await?;
+        Ok(Response::new(pb::ListRunsResponse { runs }))
+    }
+}
+
+/// The run's summary with the sequence number of the last event it reflects.
+async fn snapshot(handle: &Handle, id: RunId) -> Result<(u64, pb::RunSummary), Error> {
+    let h = handle.clone();
+    // Runs on the actor thread after every earlier message's events were published, so the
+    // sequence number read there is exact.
+    handle.call(move |core, _| Ok((h.last_seq(), core.summary(id)?))).await
+}
+
+/// A stream fed by a task, ended when the task returns or the client goes away.
+fn async_stream<F, Fut>(f: F) -> EventStream
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<Result<pb::RunEvent, Status>>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(256);
+    tokio::spawn(f(tx));
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+}
+
+#[tonic::async_trait]
+impl WorkerService for Services {
+    async fn register(&self, req: Request<pb::RegisterRequest>) -> Result<Response<pb::RegisterResponse>, Status> {
+        let req = req.into_inner();
+        Ok(Response::new(self.handle.call(move |core, now| core.register(req, now)).await?))
+    }
+
+    async fn heartbeat(&self, req: Request<pb::HeartbeatRequest>) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        let req = req.into_inner();
+        let w = worker_id(&req.worker_id)?;
+        Ok(Response::new(
+            self.handle
+                .call(move |core, now| core.heartbeat(w, &req.attempt_ids, now))
+                .await?,
+        ))
+    }
+
+    async fn acquire_shard(&self, req: Request<pb::AcquireShardRequest>) -> Result<Response<pb::AcquireShardResponse>, Status> {
+        let req = req.into_inner();
+        let w = worker_id(&req.worker_id)?;
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(req.wait_ms).min(MAX_ACQUIRE_WAIT);
+        let notify = self.handle.work_notify();
+        loop {
+            let notified = notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(shard) = self.handle.call(move |core, now| core.acquire(w, now)).await? {
+                return Ok(Response::new(pb::AcquireShardResponse { shard: Some(shard) }));
+            }
+            tokio::select! {
+                _ = &mut notified => {}
+                _ = tokio::time::sleep_until(deadline) => {
+                    return Ok(Response::new(pb::AcquireShardResponse { shard: None }));
+                }
+            }
+        }
+    }
+
+    async fn report_results(&self, req: Request<pb::ReportResultsRequest>) -> Result<Response<pb::ReportResultsResponse>, Status> {
+        let req = req.into_inner();
+        let w = worker_id(&req.worker_id)?;
+        let a = attempt_id(&req.attempt_id)?;
+        Ok(Response::new(
+            self.handle
+                .call(move |core, now| core.report(w, a, req.results, now))
+                .await?,
+        ))
+    }
+
+    async fn report_discovery(&self, req: Request<pb::ReportDiscoveryRequest>) -> Result<Response<pb::ReportDiscoveryResponse>, Status> {
+        let req = req.into_inner();
+        let w = worker_id(&req.worker_id)?;
+        let a = attempt_id(&req.attempt_id)?;
+        self.handle
+            .call(move |core, now| core.discovery(w, a, req.tests, &req.error, now))
+            .await?;
+        Ok(Response::new(pb::ReportDiscoveryResponse {}))
+    }
+
+    async fn finish_shard(&self, req: Request<pb::FinishShardRequest>) -> Result<Response<pb::FinishShardResponse>, Status> {
+        let req = req.into_inner();
+        let w = worker_id(&req.worker_id)?;
+        let a = attempt_id(&req.attempt_id)?;
+        Ok(Response::new(
+            self.handle.call(move |core, now| core.finish(w, a, &req.error, now)).await?,
+        ))
+    }
+
+    async fn deregister(&self, req: Request<pb::DeregisterRequest>) -> Result<Response<pb::DeregisterResponse>, Status> {
+        let w = worker_id(&req.into_inner().worker_id)?;
+        self.handle.call(move |core, now| core.deregister(w, now)).await?;
+        Ok(Response::new(pb::DeregisterResponse {}))
+    }
+}
+
+#[tonic::async_trait]
+impl DashboardService for Services {
+    async fn list_workers(&self, req: Request<pb::ListWorkersRequest>) -> Result<Response<pb::ListWorkersResponse>, Status> {
+        let include_gone = req.into_inner().include_gone;
+        let workers = self.handle.call(move |core, _| Ok(core.list_workers(include_gone))).await?;
+        Ok(Response::new(pb::ListWorkersResponse { workers }))
+    }
+
+    async fn run_progress(&self, req: Request<pb::RunProgressRequest>) -> Result<Response<pb::RunProgressResponse>, Status> {
+        let req = req.into_inner();
+        let run = if req.run_id.is_empty() { None } else { Some(run_id(&req.run_id)?) };
+        Ok(Response::new(self.handle.call(move |core, _| core.progress(run)).await?))
+    }
+}

@@ -1,0 +1,600 @@
+//! The SQLite store: runs, tests with their counted results, and registered workers. Only the
+//! scheduler thread owns a [`Store`], so every write goes through one connection in order.
+//!
+//! Durability: the database runs in WAL mode with `synchronous=NORMAL`, which survives a crash or
+//! `kill -9` of the coordinator (the WAL is in the OS page cache) but may lose the last
+//! transactions on a power failure. A result is acknowledged to a worker only after its
+//! transaction committed.
+
+use std::path::Path;
+
+use rusqlite::{Connection, OptionalExtension, params};
+use shardgate_common::labels::Labels;
+use shardgate_common::{Outcome, RunId, RunStatus, RunnerKind, WorkerId, pb};
+
+use crate::model::Policy;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("failed to open database '{path}': {source}")]
+    Open {
+        path: String,
+        source: rusqlite::Error,
+    },
+    #[error("database '{path}' has schema version {found}, this coordinator knows {expected}")]
+    Version {
+        path: String,
+        found: i64,
+        expected: i64,
+    },
+    #[error("database error: {0}")]
+    Sql(#[from] rusqlite::Error),
+    #[error("corrupt row in table {table}: {reason}")]
+    Corrupt { table: &'static str, reason: String },
+}
+
+const SCHEMA_VERSION: i64 = 1;
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS runs (
+    id           TEXT PRIMARY KEY,
+    suite        TEXT NOT NULL,
+    revision     TEXT NOT NULL,
+    requested_by TEXT NOT NULL,
+    runner       TEXT NOT NULL,
+    labels       TEXT NOT NULL,
+    policy       TEXT NOT NULL,
+    priority     INTEGER NOT NULL,
+    discover     INTEGER NOT NULL,
+    status       TEXT NOT NULL,
+    message      TEXT NOT NULL DEFAULT '',
+    created_ms   INTEGER NOT NULL,
+    started_ms   INTEGER NOT NULL DEFAULT 0,
+    finished_ms  INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS runs_by_status ON runs(status);
+CREATE TABLE IF NOT EXISTS tests (
+    run_id      TEXT NOT NULL,
+    idx         INTEGER NOT NULL,
+    test_id     TEXT NOT NULL,
+    outcome     TEXT,
+    duration_ms INTEGER NOT NULL DEFAULT 0,
+    attempts    INTEGER NOT NULL DEFAULT 0,
+    worker      TEXT NOT NULL DEFAULT '',
+    detail      TEXT NOT NULL DEFAULT '',
+    output      TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (run_id, idx)
+) WITHOUT ROWID;
+CREATE UNIQUE INDEX IF NOT EXISTS tests_by_id ON tests(run_id, test_id);
+CREATE TABLE IF NOT EXISTS workers (
+    id            TEXT PRIMARY KEY,
+    name          TEXT NOT NULL,
+    slots         INTEGER NOT NULL,
+    labels        TEXT NOT NULL,
+    runners       TEXT NOT NULL,
+    registered_ms INTEGER NOT NULL,
+    last_seen_ms  INTEGER NOT NULL,
+    state         TEXT NOT NULL
+);
+"#;
+
+/// A run as stored.
+#[derive(Debug, Clone)]
+pub struct RunRow {
+    pub id: RunId,
+    pub suite: String,
+    pub revision: String,
+    pub requested_by: String,
+    pub runner: String,
+    pub labels: Labels,
+    pub policy: Policy,
+    pub priority: i32,
+    pub discover: bool,
+    pub status: RunStatus,
+    pub message: String,
+    pub created_ms: u64,
+    pub started_ms: u64,
+    pub finished_ms: u64,
+}
+
+/// One counted result.
+#[derive(Debug, Clone)]
+pub struct ResultRow {
+    pub idx: u32,
+    pub outcome: Outcome,
+    pub duration_ms: u64,
+    pub attempts: u32,
+    pub worker: String,
+    pub detail: String,
+    pub output: String,
+}
+
+/// A test as loaded on restart: its id and, when counted, its outcome.
+#[derive(Debug, Clone)]
+pub struct StoredTest {
+    pub test_id: String,
+    pub outcome: Option<Outcome>,
+}
+
+/// A registered worker as stored.
+#[derive(Debug, Clone)]
+pub struct WorkerRow {
+    pub id: WorkerId,
+    pub name: String,
+    pub slots: u32,
+    pub labels: Labels,
+    pub runners: Vec<(String, RunnerKind)>,
+    pub registered_ms: u64,
+    pub last_seen_ms: u64,
+    pub state: String,
+}
+
+pub struct Store {
+    conn: Connection,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").finish_non_exhaustive()
+    }
+}
+
+impl Store {
+    /// Opens (creating if needed) the database at `path`; `:memory:` gives a private in-memory
+    /// database for tests.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let shown = path.display().to_string();
+        let conn = Connection::open(path).map_err(|source| StoreError::Open {
+            path: shown.clone(),
+            source,
+        })?;
+        let open_err = |source| StoreError::Open {
+            path: shown.clone(),
+            source,
+        };
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(open_err)?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(open_err)?;
+        conn.pragma_update(None, "foreign_keys", "ON")
+            .map_err(open_err)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(open_err)?;
+        let version: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(open_err)?;
+        if version != 0 && version != SCHEMA_VERSION {
+            return Err(StoreError::Version {
+                path: shown,
+                found: version,
+                expected: SCHEMA_VERSION,
+            });
+        }
+        conn.execute_batch(SCHEMA).map_err(open_err)?;
+        conn.pragma_update(None, "user_version", SCHEMA_VERSION)
+            .map_err(open_err)?;
+        Ok(Self { conn })
+    }
+
+    /// Stores a new run with its tests in one transaction.
+    pub fn insert_run(&mut self, run: &RunRow, tests: &[String]) -> Result<(), StoreError> {
+        let tx = self.conn.transaction()?;
+        tx.execute(
+            "INSERT INTO runs (id, suite, revision, requested_by, runner, labels, policy, priority,
+                               discover, status, message, created_ms, started_ms, finished_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+            params![
+                run.id.to_string(),
+                run.suite,
+                run.revision,
+                run.requested_by,
+                run.runner,
+                to_json(&run.labels),
+                to_json(&run.policy),
+                run.priority,
+                run.discover,
+                run.status.as_str(),
+                run.message,
+                run.created_ms as i64,
+                run.started_ms as i64,
+                run.finished_ms as i64,
+            ],
+        )?;
+        insert_tests(&tx, run.id, 0, tests)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Adds the tests a discovery found to a run.
+    pub fn add_tests(&mut self, run: RunId, first_idx: u32, tests: &[String]) -> Result<(), StoreError> {
+        let tx = self.conn.transaction()?;
+        insert_tests(&tx, run, first_idx, tests)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn update_run_status(
+        &mut self,
+        run: RunId,
+        status: RunStatus,
+        message: &str,
+        started_ms: u64,
+        finished_ms: u64,
+    ) -> Result<(), StoreError> {
+        self.conn.execute(
+            "UPDATE runs SET status = ?2, message = ?3, started_ms = ?4, finished_ms = ?5
+             WHERE id = ?1",
+            params![
+                run.to_string(),
+                status.as_str(),
+                message,
+                started_ms as i64,
+                finished_ms as i64
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Writes results in one transaction. A row that already has an outcome is left alone, so a
+    /// result can never be counted twice; returns how many rows were written.
+    pub fn record_results(&mut self, run: RunId, results: &[ResultRow]) -> Result<usize, StoreError> {
+        let tx = self.conn.transaction()?;
+        let mut written = 0;
+        {
+            let mut stmt = tx.prepare_cached(
+                "UPDATE tests SET outcome = ?3, duration_ms = ?4, attempts = ?5, worker = ?6,
+                                  detail = ?7, output = ?8
+                 WHERE run_id = ?1 AND idx = ?2 AND outcome IS NULL",
+            )?;
+            let run = run.to_string();
+            for r in results {
+                written += stmt.execute(params![
+                    run,
+                    r.idx,
+                    r.outcome.as_str(),
+                    r.duration_ms as i64,
+                    r.attempts,
+                    r.worker,
+                    r.detail,
+                    r.output
+                ])?;
+            }
+        }
+        tx.commit()?;
+        Ok(written)
+    }
+
+    pub fn upsert_worker(&mut self, w: &WorkerRow) -> Result<(), StoreError> {
+        let runners: Vec<(String, String)> = w
+            .runners
+            .iter()
+            .map(|(n, k)| (n.clone(), k.as_str().to_owned()))
+            .collect();
+        self.conn.execute(
+            "INSERT INTO workers (id, name, slots, labels, runners, registered_ms, last_seen_ms, state)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+             ON CONFLICT(id) DO UPDATE SET last_seen_ms = excluded.last_seen_ms,
+                                           state = excluded.state",
+            params![
+                w.id.to_string(),
+                w.name,
+                w.slots,
+                to_json(&w.labels),
+                to_json(&runners),
+                w.registered_ms as i64,
+                w.last_seen_ms as i64,
+                w.state
+            ],
+        )?;
+        Ok(())
+    }
+
+    pub fn workers(&self) -> Result<Vec<WorkerRow>, StoreError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT id, name, slots, labels, runners, registered_ms, last_seen_ms, state
+             FROM workers ORDER BY registered_ms",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, u32>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, String>(4)?,
+                r.get::<_, i64>(5)?,
+                r.get::<_, i64>(6)?,
+                r.get::<_, String>(7)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, name, slots, labels, runners, reg, seen, state) = row?;
+            let runners: Vec<(String, String)> = from_json("workers", &runners)?;
+            let runners = runners
+                .into_iter()
+                .map(|(n, k)| {
+                    k.parse()
+                        .map(|k| (n, k))
+                        .map_err(|reason| StoreError::Corrupt {
+                            table: "workers",
+                            reason,
+                        })
+                })
+                .collect::<Result<_, _>>()?;
+            out.push(WorkerRow {
+                id: parse_id("workers", &id)?,
+                name,
+                slots,
+                labels: from_json("workers", &labels)?,
+                runners,
+                registered_ms: reg as u64,
+                last_seen_ms: seen as u64,
+                state,
+            });
+        }
+        Ok(out)
+    }
+
+    pub fn run(&self, id: RunId) -> Result<Option<RunRow>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(&format!("{RUN_SELECT} WHERE id = ?1"))?;
+        let raw = stmt.query_row([id.to_string()], raw_run).optional()?;
+        raw.map(RawRun::parse).transpose()
+    }
+
+    /// Runs newest first.
+    pub fn runs(&self, limit: u32) -> Result<Vec<RunRow>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(&format!("{RUN_SELECT} ORDER BY created_ms DESC, id DESC LIMIT ?1"))?;
+        let raws = stmt
+            .query_map([limit], raw_run)?
+            .collect::<Result<Vec<_>, _>>()?;
+        raws.into_iter().map(RawRun::parse).collect()
+    }
+
+    /// Runs that have not reached a terminal status, oldest first.
+    pub fn unfinished_runs(&self) -> Result<Vec<RunRow>, StoreError> {
+        let mut stmt = self.conn.prepare(&format!(
+            "{RUN_SELECT} WHERE status IN ('queued', 'running') ORDER BY created_ms, id"
+        ))?;
+        let raws = stmt.query_map([], raw_run)?.collect::<Result<Vec<_>, _>>()?;
+        raws.into_iter().map(RawRun::parse).collect()
+    }
+
+    /// A run's tests in submission order, with the outcome of those already counted.
+    pub fn tests(&self, run: RunId) -> Result<Vec<StoredTest>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT test_id, outcome FROM tests WHERE run_id = ?1 ORDER BY idx")?;
+        let rows = stmt.query_map([run.to_string()], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (test_id, outcome) = row?;
+            let outcome = outcome
+                .map(|o| o.parse().map_err(|reason| StoreError::Corrupt { table: "tests", reason }))
+                .transpose()?;
+            out.push(StoredTest { test_id, outcome });
+        }
+        Ok(out)
+    }
+
+    /// Counts of a run's tests per outcome (`None` is "no result yet").
+    pub fn outcome_counts(&self, run: RunId) -> Result<Vec<(Option<Outcome>, u32)>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT outcome, COUNT(*) FROM tests WHERE run_id = ?1 GROUP BY outcome",
+        )?;
+        let rows = stmt.query_map([run.to_string()], |r| {
+            Ok((r.get::<_, Option<String>>(0)?, r.get::<_, u32>(1)?))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (o, n) = row?;
+            let o = o
+                .map(|o| o.parse().map_err(|reason| StoreError::Corrupt { table: "tests", reason }))
+                .transpose()?;
+            out.push((o, n));
+        }
+        Ok(out)
+    }
+
+    /// Every test of a run with its result, in submission order.
+    pub fn results(&self, run: RunId) -> Result<Vec<pb::TestResult>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT test_id, outcome, duration_ms, attempts, worker, detail, output
+             FROM tests WHERE run_id = ?1 ORDER BY idx",
+        )?;
+        let rows = stmt.query_map([run.to_string()], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, Option<String>>(1)?,
+                r.get::<_, i64>(2)?,
+                r.get::<_, u32>(3)?,
+                r.get::<_, String>(4)?,
+                r.get::<_, String>(5)?,
+                r.get::<_, String>(6)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (test_id, outcome, duration_ms, attempts, worker, detail, output) = row?;
+            let outcome = match outcome {
+                Some(o) => o
+                    .parse::<Outcome>()
+                    .map_err(|reason| StoreError::Corrupt { table: "tests", reason })?
+                    .to_wire(),
+                None => pb::Outcome::Unspecified as i32,
+            };
+            out.push(pb::TestResult {
+                test_id,
+                outcome,
+                duration_ms: duration_ms as u64,
+                attempts,
+                worker,
+                output,
+                detail,
+            });
+        }
+        Ok(out)
+    }
+}
+
+const RUN_SELECT: &str = "SELECT id, suite, revision, requested_by, runner, labels, policy, priority,
+        discover, status, message, created_ms, started_ms, finished_ms FROM runs";
+
+struct RawRun {
+    id: String,
+    suite: String,
+    revision: String,
+    requested_by: String,
+    runner: String,
+    labels: String,
+    policy: String,
+    priority: i32,
+    discover: bool,
+    status: String,
+    message: String,
+    created_ms: i64,
+    started_ms: i64,
+    finished_ms: i64,
+}
+
+fn raw_run(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawRun> {
+    Ok(RawRun {
+        id: r.get(0)?,
+        suite: r.get(1)?,
+        revision: r.get(2)?,
+        requested_by: r.get(3)?,
+        runner: r.get(4)?,
+        labels: r.get(5)?,
+        policy: r.get(6)?,
+        priority: r.get(7)?,
+        discover: r.get(8)?,
+        status: r.get(9)?,
+        message: r.get(10)?,
+        created_ms: r.get(11)?,
+        started_ms: r.get(12)?,
+        finished_ms: r.get(13)?,
+    })
+}
+
+impl RawRun {
+    fn parse(self) -> Result<RunRow, StoreError> {
+        Ok(RunRow {
+            id: parse_id("runs", &self.id)?,
+            suite: self.suite,
+            revision: self.revision,
+            requested_by: self.requested_by,
+            runner: self.runner,
+            labels: from_json("runs", &self.labels)?,
+            policy: from_json("runs", &self.policy)?,
+            priority: self.priority,
+            discover: self.discover,
+            status: self
+                .status
+                .parse()
+                .map_err(|reason| StoreError::Corrupt { table: "runs", reason })?,
+            message: self.message,
+            created_ms: self.created_ms as u64,
+            started_ms: self.started_ms as u64,
+            finished_ms: self.finished_ms as u64,
+        })
+    }
+}
+
+fn insert_tests(
+    tx: &rusqlite::Transaction<'_>,
+    run: RunId,
+    first_idx: u32,
+    tests: &[String],
+) -> Result<(), StoreError> {
+    let mut stmt = tx.prepare_cached("INSERT INTO tests (run_id, idx, test_id) VALUES (?1, ?2, ?3)")?;
+    let run = run.to_string();
+    for (i, t) in tests.iter().enumerate() {
+        stmt.execute(params![run, first_idx + i as u32, t])?;
+    }
+    Ok(())
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_string(v).expect("plain data always serializes")
+}
+
+fn from_json<T: serde::de::DeserializeOwned>(table: &'static str, s: &str) -> Result<T, StoreError> {
+    serde_json::from_str(s).map_err(|e| StoreError::Corrupt {
+        table,
+        reason: format!("bad JSON {s:?}: {e}"),
+    })
+}
+
+fn parse_id<T: std::str::FromStr>(table: &'static str, s: &str) -> Result<T, StoreError> {
+    s.parse().map_err(|_| StoreError::Corrupt {
+        table,
+        reason: format!("bad id '{s}'"),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run_row() -> RunRow {
+        RunRow {
+            id: RunId::new(),
+            suite: "unit".into(),
+            revision: "abc".into(),
+            requested_by: "ci".into(),
+            runner: "exec".into(),
+            labels: Labels::new(),
+            policy: Policy::default(),
+            priority: 0,
+            discover: false,
+            status: RunStatus::Queued,
+            message: String::new(),
+            created_ms: 1,
+            started_ms: 0,
+            finished_ms: 0,
+        }
+    }
+
+    #[test]
+    fn results_are_counted_once_and_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.sqlite");
+        let run = run_row();
+        {
+            let mut s = Store::open(&path).unwrap();
+            s.insert_run(&run, &["a".into(), "b".into()]).unwrap();
+            let r = ResultRow {
+                idx: 1,
+                outcome: Outcome::Failed,
+                duration_ms: 5,
+                attempts: 1,
+                worker: "w".into(),
+                detail: "exit status 1".into(),
+                output: "boom".into(),
+            };
+            assert_eq!(s.record_results(run.id, std::slice::from_ref(&r)).unwrap(), 1);
+            let again = ResultRow { outcome: Outcome::Passed, ..r };
+            assert_eq!(s.record_results(run.id, &[again]).unwrap(), 0);
+        }
+        let s = Store::open(&path).unwrap();
+        let tests = s.tests(run.id).unwrap();
+        assert_eq!(tests.len(), 2);
+        assert_eq!(tests[0].outcome, None);
+        assert_eq!(tests[1].outcome, Some(Outcome::Failed));
+        let results = s.results(run.id).unwrap();
+        assert_eq!(results[1].output, "boom");
+        assert_eq!(s.run(run.id).unwrap().unwrap().suite, "unit");
+        assert_eq!(s.unfinished_runs().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_duplicate_test_id_is_refused_by_the_schema_too() {
+        let mut s = Store::open(Path::new(":memory:")).unwrap();
+        let run = run_row();
+        assert!(s.insert_run(&run, &["a".into(), "a".into()]).is_err());
+        assert!(s.run(run.id).unwrap().is_none(), "the failed insert left nothing behind");
+    }
+}
