@@ -1,1 +1,22 @@
+//! The `shardgate` command line: the client (`run`, `watch`, `status`, `cancel`, `runs`,
+//! `workers`), the embedded `local` mode, and the argument parsing and start-up of the
+//! `shardgate-coordinator` and `shardgate-worker` binaries. The binaries themselves are thin.
 
+#![forbid(unsafe_code)]
+
+pub mod args;
+pub mod client;
+pub mod display;
+pub mod local;
+pub mod servers;
+pub mod util;
+
+/// Exit codes, part of the contract (see the README).
+pub mod exit {
+    /// The gate passed.
+    pub const PASSED: u8 = 0;
+    /// The gate failed (a test failed, or the run was cancelled).
+    pub const FAILED: u8 = 1;
+    /// Usage, connection, configuration or infrastructure error; or the run errored.
+    pub const ERROR: u8 = 2;
+}

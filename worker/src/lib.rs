@@ -1,1 +1,12 @@
+//! The shardgate worker: registers with the coordinator, asks for shards while it has free
+//! slots, runs their tests with a runner, streams each result back as it finishes, and keeps its
+//! leases alive with heartbeats.
 
+#![forbid(unsafe_code)]
+
+pub mod agent;
+pub mod exec;
+pub mod output;
+pub mod runner;
+
+pub use agent::{Config, run};

@@ -1,0 +1,238 @@
+//! Command-line arguments of the three binaries. Every flag can also be set through an
+//! environment variable named `SHARDGATE_<FLAG>`; a flag wins over its variable.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+fn duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("'{s}' is not a duration like 10s or 500ms: {e}"))
+}
+
+/// `shardgate-coordinator`: serves the run, worker and dashboard APIs.
+#[derive(Debug, Parser)]
+#[command(name = "shardgate-coordinator", version, about)]
+pub struct CoordinatorArgs {
+    /// Address for gRPC (runs, workers, dashboards, health, reflection).
+    #[arg(long, env = "SHARDGATE_GRPC_ADDR", default_value = "127.0.0.1:7070")]
+    pub grpc_addr: SocketAddr,
+    /// Address for HTTP (`/healthz`, the JSON API).
+    #[arg(long, env = "SHARDGATE_HTTP_ADDR", default_value = "127.0.0.1:7080")]
+    pub http_addr: SocketAddr,
+    /// SQLite database file; created if missing.
+    #[arg(long, env = "SHARDGATE_DB", default_value = "shardgate.db")]
+    pub db: PathBuf,
+    #[command(flatten)]
+    pub tuning: CoordinatorTuning,
+}
+
+/// Scheduling settings shared by the coordinator binary and `shardgate local`.
+#[derive(Debug, Clone, Args)]
+pub struct CoordinatorTuning {
+    /// How long a shard's lease lasts without a heartbeat from its worker.
+    #[arg(long, env = "SHARDGATE_LEASE", default_value = "10s", value_parser = duration)]
+    pub lease: Duration,
+    /// How often workers heartbeat.
+    #[arg(long, env = "SHARDGATE_HEARTBEAT", default_value = "2s", value_parser = duration)]
+    pub heartbeat: Duration,
+    /// How often a test whose worker keeps getting lost is handed out before it is reported
+    /// as an infrastructure error.
+    #[arg(long, env = "SHARDGATE_MAX_INFRA_ATTEMPTS", default_value_t = 3)]
+    pub max_infra_attempts: u32,
+}
+
+/// `shardgate-worker`: runs shards for a coordinator.
+#[derive(Debug, Parser)]
+#[command(name = "shardgate-worker", version, about)]
+pub struct WorkerArgs {
+    /// The coordinator's gRPC URL.
+    #[arg(long, env = "SHARDGATE_COORDINATOR", default_value = "http://127.0.0.1:7070")]
+    pub coordinator: String,
+    /// Name shown in results and dashboards (default: the host name).
+    #[arg(long, env = "SHARDGATE_NAME")]
+    pub name: Option<String>,
+    /// Tests run at once (default: the number of CPUs).
+    #[arg(long, env = "SHARDGATE_SLOTS")]
+    pub slots: Option<u32>,
+    /// Labels runs can select this worker by, as `k=v,k2=v2`.
+    #[arg(long, env = "SHARDGATE_LABELS", default_value = "")]
+    pub labels: String,
+    /// Root directory of the built-in `exec` runner (each executable file under it is a test).
+    #[arg(long, env = "SHARDGATE_EXEC_ROOT")]
+    pub exec_root: Option<PathBuf>,
+    /// On SIGTERM, how long running tests may finish before they are killed and handed back.
+    #[arg(long, env = "SHARDGATE_DRAIN_GRACE", default_value = "30s", value_parser = duration)]
+    pub drain_grace: Duration,
+}
+
+/// `shardgate`: submit runs, follow them, and look at the fleet.
+#[derive(Debug, Parser)]
+#[command(name = "shardgate", version, about, after_help = EXIT_CODES)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+pub const EXIT_CODES: &str = "Exit codes: 0 the gate passed; 1 the gate failed (a test failed, or the run was cancelled); \
+2 usage, connection or infrastructure error, or the run errored.";
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Submit a run to a coordinator and follow it to its verdict.
+    Run(RunArgs),
+    /// Run a coordinator and N workers in this process against a local exec root.
+    Local(LocalArgs),
+    /// Follow a submitted run to its verdict.
+    Watch(RunRef),
+    /// Show a run and its results.
+    Status(RunRef),
+    /// Cancel a run.
+    Cancel(CancelArgs),
+    /// List recent runs.
+    Runs(ListArgs),
+    /// List the workers.
+    Workers(ListArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct Connection {
+    /// The coordinator's gRPC URL.
+    #[arg(long, env = "SHARDGATE_COORDINATOR", default_value = "http://127.0.0.1:7070")]
+    pub coordinator: String,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct Output {
+    /// Print one JSON document instead of text.
+    #[arg(long, env = "SHARDGATE_JSON")]
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+#[group(required = true, multiple = false)]
+pub struct TestSource {
+    /// File with one test id per line ('#' starts a comment line).
+    #[arg(long, env = "SHARDGATE_TESTS_FILE")]
+    pub tests_file: Option<PathBuf>,
+    /// Let a worker list the suite's tests.
+    #[arg(long, env = "SHARDGATE_DISCOVER")]
+    pub discover: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct SubmitOptions {
+    /// Suite name (duration and flakiness history are kept per suite).
+    #[arg(long, env = "SHARDGATE_SUITE", default_value = "default")]
+    pub suite: String,
+    /// Revision under test.
+    #[arg(long, env = "SHARDGATE_REVISION", default_value = "local")]
+    pub revision: String,
+    /// Who asked for the run (default: $USER).
+    #[arg(long, env = "SHARDGATE_REQUESTED_BY")]
+    pub requested_by: Option<String>,
+    /// Only workers carrying all these labels (`k=v,…`) may take the run.
+    #[arg(long, env = "SHARDGATE_RUN_LABELS", default_value = "")]
+    pub labels: String,
+    /// Runs with a higher priority get free slots first.
+    #[arg(long, env = "SHARDGATE_PRIORITY", default_value_t = 0, allow_negative_numbers = true)]
+    pub priority: i32,
+    /// Per-test timeout (default: the coordinator's, 5 minutes).
+    #[arg(long, env = "SHARDGATE_TEST_TIMEOUT", value_parser = duration)]
+    pub test_timeout: Option<Duration>,
+    /// How long to keep reconnecting when the coordinator is unreachable while following.
+    #[arg(long, env = "SHARDGATE_RECONNECT_FOR", default_value = "10m", value_parser = duration)]
+    pub reconnect_for: Duration,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub conn: Connection,
+    /// Name of a runner the workers offer (e.g. `exec`).
+    #[arg(long, env = "SHARDGATE_RUNNER")]
+    pub runner: String,
+    #[command(flatten)]
+    pub source: TestSource,
+    #[command(flatten)]
+    pub submit: SubmitOptions,
+    #[command(flatten)]
+    pub output: Output,
+}
+
+#[derive(Debug, Args)]
+pub struct LocalArgs {
+    /// Workers to start.
+    #[arg(long, env = "SHARDGATE_WORKERS", default_value_t = 4)]
+    pub workers: u32,
+    /// Slots of each worker.
+    #[arg(long, env = "SHARDGATE_SLOTS", default_value_t = 1)]
+    pub slots: u32,
+    /// Root directory of the exec runner.
+    #[arg(long, env = "SHARDGATE_EXEC_ROOT")]
+    pub exec_root: PathBuf,
+    /// Keep the database here instead of in a temporary directory.
+    #[arg(long, env = "SHARDGATE_DB")]
+    pub db: Option<PathBuf>,
+    #[command(flatten)]
+    pub source: TestSource,
+    #[command(flatten)]
+    pub submit: SubmitOptions,
+    #[command(flatten)]
+    pub tuning: CoordinatorTuning,
+    #[command(flatten)]
+    pub output: Output,
+}
+
+#[derive(Debug, Args)]
+pub struct RunRef {
+    #[command(flatten)]
+    pub conn: Connection,
+    /// The run's id.
+    pub run_id: String,
+    #[command(flatten)]
+    pub output: Output,
+}
+
+#[derive(Debug, Args)]
+pub struct CancelArgs {
+    #[command(flatten)]
+    pub conn: Connection,
+    /// The run's id.
+    pub run_id: String,
+    /// Why, recorded with the run.
+    #[arg(long, default_value = "")]
+    pub reason: String,
+}
+
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    #[command(flatten)]
+    pub conn: Connection,
+    #[command(flatten)]
+    pub output: Output,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_clis_are_well_formed() {
+        Cli::command().debug_assert();
+        CoordinatorArgs::command().debug_assert();
+        WorkerArgs::command().debug_assert();
+    }
+
+    #[test]
+    fn a_run_needs_exactly_one_test_source() {
+        let base = ["shardgate", "run", "--runner", "exec"];
+        assert!(Cli::try_parse_from(base).is_err());
+        let both = [&base[..], &["--discover", "--tests-file", "x"]].concat();
+        assert!(Cli::try_parse_from(both).is_err());
+        let one = [&base[..], &["--discover"]].concat();
+        assert!(Cli::try_parse_from(one).is_ok());
+    }
+}

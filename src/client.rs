@@ -1,0 +1,256 @@
+//! The client commands: submit and follow runs, show runs and workers. Following a run rides
+//! through coordinator restarts: the watch stream is re-opened with backoff until the run's
+//! verdict arrives or `--reconnect-for` runs out.
+
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use shardgate_common::pb::dashboard_service_client::DashboardServiceClient;
+use shardgate_common::pb::run_service_client::RunServiceClient;
+use shardgate_common::report::RunReport;
+use shardgate_common::{RunStatus, labels, pb};
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+
+use crate::args::{CancelArgs, Cli, Command, ListArgs, RunArgs, RunRef, SubmitOptions, TestSource};
+use crate::display::{Progress, print_report};
+use crate::{exit, local, util};
+
+pub async fn main(cli: Cli) -> anyhow::Result<u8> {
+    match cli.command {
+        Command::Run(a) => run(a).await,
+        Command::Local(a) => local::run(a).await,
+        Command::Watch(r) => watch(r).await,
+        Command::Status(r) => status(r).await,
+        Command::Cancel(c) => cancel(c).await,
+        Command::Runs(l) => runs(l).await,
+        Command::Workers(l) => workers(l).await,
+    }
+}
+
+/// Connects eagerly, so an unreachable coordinator is reported at once and by address. The
+/// channel reconnects by itself afterwards.
+pub async fn connect(url: &str) -> anyhow::Result<Channel> {
+    let endpoint = Endpoint::from_shared(url.to_owned()).with_context(|| format!("invalid coordinator URL '{url}'"))?;
+    endpoint
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true)
+        .connect()
+        .await
+        .with_context(|| format!("failed to connect to the coordinator at {url}"))
+}
+
+fn run_client(ch: Channel) -> RunServiceClient<Channel> {
+    RunServiceClient::new(ch)
+        .max_decoding_message_size(shardgate_coordinator::server::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(shardgate_coordinator::server::MAX_MESSAGE_BYTES)
+}
+
+/// Turns a refusal into an error that says what the coordinator said.
+fn refused(what: &str, s: Status) -> anyhow::Error {
+    match s.code() {
+        Code::Unavailable => anyhow::anyhow!("{what}: the coordinator is unreachable: {}", s.message()),
+        _ => anyhow::anyhow!("{what}: {}", s.message()),
+    }
+}
+
+fn is_transient(s: &Status) -> bool {
+    matches!(s.code(), Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded)
+}
+
+/// Builds the submission from the command line.
+pub fn submit_request(runner: &str, source: &TestSource, opts: &SubmitOptions) -> anyhow::Result<pb::SubmitRunRequest> {
+    let tests = match &source.tests_file {
+        Some(path) => util::read_tests_file(path)?,
+        None => Vec::new(),
+    };
+    Ok(pb::SubmitRunRequest {
+        suite: opts.suite.clone(),
+        revision: opts.revision.clone(),
+        requested_by: opts
+            .requested_by
+            .clone()
+            .or_else(|| std::env::var("USER").ok())
+            .unwrap_or_default(),
+        runner: runner.to_owned(),
+        labels: labels::to_wire(&labels::parse("labels", &opts.labels)?),
+        tests,
+        discover: source.discover,
+        policy: Some(pb::RunPolicy {
+            test_timeout_ms: opts.test_timeout.map(|d| d.as_millis() as u64).unwrap_or(0),
+            max_infra_attempts: 0,
+        }),
+        priority: opts.priority,
+    })
+}
+
+async fn run(a: RunArgs) -> anyhow::Result<u8> {
+    let req = submit_request(&a.runner, &a.source, &a.submit)?;
+    let ch = connect(&a.conn.coordinator).await?;
+    submit_and_follow(ch, req, a.submit.reconnect_for, a.output.json).await
+}
+
+/// Submits, follows to the verdict, prints the report and returns the exit code.
+pub async fn submit_and_follow(ch: Channel, req: pb::SubmitRunRequest, reconnect_for: Duration, json: bool) -> anyhow::Result<u8> {
+    let mut client = run_client(ch);
+    let resp = client
+        .submit_run(req)
+        .await
+        .map_err(|s| refused("the coordinator refused the run", s))?
+        .into_inner();
+    let mut progress = Progress::new();
+    progress.note(&format!("submitted run {}", resp.run_id));
+    follow(&mut client, &resp.run_id, reconnect_for, &mut progress).await?;
+    progress.finish();
+    report(&mut client, &resp.run_id, json).await
+}
+
+/// Follows a run's events until it ends, reconnecting through outages.
+pub async fn follow(
+    client: &mut RunServiceClient<Channel>,
+    run_id: &str,
+    reconnect_for: Duration,
+    progress: &mut Progress,
+) -> anyhow::Result<pb::RunSummary> {
+    let mut lost_since: Option<tokio::time::Instant> = None;
+    let mut delay = Duration::from_millis(200);
+    loop {
+        let req = pb::WatchRunRequest { run_id: run_id.to_owned() };
+        match client.watch_run(req).await {
+            Ok(stream) => {
+                let mut stream = stream.into_inner();
+                loop {
+                    match stream.message().await {
+                        Ok(Some(ev)) => {
+                            if lost_since.take().is_some() {
+                                progress.note("reconnected to the coordinator");
+                                delay = Duration::from_millis(200);
+                            }
+                            progress.event(&ev);
+                            if let Some(pb::run_event::Event::Finished(s)) = ev.event {
+                                return Ok(s);
+                            }
+                        }
+                        Ok(None) => break,
+                        Err(s) if is_transient(&s) => break,
+                        Err(s) => return Err(refused("failed to follow the run", s)),
+                    }
+                }
+            }
+            Err(s) if is_transient(&s) => {}
+            Err(s) => return Err(refused("failed to follow the run", s)),
+        }
+        let since = *lost_since.get_or_insert_with(|| {
+            progress.note("lost the coordinator; reconnecting");
+            tokio::time::Instant::now()
+        });
+        if since.elapsed() > reconnect_for {
+            bail!("the coordinator was unreachable for longer than --reconnect-for ({reconnect_for:?}); run {run_id} may still be going");
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(3));
+    }
+}
+
+/// Fetches the run with its results, prints it, and maps the verdict to an exit code.
+async fn report(client: &mut RunServiceClient<Channel>, run_id: &str, json: bool) -> anyhow::Result<u8> {
+    let resp = client
+        .get_run(pb::GetRunRequest { run_id: run_id.to_owned(), include_results: true })
+        .await
+        .map_err(|s| refused("failed to get the run", s))?
+        .into_inner();
+    let run = resp.run.context("the coordinator sent a run without a summary")?;
+    let report = RunReport::new(&run, &resp.results);
+    print_report(&report, json)?;
+    Ok(exit_code(report.status))
+}
+
+pub fn exit_code(status: RunStatus) -> u8 {
+    match status {
+        RunStatus::Passed => exit::PASSED,
+        RunStatus::Failed | RunStatus::Cancelled => exit::FAILED,
+        RunStatus::Errored | RunStatus::Queued | RunStatus::Running => exit::ERROR,
+    }
+}
+
+async fn watch(r: RunRef) -> anyhow::Result<u8> {
+    let mut client = run_client(connect(&r.conn.coordinator).await?);
+    let mut progress = Progress::new();
+    follow(&mut client, &r.run_id, Duration::from_secs(600), &mut progress).await?;
+    progress.finish();
+    report(&mut client, &r.run_id, r.output.json).await
+}
+
+async fn status(r: RunRef) -> anyhow::Result<u8> {
+    let mut client = run_client(connect(&r.conn.coordinator).await?);
+    report(&mut client, &r.run_id, r.output.json).await
+}
+
+async fn cancel(c: CancelArgs) -> anyhow::Result<u8> {
+    let mut client = run_client(connect(&c.conn.coordinator).await?);
+    let resp = client
+        .cancel_run(pb::CancelRunRequest { run_id: c.run_id.clone(), reason: c.reason })
+        .await
+        .map_err(|s| refused("failed to cancel the run", s))?
+        .into_inner();
+    let status = resp.run.and_then(|r| RunStatus::from_wire(r.status));
+    println!("run {}: {}", c.run_id, status.map(RunStatus::as_str).unwrap_or("?"));
+    Ok(exit::PASSED)
+}
+
+async fn runs(l: ListArgs) -> anyhow::Result<u8> {
+    let mut client = run_client(connect(&l.conn.coordinator).await?);
+    let runs = client
+        .list_runs(pb::ListRunsRequest { limit: 50 })
+        .await
+        .map_err(|s| refused("failed to list runs", s))?
+        .into_inner()
+        .runs;
+    let reports: Vec<RunReport> = runs.iter().map(|r| RunReport::new(r, &[])).collect();
+    if l.output.json {
+        println!("{}", serde_json::to_string_pretty(&reports)?);
+    } else {
+        for r in reports {
+            println!(
+                "{}  {:<9} {:>6} tests  {:<12} {:<12} {}",
+                r.run_id,
+                r.status.as_str(),
+                r.counts.total,
+                r.suite,
+                r.revision,
+                r.requested_by
+            );
+        }
+    }
+    Ok(exit::PASSED)
+}
+
+async fn workers(l: ListArgs) -> anyhow::Result<u8> {
+    let mut client = DashboardServiceClient::new(connect(&l.conn.coordinator).await?);
+    let workers = client
+        .list_workers(pb::ListWorkersRequest { include_gone: false })
+        .await
+        .map_err(|s| refused("failed to list workers", s))?
+        .into_inner()
+        .workers;
+    if l.output.json {
+        let v: Vec<_> = workers
+            .iter()
+            .map(|w| {
+                serde_json::json!({
+                    "worker_id": w.worker_id, "name": w.name, "slots": w.slots,
+                    "busy_slots": w.busy_slots, "state": w.state,
+                    "runners": w.runners.iter().map(|r| r.name.clone()).collect::<Vec<_>>(),
+                    "labels": w.labels.iter().map(|l| format!("{}={}", l.key, l.value)).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        for w in workers {
+            let labels: Vec<String> = w.labels.iter().map(|l| format!("{}={}", l.key, l.value)).collect();
+            println!("{:<20} {:<5} {}/{} slots busy  {}", w.name, w.state, w.busy_slots, w.slots, labels.join(","));
+        }
+    }
+    Ok(exit::PASSED)
+}

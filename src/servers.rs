@@ -1,0 +1,82 @@
+//! Start-up of the `shardgate-coordinator` and `shardgate-worker` binaries: turn arguments into
+//! library configs, bind listeners, and run until a shutdown signal.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+
+use anyhow::Context;
+use shardgate_common::labels;
+use shardgate_coordinator::CoreConfig;
+use shardgate_worker::exec::ExecRunner;
+use shardgate_worker::runner::Runner;
+use tokio::net::TcpListener;
+
+use crate::args::{CoordinatorArgs, CoordinatorTuning, WorkerArgs};
+use crate::util;
+
+/// Longest output kept per test.
+pub const MAX_OUTPUT_BYTES: usize = 64 * 1024;
+
+pub fn core_config(t: &CoordinatorTuning) -> anyhow::Result<CoreConfig> {
+    anyhow::ensure!(t.lease > t.heartbeat, "--lease ({:?}) must be longer than --heartbeat ({:?})", t.lease, t.heartbeat);
+    anyhow::ensure!(t.max_infra_attempts >= 1, "--max-infra-attempts must be at least 1");
+    Ok(CoreConfig {
+        lease: t.lease,
+        heartbeat_interval: t.heartbeat,
+        max_infra_attempts: t.max_infra_attempts,
+        max_output_bytes: MAX_OUTPUT_BYTES,
+        ..CoreConfig::default()
+    })
+}
+
+/// Serves until SIGTERM or SIGINT. Prints one JSON line with the bound addresses on stdout once
+/// listening, so scripts and tests that ask for port 0 learn the ports.
+pub async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
+    let mut config = shardgate_coordinator::Config::new(args.db.clone());
+    config.core = core_config(&args.tuning)?;
+    let grpc = TcpListener::bind(args.grpc_addr)
+        .await
+        .with_context(|| format!("failed to bind --grpc-addr {}", args.grpc_addr))?;
+    let http = TcpListener::bind(args.http_addr)
+        .await
+        .with_context(|| format!("failed to bind --http-addr {}", args.http_addr))?;
+    let ready = serde_json::json!({
+        "grpc_addr": grpc.local_addr()?.to_string(),
+        "http_addr": http.local_addr()?.to_string(),
+    });
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{ready}")?;
+    out.flush()?;
+    drop(out);
+    shardgate_coordinator::run(config, grpc, Some(http), util::shutdown_signal()).await?;
+    Ok(())
+}
+
+pub fn worker_config(args: &WorkerArgs) -> anyhow::Result<shardgate_worker::Config> {
+    let mut runners = BTreeMap::new();
+    if let Some(root) = &args.exec_root {
+        let exec = ExecRunner::new(root, MAX_OUTPUT_BYTES).context("invalid --exec-root")?;
+        runners.insert("exec".to_owned(), Runner::Exec(exec));
+    }
+    anyhow::ensure!(!runners.is_empty(), "the worker has no runner: give --exec-root DIR");
+    let slots = match args.slots {
+        Some(0) => anyhow::bail!("--slots must be at least 1"),
+        Some(n) => n,
+        None => std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1),
+    };
+    Ok(shardgate_worker::Config {
+        coordinator: args.coordinator.clone(),
+        name: args.name.clone().unwrap_or_else(util::hostname),
+        slots,
+        labels: labels::parse("labels", &args.labels)?,
+        runners,
+        drain_grace: args.drain_grace,
+    })
+}
+
+/// Runs a worker until SIGTERM or SIGINT, then drains.
+pub async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
+    let config = worker_config(&args)?;
+    shardgate_worker::run(config, util::shutdown_signal()).await?;
+    Ok(())
+}

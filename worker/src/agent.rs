@@ -1,0 +1,446 @@
+//! The worker agent: registration, the heartbeat loop, one loop per slot that acquires and runs
+//! shards, and the phased shutdown (stop taking work, drain under a grace period, then kill what
+//! is left and hand it back).
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use rand::RngExt;
+use shardgate_common::labels::{self, Labels};
+use shardgate_common::pb::worker_service_client::WorkerServiceClient;
+use shardgate_common::{AttemptId, WorkerId, pb};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::exec::TestRun;
+use crate::runner::Runners;
+
+/// How long an `AcquireShard` call may wait on the coordinator for work.
+const ACQUIRE_WAIT: Duration = Duration::from_secs(10);
+/// How long a report keeps being retried through coordinator outages before the attempt is
+/// given up (its lease will have run out by then anyway).
+const REPORT_RETRY_FOR: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The coordinator's gRPC URL, e.g. `http://coordinator:7070`.
+    pub coordinator: String,
+    pub name: String,
+    pub slots: u32,
+    pub labels: Labels,
+    pub runners: Runners,
+    /// On shutdown, how long running tests may go on before they are killed and handed back.
+    pub drain_grace: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("invalid coordinator URL '{url}': {reason}")]
+    Url { url: String, reason: String },
+    #[error("the coordinator refused the registration: {0}")]
+    Refused(String),
+    #[error("the worker has no runners: give --exec-root or --runners")]
+    NoRunners,
+}
+
+struct Shared {
+    cfg: Config,
+    client: WorkerServiceClient<Channel>,
+    worker_id: RwLock<Option<WorkerId>>,
+    heartbeat: RwLock<Duration>,
+    /// Serialises re-registration so that one lost registration leads to one new one.
+    registering: tokio::sync::Mutex<()>,
+    /// Live attempts and the token that stops each.
+    active: Mutex<HashMap<AttemptId, CancellationToken>>,
+    /// Fires when the worker stops taking work.
+    draining: CancellationToken,
+    /// Fires when running tests must be killed.
+    kill: CancellationToken,
+}
+
+impl Shared {
+    fn id(&self) -> Option<WorkerId> {
+        *self.worker_id.read().expect("worker id lock")
+    }
+
+    /// Registers, retrying transient failures with backoff until it works or the worker drains.
+    /// `stale` is the id that was found to be unknown; when another task already replaced it,
+    /// nothing is done.
+    async fn register(&self, stale: Option<WorkerId>) -> Result<(), AgentError> {
+        let _guard = self.registering.lock().await;
+        if self.id() != stale {
+            return Ok(());
+        }
+        let req = pb::RegisterRequest {
+            name: self.cfg.name.clone(),
+            slots: self.cfg.slots,
+            labels: labels::to_wire(&self.cfg.labels),
+            runners: self
+                .cfg
+                .runners
+                .iter()
+                .map(|(name, r)| pb::RunnerInfo {
+                    name: name.clone(),
+                    kind: r.kind().to_wire(),
+                })
+                .collect(),
+        };
+        let mut backoff = Backoff::new();
+        loop {
+            match self.client.clone().register(req.clone()).await {
+                Ok(resp) => {
+                    let resp = resp.into_inner();
+                    let id = WorkerId::parse_field("worker_id", &resp.worker_id)
+                        .map_err(|e| AgentError::Refused(e.to_string()))?;
+                    *self.heartbeat.write().expect("heartbeat lock") =
+                        Duration::from_millis(resp.heartbeat_interval_ms.max(100));
+                    *self.worker_id.write().expect("worker id lock") = Some(id);
+                    info!(worker = %id, name = %self.cfg.name, slots = self.cfg.slots, "registered");
+                    return Ok(());
+                }
+                Err(s) if is_transient(&s) => {
+                    debug!(error = %s.message(), "coordinator not reachable; retrying registration");
+                    if !backoff.wait(&self.draining).await {
+                        return Ok(());
+                    }
+                }
+                Err(s) => return Err(AgentError::Refused(s.message().to_owned())),
+            }
+        }
+    }
+}
+
+/// Runs the worker until `shutdown` completes, then drains.
+pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
+    if cfg.runners.is_empty() {
+        return Err(AgentError::NoRunners);
+    }
+    let endpoint = Endpoint::from_shared(cfg.coordinator.clone()).map_err(|e| AgentError::Url {
+        url: cfg.coordinator.clone(),
+        reason: e.to_string(),
+    })?;
+    let channel = endpoint
+        .connect_timeout(Duration::from_secs(3))
+        .tcp_nodelay(true)
+        .connect_lazy();
+    let shared = Arc::new(Shared {
+        client: WorkerServiceClient::new(channel),
+        worker_id: RwLock::new(None),
+        heartbeat: RwLock::new(Duration::from_secs(2)),
+        registering: tokio::sync::Mutex::new(()),
+        active: Mutex::new(HashMap::new()),
+        draining: CancellationToken::new(),
+        kill: CancellationToken::new(),
+        cfg,
+    });
+    tokio::pin!(shutdown);
+
+    tokio::select! {
+        r = shared.register(None) => r?,
+        _ = &mut shutdown => return Ok(()),
+    }
+
+    let heartbeat_done = CancellationToken::new();
+    let hb = tokio::spawn(heartbeat_loop(shared.clone(), heartbeat_done.clone()));
+    let mut slots = JoinSet::new();
+    for slot in 0..shared.cfg.slots {
+        let span = info_span!("slot", slot);
+        slots.spawn(slot_loop(shared.clone()).instrument(span));
+    }
+
+    shutdown.await;
+    info!(grace_ms = shared.cfg.drain_grace.as_millis() as u64, "draining: no new shards");
+    shared.draining.cancel();
+    let drained = tokio::time::timeout(shared.cfg.drain_grace, async {
+        while slots.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        warn!("drain grace ran out; killing running tests and handing them back");
+        shared.kill.cancel();
+        while slots.join_next().await.is_some() {}
+    }
+    heartbeat_done.cancel();
+    let _ = hb.await;
+    if let Some(id) = shared.id() {
+        let req = pb::DeregisterRequest {
+            worker_id: id.to_string(),
+        };
+        match tokio::time::timeout(Duration::from_secs(5), shared.client.clone().deregister(req)).await {
+            Ok(Ok(_)) => info!(worker = %id, "deregistered"),
+            Ok(Err(s)) => warn!(error = %s.message(), "failed to deregister"),
+            Err(_) => warn!("failed to deregister: the coordinator did not answer"),
+        }
+    }
+    Ok(())
+}
+
+async fn heartbeat_loop(shared: Arc<Shared>, done: CancellationToken) {
+    loop {
+        let interval = *shared.heartbeat.read().expect("heartbeat lock");
+        tokio::select! {
+            _ = done.cancelled() => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
+        let Some(id) = shared.id() else { continue };
+        let attempts: Vec<String> = shared
+            .active
+            .lock()
+            .expect("active lock")
+            .keys()
+            .map(ToString::to_string)
+            .collect();
+        let req = pb::HeartbeatRequest {
+            worker_id: id.to_string(),
+            attempt_ids: attempts,
+        };
+        match shared.client.clone().heartbeat(req).await {
+            Ok(resp) => {
+                let resp = resp.into_inner();
+                {
+                    let active = shared.active.lock().expect("active lock");
+                    for a in &resp.cancel_attempt_ids {
+                        if let Some(token) = a.parse().ok().and_then(|a: AttemptId| active.get(&a)) {
+                            info!(attempt = %a, "coordinator stopped the attempt");
+                            token.cancel();
+                        }
+                    }
+                }
+                if resp.reregister {
+                    warn!(worker = %id, "coordinator does not know this worker; registering again");
+                    if let Err(e) = shared.register(Some(id)).await {
+                        warn!(error = %e, "re-registration failed");
+                    }
+                }
+            }
+            Err(s) => debug!(error = %s.message(), "heartbeat failed"),
+        }
+    }
+}
+
+async fn slot_loop(shared: Arc<Shared>) {
+    let mut backoff = Backoff::new();
+    while !shared.draining.is_cancelled() {
+        let Some(id) = shared.id() else {
+            if !backoff.wait(&shared.draining).await {
+                return;
+            }
+            continue;
+        };
+        let req = pb::AcquireShardRequest {
+            worker_id: id.to_string(),
+            wait_ms: ACQUIRE_WAIT.as_millis() as u64,
+        };
+        let mut client = shared.client.clone();
+        let resp = tokio::select! {
+            _ = shared.draining.cancelled() => return,
+            r = client.acquire_shard(req) => r,
+        };
+        match resp {
+            Ok(resp) => {
+                backoff.reset();
+                if let Some(shard) = resp.into_inner().shard {
+                    let span = info_span!("shard", attempt = %shard.attempt_id, run = %shard.run_id);
+                    run_shard(&shared, id, shard).instrument(span).await;
+                }
+            }
+            Err(s) if s.code() == Code::NotFound => {
+                warn!(worker = %id, "coordinator does not know this worker; registering again");
+                if let Err(e) = shared.register(Some(id)).await {
+                    warn!(error = %e, "re-registration failed");
+                    if !backoff.wait(&shared.draining).await {
+                        return;
+                    }
+                }
+            }
+            Err(s) => {
+                debug!(error = %s.message(), "acquire failed");
+                if !backoff.wait(&shared.draining).await {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Runs one shard to its end and tells the coordinator.
+async fn run_shard(shared: &Shared, worker: WorkerId, shard: pb::Shard) {
+    let Ok(attempt) = shard.attempt_id.parse::<AttemptId>() else {
+        warn!(attempt = %shard.attempt_id, "coordinator sent a bad attempt id");
+        return;
+    };
+    let token = shared.kill.child_token();
+    shared
+        .active
+        .lock()
+        .expect("active lock")
+        .insert(attempt, token.clone());
+    let error = match shared.cfg.runners.get(&shard.runner) {
+        None => format!("worker {} has no runner '{}'", shared.cfg.name, shard.runner),
+        Some(runner) if shard.kind == pb::ShardKind::Discover as i32 => {
+            let (tests, error) = match runner.discover().await {
+                Ok(t) => (t, String::new()),
+                Err(e) => (Vec::new(), e),
+            };
+            info!(tests = tests.len(), "discovered tests");
+            let req = pb::ReportDiscoveryRequest {
+                worker_id: worker.to_string(),
+                attempt_id: attempt.to_string(),
+                tests,
+                error,
+            };
+            let client = shared.client.clone();
+            if let Err(s) = retry(&token, || {
+                let mut c = client.clone();
+                let r = req.clone();
+                async move { c.report_discovery(r).await }
+            })
+            .await
+            {
+                warn!(error = %s.message(), "failed to report discovery");
+            }
+            String::new()
+        }
+        Some(runner) => {
+            let timeout = Duration::from_millis(
+                shard.policy.as_ref().map(|p| p.test_timeout_ms).unwrap_or(0).max(1),
+            );
+            let (tx, rx) = mpsc::channel(64);
+            let reporter = report_loop(shared, worker, attempt, token.clone(), rx);
+            let running = runner.run_shard(&shard.tests, timeout, &token, tx);
+            tokio::join!(running, reporter);
+            if shared.kill.is_cancelled() {
+                "worker shutting down".to_owned()
+            } else {
+                String::new()
+            }
+        }
+    };
+    shared.active.lock().expect("active lock").remove(&attempt);
+    let req = pb::FinishShardRequest {
+        worker_id: worker.to_string(),
+        attempt_id: attempt.to_string(),
+        error,
+    };
+    let never = CancellationToken::new();
+    let client = shared.client.clone();
+    if let Err(s) = retry(&never, || {
+        let mut c = client.clone();
+        let r = req.clone();
+        async move { c.finish_shard(r).await }
+    })
+    .await
+    {
+        debug!(error = %s.message(), "failed to finish shard");
+    }
+}
+
+/// Reports each result as the runner produces it. A refusal (the attempt is no longer live)
+/// stops the attempt: its tests belong to someone else now.
+async fn report_loop(
+    shared: &Shared,
+    worker: WorkerId,
+    attempt: AttemptId,
+    token: CancellationToken,
+    mut rx: mpsc::Receiver<(String, TestRun)>,
+) {
+    while let Some((test_id, run)) = rx.recv().await {
+        let req = pb::ReportResultsRequest {
+            worker_id: worker.to_string(),
+            attempt_id: attempt.to_string(),
+            results: vec![pb::TestResult {
+                test_id,
+                outcome: run.outcome.to_wire(),
+                duration_ms: run.duration.as_millis() as u64,
+                attempts: 0,
+                worker: shared.cfg.name.clone(),
+                output: run.output,
+                detail: run.detail,
+            }],
+        };
+        let client = shared.client.clone();
+        let never = CancellationToken::new();
+        match retry(&never, || {
+            let mut c = client.clone();
+            let r = req.clone();
+            async move { c.report_results(r).await }
+        })
+        .await
+        {
+            Ok(resp) if resp.stop => {
+                info!("coordinator wants no more results from this attempt");
+                token.cancel();
+                return;
+            }
+            Ok(_) => {}
+            Err(s) => {
+                warn!(error = %s.message(), "result refused; stopping the attempt");
+                token.cancel();
+                return;
+            }
+        }
+    }
+}
+
+/// gRPC codes that mean "try again": the coordinator is restarting or unreachable.
+fn is_transient(s: &Status) -> bool {
+    matches!(
+        s.code(),
+        Code::Unavailable | Code::Unknown | Code::DeadlineExceeded | Code::Cancelled | Code::Internal | Code::Aborted
+    )
+}
+
+/// Calls `f` until it succeeds, fails for good, `stop` fires or the retry budget is spent.
+async fn retry<T, F, Fut>(stop: &CancellationToken, mut f: F) -> Result<T, Status>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+{
+    let deadline = tokio::time::Instant::now() + REPORT_RETRY_FOR;
+    let mut backoff = Backoff::new();
+    loop {
+        match f().await {
+            Ok(r) => return Ok(r.into_inner()),
+            Err(s) if is_transient(&s) && tokio::time::Instant::now() < deadline => {
+                if !backoff.wait(stop).await {
+                    return Err(s);
+                }
+            }
+            Err(s) => return Err(s),
+        }
+    }
+}
+
+/// Exponential backoff with full jitter, from 100 ms up to 5 s.
+struct Backoff {
+    next: Duration,
+}
+
+impl Backoff {
+    const MIN: Duration = Duration::from_millis(100);
+    const MAX: Duration = Duration::from_secs(5);
+
+    fn new() -> Self {
+        Self { next: Self::MIN }
+    }
+
+    fn reset(&mut self) {
+        self.next = Self::MIN;
+    }
+
+    /// Sleeps for the next delay; false when `stop` fired first.
+    async fn wait(&mut self, stop: &CancellationToken) -> bool {
+        let ms = rand::rng().random_range(self.next.as_millis() as u64 / 2..=self.next.as_millis() as u64);
+        self.next = (self.next * 2).min(Self::MAX);
+        tokio::select! {
+            _ = stop.cancelled() => false,
+            _ = tokio::time::sleep(Duration::from_millis(ms)) => true,
+        }
+    }
+}

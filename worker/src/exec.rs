@@ -1,0 +1,292 @@
+//! The built-in `exec` runner: a test is an executable file under a root directory and its id
+//! is the path relative to the root. It passes when it exits 0, is skipped when it exits 77 (the
+//! automake convention), and fails otherwise. Test ids never go through a shell.
+//!
+//! Each test runs in its own process group with its output (stdout and stderr interleaved in
+//! one pipe) captured up to a cap. On a timeout or a cancellation the whole group is killed; the
+//! group is also killed after the test exits, so stray background processes do not outlive it.
+
+use std::io::Read;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use shardgate_common::{Outcome, RunnerKind, validate};
+use tokio_util::sync::CancellationToken;
+
+use crate::output::CappedOutput;
+
+/// Exit status that marks a test as skipped.
+pub const SKIP_EXIT_CODE: i32 = 77;
+
+/// How long to wait for a test's output pipe to close after the test exited and its group was
+/// killed; a process that escaped the group (by `setsid`) may hold it open.
+const PIPE_GRACE: Duration = Duration::from_secs(2);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    #[error("failed to read exec root '{path}': {source}")]
+    Root { path: String, source: std::io::Error },
+    #[error("exec root '{0}' is not a directory")]
+    NotADirectory(String),
+}
+
+/// The result of one test, before it is put on the wire.
+#[derive(Debug, Clone)]
+pub struct TestRun {
+    pub outcome: Outcome,
+    pub duration: Duration,
+    pub output: String,
+    pub detail: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct ExecRunner {
+    root: PathBuf,
+    max_output: usize,
+}
+
+impl ExecRunner {
+    /// A runner rooted at `root`, which must be a readable directory.
+    pub fn new(root: &Path, max_output: usize) -> Result<Self, ExecError> {
+        let root = root.canonicalize().map_err(|source| ExecError::Root {
+            path: root.display().to_string(),
+            source,
+        })?;
+        if !root.is_dir() {
+            return Err(ExecError::NotADirectory(root.display().to_string()));
+        }
+        Ok(Self { root, max_output })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Lists every executable regular file under the root, as sorted relative paths. Hidden
+    /// files and directories (names starting with '.') and symbolic links are skipped.
+    pub fn discover(&self) -> Result<Vec<String>, ExecError> {
+        let mut out = Vec::new();
+        let mut dirs = vec![self.root.clone()];
+        while let Some(dir) = dirs.pop() {
+            let err = |source| ExecError::Root {
+                path: dir.display().to_string(),
+                source,
+            };
+            for entry in std::fs::read_dir(&dir).map_err(err)? {
+                let entry = entry.map_err(err)?;
+                let name = entry.file_name();
+                if name.to_string_lossy().starts_with('.') {
+                    continue;
+                }
+                let meta = entry.metadata().map_err(err)?;
+                let path = entry.path();
+                if meta.is_dir() {
+                    dirs.push(path);
+                } else if meta.is_file() && meta.permissions().mode() & 0o111 != 0 {
+                    let rel = path.strip_prefix(&self.root).expect("walked from the root");
+                    if let Some(rel) = rel.to_str() {
+                        out.push(rel.to_owned());
+                    }
+                }
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Runs one test. A bad id or a file that cannot be started is a failed test, with the
+    /// reason in `detail`.
+    pub async fn run_test(&self, id: &str, timeout: Duration, cancel: &CancellationToken) -> TestRun {
+        let started = Instant::now();
+        let failed = |detail: String| TestRun {
+            outcome: Outcome::Failed,
+            duration: started.elapsed(),
+            output: String::new(),
+            detail,
+        };
+        if let Err(e) = validate::test_id(RunnerKind::Exec, id) {
+            return failed(e.to_string());
+        }
+        let path = self.root.join(id);
+        // A symbolic link inside the root must not lead out of it.
+        match path.canonicalize() {
+            Ok(real) if real.starts_with(&self.root) => {}
+            Ok(real) => return failed(format!("test '{id}' resolves to '{}', outside the exec root", real.display())),
+            Err(e) => return failed(format!("failed to start test '{id}': {e}")),
+        }
+        let (reader, writer) = match std::io::pipe() {
+            Ok(p) => p,
+            Err(e) => return failed(format!("failed to create an output pipe: {e}")),
+        };
+        let writer2 = match writer.try_clone() {
+            Ok(w) => w,
+            Err(e) => return failed(format!("failed to create an output pipe: {e}")),
+        };
+        let mut cmd = tokio::process::Command::new(&path);
+        cmd.current_dir(&self.root)
+            .stdin(Stdio::null())
+            .stdout(writer)
+            .stderr(writer2)
+            .env("SHARDGATE_TEST_ID", id)
+            .process_group(0)
+            .kill_on_drop(true);
+        let spawned = cmd.spawn();
+        // Drop our copies of the pipe's write end so the reader sees EOF once the test's
+        // processes are gone.
+        drop(cmd);
+        let mut child = match spawned {
+            Ok(c) => c,
+            Err(e) => return failed(format!("failed to start test '{id}': {e}")),
+        };
+        let pgid = child.id().map(|p| Pid::from_raw(p as i32));
+        let max_output = self.max_output;
+        let (out_tx, out_rx) = tokio::sync::oneshot::channel();
+        std::thread::spawn(move || {
+            let mut reader = reader;
+            let mut buf = CappedOutput::new(max_output);
+            let mut chunk = [0u8; 8192];
+            loop {
+                match reader.read(&mut chunk) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => buf.push(&chunk[..n]),
+                }
+            }
+            let _ = out_tx.send(buf.into_string());
+        });
+        let kill_group = || {
+            if let Some(pgid) = pgid {
+                // The group may already be gone: nothing to do then.
+                let _ = killpg(pgid, Signal::SIGKILL);
+            }
+        };
+        let (outcome, detail) = tokio::select! {
+            status = child.wait() => match status {
+                Ok(s) => match s.code() {
+                    Some(0) => (Outcome::Passed, String::new()),
+                    Some(SKIP_EXIT_CODE) => (Outcome::Skipped, format!("exit status {SKIP_EXIT_CODE} (skip)")),
+                    Some(c) => (Outcome::Failed, format!("exit status {c}")),
+                    None => {
+                        use std::os::unix::process::ExitStatusExt;
+                        (Outcome::Failed, format!("killed by signal {}", s.signal().unwrap_or(0)))
+                    }
+                },
+                Err(e) => (Outcome::InfraError, format!("failed to wait for test '{id}': {e}")),
+            },
+            _ = tokio::time::sleep(timeout) => {
+                kill_group();
+                let _ = child.wait().await;
+                (Outcome::TimedOut, format!("timed out after {} ms", timeout.as_millis()))
+            }
+            _ = cancel.cancelled() => {
+                kill_group();
+                let _ = child.wait().await;
+                (Outcome::InfraError, "cancelled".to_owned())
+            }
+        };
+        kill_group();
+        let duration = started.elapsed();
+        let output = match tokio::time::timeout(PIPE_GRACE, out_rx).await {
+            Ok(Ok(s)) => s,
+            _ => "[output unavailable: a process that left the test's group holds the pipe open]".to_owned(),
+        };
+        TestRun {
+            outcome,
+            duration,
+            output,
+            detail,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn script(root: &Path, rel: &str, body: &str) {
+        let p = root.join(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+
+    fn runner(root: &Path) -> ExecRunner {
+        ExecRunner::new(root, 1024).unwrap()
+    }
+
+    #[tokio::test]
+    async fn outcomes_follow_exit_codes_and_output_is_captured() {
+        let dir = tempfile::tempdir().unwrap();
+        script(dir.path(), "ok.sh", "echo out; echo err >&2; exit 0");
+        script(dir.path(), "bad.sh", "echo broken; exit 3");
+        script(dir.path(), "skip.sh", "exit 77");
+        let r = runner(dir.path());
+        let c = CancellationToken::new();
+        let t = Duration::from_secs(10);
+        let ok = r.run_test("ok.sh", t, &c).await;
+        assert_eq!(ok.outcome, Outcome::Passed);
+        assert_eq!(ok.output, "out\nerr\n");
+        let bad = r.run_test("bad.sh", t, &c).await;
+        assert_eq!((bad.outcome, bad.detail.as_str()), (Outcome::Failed, "exit status 3"));
+        assert_eq!(bad.output, "broken\n");
+        assert_eq!(r.run_test("skip.sh", t, &c).await.outcome, Outcome::Skipped);
+        let missing = r.run_test("nope.sh", t, &c).await;
+        assert_eq!(missing.outcome, Outcome::Failed);
+        assert!(missing.detail.contains("failed to start test 'nope.sh'"), "{}", missing.detail);
+    }
+
+    #[tokio::test]
+    async fn a_timeout_kills_the_whole_process_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let marker = dir.path().join("survivor");
+        // The child in the background would write the marker if it outlived the kill.
+        script(
+            dir.path(),
+            "hang.sh",
+            &format!("(sleep 2; touch {}) &\nsleep 30", marker.display()),
+        );
+        let r = runner(dir.path());
+        let started = Instant::now();
+        let run = r.run_test("hang.sh", Duration::from_millis(300), &CancellationToken::new()).await;
+        assert_eq!(run.outcome, Outcome::TimedOut);
+        assert_eq!(run.detail, "timed out after 300 ms");
+        assert!(started.elapsed() < Duration::from_secs(10));
+        // Poll for longer than the background child would have needed.
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < deadline {
+            assert!(!marker.exists(), "a process of the timed-out test survived");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn ids_that_escape_the_root_are_refused_without_running() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        std::fs::create_dir(&root).unwrap();
+        script(dir.path(), "outside.sh", "exit 0");
+        std::os::unix::fs::symlink(dir.path().join("outside.sh"), root.join("link.sh")).unwrap();
+        let r = runner(&root);
+        let c = CancellationToken::new();
+        for id in ["../outside.sh", "/bin/true"] {
+            let run = r.run_test(id, Duration::from_secs(5), &c).await;
+            assert_eq!(run.outcome, Outcome::Failed, "{id}");
+            assert!(run.detail.contains("invalid tests"), "{id}: {}", run.detail);
+        }
+        let run = r.run_test("link.sh", Duration::from_secs(5), &c).await;
+        assert!(run.detail.contains("outside the exec root"), "{}", run.detail);
+    }
+
+    #[test]
+    fn discovery_lists_executables_only() {
+        let dir = tempfile::tempdir().unwrap();
+        script(dir.path(), "b/t2.sh", "exit 0");
+        script(dir.path(), "a.sh", "exit 0");
+        script(dir.path(), ".hidden/t.sh", "exit 0");
+        std::fs::write(dir.path().join("README"), "not a test").unwrap();
+        assert_eq!(runner(dir.path()).discover().unwrap(), vec!["a.sh", "b/t2.sh"]);
+    }
+}
