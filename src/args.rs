@@ -136,7 +136,12 @@ pub struct SubmitOptions {
     #[arg(long, env = "SHARDGATE_RUN_LABELS", default_value = "")]
     pub labels: String,
     /// Runs with a higher priority get free slots first.
-    #[arg(long, env = "SHARDGATE_PRIORITY", default_value_t = 0, allow_negative_numbers = true)]
+    #[arg(
+        long,
+        env = "SHARDGATE_PRIORITY",
+        default_value_t = 0,
+        allow_negative_numbers = true
+    )]
     pub priority: i32,
     /// Per-test timeout (default: the coordinator's, 5 minutes).
     #[arg(long, env = "SHARDGATE_TEST_TIMEOUT", value_parser = duration)]

@@ -31,7 +31,8 @@ pub async fn main(cli: Cli) -> anyhow::Result<u8> {
 /// Connects eagerly, so an unreachable coordinator is reported at once and by address. The
 /// channel reconnects by itself afterwards.
 pub async fn connect(url: &str) -> anyhow::Result<Channel> {
-    let endpoint = Endpoint::from_shared(url.to_owned()).with_context(|| format!("invalid coordinator URL '{url}'"))?;
+    let endpoint =
+        Endpoint::from_shared(url.to_owned()).with_context(|| format!("invalid coordinator URL '{url}'"))?;
     endpoint
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)
@@ -55,11 +56,18 @@ fn refused(what: &str, s: Status) -> anyhow::Error {
 }
 
 fn is_transient(s: &Status) -> bool {
-    matches!(s.code(), Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded)
+    matches!(
+        s.code(),
+        Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded
+    )
 }
 
 /// Builds the submission from the command line.
-pub fn submit_request(runner: &str, source: &TestSource, opts: &SubmitOptions) -> anyhow::Result<pb::SubmitRunRequest> {
+pub fn submit_request(
+    runner: &str,
+    source: &TestSource,
+    opts: &SubmitOptions,
+) -> anyhow::Result<pb::SubmitRunRequest> {
     let tests = match &source.tests_file {
         Some(path) => util::read_tests_file(path)?,
         None => Vec::new(),
@@ -91,7 +99,12 @@ async fn run(a: RunArgs) -> anyhow::Result<u8> {
 }
 
 /// Submits, follows to the verdict, prints the report and returns the exit code.
-pub async fn submit_and_follow(ch: Channel, req: pb::SubmitRunRequest, reconnect_for: Duration, json: bool) -> anyhow::Result<u8> {
+pub async fn submit_and_follow(
+    ch: Channel,
+    req: pb::SubmitRunRequest,
+    reconnect_for: Duration,
+    json: bool,
+) -> anyhow::Result<u8> {
     let mut client = run_client(ch);
     let resp = client
         .submit_run(req)
@@ -115,7 +128,9 @@ pub async fn follow(
     let mut lost_since: Option<tokio::time::Instant> = None;
     let mut delay = Duration::from_millis(200);
     loop {
-        let req = pb::WatchRunRequest { run_id: run_id.to_owned() };
+        let req = pb::WatchRunRequest {
+            run_id: run_id.to_owned(),
+        };
         match client.watch_run(req).await {
             Ok(stream) => {
                 let mut stream = stream.into_inner();
@@ -145,7 +160,9 @@ pub async fn follow(
             tokio::time::Instant::now()
         });
         if since.elapsed() > reconnect_for {
-            bail!("the coordinator was unreachable for longer than --reconnect-for ({reconnect_for:?}); run {run_id} may still be going");
+            bail!(
+                "the coordinator was unreachable for longer than --reconnect-for ({reconnect_for:?}); run {run_id} may still be going"
+            );
         }
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(Duration::from_secs(3));
@@ -155,7 +172,10 @@ pub async fn follow(
 /// Fetches the run with its results, prints it, and maps the verdict to an exit code.
 async fn report(client: &mut RunServiceClient<Channel>, run_id: &str, json: bool) -> anyhow::Result<u8> {
     let resp = client
-        .get_run(pb::GetRunRequest { run_id: run_id.to_owned(), include_results: true })
+        .get_run(pb::GetRunRequest {
+            run_id: run_id.to_owned(),
+            include_results: true,
+        })
         .await
         .map_err(|s| refused("failed to get the run", s))?
         .into_inner();
@@ -189,12 +209,19 @@ async fn status(r: RunRef) -> anyhow::Result<u8> {
 async fn cancel(c: CancelArgs) -> anyhow::Result<u8> {
     let mut client = run_client(connect(&c.conn.coordinator).await?);
     let resp = client
-        .cancel_run(pb::CancelRunRequest { run_id: c.run_id.clone(), reason: c.reason })
+        .cancel_run(pb::CancelRunRequest {
+            run_id: c.run_id.clone(),
+            reason: c.reason,
+        })
         .await
         .map_err(|s| refused("failed to cancel the run", s))?
         .into_inner();
     let status = resp.run.and_then(|r| RunStatus::from_wire(r.status));
-    println!("run {}: {}", c.run_id, status.map(RunStatus::as_str).unwrap_or("?"));
+    println!(
+        "run {}: {}",
+        c.run_id,
+        status.map(RunStatus::as_str).unwrap_or("?")
+    );
     Ok(exit::PASSED)
 }
 
@@ -248,8 +275,19 @@ async fn workers(l: ListArgs) -> anyhow::Result<u8> {
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         for w in workers {
-            let labels: Vec<String> = w.labels.iter().map(|l| format!("{}={}", l.key, l.value)).collect();
-            println!("{:<20} {:<5} {}/{} slots busy  {}", w.name, w.state, w.busy_slots, w.slots, labels.join(","));
+            let labels: Vec<String> = w
+                .labels
+                .iter()
+                .map(|l| format!("{}={}", l.key, l.value))
+                .collect();
+            println!(
+                "{:<20} {:<5} {}/{} slots busy  {}",
+                w.name,
+                w.state,
+                w.busy_slots,
+                w.slots,
+                labels.join(",")
+            );
         }
     }
     Ok(exit::PASSED)

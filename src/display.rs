@@ -56,7 +56,13 @@ impl Progress {
                     let outcome = Outcome::from_wire(r.outcome);
                     if outcome.is_some_and(|o| !o.is_green()) {
                         let o = outcome.map(Outcome::as_str).unwrap_or("?");
-                        self.note(&format!("{:<11} {} ({}, worker {})", o.to_uppercase(), r.test_id, r.detail, r.worker));
+                        self.note(&format!(
+                            "{:<11} {} ({}, worker {})",
+                            o.to_uppercase(),
+                            r.test_id,
+                            r.detail,
+                            r.worker
+                        ));
                     }
                 }
                 self.counts(&t.run_id, t.counts.as_ref(), None);
@@ -77,11 +83,16 @@ impl Progress {
                 bar.set_message(msg);
             }
             None => {
-                let due = self.last_line.is_none_or(|t| t.elapsed() >= Duration::from_secs(2));
+                let due = self
+                    .last_line
+                    .is_none_or(|t| t.elapsed() >= Duration::from_secs(2));
                 let ended = status.is_some_and(RunStatus::is_terminal);
                 if due || ended {
                     self.last_line = Some(Instant::now());
-                    eprintln!("run {run_id}: {done}/{} done, {} running ({msg})", c.total, c.running);
+                    eprintln!(
+                        "run {run_id}: {done}/{} done, {} running ({msg})",
+                        c.total, c.running
+                    );
                 }
             }
         }
@@ -118,7 +129,10 @@ pub fn print_report(report: &RunReport, json: bool) -> std::io::Result<()> {
         writeln!(out)?;
         return out.flush();
     }
-    let verdict = report.verdict.map(|v| v.as_str().to_uppercase()).unwrap_or_else(|| report.status.as_str().to_uppercase());
+    let verdict = report
+        .verdict
+        .map(|v| v.as_str().to_uppercase())
+        .unwrap_or_else(|| report.status.as_str().to_uppercase());
     writeln!(
         out,
         "run {}: {verdict}: {} tests in {:.1}s ({}) [suite {}, revision {}, runner {}]",

@@ -28,7 +28,9 @@ pub async fn run(a: LocalArgs) -> anyhow::Result<u8> {
     let db = a.db.clone().unwrap_or_else(|| tmp.path().join("shardgate.db"));
     let mut config = shardgate_coordinator::Config::new(db);
     config.core = core_config(&a.tuning)?;
-    let listener = TcpListener::bind("127.0.0.1:0").await.context("failed to bind a loopback port")?;
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .context("failed to bind a loopback port")?;
     let url = format!("http://{}", listener.local_addr()?);
 
     // Workers stop first so they can hand back work and deregister while the coordinator still
@@ -37,7 +39,9 @@ pub async fn run(a: LocalArgs) -> anyhow::Result<u8> {
     let stop_coordinator = CancellationToken::new();
     let coordinator = {
         let stop = stop_coordinator.clone();
-        tokio::spawn(async move { shardgate_coordinator::run(config, listener, None, stop.cancelled_owned()).await })
+        tokio::spawn(async move {
+            shardgate_coordinator::run(config, listener, None, stop.cancelled_owned()).await
+        })
     };
     let mut workers = Vec::new();
     for i in 0..a.workers {
@@ -50,7 +54,9 @@ pub async fn run(a: LocalArgs) -> anyhow::Result<u8> {
             drain_grace: Duration::from_secs(5),
         };
         let stop = stop.clone();
-        workers.push(tokio::spawn(async move { shardgate_worker::run(cfg, stop.cancelled_owned()).await }));
+        workers.push(tokio::spawn(async move {
+            shardgate_worker::run(cfg, stop.cancelled_owned()).await
+        }));
     }
 
     let result = async {

@@ -18,8 +18,16 @@ use crate::util;
 pub const MAX_OUTPUT_BYTES: usize = 64 * 1024;
 
 pub fn core_config(t: &CoordinatorTuning) -> anyhow::Result<CoreConfig> {
-    anyhow::ensure!(t.lease > t.heartbeat, "--lease ({:?}) must be longer than --heartbeat ({:?})", t.lease, t.heartbeat);
-    anyhow::ensure!(t.max_infra_attempts >= 1, "--max-infra-attempts must be at least 1");
+    anyhow::ensure!(
+        t.lease > t.heartbeat,
+        "--lease ({:?}) must be longer than --heartbeat ({:?})",
+        t.lease,
+        t.heartbeat
+    );
+    anyhow::ensure!(
+        t.max_infra_attempts >= 1,
+        "--max-infra-attempts must be at least 1"
+    );
     Ok(CoreConfig {
         lease: t.lease,
         heartbeat_interval: t.heartbeat,
@@ -58,11 +66,16 @@ pub fn worker_config(args: &WorkerArgs) -> anyhow::Result<shardgate_worker::Conf
         let exec = ExecRunner::new(root, MAX_OUTPUT_BYTES).context("invalid --exec-root")?;
         runners.insert("exec".to_owned(), Runner::Exec(exec));
     }
-    anyhow::ensure!(!runners.is_empty(), "the worker has no runner: give --exec-root DIR");
+    anyhow::ensure!(
+        !runners.is_empty(),
+        "the worker has no runner: give --exec-root DIR"
+    );
     let slots = match args.slots {
         Some(0) => anyhow::bail!("--slots must be at least 1"),
         Some(n) => n,
-        None => std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1),
+        None => std::thread::available_parallelism()
+            .map(|n| n.get() as u32)
+            .unwrap_or(1),
     };
     Ok(shardgate_worker::Config {
         coordinator: args.coordinator.clone(),

@@ -59,6 +59,9 @@ mod tests {
         std::fs::write(&p, "# suite\na.sh\n\n  b/c.sh  \r\n").unwrap();
         assert_eq!(read_tests_file(&p).unwrap(), vec!["a.sh", "b/c.sh"]);
         let err = read_tests_file(&dir.path().join("missing")).unwrap_err();
-        assert!(format!("{err:#}").starts_with("failed to read tests file"), "{err:#}");
+        assert!(
+            format!("{err:#}").starts_with("failed to read tests file"),
+            "{err:#}"
+        );
     }
 }

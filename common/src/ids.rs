@@ -103,10 +103,7 @@ mod tests {
     #[test]
     fn a_bad_id_names_the_field_and_the_value() {
         let err = RunId::parse_field("run_id", "nope").unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "invalid run_id: 'nope' is not a valid run id"
-        );
+        assert_eq!(err.to_string(), "invalid run_id: 'nope' is not a valid run id");
     }
 
     #[test]

@@ -31,8 +31,7 @@ pub fn parse(field: &'static str, s: &str) -> Result<Labels, Error> {
 fn check_label(field: &'static str, k: &str, v: &str) -> Result<(), Error> {
     let ok = |s: &str| {
         s.len() <= 128
-            && s
-                .chars()
+            && s.chars()
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/'))
     };
     if k.is_empty() || !ok(k) || !ok(v) {

@@ -6,5 +6,4 @@
 tonic::include_proto!("shardgate.v1");
 
 /// The encoded `FileDescriptorSet` of `proto/shardgate/v1/shardgate.proto`.
-pub const FILE_DESCRIPTOR_SET: &[u8] =
-    include_bytes!(concat!(env!("OUT_DIR"), "/shardgate_descriptor.bin"));
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/shardgate_descriptor.bin"));

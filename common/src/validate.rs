@@ -68,7 +68,9 @@ fn exec_test_id(id: &str) -> Result<(), Error> {
     if path.is_absolute() {
         return Err(Error::invalid(
             "tests",
-            format!("test id '{id}' is an absolute path; exec test ids are paths relative to the runner's root"),
+            format!(
+                "test id '{id}' is an absolute path; exec test ids are paths relative to the runner's root"
+            ),
         ));
     }
     for c in path.components() {
@@ -140,7 +142,10 @@ mod tests {
     #[test]
     fn refuses_escapes_absolute_paths_and_duplicates_by_name() {
         let e = list(&["../x"]).unwrap_err().to_string();
-        assert_eq!(e, "invalid tests: test id '../x' escapes the runner's root with '..'");
+        assert_eq!(
+            e,
+            "invalid tests: test id '../x' escapes the runner's root with '..'"
+        );
         let e = list(&["a/../../x"]).unwrap_err().to_string();
         assert!(e.contains("escapes"), "{e}");
         let e = list(&["/etc/passwd"]).unwrap_err().to_string();

@@ -9,7 +9,9 @@ use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::time::Instant;
 
 use shardgate_common::labels;
-use shardgate_common::{AttemptId, Error, Outcome, RunId, RunStatus, RunnerKind, ShardId, WorkerId, pb, validate};
+use shardgate_common::{
+    AttemptId, Error, Outcome, RunId, RunStatus, RunnerKind, ShardId, WorkerId, pb, validate,
+};
 use tracing::{info, warn};
 
 use crate::model::{CoreConfig, Now, Policy};
@@ -235,7 +237,9 @@ impl Core {
         let complete: Vec<RunId> = core
             .runs
             .values()
-            .filter(|r| !r.discover_pending && r.done_total() as usize == r.tests.len() && !r.tests.is_empty())
+            .filter(|r| {
+                !r.discover_pending && r.done_total() as usize == r.tests.len() && !r.tests.is_empty()
+            })
             .map(|r| r.row.id)
             .collect();
         for id in complete {
@@ -271,12 +275,19 @@ impl Core {
                 format!(
                     "unknown runner '{}': no worker has registered it (known runners: {})",
                     req.runner,
-                    if known.is_empty() { "none".to_owned() } else { known.join(", ") }
+                    if known.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        known.join(", ")
+                    }
                 ),
             )
         })?;
         if req.discover && !req.tests.is_empty() {
-            return Err(Error::invalid("tests", "give either a test list or discover, not both"));
+            return Err(Error::invalid(
+                "tests",
+                "give either a test list or discover, not both",
+            ));
         }
         if !req.discover {
             validate::test_list(kind, &req.tests)?;
@@ -324,7 +335,9 @@ impl Core {
         info!(run = %state.row.id, suite = %state.row.suite, tests = state.tests.len(), "run submitted");
         self.runs.insert(state.row.id, state);
         self.effects.work_added = true;
-        self.effects.events.push(pb::run_event::Event::Progress(summary.clone()));
+        self.effects
+            .events
+            .push(pb::run_event::Event::Progress(summary.clone()));
         Ok(summary)
     }
 
@@ -336,7 +349,11 @@ impl Core {
                 row.status
             )));
         }
-        let message = if reason.is_empty() { "cancelled".to_owned() } else { format!("cancelled: {reason}") };
+        let message = if reason.is_empty() {
+            "cancelled".to_owned()
+        } else {
+            format!("cancelled: {reason}")
+        };
         self.finish_run(run, RunStatus::Cancelled, message, now)
     }
 
@@ -364,7 +381,11 @@ impl Core {
 
     pub fn get_run(&self, run: RunId, include_results: bool) -> Result<pb::GetRunResponse, Error> {
         let summary = self.summary(run)?;
-        let results = if include_results { self.store.results(run)? } else { Vec::new() };
+        let results = if include_results {
+            self.store.results(run)?
+        } else {
+            Vec::new()
+        };
         Ok(pb::GetRunResponse {
             run: Some(summary),
             results,
@@ -387,23 +408,36 @@ impl Core {
     pub fn register(&mut self, req: pb::RegisterRequest, now: Now) -> Result<pb::RegisterResponse, Error> {
         validate::name("name", &req.name, true)?;
         if req.slots == 0 || req.slots > 1024 {
-            return Err(Error::invalid("slots", format!("{} is out of range 1..=1024", req.slots)));
+            return Err(Error::invalid(
+                "slots",
+                format!("{} is out of range 1..=1024", req.slots),
+            ));
         }
         let labels = labels::from_wire("labels", &req.labels)?;
         if req.runners.is_empty() {
-            return Err(Error::invalid("runners", "a worker must offer at least one runner"));
+            return Err(Error::invalid(
+                "runners",
+                "a worker must offer at least one runner",
+            ));
         }
         let mut runners = HashMap::new();
         for r in &req.runners {
             validate::name("runners", &r.name, true)?;
-            let kind = RunnerKind::from_wire(r.kind)
-                .ok_or_else(|| Error::invalid("runners", format!("runner '{}' has an unknown kind {}", r.name, r.kind)))?;
+            let kind = RunnerKind::from_wire(r.kind).ok_or_else(|| {
+                Error::invalid(
+                    "runners",
+                    format!("runner '{}' has an unknown kind {}", r.name, r.kind),
+                )
+            })?;
             if let Some(&known) = self.known_runners.get(&r.name)
                 && known != kind
             {
                 return Err(Error::invalid(
                     "runners",
-                    format!("runner '{}' is registered as kind '{known}' by other workers, not '{kind}'", r.name),
+                    format!(
+                        "runner '{}' is registered as kind '{known}' by other workers, not '{kind}'",
+                        r.name
+                    ),
                 ));
             }
             runners.insert(r.name.clone(), kind);
@@ -446,7 +480,12 @@ impl Core {
         })
     }
 
-    pub fn heartbeat(&mut self, worker: WorkerId, attempts: &[String], now: Now) -> Result<pb::HeartbeatResponse, Error> {
+    pub fn heartbeat(
+        &mut self,
+        worker: WorkerId,
+        attempts: &[String],
+        now: Now,
+    ) -> Result<pb::HeartbeatResponse, Error> {
         let lease = self.cfg.lease;
         let Some(w) = self.workers.get_mut(&worker) else {
             return Ok(pb::HeartbeatResponse {
@@ -472,7 +511,11 @@ impl Core {
         }
         let mut cancel = Vec::new();
         for a in attempts {
-            match a.parse::<AttemptId>().ok().and_then(|id| self.attempts.get_mut(&id)) {
+            match a
+                .parse::<AttemptId>()
+                .ok()
+                .and_then(|id| self.attempts.get_mut(&id))
+            {
                 Some(att) if att.worker == worker => att.lease_until = now.at + lease,
                 _ => cancel.push(a.clone()),
             }
@@ -540,7 +583,11 @@ impl Core {
             .map(|(id, a)| pb::ShardProgress {
                 attempt_id: id.to_string(),
                 run_id: a.run.to_string(),
-                worker: self.workers.get(&a.worker).map(|w| w.row.name.clone()).unwrap_or_default(),
+                worker: self
+                    .workers
+                    .get(&a.worker)
+                    .map(|w| w.row.name.clone())
+                    .unwrap_or_default(),
                 tests: a.total,
                 done: a.total - a.pending.len() as u32,
                 started_at_ms: a.started_ms,
@@ -563,13 +610,17 @@ impl Core {
             .get(&worker)
             .ok_or_else(|| Error::not_found("worker", worker))?;
         if w.liveness == WorkerLiveness::Gone {
-            return Err(Error::FailedPrecondition(format!("worker '{worker}' deregistered")));
+            return Err(Error::FailedPrecondition(format!(
+                "worker '{worker}' deregistered"
+            )));
         }
         if w.attempts.len() as u32 >= w.row.slots {
             return Ok(None);
         }
         let eligible = |r: &RunState| {
-            r.has_work() && w.runners.get(&r.row.runner) == Some(&r.kind) && labels::satisfies(&w.row.labels, &r.row.labels)
+            r.has_work()
+                && w.runners.get(&r.row.runner) == Some(&r.kind)
+                && labels::satisfies(&w.row.labels, &r.row.labels)
         };
         // Highest priority first; among equals the run with the fewest live attempts (a fair
         // share of the fleet), then the oldest.
@@ -607,7 +658,9 @@ impl Core {
             run.row.started_ms = now.ms;
             self.store
                 .update_run_status(run_id, RunStatus::Running, "", now.ms, 0)?;
-            self.effects.events.push(pb::run_event::Event::Progress(run.summary()));
+            self.effects
+                .events
+                .push(pb::run_event::Event::Progress(run.summary()));
         }
         let shard = pb::Shard {
             shard_id: shard_id.to_string(),
@@ -688,15 +741,30 @@ impl Core {
         }
         let run_id = attempt.run;
         let Some(run) = self.runs.get(&run_id) else {
-            return Ok(pb::ReportResultsResponse { accepted: 0, stop: true });
+            return Ok(pb::ReportResultsResponse {
+                accepted: 0,
+                stop: true,
+            });
         };
-        let worker_name = self.workers.get(&worker).map(|w| w.row.name.clone()).unwrap_or_default();
+        let worker_name = self
+            .workers
+            .get(&worker)
+            .map(|w| w.row.name.clone())
+            .unwrap_or_default();
         let mut rows = Vec::with_capacity(results.len());
         let mut seen = HashSet::new();
         for r in results {
-            let outcome = Outcome::from_wire(r.outcome)
-                .ok_or_else(|| Error::invalid("results", format!("test '{}' has no valid outcome ({})", r.test_id, r.outcome)))?;
-            let Some(&idx) = attempt.pending.iter().find(|&&i| run.tests[i as usize].id == r.test_id) else {
+            let outcome = Outcome::from_wire(r.outcome).ok_or_else(|| {
+                Error::invalid(
+                    "results",
+                    format!("test '{}' has no valid outcome ({})", r.test_id, r.outcome),
+                )
+            })?;
+            let Some(&idx) = attempt
+                .pending
+                .iter()
+                .find(|&&i| run.tests[i as usize].id == r.test_id)
+            else {
                 warn!(attempt = %attempt_id, test = %r.test_id, "result for a test this attempt does not hold; not counted");
                 continue;
             };
@@ -714,7 +782,11 @@ impl Core {
             });
         }
         let written = self.store.record_results(run_id, &rows)?;
-        debug_assert_eq!(written, rows.len(), "memory and store agree on which tests are open");
+        debug_assert_eq!(
+            written,
+            rows.len(),
+            "memory and store agree on which tests are open"
+        );
         let lease = self.cfg.lease;
         let attempt = self.attempts.get_mut(&attempt_id).expect("checked live above");
         attempt.lease_until = now.at + lease;
@@ -736,11 +808,13 @@ impl Core {
                 output: String::new(),
                 detail: r.detail.clone(),
             };
-            self.effects.events.push(pb::run_event::Event::TestFinished(pb::TestFinished {
-                run_id: run_id.to_string(),
-                result: Some(result),
-                counts: Some(run.counts()),
-            }));
+            self.effects
+                .events
+                .push(pb::run_event::Event::TestFinished(pb::TestFinished {
+                    run_id: run_id.to_string(),
+                    result: Some(result),
+                    counts: Some(run.counts()),
+                }));
         }
         let accepted = rows.len() as u32;
         if run.done_total() as usize == run.tests.len() {
@@ -753,14 +827,31 @@ impl Core {
     }
 
     /// Takes the test list a discovery attempt found.
-    pub fn discovery(&mut self, worker: WorkerId, attempt_id: AttemptId, tests: Vec<String>, error: &str, now: Now) -> Result<(), Error> {
+    pub fn discovery(
+        &mut self,
+        worker: WorkerId,
+        attempt_id: AttemptId,
+        tests: Vec<String>,
+        error: &str,
+        now: Now,
+    ) -> Result<(), Error> {
         let attempt = self.live_attempt(worker, attempt_id)?;
         if attempt.kind != AttemptKind::Discover {
-            return Err(Error::FailedPrecondition(format!("attempt '{attempt_id}' is not a discovery")));
+            return Err(Error::FailedPrecondition(format!(
+                "attempt '{attempt_id}' is not a discovery"
+            )));
         }
         let run_id = attempt.run;
-        let worker_name = self.workers.get(&worker).map(|w| w.row.name.clone()).unwrap_or_default();
-        let kind = self.runs.get(&run_id).map(|r| r.kind).ok_or_else(|| Error::FailedPrecondition(format!("run '{run_id}' ended")))?;
+        let worker_name = self
+            .workers
+            .get(&worker)
+            .map(|w| w.row.name.clone())
+            .unwrap_or_default();
+        let kind = self
+            .runs
+            .get(&run_id)
+            .map(|r| r.kind)
+            .ok_or_else(|| Error::FailedPrecondition(format!("run '{run_id}' ended")))?;
         self.forget_attempt(attempt_id);
         let failure = if !error.is_empty() {
             Some(format!("discovery failed on worker {worker_name}: {error}"))
@@ -789,21 +880,35 @@ impl Core {
             .collect();
         run.queue = (0..run.tests.len() as u32).collect();
         info!(run = %run_id, tests = run.tests.len(), worker = %worker_name, "tests discovered");
-        self.effects.events.push(pb::run_event::Event::Progress(run.summary()));
+        self.effects
+            .events
+            .push(pb::run_event::Event::Progress(run.summary()));
         self.effects.work_added = true;
         Ok(())
     }
 
     /// Ends an attempt; its tests without a result go back to the queue.
-    pub fn finish(&mut self, worker: WorkerId, attempt_id: AttemptId, error: &str, now: Now) -> Result<pb::FinishShardResponse, Error> {
+    pub fn finish(
+        &mut self,
+        worker: WorkerId,
+        attempt_id: AttemptId,
+        error: &str,
+        now: Now,
+    ) -> Result<pb::FinishShardResponse, Error> {
         match self.live_attempt(worker, attempt_id) {
             Ok(_) => {}
             // The attempt already ended (its run finished, its lease expired): nothing is left
             // to requeue, and finishing twice is harmless.
-            Err(_) if !self.attempts.contains_key(&attempt_id) => return Ok(pb::FinishShardResponse { requeued: 0 }),
+            Err(_) if !self.attempts.contains_key(&attempt_id) => {
+                return Ok(pb::FinishShardResponse { requeued: 0 });
+            }
             Err(e) => return Err(e),
         }
-        let worker_name = self.workers.get(&worker).map(|w| w.row.name.clone()).unwrap_or_default();
+        let worker_name = self
+            .workers
+            .get(&worker)
+            .map(|w| w.row.name.clone())
+            .unwrap_or_default();
         let reason = if error.is_empty() {
             RequeueReason::NoResult(worker_name)
         } else {
@@ -823,7 +928,11 @@ impl Core {
             .collect();
         for id in expired {
             let worker = self.attempts[&id].worker;
-            let name = self.workers.get(&worker).map(|w| w.row.name.clone()).unwrap_or_default();
+            let name = self
+                .workers
+                .get(&worker)
+                .map(|w| w.row.name.clone())
+                .unwrap_or_default();
             warn!(attempt = %id, worker = %name, "lease expired");
             self.end_attempt(id, RequeueReason::LeaseExpired(name), now)?;
         }
@@ -860,8 +969,12 @@ impl Core {
     /// Ends an attempt and requeues its unfinished tests, or gives up on a test that has been
     /// handed out too often and records it as an infrastructure error.
     fn end_attempt(&mut self, id: AttemptId, reason: RequeueReason, now: Now) -> Result<u32, Error> {
-        let Some(a) = self.forget_attempt(id) else { return Ok(0) };
-        let Some(run) = self.runs.get_mut(&a.run) else { return Ok(0) };
+        let Some(a) = self.forget_attempt(id) else {
+            return Ok(0);
+        };
+        let Some(run) = self.runs.get_mut(&a.run) else {
+            return Ok(0);
+        };
         if a.kind == AttemptKind::Discover {
             if run.discover_handouts >= run.row.policy.max_infra_attempts {
                 let message = format!(
@@ -890,7 +1003,11 @@ impl Core {
                     duration_ms: 0,
                     attempts: t.handouts,
                     worker: String::new(),
-                    detail: format!("no result after {} attempts; last: {}", t.handouts, reason.describe()),
+                    detail: format!(
+                        "no result after {} attempts; last: {}",
+                        t.handouts,
+                        reason.describe()
+                    ),
                     output: String::new(),
                 });
             } else {
@@ -917,7 +1034,9 @@ impl Core {
             info!(run = %a.run, requeued, reason = %reason.describe(), "tests requeued");
             self.effects.work_added = true;
         }
-        self.effects.events.push(pb::run_event::Event::Progress(run.summary()));
+        self.effects
+            .events
+            .push(pb::run_event::Event::Progress(run.summary()));
         if run.done_total() as usize == run.tests.len() {
             self.conclude(a.run, now)?;
         }
@@ -941,11 +1060,22 @@ impl Core {
 
     /// Moves an active run to a terminal status and drops its live attempts (their workers are
     /// told to stop at their next heartbeat or report).
-    fn finish_run(&mut self, run: RunId, status: RunStatus, message: String, now: Now) -> Result<pb::RunSummary, Error> {
+    fn finish_run(
+        &mut self,
+        run: RunId,
+        status: RunStatus,
+        message: String,
+        now: Now,
+    ) -> Result<pb::RunSummary, Error> {
         debug_assert!(status.is_terminal());
         let r = self.runs.get(&run).ok_or_else(|| Error::not_found("run", run))?;
-        let started = if r.row.started_ms == 0 { now.ms } else { r.row.started_ms };
-        self.store.update_run_status(run, status, &message, started, now.ms)?;
+        let started = if r.row.started_ms == 0 {
+            now.ms
+        } else {
+            r.row.started_ms
+        };
+        self.store
+            .update_run_status(run, status, &message, started, now.ms)?;
         let mut r = self.runs.remove(&run).expect("checked above");
         r.row.status = status;
         r.row.message = message;
@@ -967,7 +1097,9 @@ impl Core {
             c.running = 0;
         }
         info!(run = %run, status = %status, "run ended");
-        self.effects.events.push(pb::run_event::Event::Finished(summary.clone()));
+        self.effects
+            .events
+            .push(pb::run_event::Event::Finished(summary.clone()));
         Ok(summary)
     }
 }

@@ -54,7 +54,10 @@ struct ListQuery {
     limit: Option<u32>,
 }
 
-async fn list_runs(State(handle): State<Handle>, Query(q): Query<ListQuery>) -> Result<Json<Vec<RunReport>>, ApiError> {
+async fn list_runs(
+    State(handle): State<Handle>,
+    Query(q): Query<ListQuery>,
+) -> Result<Json<Vec<RunReport>>, ApiError> {
     let runs = handle
         .call(move |core, _| core.list_runs(q.limit.unwrap_or(50)))
         .await?;

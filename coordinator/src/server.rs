@@ -119,7 +119,9 @@ pub async fn run(
             pb::worker_service_server::WorkerServiceServer::new(services.clone())
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),
         )
-        .add_service(pb::dashboard_service_server::DashboardServiceServer::new(services))
+        .add_service(pb::dashboard_service_server::DashboardServiceServer::new(
+            services,
+        ))
         .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), stopped(stop_rx))
         .await?;
     if let Some(t) = http_task {

@@ -46,7 +46,10 @@ type EventStream = Pin<Box<dyn Stream<Item = Result<pb::RunEvent, Status>> + Sen
 
 #[tonic::async_trait]
 impl RunService for Services {
-    async fn submit_run(&self, req: Request<pb::SubmitRunRequest>) -> Result<Response<pb::SubmitRunResponse>, Status> {
+    async fn submit_run(
+        &self,
+        req: Request<pb::SubmitRunRequest>,
+    ) -> Result<Response<pb::SubmitRunResponse>, Status> {
         let req = req.into_inner();
         let run = self.handle.call(move |core, now| core.submit(req, now)).await?;
         Ok(Response::new(pb::SubmitRunResponse {
@@ -83,7 +86,15 @@ impl RunService for Services {
             } else {
                 pb::run_event::Event::Snapshot(summary)
             };
-            if tx.send(Ok(pb::RunEvent { seq, event: Some(first) })).await.is_err() || ended {
+            if tx
+                .send(Ok(pb::RunEvent {
+                    seq,
+                    event: Some(first),
+                }))
+                .await
+                .is_err()
+                || ended
+            {
                 return;
             }
             loop {
@@ -94,7 +105,15 @@ impl RunService for Services {
                         }
                         seq = p.seq;
                         let end = matches!(p.event, pb::run_event::Event::Finished(_));
-                        if tx.send(Ok(pb::RunEvent { seq: p.seq, event: Some(p.event.clone()) })).await.is_err() || end {
+                        if tx
+                            .send(Ok(pb::RunEvent {
+                                seq: p.seq,
+                                event: Some(p.event.clone()),
+                            }))
+                            .await
+                            .is_err()
+                            || end
+                        {
                             return;
                         }
                     }
@@ -105,13 +124,15 @@ impl RunService for Services {
                         match snapshot(&handle, id).await {
                             Ok((s, summary)) => {
                                 seq = s;
-                                let ended = RunStatus::from_wire(summary.status).is_some_and(RunStatus::is_terminal);
+                                let ended =
+                                    RunStatus::from_wire(summary.status).is_some_and(RunStatus::is_terminal);
                                 let ev = if ended {
                                     pb::run_event::Event::Finished(summary)
                                 } else {
                                     pb::run_event::Event::Snapshot(summary)
                                 };
-                                if tx.send(Ok(pb::RunEvent { seq, event: Some(ev) })).await.is_err() || ended {
+                                if tx.send(Ok(pb::RunEvent { seq, event: Some(ev) })).await.is_err() || ended
+                                {
                                     return;
                                 }
                             }
@@ -122,7 +143,9 @@ impl RunService for Services {
                         }
                     }
                     Err(RecvError::Closed) => {
-                        let _ = tx.send(Err(Status::unavailable("the coordinator is shutting down"))).await;
+                        let _ = tx
+                            .send(Err(Status::unavailable("the coordinator is shutting down")))
+                            .await;
                         return;
                     }
                 }
@@ -131,14 +154,23 @@ impl RunService for Services {
         Ok(Response::new(stream))
     }
 
-    async fn cancel_run(&self, req: Request<pb::CancelRunRequest>) -> Result<Response<pb::CancelRunResponse>, Status> {
+    async fn cancel_run(
+        &self,
+        req: Request<pb::CancelRunRequest>,
+    ) -> Result<Response<pb::CancelRunResponse>, Status> {
         let req = req.into_inner();
         let id = run_id(&req.run_id)?;
-        let run = self.handle.call(move |core, now| core.cancel(id, &req.reason, now)).await?;
+        let run = self
+            .handle
+            .call(move |core, now| core.cancel(id, &req.reason, now))
+            .await?;
         Ok(Response::new(pb::CancelRunResponse { run: Some(run) }))
     }
 
-    async fn list_runs(&self, req: Request<pb::ListRunsRequest>) -> Result<Response<pb::ListRunsResponse>, Status> {
+    async fn list_runs(
+        &self,
+        req: Request<pb::ListRunsRequest>,
+    ) -> Result<Response<pb::ListRunsResponse>, Status> {
         let limit = req.into_inner().limit;
         let runs = self.handle.call(move |core, _| core.list_runs(limit)).await?;
         Ok(Response::new(pb::ListRunsResponse { runs }))
@@ -150,7 +182,9 @@ async fn snapshot(handle: &Handle, id: RunId) -> Result<(u64, pb::RunSummary), E
     let h = handle.clone();
     // Runs on the actor thread after every earlier message's events were published, so the
     // sequence number read there is exact.
-    handle.call(move |core, _| Ok((h.last_seq(), core.summary(id)?))).await
+    handle
+        .call(move |core, _| Ok((h.last_seq(), core.summary(id)?)))
+        .await
 }
 
 /// A stream fed by a task, ended when the task returns or the client goes away.
@@ -166,12 +200,20 @@ where
 
 #[tonic::async_trait]
 impl WorkerService for Services {
-    async fn register(&self, req: Request<pb::RegisterRequest>) -> Result<Response<pb::RegisterResponse>, Status> {
+    async fn register(
+        &self,
+        req: Request<pb::RegisterRequest>,
+    ) -> Result<Response<pb::RegisterResponse>, Status> {
         let req = req.into_inner();
-        Ok(Response::new(self.handle.call(move |core, now| core.register(req, now)).await?))
+        Ok(Response::new(
+            self.handle.call(move |core, now| core.register(req, now)).await?,
+        ))
     }
 
-    async fn heartbeat(&self, req: Request<pb::HeartbeatRequest>) -> Result<Response<pb::HeartbeatResponse>, Status> {
+    async fn heartbeat(
+        &self,
+        req: Request<pb::HeartbeatRequest>,
+    ) -> Result<Response<pb::HeartbeatResponse>, Status> {
         let req = req.into_inner();
         let w = worker_id(&req.worker_id)?;
         Ok(Response::new(
@@ -181,7 +223,10 @@ impl WorkerService for Services {
         ))
     }
 
-    async fn acquire_shard(&self, req: Request<pb::AcquireShardRequest>) -> Result<Response<pb::AcquireShardResponse>, Status> {
+    async fn acquire_shard(
+        &self,
+        req: Request<pb::AcquireShardRequest>,
+    ) -> Result<Response<pb::AcquireShardResponse>, Status> {
         let req = req.into_inner();
         let w = worker_id(&req.worker_id)?;
         let deadline = tokio::time::Instant::now() + Duration::from_millis(req.wait_ms).min(MAX_ACQUIRE_WAIT);
@@ -202,7 +247,10 @@ impl WorkerService for Services {
         }
     }
 
-    async fn report_results(&self, req: Request<pb::ReportResultsRequest>) -> Result<Response<pb::ReportResultsResponse>, Status> {
+    async fn report_results(
+        &self,
+        req: Request<pb::ReportResultsRequest>,
+    ) -> Result<Response<pb::ReportResultsResponse>, Status> {
         let req = req.into_inner();
         let w = worker_id(&req.worker_id)?;
         let a = attempt_id(&req.attempt_id)?;
@@ -213,7 +261,10 @@ impl WorkerService for Services {
         ))
     }
 
-    async fn report_discovery(&self, req: Request<pb::ReportDiscoveryRequest>) -> Result<Response<pb::ReportDiscoveryResponse>, Status> {
+    async fn report_discovery(
+        &self,
+        req: Request<pb::ReportDiscoveryRequest>,
+    ) -> Result<Response<pb::ReportDiscoveryResponse>, Status> {
         let req = req.into_inner();
         let w = worker_id(&req.worker_id)?;
         let a = attempt_id(&req.attempt_id)?;
@@ -223,16 +274,24 @@ impl WorkerService for Services {
         Ok(Response::new(pb::ReportDiscoveryResponse {}))
     }
 
-    async fn finish_shard(&self, req: Request<pb::FinishShardRequest>) -> Result<Response<pb::FinishShardResponse>, Status> {
+    async fn finish_shard(
+        &self,
+        req: Request<pb::FinishShardRequest>,
+    ) -> Result<Response<pb::FinishShardResponse>, Status> {
         let req = req.into_inner();
         let w = worker_id(&req.worker_id)?;
         let a = attempt_id(&req.attempt_id)?;
         Ok(Response::new(
-            self.handle.call(move |core, now| core.finish(w, a, &req.error, now)).await?,
+            self.handle
+                .call(move |core, now| core.finish(w, a, &req.error, now))
+                .await?,
         ))
     }
 
-    async fn deregister(&self, req: Request<pb::DeregisterRequest>) -> Result<Response<pb::DeregisterResponse>, Status> {
+    async fn deregister(
+        &self,
+        req: Request<pb::DeregisterRequest>,
+    ) -> Result<Response<pb::DeregisterResponse>, Status> {
         let w = worker_id(&req.into_inner().worker_id)?;
         self.handle.call(move |core, now| core.deregister(w, now)).await?;
         Ok(Response::new(pb::DeregisterResponse {}))
@@ -241,15 +300,30 @@ impl WorkerService for Services {
 
 #[tonic::async_trait]
 impl DashboardService for Services {
-    async fn list_workers(&self, req: Request<pb::ListWorkersRequest>) -> Result<Response<pb::ListWorkersResponse>, Status> {
+    async fn list_workers(
+        &self,
+        req: Request<pb::ListWorkersRequest>,
+    ) -> Result<Response<pb::ListWorkersResponse>, Status> {
         let include_gone = req.into_inner().include_gone;
-        let workers = self.handle.call(move |core, _| Ok(core.list_workers(include_gone))).await?;
+        let workers = self
+            .handle
+            .call(move |core, _| Ok(core.list_workers(include_gone)))
+            .await?;
         Ok(Response::new(pb::ListWorkersResponse { workers }))
     }
 
-    async fn run_progress(&self, req: Request<pb::RunProgressRequest>) -> Result<Response<pb::RunProgressResponse>, Status> {
+    async fn run_progress(
+        &self,
+        req: Request<pb::RunProgressRequest>,
+    ) -> Result<Response<pb::RunProgressResponse>, Status> {
         let req = req.into_inner();
-        let run = if req.run_id.is_empty() { None } else { Some(run_id(&req.run_id)?) };
-        Ok(Response::new(self.handle.call(move |core, _| core.progress(run)).await?))
+        let run = if req.run_id.is_empty() {
+            None
+        } else {
+            Some(run_id(&req.run_id)?)
+        };
+        Ok(Response::new(
+            self.handle.call(move |core, _| core.progress(run)).await?,
+        ))
     }
 }

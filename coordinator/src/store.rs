@@ -17,16 +17,9 @@ use crate::model::Policy;
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("failed to open database '{path}': {source}")]
-    Open {
-        path: String,
-        source: rusqlite::Error,
-    },
+    Open { path: String, source: rusqlite::Error },
     #[error("database '{path}' has schema version {found}, this coordinator knows {expected}")]
-    Version {
-        path: String,
-        found: i64,
-        expected: i64,
-    },
+    Version { path: String, found: i64, expected: i64 },
     #[error("database error: {0}")]
     Sql(#[from] rusqlite::Error),
     #[error("corrupt row in table {table}: {reason}")]
@@ -156,8 +149,7 @@ impl Store {
             .map_err(open_err)?;
         conn.pragma_update(None, "synchronous", "NORMAL")
             .map_err(open_err)?;
-        conn.pragma_update(None, "foreign_keys", "ON")
-            .map_err(open_err)?;
+        conn.pragma_update(None, "foreign_keys", "ON").map_err(open_err)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(open_err)?;
         let version: i64 = conn
@@ -313,12 +305,10 @@ impl Store {
             let runners = runners
                 .into_iter()
                 .map(|(n, k)| {
-                    k.parse()
-                        .map(|k| (n, k))
-                        .map_err(|reason| StoreError::Corrupt {
-                            table: "workers",
-                            reason,
-                        })
+                    k.parse().map(|k| (n, k)).map_err(|reason| StoreError::Corrupt {
+                        table: "workers",
+                        reason,
+                    })
                 })
                 .collect::<Result<_, _>>()?;
             out.push(WorkerRow {
@@ -343,12 +333,10 @@ impl Store {
 
     /// Runs newest first.
     pub fn runs(&self, limit: u32) -> Result<Vec<RunRow>, StoreError> {
-        let mut stmt = self
-            .conn
-            .prepare_cached(&format!("{RUN_SELECT} ORDER BY created_ms DESC, id DESC LIMIT ?1"))?;
-        let raws = stmt
-            .query_map([limit], raw_run)?
-            .collect::<Result<Vec<_>, _>>()?;
+        let mut stmt = self.conn.prepare_cached(&format!(
+            "{RUN_SELECT} ORDER BY created_ms DESC, id DESC LIMIT ?1"
+        ))?;
+        let raws = stmt.query_map([limit], raw_run)?.collect::<Result<Vec<_>, _>>()?;
         raws.into_iter().map(RawRun::parse).collect()
     }
 
@@ -373,7 +361,12 @@ impl Store {
         for row in rows {
             let (test_id, outcome) = row?;
             let outcome = outcome
-                .map(|o| o.parse().map_err(|reason| StoreError::Corrupt { table: "tests", reason }))
+                .map(|o| {
+                    o.parse().map_err(|reason| StoreError::Corrupt {
+                        table: "tests",
+                        reason,
+                    })
+                })
                 .transpose()?;
             out.push(StoredTest { test_id, outcome });
         }
@@ -382,9 +375,9 @@ impl Store {
 
     /// Counts of a run's tests per outcome (`None` is "no result yet").
     pub fn outcome_counts(&self, run: RunId) -> Result<Vec<(Option<Outcome>, u32)>, StoreError> {
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT outcome, COUNT(*) FROM tests WHERE run_id = ?1 GROUP BY outcome",
-        )?;
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT outcome, COUNT(*) FROM tests WHERE run_id = ?1 GROUP BY outcome")?;
         let rows = stmt.query_map([run.to_string()], |r| {
             Ok((r.get::<_, Option<String>>(0)?, r.get::<_, u32>(1)?))
         })?;
@@ -392,7 +385,12 @@ impl Store {
         for row in rows {
             let (o, n) = row?;
             let o = o
-                .map(|o| o.parse().map_err(|reason| StoreError::Corrupt { table: "tests", reason }))
+                .map(|o| {
+                    o.parse().map_err(|reason| StoreError::Corrupt {
+                        table: "tests",
+                        reason,
+                    })
+                })
                 .transpose()?;
             out.push((o, n));
         }
@@ -422,7 +420,10 @@ impl Store {
             let outcome = match outcome {
                 Some(o) => o
                     .parse::<Outcome>()
-                    .map_err(|reason| StoreError::Corrupt { table: "tests", reason })?
+                    .map_err(|reason| StoreError::Corrupt {
+                        table: "tests",
+                        reason,
+                    })?
                     .to_wire(),
                 None => pb::Outcome::Unspecified as i32,
             };
@@ -491,10 +492,10 @@ impl RawRun {
             policy: from_json("runs", &self.policy)?,
             priority: self.priority,
             discover: self.discover,
-            status: self
-                .status
-                .parse()
-                .map_err(|reason| StoreError::Corrupt { table: "runs", reason })?,
+            status: self.status.parse().map_err(|reason| StoreError::Corrupt {
+                table: "runs",
+                reason,
+            })?,
             message: self.message,
             created_ms: self.created_ms as u64,
             started_ms: self.started_ms as u64,
@@ -576,7 +577,10 @@ mod tests {
                 output: "boom".into(),
             };
             assert_eq!(s.record_results(run.id, std::slice::from_ref(&r)).unwrap(), 1);
-            let again = ResultRow { outcome: Outcome::Passed, ..r };
+            let again = ResultRow {
+                outcome: Outcome::Passed,
+                ..r
+            };
             assert_eq!(s.record_results(run.id, &[again]).unwrap(), 0);
         }
         let s = Store::open(&path).unwrap();
@@ -595,6 +599,9 @@ mod tests {
         let mut s = Store::open(Path::new(":memory:")).unwrap();
         let run = run_row();
         assert!(s.insert_run(&run, &["a".into(), "a".into()]).is_err());
-        assert!(s.run(run.id).unwrap().is_none(), "the failed insert left nothing behind");
+        assert!(
+            s.run(run.id).unwrap().is_none(),
+            "the failed insert left nothing behind"
+        );
     }
 }

@@ -155,7 +155,10 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     }
 
     shutdown.await;
-    info!(grace_ms = shared.cfg.drain_grace.as_millis() as u64, "draining: no new shards");
+    info!(
+        grace_ms = shared.cfg.drain_grace.as_millis() as u64,
+        "draining: no new shards"
+    );
     shared.draining.cancel();
     let drained = tokio::time::timeout(shared.cfg.drain_grace, async {
         while slots.join_next().await.is_some() {}
@@ -309,7 +312,12 @@ async fn run_shard(shared: &Shared, worker: WorkerId, shard: pb::Shard) {
         }
         Some(runner) => {
             let timeout = Duration::from_millis(
-                shard.policy.as_ref().map(|p| p.test_timeout_ms).unwrap_or(0).max(1),
+                shard
+                    .policy
+                    .as_ref()
+                    .map(|p| p.test_timeout_ms)
+                    .unwrap_or(0)
+                    .max(1),
             );
             let (tx, rx) = mpsc::channel(64);
             let reporter = report_loop(shared, worker, attempt, token.clone(), rx);
@@ -392,7 +400,12 @@ async fn report_loop(
 fn is_transient(s: &Status) -> bool {
     matches!(
         s.code(),
-        Code::Unavailable | Code::Unknown | Code::DeadlineExceeded | Code::Cancelled | Code::Internal | Code::Aborted
+        Code::Unavailable
+            | Code::Unknown
+            | Code::DeadlineExceeded
+            | Code::Cancelled
+            | Code::Internal
+            | Code::Aborted
     )
 }
 

@@ -115,7 +115,12 @@ impl ExecRunner {
         // A symbolic link inside the root must not lead out of it.
         match path.canonicalize() {
             Ok(real) if real.starts_with(&self.root) => {}
-            Ok(real) => return failed(format!("test '{id}' resolves to '{}', outside the exec root", real.display())),
+            Ok(real) => {
+                return failed(format!(
+                    "test '{id}' resolves to '{}', outside the exec root",
+                    real.display()
+                ));
+            }
             Err(e) => return failed(format!("failed to start test '{id}': {e}")),
         }
         let (reader, writer) = match std::io::pipe() {
@@ -230,12 +235,19 @@ mod tests {
         assert_eq!(ok.outcome, Outcome::Passed);
         assert_eq!(ok.output, "out\nerr\n");
         let bad = r.run_test("bad.sh", t, &c).await;
-        assert_eq!((bad.outcome, bad.detail.as_str()), (Outcome::Failed, "exit status 3"));
+        assert_eq!(
+            (bad.outcome, bad.detail.as_str()),
+            (Outcome::Failed, "exit status 3")
+        );
         assert_eq!(bad.output, "broken\n");
         assert_eq!(r.run_test("skip.sh", t, &c).await.outcome, Outcome::Skipped);
         let missing = r.run_test("nope.sh", t, &c).await;
         assert_eq!(missing.outcome, Outcome::Failed);
-        assert!(missing.detail.contains("failed to start test 'nope.sh'"), "{}", missing.detail);
+        assert!(
+            missing.detail.contains("failed to start test 'nope.sh'"),
+            "{}",
+            missing.detail
+        );
     }
 
     #[tokio::test]
@@ -250,7 +262,9 @@ mod tests {
         );
         let r = runner(dir.path());
         let started = Instant::now();
-        let run = r.run_test("hang.sh", Duration::from_millis(300), &CancellationToken::new()).await;
+        let run = r
+            .run_test("hang.sh", Duration::from_millis(300), &CancellationToken::new())
+            .await;
         assert_eq!(run.outcome, Outcome::TimedOut);
         assert_eq!(run.detail, "timed out after 300 ms");
         assert!(started.elapsed() < Duration::from_secs(10));

@@ -27,9 +27,15 @@ fn register(core: &mut Core, name: &str, slots: u32, labels: &[(&str, &str)], no
                 slots,
                 labels: labels
                     .iter()
-                    .map(|(k, v)| pb::Label { key: (*k).into(), value: (*v).into() })
+                    .map(|(k, v)| pb::Label {
+                        key: (*k).into(),
+                        value: (*v).into(),
+                    })
                     .collect(),
-                runners: vec![pb::RunnerInfo { name: "exec".into(), kind: pb::RunnerKind::Exec as i32 }],
+                runners: vec![pb::RunnerInfo {
+                    name: "exec".into(),
+                    kind: pb::RunnerKind::Exec as i32,
+                }],
             },
             now,
         )
@@ -49,11 +55,20 @@ fn submit_req(tests: &[&str]) -> pb::SubmitRunRequest {
 }
 
 fn submit(core: &mut Core, tests: &[&str], now: Now) -> RunId {
-    core.submit(submit_req(tests), now).unwrap().run_id.parse().unwrap()
+    core.submit(submit_req(tests), now)
+        .unwrap()
+        .run_id
+        .parse()
+        .unwrap()
 }
 
 fn result(id: &str, outcome: Outcome) -> pb::TestResult {
-    pb::TestResult { test_id: id.into(), outcome: outcome.to_wire(), duration_ms: 3, ..Default::default() }
+    pb::TestResult {
+        test_id: id.into(),
+        outcome: outcome.to_wire(),
+        duration_ms: 3,
+        ..Default::default()
+    }
 }
 
 fn status(core: &Core, run: RunId) -> RunStatus {
@@ -83,12 +98,21 @@ fn every_test_gets_one_result_and_the_verdict_follows_the_outcomes() {
     assert!(drain(&mut core, w, now, |_| Outcome::Passed) > 1);
     assert_eq!(status(&core, green), RunStatus::Passed);
     let red = submit(&mut core, &refs, now);
-    drain(&mut core, w, now, |t| if t == "t7" { Outcome::Failed } else { Outcome::Passed });
+    drain(&mut core, w, now, |t| {
+        if t == "t7" {
+            Outcome::Failed
+        } else {
+            Outcome::Passed
+        }
+    });
     assert_eq!(status(&core, red), RunStatus::Failed);
     let got = core.get_run(red, true).unwrap();
     assert_eq!(got.results.len(), 50);
     let counts = got.run.unwrap().counts.unwrap();
-    assert_eq!((counts.passed, counts.failed, counts.queued, counts.running), (49, 1, 0, 0));
+    assert_eq!(
+        (counts.passed, counts.failed, counts.queued, counts.running),
+        (49, 1, 0, 0)
+    );
 }
 
 #[test]
@@ -100,7 +124,10 @@ fn bad_submissions_name_the_problem_and_store_nothing() {
     let mut req = submit_req(&["a"]);
     req.runner = "pytest".into();
     let err = core.submit(req, now).unwrap_err().to_string();
-    assert_eq!(err, "invalid runner: unknown runner 'pytest': no worker has registered it (known runners: exec)");
+    assert_eq!(
+        err,
+        "invalid runner: unknown runner 'pytest': no worker has registered it (known runners: exec)"
+    );
     for (tests, want) in [
         (vec![], "the run has no tests"),
         (vec!["a", "a"], "duplicate test id 'a'"),
@@ -120,9 +147,14 @@ fn an_expired_lease_requeues_only_the_unfinished_tests_and_refuses_late_reports(
     let w1 = register(&mut core, "w1", 1, &[], now);
     let run = submit(&mut core, &["a", "b", "c"], now);
     let shard = core.acquire(w1, now).unwrap().unwrap();
-    assert_eq!(shard.tests, vec!["a"], "three tests on one slot go out a third at a time");
+    assert_eq!(
+        shard.tests,
+        vec!["a"],
+        "three tests on one slot go out a third at a time"
+    );
     let attempt: AttemptId = shard.attempt_id.parse().unwrap();
-    core.report(w1, attempt, vec![result("a", Outcome::Passed)], now).unwrap();
+    core.report(w1, attempt, vec![result("a", Outcome::Passed)], now)
+        .unwrap();
     let shard = core.acquire(w1, now).unwrap();
     assert!(shard.is_none(), "a worker with every slot busy gets nothing");
     core.finish(w1, attempt, "", now).unwrap();
@@ -137,20 +169,27 @@ fn an_expired_lease_requeues_only_the_unfinished_tests_and_refuses_late_reports(
     let shard2 = core.acquire(w2, later).unwrap().unwrap();
     assert_eq!(shard2.tests, vec!["b"], "the requeued test goes first");
 
-    let err = core.report(w1, attempt, vec![result("b", Outcome::Failed)], later).unwrap_err();
+    let err = core
+        .report(w1, attempt, vec![result("b", Outcome::Failed)], later)
+        .unwrap_err();
     assert!(matches!(err, Error::FailedPrecondition(_)), "{err}");
     assert!(err.to_string().contains("is not live"), "{err}");
     let hb = core.heartbeat(w1, &[attempt.to_string()], later).unwrap();
     assert_eq!(hb.cancel_attempt_ids, vec![attempt.to_string()]);
 
     let a2: AttemptId = shard2.attempt_id.parse().unwrap();
-    let resp = core.report(w2, a2, vec![result("b", Outcome::Passed)], later).unwrap();
+    let resp = core
+        .report(w2, a2, vec![result("b", Outcome::Passed)], later)
+        .unwrap();
     assert_eq!(resp.accepted, 1);
     core.finish(w2, a2, "", later).unwrap();
     drain(&mut core, w2, later, |_| Outcome::Passed);
     assert_eq!(status(&core, run), RunStatus::Passed);
     let results = core.get_run(run, true).unwrap().results;
-    assert_eq!(results.iter().map(|r| r.attempts).collect::<Vec<_>>(), vec![1, 2, 1]);
+    assert_eq!(
+        results.iter().map(|r| r.attempts).collect::<Vec<_>>(),
+        vec![1, 2, 1]
+    );
     assert_eq!(results[1].worker, "w2");
 }
 
@@ -161,13 +200,27 @@ fn a_duplicated_report_is_counted_once() {
     let run = submit(&mut core, &["a", "b"], now);
     let shard = core.acquire(w, now).unwrap().unwrap();
     let attempt: AttemptId = shard.attempt_id.parse().unwrap();
-    let first = core.report(w, attempt, vec![result("a", Outcome::Failed)], now).unwrap();
-    let again = core.report(w, attempt, vec![result("a", Outcome::Passed), result("a", Outcome::Passed)], now).unwrap();
+    let first = core
+        .report(w, attempt, vec![result("a", Outcome::Failed)], now)
+        .unwrap();
+    let again = core
+        .report(
+            w,
+            attempt,
+            vec![result("a", Outcome::Passed), result("a", Outcome::Passed)],
+            now,
+        )
+        .unwrap();
     assert_eq!((first.accepted, again.accepted), (1, 0));
-    let unknown = core.report(w, attempt, vec![result("zzz", Outcome::Passed)], now).unwrap();
+    let unknown = core
+        .report(w, attempt, vec![result("zzz", Outcome::Passed)], now)
+        .unwrap();
     assert_eq!(unknown.accepted, 0);
     let counts = core.summary(run).unwrap().counts.unwrap();
-    assert_eq!((counts.failed, counts.passed, counts.queued + counts.running), (1, 0, 1));
+    assert_eq!(
+        (counts.failed, counts.passed, counts.queued + counts.running),
+        (1, 0, 1)
+    );
 }
 
 #[test]
@@ -179,7 +232,10 @@ fn a_test_that_keeps_losing_its_worker_becomes_an_infra_error() {
     };
     for i in 0..3 {
         let w = register(&mut core, &format!("w{}", i + 1), 1, &[], now);
-        let shard = core.acquire(w, now).unwrap().expect("the test is requeued each time");
+        let shard = core
+            .acquire(w, now)
+            .unwrap()
+            .expect("the test is requeued each time");
         assert_eq!(shard.tests, vec!["poison"]);
         now = now.after(Duration::from_secs(11));
         core.tick(now).unwrap();
@@ -196,9 +252,15 @@ fn labels_select_workers_and_priority_orders_runs() {
     let linux = register(&mut core, "linux", 1, &[("os", "linux")], now);
     let mac = register(&mut core, "mac", 1, &[("os", "mac")], now);
     let mut req = submit_req(&["m"]);
-    req.labels = vec![pb::Label { key: "os".into(), value: "mac".into() }];
+    req.labels = vec![pb::Label {
+        key: "os".into(),
+        value: "mac".into(),
+    }];
     core.submit(req, now).unwrap();
-    assert!(core.acquire(linux, now).unwrap().is_none(), "linux may not take a mac run");
+    assert!(
+        core.acquire(linux, now).unwrap().is_none(),
+        "linux may not take a mac run"
+    );
     let low = submit(&mut core, &["low"], now);
     let mut high = submit_req(&["high"]);
     high.priority = 5;
@@ -206,7 +268,11 @@ fn labels_select_workers_and_priority_orders_runs() {
     let s = core.acquire(linux, now).unwrap().unwrap();
     assert_eq!(s.run_id, high.to_string());
     let s = core.acquire(mac, now).unwrap().unwrap();
-    assert_eq!(s.tests, vec!["m"], "the mac run is the only one the labels fit first");
+    assert_eq!(
+        s.tests,
+        vec!["m"],
+        "the mac run is the only one the labels fit first"
+    );
     let _ = low;
 }
 
@@ -219,7 +285,9 @@ fn cancel_ends_the_run_and_stops_its_attempts() {
     let summary = core.cancel(run, "superseded", now).unwrap();
     assert_eq!(RunStatus::from_wire(summary.status), Some(RunStatus::Cancelled));
     assert_eq!(summary.message, "cancelled: superseded");
-    let hb = core.heartbeat(w, std::slice::from_ref(&shard.attempt_id), now).unwrap();
+    let hb = core
+        .heartbeat(w, std::slice::from_ref(&shard.attempt_id), now)
+        .unwrap();
     assert_eq!(hb.cancel_attempt_ids, vec![shard.attempt_id.clone()]);
     let err = core.cancel(run, "", now).unwrap_err().to_string();
     assert!(err.contains("already ended (cancelled)"), "{err}");
@@ -237,7 +305,8 @@ fn discovery_fills_the_run_or_errors_it() {
     let shard = core.acquire(w, now).unwrap().unwrap();
     assert_eq!(shard.kind, pb::ShardKind::Discover as i32);
     let a: AttemptId = shard.attempt_id.parse().unwrap();
-    core.discovery(w, a, vec!["x".into(), "y".into()], "", now).unwrap();
+    core.discovery(w, a, vec!["x".into(), "y".into()], "", now)
+        .unwrap();
     drain(&mut core, w, now, |_| Outcome::Passed);
     assert_eq!(status(&core, run), RunStatus::Passed);
     assert_eq!(core.summary(run).unwrap().counts.unwrap().total, 2);
@@ -264,7 +333,8 @@ fn a_restart_resumes_unfinished_runs_and_keeps_finished_ones() {
         let open = submit(&mut core, &["c", "d", "e"], now);
         let shard = core.acquire(w, now).unwrap().unwrap();
         let a: AttemptId = shard.attempt_id.parse().unwrap();
-        core.report(w, a, vec![result("c", Outcome::Failed)], now).unwrap();
+        core.report(w, a, vec![result("c", Outcome::Failed)], now)
+            .unwrap();
         (done, open)
     };
     let mut core = core_at(&path, now);

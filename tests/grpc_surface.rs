@@ -1,0 +1,115 @@
+//! The coordinator's public surface beyond the run path: standard gRPC health and reflection
+//! (so grpcurl and other languages' tooling work), the HTTP health and JSON endpoints, and
+//! request-size limits.
+
+mod harness;
+
+use std::io::{Read, Write};
+
+use harness::Cluster;
+use shardgate_common::pb;
+use shardgate_common::pb::run_service_client::RunServiceClient;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus};
+use tonic_reflection::pb::v1::ServerReflectionRequest;
+use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+fn http_get(addr: &str, path: &str) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: test\r\n\r\n").unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let code = resp[9..12].parse().unwrap();
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (code, body)
+}
+
+#[tokio::test]
+async fn health_reflection_http_and_limits() {
+    let cluster = Cluster::builder().workers(0).start();
+    let channel = tonic::transport::Endpoint::from_shared(cluster.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+
+    let mut health = HealthClient::new(channel.clone());
+    for service in [
+        "",
+        "shardgate.v1.RunService",
+        "shardgate.v1.WorkerService",
+        "shardgate.v1.DashboardService",
+    ] {
+        let resp = health
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("health of {service:?}: {e}"))
+            .into_inner();
+        assert_eq!(resp.status, ServingStatus::Serving as i32, "{service}");
+    }
+
+    let mut reflection = ServerReflectionClient::new(channel.clone());
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut stream = reflection
+        .server_reflection_info(tokio_stream::iter([req]))
+        .await
+        .unwrap()
+        .into_inner();
+    let resp = stream.message().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = resp.message_response else {
+        panic!("unexpected reflection answer {resp:?}");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for want in [
+        "shardgate.v1.RunService",
+        "shardgate.v1.WorkerService",
+        "shardgate.v1.DashboardService",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(names.iter().any(|n| n == want), "{want} missing from {names:?}");
+    }
+
+    let (code, body) = http_get(&cluster.http_addr, "/healthz");
+    assert_eq!((code, body.as_str()), (200, "ok\n"));
+    let (code, body) = http_get(&cluster.http_addr, "/api/runs");
+    assert_eq!((code, body.as_str()), (200, "[]"));
+    let (code, body) = http_get(&cluster.http_addr, "/api/runs/nope");
+    assert_eq!(code, 400);
+    assert!(body.contains("'nope' is not a valid run id"), "{body}");
+
+    // A request beyond the size limit is refused and the coordinator keeps serving.
+    let mut runs = RunServiceClient::new(channel).max_encoding_message_size(usize::MAX);
+    let huge = pb::SubmitRunRequest {
+        suite: "s".into(),
+        revision: "r".into(),
+        runner: "exec".into(),
+        tests: (0..1_400_000)
+            .map(|i| format!("some/rather/long/path/to/a/test/number/{i:08}.sh"))
+            .collect(),
+        ..Default::default()
+    };
+    let err = runs.submit_run(huge).await.unwrap_err();
+    assert!(
+        matches!(
+            err.code(),
+            tonic::Code::OutOfRange | tonic::Code::ResourceExhausted
+        ),
+        "{err:?}"
+    );
+    let listed = runs
+        .list_runs(pb::ListRunsRequest { limit: 10 })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.runs.is_empty());
+}

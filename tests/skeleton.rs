@@ -1,0 +1,344 @@
+//! End-to-end tests of the walking skeleton: a real coordinator, three real workers, the real
+//! client, a 200-test exec suite.
+
+mod harness;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use harness::{Cluster, client, script, suite, wait_for};
+
+/// Each test's outcome by id, checking that no id appears twice.
+fn outcomes(report: &serde_json::Value) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    for t in report["tests"].as_array().expect("tests array") {
+        let id = t["id"].as_str().unwrap().to_owned();
+        let prev = out.insert(id.clone(), t["outcome"].as_str().unwrap_or("none").to_owned());
+        assert!(prev.is_none(), "test {id} has two results");
+    }
+    out
+}
+
+#[test]
+fn a_green_suite_of_200_tests_over_three_workers_passes_with_one_result_each() {
+    let cluster = Cluster::builder().workers(3).slots(2).start();
+    let tests = suite(&cluster.root, 200, &[], "0.02");
+    let ran = cluster.run_tests(&tests, &[]);
+    assert_eq!(ran.code, 0, "stderr:\n{}\n{}", ran.stderr, cluster.logs());
+    let report = ran.json();
+    assert_eq!(report["verdict"], "passed");
+    assert_eq!(report["counts"]["total"], 200);
+    assert_eq!(report["counts"]["passed"], 200);
+    let got = outcomes(&report);
+    assert_eq!(
+        got.keys().cloned().collect::<Vec<_>>(),
+        tests,
+        "every submitted test, and nothing else"
+    );
+    assert!(got.values().all(|o| o == "passed"));
+    let workers: BTreeSet<&str> = report["tests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["worker"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        workers,
+        BTreeSet::from(["w1", "w2", "w3"]),
+        "the suite was sharded over every worker"
+    );
+    for t in report["tests"].as_array().unwrap() {
+        assert_eq!(t["attempts"], 1, "{t}");
+    }
+}
+
+#[test]
+fn one_failing_test_fails_the_gate_and_survives_a_coordinator_restart() {
+    let mut cluster = Cluster::builder().workers(3).slots(2).start();
+    let tests = suite(&cluster.root, 200, &[137], "0.01");
+    let ran = cluster.run_tests(&tests, &[]);
+    assert_eq!(ran.code, 1, "stderr:\n{}\n{}", ran.stderr, cluster.logs());
+    let report = ran.json();
+    assert_eq!(report["verdict"], "failed");
+    let got = outcomes(&report);
+    assert_eq!(got.len(), 200);
+    for (id, outcome) in &got {
+        let want = if id == "t/137.sh" { "failed" } else { "passed" };
+        assert_eq!(outcome, want, "{id}");
+    }
+    let failed = report["tests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["id"] == "t/137.sh")
+        .unwrap();
+    assert_eq!(failed["detail"], "exit status 1");
+    assert_eq!(failed["output"], "test 137\n");
+
+    // The text summary names the failed test and shows its output.
+    let run_id = report["run_id"].as_str().unwrap().to_owned();
+    let text = cluster.client(&["status", &run_id]);
+    assert_eq!(text.code, 1);
+    assert!(
+        text.stdout.contains("FAILED      t/137.sh  (exit status 1;"),
+        "{}",
+        text.stdout
+    );
+    assert!(text.stdout.contains("| test 137"), "{}", text.stdout);
+
+    cluster.kill_coordinator();
+    let down = cluster.client(&["status", &run_id]);
+    assert_eq!(down.code, 2);
+    assert!(
+        down.stderr.contains("failed to connect to the coordinator"),
+        "{}",
+        down.stderr
+    );
+
+    cluster.restart_coordinator();
+    let after = cluster.client(&["status", &run_id, "--json"]);
+    assert_eq!(after.code, 1, "{}", after.stderr);
+    let after = after.json();
+    assert_eq!(after["verdict"], "failed");
+    assert_eq!(
+        outcomes(&after),
+        got,
+        "every result is still there after a kill -9 and restart"
+    );
+    assert_eq!(after["counts"], report["counts"]);
+}
+
+#[test]
+fn discovery_runs_on_a_worker() {
+    let cluster = Cluster::builder().workers(2).slots(1).start();
+    let tests = suite(&cluster.root, 30, &[], "0");
+    std::fs::write(cluster.root.join("t/notes.txt"), "not executable, not a test").unwrap();
+    let r = cluster.client(&["run", "--runner", "exec", "--discover", "--json"]);
+    assert_eq!(r.code, 0, "{}\n{}", r.stderr, cluster.logs());
+    let got = outcomes(&r.json());
+    assert_eq!(got.keys().cloned().collect::<Vec<_>>(), tests);
+}
+
+#[test]
+fn bad_input_gets_a_clear_error_and_exit_code_2_and_the_coordinator_keeps_serving() {
+    let cluster = Cluster::builder().workers(1).slots(1).start();
+    suite(&cluster.root, 3, &[], "0");
+    let dir = cluster.dir.path();
+    let file = |name: &str, text: &str| {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p.to_str().unwrap().to_owned()
+    };
+    let ok_list = file("ok.txt", "t/000.sh\n");
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec![
+                "run".into(),
+                "--runner".into(),
+                "pytest".into(),
+                "--tests-file".into(),
+                ok_list.clone(),
+            ],
+            "the coordinator refused the run: invalid runner: unknown runner 'pytest': no worker has registered it (known runners: exec)",
+        ),
+        (
+            vec![
+                "run".into(),
+                "--runner".into(),
+                "exec".into(),
+                "--tests-file".into(),
+                file("empty.txt", "# nothing\n"),
+            ],
+            "invalid tests: the run has no tests",
+        ),
+        (
+            vec![
+                "run".into(),
+                "--runner".into(),
+                "exec".into(),
+                "--tests-file".into(),
+                file("dup.txt", "t/000.sh\nt/001.sh\nt/000.sh\n"),
+            ],
+            "invalid tests: duplicate test id 't/000.sh'",
+        ),
+        (
+            vec![
+                "run".into(),
+                "--runner".into(),
+                "exec".into(),
+                "--tests-file".into(),
+                file("up.txt", "../x\n"),
+            ],
+            "invalid tests: test id '../x' escapes the runner's root with '..'",
+        ),
+        (
+            vec![
+                "run".into(),
+                "--runner".into(),
+                "exec".into(),
+                "--tests-file".into(),
+                file("abs.txt", "/etc/passwd\n"),
+            ],
+            "invalid tests: test id '/etc/passwd' is an absolute path",
+        ),
+        (
+            vec![
+                "run".into(),
+                "--runner".into(),
+                "exec".into(),
+                "--tests-file".into(),
+                dir.join("missing.txt").to_str().unwrap().into(),
+            ],
+            "failed to read tests file",
+        ),
+        (
+            vec!["status".into(), "01a2165b-0000-7000-8000-000000000000".into()],
+            "run '01a2165b-0000-7000-8000-000000000000' not found",
+        ),
+        (
+            vec!["status".into(), "not-a-uuid".into()],
+            "invalid run_id: 'not-a-uuid' is not a valid run id",
+        ),
+        (
+            vec![
+                "run".into(),
+                "--runner".into(),
+                "exec".into(),
+                "--tests-file".into(),
+                ok_list.clone(),
+                "--labels".into(),
+                "os".into(),
+            ],
+            "label 'os' is not of the form key=value",
+        ),
+    ];
+    for (args, want) in &cases {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let r = cluster.client(&args);
+        assert_eq!(r.code, 2, "{args:?}: {}", r.stderr);
+        assert!(
+            r.stderr.contains(want),
+            "{args:?}: stderr {:?} should contain {want:?}",
+            r.stderr
+        );
+    }
+    // An unreachable coordinator.
+    let r = client(&[
+        "run",
+        "--coordinator",
+        "http://127.0.0.1:9",
+        "--runner",
+        "exec",
+        "--tests-file",
+        &ok_list,
+    ]);
+    assert_eq!(r.code, 2);
+    assert!(
+        r.stderr
+            .contains("failed to connect to the coordinator at http://127.0.0.1:9"),
+        "{}",
+        r.stderr
+    );
+    // A usage error.
+    let r = client(&["run", "--runner", "exec"]);
+    assert_eq!(r.code, 2);
+
+    // None of it was stored, and the coordinator still takes a good run.
+    let runs = cluster.client(&["runs", "--json"]);
+    assert_eq!(
+        runs.json().as_array().unwrap().len(),
+        0,
+        "refused runs are not stored"
+    );
+    let r = cluster.client(&["run", "--runner", "exec", "--tests-file", &ok_list, "--json"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+}
+
+#[test]
+fn cancel_stops_a_run_on_its_workers_within_seconds() {
+    let cluster = Cluster::builder().workers(2).slots(1).start();
+    let marker = cluster.dir.path().join("finished");
+    for i in 0..4 {
+        script(
+            &cluster.root,
+            &format!("slow/{i}.sh"),
+            &format!("sleep 30\ntouch {}", marker.display()),
+        );
+    }
+    script(&cluster.root, "quick.sh", "exit 0");
+    let list = cluster.dir.path().join("slow.txt");
+    std::fs::write(&list, "slow/0.sh\nslow/1.sh\nslow/2.sh\nslow/3.sh\n").unwrap();
+    let url = cluster.url();
+    let follower = std::process::Command::new(harness::CLIENT)
+        .args([
+            "run",
+            "--coordinator",
+            &url,
+            "--runner",
+            "exec",
+            "--json",
+            "--tests-file",
+        ])
+        .arg(&list)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let run_id = wait_for(
+        "the run to start on both workers",
+        Duration::from_secs(20),
+        || {
+            let runs = cluster.client(&["runs", "--json"]).json();
+            let run = runs.as_array()?.first()?.clone();
+            (run["counts"]["running"] == 2).then(|| run["run_id"].as_str().unwrap().to_owned())
+        },
+    );
+    let started = std::time::Instant::now();
+    let c = cluster.client(&["cancel", &run_id, "--reason", "superseded by r2"]);
+    assert_eq!(c.code, 0, "{}", c.stderr);
+    let out = follower.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "a cancelled run does not pass the gate"
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["verdict"], "cancelled");
+    assert_eq!(report["message"], "cancelled: superseded by r2");
+
+    // Both workers are free again well before the 30 s tests would have ended.
+    let r = cluster.run_tests(&["quick.sh".to_owned()], &[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    wait_for("both workers idle", Duration::from_secs(10), || {
+        let w = cluster.client(&["workers", "--json"]).json();
+        w.as_array()?.iter().all(|w| w["busy_slots"] == 0).then_some(())
+    });
+    assert!(started.elapsed() < Duration::from_secs(25));
+    assert!(!marker.exists(), "a cancelled test ran to its end");
+}
+
+#[test]
+fn local_mode_runs_the_demo_suite() {
+    let demo = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/demo");
+    let r = client(&["local", "--workers", "4", "--exec-root", demo, "--discover"]);
+    assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
+    assert!(r.stdout.contains(": PASSED: 21 tests"), "{}", r.stdout);
+    let out = std::process::Command::new(harness::CLIENT)
+        .args([
+            "local",
+            "--workers",
+            "4",
+            "--exec-root",
+            demo,
+            "--discover",
+            "--json",
+        ])
+        .env("SHARDGATE_DEMO_FAIL", "1")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let got = outcomes(&report);
+    assert_eq!(got["unit/checkout_totals.sh"], "failed");
+    assert_eq!(got.values().filter(|o| *o == "passed").count(), 20);
+}
