@@ -146,6 +146,9 @@ pub struct SubmitOptions {
     /// Per-test timeout (default: the coordinator's, 5 minutes).
     #[arg(long, env = "SHARDGATE_TEST_TIMEOUT", value_parser = duration)]
     pub test_timeout: Option<Duration>,
+    /// Send tests that failed recently first, for an earlier red signal.
+    #[arg(long, env = "SHARDGATE_FAIL_FIRST")]
+    pub fail_first: bool,
     /// How long to keep reconnecting when the coordinator is unreachable while following.
     #[arg(long, env = "SHARDGATE_RECONNECT_FOR", default_value = "10m", value_parser = duration)]
     pub reconnect_for: Duration,

@@ -87,6 +87,7 @@ pub fn submit_request(
         policy: Some(pb::RunPolicy {
             test_timeout_ms: opts.test_timeout.map(|d| d.as_millis() as u64).unwrap_or(0),
             max_infra_attempts: 0,
+            fail_first: opts.fail_first,
         }),
         priority: opts.priority,
     })

@@ -5,7 +5,7 @@
 //! Every change is written to the store before the core's memory changes, so a failed write
 //! leaves both as they were, and a result is acknowledged only once it is on disk.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Instant;
 
 use shardgate_common::labels;
@@ -15,7 +15,7 @@ use shardgate_common::{
 use tracing::{info, warn};
 
 use crate::model::{CoreConfig, Now, Policy};
-use crate::scheduler;
+use crate::scheduler::{self, History, Plan, PlanOptions, RunQueue, ShardContext};
 use crate::store::{ResultRow, RunRow, Store, StoreError, WorkerRow};
 
 impl From<StoreError> for Error {
@@ -33,6 +33,47 @@ struct TestSlot {
     leased: Option<AttemptId>,
     /// How many times this test was handed out.
     handouts: u32,
+    plan: Plan,
+    hist: History,
+}
+
+impl TestSlot {
+    fn new(id: String, plan: Plan, hist: Option<&History>) -> Self {
+        Self {
+            id,
+            done: false,
+            leased: None,
+            handouts: 0,
+            plan,
+            hist: hist.copied().unwrap_or_default(),
+        }
+    }
+}
+
+/// Plans `ids` from the suite's history.
+fn plan_tests(
+    ids: Vec<String>,
+    history: &HashMap<String, History>,
+    policy: Policy,
+    now: Now,
+) -> (Vec<TestSlot>, Vec<Plan>) {
+    let plans = scheduler::estimate(
+        &ids,
+        history,
+        PlanOptions {
+            fail_first: policy.fail_first,
+        },
+        now.ms,
+    );
+    let slots = ids
+        .into_iter()
+        .zip(&plans)
+        .map(|(id, p)| {
+            let h = history.get(&id);
+            TestSlot::new(id, *p, h)
+        })
+        .collect();
+    (slots, plans)
 }
 
 /// A run that has not ended.
@@ -41,7 +82,9 @@ struct RunState {
     row: RunRow,
     kind: RunnerKind,
     tests: Vec<TestSlot>,
-    queue: VecDeque<u32>,
+    queue: RunQueue,
+    /// Estimated work of the tests out on workers now.
+    running_ms: f64,
     /// A discovery attempt must be handed out before the run has tests.
     discover_pending: bool,
     discover_handouts: u32,
@@ -96,6 +139,8 @@ struct Attempt {
     /// Tests of the shard still without a result from this attempt.
     pending: Vec<u32>,
     total: u32,
+    /// Sum of the durations reported so far, to measure the per-shard overhead.
+    reported_ms: u64,
     lease_until: Instant,
     started_ms: u64,
 }
@@ -164,6 +209,8 @@ pub struct Core {
     attempts: HashMap<AttemptId, Attempt>,
     /// Runner names any worker has ever registered, with their kind.
     known_runners: BTreeMap<String, RunnerKind>,
+    /// Measured cost of one hand-out per runner (ms): wall time of a shard minus its tests.
+    overhead_ms: HashMap<String, f64>,
     effects: Effects,
 }
 
@@ -178,6 +225,7 @@ impl Core {
             workers: HashMap::new(),
             attempts: HashMap::new(),
             known_runners: BTreeMap::new(),
+            overhead_ms: HashMap::new(),
             effects: Effects::default(),
         };
         for row in core.store.workers()? {
@@ -205,30 +253,34 @@ impl Core {
                 continue;
             };
             let stored = core.store.tests(row.id)?;
-            let mut state = RunState {
-                discover_pending: row.discover && stored.is_empty(),
+            let history = core.store.history(&row.suite)?;
+            let outcomes: Vec<Option<Outcome>> = stored.iter().map(|t| t.outcome).collect();
+            let ids = stored.into_iter().map(|t| t.test_id).collect();
+            let (mut tests, plans) = plan_tests(ids, &history, row.policy, now);
+            let mut done = [0; 7];
+            for (t, o) in tests.iter_mut().zip(&outcomes) {
+                if let Some(o) = o {
+                    t.done = true;
+                    done[o.to_wire() as usize] += 1;
+                }
+            }
+            let open = outcomes
+                .iter()
+                .enumerate()
+                .filter(|(_, o)| o.is_none())
+                .map(|(i, _)| i as u32);
+            let state = RunState {
+                discover_pending: row.discover && tests.is_empty(),
+                queue: RunQueue::with(&plans, open),
                 row,
                 kind,
-                tests: Vec::with_capacity(stored.len()),
-                queue: VecDeque::new(),
+                tests,
+                running_ms: 0.0,
                 discover_handouts: 0,
-                done: [0; 7],
+                done,
                 running: 0,
                 live_attempts: 0,
             };
-            for (i, t) in stored.into_iter().enumerate() {
-                if let Some(o) = t.outcome {
-                    state.done[o.to_wire() as usize] += 1;
-                } else {
-                    state.queue.push_back(i as u32);
-                }
-                state.tests.push(TestSlot {
-                    id: t.test_id,
-                    done: t.outcome.is_some(),
-                    leased: None,
-                    handouts: 0,
-                });
-            }
             info!(run = %state.row.id, queued = state.queue.len(), "resumed unfinished run");
             core.runs.insert(state.row.id, state);
         }
@@ -309,28 +361,24 @@ impl Core {
             finished_ms: 0,
         };
         self.store.insert_run(&row, &req.tests)?;
+        let history = if req.tests.is_empty() {
+            HashMap::new()
+        } else {
+            self.store.history(&row.suite)?
+        };
+        let (tests, plans) = plan_tests(req.tests, &history, row.policy, now);
         let state = RunState {
             discover_pending: row.discover,
             kind,
-            tests: req
-                .tests
-                .into_iter()
-                .map(|id| TestSlot {
-                    id,
-                    done: false,
-                    leased: None,
-                    handouts: 0,
-                })
-                .collect(),
-            queue: VecDeque::new(),
+            tests,
+            queue: RunQueue::new(&plans),
+            running_ms: 0.0,
             discover_handouts: 0,
             done: [0; 7],
             running: 0,
             live_attempts: 0,
             row,
         };
-        let mut state = state;
-        state.queue = (0..state.tests.len() as u32).collect();
         let summary = state.summary();
         info!(run = %state.row.id, suite = %state.row.suite, tests = state.tests.len(), "run submitted");
         self.runs.insert(state.row.id, state);
@@ -634,15 +682,19 @@ impl Core {
             return Ok(None);
         };
         let fleet_slots = self.eligible_slots(run_id);
+        let overhead_ms = self.overhead(&self.runs[&run_id].row.runner);
         let run = self.runs.get_mut(&run_id).expect("chosen from the map");
         let (kind, tests) = if run.discover_pending {
             run.discover_pending = false;
             run.discover_handouts += 1;
             (AttemptKind::Discover, Vec::new())
         } else {
-            let n = scheduler::batch_size(run.queue.len(), fleet_slots);
-            let tests: Vec<u32> = run.queue.drain(..n).collect();
-            (AttemptKind::Run, tests)
+            let ctx = ShardContext {
+                slots: fleet_slots,
+                running_ms: run.running_ms,
+                overhead_ms,
+            };
+            (AttemptKind::Run, run.queue.next_shard(ctx))
         };
         let attempt_id = AttemptId::new();
         let shard_id = ShardId::new();
@@ -650,6 +702,7 @@ impl Core {
             let t = &mut run.tests[i as usize];
             t.leased = Some(attempt_id);
             t.handouts += 1;
+            run.running_ms += t.plan.estimate_ms;
         }
         run.running += tests.len() as u32;
         run.live_attempts += 1;
@@ -686,6 +739,7 @@ impl Core {
                 kind,
                 total: tests.len() as u32,
                 pending: tests,
+                reported_ms: 0,
                 lease_until: now.at + self.cfg.lease,
                 started_ms: now.ms,
             },
@@ -696,6 +750,14 @@ impl Core {
             .attempts
             .insert(attempt_id);
         Ok(Some(shard))
+    }
+
+    /// The measured cost of one hand-out for `runner`, in milliseconds.
+    fn overhead(&self, runner: &str) -> f64 {
+        self.overhead_ms
+            .get(runner)
+            .copied()
+            .unwrap_or(self.cfg.initial_overhead.as_millis() as f64)
     }
 
     /// Slots of live workers that may take `run`.
@@ -771,8 +833,11 @@ impl Core {
             if !seen.insert(idx) {
                 continue;
             }
+            let t = &run.tests[idx as usize];
             rows.push(ResultRow {
                 idx,
+                test_id: t.id.clone(),
+                history: t.hist.update(outcome, r.duration_ms, now.ms),
                 outcome,
                 duration_ms: r.duration_ms,
                 attempts: run.tests[idx as usize].handouts,
@@ -781,7 +846,7 @@ impl Core {
                 output: cap(&r.output, self.cfg.max_output_bytes),
             });
         }
-        let written = self.store.record_results(run_id, &rows)?;
+        let written = self.store.record_results(run_id, &run.row.suite, &rows)?;
         debug_assert_eq!(
             written,
             rows.len(),
@@ -792,12 +857,15 @@ impl Core {
         attempt.lease_until = now.at + lease;
         let counted: HashSet<u32> = rows.iter().map(|r| r.idx).collect();
         attempt.pending.retain(|i| !counted.contains(i));
+        attempt.reported_ms += rows.iter().map(|r| r.duration_ms).sum::<u64>();
         let run = self.runs.get_mut(&run_id).expect("checked above");
         for r in &rows {
             let t = &mut run.tests[r.idx as usize];
             t.done = true;
             t.leased = None;
+            t.hist = r.history;
             run.running -= 1;
+            run.running_ms -= t.plan.estimate_ms;
             run.done[r.outcome.to_wire() as usize] += 1;
             let result = pb::TestResult {
                 test_id: t.id.clone(),
@@ -869,16 +937,10 @@ impl Core {
         }
         self.store.add_tests(run_id, 0, &tests)?;
         let run = self.runs.get_mut(&run_id).expect("checked above");
-        run.tests = tests
-            .into_iter()
-            .map(|id| TestSlot {
-                id,
-                done: false,
-                leased: None,
-                handouts: 0,
-            })
-            .collect();
-        run.queue = (0..run.tests.len() as u32).collect();
+        let history = self.store.history(&run.row.suite)?;
+        let (slots, plans) = plan_tests(tests, &history, run.row.policy, now);
+        run.tests = slots;
+        run.queue = RunQueue::new(&plans);
         info!(run = %run_id, tests = run.tests.len(), worker = %worker_name, "tests discovered");
         self.effects
             .events
@@ -914,6 +976,17 @@ impl Core {
         } else {
             RequeueReason::RunnerError(error.to_owned())
         };
+        let a = &self.attempts[&attempt_id];
+        if a.pending.is_empty() && a.kind == AttemptKind::Run && a.total > 0 {
+            // A whole shard's wall time minus its tests' time is what one hand-out costs.
+            let runner = self.runs.get(&a.run).map(|r| r.row.runner.clone());
+            let sample = now.ms.saturating_sub(a.started_ms).saturating_sub(a.reported_ms) as f64;
+            if let Some(runner) = runner {
+                let initial = self.cfg.initial_overhead.as_millis() as f64;
+                let o = self.overhead_ms.entry(runner).or_insert(initial);
+                *o += 0.2 * (sample - *o);
+            }
+        }
         let requeued = self.end_attempt(attempt_id, reason, now)?;
         Ok(pb::FinishShardResponse { requeued })
     }
@@ -992,13 +1065,15 @@ impl Core {
         let max = run.row.policy.max_infra_attempts;
         let mut give_up = Vec::new();
         let mut requeued = 0;
-        // Pending tests go back to the front, in their shard order, so they run next.
-        for &i in a.pending.iter().rev() {
+        // Pending tests go back to their place in the plan (longest first).
+        for &i in &a.pending {
             let t = &mut run.tests[i as usize];
             t.leased = None;
             if t.handouts >= max {
                 give_up.push(ResultRow {
                     idx: i,
+                    test_id: t.id.clone(),
+                    history: t.hist,
                     outcome: Outcome::InfraError,
                     duration_ms: 0,
                     attempts: t.handouts,
@@ -1011,17 +1086,18 @@ impl Core {
                     output: String::new(),
                 });
             } else {
-                run.queue.push_front(i);
+                run.queue.push(i, t.plan);
                 requeued += 1;
             }
+            run.running_ms -= t.plan.estimate_ms;
         }
         run.running -= a.pending.len() as u32;
         if !give_up.is_empty() {
             // The tests are out of the queue and not running; if the write fails, put them back
             // so they are not lost.
-            if let Err(e) = self.store.record_results(a.run, &give_up) {
+            if let Err(e) = self.store.record_results(a.run, &run.row.suite, &give_up) {
                 for r in &give_up {
-                    run.queue.push_front(r.idx);
+                    run.queue.push(r.idx, run.tests[r.idx as usize].plan);
                 }
                 return Err(e.into());
             }

@@ -18,6 +18,8 @@ pub struct CoreConfig {
     pub max_infra_attempts: u32,
     /// Longest captured output kept per test, in bytes.
     pub max_output_bytes: usize,
+    /// Assumed cost of one shard hand-out until it has been measured.
+    pub initial_overhead: Duration,
 }
 
 impl Default for CoreConfig {
@@ -28,6 +30,7 @@ impl Default for CoreConfig {
             default_test_timeout: Duration::from_secs(300),
             max_infra_attempts: 3,
             max_output_bytes: 64 * 1024,
+            initial_overhead: Duration::from_millis(500),
         }
     }
 }
@@ -38,6 +41,8 @@ impl Default for CoreConfig {
 pub struct Policy {
     pub test_timeout_ms: u64,
     pub max_infra_attempts: u32,
+    #[serde(default)]
+    pub fail_first: bool,
 }
 
 impl Policy {
@@ -54,6 +59,7 @@ impl Policy {
             } else {
                 wire.max_infra_attempts
             },
+            fail_first: wire.fail_first,
         }
     }
 
@@ -61,6 +67,7 @@ impl Policy {
         pb::RunPolicy {
             test_timeout_ms: self.test_timeout_ms,
             max_infra_attempts: self.max_infra_attempts,
+            fail_first: self.fail_first,
         }
     }
 }

@@ -1,44 +1,406 @@
-//! Pure scheduling decisions, free of I/O and of the core's bookkeeping, so they can be tested
-//! and benchmarked on their own.
+//! Pure scheduling decisions, free of I/O and of the core's bookkeeping, so that unit tests,
+//! property tests and the simulator in `shardgate-bench` run exactly the code the coordinator
+//! runs.
+//!
+//! - [`History`] is a test's duration estimate, kept per (suite, test id) and updated from every
+//!   result: an exponentially weighted mean of passing runs whose samples are clamped to a band
+//!   around the current estimate, so one slow outlier moves it only a little.
+//! - [`estimate`] gives every test of a run an estimate, including tests with no history (cold
+//!   start): the mean of known tests that share its path prefix, else the suite's mean. Cold
+//!   tests are *sorted* as if they were long (at least the suite's 90th percentile), so they go
+//!   out early, when a surprise giant among them can still be absorbed.
+//! - [`RunQueue`] holds a run's waiting tests, longest (sort key) first, and forms each shard on
+//!   demand: a test whose estimate is a large part of the work left per slot goes out alone;
+//!   otherwise tests are batched up to a target that balances the per-shard overhead against the
+//!   imbalance a coarse shard causes at the end (`sqrt(2 · overhead · work per slot)`), capped at
+//!   a third of the work left per slot, so shards shrink as the run drains.
 
-/// How many tests to put in the next shard of a run with `queued` tests waiting, when
-/// `fleet_slots` slots may take the run.
-///
-/// Early in a run shards are large, so the per-shard hand-out and start-up cost stays small; as
-/// the queue drains they shrink to single tests, so the last slots finish together instead of
-/// one slot carrying a long tail. Aiming each shard at a third of a slot's fair share of what is
-/// left gives every slot about three hand-outs from any point on.
-pub fn batch_size(queued: usize, fleet_slots: usize) -> usize {
-    const MAX: usize = 64;
-    if queued == 0 {
-        return 0;
+use std::collections::HashMap;
+
+use serde::{Deserialize, Serialize};
+use shardgate_common::Outcome;
+
+/// Weight of a new sample in the duration estimate.
+const ALPHA: f64 = 0.3;
+/// A sample counts as at most this many times the estimate (and at least its inverse).
+const DAMP: f64 = 3.0;
+/// Estimate for a test when the suite has no history at all.
+pub const DEFAULT_ESTIMATE_MS: f64 = 1000.0;
+/// A recent failure (within this many runs' worth of time) sends a test first under fail-first.
+pub const RECENT_FAILURE_MS: u64 = 7 * 24 * 3600 * 1000;
+
+/// What the store keeps about one test of one suite.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct History {
+    /// Estimated duration in milliseconds; 0 while no passing run was seen.
+    pub estimate_ms: f64,
+    /// Passing runs that fed the estimate.
+    pub samples: u32,
+    /// When the test last failed (wall-clock ms), 0 if never.
+    pub last_failed_ms: u64,
+}
+
+impl History {
+    /// Folds one result into the history.
+    pub fn update(self, outcome: Outcome, duration_ms: u64, now_ms: u64) -> Self {
+        let d = duration_ms as f64;
+        let mut h = self;
+        match outcome {
+            Outcome::Passed | Outcome::Flaky => {
+                if h.samples == 0 || h.estimate_ms <= 0.0 {
+                    h.estimate_ms = d;
+                } else {
+                    let clamped = d.clamp(h.estimate_ms / DAMP, h.estimate_ms * DAMP);
+                    h.estimate_ms += ALPHA * (clamped - h.estimate_ms);
+                }
+                h.samples = h.samples.saturating_add(1);
+                if outcome == Outcome::Flaky {
+                    h.last_failed_ms = now_ms;
+                }
+            }
+            Outcome::Failed => h.last_failed_ms = now_ms,
+            Outcome::TimedOut => {
+                // It ran at least this long: never estimate it shorter.
+                h.estimate_ms = h.estimate_ms.max(d);
+                h.last_failed_ms = now_ms;
+            }
+            Outcome::Skipped | Outcome::InfraError => {}
+        }
+        h
     }
-    let slots = fleet_slots.max(1);
-    queued.div_ceil(slots * 3).clamp(1, MAX).min(queued)
+
+    pub fn known(&self) -> bool {
+        self.samples > 0 && self.estimate_ms > 0.0
+    }
+}
+
+/// A test's place in the plan.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Plan {
+    /// Expected duration, for the work accounting.
+    pub estimate_ms: f64,
+    /// Order key: larger goes out earlier.
+    pub key: f64,
+}
+
+/// Options of the plan a run asked for.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PlanOptions {
+    /// Tests that failed recently go first, for an early red signal.
+    pub fail_first: bool,
+}
+
+/// The prefix a test shares with its siblings: everything before the last `::` or `/`.
+fn prefix(id: &str) -> &str {
+    let cut = match (id.rfind("::"), id.rfind('/')) {
+        (Some(a), Some(b)) => a.max(b),
+        (Some(a), None) => a,
+        (None, Some(b)) => b,
+        (None, None) => 0,
+    };
+    &id[..cut]
+}
+
+/// Plans every test of a run from the suite's history.
+pub fn estimate(
+    ids: &[String],
+    history: &HashMap<String, History>,
+    opts: PlanOptions,
+    now_ms: u64,
+) -> Vec<Plan> {
+    let known: Vec<Option<&History>> = ids
+        .iter()
+        .map(|id| history.get(id).filter(|h| h.known()))
+        .collect();
+    let mut by_prefix: HashMap<&str, (f64, u32)> = HashMap::new();
+    let mut all: Vec<f64> = Vec::new();
+    for (id, h) in ids.iter().zip(&known) {
+        if let Some(h) = h {
+            let e = by_prefix.entry(prefix(id)).or_default();
+            e.0 += h.estimate_ms;
+            e.1 += 1;
+            all.push(h.estimate_ms);
+        }
+    }
+    let (mean, p90) = if all.is_empty() {
+        (DEFAULT_ESTIMATE_MS, DEFAULT_ESTIMATE_MS)
+    } else {
+        all.sort_by(f64::total_cmp);
+        let mean = all.iter().sum::<f64>() / all.len() as f64;
+        let p90 = all[((all.len() - 1) as f64 * 0.9).round() as usize];
+        (mean, p90)
+    };
+    ids.iter()
+        .zip(&known)
+        .map(|(id, h)| {
+            let (estimate_ms, mut key) = match h {
+                Some(h) => (h.estimate_ms, h.estimate_ms),
+                None => {
+                    let est = match by_prefix.get(prefix(id)) {
+                        Some(&(sum, n)) => sum / n as f64,
+                        None => mean,
+                    };
+                    (est, est.max(p90))
+                }
+            };
+            if opts.fail_first
+                && let Some(h) = history.get(id)
+                && h.last_failed_ms > 0
+                && now_ms.saturating_sub(h.last_failed_ms) < RECENT_FAILURE_MS
+            {
+                // Ahead of everything that did not fail recently, still longest first.
+                key += 1e12;
+            }
+            Plan { estimate_ms, key }
+        })
+        .collect()
+}
+
+/// What the queue needs to know about the fleet when it forms a shard.
+#[derive(Debug, Clone, Copy)]
+pub struct ShardContext {
+    /// Slots that may take this run.
+    pub slots: usize,
+    /// Estimated work of this run's tests that are out on workers now.
+    pub running_ms: f64,
+    /// Measured cost of one hand-out (runner start-up, round trips), in milliseconds.
+    pub overhead_ms: f64,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    key: f64,
+    estimate_ms: f64,
+    idx: u32,
+}
+
+/// A run's waiting tests, ordered so the largest key is at the end.
+#[derive(Debug, Default)]
+pub struct RunQueue {
+    items: Vec<Entry>,
+    queued_ms: f64,
+}
+
+impl RunQueue {
+    /// A queue of tests `0..plans.len()`.
+    pub fn new(plans: &[Plan]) -> Self {
+        let mut q = Self::default();
+        q.items = plans
+            .iter()
+            .enumerate()
+            .map(|(i, p)| Entry {
+                key: p.key,
+                estimate_ms: p.estimate_ms,
+                idx: i as u32,
+            })
+            .collect();
+        // Ties keep submission order: equal keys come out lowest index first.
+        q.items
+            .sort_by(|a, b| a.key.total_cmp(&b.key).then(b.idx.cmp(&a.idx)));
+        q.queued_ms = q.items.iter().map(|e| e.estimate_ms).sum();
+        q
+    }
+
+    /// A queue of `plans` for the given test indexes only (a resumed run).
+    pub fn with(plans: &[Plan], idxs: impl IntoIterator<Item = u32>) -> Self {
+        let mut q = Self::default();
+        for i in idxs {
+            q.push(i, plans[i as usize]);
+        }
+        q
+    }
+
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    /// Estimated work waiting, in milliseconds.
+    pub fn queued_ms(&self) -> f64 {
+        self.queued_ms.max(0.0)
+    }
+
+    /// Puts a test back (its attempt was lost) at its place in the order.
+    pub fn push(&mut self, idx: u32, plan: Plan) {
+        let e = Entry {
+            key: plan.key,
+            estimate_ms: plan.estimate_ms,
+            idx,
+        };
+        let pos = self
+            .items
+            .partition_point(|x| x.key.total_cmp(&e.key).then(e.idx.cmp(&x.idx)).is_lt());
+        self.items.insert(pos, e);
+        self.queued_ms += plan.estimate_ms;
+    }
+
+    /// Takes the next shard: test indexes in the order they should run.
+    pub fn next_shard(&mut self, ctx: ShardContext) -> Vec<u32> {
+        let Some(head) = self.items.last().copied() else {
+            return Vec::new();
+        };
+        let slots = ctx.slots.max(1) as f64;
+        let per_slot = (self.queued_ms() + ctx.running_ms.max(0.0)) / slots;
+        let mut out = vec![self.pop()];
+        if head.estimate_ms >= per_slot / 2.0 {
+            return out;
+        }
+        let target = target_ms(per_slot, ctx.overhead_ms);
+        let mut sum = head.estimate_ms;
+        while let Some(next) = self.items.last() {
+            if sum + next.estimate_ms > target {
+                break;
+            }
+            sum += next.estimate_ms;
+            out.push(self.pop());
+        }
+        out
+    }
+
+    fn pop(&mut self) -> u32 {
+        let e = self.items.pop().expect("checked non-empty");
+        self.queued_ms -= e.estimate_ms;
+        if self.items.is_empty() {
+            // Keep the float sum from drifting once the queue is empty.
+            self.queued_ms = 0.0;
+        }
+        e.idx
+    }
+}
+
+/// How much estimated work to put in one shard when `per_slot` is left per slot.
+pub fn target_ms(per_slot: f64, overhead_ms: f64) -> f64 {
+    let o = overhead_ms.max(1.0);
+    (2.0 * o * per_slot).sqrt().max(2.0 * o).min(per_slot / 3.0)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn shards_shrink_as_the_queue_drains() {
-        assert_eq!(batch_size(0, 4), 0);
-        assert_eq!(batch_size(1, 4), 1);
-        assert_eq!(batch_size(200, 12), 6);
-        assert_eq!(batch_size(20, 12), 1);
-        assert_eq!(batch_size(100_000, 4), 64);
-        assert_eq!(batch_size(5, 0), 2);
+    fn plans(est: &[f64]) -> Vec<Plan> {
+        est.iter()
+            .map(|&e| Plan {
+                estimate_ms: e,
+                key: e,
+            })
+            .collect()
+    }
+
+    fn ctx(slots: usize) -> ShardContext {
+        ShardContext {
+            slots,
+            running_ms: 0.0,
+            overhead_ms: 100.0,
+        }
     }
 
     #[test]
-    fn a_shard_never_exceeds_the_queue() {
-        for q in 0..300 {
-            for s in 0..50 {
-                let n = batch_size(q, s);
-                assert!(n <= q);
-                assert!(q == 0 || n >= 1);
-            }
+    fn the_estimate_follows_passing_runs_and_damps_outliers() {
+        let h = History::default().update(Outcome::Passed, 1000, 1);
+        assert_eq!(h.estimate_ms, 1000.0);
+        let h = h.update(Outcome::Passed, 100_000, 2);
+        // The outlier counts as 3 s: 1000 + 0.3 · 2000.
+        assert_eq!(h.estimate_ms, 1600.0);
+        let h = h.update(Outcome::Failed, 5, 3);
+        assert_eq!((h.estimate_ms, h.last_failed_ms), (1600.0, 3));
+        let h = h.update(Outcome::TimedOut, 60_000, 4);
+        assert_eq!(h.estimate_ms, 60_000.0);
+        assert_eq!(h.update(Outcome::InfraError, 1, 5), h);
+    }
+
+    #[test]
+    fn cold_tests_borrow_from_siblings_and_sort_as_possibly_long() {
+        let ids: Vec<String> = ["a/x", "a/y", "b/z", "a/new", "c/new"].map(String::from).to_vec();
+        let mut hist = HashMap::new();
+        for (id, ms) in [("a/x", 100.0), ("a/y", 300.0), ("b/z", 5000.0)] {
+            hist.insert(
+                id.to_owned(),
+                History {
+                    estimate_ms: ms,
+                    samples: 3,
+                    last_failed_ms: 0,
+                },
+            );
         }
+        let p = estimate(&ids, &hist, PlanOptions::default(), 0);
+        assert_eq!(p[3].estimate_ms, 200.0, "mean of its siblings a/x and a/y");
+        assert_eq!(p[4].estimate_ms, 1800.0, "no siblings: the suite's mean");
+        assert_eq!(p[3].key, 5000.0, "sorted as at least the suite's p90");
+        assert_eq!(p[0].key, 100.0);
+        let none = estimate(&ids, &HashMap::new(), PlanOptions::default(), 0);
+        assert!(none.iter().all(|p| p.estimate_ms == DEFAULT_ESTIMATE_MS));
+    }
+
+    #[test]
+    fn fail_first_puts_recent_failures_ahead() {
+        let ids: Vec<String> = ["slow", "broken"].map(String::from).to_vec();
+        let mut hist = HashMap::new();
+        hist.insert(
+            "slow".into(),
+            History {
+                estimate_ms: 9000.0,
+                samples: 2,
+                last_failed_ms: 0,
+            },
+        );
+        hist.insert(
+            "broken".into(),
+            History {
+                estimate_ms: 10.0,
+                samples: 2,
+                last_failed_ms: 50,
+            },
+        );
+        let p = estimate(&ids, &hist, PlanOptions { fail_first: true }, 100);
+        let mut q = RunQueue::new(&p);
+        assert_eq!(q.next_shard(ctx(1)), vec![1]);
+    }
+
+    #[test]
+    fn long_tests_go_first_and_alone_and_shards_shrink() {
+        // One giant, then many small tests, on 4 slots.
+        let mut est = vec![100_000.0];
+        est.extend(std::iter::repeat_n(1000.0, 400));
+        let mut q = RunQueue::new(&plans(&est));
+        assert_eq!(q.next_shard(ctx(4)), vec![0], "the giant goes out first, alone");
+        let first = q.next_shard(ctx(4)).len();
+        let mut last = first;
+        while !q.is_empty() {
+            last = q.next_shard(ctx(4)).len();
+        }
+        assert_eq!(
+            first, 4,
+            "early shards are batches of about sqrt(2 · 100 ms · 100 s) = 4.5 s"
+        );
+        assert_eq!(last, 1, "the last shards are single tests");
+    }
+
+    #[test]
+    fn requeued_tests_keep_their_place() {
+        let mut q = RunQueue::new(&plans(&[5.0, 50.0, 500.0]));
+        assert_eq!(q.next_shard(ctx(100)), vec![2]);
+        q.push(
+            2,
+            Plan {
+                estimate_ms: 500.0,
+                key: 500.0,
+            },
+        );
+        assert_eq!(q.len(), 3);
+        assert_eq!(q.next_shard(ctx(100)), vec![2]);
+        assert!((q.queued_ms() - 55.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn the_target_balances_overhead_against_the_tail() {
+        // 440 s per slot and 0.5 s per hand-out: about 21 s a shard.
+        let t = target_ms(440_000.0, 500.0);
+        assert!((20_000.0..22_000.0).contains(&t), "{t}");
+        // Near the end shards shrink to a third of what is left per slot.
+        assert_eq!(target_ms(3000.0, 500.0), 1000.0);
     }
 }

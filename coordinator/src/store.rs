@@ -6,6 +6,7 @@
 //! transactions on a power failure. A result is acknowledged to a worker only after its
 //! transaction committed.
 
+use std::collections::HashMap;
 use std::path::Path;
 
 use rusqlite::{Connection, OptionalExtension, params};
@@ -13,6 +14,7 @@ use shardgate_common::labels::Labels;
 use shardgate_common::{Outcome, RunId, RunStatus, RunnerKind, WorkerId, pb};
 
 use crate::model::Policy;
+use crate::scheduler::History;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -59,6 +61,14 @@ CREATE TABLE IF NOT EXISTS tests (
     PRIMARY KEY (run_id, idx)
 ) WITHOUT ROWID;
 CREATE UNIQUE INDEX IF NOT EXISTS tests_by_id ON tests(run_id, test_id);
+CREATE TABLE IF NOT EXISTS durations (
+    suite          TEXT NOT NULL,
+    test_id        TEXT NOT NULL,
+    estimate_ms    REAL NOT NULL,
+    samples        INTEGER NOT NULL,
+    last_failed_ms INTEGER NOT NULL,
+    PRIMARY KEY (suite, test_id)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS workers (
     id            TEXT PRIMARY KEY,
     name          TEXT NOT NULL,
@@ -90,10 +100,12 @@ pub struct RunRow {
     pub finished_ms: u64,
 }
 
-/// One counted result.
+/// One counted result, with the test's history updated by it.
 #[derive(Debug, Clone)]
 pub struct ResultRow {
     pub idx: u32,
+    pub test_id: String,
+    pub history: History,
     pub outcome: Outcome,
     pub duration_ms: u64,
     pub attempts: u32,
@@ -227,9 +239,15 @@ impl Store {
         Ok(())
     }
 
-    /// Writes results in one transaction. A row that already has an outcome is left alone, so a
-    /// result can never be counted twice; returns how many rows were written.
-    pub fn record_results(&mut self, run: RunId, results: &[ResultRow]) -> Result<usize, StoreError> {
+    /// Writes results, and the histories they update, in one transaction. A row that already
+    /// has an outcome is left alone, so a result can never be counted twice; returns how many
+    /// rows were written.
+    pub fn record_results(
+        &mut self,
+        run: RunId,
+        suite: &str,
+        results: &[ResultRow],
+    ) -> Result<usize, StoreError> {
         let tx = self.conn.transaction()?;
         let mut written = 0;
         {
@@ -238,9 +256,10 @@ impl Store {
                                   detail = ?7, output = ?8
                  WHERE run_id = ?1 AND idx = ?2 AND outcome IS NULL",
             )?;
+            let mut hist = tx.prepare_cached(UPSERT_HISTORY)?;
             let run = run.to_string();
             for r in results {
-                written += stmt.execute(params![
+                let n = stmt.execute(params![
                     run,
                     r.idx,
                     r.outcome.as_str(),
@@ -250,10 +269,57 @@ impl Store {
                     r.detail,
                     r.output
                 ])?;
+                if n == 1 {
+                    hist.execute(params![
+                        suite,
+                        r.test_id,
+                        r.history.estimate_ms,
+                        r.history.samples,
+                        r.history.last_failed_ms as i64
+                    ])?;
+                }
+                written += n;
             }
         }
         tx.commit()?;
         Ok(written)
+    }
+
+    /// The duration and failure history of every test of `suite` seen so far.
+    pub fn history(&self, suite: &str) -> Result<HashMap<String, History>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT test_id, estimate_ms, samples, last_failed_ms FROM durations WHERE suite = ?1",
+        )?;
+        let rows = stmt.query_map([suite], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                History {
+                    estimate_ms: r.get(1)?,
+                    samples: r.get(2)?,
+                    last_failed_ms: r.get::<_, i64>(3)? as u64,
+                },
+            ))
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Replaces the history of some tests (imports, benchmarks).
+    pub fn put_history(&mut self, suite: &str, entries: &[(String, History)]) -> Result<(), StoreError> {
+        let tx = self.conn.transaction()?;
+        {
+            let mut hist = tx.prepare_cached(UPSERT_HISTORY)?;
+            for (id, h) in entries {
+                hist.execute(params![
+                    suite,
+                    id,
+                    h.estimate_ms,
+                    h.samples,
+                    h.last_failed_ms as i64
+                ])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
     }
 
     pub fn upsert_worker(&mut self, w: &WorkerRow) -> Result<(), StoreError> {
@@ -441,6 +507,11 @@ impl Store {
     }
 }
 
+const UPSERT_HISTORY: &str = "INSERT INTO durations (suite, test_id, estimate_ms, samples, last_failed_ms)
+     VALUES (?1, ?2, ?3, ?4, ?5)
+     ON CONFLICT(suite, test_id) DO UPDATE SET estimate_ms = excluded.estimate_ms,
+         samples = excluded.samples, last_failed_ms = excluded.last_failed_ms";
+
 const RUN_SELECT: &str = "SELECT id, suite, revision, requested_by, runner, labels, policy, priority,
         discover, status, message, created_ms, started_ms, finished_ms FROM runs";
 
@@ -569,6 +640,12 @@ mod tests {
             s.insert_run(&run, &["a".into(), "b".into()]).unwrap();
             let r = ResultRow {
                 idx: 1,
+                test_id: "b".into(),
+                history: History {
+                    estimate_ms: 5.0,
+                    samples: 1,
+                    last_failed_ms: 0,
+                },
                 outcome: Outcome::Failed,
                 duration_ms: 5,
                 attempts: 1,
@@ -576,12 +653,21 @@ mod tests {
                 detail: "exit status 1".into(),
                 output: "boom".into(),
             };
-            assert_eq!(s.record_results(run.id, std::slice::from_ref(&r)).unwrap(), 1);
+            assert_eq!(
+                s.record_results(run.id, "unit", std::slice::from_ref(&r))
+                    .unwrap(),
+                1
+            );
             let again = ResultRow {
                 outcome: Outcome::Passed,
+                history: History {
+                    estimate_ms: 99.0,
+                    samples: 2,
+                    last_failed_ms: 0,
+                },
                 ..r
             };
-            assert_eq!(s.record_results(run.id, &[again]).unwrap(), 0);
+            assert_eq!(s.record_results(run.id, "unit", &[again]).unwrap(), 0);
         }
         let s = Store::open(&path).unwrap();
         let tests = s.tests(run.id).unwrap();
@@ -592,6 +678,12 @@ mod tests {
         assert_eq!(results[1].output, "boom");
         assert_eq!(s.run(run.id).unwrap().unwrap().suite, "unit");
         assert_eq!(s.unfinished_runs().unwrap().len(), 1);
+        let h = s.history("unit").unwrap();
+        assert_eq!(
+            h["b"].estimate_ms, 5.0,
+            "a result that was not counted does not touch the history"
+        );
+        assert!(s.history("other").unwrap().is_empty());
     }
 
     #[test]
