@@ -184,8 +184,7 @@ pub struct RunQueue {
 impl RunQueue {
     /// A queue of tests `0..plans.len()`.
     pub fn new(plans: &[Plan]) -> Self {
-        let mut q = Self::default();
-        q.items = plans
+        let mut items: Vec<Entry> = plans
             .iter()
             .enumerate()
             .map(|(i, p)| Entry {
@@ -195,10 +194,9 @@ impl RunQueue {
             })
             .collect();
         // Ties keep submission order: equal keys come out lowest index first.
-        q.items
-            .sort_by(|a, b| a.key.total_cmp(&b.key).then(b.idx.cmp(&a.idx)));
-        q.queued_ms = q.items.iter().map(|e| e.estimate_ms).sum();
-        q
+        items.sort_by(|a, b| a.key.total_cmp(&b.key).then(b.idx.cmp(&a.idx)));
+        let queued_ms = items.iter().map(|e| e.estimate_ms).sum();
+        Self { items, queued_ms }
     }
 
     /// A queue of `plans` for the given test indexes only (a resumed run).
