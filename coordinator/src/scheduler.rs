@@ -7,7 +7,7 @@
 //!   around the current estimate, so one slow outlier moves it only a little.
 //! - [`estimate`] gives every test of a run an estimate, including tests with no history (cold
 //!   start): the mean of known tests that share its path prefix, else the suite's mean. Cold
-//!   tests are *sorted* as if they were long (at least the suite's 90th percentile), so they go
+//!   tests are *sorted* as if they were long (at least the suite's 99th percentile), so they go
 //!   out early, when a surprise giant among them can still be absorbed.
 //! - [`RunQueue`] holds a run's waiting tests, longest (sort key) first, and forms each shard on
 //!   demand: a test whose estimate is a large part of the work left per slot goes out alone;
@@ -26,6 +26,9 @@ const ALPHA: f64 = 0.3;
 const DAMP: f64 = 3.0;
 /// Estimate for a test when the suite has no history at all.
 pub const DEFAULT_ESTIMATE_MS: f64 = 1000.0;
+/// Tests with no history are sorted as if they took this quantile of the known estimates: only
+/// the longest known tests go before them, so a surprise giant among them starts early.
+const COLD_QUANTILE: f64 = 0.999;
 /// A recent failure (within this many runs' worth of time) sends a test first under fail-first.
 pub const RECENT_FAILURE_MS: u64 = 7 * 24 * 3600 * 1000;
 
@@ -81,6 +84,8 @@ pub struct Plan {
     pub estimate_ms: f64,
     /// Order key: larger goes out earlier.
     pub key: f64,
+    /// No history: the estimate is a guess.
+    pub cold: bool,
 }
 
 /// Options of the plan a run asked for.
@@ -122,17 +127,18 @@ pub fn estimate(
             all.push(h.estimate_ms);
         }
     }
-    let (mean, p90) = if all.is_empty() {
+    let (mean, high) = if all.is_empty() {
         (DEFAULT_ESTIMATE_MS, DEFAULT_ESTIMATE_MS)
     } else {
         all.sort_by(f64::total_cmp);
         let mean = all.iter().sum::<f64>() / all.len() as f64;
-        let p90 = all[((all.len() - 1) as f64 * 0.9).round() as usize];
-        (mean, p90)
+        let high = all[((all.len() - 1) as f64 * COLD_QUANTILE).round() as usize];
+        (mean, high)
     };
     ids.iter()
         .zip(&known)
         .map(|(id, h)| {
+            let cold = h.is_none();
             let (estimate_ms, mut key) = match h {
                 Some(h) => (h.estimate_ms, h.estimate_ms),
                 None => {
@@ -140,7 +146,7 @@ pub fn estimate(
                         Some(&(sum, n)) => sum / n as f64,
                         None => mean,
                     };
-                    (est, est.max(p90))
+                    (est, est.max(high))
                 }
             };
             if opts.fail_first
@@ -151,7 +157,11 @@ pub fn estimate(
                 // Ahead of everything that did not fail recently, still longest first.
                 key += 1e12;
             }
-            Plan { estimate_ms, key }
+            Plan {
+                estimate_ms,
+                key,
+                cold,
+            }
         })
         .collect()
 }
@@ -172,6 +182,7 @@ struct Entry {
     key: f64,
     estimate_ms: f64,
     idx: u32,
+    cold: bool,
 }
 
 /// A run's waiting tests, ordered so the largest key is at the end.
@@ -191,6 +202,7 @@ impl RunQueue {
                 key: p.key,
                 estimate_ms: p.estimate_ms,
                 idx: i as u32,
+                cold: p.cold,
             })
             .collect();
         // Ties keep submission order: equal keys come out lowest index first.
@@ -227,6 +239,7 @@ impl RunQueue {
             key: plan.key,
             estimate_ms: plan.estimate_ms,
             idx,
+            cold: plan.cold,
         };
         let pos = self
             .items
@@ -246,10 +259,12 @@ impl RunQueue {
         if head.estimate_ms >= per_slot / 2.0 {
             return out;
         }
-        let target = target_ms(per_slot, ctx.overhead_ms);
+        let target = target_ms(per_slot, ctx.overhead_ms, head.cold);
         let mut sum = head.estimate_ms;
         while let Some(next) = self.items.last() {
-            if sum + next.estimate_ms > target {
+            // Guesses and known durations are batched apart: a shard sized for known tests must
+            // not carry a cold test that may be a giant.
+            if sum + next.estimate_ms > target || next.cold != head.cold {
                 break;
             }
             sum += next.estimate_ms;
@@ -270,9 +285,21 @@ impl RunQueue {
 }
 
 /// How much estimated work to put in one shard when `per_slot` is left per slot.
-pub fn target_ms(per_slot: f64, overhead_ms: f64) -> f64 {
+///
+/// A third of what is left per slot: early shards are large (few hand-outs, little overhead)
+/// and they shrink geometrically, so every slot runs out of work at about the same time. Never
+/// below two hand-outs' worth of overhead. Tests with no history are batched more finely,
+/// balancing overhead against the imbalance an unknown giant among them would cause
+/// (`sqrt(2 · overhead · work per slot)`).
+pub fn target_ms(per_slot: f64, overhead_ms: f64, cold: bool) -> f64 {
     let o = overhead_ms.max(1.0);
-    (2.0 * o * per_slot).sqrt().max(2.0 * o).min(per_slot / 3.0)
+    let floor = 2.0 * o;
+    let t = per_slot / 3.0;
+    if cold {
+        t.min((2.0 * o * per_slot).sqrt()).max(floor)
+    } else {
+        t.max(floor)
+    }
 }
 
 #[cfg(test)]
@@ -284,6 +311,7 @@ mod tests {
             .map(|&e| Plan {
                 estimate_ms: e,
                 key: e,
+                cold: false,
             })
             .collect()
     }
@@ -327,7 +355,7 @@ mod tests {
         let p = estimate(&ids, &hist, PlanOptions::default(), 0);
         assert_eq!(p[3].estimate_ms, 200.0, "mean of its siblings a/x and a/y");
         assert_eq!(p[4].estimate_ms, 1800.0, "no siblings: the suite's mean");
-        assert_eq!(p[3].key, 5000.0, "sorted as at least the suite's p90");
+        assert_eq!(p[3].key, 5000.0, "sorted as at least the suite's p99");
         assert_eq!(p[0].key, 100.0);
         let none = estimate(&ids, &HashMap::new(), PlanOptions::default(), 0);
         assert!(none.iter().all(|p| p.estimate_ms == DEFAULT_ESTIMATE_MS));
@@ -371,8 +399,8 @@ mod tests {
             last = q.next_shard(ctx(4)).len();
         }
         assert_eq!(
-            first, 4,
-            "early shards are batches of about sqrt(2 · 100 ms · 100 s) = 4.5 s"
+            first, 33,
+            "early shards hold a third of the work per slot (100 s / 3)"
         );
         assert_eq!(last, 1, "the last shards are single tests");
     }
@@ -386,6 +414,7 @@ mod tests {
             Plan {
                 estimate_ms: 500.0,
                 key: 500.0,
+                cold: false,
             },
         );
         assert_eq!(q.len(), 3);
@@ -394,11 +423,13 @@ mod tests {
     }
 
     #[test]
-    fn the_target_balances_overhead_against_the_tail() {
-        // 440 s per slot and 0.5 s per hand-out: about 21 s a shard.
-        let t = target_ms(440_000.0, 500.0);
-        assert!((20_000.0..22_000.0).contains(&t), "{t}");
-        // Near the end shards shrink to a third of what is left per slot.
-        assert_eq!(target_ms(3000.0, 500.0), 1000.0);
+    fn the_target_shrinks_with_the_work_left_and_cold_tests_go_in_small_batches() {
+        // 440 s per slot: a third of it, or for guesses sqrt(2 · 0.5 s · 440 s) ≈ 21 s.
+        assert_eq!(target_ms(440_000.0, 500.0, false), 440_000.0 / 3.0);
+        let cold = target_ms(440_000.0, 500.0, true);
+        assert!((20_000.0..22_000.0).contains(&cold), "{cold}");
+        // Never below two hand-outs' worth of overhead.
+        assert_eq!(target_ms(600.0, 500.0, false), 1000.0);
+        assert_eq!(target_ms(600.0, 500.0, true), 1000.0);
     }
 }

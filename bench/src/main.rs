@@ -1,0 +1,139 @@
+//! `shardgate-bench`: measurements that back shardgate's speed claims, each printing ratios
+//! measured side by side in one run.
+//!
+//! - `sim`: scheduling strategies on the same synthetic workloads in simulated time.
+
+use clap::{Parser, Subcommand};
+
+mod sim;
+mod workload;
+
+#[derive(Debug, Parser)]
+#[command(name = "shardgate-bench", about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Strategies side by side on the IMVU shape, then sweeps over σ and the number of slots.
+    Sim(SimArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct SimArgs {
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Per-hand-out overhead in milliseconds.
+    #[arg(long, default_value_t = 500.0)]
+    overhead_ms: f64,
+    /// Slots for the IMVU table.
+    #[arg(long, default_value_t = 36)]
+    slots: usize,
+    /// Only the IMVU shape, no sweeps.
+    #[arg(long)]
+    quick: bool,
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Sim(a) => run_sim(a),
+    }
+}
+
+fn print_table(title: &str, rows: &[sim::Result]) {
+    println!("\n{title}");
+    println!(
+        "  {:<24} {:>10} {:>8} {:>9} {:>7} {:>14}",
+        "strategy", "makespan", "÷ LB", "hand-outs", "idle", "first failure"
+    );
+    for r in rows {
+        let ff = r
+            .first_failure_ms
+            .map(|f| format!("{:.0} s", f / 1000.0))
+            .unwrap_or_else(|| "-".into());
+        println!(
+            "  {:<24} {:>8.0} s {:>7.3}× {:>9} {:>6.1}% {:>14}",
+            r.strategy,
+            r.makespan_ms / 1000.0,
+            r.ratio,
+            r.handouts,
+            r.idle_share * 100.0,
+            ff
+        );
+    }
+}
+
+fn run_sim(a: SimArgs) -> anyhow::Result<()> {
+    let mut report = serde_json::Map::new();
+    let shape = workload::Shape::imvu(a.seed);
+    let w = workload::generate(&shape);
+    let slots = a.slots;
+    let rows = sim::compare(&w, slots, a.overhead_ms)?;
+    print_table(
+        &format!(
+            "IMVU shape: {} tests, {:.2} machine-hours, longest {:.0} s, {slots} slots, LB {:.0} s, {} ms per hand-out, seed {}",
+            shape.tests,
+            w.total_ms() / 3_600_000.0,
+            w.longest_ms() / 1000.0,
+            w.lower_bound_ms(slots) / 1000.0,
+            a.overhead_ms,
+            a.seed
+        ),
+        &rows,
+    );
+    report.insert("imvu".into(), serde_json::to_value(&rows)?);
+
+    // Fail-first: 1 % of the tests failed recently and fail again.
+    let ff_shape = workload::Shape {
+        recent_failures: 0.01,
+        ..shape
+    };
+    let wf = workload::generate(&ff_shape);
+    let ff = vec![
+        sim::greedy_one(&wf, slots, a.overhead_ms),
+        sim::shardgate(&wf, slots, a.overhead_ms, false)?,
+        sim::shardgate(&wf, slots, a.overhead_ms, true)?,
+    ];
+    print_table(
+        "Fail-first: the same shape with 1 % of tests failing again after a recent failure",
+        &ff,
+    );
+    report.insert("fail_first".into(), serde_json::to_value(&ff)?);
+
+    if !a.quick {
+        let slots = 36;
+        let mut sweep = Vec::new();
+        for sigma in [1.0, 1.2, 1.4, 1.6, 1.8, 2.0] {
+            let w = workload::generate(&workload::Shape { sigma, ..shape });
+            let rows = sim::compare(&w, slots, a.overhead_ms)?;
+            print_table(
+                &format!(
+                    "σ = {sigma}, {slots} slots, LB {:.0} s",
+                    w.lower_bound_ms(slots) / 1000.0
+                ),
+                &rows,
+            );
+            sweep.push(serde_json::json!({ "sigma": sigma, "slots": slots, "results": rows }));
+        }
+        for slots in [8, 16, 36, 64, 128, 256, 512] {
+            let rows = sim::compare(&w, slots, a.overhead_ms)?;
+            print_table(
+                &format!(
+                    "σ = 1.6, {slots} slots, LB {:.0} s",
+                    w.lower_bound_ms(slots) / 1000.0
+                ),
+                &rows,
+            );
+            sweep.push(serde_json::json!({ "sigma": 1.6, "slots": slots, "results": rows }));
+        }
+        report.insert("sweeps".into(), serde_json::Value::Array(sweep));
+    }
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    }
+    Ok(())
+}
