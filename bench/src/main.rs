@@ -5,6 +5,8 @@
 
 use clap::{Parser, Subcommand};
 
+mod load;
+mod mem;
 mod sim;
 mod workload;
 
@@ -19,6 +21,20 @@ struct Cli {
 enum Command {
     /// Strategies side by side on the IMVU shape, then sweeps over σ and the number of slots.
     Sim(SimArgs),
+    /// The real scheduling core (no network) on a very large run: time per hand-out and memory.
+    Scale(ScaleArgs),
+    /// A real coordinator over gRPC under many simulated workers: results and hand-outs per second.
+    Load(load::LoadArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct ScaleArgs {
+    #[arg(long, default_value_t = 1_000_000)]
+    tests: usize,
+    #[arg(long, default_value_t = 2000)]
+    workers: usize,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
 }
 
 #[derive(Debug, clap::Args)]
@@ -41,6 +57,8 @@ struct SimArgs {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Sim(a) => run_sim(a),
+        Command::Scale(a) => run_scale(a),
+        Command::Load(a) => tokio::runtime::Runtime::new()?.block_on(load::run(a)),
     }
 }
 
@@ -135,5 +153,48 @@ fn run_sim(a: SimArgs) -> anyhow::Result<()> {
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     }
+    Ok(())
+}
+
+fn run_scale(a: ScaleArgs) -> anyhow::Result<()> {
+    let shape = workload::Shape {
+        tests: a.tests,
+        machine_hours: a.tests as f64 * 1.056 / 3600.0,
+        ..workload::Shape::imvu(a.seed)
+    };
+    let w = workload::generate(&shape);
+    let dir = tempfile::tempdir()?;
+    let store = shardgate_coordinator::store::Store::open(&dir.path().join("scale.db"))?;
+    let before = mem::rss_bytes();
+    let started = std::time::Instant::now();
+    let mut run = sim::drive_core(&w, a.workers, 500.0, false, store)?;
+    let wall = started.elapsed().as_secs_f64();
+    let peak = mem::peak_rss_bytes();
+    let n = run.acquire_ns.len();
+    let p50 = mem::quantile(&mut run.acquire_ns, 0.5);
+    let p99 = mem::quantile(&mut run.acquire_ns, 0.99);
+    let max = mem::quantile(&mut run.acquire_ns, 1.0);
+    println!(
+        "scale: {} tests, {} workers, real scheduling core and SQLite store, no network",
+        a.tests, a.workers
+    );
+    println!("  submit (validate, store, plan)   {:.2} s", run.submit_s);
+    println!("  hand-outs                        {n}");
+    println!(
+        "  time per hand-out                p50 {:.1} µs, p99 {:.1} µs, max {:.1} ms",
+        p50 as f64 / 1e3,
+        p99 as f64 / 1e3,
+        max as f64 / 1e6
+    );
+    println!(
+        "  memory                           {:.0} B per test after submit; peak RSS {:.0} MiB (workload itself included)",
+        (run.rss_after_submit.saturating_sub(before)) as f64 / a.tests as f64,
+        peak as f64 / (1024.0 * 1024.0)
+    );
+    println!("  simulated makespan / LB          {:.3}×", run.result.ratio);
+    println!(
+        "  wall time for the whole run      {wall:.1} s ({:.0} results stored per second)",
+        a.tests as f64 / wall
+    );
     Ok(())
 }

@@ -113,9 +113,32 @@ pub fn greedy_one(w: &Workload, slots: usize, overhead: f64) -> Result {
 /// shardgate: the coordinator's real scheduling core, one worker per slot, each asking for a
 /// shard whenever it is free; a shard costs `overhead` before its first test starts.
 pub fn shardgate(w: &Workload, slots: usize, overhead: f64, fail_first: bool) -> anyhow::Result<Result> {
+    let store = Store::open(Path::new(":memory:"))?;
+    Ok(drive_core(w, slots, overhead, fail_first, store)?.result)
+}
+
+/// What driving the real core measured besides the schedule.
+#[derive(Debug)]
+pub struct CoreRun {
+    pub result: Result,
+    /// Wall-clock time of each `acquire` that handed out a shard, in nanoseconds.
+    pub acquire_ns: Vec<u64>,
+    /// Wall-clock time to submit the run (validation, storing, planning), in seconds.
+    pub submit_s: f64,
+    /// Resident memory right after the submission, in bytes.
+    pub rss_after_submit: u64,
+}
+
+/// Drives the real core through a whole run in simulated time on `store`.
+pub fn drive_core(
+    w: &Workload,
+    slots: usize,
+    overhead: f64,
+    fail_first: bool,
+    store: Store,
+) -> anyhow::Result<CoreRun> {
     let base = Now::real();
     let at = |ms: f64| base.after(Duration::from_micros((ms * 1000.0) as u64));
-    let store = Store::open(Path::new(":memory:"))?;
     let cfg = CoreConfig {
         initial_overhead: Duration::from_millis(overhead as u64),
         // Nothing is lost in this simulation: leases never expire.
@@ -154,6 +177,7 @@ pub fn shardgate(w: &Workload, slots: usize, overhead: f64, fail_first: bool) ->
         workers.push(resp.worker_id.parse::<WorkerId>()?);
     }
     let index: HashMap<&str, usize> = w.ids.iter().enumerate().map(|(i, id)| (id.as_str(), i)).collect();
+    let submit_started = std::time::Instant::now();
     let summary = core.submit(
         pb::SubmitRunRequest {
             suite: "sim".into(),
@@ -169,6 +193,9 @@ pub fn shardgate(w: &Workload, slots: usize, overhead: f64, fail_first: bool) ->
         base,
     )?;
     let run: RunId = summary.run_id.parse()?;
+    let submit_s = submit_started.elapsed().as_secs_f64();
+    let rss_after_submit = crate::mem::rss_bytes();
+    let mut acquire_ns = Vec::new();
 
     // Events at integer microseconds, in time order; ties by insertion order.
     #[derive(PartialEq, Eq, PartialOrd, Ord)]
@@ -189,16 +216,27 @@ pub fn shardgate(w: &Workload, slots: usize, overhead: f64, fail_first: bool) ->
     let mut busy = vec![0.0; slots];
     let mut handouts = 0;
     let mut first_failure: Option<f64> = None;
+    // Group commits as the coordinator's actor makes them.
+    let mut in_batch = 0;
+    core.begin_batch()?;
     while let Some(Reverse((t_us, _, ev))) = events.pop() {
+        in_batch += 1;
+        if in_batch == shardgate_coordinator::actor::MAX_BATCH {
+            core.commit_batch()?;
+            core.begin_batch()?;
+            in_batch = 0;
+        }
         let t = t_us as f64 / 1000.0;
         match ev {
             Ev::Free { slot } => {
                 if let Some(a) = attempt_of[slot].take() {
                     core.finish(workers[slot], a, "", at(t))?;
                 }
+                let asked = std::time::Instant::now();
                 let Some(shard) = core.acquire(workers[slot], at(t))? else {
                     continue;
                 };
+                acquire_ns.push(asked.elapsed().as_nanos() as u64);
                 handouts += 1;
                 attempt_of[slot] = Some(shard.attempt_id.parse()?);
                 let mut end = t + overhead;
@@ -254,6 +292,7 @@ pub fn shardgate(w: &Workload, slots: usize, overhead: f64, fail_first: bool) ->
             }
         }
     }
+    core.commit_batch()?;
     let status = RunStatus::from_wire(core.summary(run)?.status);
     anyhow::ensure!(
         matches!(status, Some(RunStatus::Passed | RunStatus::Failed)),
@@ -271,7 +310,12 @@ pub fn shardgate(w: &Workload, slots: usize, overhead: f64, fail_first: bool) ->
         handouts,
     );
     r.first_failure_ms = first_failure;
-    Ok(r)
+    Ok(CoreRun {
+        result: r,
+        acquire_ns,
+        submit_s,
+        rss_after_submit,
+    })
 }
 
 /// Every strategy on one workload.

@@ -2,9 +2,13 @@
 //! and runs the messages that service handlers send it, one at a time. Handlers never lock
 //! scheduling state; they await a reply.
 //!
-//! After each message the actor publishes what the core produced: run events go to one
+//! Group commit: the actor takes every message that is waiting (up to [`MAX_BATCH`]) and runs
+//! them inside one database transaction, each in its own savepoint. Only after the transaction
+//! committed does it send the replies and publish what the core produced: run events go to one
 //! broadcast channel (the coordinator's internal event stream, which watch streams, the HTTP API
-//! and metrics follow), and new work wakes the `AcquireShard` calls that are waiting for it.
+//! and metrics follow), and new work wakes the `AcquireShard` calls that are waiting for it. So a
+//! reply, and an event, always describe durable state. If a commit fails the core's memory no
+//! longer matches the disk, so the process stops and a restart reloads the store (fail-stop).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,7 +22,12 @@ use tracing::{error, info};
 use crate::core::Core;
 use crate::model::Now;
 
-type Job = Box<dyn FnOnce(&mut Core, Now) + Send>;
+/// Runs on the core and returns the reply to send once the batch is durable.
+type Job = Box<dyn FnOnce(&mut Core, Now) -> Reply + Send>;
+type Reply = Box<dyn FnOnce() + Send>;
+
+/// Most messages in one group commit.
+pub const MAX_BATCH: usize = 512;
 
 /// One published event, numbered in the order the core produced it.
 #[derive(Debug, Clone)]
@@ -56,7 +65,11 @@ impl Handle {
     {
         let (reply, rx) = oneshot::channel();
         let job: Job = Box::new(move |core, now| {
-            let _ = reply.send(f(core, now));
+            let result = f(core, now);
+            Box::new(move || {
+                // The caller may have gone away; nothing to do then.
+                let _ = reply.send(result);
+            })
         });
         self.tx
             .send(job)
@@ -111,18 +124,37 @@ fn run(
     seq: Arc<AtomicU64>,
 ) {
     let mut next_tick = Instant::now() + tick;
+    let mut replies: Vec<Reply> = Vec::with_capacity(MAX_BATCH);
     loop {
         let wait = next_tick.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(wait) {
-            Ok(job) => job(&mut core, Now::real()),
-            Err(mpsc::RecvTimeoutError::Timeout) => {}
+        let first = match rx.recv_timeout(wait) {
+            Ok(job) => Some(job),
+            Err(mpsc::RecvTimeoutError::Timeout) => None,
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        };
+        if let Err(e) = core.begin_batch() {
+            fail_stop(&e.to_string());
+        }
+        if let Some(job) = first {
+            replies.push(job(&mut core, Now::real()));
+            while replies.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(job) => replies.push(job(&mut core, Now::real())),
+                    Err(_) => break,
+                }
+            }
         }
         if Instant::now() >= next_tick {
             if let Err(e) = core.tick(Now::real()) {
                 error!(error = %e, "scheduler tick failed");
             }
             next_tick = Instant::now() + tick;
+        }
+        if let Err(e) = core.commit_batch() {
+            fail_stop(&e.to_string());
+        }
+        for reply in replies.drain(..) {
+            reply();
         }
         let effects = core.take_effects();
         for event in effects.events {
@@ -135,4 +167,14 @@ fn run(
         }
     }
     info!("scheduler stopped");
+}
+
+/// The store failed to make a batch durable: memory is ahead of the disk. Stopping the process
+/// is the only safe move; a restart reloads the truth from the store.
+fn fail_stop(error: &str) -> ! {
+    error!(
+        error,
+        "failed to commit to the store; stopping so a restart can reload it"
+    );
+    std::process::exit(70);
 }

@@ -85,6 +85,8 @@ struct RunState {
     queue: RunQueue,
     /// Estimated work of the tests out on workers now.
     running_ms: f64,
+    /// Slots that may take this run, as of a fleet version.
+    fleet_slots: Option<(u64, usize)>,
     /// A discovery attempt must be handed out before the run has tests.
     discover_pending: bool,
     discover_handouts: u32,
@@ -211,6 +213,8 @@ pub struct Core {
     known_runners: BTreeMap<String, RunnerKind>,
     /// Measured cost of one hand-out per runner (ms): wall time of a shard minus its tests.
     overhead_ms: HashMap<String, f64>,
+    /// Changes whenever a worker comes, goes, is lost or revives.
+    fleet_version: u64,
     effects: Effects,
 }
 
@@ -226,6 +230,7 @@ impl Core {
             attempts: HashMap::new(),
             known_runners: BTreeMap::new(),
             overhead_ms: HashMap::new(),
+            fleet_version: 0,
             effects: Effects::default(),
         };
         for row in core.store.workers()? {
@@ -276,6 +281,7 @@ impl Core {
                 kind,
                 tests,
                 running_ms: 0.0,
+                fleet_slots: None,
                 discover_handouts: 0,
                 done,
                 running: 0,
@@ -303,6 +309,21 @@ impl Core {
 
     pub fn config(&self) -> &CoreConfig {
         &self.cfg
+    }
+
+    /// Starts a group commit (see [`Store::begin_batch`]).
+    pub fn begin_batch(&mut self) -> Result<(), StoreError> {
+        self.store.begin_batch()
+    }
+
+    /// Makes every write since [`Core::begin_batch`] durable.
+    pub fn commit_batch(&mut self) -> Result<(), StoreError> {
+        self.store.commit_batch()
+    }
+
+    /// Events produced since the last [`Core::take_effects`], not yet published.
+    pub fn pending_events(&self) -> usize {
+        self.effects.events.len()
     }
 
     /// Takes what the last messages produced.
@@ -373,6 +394,7 @@ impl Core {
             tests,
             queue: RunQueue::new(&plans),
             running_ms: 0.0,
+            fleet_slots: None,
             discover_handouts: 0,
             done: [0; 7],
             running: 0,
@@ -510,6 +532,7 @@ impl Core {
             self.known_runners.insert(n.clone(), *k);
         }
         info!(worker = %id, name = %row.name, slots = row.slots, "worker registered");
+        self.fleet_version += 1;
         self.workers.insert(
             id,
             WorkerState {
@@ -550,6 +573,7 @@ impl Core {
         w.last_seen = now.at;
         if w.liveness != WorkerLiveness::Live {
             w.liveness = WorkerLiveness::Live;
+            self.fleet_version += 1;
             w.row.state = WorkerLiveness::Live.as_str().to_owned();
             w.row.last_seen_ms = now.ms;
             let row = w.row.clone();
@@ -579,6 +603,7 @@ impl Core {
             return Err(Error::not_found("worker", worker));
         };
         w.liveness = WorkerLiveness::Gone;
+        self.fleet_version += 1;
         w.row.state = WorkerLiveness::Gone.as_str().to_owned();
         w.row.last_seen_ms = now.ms;
         let row = w.row.clone();
@@ -761,9 +786,16 @@ impl Core {
     }
 
     /// Slots of live workers that may take `run`.
-    fn eligible_slots(&self, run: RunId) -> usize {
+    fn eligible_slots(&mut self, run: RunId) -> usize {
+        let version = self.fleet_version;
         let Some(r) = self.runs.get(&run) else { return 0 };
-        self.workers
+        if let Some((v, n)) = r.fleet_slots
+            && v == version
+        {
+            return n;
+        }
+        let n = self
+            .workers
             .values()
             .filter(|w| {
                 w.liveness == WorkerLiveness::Live
@@ -771,7 +803,9 @@ impl Core {
                     && labels::satisfies(&w.row.labels, &r.row.labels)
             })
             .map(|w| w.row.slots as usize)
-            .sum()
+            .sum();
+        self.runs.get_mut(&run).expect("checked above").fleet_slots = Some((version, n));
+        n
     }
 
     fn live_attempt(&self, worker: WorkerId, attempt: AttemptId) -> Result<&Attempt, Error> {
@@ -1019,6 +1053,7 @@ impl Core {
         for id in lost {
             let w = self.workers.get_mut(&id).expect("listed above");
             w.liveness = WorkerLiveness::Lost;
+            self.fleet_version += 1;
             w.row.state = WorkerLiveness::Lost.as_str().to_owned();
             warn!(worker = %id, name = %w.row.name, "worker lost");
             let row = w.row.clone();

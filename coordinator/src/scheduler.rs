@@ -15,7 +15,7 @@
 //!   imbalance a coarse shard causes at the end (`sqrt(2 · overhead · work per slot)`), capped at
 //!   a third of the work left per slot, so shards shrink as the run drains.
 
-use std::collections::HashMap;
+use std::collections::{BinaryHeap, HashMap};
 
 use serde::{Deserialize, Serialize};
 use shardgate_common::Outcome;
@@ -24,6 +24,10 @@ use shardgate_common::Outcome;
 const ALPHA: f64 = 0.3;
 /// A sample counts as at most this many times the estimate (and at least its inverse).
 const DAMP: f64 = 3.0;
+/// The per-shard overhead assumed at least, whatever is measured: it keeps shards from
+/// shrinking to single short tests when hand-outs are nearly free for the worker but still
+/// cost the coordinator a round trip and a write.
+pub const MIN_OVERHEAD_MS: f64 = 50.0;
 /// Estimate for a test when the suite has no history at all.
 pub const DEFAULT_ESTIMATE_MS: f64 = 1000.0;
 /// Tests with no history are sorted as if they took this quantile of the known estimates: only
@@ -185,10 +189,33 @@ struct Entry {
     cold: bool,
 }
 
-/// A run's waiting tests, ordered so the largest key is at the end.
+// The heap's order: the largest key first; among equal keys, the lowest index (submission
+// order) first.
+impl Ord for Entry {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.key.total_cmp(&other.key).then(other.idx.cmp(&self.idx))
+    }
+}
+
+impl PartialOrd for Entry {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl PartialEq for Entry {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other).is_eq()
+    }
+}
+
+impl Eq for Entry {}
+
+/// A run's waiting tests in a max-heap on the order key: taking the next test and putting a
+/// lost one back are both O(log n), however large the run.
 #[derive(Debug, Default)]
 pub struct RunQueue {
-    items: Vec<Entry>,
+    items: BinaryHeap<Entry>,
     queued_ms: f64,
 }
 
@@ -205,10 +232,12 @@ impl RunQueue {
                 cold: p.cold,
             })
             .collect();
-        // Ties keep submission order: equal keys come out lowest index first.
-        items.sort_by(|a, b| a.key.total_cmp(&b.key).then(b.idx.cmp(&a.idx)));
         let queued_ms = items.iter().map(|e| e.estimate_ms).sum();
-        Self { items, queued_ms }
+        items.shrink_to_fit();
+        Self {
+            items: BinaryHeap::from(items),
+            queued_ms,
+        }
     }
 
     /// A queue of `plans` for the given test indexes only (a resumed run).
@@ -241,16 +270,13 @@ impl RunQueue {
             idx,
             cold: plan.cold,
         };
-        let pos = self
-            .items
-            .partition_point(|x| x.key.total_cmp(&e.key).then(e.idx.cmp(&x.idx)).is_lt());
-        self.items.insert(pos, e);
+        self.items.push(e);
         self.queued_ms += plan.estimate_ms;
     }
 
     /// Takes the next shard: test indexes in the order they should run.
     pub fn next_shard(&mut self, ctx: ShardContext) -> Vec<u32> {
-        let Some(head) = self.items.last().copied() else {
+        let Some(head) = self.items.peek().copied() else {
             return Vec::new();
         };
         let slots = ctx.slots.max(1) as f64;
@@ -261,7 +287,7 @@ impl RunQueue {
         }
         let target = target_ms(per_slot, ctx.overhead_ms, head.cold);
         let mut sum = head.estimate_ms;
-        while let Some(next) = self.items.last() {
+        while let Some(next) = self.items.peek() {
             // Guesses and known durations are batched apart: a shard sized for known tests must
             // not carry a cold test that may be a giant.
             if sum + next.estimate_ms > target || next.cold != head.cold {
@@ -292,7 +318,7 @@ impl RunQueue {
 /// balancing overhead against the imbalance an unknown giant among them would cause
 /// (`sqrt(2 · overhead · work per slot)`).
 pub fn target_ms(per_slot: f64, overhead_ms: f64, cold: bool) -> f64 {
-    let o = overhead_ms.max(1.0);
+    let o = overhead_ms.max(MIN_OVERHEAD_MS);
     let floor = 2.0 * o;
     let t = per_slot / 3.0;
     if cold {

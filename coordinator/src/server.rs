@@ -58,7 +58,8 @@ pub async fn run(
     http: Option<TcpListener>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
-    let store = Store::open(&config.db)?;
+    let mut store = Store::open(&config.db)?;
+    store.checkpoint_in_background(&config.db, Duration::from_millis(500))?;
     let core = Core::open(config.core.clone(), store, Now::real())?;
     let handle = actor::spawn(core, config.tick);
     let services = Services::new(handle.clone());

@@ -180,10 +180,11 @@ impl RunService for Services {
 /// The run's summary with the sequence number of the last event it reflects.
 async fn snapshot(handle: &Handle, id: RunId) -> Result<(u64, pb::RunSummary), Error> {
     let h = handle.clone();
-    // Runs on the actor thread after every earlier message's events were published, so the
-    // sequence number read there is exact.
+    // Runs on the actor thread: the events of earlier batches are published (`last_seq`) and
+    // those of earlier messages in this batch will be numbered next, so the sum is exactly the
+    // number of the last event this summary reflects.
     handle
-        .call(move |core, _| Ok((h.last_seq(), core.summary(id)?)))
+        .call(move |core, _| Ok((h.last_seq() + core.pending_events() as u64, core.summary(id)?)))
         .await
 }
 

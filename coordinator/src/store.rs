@@ -4,7 +4,8 @@
 //! Durability: the database runs in WAL mode with `synchronous=NORMAL`, which survives a crash or
 //! `kill -9` of the coordinator (the WAL is in the OS page cache) but may lose the last
 //! transactions on a power failure. A result is acknowledged to a worker only after its
-//! transaction committed.
+//! transaction committed. The actor groups the writes of many messages into one transaction
+//! ([`Store::begin_batch`]), each message's writes in a savepoint of their own.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -136,6 +137,16 @@ pub struct WorkerRow {
 
 pub struct Store {
     conn: Connection,
+    /// Set when the store is dropped, to stop the background checkpointer.
+    stop_checkpoints: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        if let Some(stop) = &self.stop_checkpoints {
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
 }
 
 impl std::fmt::Debug for Store {
@@ -162,6 +173,8 @@ impl Store {
         conn.pragma_update(None, "synchronous", "NORMAL")
             .map_err(open_err)?;
         conn.pragma_update(None, "foreign_keys", "ON").map_err(open_err)?;
+        // 64 MiB of page cache: a large run's working set stays in memory between commits.
+        conn.pragma_update(None, "cache_size", -65536).map_err(open_err)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(open_err)?;
         let version: i64 = conn
@@ -177,12 +190,62 @@ impl Store {
         conn.execute_batch(SCHEMA).map_err(open_err)?;
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)
             .map_err(open_err)?;
-        Ok(Self { conn })
+        Ok(Self {
+            conn,
+            stop_checkpoints: None,
+        })
+    }
+
+    /// Moves WAL checkpoints off the writer: the writer no longer checkpoints when it commits
+    /// (a checkpoint syncs the disk and would stall every reply of that batch), and a thread
+    /// with its own connection runs passive checkpoints, which never block the writer, every
+    /// `every`. Stops when the store is dropped.
+    pub fn checkpoint_in_background(
+        &mut self,
+        path: &Path,
+        every: std::time::Duration,
+    ) -> Result<(), StoreError> {
+        let conn = Connection::open(path).map_err(|source| StoreError::Open {
+            path: path.display().to_string(),
+            source,
+        })?;
+        self.conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        self.stop_checkpoints = Some(stop.clone());
+        std::thread::Builder::new()
+            .name("shardgate-checkpoint".into())
+            .spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    std::thread::sleep(every);
+                    if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                        tracing::warn!(error = %e, "background checkpoint failed");
+                    }
+                }
+            })
+            .map_err(|e| StoreError::Corrupt {
+                table: "-",
+                reason: format!("failed to start the checkpoint thread: {e}"),
+            })?;
+        Ok(())
+    }
+
+    /// Starts a group commit: the writes of every call until [`Store::commit_batch`] become
+    /// durable together. Each call still runs in its own savepoint, so a failed call rolls back
+    /// alone.
+    pub fn begin_batch(&mut self) -> Result<(), StoreError> {
+        self.conn.execute_batch("BEGIN IMMEDIATE")?;
+        Ok(())
+    }
+
+    /// Ends a group commit; after it returns, every write of the batch is on disk.
+    pub fn commit_batch(&mut self) -> Result<(), StoreError> {
+        self.conn.execute_batch("COMMIT")?;
+        Ok(())
     }
 
     /// Stores a new run with its tests in one transaction.
     pub fn insert_run(&mut self, run: &RunRow, tests: &[String]) -> Result<(), StoreError> {
-        let tx = self.conn.transaction()?;
+        let tx = self.conn.savepoint()?;
         tx.execute(
             "INSERT INTO runs (id, suite, revision, requested_by, runner, labels, policy, priority,
                                discover, status, message, created_ms, started_ms, finished_ms)
@@ -211,7 +274,7 @@ impl Store {
 
     /// Adds the tests a discovery found to a run.
     pub fn add_tests(&mut self, run: RunId, first_idx: u32, tests: &[String]) -> Result<(), StoreError> {
-        let tx = self.conn.transaction()?;
+        let tx = self.conn.savepoint()?;
         insert_tests(&tx, run, first_idx, tests)?;
         tx.commit()?;
         Ok(())
@@ -248,7 +311,7 @@ impl Store {
         suite: &str,
         results: &[ResultRow],
     ) -> Result<usize, StoreError> {
-        let tx = self.conn.transaction()?;
+        let tx = self.conn.savepoint()?;
         let mut written = 0;
         {
             let mut stmt = tx.prepare_cached(
@@ -305,7 +368,7 @@ impl Store {
 
     /// Replaces the history of some tests (imports, benchmarks).
     pub fn put_history(&mut self, suite: &str, entries: &[(String, History)]) -> Result<(), StoreError> {
-        let tx = self.conn.transaction()?;
+        let tx = self.conn.savepoint()?;
         {
             let mut hist = tx.prepare_cached(UPSERT_HISTORY)?;
             for (id, h) in entries {
@@ -576,7 +639,7 @@ impl RawRun {
 }
 
 fn insert_tests(
-    tx: &rusqlite::Transaction<'_>,
+    tx: &rusqlite::Savepoint<'_>,
     run: RunId,
     first_idx: u32,
     tests: &[String],
@@ -684,6 +747,24 @@ mod tests {
             "a result that was not counted does not touch the history"
         );
         assert!(s.history("other").unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_failed_call_inside_a_batch_rolls_back_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.sqlite");
+        let good = run_row();
+        let bad = run_row();
+        {
+            let mut s = Store::open(&path).unwrap();
+            s.begin_batch().unwrap();
+            s.insert_run(&good, &["a".into()]).unwrap();
+            assert!(s.insert_run(&bad, &["x".into(), "x".into()]).is_err());
+            s.commit_batch().unwrap();
+        }
+        let s = Store::open(&path).unwrap();
+        assert!(s.run(good.id).unwrap().is_some());
+        assert!(s.run(bad.id).unwrap().is_none());
     }
 
     #[test]

@@ -23,6 +23,8 @@ use crate::runner::Runners;
 
 /// How long an `AcquireShard` call may wait on the coordinator for work.
 const ACQUIRE_WAIT: Duration = Duration::from_secs(10);
+/// Most results in one report.
+const MAX_RESULTS_PER_REPORT: usize = 256;
 /// How long a report keeps being retried through coordinator outages before the attempt is
 /// given up (its lease will have run out by then anyway).
 const REPORT_RETRY_FOR: Duration = Duration::from_secs(30);
@@ -358,19 +360,30 @@ async fn report_loop(
     token: CancellationToken,
     mut rx: mpsc::Receiver<(String, TestRun)>,
 ) {
-    while let Some((test_id, run)) = rx.recv().await {
+    while let Some(first) = rx.recv().await {
+        // Results that finished while the last report was in flight go together.
+        let mut batch = vec![first];
+        while batch.len() < MAX_RESULTS_PER_REPORT {
+            match rx.try_recv() {
+                Ok(r) => batch.push(r),
+                Err(_) => break,
+            }
+        }
         let req = pb::ReportResultsRequest {
             worker_id: worker.to_string(),
             attempt_id: attempt.to_string(),
-            results: vec![pb::TestResult {
-                test_id,
-                outcome: run.outcome.to_wire(),
-                duration_ms: run.duration.as_millis() as u64,
-                attempts: 0,
-                worker: shared.cfg.name.clone(),
-                output: run.output,
-                detail: run.detail,
-            }],
+            results: batch
+                .into_iter()
+                .map(|(test_id, run)| pb::TestResult {
+                    test_id,
+                    outcome: run.outcome.to_wire(),
+                    duration_ms: run.duration.as_millis() as u64,
+                    attempts: 0,
+                    worker: shared.cfg.name.clone(),
+                    output: run.output,
+                    detail: run.detail,
+                })
+                .collect(),
         };
         let client = shared.client.clone();
         let never = CancellationToken::new();

@@ -1,0 +1,289 @@
+//! A real coordinator over gRPC under many simulated workers on many connections, in two phases:
+//!
+//! 1. **saturated**: every worker acquires shards and reports results as fast as it can, in
+//!    batches as a real worker sends results that finish together: the most results per second
+//!    the coordinator stores.
+//! 2. **paced**: the same workers, each test taking `--paced-test-ms` and reported on its own as
+//!    a real worker does: the hand-out latency a fleet of that size sees.
+//!
+//! The coordinator runs in this process on a loopback port with a SQLite file store, exactly as
+//! the binary runs it; the simulated workers speak the public WorkerService protocol. Both
+//! phases are bounded in time.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use shardgate_common::pb;
+use shardgate_common::pb::run_service_client::RunServiceClient;
+use shardgate_common::pb::worker_service_client::WorkerServiceClient;
+use tokio::net::TcpListener;
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::mem::quantile;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct LoadArgs {
+    /// Simulated workers (one slot each).
+    #[arg(long, default_value_t = 1000)]
+    pub workers: usize,
+    /// gRPC connections the workers share.
+    #[arg(long, default_value_t = 250)]
+    pub connections: usize,
+    /// Tests in the run.
+    #[arg(long, default_value_t = 400_000)]
+    pub tests: usize,
+    /// Most results in one report, as a worker batches results that finish together.
+    #[arg(long, default_value_t = 64)]
+    pub batch: usize,
+    /// Length of each phase.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+    /// Run only this phase (`saturated` or `paced`).
+    #[arg(long)]
+    pub only: Option<String>,
+    /// How long one test takes in the paced phase, in milliseconds.
+    #[arg(long, default_value_t = 200)]
+    pub paced_test_ms: u64,
+}
+
+#[derive(Default)]
+struct Stats {
+    results: AtomicU64,
+    handouts: AtomicU64,
+    acquire_ns: Mutex<Vec<u64>>,
+    /// Each worker's first hand-out: every worker asking at the same moment.
+    first_acquire_ns: Mutex<Vec<u64>>,
+    report_ns: Mutex<Vec<u64>>,
+}
+
+pub async fn run(a: LoadArgs) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}", listener.local_addr()?);
+    let stop_server = CancellationToken::new();
+    let config = shardgate_coordinator::Config::new(dir.path().join("load.db"));
+    let server = tokio::spawn(shardgate_coordinator::run(
+        config,
+        listener,
+        None,
+        stop_server.clone().cancelled_owned(),
+    ));
+
+    let mut channels = Vec::with_capacity(a.connections);
+    for _ in 0..a.connections {
+        channels.push(
+            Endpoint::from_shared(url.clone())?
+                .tcp_nodelay(true)
+                .connect()
+                .await?,
+        );
+    }
+    // Register every worker before the run exists, so every one of them competes for it.
+    let mut workers = Vec::with_capacity(a.workers);
+    for i in 0..a.workers {
+        let ch = channels[i % channels.len()].clone();
+        let resp = WorkerServiceClient::new(ch.clone())
+            .register(pb::RegisterRequest {
+                name: format!("load-{i}"),
+                slots: 1,
+                labels: vec![],
+                runners: vec![pb::RunnerInfo {
+                    name: "exec".into(),
+                    kind: pb::RunnerKind::Exec as i32,
+                }],
+            })
+            .await?
+            .into_inner();
+        workers.push((ch, resp.worker_id));
+    }
+    let mut runs = RunServiceClient::new(channels[0].clone())
+        .max_encoding_message_size(usize::MAX)
+        .max_decoding_message_size(usize::MAX);
+    println!(
+        "load: {} simulated workers on {} gRPC connections, a coordinator with a SQLite file store, {:?} per phase",
+        a.workers, a.connections, a.duration
+    );
+    let mut failures = Vec::new();
+    for (phase, batch, test_ms) in [("saturated", a.batch, 0), ("paced", 1, a.paced_test_ms)] {
+        if a.only.as_deref().is_some_and(|o| o != phase) {
+            continue;
+        }
+        let submitted = Instant::now();
+        let tests: Vec<String> = (0..a.tests).map(|i| format!("{phase}/{i:07}.sh")).collect();
+        let run_id = runs
+            .submit_run(pb::SubmitRunRequest {
+                suite: format!("load-{phase}"),
+                revision: "r".into(),
+                runner: "exec".into(),
+                tests,
+                ..Default::default()
+            })
+            .await?
+            .into_inner()
+            .run_id;
+        eprintln!(
+            "{phase}: submitted {} tests in {:.1} s",
+            a.tests,
+            submitted.elapsed().as_secs_f64()
+        );
+        let stats = Arc::new(Stats::default());
+        let done = Arc::new(AtomicBool::new(false));
+        let started = Instant::now();
+        let deadline = tokio::time::Instant::now() + a.duration;
+        let mut tasks = tokio::task::JoinSet::new();
+        for (ch, worker_id) in &workers {
+            let (ch, worker_id) = (ch.clone(), worker_id.clone());
+            let (stats, done) = (stats.clone(), done.clone());
+            let pace = Duration::from_millis(test_ms);
+            tasks.spawn(async move { worker(ch, worker_id, batch, pace, deadline, stats, done).await });
+        }
+        while let Some(r) = tasks.join_next().await {
+            r??;
+        }
+        let wall = started.elapsed().as_secs_f64();
+        // What the store holds is what counts. Cancel the rest so the next phase has the fleet.
+        let run = runs
+            .get_run(pb::GetRunRequest {
+                run_id: run_id.clone(),
+                include_results: false,
+            })
+            .await?
+            .into_inner()
+            .run
+            .unwrap_or_default();
+        let _ = runs
+            .cancel_run(pb::CancelRunRequest {
+                run_id,
+                reason: "load phase over".into(),
+            })
+            .await;
+        let c = run.counts.unwrap_or_default();
+        let stored = (c.passed + c.failed + c.skipped + c.flaky + c.timed_out + c.infra_error) as u64;
+        let results = stats.results.load(Ordering::Relaxed);
+        let handouts = stats.handouts.load(Ordering::Relaxed);
+        let mut acq = stats.acquire_ns.lock().await;
+        let mut burst = stats.first_acquire_ns.lock().await;
+        let mut rep = stats.report_ns.lock().await;
+        println!(
+            "\n{phase}: reports of up to {batch} results{}, {wall:.1} s",
+            if test_ms > 0 {
+                format!(", {test_ms} ms per test")
+            } else {
+                ", no time per test".into()
+            }
+        );
+        println!(
+            "  results acknowledged   {results} ({:.0} per second); stored and counted: {stored}",
+            results as f64 / wall
+        );
+        println!(
+            "  hand-outs              {handouts} ({:.0} per second)",
+            handouts as f64 / wall
+        );
+        println!(
+            "  AcquireShard latency   p50 {:.2} ms, p99 {:.2} ms over {} hand-outs after each worker's first",
+            quantile(&mut acq, 0.5) as f64 / 1e6,
+            quantile(&mut acq, 0.99) as f64 / 1e6,
+            acq.len()
+        );
+        println!(
+            "  start-up burst         {} workers asking at once: all served within {:.0} ms (p50 {:.0} ms)",
+            burst.len(),
+            quantile(&mut burst, 1.0) as f64 / 1e6,
+            quantile(&mut burst, 0.5) as f64 / 1e6
+        );
+        println!(
+            "  ReportResults latency  p50 {:.2} ms, p99 {:.2} ms",
+            quantile(&mut rep, 0.5) as f64 / 1e6,
+            quantile(&mut rep, 0.99) as f64 / 1e6
+        );
+        if stored != results {
+            failures.push(format!(
+                "{phase}: acknowledged {results} results but the store counts {stored}"
+            ));
+        }
+    }
+    stop_server.cancel();
+    server.await??;
+    anyhow::ensure!(failures.is_empty(), "{}", failures.join("; "));
+    Ok(())
+}
+
+async fn worker(
+    ch: Channel,
+    worker_id: String,
+    batch: usize,
+    pace: Duration,
+    deadline: tokio::time::Instant,
+    stats: Arc<Stats>,
+    done: Arc<AtomicBool>,
+) -> anyhow::Result<()> {
+    let mut client = WorkerServiceClient::new(ch);
+    let mut first = true;
+    while tokio::time::Instant::now() < deadline && !done.load(Ordering::Relaxed) {
+        let asked = Instant::now();
+        let resp = client
+            .acquire_shard(pb::AcquireShardRequest {
+                worker_id: worker_id.clone(),
+                wait_ms: 200,
+            })
+            .await?
+            .into_inner();
+        let Some(shard) = resp.shard else {
+            // Nothing left to hand out: the run is drained.
+            done.store(true, Ordering::Relaxed);
+            break;
+        };
+        let took = asked.elapsed().as_nanos() as u64;
+        if first {
+            stats.first_acquire_ns.lock().await.push(took);
+            first = false;
+        } else {
+            stats.acquire_ns.lock().await.push(took);
+        }
+        stats.handouts.fetch_add(1, Ordering::Relaxed);
+        for chunk in shard.tests.chunks(batch) {
+            if tokio::time::Instant::now() >= deadline {
+                break;
+            }
+            if !pace.is_zero() {
+                tokio::time::sleep(pace * chunk.len() as u32).await;
+            }
+            let results = chunk
+                .iter()
+                .map(|t| pb::TestResult {
+                    test_id: t.clone(),
+                    outcome: pb::Outcome::Passed as i32,
+                    duration_ms: pace.as_millis() as u64,
+                    ..Default::default()
+                })
+                .collect();
+            let sent = Instant::now();
+            let r = client
+                .report_results(pb::ReportResultsRequest {
+                    worker_id: worker_id.clone(),
+                    attempt_id: shard.attempt_id.clone(),
+                    results,
+                })
+                .await?
+                .into_inner();
+            stats
+                .report_ns
+                .lock()
+                .await
+                .push(sent.elapsed().as_nanos() as u64);
+            stats.results.fetch_add(r.accepted as u64, Ordering::Relaxed);
+        }
+        client
+            .finish_shard(pb::FinishShardRequest {
+                worker_id: worker_id.clone(),
+                attempt_id: shard.attempt_id.clone(),
+                error: String::new(),
+            })
+            .await?;
+    }
+    Ok(())
+}
