@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 
 mod load;
 mod mem;
+mod real;
 mod sim;
 mod workload;
 
@@ -25,6 +26,8 @@ enum Command {
     Scale(ScaleArgs),
     /// A real coordinator over gRPC under many simulated workers: results and hand-outs per second.
     Load(load::LoadArgs),
+    /// The coordinator and real worker processes running sleep-based exec tests, twice.
+    Real(real::RealArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -59,6 +62,7 @@ fn main() -> anyhow::Result<()> {
         Command::Sim(a) => run_sim(a),
         Command::Scale(a) => run_scale(a),
         Command::Load(a) => tokio::runtime::Runtime::new()?.block_on(load::run(a)),
+        Command::Real(a) => real::run(a),
     }
 }
 

@@ -69,6 +69,8 @@ pub struct RunReport {
     pub finished_at_ms: u64,
     /// Wall time from the first hand-out to the verdict.
     pub makespan_ms: u64,
+    /// Shards handed out (every hand-out, retries included).
+    pub shards: u32,
     pub counts: Counts,
     #[serde(skip_serializing_if = "Vec::is_empty", default)]
     pub tests: Vec<TestReport>,
@@ -100,6 +102,7 @@ impl RunReport {
             } else {
                 0
             },
+            shards: run.shards,
             counts: run.counts.as_ref().map(Counts::from).unwrap_or_default(),
             tests: results.iter().map(TestReport::from).collect(),
         }

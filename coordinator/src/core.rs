@@ -380,6 +380,7 @@ impl Core {
             created_ms: now.ms,
             started_ms: 0,
             finished_ms: 0,
+            shards: 0,
         };
         self.store.insert_run(&row, &req.tests)?;
         let history = if req.tests.is_empty() {
@@ -709,6 +710,17 @@ impl Core {
         let fleet_slots = self.eligible_slots(run_id);
         let overhead_ms = self.overhead(&self.runs[&run_id].row.runner);
         let run = self.runs.get_mut(&run_id).expect("chosen from the map");
+        if run.row.status == RunStatus::Queued {
+            // The store first: if the write fails, nothing has been taken from the queue.
+            let mut row = run.row.clone();
+            row.status = RunStatus::Running;
+            row.started_ms = now.ms;
+            self.store.update_run_status(&row)?;
+            run.row = row;
+            self.effects
+                .events
+                .push(pb::run_event::Event::Progress(run.summary()));
+        }
         let (kind, tests) = if run.discover_pending {
             run.discover_pending = false;
             run.discover_handouts += 1;
@@ -731,15 +743,7 @@ impl Core {
         }
         run.running += tests.len() as u32;
         run.live_attempts += 1;
-        if run.row.status == RunStatus::Queued {
-            run.row.status = RunStatus::Running;
-            run.row.started_ms = now.ms;
-            self.store
-                .update_run_status(run_id, RunStatus::Running, "", now.ms, 0)?;
-            self.effects
-                .events
-                .push(pb::run_event::Event::Progress(run.summary()));
-        }
+        run.row.shards += 1;
         let shard = pb::Shard {
             shard_id: shard_id.to_string(),
             attempt_id: attempt_id.to_string(),
@@ -1185,13 +1189,14 @@ impl Core {
         } else {
             r.row.started_ms
         };
-        self.store
-            .update_run_status(run, status, &message, started, now.ms)?;
+        let mut row = r.row.clone();
+        row.status = status;
+        row.message = message;
+        row.started_ms = started;
+        row.finished_ms = now.ms;
+        self.store.update_run_status(&row)?;
         let mut r = self.runs.remove(&run).expect("checked above");
-        r.row.status = status;
-        r.row.message = message;
-        r.row.started_ms = started;
-        r.row.finished_ms = now.ms;
+        r.row = row;
         let live: Vec<AttemptId> = self
             .attempts
             .iter()
@@ -1231,6 +1236,7 @@ fn summary_of(row: &RunRow, counts: pb::RunCounts) -> pb::RunSummary {
         message: row.message.clone(),
         discover: row.discover,
         priority: row.priority,
+        shards: row.shards,
     }
 }
 

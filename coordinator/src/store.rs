@@ -46,7 +46,8 @@ CREATE TABLE IF NOT EXISTS runs (
     message      TEXT NOT NULL DEFAULT '',
     created_ms   INTEGER NOT NULL,
     started_ms   INTEGER NOT NULL DEFAULT 0,
-    finished_ms  INTEGER NOT NULL DEFAULT 0
+    finished_ms  INTEGER NOT NULL DEFAULT 0,
+    shards       INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS runs_by_status ON runs(status);
 CREATE TABLE IF NOT EXISTS tests (
@@ -99,6 +100,7 @@ pub struct RunRow {
     pub created_ms: u64,
     pub started_ms: u64,
     pub finished_ms: u64,
+    pub shards: u32,
 }
 
 /// One counted result, with the test's history updated by it.
@@ -280,23 +282,17 @@ impl Store {
         Ok(())
     }
 
-    pub fn update_run_status(
-        &mut self,
-        run: RunId,
-        status: RunStatus,
-        message: &str,
-        started_ms: u64,
-        finished_ms: u64,
-    ) -> Result<(), StoreError> {
+    pub fn update_run_status(&mut self, row: &RunRow) -> Result<(), StoreError> {
         self.conn.execute(
-            "UPDATE runs SET status = ?2, message = ?3, started_ms = ?4, finished_ms = ?5
+            "UPDATE runs SET status = ?2, message = ?3, started_ms = ?4, finished_ms = ?5, shards = ?6
              WHERE id = ?1",
             params![
-                run.to_string(),
-                status.as_str(),
-                message,
-                started_ms as i64,
-                finished_ms as i64
+                row.id.to_string(),
+                row.status.as_str(),
+                row.message,
+                row.started_ms as i64,
+                row.finished_ms as i64,
+                row.shards
             ],
         )?;
         Ok(())
@@ -576,7 +572,7 @@ const UPSERT_HISTORY: &str = "INSERT INTO durations (suite, test_id, estimate_ms
          samples = excluded.samples, last_failed_ms = excluded.last_failed_ms";
 
 const RUN_SELECT: &str = "SELECT id, suite, revision, requested_by, runner, labels, policy, priority,
-        discover, status, message, created_ms, started_ms, finished_ms FROM runs";
+        discover, status, message, created_ms, started_ms, finished_ms, shards FROM runs";
 
 struct RawRun {
     id: String,
@@ -593,6 +589,7 @@ struct RawRun {
     created_ms: i64,
     started_ms: i64,
     finished_ms: i64,
+    shards: u32,
 }
 
 fn raw_run(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawRun> {
@@ -611,6 +608,7 @@ fn raw_run(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawRun> {
         created_ms: r.get(11)?,
         started_ms: r.get(12)?,
         finished_ms: r.get(13)?,
+        shards: r.get(14)?,
     })
 }
 
@@ -634,6 +632,7 @@ impl RawRun {
             created_ms: self.created_ms as u64,
             started_ms: self.started_ms as u64,
             finished_ms: self.finished_ms as u64,
+            shards: self.shards,
         })
     }
 }
@@ -690,6 +689,7 @@ mod tests {
             created_ms: 1,
             started_ms: 0,
             finished_ms: 0,
+            shards: 0,
         }
     }
 

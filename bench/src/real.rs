@@ -1,0 +1,176 @@
+//! The scheduler with real processes: a `shardgate-coordinator` process and N
+//! `shardgate-worker` processes on this machine run a suite of sleep-based exec tests twice —
+//! the first run with no history, the second with the history of the first — and each run's
+//! measured makespan is set against its lower bound computed from the durations measured in
+//! that same run.
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct RealArgs {
+    /// Worker processes (one slot each).
+    #[arg(long, default_value_t = 24)]
+    pub workers: usize,
+    /// Tests in the suite.
+    #[arg(long, default_value_t = 400)]
+    pub tests: usize,
+    /// Aim for a run of about this many seconds at the lower bound.
+    #[arg(long, default_value_t = 60.0)]
+    pub seconds: f64,
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+}
+
+/// The directory that holds this binary and its siblings (`cargo build --release` builds all).
+fn bin_dir() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    Ok(exe.parent().context("binary has no directory")?.to_owned())
+}
+
+fn cpu_seconds(pid: u32) -> f64 {
+    // Fields 14 and 15 of /proc/PID/stat: user and system time in clock ticks (100 per second).
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let t = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (t(11) + t(12)) / 100.0
+}
+
+struct Procs(Vec<Child>);
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn write_suite(root: &Path, a: &RealArgs) -> anyhow::Result<Vec<String>> {
+    let mut rng = StdRng::seed_from_u64(a.seed);
+    // Log-normal (σ = 1) with two long tests, scaled to `seconds` per slot in total.
+    let mut d: Vec<f64> = (0..a.tests)
+        .map(|_| {
+            let u1: f64 = rng.random::<f64>().max(1e-12);
+            let u2: f64 = rng.random();
+            ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()).exp()
+        })
+        .collect();
+    let scale = a.seconds * a.workers as f64 * 0.9 / d.iter().sum::<f64>();
+    for x in &mut d {
+        *x *= scale;
+    }
+    // Two long tests at 40 % of the target run time, placed late in the list.
+    let n = d.len();
+    d[n - 1] = a.seconds * 0.4;
+    d[n / 2] = a.seconds * 0.4;
+    let mut ids = Vec::new();
+    for (i, secs) in d.iter().enumerate() {
+        let id = format!("group{:02}/t{i:04}.sh", i % 17);
+        let p = root.join(&id);
+        std::fs::create_dir_all(p.parent().unwrap())?;
+        std::fs::write(&p, format!("#!/bin/sh\nsleep {secs:.3}\n"))?;
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755))?;
+        ids.push(id);
+    }
+    Ok(ids)
+}
+
+pub fn run(a: RealArgs) -> anyhow::Result<()> {
+    let bins = bin_dir()?;
+    for b in ["shardgate", "shardgate-coordinator", "shardgate-worker"] {
+        if !bins.join(b).exists() {
+            bail!("{} not found next to this binary: run `cargo build --release` in the workspace first", b);
+        }
+    }
+    let dir = tempfile::tempdir()?;
+    let root = dir.path().join("suite");
+    let ids = write_suite(&root, &a)?;
+    let list = dir.path().join("tests.txt");
+    std::fs::write(&list, ids.join("\n"))?;
+
+    let log = |name: &str| std::fs::File::create(dir.path().join(name));
+    let mut coordinator = Command::new(bins.join("shardgate-coordinator"))
+        .args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
+        .arg("--db")
+        .arg(dir.path().join("db.sqlite"))
+        .stdout(Stdio::piped())
+        .stderr(log("coordinator.log")?)
+        .spawn()?;
+    let mut line = String::new();
+    BufReader::new(coordinator.stdout.take().unwrap()).read_line(&mut line)?;
+    let ready: serde_json::Value = serde_json::from_str(&line).context("coordinator did not start")?;
+    let url = format!("http://{}", ready["grpc_addr"].as_str().unwrap_or_default());
+    let pid = coordinator.id();
+    let mut procs = Procs(vec![coordinator]);
+    for i in 0..a.workers {
+        procs.0.push(
+            Command::new(bins.join("shardgate-worker"))
+                .args(["--coordinator", &url, "--name", &format!("w{i:02}"), "--slots", "1"])
+                .arg("--exec-root")
+                .arg(&root)
+                .stdout(Stdio::null())
+                .stderr(log(&format!("worker-{i}.log"))?)
+                .spawn()?,
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = Command::new(bins.join("shardgate"))
+            .args(["workers", "--coordinator", &url, "--json"])
+            .output()?;
+        let live = serde_json::from_slice::<serde_json::Value>(&out.stdout)
+            .ok()
+            .and_then(|v| v.as_array().map(|a| a.iter().filter(|w| w["state"] == "live").count()))
+            .unwrap_or(0);
+        if live == a.workers {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("only {live} of {} workers registered", a.workers);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    println!(
+        "real: {} worker processes (1 slot each), {} sleep-based exec tests, one coordinator process",
+        a.workers, a.tests
+    );
+    println!("  {:<28} {:>10} {:>10} {:>8} {:>9} {:>14}", "run", "makespan", "LB", "÷ LB", "hand-outs", "coord. CPU");
+    for label in ["first run (no history)", "second run (history)"] {
+        let cpu_before = cpu_seconds(pid);
+        let out = Command::new(bins.join("shardgate"))
+            .args(["run", "--coordinator", &url, "--runner", "exec", "--suite", "real", "--json", "--tests-file"])
+            .arg(&list)
+            .stderr(Stdio::null())
+            .output()?;
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).context("run printed no JSON")?;
+        if report["verdict"] != "passed" {
+            bail!("the run did not pass: {}", report["verdict"]);
+        }
+        let cpu = cpu_seconds(pid) - cpu_before;
+        let tests = report["tests"].as_array().context("no tests")?;
+        let durations: Vec<f64> = tests.iter().map(|t| t["duration_ms"].as_f64().unwrap_or(0.0)).collect();
+        let lb = (durations.iter().sum::<f64>() / a.workers as f64).max(durations.iter().copied().fold(0.0, f64::max));
+        let makespan = report["makespan_ms"].as_f64().unwrap_or(0.0);
+        let handouts = report["shards"].as_u64().unwrap_or(0);
+        println!(
+            "  {label:<28} {:>8.1} s {:>8.1} s {:>7.3}× {:>9} {:>12.2} s",
+            makespan / 1000.0,
+            lb / 1000.0,
+            makespan / lb,
+            handouts,
+            cpu
+        );
+    }
+    Ok(())
+}
+
