@@ -152,6 +152,30 @@ fn run_sim(a: SimArgs) -> anyhow::Result<()> {
             );
             sweep.push(serde_json::json!({ "sigma": 1.6, "slots": slots, "results": rows }));
         }
+        println!("\nSweep summary: makespan ÷ LB per strategy");
+        let names = [
+            "static count",
+            "static hash",
+            "static timing (LPT)",
+            "queue, one test a time",
+            "shardgate",
+        ];
+        println!("  {:<22} {}", "point", names.map(|n| format!("{n:>24}")).join(""));
+        for p in &sweep {
+            let label = format!("σ {} · {} slots", p["sigma"], p["slots"]);
+            let cells: Vec<String> = names
+                .iter()
+                .map(|n| {
+                    p["results"]
+                        .as_array()
+                        .and_then(|rs| rs.iter().find(|r| r["strategy"] == *n))
+                        .and_then(|r| r["ratio"].as_f64())
+                        .map(|x| format!("{:>23.3}×", x))
+                        .unwrap_or_default()
+                })
+                .collect();
+            println!("  {label:<22} {}", cells.join(""));
+        }
         report.insert("sweeps".into(), serde_json::Value::Array(sweep));
     }
     if a.json {

@@ -17,10 +17,10 @@ use rand::{RngExt, SeedableRng};
 #[derive(Debug, Clone, clap::Args)]
 pub struct RealArgs {
     /// Worker processes (one slot each).
-    #[arg(long, default_value_t = 24)]
+    #[arg(long, default_value_t = 36)]
     pub workers: usize,
     /// Tests in the suite.
-    #[arg(long, default_value_t = 400)]
+    #[arg(long, default_value_t = 600)]
     pub tests: usize,
     /// Aim for a run of about this many seconds at the lower bound.
     #[arg(long, default_value_t = 60.0)]
@@ -55,14 +55,18 @@ impl Drop for Procs {
     }
 }
 
-fn write_suite(root: &Path, a: &RealArgs) -> anyhow::Result<Vec<String>> {
+/// Writes the suite; returns its ids and the total of its sleeps in seconds.
+fn write_suite(root: &Path, a: &RealArgs) -> anyhow::Result<(Vec<String>, f64)> {
     let mut rng = StdRng::seed_from_u64(a.seed);
-    // Log-normal (σ = 1) with two long tests, scaled to `seconds` per slot in total.
+    // Log-normal (σ = 1) with two long tests, scaled to about `seconds` per slot in total.
     let mut d: Vec<f64> = (0..a.tests)
         .map(|_| {
             let u1: f64 = rng.random::<f64>().max(1e-12);
             let u2: f64 = rng.random();
-            ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()).exp()
+            // Capped at 2.5 σ, so the lower bound is the work per slot rather than one test.
+            ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos())
+                .min(2.5)
+                .exp()
         })
         .collect();
     let scale = a.seconds * a.workers as f64 * 0.9 / d.iter().sum::<f64>();
@@ -82,19 +86,22 @@ fn write_suite(root: &Path, a: &RealArgs) -> anyhow::Result<Vec<String>> {
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755))?;
         ids.push(id);
     }
-    Ok(ids)
+    Ok((ids, d.iter().sum()))
 }
 
 pub fn run(a: RealArgs) -> anyhow::Result<()> {
     let bins = bin_dir()?;
     for b in ["shardgate", "shardgate-coordinator", "shardgate-worker"] {
         if !bins.join(b).exists() {
-            bail!("{} not found next to this binary: run `cargo build --release` in the workspace first", b);
+            bail!(
+                "{} not found next to this binary: run `cargo build --release` in the workspace first",
+                b
+            );
         }
     }
     let dir = tempfile::tempdir()?;
     let root = dir.path().join("suite");
-    let ids = write_suite(&root, &a)?;
+    let (ids, nominal) = write_suite(&root, &a)?;
     let list = dir.path().join("tests.txt");
     std::fs::write(&list, ids.join("\n"))?;
 
@@ -115,7 +122,14 @@ pub fn run(a: RealArgs) -> anyhow::Result<()> {
     for i in 0..a.workers {
         procs.0.push(
             Command::new(bins.join("shardgate-worker"))
-                .args(["--coordinator", &url, "--name", &format!("w{i:02}"), "--slots", "1"])
+                .args([
+                    "--coordinator",
+                    &url,
+                    "--name",
+                    &format!("w{i:02}"),
+                    "--slots",
+                    "1",
+                ])
                 .arg("--exec-root")
                 .arg(&root)
                 .stdout(Stdio::null())
@@ -130,7 +144,10 @@ pub fn run(a: RealArgs) -> anyhow::Result<()> {
             .output()?;
         let live = serde_json::from_slice::<serde_json::Value>(&out.stdout)
             .ok()
-            .and_then(|v| v.as_array().map(|a| a.iter().filter(|w| w["state"] == "live").count()))
+            .and_then(|v| {
+                v.as_array()
+                    .map(|a| a.iter().filter(|w| w["state"] == "live").count())
+            })
             .unwrap_or(0);
         if live == a.workers {
             break;
@@ -141,14 +158,27 @@ pub fn run(a: RealArgs) -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_millis(100));
     }
     println!(
-        "real: {} worker processes (1 slot each), {} sleep-based exec tests, one coordinator process",
-        a.workers, a.tests
+        "real: {} worker processes (1 slot each), {} sleep-based exec tests ({:.0} s of sleep in all), one coordinator process",
+        a.workers, a.tests, nominal
     );
-    println!("  {:<28} {:>10} {:>10} {:>8} {:>9} {:>14}", "run", "makespan", "LB", "÷ LB", "hand-outs", "coord. CPU");
+    println!(
+        "  {:<28} {:>10} {:>10} {:>8} {:>9} {:>14}",
+        "run", "makespan", "LB", "÷ LB", "hand-outs", "coord. CPU"
+    );
     for label in ["first run (no history)", "second run (history)"] {
         let cpu_before = cpu_seconds(pid);
         let out = Command::new(bins.join("shardgate"))
-            .args(["run", "--coordinator", &url, "--runner", "exec", "--suite", "real", "--json", "--tests-file"])
+            .args([
+                "run",
+                "--coordinator",
+                &url,
+                "--runner",
+                "exec",
+                "--suite",
+                "real",
+                "--json",
+                "--tests-file",
+            ])
             .arg(&list)
             .stderr(Stdio::null())
             .output()?;
@@ -158,8 +188,12 @@ pub fn run(a: RealArgs) -> anyhow::Result<()> {
         }
         let cpu = cpu_seconds(pid) - cpu_before;
         let tests = report["tests"].as_array().context("no tests")?;
-        let durations: Vec<f64> = tests.iter().map(|t| t["duration_ms"].as_f64().unwrap_or(0.0)).collect();
-        let lb = (durations.iter().sum::<f64>() / a.workers as f64).max(durations.iter().copied().fold(0.0, f64::max));
+        let durations: Vec<f64> = tests
+            .iter()
+            .map(|t| t["duration_ms"].as_f64().unwrap_or(0.0))
+            .collect();
+        let lb = (durations.iter().sum::<f64>() / a.workers as f64)
+            .max(durations.iter().copied().fold(0.0, f64::max));
         let makespan = report["makespan_ms"].as_f64().unwrap_or(0.0);
         let handouts = report["shards"].as_u64().unwrap_or(0);
         println!(
@@ -173,4 +207,3 @@ pub fn run(a: RealArgs) -> anyhow::Result<()> {
     }
     Ok(())
 }
-
