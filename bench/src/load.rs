@@ -39,13 +39,13 @@ pub struct LoadArgs {
     #[arg(long, default_value_t = 64)]
     pub batch: usize,
     /// Length of each phase.
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
     pub duration: Duration,
     /// Run only this phase (`saturated` or `paced`).
     #[arg(long)]
     pub only: Option<String>,
-    /// How long one test takes in the paced phase, in milliseconds.
-    #[arg(long, default_value_t = 200)]
+    /// How long one test takes in the paced phase, in milliseconds (each varies by ±50 %).
+    #[arg(long, default_value_t = 500)]
     pub paced_test_ms: u64,
 }
 
@@ -250,7 +250,9 @@ async fn worker(
                 break;
             }
             if !pace.is_zero() {
-                tokio::time::sleep(pace * chunk.len() as u32).await;
+                // Tests vary around the pace, so workers drift apart as real ones do.
+                let f: f64 = rand::random_range(0.5..1.5);
+                tokio::time::sleep(pace.mul_f64(f) * chunk.len() as u32).await;
             }
             let results = chunk
                 .iter()

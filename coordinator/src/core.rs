@@ -571,17 +571,7 @@ impl Core {
                 reregister: true,
             });
         }
-        w.last_seen = now.at;
-        if w.liveness != WorkerLiveness::Live {
-            w.liveness = WorkerLiveness::Live;
-            self.fleet_version += 1;
-            w.row.state = WorkerLiveness::Live.as_str().to_owned();
-            w.row.last_seen_ms = now.ms;
-            let row = w.row.clone();
-            self.store.upsert_worker(&row)?;
-            info!(worker = %worker, "worker is live again");
-            self.effects.work_added = true;
-        }
+        self.touch(worker, now)?;
         let mut cancel = Vec::new();
         for a in attempts {
             match a
@@ -597,6 +587,26 @@ impl Core {
             cancel_attempt_ids: cancel,
             reregister: false,
         })
+    }
+
+    /// Any call from a worker proves it is alive: a lost worker that calls again is live again.
+    fn touch(&mut self, worker: WorkerId, now: Now) -> Result<(), Error> {
+        let Some(w) = self.workers.get_mut(&worker) else {
+            return Ok(());
+        };
+        w.last_seen = now.at;
+        if w.liveness == WorkerLiveness::Lost {
+            let mut row = w.row.clone();
+            row.state = WorkerLiveness::Live.as_str().to_owned();
+            row.last_seen_ms = now.ms;
+            self.store.upsert_worker(&row)?;
+            w.row = row;
+            w.liveness = WorkerLiveness::Live;
+            self.fleet_version += 1;
+            info!(worker = %worker, "worker is live again");
+            self.effects.work_added = true;
+        }
+        Ok(())
     }
 
     pub fn deregister(&mut self, worker: WorkerId, now: Now) -> Result<(), Error> {
@@ -689,8 +699,11 @@ impl Core {
             )));
         }
         if w.attempts.len() as u32 >= w.row.slots {
+            self.touch(worker, now)?;
             return Ok(None);
         }
+        self.touch(worker, now)?;
+        let w = &self.workers[&worker];
         let eligible = |r: &RunState| {
             r.has_work()
                 && w.runners.get(&r.row.runner) == Some(&r.kind)
@@ -833,7 +846,9 @@ impl Core {
         results: Vec<pb::TestResult>,
         now: Now,
     ) -> Result<pb::ReportResultsResponse, Error> {
-        let attempt = self.live_attempt(worker, attempt_id)?;
+        self.live_attempt(worker, attempt_id)?;
+        self.touch(worker, now)?;
+        let attempt = &self.attempts[&attempt_id];
         if attempt.kind != AttemptKind::Run {
             return Err(Error::FailedPrecondition(format!(
                 "attempt '{attempt_id}' is a discovery; report its tests with ReportDiscovery"

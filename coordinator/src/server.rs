@@ -123,11 +123,24 @@ pub async fn run(
         .add_service(pb::dashboard_service_server::DashboardServiceServer::new(
             services,
         ))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), stopped(stop_rx))
+        .serve_with_incoming_shutdown(incoming(grpc), stopped(stop_rx))
         .await?;
     if let Some(t) = http_task {
         t.await.map_err(std::io::Error::other)??;
     }
     info!("coordinator stopped");
     Ok(())
+}
+
+/// Accepted connections with Nagle's algorithm off: a reply written in more than one piece
+/// would otherwise wait for the client's delayed ACK (40 ms on Linux).
+fn incoming(
+    listener: TcpListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use tokio_stream::StreamExt;
+    TcpListenerStream::new(listener).map(|conn| {
+        let conn = conn?;
+        conn.set_nodelay(true)?;
+        Ok(conn)
+    })
 }

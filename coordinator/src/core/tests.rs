@@ -354,3 +354,15 @@ fn a_restart_resumes_unfinished_runs_and_keeps_finished_ones() {
     assert_eq!(seen, vec!["d", "e"], "the counted result of c is not run again");
     assert_eq!(status(&core, open), RunStatus::Failed);
 }
+
+#[test]
+fn any_call_from_a_lost_worker_makes_it_live_again() {
+    let (mut core, now) = core();
+    let w = register(&mut core, "w1", 1, &[], now);
+    let later = now.after(Duration::from_secs(11));
+    core.tick(later).unwrap();
+    assert_eq!(core.list_workers(false)[0].state, "lost");
+    submit(&mut core, &["a"], later);
+    assert!(core.acquire(w, later).unwrap().is_some());
+    assert_eq!(core.list_workers(false)[0].state, "live");
+}
