@@ -1235,6 +1235,70 @@ impl Core {
     }
 }
 
+impl Core {
+    /// Checks that the core's bookkeeping agrees with itself: every open test is either waiting
+    /// in its run's queue exactly once or held by exactly one live attempt, and the counts
+    /// match. Panics with what is wrong.
+    #[cfg(test)]
+    pub(crate) fn check_invariants(&self) {
+        for (id, a) in &self.attempts {
+            let run = self.runs.get(&a.run).expect("a live attempt's run is active");
+            let w = self
+                .workers
+                .get(&a.worker)
+                .expect("a live attempt's worker is known");
+            assert!(w.attempts.contains(id), "worker does not list its attempt");
+            assert_eq!(
+                w.runners.get(&run.row.runner),
+                Some(&run.kind),
+                "worker lacks the run's runner"
+            );
+            assert!(
+                labels::satisfies(&w.row.labels, &run.row.labels),
+                "labels violated"
+            );
+            for &i in &a.pending {
+                let t = &run.tests[i as usize];
+                assert!(!t.done, "a done test is pending in an attempt");
+                assert_eq!(t.leased, Some(*id), "test {} leased elsewhere", t.id);
+            }
+        }
+        for w in self.workers.values() {
+            assert!(w.attempts.len() as u32 <= w.row.slots, "worker over its slots");
+            for a in &w.attempts {
+                assert!(self.attempts.contains_key(a), "worker lists a dead attempt");
+            }
+        }
+        for run in self.runs.values() {
+            let mut queued = vec![0u32; run.tests.len()];
+            for i in run.queue.indexes() {
+                queued[i as usize] += 1;
+            }
+            let mut running = 0;
+            for (i, t) in run.tests.iter().enumerate() {
+                match (t.done, t.leased) {
+                    (true, None) => assert_eq!(queued[i], 0, "a done test is queued"),
+                    (false, Some(a)) => {
+                        running += 1;
+                        assert_eq!(queued[i], 0, "a leased test is queued");
+                        let att = self.attempts.get(&a).expect("leased to a live attempt");
+                        assert!(att.pending.contains(&(i as u32)));
+                    }
+                    (false, None) => {
+                        assert_eq!(queued[i], 1, "test {} lost: neither queued nor leased", t.id)
+                    }
+                    (true, Some(_)) => panic!("test {} done and leased", t.id),
+                }
+            }
+            assert_eq!(run.running, running, "running count");
+            assert_eq!(
+                run.done_total() as usize + running as usize + run.queue.len(),
+                run.tests.len()
+            );
+        }
+    }
+}
+
 fn summary_of(row: &RunRow, counts: pb::RunCounts) -> pb::RunSummary {
     pb::RunSummary {
         run_id: row.id.to_string(),
@@ -1267,5 +1331,7 @@ fn cap(s: &str, max: usize) -> String {
     format!("{}\n[… {} bytes cut]", &s[..end], s.len() - end)
 }
 
+#[cfg(test)]
+mod proptests;
 #[cfg(test)]
 mod tests;

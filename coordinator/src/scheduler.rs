@@ -253,6 +253,11 @@ impl RunQueue {
         self.items.len()
     }
 
+    /// The indexes of the waiting tests, in no particular order.
+    pub fn indexes(&self) -> impl Iterator<Item = u32> + '_ {
+        self.items.iter().map(|e| e.idx)
+    }
+
     pub fn is_empty(&self) -> bool {
         self.items.is_empty()
     }
