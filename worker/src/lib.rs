@@ -6,6 +6,7 @@
 
 pub mod agent;
 pub mod exec;
+pub mod junit;
 pub mod output;
 pub mod runner;
 
