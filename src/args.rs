@@ -62,6 +62,9 @@ pub struct WorkerArgs {
     /// Root directory of the built-in `exec` runner (each executable file under it is a test).
     #[arg(long, env = "SHARDGATE_EXEC_ROOT")]
     pub exec_root: Option<PathBuf>,
+    /// TOML file of runner profiles (pytest, JUnit commands, exec roots); see the README.
+    #[arg(long, env = "SHARDGATE_RUNNERS")]
+    pub runners: Option<PathBuf>,
     /// On SIGTERM, how long running tests may finish before they are killed and handed back.
     #[arg(long, env = "SHARDGATE_DRAIN_GRACE", default_value = "30s", value_parser = duration)]
     pub drain_grace: Duration,

@@ -87,6 +87,8 @@ impl Outcome {
 
 named_enum!(RunnerKind, pb::RunnerKind, "runner kind", {
     Exec => ("exec", Exec),
+    Pytest => ("pytest", Pytest),
+    Junit => ("junit", Junit),
 });
 
 #[cfg(test)]

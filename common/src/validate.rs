@@ -58,6 +58,13 @@ pub fn test_id(kind: RunnerKind, id: &str) -> Result<(), Error> {
     }
     match kind {
         RunnerKind::Exec => exec_test_id(id),
+        // These ids become argv items of the runner's command: one starting with '-' would be
+        // read as an option.
+        RunnerKind::Pytest | RunnerKind::Junit if id.starts_with('-') => Err(Error::invalid(
+            "tests",
+            format!("test id '{id}' starts with '-' and would be read as an option"),
+        )),
+        RunnerKind::Pytest | RunnerKind::Junit => Ok(()),
     }
 }
 
@@ -160,6 +167,14 @@ mod tests {
         assert!(e.contains("control character"), "{e}");
         let e = list(&[""]).unwrap_err().to_string();
         assert!(e.contains("empty"), "{e}");
+    }
+
+    #[test]
+    fn command_runner_ids_may_not_look_like_options() {
+        test_id(RunnerKind::Pytest, "tests/test_a.py::test_b[x y]").unwrap();
+        let e = test_id(RunnerKind::Pytest, "--rootdir=/").unwrap_err().to_string();
+        assert!(e.contains("would be read as an option"), "{e}");
+        test_id(RunnerKind::Junit, "../anything/goes").unwrap();
     }
 
     #[test]

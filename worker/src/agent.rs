@@ -289,7 +289,7 @@ async fn run_shard(shared: &Shared, worker: WorkerId, shard: pb::Shard) {
     let error = match shared.cfg.runners.get(&shard.runner) {
         None => format!("worker {} has no runner '{}'", shared.cfg.name, shard.runner),
         Some(runner) if shard.kind == pb::ShardKind::Discover as i32 => {
-            let (tests, error) = match runner.discover().await {
+            let (tests, error) = match runner.discover(&shard.revision).await {
                 Ok(t) => (t, String::new()),
                 Err(e) => (Vec::new(), e),
             };
@@ -323,7 +323,7 @@ async fn run_shard(shared: &Shared, worker: WorkerId, shard: pb::Shard) {
             );
             let (tx, rx) = mpsc::channel(64);
             let reporter = report_loop(shared, worker, attempt, token.clone(), rx);
-            let running = runner.run_shard(&shard.tests, timeout, &token, tx);
+            let running = runner.run_shard(&shard.tests, &shard.revision, timeout, &token, tx);
             tokio::join!(running, reporter);
             if shared.kill.is_cancelled() {
                 "worker shutting down".to_owned()

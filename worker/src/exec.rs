@@ -6,25 +6,17 @@
 //! one pipe) captured up to a cap. On a timeout or a cancellation the whole group is killed; the
 //! group is also killed after the test exits, so stray background processes do not outlive it.
 
-use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{Signal, killpg};
-use nix::unistd::Pid;
 use shardgate_common::{Outcome, RunnerKind, validate};
 use tokio_util::sync::CancellationToken;
 
-use crate::output::CappedOutput;
+use crate::process::{self, Ending};
 
 /// Exit status that marks a test as skipped.
 pub const SKIP_EXIT_CODE: i32 = 77;
-
-/// How long to wait for a test's output pipe to close after the test exited and its group was
-/// killed; a process that escaped the group (by `setsid`) may hold it open.
-const PIPE_GRACE: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExecError {
@@ -123,85 +115,22 @@ impl ExecRunner {
             }
             Err(e) => return failed(format!("failed to start test '{id}': {e}")),
         }
-        let (reader, writer) = match std::io::pipe() {
-            Ok(p) => p,
-            Err(e) => return failed(format!("failed to create an output pipe: {e}")),
-        };
-        let writer2 = match writer.try_clone() {
-            Ok(w) => w,
-            Err(e) => return failed(format!("failed to create an output pipe: {e}")),
-        };
         let mut cmd = tokio::process::Command::new(&path);
-        cmd.current_dir(&self.root)
-            .stdin(Stdio::null())
-            .stdout(writer)
-            .stderr(writer2)
-            .env("SHARDGATE_TEST_ID", id)
-            .process_group(0)
-            .kill_on_drop(true);
-        let spawned = cmd.spawn();
-        // Drop our copies of the pipe's write end so the reader sees EOF once the test's
-        // processes are gone.
-        drop(cmd);
-        let mut child = match spawned {
-            Ok(c) => c,
-            Err(e) => return failed(format!("failed to start test '{id}': {e}")),
-        };
-        let pgid = child.id().map(|p| Pid::from_raw(p as i32));
-        let max_output = self.max_output;
-        let (out_tx, out_rx) = tokio::sync::oneshot::channel();
-        std::thread::spawn(move || {
-            let mut reader = reader;
-            let mut buf = CappedOutput::new(max_output);
-            let mut chunk = [0u8; 8192];
-            loop {
-                match reader.read(&mut chunk) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => buf.push(&chunk[..n]),
-                }
-            }
-            let _ = out_tx.send(buf.into_string());
-        });
-        let kill_group = || {
-            if let Some(pgid) = pgid {
-                // The group may already be gone: nothing to do then.
-                let _ = killpg(pgid, Signal::SIGKILL);
-            }
-        };
-        let (outcome, detail) = tokio::select! {
-            status = child.wait() => match status {
-                Ok(s) => match s.code() {
-                    Some(0) => (Outcome::Passed, String::new()),
-                    Some(SKIP_EXIT_CODE) => (Outcome::Skipped, format!("exit status {SKIP_EXIT_CODE} (skip)")),
-                    Some(c) => (Outcome::Failed, format!("exit status {c}")),
-                    None => {
-                        use std::os::unix::process::ExitStatusExt;
-                        (Outcome::Failed, format!("killed by signal {}", s.signal().unwrap_or(0)))
-                    }
-                },
-                Err(e) => (Outcome::InfraError, format!("failed to wait for test '{id}': {e}")),
-            },
-            _ = tokio::time::sleep(timeout) => {
-                kill_group();
-                let _ = child.wait().await;
-                (Outcome::TimedOut, format!("timed out after {} ms", timeout.as_millis()))
-            }
-            _ = cancel.cancelled() => {
-                kill_group();
-                let _ = child.wait().await;
-                (Outcome::InfraError, "cancelled".to_owned())
-            }
-        };
-        kill_group();
-        let duration = started.elapsed();
-        let output = match tokio::time::timeout(PIPE_GRACE, out_rx).await {
-            Ok(Ok(s)) => s,
-            _ => "[output unavailable: a process that left the test's group holds the pipe open]".to_owned(),
+        cmd.current_dir(&self.root).env("SHARDGATE_TEST_ID", id);
+        let done = process::run(cmd, Some(timeout), cancel, self.max_output).await;
+        let (outcome, detail) = match &done.ending {
+            Ending::Exited(0) => (Outcome::Passed, String::new()),
+            Ending::Exited(SKIP_EXIT_CODE) => (Outcome::Skipped, format!("exit status {SKIP_EXIT_CODE} (skip)")),
+            Ending::Exited(_) | Ending::Signaled(_) => (Outcome::Failed, done.ending.describe(None)),
+            Ending::TimedOut => (Outcome::TimedOut, done.ending.describe(Some(timeout))),
+            Ending::Cancelled => (Outcome::InfraError, "cancelled".to_owned()),
+            Ending::NotStarted(e) => (Outcome::Failed, format!("failed to start test '{id}': {e}")),
+            Ending::Lost(e) => (Outcome::InfraError, format!("failed to wait for test '{id}': {e}")),
         };
         TestRun {
             outcome,
-            duration,
-            output,
+            duration: done.duration,
+            output: done.output,
             detail,
         }
     }

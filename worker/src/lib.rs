@@ -5,9 +5,12 @@
 #![forbid(unsafe_code)]
 
 pub mod agent;
+pub mod command;
 pub mod exec;
 pub mod junit;
 pub mod output;
+pub mod process;
+pub mod profile;
 pub mod runner;
 
 pub use agent::{Config, run};

@@ -8,23 +8,28 @@ use shardgate_common::RunnerKind;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::command::CommandRunner;
 use crate::exec::{ExecRunner, TestRun};
 
 #[derive(Debug, Clone)]
 pub enum Runner {
     Exec(ExecRunner),
+    /// pytest or any tool that writes JUnit XML, a whole shard per command.
+    Command(CommandRunner),
 }
 
 impl Runner {
     pub fn kind(&self) -> RunnerKind {
         match self {
             Runner::Exec(_) => RunnerKind::Exec,
+            Runner::Command(c) => c.kind(),
         }
     }
 
-    /// The suite's tests, in a stable order.
-    pub async fn discover(&self) -> Result<Vec<String>, String> {
+    /// The suite's tests at `revision`, in a stable order.
+    pub async fn discover(&self, revision: &str) -> Result<Vec<String>, String> {
         match self {
+            Runner::Command(c) => c.discover(revision).await,
             Runner::Exec(r) => {
                 let r = r.clone();
                 tokio::task::spawn_blocking(move || r.discover())
@@ -40,11 +45,13 @@ impl Runner {
     pub async fn run_shard(
         &self,
         tests: &[String],
+        revision: &str,
         test_timeout: Duration,
         cancel: &CancellationToken,
         results: mpsc::Sender<(String, TestRun)>,
     ) {
         match self {
+            Runner::Command(c) => c.run_shard(tests, revision, cancel, results).await,
             Runner::Exec(r) => {
                 for id in tests {
                     if cancel.is_cancelled() {

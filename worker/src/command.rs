@@ -1,0 +1,433 @@
+//! A runner that hands a whole shard to a test tool in one command and reads the per-test
+//! results from the JUnit XML it writes (pytest, or any tool with JUnit output).
+//!
+//! Every requested test gets exactly one result: from its `testcase`, or `infra_error`
+//! ("missing result") when the file has none for it — never a pass. A `testcase` that was not
+//! asked for is ignored and logged. When the tool writes no readable file, every test of the
+//! shard is an infrastructure error that carries the tool's exit status and output.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+use shardgate_common::{Outcome, RunnerKind};
+use tokio::sync::{Mutex, mpsc};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::exec::TestRun;
+use crate::junit::{self, Case};
+use crate::process::{self, Ending};
+
+/// How a `testcase` element names the test it reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum IdFormat {
+    /// `tests/test_x.py::TestY::test_z[1]`, from `file`, `classname` and `name`.
+    #[serde(skip)]
+    PytestNodeId,
+    #[serde(rename = "name")]
+    Name,
+    #[serde(rename = "classname.name")]
+    ClassnameDotName,
+    #[serde(rename = "classname::name")]
+    ClassnameColonsName,
+    #[serde(rename = "file::name")]
+    FileColonsName,
+}
+
+impl IdFormat {
+    pub fn id_of(self, c: &Case) -> String {
+        match self {
+            IdFormat::Name => c.name.clone(),
+            IdFormat::ClassnameDotName => format!("{}.{}", c.classname, c.name),
+            IdFormat::ClassnameColonsName => format!("{}::{}", c.classname, c.name),
+            IdFormat::FileColonsName => format!("{}::{}", c.file, c.name),
+            IdFormat::PytestNodeId => pytest_node_id(c),
+        }
+    }
+}
+
+/// pytest's node id of a JUnit test case written with `junit_family=xunit1` (which records the
+/// file): the file, the classes below the module, the test name.
+fn pytest_node_id(c: &Case) -> String {
+    let file = if c.file.is_empty() {
+        // xunit2 has no file: guess the module from the classname.
+        format!("{}.py", c.classname.replace('.', "/"))
+    } else {
+        c.file.clone()
+    };
+    let module = file.trim_end_matches(".py").replace(['/', '\\'], ".");
+    let classes = c
+        .classname
+        .strip_prefix(&module)
+        .unwrap_or("")
+        .trim_start_matches('.');
+    let mut id = file;
+    for class in classes.split('.').filter(|s| !s.is_empty()) {
+        id.push_str("::");
+        id.push_str(class);
+    }
+    id.push_str("::");
+    id.push_str(&c.name);
+    id
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub name: String,
+    pub kind: RunnerKind,
+    pub workdir: PathBuf,
+    /// Prints one test id per line (pytest: its `--collect-only -q` output).
+    pub list: Option<Vec<String>>,
+    pub run: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    pub setup: Option<Vec<String>>,
+    pub setup_timeout: Duration,
+    pub shard_timeout: Option<Duration>,
+    pub id: IdFormat,
+    pub max_output: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct CommandRunner {
+    cfg: Config,
+    /// Setup outcome per revision: run once per worker per revision.
+    setups: std::sync::Arc<Mutex<HashMap<String, Result<(), String>>>>,
+}
+
+impl CommandRunner {
+    pub fn new(cfg: Config) -> Self {
+        Self {
+            cfg,
+            setups: Default::default(),
+        }
+    }
+
+    pub fn kind(&self) -> RunnerKind {
+        self.cfg.kind
+    }
+
+    /// pytest's default listing command.
+    pub fn pytest_list() -> Vec<String> {
+        ["python3", "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider"]
+            .map(String::from)
+            .to_vec()
+    }
+
+    /// pytest's default run command: JUnit with the file recorded, so node ids can be rebuilt.
+    pub fn pytest_run() -> Vec<String> {
+        [
+            "python3",
+            "-m",
+            "pytest",
+            "-p",
+            "no:cacheprovider",
+            "-o",
+            "junit_family=xunit1",
+            "--junitxml={junit}",
+            "-q",
+            "--",
+            "{tests}",
+        ]
+        .map(String::from)
+        .to_vec()
+    }
+
+    fn command(&self, argv: &[String], tests: &[String], junit: &str, revision: &str) -> tokio::process::Command {
+        let workdir = self.cfg.workdir.display().to_string();
+        let expand = |a: &str| {
+            a.replace("{junit}", junit)
+                .replace("{revision}", revision)
+                .replace("{workdir}", &workdir)
+        };
+        let mut args = Vec::with_capacity(argv.len() + tests.len());
+        for a in &argv[1..] {
+            if a == "{tests}" {
+                args.extend(tests.iter().cloned());
+            } else {
+                args.push(expand(a));
+            }
+        }
+        let mut cmd = tokio::process::Command::new(expand(&argv[0]));
+        cmd.args(args).current_dir(&self.cfg.workdir).envs(&self.cfg.env);
+        cmd
+    }
+
+    /// Runs the profile's setup for `revision` once; later calls return the first outcome.
+    async fn setup(&self, revision: &str, cancel: &CancellationToken) -> Result<(), String> {
+        let Some(setup) = &self.cfg.setup else { return Ok(()) };
+        let mut done = self.setups.lock().await;
+        if let Some(r) = done.get(revision) {
+            return r.clone();
+        }
+        info!(runner = %self.cfg.name, revision, "running setup");
+        let cmd = self.command(setup, &[], "", revision);
+        let finished = process::run(cmd, Some(self.cfg.setup_timeout), cancel, self.cfg.max_output).await;
+        let result = match finished.ending {
+            Ending::Exited(0) => Ok(()),
+            Ending::Cancelled => return Err("setup cancelled".into()),
+            e => Err(format!(
+                "setup for revision '{revision}' failed ({}):\n{}",
+                e.describe(Some(self.cfg.setup_timeout)),
+                finished.output
+            )),
+        };
+        done.insert(revision.to_owned(), result.clone());
+        result
+    }
+
+    /// Lists the suite's tests with the profile's list command.
+    pub async fn discover(&self, revision: &str) -> Result<Vec<String>, String> {
+        let cancel = CancellationToken::new();
+        self.setup(revision, &cancel).await?;
+        let Some(list) = &self.cfg.list else {
+            return Err(format!("runner '{}' has no list command: give the tests explicitly", self.cfg.name));
+        };
+        let cmd = self.command(list, &[], "", revision);
+        let finished = process::run(cmd, self.cfg.shard_timeout, &cancel, 64 * 1024 * 1024).await;
+        if finished.ending != Ending::Exited(0) {
+            return Err(format!(
+                "listing tests failed ({}):\n{}",
+                finished.ending.describe(self.cfg.shard_timeout),
+                tail(&finished.output, 4096)
+            ));
+        }
+        let ids: Vec<String> = match self.cfg.kind {
+            // `pytest --collect-only -q` prints node ids, then a blank line and a summary.
+            RunnerKind::Pytest => finished
+                .output
+                .lines()
+                .take_while(|l| !l.trim().is_empty())
+                .filter(|l| l.contains("::"))
+                .map(|l| l.trim().to_owned())
+                .collect(),
+            _ => finished
+                .output
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .map(str::to_owned)
+                .collect(),
+        };
+        Ok(ids)
+    }
+
+    /// Runs a shard in one command and sends one result per requested test.
+    pub async fn run_shard(
+        &self,
+        tests: &[String],
+        revision: &str,
+        cancel: &CancellationToken,
+        results: mpsc::Sender<(String, TestRun)>,
+    ) {
+        let infra = |detail: String, output: String| TestRun {
+            outcome: Outcome::InfraError,
+            duration: Duration::ZERO,
+            output,
+            detail,
+        };
+        if let Err(e) = self.setup(revision, cancel).await {
+            for t in tests {
+                let _ = results.send((t.clone(), infra(first_line(&e), e.clone()))).await;
+            }
+            return;
+        }
+        let dir = match tempfile::tempdir() {
+            Ok(d) => d,
+            Err(e) => {
+                for t in tests {
+                    let _ = results
+                        .send((t.clone(), infra(format!("failed to create a directory for JUnit: {e}"), String::new())))
+                        .await;
+                }
+                return;
+            }
+        };
+        let junit_path = dir.path().join("junit.xml");
+        let cmd = self.command(&self.cfg.run, tests, &junit_path.display().to_string(), revision);
+        let finished = process::run(cmd, self.cfg.shard_timeout, cancel, self.cfg.max_output).await;
+        if finished.ending == Ending::Cancelled {
+            return;
+        }
+        let parsed = match std::fs::read_to_string(&junit_path) {
+            Ok(xml) => junit::parse(&xml).map_err(|e| e.to_string()),
+            Err(e) => Err(format!("no JUnit file ({e})")),
+        };
+        let cases = match parsed {
+            Ok(c) => c,
+            Err(e) => {
+                let detail = format!("{e}; the command ended with {}", finished.ending.describe(self.cfg.shard_timeout));
+                for t in tests {
+                    let _ = results.send((t.clone(), infra(detail.clone(), finished.output.clone()))).await;
+                }
+                return;
+            }
+        };
+        let mut by_id: HashMap<String, Case> = HashMap::with_capacity(cases.len());
+        for c in cases {
+            let id = self.cfg.id.id_of(&c);
+            if by_id.insert(id.clone(), c).is_some() {
+                warn!(runner = %self.cfg.name, test = %id, "JUnit file reports a test twice; keeping the last");
+            }
+        }
+        for t in tests {
+            let run = match by_id.remove(t) {
+                Some(c) => TestRun {
+                    outcome: c.outcome,
+                    duration: Duration::from_millis(c.duration_ms),
+                    output: c.output,
+                    detail: c.message,
+                },
+                None => infra(
+                    format!(
+                        "missing result: the JUnit file has no test case for this test (command ended with {})",
+                        finished.ending.describe(self.cfg.shard_timeout)
+                    ),
+                    tail(&finished.output, 16 * 1024),
+                ),
+            };
+            if results.send((t.clone(), run)).await.is_err() {
+                return;
+            }
+        }
+        for id in by_id.keys() {
+            warn!(runner = %self.cfg.name, test = %id, "JUnit file reports a test that was not asked for; ignored");
+        }
+    }
+}
+
+fn first_line(s: &str) -> String {
+    s.lines().next().unwrap_or_default().to_owned()
+}
+
+fn tail(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_owned();
+    }
+    let mut start = s.len() - max;
+    while !s.is_char_boundary(start) {
+        start += 1;
+    }
+    s[start..].to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn case(file: &str, classname: &str, name: &str) -> Case {
+        Case {
+            name: name.into(),
+            classname: classname.into(),
+            file: file.into(),
+            duration_ms: 0,
+            outcome: Outcome::Passed,
+            message: String::new(),
+            output: String::new(),
+        }
+    }
+
+    #[test]
+    fn pytest_node_ids_are_rebuilt_from_junit() {
+        let id = |c: Case| IdFormat::PytestNodeId.id_of(&c);
+        assert_eq!(id(case("test_six.py", "test_six", "test_lazy")), "test_six.py::test_lazy");
+        assert_eq!(
+            id(case("tests/test_m.py", "tests.test_m.TestA.TestB", "test_x[1-2]")),
+            "tests/test_m.py::TestA::TestB::test_x[1-2]"
+        );
+        assert_eq!(id(case("", "tests.test_m", "test_y")), "tests/test_m.py::test_y");
+        assert_eq!(IdFormat::ClassnameDotName.id_of(&case("", "com.x.T", "a")), "com.x.T.a");
+    }
+
+    fn script(dir: &std::path::Path, body: &str) -> String {
+        let p = dir.join("tool.sh");
+        std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        p.display().to_string()
+    }
+
+    fn runner(dir: &std::path::Path, run: Vec<String>, setup: Option<Vec<String>>) -> CommandRunner {
+        CommandRunner::new(Config {
+            name: "t".into(),
+            kind: RunnerKind::Junit,
+            workdir: dir.to_owned(),
+            list: None,
+            run,
+            env: BTreeMap::new(),
+            setup,
+            setup_timeout: Duration::from_secs(10),
+            shard_timeout: Some(Duration::from_secs(10)),
+            id: IdFormat::Name,
+            max_output: 4096,
+        })
+    }
+
+    async fn collect(r: &CommandRunner, tests: &[&str]) -> Vec<(String, TestRun)> {
+        let (tx, mut rx) = mpsc::channel(16);
+        let tests: Vec<String> = tests.iter().map(|s| s.to_string()).collect();
+        r.run_shard(&tests, "rev1", &CancellationToken::new(), tx).await;
+        let mut out = Vec::new();
+        while let Some(x) = rx.recv().await {
+            out.push(x);
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn every_requested_test_gets_one_result_and_missing_ones_are_infra_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        // Writes results for a, b and an extra test; nothing for c.
+        let tool = script(
+            dir.path(),
+            r#"out="$1"; shift
+echo "args: $*"
+cat > "$out" <<'XML'
+<testsuite><testcase name="a" time="0.5"/><testcase name="b"><failure message="boom">trace</failure></testcase><testcase name="extra"/></testsuite>
+XML
+exit 1"#,
+        );
+        let r = runner(dir.path(), vec![tool, "{junit}".into(), "{tests}".into()], None);
+        let got = collect(&r, &["a", "b", "c"]).await;
+        let outcomes: Vec<_> = got.iter().map(|(id, t)| (id.as_str(), t.outcome)).collect();
+        assert_eq!(outcomes, vec![("a", Outcome::Passed), ("b", Outcome::Failed), ("c", Outcome::InfraError)]);
+        assert_eq!(got[0].1.duration, Duration::from_millis(500));
+        assert_eq!(got[1].1.detail, "boom");
+        assert!(got[2].1.detail.starts_with("missing result"), "{}", got[2].1.detail);
+        assert!(got[2].1.output.contains("args: a b c"), "tests are separate arguments: {}", got[2].1.output);
+    }
+
+    #[tokio::test]
+    async fn no_or_bad_junit_makes_every_test_an_infra_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let tool = script(dir.path(), "echo crashed; exit 3");
+        let r = runner(dir.path(), vec![tool, "{junit}".into(), "{tests}".into()], None);
+        for (id, t) in collect(&r, &["a", "b"]).await {
+            assert_eq!(t.outcome, Outcome::InfraError, "{id}");
+            assert!(t.detail.contains("no JUnit file") && t.detail.contains("exit status 3"), "{}", t.detail);
+            assert!(t.output.contains("crashed"));
+        }
+        let tool = script(dir.path(), r#"echo '<testsuite><testcase name="a">' > "$1""#);
+        let r = runner(dir.path(), vec![tool, "{junit}".into(), "{tests}".into()], None);
+        let got = collect(&r, &["a"]).await;
+        assert!(got[0].1.detail.contains("ends inside a <testcase>"), "{}", got[0].1.detail);
+    }
+
+    #[tokio::test]
+    async fn setup_runs_once_per_revision_and_its_failure_is_an_infra_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let count = dir.path().join("count");
+        let tool = script(dir.path(), r#"echo '<testsuite><testcase name="a"/></testsuite>' > "$1""#);
+        let setup = vec!["sh".into(), "-c".into(), format!("echo x >> {}; test {{revision}} = rev1", count.display())];
+        let r = runner(dir.path(), vec![tool, "{junit}".into(), "{tests}".into()], Some(setup));
+        assert_eq!(collect(&r, &["a"]).await[0].1.outcome, Outcome::Passed);
+        assert_eq!(collect(&r, &["a"]).await[0].1.outcome, Outcome::Passed);
+        assert_eq!(std::fs::read_to_string(&count).unwrap().lines().count(), 1, "setup ran once for rev1");
+        let (tx, mut rx) = mpsc::channel(4);
+        r.run_shard(&["a".into()], "rev2", &CancellationToken::new(), tx).await;
+        let (_, t) = rx.recv().await.unwrap();
+        assert_eq!(t.outcome, Outcome::InfraError);
+        assert!(t.detail.starts_with("setup for revision 'rev2' failed (exit status 1)"), "{}", t.detail);
+    }
+}

@@ -1,0 +1,253 @@
+//! Runner profiles: the TOML file a worker is given with `--runners FILE`, naming the runners
+//! it offers and how each lists tests, runs a batch and reads the results.
+//!
+//! ```toml
+//! [runners.unit]
+//! kind = "pytest"                 # exec | pytest | junit
+//! workdir = "/srv/checkout"       # where commands run (pytest: the rootdir)
+//! # optional; pytest has built-in defaults for both
+//! list = ["python3", "-m", "pytest", "--collect-only", "-q"]
+//! run = ["python3", "-m", "pytest", "--junitxml={junit}", "{tests}"]
+//! env = { PYTHONDONTWRITEBYTECODE = "1" }
+//! setup = ["git", "checkout", "{revision}"]   # once per revision on this worker
+//! setup_timeout = "10m"
+//! shard_timeout = "30m"
+//! id = "classname.name"           # junit kind: how a <testcase> names a test
+//! ```
+//!
+//! Commands are argument vectors and never go through a shell. In `run`, an argument that is
+//! exactly `{tests}` becomes one argument per test id; `{junit}` is the path of the JUnit file
+//! the command must write, `{revision}` the revision under test, `{workdir}` the working
+//! directory.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::command::{CommandRunner, IdFormat};
+use crate::exec::ExecRunner;
+use crate::runner::{Runner, Runners};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProfileError {
+    #[error("failed to read runner profiles '{path}': {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("invalid runner profiles: {0}")]
+    Toml(#[from] toml::de::Error),
+    #[error("runner '{runner}': {reason}")]
+    Invalid { runner: String, reason: String },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    #[serde(default)]
+    runners: BTreeMap<String, Spec>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+enum Kind {
+    Exec,
+    Pytest,
+    Junit,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Spec {
+    kind: Kind,
+    /// exec: the root directory of the tests.
+    root: Option<PathBuf>,
+    workdir: Option<PathBuf>,
+    list: Option<Vec<String>>,
+    run: Option<Vec<String>>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    setup: Option<Vec<String>>,
+    setup_timeout: Option<String>,
+    shard_timeout: Option<String>,
+    id: Option<IdFormat>,
+}
+
+fn duration(runner: &str, field: &str, v: &Option<String>) -> Result<Option<Duration>, ProfileError> {
+    v.as_deref()
+        .map(|s| {
+            humantime::parse_duration(s).map_err(|e| ProfileError::Invalid {
+                runner: runner.to_owned(),
+                reason: format!("{field} '{s}' is not a duration like 10m: {e}"),
+            })
+        })
+        .transpose()
+}
+
+fn non_empty(runner: &str, field: &str, v: &Option<Vec<String>>) -> Result<(), ProfileError> {
+    if v.as_ref().is_some_and(|c| c.is_empty() || c[0].is_empty()) {
+        return Err(ProfileError::Invalid {
+            runner: runner.to_owned(),
+            reason: format!("{field} must name a program"),
+        });
+    }
+    Ok(())
+}
+
+/// Parses a profiles file's text into runners.
+pub fn parse(text: &str, max_output: usize) -> Result<Runners, ProfileError> {
+    let file: File = toml::from_str(text)?;
+    let mut out = Runners::new();
+    for (name, spec) in file.runners {
+        if name.is_empty() || name.len() > 64 || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+            return Err(ProfileError::Invalid {
+                runner: name,
+                reason: "a runner name uses letters, digits, '-', '_' and '.', at most 64".into(),
+            });
+        }
+        let invalid = |reason: &str| ProfileError::Invalid {
+            runner: name.clone(),
+            reason: reason.to_owned(),
+        };
+        non_empty(&name, "list", &spec.list)?;
+        non_empty(&name, "run", &spec.run)?;
+        non_empty(&name, "setup", &spec.setup)?;
+        let runner = match spec.kind {
+            Kind::Exec => {
+                let root = spec.root.as_ref().ok_or_else(|| invalid("an exec runner needs root"))?;
+                if spec.run.is_some() || spec.list.is_some() || spec.id.is_some() {
+                    return Err(invalid("an exec runner takes no list, run or id"));
+                }
+                Runner::Exec(ExecRunner::new(root, max_output).map_err(|e| invalid(&e.to_string()))?)
+            }
+            Kind::Pytest | Kind::Junit => {
+                let workdir = spec.workdir.clone().ok_or_else(|| invalid("workdir is required"))?;
+                if spec.root.is_some() {
+                    return Err(invalid("root is for exec runners; use workdir"));
+                }
+                let (list, run, id) = if spec.kind == Kind::Pytest {
+                    if spec.id.is_some() {
+                        return Err(invalid("pytest maps JUnit test cases to node ids itself; remove id"));
+                    }
+                    (
+                        Some(spec.list.clone().unwrap_or_else(CommandRunner::pytest_list)),
+                        spec.run.clone().unwrap_or_else(CommandRunner::pytest_run),
+                        IdFormat::PytestNodeId,
+                    )
+                } else {
+                    let run = spec.run.clone().ok_or_else(|| invalid("a junit runner needs run"))?;
+                    (spec.list.clone(), run, spec.id.unwrap_or(IdFormat::ClassnameDotName))
+                };
+                if !run.iter().any(|a| a == "{tests}") {
+                    return Err(invalid("run must contain the argument {tests}"));
+                }
+                if !run.iter().any(|a| a.contains("{junit}")) {
+                    return Err(invalid("run must write JUnit XML to {junit}"));
+                }
+                Runner::Command(CommandRunner::new(crate::command::Config {
+                    name: name.clone(),
+                    kind: if spec.kind == Kind::Pytest {
+                        shardgate_common::RunnerKind::Pytest
+                    } else {
+                        shardgate_common::RunnerKind::Junit
+                    },
+                    workdir,
+                    list,
+                    run,
+                    env: spec.env.clone(),
+                    setup: spec.setup.clone(),
+                    setup_timeout: duration(&name, "setup_timeout", &spec.setup_timeout)?
+                        .unwrap_or(Duration::from_secs(600)),
+                    shard_timeout: duration(&name, "shard_timeout", &spec.shard_timeout)?,
+                    id,
+                    max_output,
+                }))
+            }
+        };
+        out.insert(name, runner);
+    }
+    Ok(out)
+}
+
+/// Reads and parses a profiles file.
+pub fn load(path: &std::path::Path, max_output: usize) -> Result<Runners, ProfileError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ProfileError::Read {
+        path: path.display().to_string(),
+        source,
+    })?;
+    parse(&text, max_output)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_pytest_and_junit_profiles() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = format!(
+            r#"
+[runners.py]
+kind = "pytest"
+workdir = "{d}"
+env = {{ A = "1" }}
+setup = ["true"]
+setup_timeout = "2m"
+
+[runners.gradle]
+kind = "junit"
+workdir = "{d}"
+run = ["./run-tests", "--out", "{{junit}}", "{{tests}}"]
+id = "classname::name"
+shard_timeout = "30m"
+
+[runners.scripts]
+kind = "exec"
+root = "{d}"
+"#,
+            d = dir.path().display()
+        );
+        let r = parse(&text, 1024).unwrap();
+        assert_eq!(r.keys().cloned().collect::<Vec<_>>(), vec!["gradle", "py", "scripts"]);
+        assert_eq!(r["py"].kind(), shardgate_common::RunnerKind::Pytest);
+        assert_eq!(r["gradle"].kind(), shardgate_common::RunnerKind::Junit);
+        assert_eq!(r["scripts"].kind(), shardgate_common::RunnerKind::Exec);
+    }
+
+    #[test]
+    fn bad_profiles_name_the_runner_and_the_problem() {
+        let cases = [
+            ("[runners.x]\nkind = \"rspec\"\nworkdir = \"/\"", "unknown variant `rspec`"),
+            ("[runners.x]\nkind = \"junit\"\nworkdir = \"/\"", "runner 'x': a junit runner needs run"),
+            ("[runners.x]\nkind = \"junit\"\nworkdir = \"/\"\nrun = [\"t\", \"{junit}\"]", "must contain the argument {tests}"),
+            ("[runners.x]\nkind = \"pytest\"", "runner 'x': workdir is required"),
+            ("[runners.x]\nkind = \"pytest\"\nworkdir = \"/\"\nsetup_timeout = \"soon\"", "setup_timeout 'soon' is not a duration"),
+            ("[runners.x]\nkind = \"pytest\"\nworkdir = \"/\"\nbogus = 1", "unknown field `bogus`"),
+            ("[runners.x]\nkind = \"pytest\"\nworkdir = \"/\"\nrun = []", "run must name a program"),
+            ("[runners.\"a b\"]\nkind = \"pytest\"\nworkdir = \"/\"", "a runner name uses letters"),
+            ("[runners.x]\nkind = \"exec\"", "an exec runner needs root"),
+            ("runners = 3", "invalid runner profiles"),
+        ];
+        for (text, want) in cases {
+            let e = parse(text, 1024).unwrap_err().to_string();
+            assert!(e.contains(want), "{text:?}: {e:?} should contain {want:?}");
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_text_never_panics(s in ".{0,300}") {
+            let _ = parse(&s, 1024);
+        }
+
+        #[test]
+        fn arbitrary_profile_like_text_never_panics(parts in proptest::collection::vec(
+            proptest::sample::select(vec![
+                "[runners.a]\n", "[runners.b]\n", "kind = \"pytest\"\n", "kind = \"junit\"\n",
+                "kind = \"exec\"\n", "workdir = \"/tmp\"\n", "root = \"/nonexistent\"\n",
+                "run = [\"x\", \"{tests}\", \"{junit}\"]\n", "run = []\n", "list = [\"\"]\n",
+                "env = { A = \"1\" }\n", "id = \"name\"\n", "shard_timeout = \"1x\"\n", "= =\n",
+            ]), 0..12)) {
+            let _ = parse(&parts.concat(), 1024);
+        }
+    }
+}
