@@ -61,14 +61,21 @@ pub async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
 }
 
 pub fn worker_config(args: &WorkerArgs) -> anyhow::Result<shardgate_worker::Config> {
-    let mut runners = BTreeMap::new();
+    let mut runners = match &args.runners {
+        Some(path) => shardgate_worker::profile::load(path, MAX_OUTPUT_BYTES)?,
+        None => BTreeMap::new(),
+    };
     if let Some(root) = &args.exec_root {
         let exec = ExecRunner::new(root, MAX_OUTPUT_BYTES).context("invalid --exec-root")?;
+        anyhow::ensure!(
+            !runners.contains_key("exec"),
+            "--exec-root defines the runner 'exec', and so does --runners: keep one"
+        );
         runners.insert("exec".to_owned(), Runner::Exec(exec));
     }
     anyhow::ensure!(
         !runners.is_empty(),
-        "the worker has no runner: give --exec-root DIR"
+        "the worker has no runner: give --exec-root DIR or --runners FILE"
     );
     let slots = match args.slots {
         Some(0) => anyhow::bail!("--slots must be at least 1"),

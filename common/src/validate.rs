@@ -172,7 +172,9 @@ mod tests {
     #[test]
     fn command_runner_ids_may_not_look_like_options() {
         test_id(RunnerKind::Pytest, "tests/test_a.py::test_b[x y]").unwrap();
-        let e = test_id(RunnerKind::Pytest, "--rootdir=/").unwrap_err().to_string();
+        let e = test_id(RunnerKind::Pytest, "--rootdir=/")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("would be read as an option"), "{e}");
         test_id(RunnerKind::Junit, "../anything/goes").unwrap();
     }

@@ -87,6 +87,8 @@ pub fn client(args: &[&str]) -> Ran {
 }
 
 pub struct ClusterBuilder {
+    /// Runner profiles (TOML) every worker gets with `--runners`.
+    runners: Option<String>,
     workers: usize,
     slots: u32,
     lease: &'static str,
@@ -96,6 +98,11 @@ pub struct ClusterBuilder {
 impl ClusterBuilder {
     pub fn workers(mut self, n: usize) -> Self {
         self.workers = n;
+        self
+    }
+
+    pub fn runners(mut self, toml: &str) -> Self {
+        self.runners = Some(toml.to_owned());
         self
     }
 
@@ -119,8 +126,14 @@ impl ClusterBuilder {
             lease: self.lease,
             heartbeat: self.heartbeat,
             slots: self.slots,
+            runners: None,
             dir,
         };
+        if let Some(toml) = &self.runners {
+            let path = c.dir.path().join("runners.toml");
+            std::fs::write(&path, toml).unwrap();
+            c.runners = Some(path);
+        }
         c.start_coordinator("127.0.0.1:0");
         for _ in 0..self.workers {
             c.add_worker();
@@ -142,11 +155,13 @@ pub struct Cluster {
     lease: &'static str,
     heartbeat: &'static str,
     slots: u32,
+    runners: Option<PathBuf>,
 }
 
 impl Cluster {
     pub fn builder() -> ClusterBuilder {
         ClusterBuilder {
+            runners: None,
             workers: 3,
             slots: 2,
             lease: "3s",
@@ -223,6 +238,11 @@ impl Cluster {
             .args(["--slots", &self.slots.to_string()])
             .arg("--exec-root")
             .arg(&self.root)
+            .args(
+                self.runners
+                    .iter()
+                    .flat_map(|r| [std::ffi::OsStr::new("--runners"), r.as_os_str()]),
+            )
             .env("SHARDGATE_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

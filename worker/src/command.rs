@@ -110,9 +110,17 @@ impl CommandRunner {
 
     /// pytest's default listing command.
     pub fn pytest_list() -> Vec<String> {
-        ["python3", "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider"]
-            .map(String::from)
-            .to_vec()
+        [
+            "python3",
+            "-m",
+            "pytest",
+            "--collect-only",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+        ]
+        .map(String::from)
+        .to_vec()
     }
 
     /// pytest's default run command: JUnit with the file recorded, so node ids can be rebuilt.
@@ -134,7 +142,13 @@ impl CommandRunner {
         .to_vec()
     }
 
-    fn command(&self, argv: &[String], tests: &[String], junit: &str, revision: &str) -> tokio::process::Command {
+    fn command(
+        &self,
+        argv: &[String],
+        tests: &[String],
+        junit: &str,
+        revision: &str,
+    ) -> tokio::process::Command {
         let workdir = self.cfg.workdir.display().to_string();
         let expand = |a: &str| {
             a.replace("{junit}", junit)
@@ -156,7 +170,9 @@ impl CommandRunner {
 
     /// Runs the profile's setup for `revision` once; later calls return the first outcome.
     async fn setup(&self, revision: &str, cancel: &CancellationToken) -> Result<(), String> {
-        let Some(setup) = &self.cfg.setup else { return Ok(()) };
+        let Some(setup) = &self.cfg.setup else {
+            return Ok(());
+        };
         let mut done = self.setups.lock().await;
         if let Some(r) = done.get(revision) {
             return r.clone();
@@ -182,7 +198,10 @@ impl CommandRunner {
         let cancel = CancellationToken::new();
         self.setup(revision, &cancel).await?;
         let Some(list) = &self.cfg.list else {
-            return Err(format!("runner '{}' has no list command: give the tests explicitly", self.cfg.name));
+            return Err(format!(
+                "runner '{}' has no list command: give the tests explicitly",
+                self.cfg.name
+            ));
         };
         let cmd = self.command(list, &[], "", revision);
         let finished = process::run(cmd, self.cfg.shard_timeout, &cancel, 64 * 1024 * 1024).await;
@@ -238,7 +257,13 @@ impl CommandRunner {
             Err(e) => {
                 for t in tests {
                     let _ = results
-                        .send((t.clone(), infra(format!("failed to create a directory for JUnit: {e}"), String::new())))
+                        .send((
+                            t.clone(),
+                            infra(
+                                format!("failed to create a directory for JUnit: {e}"),
+                                String::new(),
+                            ),
+                        ))
                         .await;
                 }
                 return;
@@ -257,9 +282,14 @@ impl CommandRunner {
         let cases = match parsed {
             Ok(c) => c,
             Err(e) => {
-                let detail = format!("{e}; the command ended with {}", finished.ending.describe(self.cfg.shard_timeout));
+                let detail = format!(
+                    "{e}; the command ended with {}",
+                    finished.ending.describe(self.cfg.shard_timeout)
+                );
                 for t in tests {
-                    let _ = results.send((t.clone(), infra(detail.clone(), finished.output.clone()))).await;
+                    let _ = results
+                        .send((t.clone(), infra(detail.clone(), finished.output.clone())))
+                        .await;
                 }
                 return;
             }
@@ -332,13 +362,19 @@ mod tests {
     #[test]
     fn pytest_node_ids_are_rebuilt_from_junit() {
         let id = |c: Case| IdFormat::PytestNodeId.id_of(&c);
-        assert_eq!(id(case("test_six.py", "test_six", "test_lazy")), "test_six.py::test_lazy");
+        assert_eq!(
+            id(case("test_six.py", "test_six", "test_lazy")),
+            "test_six.py::test_lazy"
+        );
         assert_eq!(
             id(case("tests/test_m.py", "tests.test_m.TestA.TestB", "test_x[1-2]")),
             "tests/test_m.py::TestA::TestB::test_x[1-2]"
         );
         assert_eq!(id(case("", "tests.test_m", "test_y")), "tests/test_m.py::test_y");
-        assert_eq!(IdFormat::ClassnameDotName.id_of(&case("", "com.x.T", "a")), "com.x.T.a");
+        assert_eq!(
+            IdFormat::ClassnameDotName.id_of(&case("", "com.x.T", "a")),
+            "com.x.T.a"
+        );
     }
 
     fn script(dir: &std::path::Path, body: &str) -> String {
@@ -391,11 +427,26 @@ exit 1"#,
         let r = runner(dir.path(), vec![tool, "{junit}".into(), "{tests}".into()], None);
         let got = collect(&r, &["a", "b", "c"]).await;
         let outcomes: Vec<_> = got.iter().map(|(id, t)| (id.as_str(), t.outcome)).collect();
-        assert_eq!(outcomes, vec![("a", Outcome::Passed), ("b", Outcome::Failed), ("c", Outcome::InfraError)]);
+        assert_eq!(
+            outcomes,
+            vec![
+                ("a", Outcome::Passed),
+                ("b", Outcome::Failed),
+                ("c", Outcome::InfraError)
+            ]
+        );
         assert_eq!(got[0].1.duration, Duration::from_millis(500));
         assert_eq!(got[1].1.detail, "boom");
-        assert!(got[2].1.detail.starts_with("missing result"), "{}", got[2].1.detail);
-        assert!(got[2].1.output.contains("args: a b c"), "tests are separate arguments: {}", got[2].1.output);
+        assert!(
+            got[2].1.detail.starts_with("missing result"),
+            "{}",
+            got[2].1.detail
+        );
+        assert!(
+            got[2].1.output.contains("args: a b c"),
+            "tests are separate arguments: {}",
+            got[2].1.output
+        );
     }
 
     #[tokio::test]
@@ -405,29 +456,58 @@ exit 1"#,
         let r = runner(dir.path(), vec![tool, "{junit}".into(), "{tests}".into()], None);
         for (id, t) in collect(&r, &["a", "b"]).await {
             assert_eq!(t.outcome, Outcome::InfraError, "{id}");
-            assert!(t.detail.contains("no JUnit file") && t.detail.contains("exit status 3"), "{}", t.detail);
+            assert!(
+                t.detail.contains("no JUnit file") && t.detail.contains("exit status 3"),
+                "{}",
+                t.detail
+            );
             assert!(t.output.contains("crashed"));
         }
         let tool = script(dir.path(), r#"echo '<testsuite><testcase name="a">' > "$1""#);
         let r = runner(dir.path(), vec![tool, "{junit}".into(), "{tests}".into()], None);
         let got = collect(&r, &["a"]).await;
-        assert!(got[0].1.detail.contains("ends inside a <testcase>"), "{}", got[0].1.detail);
+        assert!(
+            got[0].1.detail.contains("ends inside a <testcase>"),
+            "{}",
+            got[0].1.detail
+        );
     }
 
     #[tokio::test]
     async fn setup_runs_once_per_revision_and_its_failure_is_an_infra_error() {
         let dir = tempfile::tempdir().unwrap();
         let count = dir.path().join("count");
-        let tool = script(dir.path(), r#"echo '<testsuite><testcase name="a"/></testsuite>' > "$1""#);
-        let setup = vec!["sh".into(), "-c".into(), format!("echo x >> {}; test {{revision}} = rev1", count.display())];
-        let r = runner(dir.path(), vec![tool, "{junit}".into(), "{tests}".into()], Some(setup));
+        let tool = script(
+            dir.path(),
+            r#"echo '<testsuite><testcase name="a"/></testsuite>' > "$1""#,
+        );
+        let setup = vec![
+            "sh".into(),
+            "-c".into(),
+            format!("echo x >> {}; test {{revision}} = rev1", count.display()),
+        ];
+        let r = runner(
+            dir.path(),
+            vec![tool, "{junit}".into(), "{tests}".into()],
+            Some(setup),
+        );
         assert_eq!(collect(&r, &["a"]).await[0].1.outcome, Outcome::Passed);
         assert_eq!(collect(&r, &["a"]).await[0].1.outcome, Outcome::Passed);
-        assert_eq!(std::fs::read_to_string(&count).unwrap().lines().count(), 1, "setup ran once for rev1");
+        assert_eq!(
+            std::fs::read_to_string(&count).unwrap().lines().count(),
+            1,
+            "setup ran once for rev1"
+        );
         let (tx, mut rx) = mpsc::channel(4);
-        r.run_shard(&["a".into()], "rev2", &CancellationToken::new(), tx).await;
+        r.run_shard(&["a".into()], "rev2", &CancellationToken::new(), tx)
+            .await;
         let (_, t) = rx.recv().await.unwrap();
         assert_eq!(t.outcome, Outcome::InfraError);
-        assert!(t.detail.starts_with("setup for revision 'rev2' failed (exit status 1)"), "{}", t.detail);
+        assert!(
+            t.detail
+                .starts_with("setup for revision 'rev2' failed (exit status 1)"),
+            "{}",
+            t.detail
+        );
     }
 }

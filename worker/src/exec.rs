@@ -120,12 +120,17 @@ impl ExecRunner {
         let done = process::run(cmd, Some(timeout), cancel, self.max_output).await;
         let (outcome, detail) = match &done.ending {
             Ending::Exited(0) => (Outcome::Passed, String::new()),
-            Ending::Exited(SKIP_EXIT_CODE) => (Outcome::Skipped, format!("exit status {SKIP_EXIT_CODE} (skip)")),
+            Ending::Exited(SKIP_EXIT_CODE) => {
+                (Outcome::Skipped, format!("exit status {SKIP_EXIT_CODE} (skip)"))
+            }
             Ending::Exited(_) | Ending::Signaled(_) => (Outcome::Failed, done.ending.describe(None)),
             Ending::TimedOut => (Outcome::TimedOut, done.ending.describe(Some(timeout))),
             Ending::Cancelled => (Outcome::InfraError, "cancelled".to_owned()),
             Ending::NotStarted(e) => (Outcome::Failed, format!("failed to start test '{id}': {e}")),
-            Ending::Lost(e) => (Outcome::InfraError, format!("failed to wait for test '{id}': {e}")),
+            Ending::Lost(e) => (
+                Outcome::InfraError,
+                format!("failed to wait for test '{id}': {e}"),
+            ),
         };
         TestRun {
             outcome,

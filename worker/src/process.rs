@@ -41,7 +41,10 @@ impl Ending {
         match self {
             Ending::Exited(c) => format!("exit status {c}"),
             Ending::Signaled(s) => format!("killed by signal {s}"),
-            Ending::TimedOut => format!("timed out after {} ms", timeout.map(|t| t.as_millis()).unwrap_or(0)),
+            Ending::TimedOut => format!(
+                "timed out after {} ms",
+                timeout.map(|t| t.as_millis()).unwrap_or(0)
+            ),
             Ending::Cancelled => "cancelled".into(),
             Ending::NotStarted(e) => format!("failed to start: {e}"),
             Ending::Lost(e) => format!("failed to wait: {e}"),

@@ -98,7 +98,12 @@ pub fn parse(text: &str, max_output: usize) -> Result<Runners, ProfileError> {
     let file: File = toml::from_str(text)?;
     let mut out = Runners::new();
     for (name, spec) in file.runners {
-        if name.is_empty() || name.len() > 64 || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+        if name.is_empty()
+            || name.len() > 64
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
             return Err(ProfileError::Invalid {
                 runner: name,
                 reason: "a runner name uses letters, digits, '-', '_' and '.', at most 64".into(),
@@ -113,20 +118,28 @@ pub fn parse(text: &str, max_output: usize) -> Result<Runners, ProfileError> {
         non_empty(&name, "setup", &spec.setup)?;
         let runner = match spec.kind {
             Kind::Exec => {
-                let root = spec.root.as_ref().ok_or_else(|| invalid("an exec runner needs root"))?;
+                let root = spec
+                    .root
+                    .as_ref()
+                    .ok_or_else(|| invalid("an exec runner needs root"))?;
                 if spec.run.is_some() || spec.list.is_some() || spec.id.is_some() {
                     return Err(invalid("an exec runner takes no list, run or id"));
                 }
                 Runner::Exec(ExecRunner::new(root, max_output).map_err(|e| invalid(&e.to_string()))?)
             }
             Kind::Pytest | Kind::Junit => {
-                let workdir = spec.workdir.clone().ok_or_else(|| invalid("workdir is required"))?;
+                let workdir = spec
+                    .workdir
+                    .clone()
+                    .ok_or_else(|| invalid("workdir is required"))?;
                 if spec.root.is_some() {
                     return Err(invalid("root is for exec runners; use workdir"));
                 }
                 let (list, run, id) = if spec.kind == Kind::Pytest {
                     if spec.id.is_some() {
-                        return Err(invalid("pytest maps JUnit test cases to node ids itself; remove id"));
+                        return Err(invalid(
+                            "pytest maps JUnit test cases to node ids itself; remove id",
+                        ));
                     }
                     (
                         Some(spec.list.clone().unwrap_or_else(CommandRunner::pytest_list)),
@@ -134,8 +147,15 @@ pub fn parse(text: &str, max_output: usize) -> Result<Runners, ProfileError> {
                         IdFormat::PytestNodeId,
                     )
                 } else {
-                    let run = spec.run.clone().ok_or_else(|| invalid("a junit runner needs run"))?;
-                    (spec.list.clone(), run, spec.id.unwrap_or(IdFormat::ClassnameDotName))
+                    let run = spec
+                        .run
+                        .clone()
+                        .ok_or_else(|| invalid("a junit runner needs run"))?;
+                    (
+                        spec.list.clone(),
+                        run,
+                        spec.id.unwrap_or(IdFormat::ClassnameDotName),
+                    )
                 };
                 if !run.iter().any(|a| a == "{tests}") {
                     return Err(invalid("run must contain the argument {tests}"));
@@ -207,7 +227,10 @@ root = "{d}"
             d = dir.path().display()
         );
         let r = parse(&text, 1024).unwrap();
-        assert_eq!(r.keys().cloned().collect::<Vec<_>>(), vec!["gradle", "py", "scripts"]);
+        assert_eq!(
+            r.keys().cloned().collect::<Vec<_>>(),
+            vec!["gradle", "py", "scripts"]
+        );
         assert_eq!(r["py"].kind(), shardgate_common::RunnerKind::Pytest);
         assert_eq!(r["gradle"].kind(), shardgate_common::RunnerKind::Junit);
         assert_eq!(r["scripts"].kind(), shardgate_common::RunnerKind::Exec);
@@ -216,14 +239,38 @@ root = "{d}"
     #[test]
     fn bad_profiles_name_the_runner_and_the_problem() {
         let cases = [
-            ("[runners.x]\nkind = \"rspec\"\nworkdir = \"/\"", "unknown variant `rspec`"),
-            ("[runners.x]\nkind = \"junit\"\nworkdir = \"/\"", "runner 'x': a junit runner needs run"),
-            ("[runners.x]\nkind = \"junit\"\nworkdir = \"/\"\nrun = [\"t\", \"{junit}\"]", "must contain the argument {tests}"),
-            ("[runners.x]\nkind = \"pytest\"", "runner 'x': workdir is required"),
-            ("[runners.x]\nkind = \"pytest\"\nworkdir = \"/\"\nsetup_timeout = \"soon\"", "setup_timeout 'soon' is not a duration"),
-            ("[runners.x]\nkind = \"pytest\"\nworkdir = \"/\"\nbogus = 1", "unknown field `bogus`"),
-            ("[runners.x]\nkind = \"pytest\"\nworkdir = \"/\"\nrun = []", "run must name a program"),
-            ("[runners.\"a b\"]\nkind = \"pytest\"\nworkdir = \"/\"", "a runner name uses letters"),
+            (
+                "[runners.x]\nkind = \"rspec\"\nworkdir = \"/\"",
+                "unknown variant `rspec`",
+            ),
+            (
+                "[runners.x]\nkind = \"junit\"\nworkdir = \"/\"",
+                "runner 'x': a junit runner needs run",
+            ),
+            (
+                "[runners.x]\nkind = \"junit\"\nworkdir = \"/\"\nrun = [\"t\", \"{junit}\"]",
+                "must contain the argument {tests}",
+            ),
+            (
+                "[runners.x]\nkind = \"pytest\"",
+                "runner 'x': workdir is required",
+            ),
+            (
+                "[runners.x]\nkind = \"pytest\"\nworkdir = \"/\"\nsetup_timeout = \"soon\"",
+                "setup_timeout 'soon' is not a duration",
+            ),
+            (
+                "[runners.x]\nkind = \"pytest\"\nworkdir = \"/\"\nbogus = 1",
+                "unknown field `bogus`",
+            ),
+            (
+                "[runners.x]\nkind = \"pytest\"\nworkdir = \"/\"\nrun = []",
+                "run must name a program",
+            ),
+            (
+                "[runners.\"a b\"]\nkind = \"pytest\"\nworkdir = \"/\"",
+                "a runner name uses letters",
+            ),
             ("[runners.x]\nkind = \"exec\"", "an exec runner needs root"),
             ("runners = 3", "invalid runner profiles"),
         ];
