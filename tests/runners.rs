@@ -128,7 +128,14 @@ fn a_pypi_projects_pytest_suite_sharded_over_four_workers_matches_a_direct_run()
     ]);
     let report = r.json();
     let mut ours = BTreeMap::new();
-    for t in report["tests"].as_array().unwrap() {
+    let tests = report["tests"].as_array().unwrap_or_else(|| {
+        panic!(
+            "no tests in the report: {report}\n{}\n{}",
+            r.stderr,
+            cluster.logs()
+        )
+    });
+    for t in tests {
         ours.insert(
             t["id"].as_str().unwrap().to_owned(),
             t["outcome"].as_str().unwrap_or("none").to_owned(),
@@ -152,4 +159,132 @@ fn a_pypi_projects_pytest_suite_sharded_over_four_workers_matches_a_direct_run()
         .collect();
     assert!(workers.len() >= 2, "the suite was sharded: {workers:?}");
     assert!(report["shards"].as_u64().unwrap() >= 4, "{}", report["shards"]);
+}
+
+/// The Rust crate: strsim 0.11.1 (96 tests, no dependencies), from the local cargo registry,
+/// where building this workspace puts it (clap depends on it).
+const CRATE: &str = "strsim-0.11.1";
+
+fn crate_dir() -> PathBuf {
+    let home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME is set")).join(".cargo"));
+    let registry = home.join("registry").join("src");
+    let source = std::fs::read_dir(&registry)
+        .unwrap_or_else(|e| panic!("no cargo registry at {}: {e}", registry.display()))
+        .filter_map(Result::ok)
+        .map(|e| e.path().join(CRATE))
+        .find(|p| p.join("Cargo.toml").exists())
+        .unwrap_or_else(|| {
+            panic!(
+                "{CRATE} is not in {}: run `cargo fetch` first",
+                registry.display()
+            )
+        });
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join("crates")
+        .join(CRATE);
+    if !dir.join("Cargo.toml").exists() {
+        std::fs::create_dir_all(dir.parent().unwrap()).unwrap();
+        let tmp = tempfile::tempdir_in(dir.parent().unwrap()).unwrap();
+        let status = Command::new("cp")
+            .arg("-r")
+            .arg(&source)
+            .arg(tmp.path().join("c"))
+            .status()
+            .unwrap();
+        assert!(status.success());
+        // The copy sits under this workspace's target directory: make it a workspace of its own.
+        let manifest = tmp.path().join("c/Cargo.toml");
+        let text = std::fs::read_to_string(&manifest).unwrap();
+        std::fs::write(&manifest, format!("{text}\n[workspace]\n")).unwrap();
+        let _ = std::fs::rename(tmp.path().join("c"), &dir);
+    }
+    dir
+}
+
+/// Each test's status in one direct `cargo nextest run`, by `<binary-id> <test name>`.
+fn direct_nextest(dir: &Path) -> BTreeMap<String, String> {
+    let out = Command::new("cargo")
+        .args(["nextest", "run", "--no-fail-fast", "--color", "never"])
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    let mut got = BTreeMap::new();
+    for line in text.lines() {
+        let line = line.trim_start();
+        let Some((status, rest)) = line.split_once(' ') else {
+            continue;
+        };
+        if !matches!(
+            status,
+            "PASS" | "FAIL" | "SKIP" | "TIMEOUT" | "SIGSEGV" | "SIGABRT"
+        ) {
+            continue;
+        }
+        // "[   0.007s] (1/96) strsim tests::bigrams_iterator"
+        let Some((_, rest)) = rest.split_once("] ") else {
+            continue;
+        };
+        let rest = match rest.strip_prefix('(') {
+            Some(r) => r.split_once(") ").map(|(_, r)| r).unwrap_or(r),
+            None => rest,
+        };
+        got.insert(rest.trim().to_owned(), status.to_owned());
+    }
+    got
+}
+
+#[test]
+fn a_rust_crates_suite_under_nextest_sharded_over_three_workers_matches_a_direct_run() {
+    let dir = crate_dir();
+    let direct = direct_nextest(&dir);
+    assert!(
+        direct.len() >= 90,
+        "the direct run found only {} tests: {direct:?}",
+        direct.len()
+    );
+
+    let profile = format!(
+        "[runners.nextest]\nkind = \"nextest\"\nworkdir = \"{}\"\n",
+        dir.display()
+    );
+    let cluster = Cluster::builder().workers(3).slots(1).runners(&profile).start();
+    let r = cluster.client(&[
+        "run",
+        "--runner",
+        "nextest",
+        "--suite",
+        "strsim",
+        "--discover",
+        "--json",
+    ]);
+    let report = r.json();
+    let mut ours = BTreeMap::new();
+    let tests = report["tests"].as_array().unwrap_or_else(|| {
+        panic!(
+            "no tests in the report: {report}\n{}\n{}",
+            r.stderr,
+            cluster.logs()
+        )
+    });
+    for t in tests {
+        ours.insert(
+            t["id"].as_str().unwrap().to_owned(),
+            t["outcome"].as_str().unwrap_or("none").to_owned(),
+        );
+    }
+    assert_eq!(ours.keys().collect::<Vec<_>>(), direct.keys().collect::<Vec<_>>());
+    for (id, status) in &direct {
+        let want = match status.as_str() {
+            "PASS" => "passed",
+            "SKIP" => "skipped",
+            "TIMEOUT" => "timed_out",
+            _ => "failed",
+        };
+        assert_eq!(ours[id], want, "{id}: nextest said {status}");
+    }
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(report["shards"].as_u64().unwrap() >= 3, "{}", report["shards"]);
 }

@@ -89,6 +89,7 @@ named_enum!(RunnerKind, pb::RunnerKind, "runner kind", {
     Exec => ("exec", Exec),
     Pytest => ("pytest", Pytest),
     Junit => ("junit", Junit),
+    Nextest => ("nextest", Nextest),
 });
 
 #[cfg(test)]

@@ -60,10 +60,28 @@ pub fn test_id(kind: RunnerKind, id: &str) -> Result<(), Error> {
         RunnerKind::Exec => exec_test_id(id),
         // These ids become argv items of the runner's command: one starting with '-' would be
         // read as an option.
-        RunnerKind::Pytest | RunnerKind::Junit if id.starts_with('-') => Err(Error::invalid(
-            "tests",
-            format!("test id '{id}' starts with '-' and would be read as an option"),
-        )),
+        RunnerKind::Pytest | RunnerKind::Junit | RunnerKind::Nextest if id.starts_with('-') => {
+            Err(Error::invalid(
+                "tests",
+                format!("test id '{id}' starts with '-' and would be read as an option"),
+            ))
+        }
+        // The id becomes part of a filterset: `binary_id(=BIN) & test(=NAME)`.
+        RunnerKind::Nextest => match id.split_once(' ') {
+            Some((bin, name))
+                if !bin.is_empty()
+                    && !name.is_empty()
+                    && !id.contains(['(', ')', ',', '|', '&', '\'', '"']) =>
+            {
+                Ok(())
+            }
+            _ => Err(Error::invalid(
+                "tests",
+                format!(
+                    "test id '{id}' is not '<binary-id> <test name>' as `cargo nextest list -T oneline` prints it"
+                ),
+            )),
+        },
         RunnerKind::Pytest | RunnerKind::Junit => Ok(()),
     }
 }

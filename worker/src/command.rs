@@ -34,6 +34,9 @@ pub enum IdFormat {
     ClassnameColonsName,
     #[serde(rename = "file::name")]
     FileColonsName,
+    /// nextest: `<binary-id> <test name>` (the testsuite's classname is the binary id).
+    #[serde(skip)]
+    ClassnameSpaceName,
 }
 
 impl IdFormat {
@@ -43,6 +46,7 @@ impl IdFormat {
             IdFormat::ClassnameDotName => format!("{}.{}", c.classname, c.name),
             IdFormat::ClassnameColonsName => format!("{}::{}", c.classname, c.name),
             IdFormat::FileColonsName => format!("{}::{}", c.file, c.name),
+            IdFormat::ClassnameSpaceName => format!("{} {}", c.classname, c.name),
             IdFormat::PytestNodeId => pytest_node_id(c),
         }
     }
@@ -94,6 +98,8 @@ pub struct CommandRunner {
     cfg: Config,
     /// Setup outcome per revision: run once per worker per revision.
     setups: std::sync::Arc<Mutex<HashMap<String, Result<(), String>>>>,
+    /// nextest: the cargo target directory, where nextest writes its JUnit file.
+    target_dir: std::sync::Arc<Mutex<Option<PathBuf>>>,
 }
 
 impl CommandRunner {
@@ -101,11 +107,67 @@ impl CommandRunner {
         Self {
             cfg,
             setups: Default::default(),
+            target_dir: Default::default(),
         }
     }
 
     pub fn kind(&self) -> RunnerKind {
         self.cfg.kind
+    }
+
+    /// nextest's default listing command: one `<binary-id> <test name>` per line.
+    pub fn nextest_list() -> Vec<String> {
+        ["cargo", "nextest", "list", "-T", "oneline"]
+            .map(String::from)
+            .to_vec()
+    }
+
+    /// nextest's run command: exact selection by a filterset, JUnit from a profile of our own
+    /// in a tool config file, which ranks below the project's own nextest configuration.
+    fn nextest_run() -> Vec<String> {
+        [
+            "cargo",
+            "nextest",
+            "run",
+            "--no-fail-fast",
+            "--tool-config-file",
+            "shardgate:{toolconfig}",
+            "--profile",
+            "{profile}",
+            "-E",
+            "{filterset}",
+        ]
+        .map(String::from)
+        .to_vec()
+    }
+
+    /// The cargo target directory of the workdir, asked of `cargo metadata` once.
+    async fn cargo_target_dir(&self) -> Result<PathBuf, String> {
+        let mut cached = self.target_dir.lock().await;
+        if let Some(t) = cached.as_ref() {
+            return Ok(t.clone());
+        }
+        let out = tokio::process::Command::new("cargo")
+            .args(["metadata", "--format-version", "1", "--no-deps"])
+            .current_dir(&self.cfg.workdir)
+            .envs(&self.cfg.env)
+            .output()
+            .await
+            .map_err(|e| format!("failed to run cargo metadata: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "cargo metadata failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .map_err(|e| format!("cargo metadata printed bad JSON: {e}"))?;
+        let dir = v["target_directory"]
+            .as_str()
+            .map(PathBuf::from)
+            .ok_or("cargo metadata has no target_directory")?;
+        *cached = Some(dir.clone());
+        Ok(dir)
     }
 
     /// pytest's default listing command.
@@ -149,11 +211,24 @@ impl CommandRunner {
         junit: &str,
         revision: &str,
     ) -> tokio::process::Command {
+        self.command_with(argv, tests, &[("{junit}", junit), ("{revision}", revision)])
+    }
+
+    /// Builds a command from `argv`: `{tests}` becomes one argument per test, each other
+    /// `{name}` in `vars` is replaced where it appears.
+    fn command_with(
+        &self,
+        argv: &[String],
+        tests: &[String],
+        vars: &[(&str, &str)],
+    ) -> tokio::process::Command {
         let workdir = self.cfg.workdir.display().to_string();
         let expand = |a: &str| {
-            a.replace("{junit}", junit)
-                .replace("{revision}", revision)
-                .replace("{workdir}", &workdir)
+            let mut a = a.replace("{workdir}", &workdir);
+            for (k, v) in vars {
+                a = a.replace(k, v);
+            }
+            a
         };
         let mut args = Vec::with_capacity(argv.len() + tests.len());
         for a in &argv[1..] {
@@ -203,26 +278,35 @@ impl CommandRunner {
                 self.cfg.name
             ));
         };
-        let cmd = self.command(list, &[], "", revision);
-        let finished = process::run(cmd, self.cfg.shard_timeout, &cancel, 64 * 1024 * 1024).await;
-        if finished.ending != Ending::Exited(0) {
+        // Only stdout lists tests; stderr (build progress and the like) is kept for errors.
+        let mut cmd = self.command(list, &[], "", revision);
+        cmd.stdin(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .process_group(0);
+        let limit = self.cfg.shard_timeout.unwrap_or(Duration::from_secs(3600));
+        let out = match tokio::time::timeout(limit, cmd.output()).await {
+            Ok(Ok(out)) => out,
+            Ok(Err(e)) => return Err(format!("failed to start the list command: {e}")),
+            Err(_) => return Err(format!("listing tests timed out after {} ms", limit.as_millis())),
+        };
+        if !out.status.success() {
             return Err(format!(
-                "listing tests failed ({}):\n{}",
-                finished.ending.describe(self.cfg.shard_timeout),
-                tail(&finished.output, 4096)
+                "listing tests failed ({}):\n{}{}",
+                out.status,
+                tail(&String::from_utf8_lossy(&out.stdout), 2048),
+                tail(&String::from_utf8_lossy(&out.stderr), 4096)
             ));
         }
+        let stdout = String::from_utf8_lossy(&out.stdout);
         let ids: Vec<String> = match self.cfg.kind {
             // `pytest --collect-only -q` prints node ids, then a blank line and a summary.
-            RunnerKind::Pytest => finished
-                .output
+            RunnerKind::Pytest => stdout
                 .lines()
                 .take_while(|l| !l.trim().is_empty())
                 .filter(|l| l.contains("::"))
                 .map(|l| l.trim().to_owned())
                 .collect(),
-            _ => finished
-                .output
+            _ => stdout
                 .lines()
                 .map(str::trim)
                 .filter(|l| !l.is_empty())
@@ -269,16 +353,72 @@ impl CommandRunner {
                 return;
             }
         };
-        let junit_path = dir.path().join("junit.xml");
-        let cmd = self.command(&self.cfg.run, tests, &junit_path.display().to_string(), revision);
+        let (cmd, junit_path, cleanup) = if self.cfg.kind == RunnerKind::Nextest {
+            let target = match self.cargo_target_dir().await {
+                Ok(t) => t,
+                Err(e) => {
+                    for t in tests {
+                        let _ = results.send((t.clone(), infra(first_line(&e), e.clone()))).await;
+                    }
+                    return;
+                }
+            };
+            // A profile of this shard's own, so shards running side by side never share a file.
+            let profile = format!("shardgate-{:016x}", rand::random::<u64>());
+            let toolconfig = dir.path().join("nextest.toml");
+            let written = std::fs::write(
+                &toolconfig,
+                format!(
+                    "[profile.{profile}]\nfail-fast = false\n[profile.{profile}.junit]\npath = \"junit.xml\"\n"
+                ),
+            );
+            if let Err(e) = written {
+                for t in tests {
+                    let _ = results
+                        .send((
+                            t.clone(),
+                            infra(format!("failed to write the nextest config: {e}"), String::new()),
+                        ))
+                        .await;
+                }
+                return;
+            }
+            let filterset = tests
+                .iter()
+                .map(|t| {
+                    let (bin, name) = t.split_once(' ').unwrap_or((t, ""));
+                    format!("(binary_id(={bin}) & test(={name}))")
+                })
+                .collect::<Vec<_>>()
+                .join(" | ");
+            let store = target.join("nextest").join(&profile);
+            let cmd = self.command_with(
+                &Self::nextest_run(),
+                &[],
+                &[
+                    ("{toolconfig}", &toolconfig.display().to_string()),
+                    ("{profile}", &profile),
+                    ("{filterset}", &filterset),
+                    ("{revision}", revision),
+                ],
+            );
+            (cmd, store.join("junit.xml"), Some(store))
+        } else {
+            let junit_path = dir.path().join("junit.xml");
+            let cmd = self.command(&self.cfg.run, tests, &junit_path.display().to_string(), revision);
+            (cmd, junit_path, None)
+        };
         let finished = process::run(cmd, self.cfg.shard_timeout, cancel, self.cfg.max_output).await;
-        if finished.ending == Ending::Cancelled {
-            return;
-        }
         let parsed = match std::fs::read_to_string(&junit_path) {
             Ok(xml) => junit::parse(&xml).map_err(|e| e.to_string()),
             Err(e) => Err(format!("no JUnit file ({e})")),
         };
+        if let Some(store) = cleanup {
+            let _ = std::fs::remove_dir_all(store);
+        }
+        if finished.ending == Ending::Cancelled {
+            return;
+        }
         let cases = match parsed {
             Ok(c) => c,
             Err(e) => {

@@ -3,7 +3,7 @@
 //!
 //! ```toml
 //! [runners.unit]
-//! kind = "pytest"                 # exec | pytest | junit
+//! kind = "pytest"                 # exec | pytest | nextest | junit
 //! workdir = "/srv/checkout"       # where commands run (pytest: the rootdir)
 //! # optional; pytest has built-in defaults for both
 //! list = ["python3", "-m", "pytest", "--collect-only", "-q"]
@@ -53,6 +53,7 @@ enum Kind {
     Exec,
     Pytest,
     Junit,
+    Nextest,
 }
 
 #[derive(Debug, Deserialize)]
@@ -127,7 +128,7 @@ pub fn parse(text: &str, max_output: usize) -> Result<Runners, ProfileError> {
                 }
                 Runner::Exec(ExecRunner::new(root, max_output).map_err(|e| invalid(&e.to_string()))?)
             }
-            Kind::Pytest | Kind::Junit => {
+            Kind::Pytest | Kind::Junit | Kind::Nextest => {
                 let workdir = spec
                     .workdir
                     .clone()
@@ -135,7 +136,18 @@ pub fn parse(text: &str, max_output: usize) -> Result<Runners, ProfileError> {
                 if spec.root.is_some() {
                     return Err(invalid("root is for exec runners; use workdir"));
                 }
-                let (list, run, id) = if spec.kind == Kind::Pytest {
+                let (list, run, id) = if spec.kind == Kind::Nextest {
+                    if spec.run.is_some() || spec.id.is_some() {
+                        return Err(invalid(
+                            "nextest builds its own run command and ids; remove run and id",
+                        ));
+                    }
+                    (
+                        Some(spec.list.clone().unwrap_or_else(CommandRunner::nextest_list)),
+                        vec!["{tests}".to_owned(), "{junit}".to_owned()],
+                        IdFormat::ClassnameSpaceName,
+                    )
+                } else if spec.kind == Kind::Pytest {
                     if spec.id.is_some() {
                         return Err(invalid(
                             "pytest maps JUnit test cases to node ids itself; remove id",
@@ -165,10 +177,10 @@ pub fn parse(text: &str, max_output: usize) -> Result<Runners, ProfileError> {
                 }
                 Runner::Command(CommandRunner::new(crate::command::Config {
                     name: name.clone(),
-                    kind: if spec.kind == Kind::Pytest {
-                        shardgate_common::RunnerKind::Pytest
-                    } else {
-                        shardgate_common::RunnerKind::Junit
+                    kind: match spec.kind {
+                        Kind::Pytest => shardgate_common::RunnerKind::Pytest,
+                        Kind::Nextest => shardgate_common::RunnerKind::Nextest,
+                        _ => shardgate_common::RunnerKind::Junit,
                     },
                     workdir,
                     list,
