@@ -1027,7 +1027,7 @@ impl Core {
         let reason = if error.is_empty() {
             RequeueReason::NoResult(worker_name)
         } else {
-            RequeueReason::RunnerError(error.to_owned())
+            RequeueReason::RunnerError(cap(error, 2048))
         };
         let a = &self.attempts[&attempt_id];
         if a.pending.is_empty() && a.kind == AttemptKind::Run && a.total > 0 {

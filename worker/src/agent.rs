@@ -324,9 +324,12 @@ async fn run_shard(shared: &Shared, worker: WorkerId, shard: pb::Shard) {
             let (tx, rx) = mpsc::channel(64);
             let reporter = report_loop(shared, worker, attempt, token.clone(), rx);
             let running = runner.run_shard(&shard.tests, &shard.revision, timeout, &token, tx);
-            tokio::join!(running, reporter);
+            let (ran, ()) = tokio::join!(running, reporter);
             if shared.kill.is_cancelled() {
                 "worker shutting down".to_owned()
+            } else if let Err(e) = ran {
+                warn!(error = %e.lines().next().unwrap_or_default(), "runner failed; handing the shard back");
+                e
             } else {
                 String::new()
             }

@@ -316,14 +316,16 @@ impl CommandRunner {
         Ok(ids)
     }
 
-    /// Runs a shard in one command and sends one result per requested test.
+    /// Runs a shard in one command and sends one result per requested test. An error means
+    /// the runner itself failed for the whole shard (setup, no readable JUnit file): the
+    /// agent hands the shard back so its tests run again, elsewhere if possible.
     pub async fn run_shard(
         &self,
         tests: &[String],
         revision: &str,
         cancel: &CancellationToken,
         results: mpsc::Sender<(String, TestRun)>,
-    ) {
+    ) -> Result<(), String> {
         let infra = |detail: String, output: String| TestRun {
             outcome: Outcome::InfraError,
             duration: Duration::ZERO,
@@ -331,36 +333,22 @@ impl CommandRunner {
             detail,
         };
         if let Err(e) = self.setup(revision, cancel).await {
-            for t in tests {
-                let _ = results.send((t.clone(), infra(first_line(&e), e.clone()))).await;
-            }
-            return;
+            return Err(join_detail(first_line(&e), e.clone()));
         }
         let dir = match tempfile::tempdir() {
             Ok(d) => d,
             Err(e) => {
-                for t in tests {
-                    let _ = results
-                        .send((
-                            t.clone(),
-                            infra(
-                                format!("failed to create a directory for JUnit: {e}"),
-                                String::new(),
-                            ),
-                        ))
-                        .await;
-                }
-                return;
+                return Err(join_detail(
+                    format!("failed to create a directory for JUnit: {e}"),
+                    String::new(),
+                ));
             }
         };
         let (cmd, junit_path, cleanup) = if self.cfg.kind == RunnerKind::Nextest {
             let target = match self.cargo_target_dir().await {
                 Ok(t) => t,
                 Err(e) => {
-                    for t in tests {
-                        let _ = results.send((t.clone(), infra(first_line(&e), e.clone()))).await;
-                    }
-                    return;
+                    return Err(join_detail(first_line(&e), e.clone()));
                 }
             };
             // A profile of this shard's own, so shards running side by side never share a file.
@@ -373,15 +361,10 @@ impl CommandRunner {
                 ),
             );
             if let Err(e) = written {
-                for t in tests {
-                    let _ = results
-                        .send((
-                            t.clone(),
-                            infra(format!("failed to write the nextest config: {e}"), String::new()),
-                        ))
-                        .await;
-                }
-                return;
+                return Err(join_detail(
+                    format!("failed to write the nextest config: {e}"),
+                    String::new(),
+                ));
             }
             let filterset = tests
                 .iter()
@@ -417,7 +400,7 @@ impl CommandRunner {
             let _ = std::fs::remove_dir_all(store);
         }
         if finished.ending == Ending::Cancelled {
-            return;
+            return Ok(());
         }
         let cases = match parsed {
             Ok(c) => c,
@@ -426,12 +409,7 @@ impl CommandRunner {
                     "{e}; the command ended with {}",
                     finished.ending.describe(self.cfg.shard_timeout)
                 );
-                for t in tests {
-                    let _ = results
-                        .send((t.clone(), infra(detail.clone(), finished.output.clone())))
-                        .await;
-                }
-                return;
+                return Err(join_detail(detail.clone(), finished.output.clone()));
             }
         };
         let mut by_id: HashMap<String, Case> = HashMap::with_capacity(cases.len());
@@ -458,12 +436,22 @@ impl CommandRunner {
                 ),
             };
             if results.send((t.clone(), run)).await.is_err() {
-                return;
+                return Ok(());
             }
         }
         for id in by_id.keys() {
             warn!(runner = %self.cfg.name, test = %id, "JUnit file reports a test that was not asked for; ignored");
         }
+        Ok(())
+    }
+}
+
+/// A shard-level failure: the first line says what, the rest is the evidence (cut).
+fn join_detail(detail: String, output: String) -> String {
+    if output.is_empty() {
+        detail
+    } else {
+        format!("{detail}\n{}", tail(&output, 8 * 1024))
     }
 }
 
@@ -540,15 +528,23 @@ mod tests {
         })
     }
 
-    async fn collect(r: &CommandRunner, tests: &[&str]) -> Vec<(String, TestRun)> {
+    async fn collect(r: &CommandRunner, tests: &[&str]) -> (Vec<(String, TestRun)>, Result<(), String>) {
+        collect_at(r, tests, "rev1").await
+    }
+
+    async fn collect_at(
+        r: &CommandRunner,
+        tests: &[&str],
+        revision: &str,
+    ) -> (Vec<(String, TestRun)>, Result<(), String>) {
         let (tx, mut rx) = mpsc::channel(16);
         let tests: Vec<String> = tests.iter().map(|s| s.to_string()).collect();
-        r.run_shard(&tests, "rev1", &CancellationToken::new(), tx).await;
+        let ended = r.run_shard(&tests, revision, &CancellationToken::new(), tx).await;
         let mut out = Vec::new();
         while let Some(x) = rx.recv().await {
             out.push(x);
         }
-        out
+        (out, ended)
     }
 
     #[tokio::test]
@@ -565,7 +561,8 @@ XML
 exit 1"#,
         );
         let r = runner(dir.path(), vec![tool, "{junit}".into(), "{tests}".into()], None);
-        let got = collect(&r, &["a", "b", "c"]).await;
+        let (got, ended) = collect(&r, &["a", "b", "c"]).await;
+        assert_eq!(ended, Ok(()));
         let outcomes: Vec<_> = got.iter().map(|(id, t)| (id.as_str(), t.outcome)).collect();
         assert_eq!(
             outcomes,
@@ -590,31 +587,26 @@ exit 1"#,
     }
 
     #[tokio::test]
-    async fn no_or_bad_junit_makes_every_test_an_infra_error() {
+    async fn no_or_bad_junit_hands_the_whole_shard_back_with_the_evidence() {
         let dir = tempfile::tempdir().unwrap();
         let tool = script(dir.path(), "echo crashed; exit 3");
         let r = runner(dir.path(), vec![tool, "{junit}".into(), "{tests}".into()], None);
-        for (id, t) in collect(&r, &["a", "b"]).await {
-            assert_eq!(t.outcome, Outcome::InfraError, "{id}");
-            assert!(
-                t.detail.contains("no JUnit file") && t.detail.contains("exit status 3"),
-                "{}",
-                t.detail
-            );
-            assert!(t.output.contains("crashed"));
-        }
+        let (got, ended) = collect(&r, &["a", "b"]).await;
+        assert!(got.is_empty(), "no test is counted: {got:?}");
+        let e = ended.unwrap_err();
+        assert!(
+            e.starts_with("no JUnit file") && e.contains("exit status 3"),
+            "{e}"
+        );
+        assert!(e.contains("crashed"), "{e}");
         let tool = script(dir.path(), r#"echo '<testsuite><testcase name="a">' > "$1""#);
         let r = runner(dir.path(), vec![tool, "{junit}".into(), "{tests}".into()], None);
-        let got = collect(&r, &["a"]).await;
-        assert!(
-            got[0].1.detail.contains("ends inside a <testcase>"),
-            "{}",
-            got[0].1.detail
-        );
+        let e = collect(&r, &["a"]).await.1.unwrap_err();
+        assert!(e.contains("ends inside a <testcase>"), "{e}");
     }
 
     #[tokio::test]
-    async fn setup_runs_once_per_revision_and_its_failure_is_an_infra_error() {
+    async fn setup_runs_once_per_revision_and_its_failure_hands_the_shard_back() {
         let dir = tempfile::tempdir().unwrap();
         let count = dir.path().join("count");
         let tool = script(
@@ -631,23 +623,19 @@ exit 1"#,
             vec![tool, "{junit}".into(), "{tests}".into()],
             Some(setup),
         );
-        assert_eq!(collect(&r, &["a"]).await[0].1.outcome, Outcome::Passed);
-        assert_eq!(collect(&r, &["a"]).await[0].1.outcome, Outcome::Passed);
+        assert_eq!(collect(&r, &["a"]).await.0[0].1.outcome, Outcome::Passed);
+        assert_eq!(collect(&r, &["a"]).await.0[0].1.outcome, Outcome::Passed);
         assert_eq!(
             std::fs::read_to_string(&count).unwrap().lines().count(),
             1,
             "setup ran once for rev1"
         );
-        let (tx, mut rx) = mpsc::channel(4);
-        r.run_shard(&["a".into()], "rev2", &CancellationToken::new(), tx)
-            .await;
-        let (_, t) = rx.recv().await.unwrap();
-        assert_eq!(t.outcome, Outcome::InfraError);
+        let (got, ended) = collect_at(&r, &["a"], "rev2").await;
+        assert!(got.is_empty());
+        let e = ended.unwrap_err();
         assert!(
-            t.detail
-                .starts_with("setup for revision 'rev2' failed (exit status 1)"),
-            "{}",
-            t.detail
+            e.starts_with("setup for revision 'rev2' failed (exit status 1)"),
+            "{e}"
         );
     }
 }

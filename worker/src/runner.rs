@@ -41,7 +41,8 @@ impl Runner {
     }
 
     /// Runs `tests` in order, sending each result as it finishes. Stops early when `cancel`
-    /// fires or the receiver is gone.
+    /// fires or the receiver is gone. An error is a failure of the runner for the whole shard
+    /// (its tests are handed back), not of a test.
     pub async fn run_shard(
         &self,
         tests: &[String],
@@ -49,19 +50,20 @@ impl Runner {
         test_timeout: Duration,
         cancel: &CancellationToken,
         results: mpsc::Sender<(String, TestRun)>,
-    ) {
+    ) -> Result<(), String> {
         match self {
             Runner::Command(c) => c.run_shard(tests, revision, cancel, results).await,
             Runner::Exec(r) => {
                 for id in tests {
                     if cancel.is_cancelled() {
-                        return;
+                        return Ok(());
                     }
                     let run = r.run_test(id, test_timeout, cancel).await;
                     if cancel.is_cancelled() || results.send((id.clone(), run)).await.is_err() {
-                        return;
+                        return Ok(());
                     }
                 }
+                Ok(())
             }
         }
     }
