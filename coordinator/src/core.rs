@@ -252,6 +252,12 @@ impl Core {
                 },
             );
         }
+        // Attempts that were live when the coordinator stopped: a worker that still runs one
+        // keeps it (its lease starts afresh) and reports into it.
+        let mut stored_attempts: HashMap<RunId, Vec<crate::store::AttemptRow>> = HashMap::new();
+        for a in core.store.attempts()? {
+            stored_attempts.entry(a.run).or_default().push(a);
+        }
         for row in core.store.unfinished_runs()? {
             let Some(kind) = core.known_runners.get(&row.runner).copied() else {
                 warn!(run = %row.id, runner = %row.runner, "unfinished run names an unknown runner");
@@ -269,13 +275,35 @@ impl Core {
                     done[o.to_wire() as usize] += 1;
                 }
             }
+            let mut restored = Vec::new();
+            for a in stored_attempts.remove(&row.id).unwrap_or_default() {
+                let worker_ok = core.workers.contains_key(&a.worker);
+                let in_range = a.tests.iter().all(|&i| (i as usize) < tests.len());
+                if !worker_ok || !in_range {
+                    continue;
+                }
+                let pending: Vec<u32> = a
+                    .tests
+                    .iter()
+                    .copied()
+                    .filter(|&i| !tests[i as usize].done)
+                    .collect();
+                for &i in &pending {
+                    let t = &mut tests[i as usize];
+                    t.leased = Some(a.id);
+                    t.handouts = t.handouts.max(1);
+                }
+                restored.push((a, pending));
+            }
             let open = outcomes
                 .iter()
                 .enumerate()
-                .filter(|(_, o)| o.is_none())
-                .map(|(i, _)| i as u32);
-            let state = RunState {
-                discover_pending: row.discover && tests.is_empty(),
+                .filter(|(i, o)| o.is_none() && tests[*i].leased.is_none())
+                .map(|(i, _)| i as u32)
+                .collect::<Vec<_>>();
+            let discovering = restored.iter().any(|(a, _)| a.discover);
+            let mut state = RunState {
+                discover_pending: row.discover && tests.is_empty() && !discovering,
                 queue: RunQueue::with(&plans, open),
                 row,
                 kind,
@@ -287,8 +315,47 @@ impl Core {
                 running: 0,
                 live_attempts: 0,
             };
-            info!(run = %state.row.id, queued = state.queue.len(), "resumed unfinished run");
+            for (a, pending) in restored {
+                state.running += pending.len() as u32;
+                state.running_ms += pending
+                    .iter()
+                    .map(|&i| state.tests[i as usize].plan.estimate_ms)
+                    .sum::<f64>();
+                state.live_attempts += 1;
+                if let Some(w) = core.workers.get_mut(&a.worker) {
+                    w.attempts.insert(a.id);
+                }
+                core.attempts.insert(
+                    a.id,
+                    Attempt {
+                        shard: a.shard,
+                        run: a.run,
+                        worker: a.worker,
+                        kind: if a.discover {
+                            AttemptKind::Discover
+                        } else {
+                            AttemptKind::Run
+                        },
+                        total: a.tests.len() as u32,
+                        pending,
+                        reported_ms: 0,
+                        lease_until: now.at + core.cfg.lease,
+                        started_ms: a.started_ms,
+                    },
+                );
+            }
+            info!(run = %state.row.id, queued = state.queue.len(), kept = state.live_attempts, "resumed unfinished run");
             core.runs.insert(state.row.id, state);
+        }
+        for (_, rows) in stored_attempts {
+            for a in rows {
+                core.store.delete_attempt(a.id)?;
+            }
+        }
+        for id in core.store.attempts()?.into_iter().map(|a| a.id) {
+            if !core.attempts.contains_key(&id) {
+                core.store.delete_attempt(id)?;
+            }
         }
         // A run whose tests were all counted before a crash but whose verdict was not written
         // gets its verdict now.
@@ -748,6 +815,25 @@ impl Core {
         };
         let attempt_id = AttemptId::new();
         let shard_id = ShardId::new();
+        let row = crate::store::AttemptRow {
+            id: attempt_id,
+            run: run_id,
+            worker,
+            shard: shard_id,
+            discover: kind == AttemptKind::Discover,
+            tests: tests.clone(),
+            started_ms: now.ms,
+        };
+        if let Err(e) = self.store.insert_attempt(&row) {
+            // Nothing was handed out: put the tests back.
+            for &i in &tests {
+                run.queue.push(i, run.tests[i as usize].plan);
+            }
+            if kind == AttemptKind::Discover {
+                run.discover_pending = true;
+            }
+            return Err(e.into());
+        }
         for &i in &tests {
             let t = &mut run.tests[i as usize];
             t.leased = Some(attempt_id);
@@ -1084,6 +1170,10 @@ impl Core {
     /// Removes an attempt from the maps without touching its tests.
     fn forget_attempt(&mut self, id: AttemptId) -> Option<Attempt> {
         let a = self.attempts.remove(&id)?;
+        if let Err(e) = self.store.delete_attempt(id) {
+            // A stale row only makes a restarted coordinator hold the tests for one lease.
+            warn!(attempt = %id, error = %e, "failed to delete a finished attempt");
+        }
         if let Some(w) = self.workers.get_mut(&a.worker) {
             w.attempts.remove(&id);
         }

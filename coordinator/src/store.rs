@@ -12,7 +12,7 @@ use std::path::Path;
 
 use rusqlite::{Connection, OptionalExtension, params};
 use shardgate_common::labels::Labels;
-use shardgate_common::{Outcome, RunId, RunStatus, RunnerKind, WorkerId, pb};
+use shardgate_common::{AttemptId, Outcome, RunId, RunStatus, RunnerKind, ShardId, WorkerId, pb};
 
 use crate::model::Policy;
 use crate::scheduler::History;
@@ -71,6 +71,15 @@ CREATE TABLE IF NOT EXISTS durations (
     last_failed_ms INTEGER NOT NULL,
     PRIMARY KEY (suite, test_id)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS attempts (
+    id         TEXT PRIMARY KEY,
+    run_id     TEXT NOT NULL,
+    worker_id  TEXT NOT NULL,
+    shard_id   TEXT NOT NULL,
+    discover   INTEGER NOT NULL,
+    tests      TEXT NOT NULL,
+    started_ms INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS workers (
     id            TEXT PRIMARY KEY,
     name          TEXT NOT NULL,
@@ -122,6 +131,19 @@ pub struct ResultRow {
 pub struct StoredTest {
     pub test_id: String,
     pub outcome: Option<Outcome>,
+}
+
+/// A live attempt as stored, so a restarted coordinator keeps the shards workers still run.
+#[derive(Debug, Clone)]
+pub struct AttemptRow {
+    pub id: AttemptId,
+    pub run: RunId,
+    pub worker: WorkerId,
+    pub shard: ShardId,
+    pub discover: bool,
+    /// Indexes of the shard's tests.
+    pub tests: Vec<u32>,
+    pub started_ms: u64,
 }
 
 /// A registered worker as stored.
@@ -379,6 +401,62 @@ impl Store {
         }
         tx.commit()?;
         Ok(())
+    }
+
+    pub fn insert_attempt(&mut self, a: &AttemptRow) -> Result<(), StoreError> {
+        self.conn
+            .prepare_cached(
+                "INSERT INTO attempts (id, run_id, worker_id, shard_id, discover, tests, started_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?
+            .execute(params![
+                a.id.to_string(),
+                a.run.to_string(),
+                a.worker.to_string(),
+                a.shard.to_string(),
+                a.discover,
+                to_json(&a.tests),
+                a.started_ms as i64
+            ])?;
+        Ok(())
+    }
+
+    pub fn delete_attempt(&mut self, id: AttemptId) -> Result<(), StoreError> {
+        self.conn
+            .prepare_cached("DELETE FROM attempts WHERE id = ?1")?
+            .execute([id.to_string()])?;
+        Ok(())
+    }
+
+    pub fn attempts(&self) -> Result<Vec<AttemptRow>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT id, run_id, worker_id, shard_id, discover, tests, started_ms FROM attempts")?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, bool>(4)?,
+                r.get::<_, String>(5)?,
+                r.get::<_, i64>(6)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, run, worker, shard, discover, tests, started) = row?;
+            out.push(AttemptRow {
+                id: parse_id("attempts", &id)?,
+                run: parse_id("attempts", &run)?,
+                worker: parse_id("attempts", &worker)?,
+                shard: parse_id("attempts", &shard)?,
+                discover,
+                tests: from_json("attempts", &tests)?,
+                started_ms: started as u64,
+            });
+        }
+        Ok(out)
     }
 
     pub fn upsert_worker(&mut self, w: &WorkerRow) -> Result<(), StoreError> {

@@ -47,6 +47,8 @@ enum Op {
     Deregister {
         worker: usize,
     },
+    /// The coordinator restarts on the same database.
+    Restart,
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -60,11 +62,13 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (1u64..15).prop_map(|secs| Op::Tick { secs }),
         1 => (0usize..6).prop_map(|run| Op::Cancel { run }),
         1 => (0usize..8).prop_map(|worker| Op::Deregister { worker }),
+        1 => Just(Op::Restart),
     ]
 }
 
 struct Sim {
     core: Core,
+    db: std::path::PathBuf,
     now: Now,
     workers: Vec<WorkerId>,
     /// Live shards per worker, as the worker sees them: attempt and tests not yet reported.
@@ -188,8 +192,10 @@ proptest! {
     #[test]
     fn every_test_ends_with_exactly_one_result(ops in prop::collection::vec(op(), 1..120)) {
         let now = Now::real();
-        let core = Core::open(CoreConfig::default(), Store::open(Path::new(":memory:")).unwrap(), now).unwrap();
-        let mut sim = Sim { core, now, workers: vec![], shards: HashMap::new(), worker_runners: HashMap::new(), runs: vec![] };
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("db.sqlite");
+        let core = Core::open(CoreConfig::default(), Store::open(&db).unwrap(), now).unwrap();
+        let mut sim = Sim { core, db, now, workers: vec![], shards: HashMap::new(), worker_runners: HashMap::new(), runs: vec![] };
         sim.register(false, false);
         for op in ops {
             match op {
@@ -230,6 +236,13 @@ proptest! {
                     if let Some(r) = sim.runs.get(run) {
                         let _ = sim.core.cancel(r.0, "test", sim.now);
                     }
+                }
+                Op::Restart => {
+                    // The old core (and its connection) goes first; the new one loads the store.
+                    let fresh = Store::open(Path::new(":memory:")).unwrap();
+                    let placeholder = Core::open(CoreConfig::default(), fresh, sim.now).unwrap();
+                    drop(std::mem::replace(&mut sim.core, placeholder));
+                    sim.core = Core::open(CoreConfig::default(), Store::open(&sim.db).unwrap(), sim.now).unwrap();
                 }
                 Op::Deregister { worker } => {
                     let w = sim.workers[worker % sim.workers.len()];

@@ -325,34 +325,71 @@ fn a_restart_resumes_unfinished_runs_and_keeps_finished_ones() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("db.sqlite");
     let now = Now::real();
-    let (done, open) = {
+    let (done, open, w1, kept) = {
         let mut core = core_at(&path, now);
         let w = register(&mut core, "w1", 1, &[], now);
         let done = submit(&mut core, &["a", "b"], now);
         drain(&mut core, w, now, |_| Outcome::Passed);
         let open = submit(&mut core, &["c", "d", "e"], now);
         let shard = core.acquire(w, now).unwrap().unwrap();
+        assert_eq!(shard.tests, vec!["c"]);
         let a: AttemptId = shard.attempt_id.parse().unwrap();
-        core.report(w, a, vec![result("c", Outcome::Failed)], now)
-            .unwrap();
-        (done, open)
+        (done, open, w, a)
     };
+    // The coordinator restarts (its memory is gone) while w1 still runs test c.
     let mut core = core_at(&path, now);
+    core.check_invariants();
     assert_eq!(status(&core, done), RunStatus::Passed);
     assert_eq!(core.get_run(done, true).unwrap().results.len(), 2);
-    // The runner stays known, so the resumed run can be finished by a new worker.
-    let w = register(&mut core, "w2", 1, &[], now);
+    // w1 heartbeats and keeps its shard; nobody else gets test c meanwhile.
+    let hb = core.heartbeat(w1, &[kept.to_string()], now).unwrap();
+    assert!(hb.cancel_attempt_ids.is_empty() && !hb.reregister, "{hb:?}");
+    let w2 = register(&mut core, "w2", 1, &[], now);
     let mut seen = Vec::new();
-    while let Some(shard) = core.acquire(w, now).unwrap() {
+    while let Some(shard) = core.acquire(w2, now).unwrap() {
         let a: AttemptId = shard.attempt_id.parse().unwrap();
         seen.extend(shard.tests.clone());
         let results = shard.tests.iter().map(|t| result(t, Outcome::Passed)).collect();
-        core.report(w, a, results, now).unwrap();
-        core.finish(w, a, "", now).unwrap();
+        core.report(w2, a, results, now).unwrap();
+        core.finish(w2, a, "", now).unwrap();
     }
     seen.sort();
-    assert_eq!(seen, vec!["d", "e"], "the counted result of c is not run again");
+    assert_eq!(seen, vec!["d", "e"], "test c stays with the worker that runs it");
+    let resp = core
+        .report(w1, kept, vec![result("c", Outcome::Failed)], now)
+        .unwrap();
+    assert_eq!(resp.accepted, 1, "a result into a kept attempt counts");
     assert_eq!(status(&core, open), RunStatus::Failed);
+    let results = core.get_run(open, true).unwrap().results;
+    assert!(
+        results.iter().all(|r| r.attempts == 1),
+        "nothing ran twice: {results:?}"
+    );
+}
+
+#[test]
+fn a_kept_attempt_whose_worker_never_returns_expires_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db.sqlite");
+    let now = Now::real();
+    let run = {
+        let mut core = core_at(&path, now);
+        let w = register(&mut core, "w1", 1, &[], now);
+        let run = submit(&mut core, &["x"], now);
+        core.acquire(w, now).unwrap().unwrap();
+        run
+    };
+    let mut core = core_at(&path, now);
+    let w2 = register(&mut core, "w2", 1, &[], now);
+    assert!(
+        core.acquire(w2, now).unwrap().is_none(),
+        "x is still leased to w1"
+    );
+    let later = now.after(Duration::from_secs(11));
+    core.tick(later).unwrap();
+    core.check_invariants();
+    drain(&mut core, w2, later, |_| Outcome::Passed);
+    assert_eq!(status(&core, run), RunStatus::Passed);
 }
 
 #[test]
