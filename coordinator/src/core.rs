@@ -94,6 +94,9 @@ struct RunState {
     done: [u32; 7],
     running: u32,
     live_attempts: u32,
+    /// Workers whose runner failed for this run (setup, unreadable results): they get its
+    /// shards only when no other worker could take them.
+    excluded: HashSet<WorkerId>,
 }
 
 impl RunState {
@@ -314,6 +317,7 @@ impl Core {
                 done,
                 running: 0,
                 live_attempts: 0,
+                excluded: HashSet::new(),
             };
             for (a, pending) in restored {
                 state.running += pending.len() as u32;
@@ -467,6 +471,7 @@ impl Core {
             done: [0; 7],
             running: 0,
             live_attempts: 0,
+            excluded: HashSet::new(),
             row,
         };
         let summary = state.summary();
@@ -771,10 +776,21 @@ impl Core {
         }
         self.touch(worker, now)?;
         let w = &self.workers[&worker];
+        let fits = |w: &WorkerState, r: &RunState| {
+            w.runners.get(&r.row.runner) == Some(&r.kind) && labels::satisfies(&w.row.labels, &r.row.labels)
+        };
         let eligible = |r: &RunState| {
             r.has_work()
-                && w.runners.get(&r.row.runner) == Some(&r.kind)
-                && labels::satisfies(&w.row.labels, &r.row.labels)
+                && fits(w, r)
+                && (!r.excluded.contains(&worker)
+                    // Excluded, but no other live worker could take the run: better this
+                    // worker than a run that never ends.
+                    || !self.workers.values().any(|o| {
+                        o.row.id != worker
+                            && o.liveness == WorkerLiveness::Live
+                            && !r.excluded.contains(&o.row.id)
+                            && fits(o, r)
+                    }))
         };
         // Highest priority first; among equals the run with the fewest live attempts (a fair
         // share of the fleet), then the oldest.
@@ -1113,6 +1129,11 @@ impl Core {
         let reason = if error.is_empty() {
             RequeueReason::NoResult(worker_name)
         } else {
+            // The runner failed on this worker: send the shard's tests elsewhere.
+            let run = self.attempts[&attempt_id].run;
+            if let Some(r) = self.runs.get_mut(&run) {
+                r.excluded.insert(worker);
+            }
             RequeueReason::RunnerError(cap(error, 2048))
         };
         let a = &self.attempts[&attempt_id];

@@ -403,3 +403,35 @@ fn any_call_from_a_lost_worker_makes_it_live_again() {
     assert!(core.acquire(w, later).unwrap().is_some());
     assert_eq!(core.list_workers(false)[0].state, "live");
 }
+
+#[test]
+fn a_shard_whose_runner_failed_goes_to_another_worker() {
+    let (mut core, now) = core();
+    let broken = register(&mut core, "broken", 1, &[], now);
+    let run = submit(&mut core, &["a"], now);
+    let shard = core.acquire(broken, now).unwrap().unwrap();
+    let a: AttemptId = shard.attempt_id.parse().unwrap();
+    let resp = core
+        .finish(broken, a, "setup for revision 'r1' failed (exit status 1)", now)
+        .unwrap();
+    assert_eq!(resp.requeued, 1);
+    // Alone in the fleet, the broken worker still gets the test rather than starving the run.
+    let again = core
+        .acquire(broken, now)
+        .unwrap()
+        .expect("no other worker: it may retry");
+    let a: AttemptId = again.attempt_id.parse().unwrap();
+    core.finish(broken, a, "setup failed again", now).unwrap();
+    let good = register(&mut core, "good", 1, &[], now);
+    assert!(
+        core.acquire(broken, now).unwrap().is_none(),
+        "another worker can take it now"
+    );
+    let shard = core.acquire(good, now).unwrap().unwrap();
+    let a: AttemptId = shard.attempt_id.parse().unwrap();
+    core.report(good, a, vec![result("a", Outcome::Passed)], now)
+        .unwrap();
+    assert_eq!(status(&core, run), RunStatus::Passed);
+    let r = &core.get_run(run, true).unwrap().results[0];
+    assert_eq!((r.worker.as_str(), r.attempts), ("good", 3));
+}
