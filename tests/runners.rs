@@ -101,6 +101,39 @@ fn expected_outcome(status: &str) -> &'static str {
     }
 }
 
+/// Runs a suite discovered by `runner` over the cluster; returns the client's result, its JSON
+/// report and each test's outcome, checking no test is reported twice.
+fn run_discovered(
+    cluster: &Cluster,
+    runner: &str,
+    suite: &str,
+) -> (harness::Ran, serde_json::Value, BTreeMap<String, String>) {
+    let r = cluster.client(&[
+        "run",
+        "--runner",
+        runner,
+        "--suite",
+        suite,
+        "--discover",
+        "--json",
+    ]);
+    let report = r.json();
+    let tests = report["tests"].as_array().unwrap_or_else(|| {
+        panic!(
+            "no tests in the report: {report}\n{}\n{}",
+            r.stderr,
+            cluster.logs()
+        )
+    });
+    let mut ours = BTreeMap::new();
+    for t in tests {
+        let id = t["id"].as_str().unwrap().to_owned();
+        let prev = ours.insert(id.clone(), t["outcome"].as_str().unwrap_or("none").to_owned());
+        assert!(prev.is_none(), "{id} reported twice");
+    }
+    (r, report, ours)
+}
+
 #[test]
 fn a_pypi_projects_pytest_suite_sharded_over_four_workers_matches_a_direct_run() {
     require_pytest();
@@ -117,30 +150,7 @@ fn a_pypi_projects_pytest_suite_sharded_over_four_workers_matches_a_direct_run()
         dir.display()
     );
     let cluster = Cluster::builder().workers(4).slots(1).runners(&profile).start();
-    let r = cluster.client(&[
-        "run",
-        "--runner",
-        "pytest",
-        "--suite",
-        "six",
-        "--discover",
-        "--json",
-    ]);
-    let report = r.json();
-    let mut ours = BTreeMap::new();
-    let tests = report["tests"].as_array().unwrap_or_else(|| {
-        panic!(
-            "no tests in the report: {report}\n{}\n{}",
-            r.stderr,
-            cluster.logs()
-        )
-    });
-    for t in tests {
-        ours.insert(
-            t["id"].as_str().unwrap().to_owned(),
-            t["outcome"].as_str().unwrap_or("none").to_owned(),
-        );
-    }
+    let (r, report, ours) = run_discovered(&cluster, "pytest", "six");
     assert_eq!(
         ours.keys().collect::<Vec<_>>(),
         direct.keys().collect::<Vec<_>>(),
@@ -251,30 +261,7 @@ fn a_rust_crates_suite_under_nextest_sharded_over_three_workers_matches_a_direct
         dir.display()
     );
     let cluster = Cluster::builder().workers(3).slots(1).runners(&profile).start();
-    let r = cluster.client(&[
-        "run",
-        "--runner",
-        "nextest",
-        "--suite",
-        "strsim",
-        "--discover",
-        "--json",
-    ]);
-    let report = r.json();
-    let mut ours = BTreeMap::new();
-    let tests = report["tests"].as_array().unwrap_or_else(|| {
-        panic!(
-            "no tests in the report: {report}\n{}\n{}",
-            r.stderr,
-            cluster.logs()
-        )
-    });
-    for t in tests {
-        ours.insert(
-            t["id"].as_str().unwrap().to_owned(),
-            t["outcome"].as_str().unwrap_or("none").to_owned(),
-        );
-    }
+    let (r, report, ours) = run_discovered(&cluster, "nextest", "strsim");
     assert_eq!(ours.keys().collect::<Vec<_>>(), direct.keys().collect::<Vec<_>>());
     for (id, status) in &direct {
         let want = match status.as_str() {
