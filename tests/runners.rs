@@ -275,3 +275,30 @@ fn a_rust_crates_suite_under_nextest_sharded_over_three_workers_matches_a_direct
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert!(report["shards"].as_u64().unwrap() >= 3, "{}", report["shards"]);
 }
+
+#[test]
+fn the_same_crate_under_cargo_test_matches_its_libtest_outcomes() {
+    let dir = crate_dir();
+    let direct = direct_nextest(&dir);
+    let profile = format!(
+        "[runners.cargo]\nkind = \"cargo-test\"\nworkdir = \"{}\"\n",
+        dir.display()
+    );
+    let cluster = Cluster::builder().workers(2).slots(1).runners(&profile).start();
+    let (r, report, ours) = run_discovered(&cluster, "cargo", "strsim-libtest");
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    // libtest names are nextest's names without the binary id; strsim's are unique.
+    let names: Vec<String> = direct
+        .keys()
+        .map(|k| k.split_once(' ').unwrap().1.to_owned())
+        .collect();
+    let mut sorted = names.clone();
+    sorted.sort();
+    assert_eq!(ours.keys().cloned().collect::<Vec<_>>(), sorted);
+    for (id, status) in &direct {
+        let name = id.split_once(' ').unwrap().1;
+        let want = if status == "PASS" { "passed" } else { "failed" };
+        assert_eq!(ours[name], want, "{name}");
+    }
+    assert!(report["shards"].as_u64().unwrap() >= 2);
+}

@@ -90,6 +90,7 @@ named_enum!(RunnerKind, pb::RunnerKind, "runner kind", {
     Pytest => ("pytest", Pytest),
     Junit => ("junit", Junit),
     Nextest => ("nextest", Nextest),
+    CargoTest => ("cargo-test", CargoTest),
 });
 
 #[cfg(test)]

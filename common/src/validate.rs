@@ -60,7 +60,9 @@ pub fn test_id(kind: RunnerKind, id: &str) -> Result<(), Error> {
         RunnerKind::Exec => exec_test_id(id),
         // These ids become argv items of the runner's command: one starting with '-' would be
         // read as an option.
-        RunnerKind::Pytest | RunnerKind::Junit | RunnerKind::Nextest if id.starts_with('-') => {
+        RunnerKind::Pytest | RunnerKind::Junit | RunnerKind::Nextest | RunnerKind::CargoTest
+            if id.starts_with('-') =>
+        {
             Err(Error::invalid(
                 "tests",
                 format!("test id '{id}' starts with '-' and would be read as an option"),
@@ -82,7 +84,7 @@ pub fn test_id(kind: RunnerKind, id: &str) -> Result<(), Error> {
                 ),
             )),
         },
-        RunnerKind::Pytest | RunnerKind::Junit => Ok(()),
+        RunnerKind::Pytest | RunnerKind::Junit | RunnerKind::CargoTest => Ok(()),
     }
 }
 

@@ -115,6 +115,20 @@ impl CommandRunner {
         self.cfg.kind
     }
 
+    /// cargo test's listing command: `NAME: test` per line, per test binary.
+    pub fn cargo_test_list() -> Vec<String> {
+        ["cargo", "test", "--quiet", "--", "--list", "--format", "terse"]
+            .map(String::from)
+            .to_vec()
+    }
+
+    /// cargo test's run command: every test binary runs the names it has, exactly.
+    pub fn cargo_test_run() -> Vec<String> {
+        ["cargo", "test", "--no-fail-fast", "--", "--exact", "{tests}"]
+            .map(String::from)
+            .to_vec()
+    }
+
     /// nextest's default listing command: one `<binary-id> <test name>` per line.
     pub fn nextest_list() -> Vec<String> {
         ["cargo", "nextest", "list", "-T", "oneline"]
@@ -300,6 +314,7 @@ impl CommandRunner {
         let stdout = String::from_utf8_lossy(&out.stdout);
         let ids: Vec<String> = match self.cfg.kind {
             // `pytest --collect-only -q` prints node ids, then a blank line and a summary.
+            RunnerKind::CargoTest => crate::libtest::list(&stdout),
             RunnerKind::Pytest => stdout
                 .lines()
                 .take_while(|l| !l.trim().is_empty())
@@ -344,6 +359,9 @@ impl CommandRunner {
                 ));
             }
         };
+        if self.cfg.kind == RunnerKind::CargoTest {
+            return self.run_libtest(tests, revision, cancel, results).await;
+        }
         let (cmd, junit_path, cleanup) = if self.cfg.kind == RunnerKind::Nextest {
             let target = match self.cargo_target_dir().await {
                 Ok(t) => t,
@@ -441,6 +459,62 @@ impl CommandRunner {
         }
         for id in by_id.keys() {
             warn!(runner = %self.cfg.name, test = %id, "JUnit file reports a test that was not asked for; ignored");
+        }
+        Ok(())
+    }
+}
+
+impl CommandRunner {
+    /// `cargo test`: results read from libtest's plain output. libtest prints no per-test time
+    /// on stable Rust, so each test is given an equal share of the shard's wall time.
+    async fn run_libtest(
+        &self,
+        tests: &[String],
+        revision: &str,
+        cancel: &CancellationToken,
+        results: mpsc::Sender<(String, TestRun)>,
+    ) -> Result<(), String> {
+        let cmd = self.command(&self.cfg.run, tests, "", revision);
+        let finished = process::run(cmd, self.cfg.shard_timeout, cancel, 16 * 1024 * 1024).await;
+        if finished.ending == Ending::Cancelled {
+            return Ok(());
+        }
+        let mut parsed = crate::libtest::parse(&finished.output);
+        if parsed.is_empty() {
+            return Err(join_detail(
+                format!(
+                    "cargo test reported no tests; it ended with {}",
+                    finished.ending.describe(self.cfg.shard_timeout)
+                ),
+                finished.output,
+            ));
+        }
+        let share = finished.duration / tests.len().max(1) as u32;
+        for t in tests {
+            let run = match parsed.remove(t) {
+                Some(r) => TestRun {
+                    outcome: r.outcome,
+                    duration: share,
+                    detail: if r.outcome == Outcome::Failed {
+                        "test failed".into()
+                    } else {
+                        String::new()
+                    },
+                    output: r.output,
+                },
+                None => TestRun {
+                    outcome: Outcome::InfraError,
+                    duration: Duration::ZERO,
+                    output: tail(&finished.output, 16 * 1024),
+                    detail: format!(
+                        "missing result: cargo test printed no line for this test (it ended with {})",
+                        finished.ending.describe(self.cfg.shard_timeout)
+                    ),
+                },
+            };
+            if results.send((t.clone(), run)).await.is_err() {
+                return Ok(());
+            }
         }
         Ok(())
     }

@@ -8,6 +8,7 @@ pub mod agent;
 pub mod command;
 pub mod exec;
 pub mod junit;
+pub mod libtest;
 pub mod output;
 pub mod process;
 pub mod profile;

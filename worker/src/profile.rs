@@ -3,7 +3,7 @@
 //!
 //! ```toml
 //! [runners.unit]
-//! kind = "pytest"                 # exec | pytest | nextest | junit
+//! kind = "pytest"                 # exec | pytest | nextest | cargo-test | junit
 //! workdir = "/srv/checkout"       # where commands run (pytest: the rootdir)
 //! # optional; pytest has built-in defaults for both
 //! list = ["python3", "-m", "pytest", "--collect-only", "-q"]
@@ -54,6 +54,7 @@ enum Kind {
     Pytest,
     Junit,
     Nextest,
+    CargoTest,
 }
 
 #[derive(Debug, Deserialize)]
@@ -128,7 +129,7 @@ pub fn parse(text: &str, max_output: usize) -> Result<Runners, ProfileError> {
                 }
                 Runner::Exec(ExecRunner::new(root, max_output).map_err(|e| invalid(&e.to_string()))?)
             }
-            Kind::Pytest | Kind::Junit | Kind::Nextest => {
+            Kind::Pytest | Kind::Junit | Kind::Nextest | Kind::CargoTest => {
                 let workdir = spec
                     .workdir
                     .clone()
@@ -136,7 +137,16 @@ pub fn parse(text: &str, max_output: usize) -> Result<Runners, ProfileError> {
                 if spec.root.is_some() {
                     return Err(invalid("root is for exec runners; use workdir"));
                 }
-                let (list, run, id) = if spec.kind == Kind::Nextest {
+                let (list, run, id) = if spec.kind == Kind::CargoTest {
+                    if spec.id.is_some() {
+                        return Err(invalid("cargo test ids are libtest names; remove id"));
+                    }
+                    (
+                        Some(spec.list.clone().unwrap_or_else(CommandRunner::cargo_test_list)),
+                        spec.run.clone().unwrap_or_else(CommandRunner::cargo_test_run),
+                        IdFormat::Name,
+                    )
+                } else if spec.kind == Kind::Nextest {
                     if spec.run.is_some() || spec.id.is_some() {
                         return Err(invalid(
                             "nextest builds its own run command and ids; remove run and id",
@@ -172,7 +182,7 @@ pub fn parse(text: &str, max_output: usize) -> Result<Runners, ProfileError> {
                 if !run.iter().any(|a| a == "{tests}") {
                     return Err(invalid("run must contain the argument {tests}"));
                 }
-                if !run.iter().any(|a| a.contains("{junit}")) {
+                if spec.kind != Kind::CargoTest && !run.iter().any(|a| a.contains("{junit}")) {
                     return Err(invalid("run must write JUnit XML to {junit}"));
                 }
                 Runner::Command(CommandRunner::new(crate::command::Config {
@@ -180,6 +190,7 @@ pub fn parse(text: &str, max_output: usize) -> Result<Runners, ProfileError> {
                     kind: match spec.kind {
                         Kind::Pytest => shardgate_common::RunnerKind::Pytest,
                         Kind::Nextest => shardgate_common::RunnerKind::Nextest,
+                        Kind::CargoTest => shardgate_common::RunnerKind::CargoTest,
                         _ => shardgate_common::RunnerKind::Junit,
                     },
                     workdir,
