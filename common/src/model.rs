@@ -91,6 +91,7 @@ named_enum!(RunnerKind, pb::RunnerKind, "runner kind", {
     Junit => ("junit", Junit),
     Nextest => ("nextest", Nextest),
     CargoTest => ("cargo-test", CargoTest),
+    GoTest => ("go-test", GoTest),
 });
 
 #[cfg(test)]

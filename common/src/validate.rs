@@ -60,7 +60,11 @@ pub fn test_id(kind: RunnerKind, id: &str) -> Result<(), Error> {
         RunnerKind::Exec => exec_test_id(id),
         // These ids become argv items of the runner's command: one starting with '-' would be
         // read as an option.
-        RunnerKind::Pytest | RunnerKind::Junit | RunnerKind::Nextest | RunnerKind::CargoTest
+        RunnerKind::Pytest
+        | RunnerKind::Junit
+        | RunnerKind::Nextest
+        | RunnerKind::CargoTest
+        | RunnerKind::GoTest
             if id.starts_with('-') =>
         {
             Err(Error::invalid(
@@ -82,6 +86,20 @@ pub fn test_id(kind: RunnerKind, id: &str) -> Result<(), Error> {
                 format!(
                     "test id '{id}' is not '<binary-id> <test name>' as `cargo nextest list -T oneline` prints it"
                 ),
+            )),
+        },
+        // The name becomes part of a `-run` regular expression: only identifier characters.
+        RunnerKind::GoTest => match id.rsplit_once(' ') {
+            Some((pkg, name))
+                if !pkg.is_empty()
+                    && !name.is_empty()
+                    && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') =>
+            {
+                Ok(())
+            }
+            _ => Err(Error::invalid(
+                "tests",
+                format!("test id '{id}' is not '<package> <TestName>' as the go-test runner lists them"),
             )),
         },
         RunnerKind::Pytest | RunnerKind::Junit | RunnerKind::CargoTest => Ok(()),

@@ -115,6 +115,11 @@ impl CommandRunner {
         self.cfg.kind
     }
 
+    /// go test's listing command: names per package, each package closed by `ok  <pkg>`.
+    pub fn go_test_list() -> Vec<String> {
+        ["go", "test", "-list", ".", "./..."].map(String::from).to_vec()
+    }
+
     /// cargo test's listing command: `NAME: test` per line, per test binary.
     pub fn cargo_test_list() -> Vec<String> {
         ["cargo", "test", "--quiet", "--", "--list", "--format", "terse"]
@@ -315,6 +320,7 @@ impl CommandRunner {
         let ids: Vec<String> = match self.cfg.kind {
             // `pytest --collect-only -q` prints node ids, then a blank line and a summary.
             RunnerKind::CargoTest => crate::libtest::list(&stdout),
+            RunnerKind::GoTest => crate::gotest::list(&stdout),
             RunnerKind::Pytest => stdout
                 .lines()
                 .take_while(|l| !l.trim().is_empty())
@@ -361,6 +367,9 @@ impl CommandRunner {
         };
         if self.cfg.kind == RunnerKind::CargoTest {
             return self.run_libtest(tests, revision, cancel, results).await;
+        }
+        if self.cfg.kind == RunnerKind::GoTest {
+            return self.run_go(tests, revision, cancel, results).await;
         }
         let (cmd, junit_path, cleanup) = if self.cfg.kind == RunnerKind::Nextest {
             let target = match self.cargo_target_dir().await {
@@ -465,6 +474,76 @@ impl CommandRunner {
 }
 
 impl CommandRunner {
+    /// `go test`: one `go test -json -run '^(A|B)$' PKG` per package of the shard.
+    async fn run_go(
+        &self,
+        tests: &[String],
+        revision: &str,
+        cancel: &CancellationToken,
+        results: mpsc::Sender<(String, TestRun)>,
+    ) -> Result<(), String> {
+        let mut by_pkg: BTreeMap<&str, Vec<(&String, &str)>> = BTreeMap::new();
+        for t in tests {
+            let (pkg, name) = crate::gotest::split(t).unwrap_or((t.as_str(), ""));
+            by_pkg.entry(pkg).or_default().push((t, name));
+        }
+        for (pkg, group) in by_pkg {
+            let names: Vec<&str> = group.iter().map(|(_, n)| *n).collect();
+            let pattern = crate::gotest::run_pattern(&names);
+            let argv: Vec<String> = ["go", "test", "-json", "-count=1", "-run", "{pattern}", "{pkg}"]
+                .map(String::from)
+                .to_vec();
+            let cmd = self.command_with(
+                &argv,
+                &[],
+                &[("{pattern}", &pattern), ("{pkg}", pkg), ("{revision}", revision)],
+            );
+            let finished = process::run(cmd, self.cfg.shard_timeout, cancel, 16 * 1024 * 1024).await;
+            if finished.ending == Ending::Cancelled {
+                return Ok(());
+            }
+            let mut parsed = crate::gotest::parse(&finished.output);
+            if parsed.is_empty() {
+                return Err(join_detail(
+                    format!(
+                        "go test reported no tests for package {pkg}; it ended with {}",
+                        finished.ending.describe(self.cfg.shard_timeout)
+                    ),
+                    finished.output,
+                ));
+            }
+            for (id, name) in group {
+                let run = match parsed.remove(name) {
+                    Some(r) if r.outcome != Outcome::InfraError => TestRun {
+                        outcome: r.outcome,
+                        duration: r.duration,
+                        detail: if r.outcome == Outcome::Failed {
+                            "test failed".into()
+                        } else {
+                            String::new()
+                        },
+                        output: r.output,
+                    },
+                    other => TestRun {
+                        outcome: Outcome::InfraError,
+                        duration: Duration::ZERO,
+                        output: other
+                            .map(|r| r.output)
+                            .unwrap_or_else(|| tail(&finished.output, 16 * 1024)),
+                        detail: format!(
+                            "missing result: go test reported no end for this test (it ended with {})",
+                            finished.ending.describe(self.cfg.shard_timeout)
+                        ),
+                    },
+                };
+                if results.send((id.clone(), run)).await.is_err() {
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// `cargo test`: results read from libtest's plain output. libtest prints no per-test time
     /// on stable Rust, so each test is given an equal share of the shard's wall time.
     async fn run_libtest(

@@ -7,6 +7,7 @@
 pub mod agent;
 pub mod command;
 pub mod exec;
+pub mod gotest;
 pub mod junit;
 pub mod libtest;
 pub mod output;

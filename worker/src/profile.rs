@@ -3,7 +3,7 @@
 //!
 //! ```toml
 //! [runners.unit]
-//! kind = "pytest"                 # exec | pytest | nextest | cargo-test | junit
+//! kind = "pytest"                 # exec | pytest | nextest | cargo-test | go-test | junit
 //! workdir = "/srv/checkout"       # where commands run (pytest: the rootdir)
 //! # optional; pytest has built-in defaults for both
 //! list = ["python3", "-m", "pytest", "--collect-only", "-q"]
@@ -55,6 +55,7 @@ enum Kind {
     Junit,
     Nextest,
     CargoTest,
+    GoTest,
 }
 
 #[derive(Debug, Deserialize)]
@@ -129,7 +130,7 @@ pub fn parse(text: &str, max_output: usize) -> Result<Runners, ProfileError> {
                 }
                 Runner::Exec(ExecRunner::new(root, max_output).map_err(|e| invalid(&e.to_string()))?)
             }
-            Kind::Pytest | Kind::Junit | Kind::Nextest | Kind::CargoTest => {
+            Kind::Pytest | Kind::Junit | Kind::Nextest | Kind::CargoTest | Kind::GoTest => {
                 let workdir = spec
                     .workdir
                     .clone()
@@ -137,7 +138,18 @@ pub fn parse(text: &str, max_output: usize) -> Result<Runners, ProfileError> {
                 if spec.root.is_some() {
                     return Err(invalid("root is for exec runners; use workdir"));
                 }
-                let (list, run, id) = if spec.kind == Kind::CargoTest {
+                let (list, run, id) = if spec.kind == Kind::GoTest {
+                    if spec.run.is_some() || spec.id.is_some() {
+                        return Err(invalid(
+                            "go test builds its own run commands and ids; remove run and id",
+                        ));
+                    }
+                    (
+                        Some(spec.list.clone().unwrap_or_else(CommandRunner::go_test_list)),
+                        vec!["{tests}".to_owned()],
+                        IdFormat::Name,
+                    )
+                } else if spec.kind == Kind::CargoTest {
                     if spec.id.is_some() {
                         return Err(invalid("cargo test ids are libtest names; remove id"));
                     }
@@ -182,7 +194,9 @@ pub fn parse(text: &str, max_output: usize) -> Result<Runners, ProfileError> {
                 if !run.iter().any(|a| a == "{tests}") {
                     return Err(invalid("run must contain the argument {tests}"));
                 }
-                if spec.kind != Kind::CargoTest && !run.iter().any(|a| a.contains("{junit}")) {
+                if !matches!(spec.kind, Kind::CargoTest | Kind::GoTest)
+                    && !run.iter().any(|a| a.contains("{junit}"))
+                {
                     return Err(invalid("run must write JUnit XML to {junit}"));
                 }
                 Runner::Command(CommandRunner::new(crate::command::Config {
@@ -191,6 +205,7 @@ pub fn parse(text: &str, max_output: usize) -> Result<Runners, ProfileError> {
                         Kind::Pytest => shardgate_common::RunnerKind::Pytest,
                         Kind::Nextest => shardgate_common::RunnerKind::Nextest,
                         Kind::CargoTest => shardgate_common::RunnerKind::CargoTest,
+                        Kind::GoTest => shardgate_common::RunnerKind::GoTest,
                         _ => shardgate_common::RunnerKind::Junit,
                     },
                     workdir,
