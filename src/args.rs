@@ -149,6 +149,13 @@ pub struct SubmitOptions {
     /// Per-test timeout (default: the coordinator's, 5 minutes).
     #[arg(long, env = "SHARDGATE_TEST_TIMEOUT", value_parser = duration)]
     pub test_timeout: Option<Duration>,
+    /// Runs again of a failed test before it counts as failed (default: the coordinator's, 2);
+    /// a test that fails and then passes is reported as flaky.
+    #[arg(long, env = "SHARDGATE_RETRIES")]
+    pub retries: Option<u32>,
+    /// Flaky tests fail the gate.
+    #[arg(long, env = "SHARDGATE_STRICT_FLAKY")]
+    pub strict_flaky: bool,
     /// Send tests that failed recently first, for an earlier red signal.
     #[arg(long, env = "SHARDGATE_FAIL_FIRST")]
     pub fail_first: bool,

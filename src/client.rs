@@ -88,6 +88,8 @@ pub fn submit_request(
             test_timeout_ms: opts.test_timeout.map(|d| d.as_millis() as u64).unwrap_or(0),
             max_infra_attempts: 0,
             fail_first: opts.fail_first,
+            retries: opts.retries,
+            strict_flaky: opts.strict_flaky,
         }),
         priority: opts.priority,
     })

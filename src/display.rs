@@ -147,6 +147,21 @@ pub fn print_report(report: &RunReport, json: bool) -> std::io::Result<()> {
     if !report.message.is_empty() {
         writeln!(out, "  {}", report.message)?;
     }
+    let flaky: Vec<_> = report
+        .tests
+        .iter()
+        .filter(|t| t.outcome == Some(Outcome::Flaky))
+        .collect();
+    if !flaky.is_empty() {
+        writeln!(out, "\nflaky (failed, then passed on a retry):")?;
+        for t in flaky {
+            writeln!(
+                out,
+                "  FLAKY       {}  ({}; {} attempts)",
+                t.id, t.detail, t.attempts
+            )?;
+        }
+    }
     let bad: Vec<_> = report
         .tests
         .iter()

@@ -72,7 +72,11 @@ fn one_failing_test_fails_the_gate_and_survives_a_coordinator_restart() {
         .iter()
         .find(|t| t["id"] == "t/137.sh")
         .unwrap();
-    assert_eq!(failed["detail"], "exit status 1");
+    assert_eq!(failed["detail"], "failed 3 of 3 attempts: exit status 1");
+    assert_eq!(
+        failed["attempts"], 3,
+        "a failing test is run twice more before it counts"
+    );
     assert_eq!(failed["output"], "test 137\n");
 
     // The text summary names the failed test and shows its output.
@@ -80,7 +84,8 @@ fn one_failing_test_fails_the_gate_and_survives_a_coordinator_restart() {
     let text = cluster.client(&["status", &run_id]);
     assert_eq!(text.code, 1);
     assert!(
-        text.stdout.contains("FAILED      t/137.sh  (exit status 1;"),
+        text.stdout
+            .contains("FAILED      t/137.sh  (failed 3 of 3 attempts: exit status 1;"),
         "{}",
         text.stdout
     );
@@ -341,4 +346,54 @@ fn local_mode_runs_the_demo_suite() {
     let got = outcomes(&report);
     assert_eq!(got["unit/checkout_totals.sh"], "failed");
     assert_eq!(got.values().filter(|o| *o == "passed").count(), 20);
+}
+
+#[test]
+fn a_flaky_test_is_retried_and_reported_and_strict_mode_fails_the_gate() {
+    let cluster = Cluster::builder().workers(2).slots(1).start();
+    let marker = |name: &str| cluster.dir.path().join(name).display().to_string();
+    // Fails on its first run (it leaves a marker), passes afterwards.
+    let flaky = |m: String| {
+        format!("if [ -e {m} ]; then echo second; exit 0; fi\ntouch {m}\necho first try fails\nexit 1")
+    };
+    script(&cluster.root, "flaky.sh", &flaky(marker("m1")));
+    script(&cluster.root, "flaky2.sh", &flaky(marker("m2")));
+    script(&cluster.root, "broken.sh", "echo broken; exit 2");
+    script(&cluster.root, "fine.sh", "exit 0");
+
+    let r = cluster.run_tests(&["flaky.sh".into(), "broken.sh".into(), "fine.sh".into()], &[]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    let report = r.json();
+    let by_id: BTreeMap<&str, &serde_json::Value> = report["tests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| (t["id"].as_str().unwrap(), t))
+        .collect();
+    assert_eq!(by_id["flaky.sh"]["outcome"], "flaky");
+    assert_eq!(by_id["flaky.sh"]["attempts"], 2);
+    assert_eq!(
+        by_id["flaky.sh"]["output"], "first try fails\n",
+        "the failure's output is kept"
+    );
+    assert_eq!(by_id["broken.sh"]["outcome"], "failed");
+    assert_eq!(by_id["broken.sh"]["attempts"], 3);
+    assert_eq!(by_id["fine.sh"]["attempts"], 1);
+    assert_eq!(report["counts"]["flaky"], 1);
+
+    // Flaky alone passes the gate by default and is reported; strict mode fails it.
+    std::fs::remove_file(marker("m1")).unwrap();
+    let r = cluster.run_tests(&["flaky.sh".into(), "fine.sh".into()], &[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(r.json()["counts"]["flaky"], 1);
+    let text = cluster.client(&["status", r.json()["run_id"].as_str().unwrap()]);
+    assert!(
+        text.stdout
+            .contains("FLAKY       flaky.sh  (passed on attempt 2 after 1 failure(s)"),
+        "{}",
+        text.stdout
+    );
+    let r = cluster.run_tests(&["flaky2.sh".into()], &["--strict-flaky"]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert_eq!(r.json()["verdict"], "failed");
 }

@@ -35,6 +35,10 @@ struct TestSlot {
     handouts: u32,
     plan: Plan,
     hist: History,
+    /// Failed runs so far that were retried rather than counted.
+    failures: u32,
+    /// The first retried failure: detail, output, worker.
+    first_failure: Option<(String, String, String)>,
 }
 
 impl TestSlot {
@@ -46,6 +50,8 @@ impl TestSlot {
             handouts: 0,
             plan,
             hist: hist.copied().unwrap_or_default(),
+            failures: 0,
+            first_failure: None,
         }
     }
 }
@@ -279,7 +285,11 @@ impl Core {
                 }
             }
             let mut restored = Vec::new();
-            for a in stored_attempts.remove(&row.id).unwrap_or_default() {
+            let mut rows = stored_attempts.remove(&row.id).unwrap_or_default();
+            // Newest first: a test that failed and was handed out again belongs to its newest
+            // attempt, which is the one running it.
+            rows.sort_by(|a, b| b.id.cmp(&a.id));
+            for a in rows {
                 let worker_ok = core.workers.contains_key(&a.worker);
                 let in_range = a.tests.iter().all(|&i| (i as usize) < tests.len());
                 if !worker_ok || !in_range {
@@ -289,7 +299,7 @@ impl Core {
                     .tests
                     .iter()
                     .copied()
-                    .filter(|&i| !tests[i as usize].done)
+                    .filter(|&i| !tests[i as usize].done && tests[i as usize].leased.is_none())
                     .collect();
                 for &i in &pending {
                     let t = &mut tests[i as usize];
@@ -969,7 +979,9 @@ impl Core {
             .map(|w| w.row.name.clone())
             .unwrap_or_default();
         let mut rows = Vec::with_capacity(results.len());
+        let mut retry: Vec<(u32, String, String)> = Vec::new();
         let mut seen = HashSet::new();
+        let policy = run.row.policy;
         for r in results {
             let outcome = Outcome::from_wire(r.outcome).ok_or_else(|| {
                 Error::invalid(
@@ -989,6 +1001,39 @@ impl Core {
                 continue;
             }
             let t = &run.tests[idx as usize];
+            let failed = matches!(outcome, Outcome::Failed | Outcome::TimedOut);
+            if failed && t.failures < policy.retries {
+                // Not counted yet: the test runs again, and only then do we know whether it is
+                // broken or flaky.
+                retry.push((
+                    idx,
+                    cap(&r.detail, 1024),
+                    cap(&r.output, self.cfg.max_output_bytes),
+                ));
+                continue;
+            }
+            let (outcome, detail, output) = match (&t.first_failure, outcome) {
+                (Some((d, o, w)), Outcome::Passed) => (
+                    Outcome::Flaky,
+                    format!(
+                        "passed on attempt {} after {} failure(s); first failure on {w}: {d}",
+                        t.failures + 1,
+                        t.failures
+                    ),
+                    o.clone(),
+                ),
+                (Some(_), _) if failed => (
+                    outcome,
+                    format!(
+                        "failed {} of {} attempts: {}",
+                        t.failures + 1,
+                        t.failures + 1,
+                        r.detail
+                    ),
+                    r.output.clone(),
+                ),
+                _ => (outcome, r.detail.clone(), r.output.clone()),
+            };
             rows.push(ResultRow {
                 idx,
                 test_id: t.id.clone(),
@@ -997,8 +1042,8 @@ impl Core {
                 duration_ms: r.duration_ms,
                 attempts: run.tests[idx as usize].handouts,
                 worker: worker_name.clone(),
-                detail: cap(&r.detail, 1024),
-                output: cap(&r.output, self.cfg.max_output_bytes),
+                detail: cap(&detail, 1024),
+                output: cap(&output, self.cfg.max_output_bytes),
             });
         }
         let written = self.store.record_results(run_id, &run.row.suite, &rows)?;
@@ -1010,10 +1055,28 @@ impl Core {
         let lease = self.cfg.lease;
         let attempt = self.attempts.get_mut(&attempt_id).expect("checked live above");
         attempt.lease_until = now.at + lease;
-        let counted: HashSet<u32> = rows.iter().map(|r| r.idx).collect();
+        let counted: HashSet<u32> = rows
+            .iter()
+            .map(|r| r.idx)
+            .chain(retry.iter().map(|r| r.0))
+            .collect();
         attempt.pending.retain(|i| !counted.contains(i));
         attempt.reported_ms += rows.iter().map(|r| r.duration_ms).sum::<u64>();
         let run = self.runs.get_mut(&run_id).expect("checked above");
+        for (idx, detail, output) in retry {
+            let t = &mut run.tests[idx as usize];
+            t.failures += 1;
+            t.hist = t.hist.update(Outcome::Failed, 0, now.ms);
+            if t.first_failure.is_none() {
+                t.first_failure = Some((detail, output, worker_name.clone()));
+            }
+            t.leased = None;
+            run.running -= 1;
+            run.running_ms -= t.plan.estimate_ms;
+            run.queue.push(idx, t.plan);
+            info!(run = %run_id, test = %t.id, failures = t.failures, "test failed; running it again");
+            self.effects.work_added = true;
+        }
         for r in &rows {
             let t = &mut run.tests[r.idx as usize];
             t.done = true;
@@ -1234,7 +1297,8 @@ impl Core {
         for &i in &a.pending {
             let t = &mut run.tests[i as usize];
             t.leased = None;
-            if t.handouts >= max {
+            // Only lost attempts count toward the limit, not runs that failed and were retried.
+            if t.handouts.saturating_sub(t.failures) >= max {
                 give_up.push(ResultRow {
                     idx: i,
                     test_id: t.id.clone(),
@@ -1245,7 +1309,7 @@ impl Core {
                     worker: String::new(),
                     detail: format!(
                         "no result after {} attempts; last: {}",
-                        t.handouts,
+                        t.handouts - t.failures,
                         reason.describe()
                     ),
                     output: String::new(),
@@ -1287,9 +1351,10 @@ impl Core {
     /// All tests of `run` have a counted result: write the verdict.
     fn conclude(&mut self, run: RunId, now: Now) -> Result<(), Error> {
         let r = &self.runs[&run];
+        let strict = r.row.policy.strict_flaky;
         let green = Outcome::ALL
             .iter()
-            .filter(|o| !o.is_green())
+            .filter(|o| !o.is_green() || (strict && **o == Outcome::Flaky))
             .all(|o| r.done[o.to_wire() as usize] == 0);
         let (status, message) = if green {
             (RunStatus::Passed, String::new())

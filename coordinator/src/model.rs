@@ -20,6 +20,8 @@ pub struct CoreConfig {
     pub max_output_bytes: usize,
     /// Assumed cost of one shard hand-out until it has been measured.
     pub initial_overhead: Duration,
+    /// Runs again of a failed test when the run does not say.
+    pub retries: u32,
 }
 
 impl Default for CoreConfig {
@@ -31,6 +33,7 @@ impl Default for CoreConfig {
             max_infra_attempts: 3,
             max_output_bytes: 64 * 1024,
             initial_overhead: Duration::from_millis(500),
+            retries: 2,
         }
     }
 }
@@ -43,6 +46,10 @@ pub struct Policy {
     pub max_infra_attempts: u32,
     #[serde(default)]
     pub fail_first: bool,
+    #[serde(default)]
+    pub retries: u32,
+    #[serde(default)]
+    pub strict_flaky: bool,
 }
 
 impl Policy {
@@ -60,6 +67,8 @@ impl Policy {
                 wire.max_infra_attempts
             },
             fail_first: wire.fail_first,
+            retries: wire.retries.unwrap_or(cfg.retries).min(10),
+            strict_flaky: wire.strict_flaky,
         }
     }
 
@@ -68,6 +77,8 @@ impl Policy {
             test_timeout_ms: self.test_timeout_ms,
             max_infra_attempts: self.max_infra_attempts,
             fail_first: self.fail_first,
+            retries: Some(self.retries),
+            strict_flaky: self.strict_flaky,
         }
     }
 }

@@ -197,7 +197,15 @@ fn an_expired_lease_requeues_only_the_unfinished_tests_and_refuses_late_reports(
 fn a_duplicated_report_is_counted_once() {
     let (mut core, now) = core();
     let w = register(&mut core, "w1", 1, &[], now);
-    let run = submit(&mut core, &["a", "b"], now);
+    let run = submit_with(
+        &mut core,
+        &["a", "b"],
+        pb::RunPolicy {
+            retries: Some(0),
+            ..Default::default()
+        },
+        now,
+    );
     let shard = core.acquire(w, now).unwrap().unwrap();
     let attempt: AttemptId = shard.attempt_id.parse().unwrap();
     let first = core
@@ -330,7 +338,15 @@ fn a_restart_resumes_unfinished_runs_and_keeps_finished_ones() {
         let w = register(&mut core, "w1", 1, &[], now);
         let done = submit(&mut core, &["a", "b"], now);
         drain(&mut core, w, now, |_| Outcome::Passed);
-        let open = submit(&mut core, &["c", "d", "e"], now);
+        let open = submit_with(
+            &mut core,
+            &["c", "d", "e"],
+            pb::RunPolicy {
+                retries: Some(0),
+                ..Default::default()
+            },
+            now,
+        );
         let shard = core.acquire(w, now).unwrap().unwrap();
         assert_eq!(shard.tests, vec!["c"]);
         let a: AttemptId = shard.attempt_id.parse().unwrap();
@@ -434,4 +450,100 @@ fn a_shard_whose_runner_failed_goes_to_another_worker() {
     assert_eq!(status(&core, run), RunStatus::Passed);
     let r = &core.get_run(run, true).unwrap().results[0];
     assert_eq!((r.worker.as_str(), r.attempts), ("good", 3));
+}
+
+fn submit_with(core: &mut Core, tests: &[&str], policy: pb::RunPolicy, now: Now) -> RunId {
+    let mut req = submit_req(tests);
+    req.policy = Some(policy);
+    core.submit(req, now).unwrap().run_id.parse().unwrap()
+}
+
+/// Runs shards on `w` with `outcome_of(test, attempt number)` until nothing is left.
+fn drain_attempts(core: &mut Core, w: WorkerId, now: Now, outcome_of: impl Fn(&str, u32) -> Outcome) {
+    let mut seen: std::collections::HashMap<String, u32> = Default::default();
+    while let Some(shard) = core.acquire(w, now).unwrap() {
+        let a: AttemptId = shard.attempt_id.parse().unwrap();
+        let results = shard
+            .tests
+            .iter()
+            .map(|t| {
+                let n = seen.entry(t.clone()).or_default();
+                *n += 1;
+                result(t, outcome_of(t, *n))
+            })
+            .collect();
+        core.report(w, a, results, now).unwrap();
+        core.finish(w, a, "", now).unwrap();
+    }
+}
+
+#[test]
+fn a_test_that_fails_then_passes_is_flaky_and_passes_the_gate_unless_strict() {
+    let (mut core, now) = core();
+    let w = register(&mut core, "w1", 1, &[], now);
+    let flaky = |t: &str, n: u32| {
+        if t == "f" && n == 1 {
+            Outcome::Failed
+        } else {
+            Outcome::Passed
+        }
+    };
+    let run = submit(&mut core, &["a", "f"], now);
+    drain_attempts(&mut core, w, now, flaky);
+    assert_eq!(status(&core, run), RunStatus::Passed);
+    let r = core.get_run(run, true).unwrap();
+    let f = r.results.iter().find(|r| r.test_id == "f").unwrap();
+    assert_eq!(
+        (Outcome::from_wire(f.outcome), f.attempts),
+        (Some(Outcome::Flaky), 2)
+    );
+    assert!(
+        f.detail.starts_with("passed on attempt 2 after 1 failure(s)"),
+        "{}",
+        f.detail
+    );
+    assert_eq!(r.run.unwrap().counts.unwrap().flaky, 1);
+
+    let strict = submit_with(
+        &mut core,
+        &["a", "f"],
+        pb::RunPolicy {
+            strict_flaky: true,
+            ..Default::default()
+        },
+        now,
+    );
+    drain_attempts(&mut core, w, now, flaky);
+    assert_eq!(
+        status(&core, strict),
+        RunStatus::Failed,
+        "strict: flaky fails the gate"
+    );
+}
+
+#[test]
+fn a_test_that_always_fails_is_failed_after_its_retries_and_zero_retries_is_immediate() {
+    let (mut core, now) = core();
+    let w = register(&mut core, "w1", 1, &[], now);
+    let run = submit(&mut core, &["broken"], now);
+    drain_attempts(&mut core, w, now, |_, _| Outcome::Failed);
+    assert_eq!(status(&core, run), RunStatus::Failed);
+    let r = &core.get_run(run, true).unwrap().results[0];
+    assert_eq!(
+        (Outcome::from_wire(r.outcome), r.attempts),
+        (Some(Outcome::Failed), 3)
+    );
+    assert!(r.detail.starts_with("failed 3 of 3 attempts"), "{}", r.detail);
+
+    let once = submit_with(
+        &mut core,
+        &["broken"],
+        pb::RunPolicy {
+            retries: Some(0),
+            ..Default::default()
+        },
+        now,
+    );
+    drain_attempts(&mut core, w, now, |_, _| Outcome::Failed);
+    assert_eq!(core.get_run(once, true).unwrap().results[0].attempts, 1);
 }
