@@ -288,7 +288,7 @@ impl Core {
             let mut rows = stored_attempts.remove(&row.id).unwrap_or_default();
             // Newest first: a test that failed and was handed out again belongs to its newest
             // attempt, which is the one running it.
-            rows.sort_by(|a, b| b.id.cmp(&a.id));
+            rows.sort_by_key(|a| std::cmp::Reverse(a.id));
             for a in rows {
                 let worker_ok = core.workers.contains_key(&a.worker);
                 let in_range = a.tests.iter().all(|&i| (i as usize) < tests.len());
