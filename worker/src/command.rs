@@ -504,37 +504,16 @@ impl CommandRunner {
             }
             let mut parsed = crate::gotest::parse(&finished.output);
             if parsed.is_empty() {
-                return Err(join_detail(
-                    format!(
-                        "go test reported no tests for package {pkg}; it ended with {}",
-                        finished.ending.describe(self.cfg.shard_timeout)
-                    ),
-                    finished.output,
-                ));
+                return Err(self.no_tests(&format!("go test reported no tests for package {pkg}"), finished));
             }
             for (id, name) in group {
                 let run = match parsed.remove(name) {
-                    Some(r) if r.outcome != Outcome::InfraError => TestRun {
-                        outcome: r.outcome,
-                        duration: r.duration,
-                        detail: if r.outcome == Outcome::Failed {
-                            "test failed".into()
-                        } else {
-                            String::new()
-                        },
-                        output: r.output,
-                    },
-                    other => TestRun {
-                        outcome: Outcome::InfraError,
-                        duration: Duration::ZERO,
-                        output: other
-                            .map(|r| r.output)
-                            .unwrap_or_else(|| tail(&finished.output, 16 * 1024)),
-                        detail: format!(
-                            "missing result: go test reported no end for this test (it ended with {})",
-                            finished.ending.describe(self.cfg.shard_timeout)
-                        ),
-                    },
+                    Some(r) if r.outcome != Outcome::InfraError => found(r.outcome, r.duration, r.output),
+                    other => self.missing(
+                        "go test reported no end for this test",
+                        &finished,
+                        other.map(|r| r.output),
+                    ),
                 };
                 if results.send((id.clone(), run)).await.is_err() {
                     return Ok(());
@@ -542,6 +521,30 @@ impl CommandRunner {
             }
         }
         Ok(())
+    }
+
+    /// The shard-level error when a tool reported nothing at all.
+    fn no_tests(&self, what: &str, finished: process::Finished) -> String {
+        join_detail(
+            format!(
+                "{what}; it ended with {}",
+                finished.ending.describe(self.cfg.shard_timeout)
+            ),
+            finished.output,
+        )
+    }
+
+    /// The result of a requested test the tool said nothing about.
+    fn missing(&self, what: &str, finished: &process::Finished, output: Option<String>) -> TestRun {
+        TestRun {
+            outcome: Outcome::InfraError,
+            duration: Duration::ZERO,
+            output: output.unwrap_or_else(|| tail(&finished.output, 16 * 1024)),
+            detail: format!(
+                "missing result: {what} (it ended with {})",
+                finished.ending.describe(self.cfg.shard_timeout)
+            ),
+        }
     }
 
     /// `cargo test`: results read from libtest's plain output. libtest prints no per-test time
@@ -560,42 +563,33 @@ impl CommandRunner {
         }
         let mut parsed = crate::libtest::parse(&finished.output);
         if parsed.is_empty() {
-            return Err(join_detail(
-                format!(
-                    "cargo test reported no tests; it ended with {}",
-                    finished.ending.describe(self.cfg.shard_timeout)
-                ),
-                finished.output,
-            ));
+            return Err(self.no_tests("cargo test reported no tests", finished));
         }
         let share = finished.duration / tests.len().max(1) as u32;
         for t in tests {
             let run = match parsed.remove(t) {
-                Some(r) => TestRun {
-                    outcome: r.outcome,
-                    duration: share,
-                    detail: if r.outcome == Outcome::Failed {
-                        "test failed".into()
-                    } else {
-                        String::new()
-                    },
-                    output: r.output,
-                },
-                None => TestRun {
-                    outcome: Outcome::InfraError,
-                    duration: Duration::ZERO,
-                    output: tail(&finished.output, 16 * 1024),
-                    detail: format!(
-                        "missing result: cargo test printed no line for this test (it ended with {})",
-                        finished.ending.describe(self.cfg.shard_timeout)
-                    ),
-                },
+                Some(r) => found(r.outcome, share, r.output),
+                None => self.missing("cargo test printed no line for this test", &finished, None),
             };
             if results.send((t.clone(), run)).await.is_err() {
                 return Ok(());
             }
         }
         Ok(())
+    }
+}
+
+/// A result a text-reporting tool gave.
+fn found(outcome: Outcome, duration: Duration, output: String) -> TestRun {
+    TestRun {
+        outcome,
+        duration,
+        detail: if outcome == Outcome::Failed {
+            "test failed".into()
+        } else {
+            String::new()
+        },
+        output,
     }
 }
 
