@@ -347,12 +347,6 @@ impl CommandRunner {
         cancel: &CancellationToken,
         results: mpsc::Sender<(String, TestRun)>,
     ) -> Result<(), String> {
-        let infra = |detail: String, output: String| TestRun {
-            outcome: Outcome::InfraError,
-            duration: Duration::ZERO,
-            output,
-            detail,
-        };
         if let Err(e) = self.setup(revision, cancel).await {
             return Err(join_detail(first_line(&e), e.clone()));
         }
@@ -454,13 +448,7 @@ impl CommandRunner {
                     output: c.output,
                     detail: c.message,
                 },
-                None => infra(
-                    format!(
-                        "missing result: the JUnit file has no test case for this test (command ended with {})",
-                        finished.ending.describe(self.cfg.shard_timeout)
-                    ),
-                    tail(&finished.output, 16 * 1024),
-                ),
+                None => self.missing("the JUnit file has no test case for this test", &finished, None),
             };
             if results.send((t.clone(), run)).await.is_err() {
                 return Ok(());
