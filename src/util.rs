@@ -16,6 +16,17 @@ pub fn init_logging(default: &str) {
         .try_init();
 }
 
+/// The exit code of a server binary: 0, or the error on stderr and exit code 2.
+pub fn server_exit(result: anyhow::Result<()>) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::from(crate::exit::ERROR)
+        }
+    }
+}
+
 /// Completes on the first SIGTERM or SIGINT.
 pub async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};

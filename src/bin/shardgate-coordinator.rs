@@ -4,17 +4,11 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use shardgate::args::CoordinatorArgs;
-use shardgate::{exit, servers, util};
+use shardgate::{servers, util};
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = CoordinatorArgs::parse();
     util::init_logging("info");
-    match servers::coordinator(args).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::from(exit::ERROR)
-        }
-    }
+    util::server_exit(servers::coordinator(args).await)
 }
