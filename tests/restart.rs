@@ -17,7 +17,7 @@ fn a_coordinator_killed_mid_run_is_not_a_build_failure() {
     let tests = suite(&cluster.root, 30, &[7], "0.3");
     let list = cluster.dir.path().join("tests.txt");
     std::fs::write(&list, tests.join("\n")).unwrap();
-    let follower = Command::new(harness::CLIENT)
+    let follower = Command::new(harness::bin("shardgate"))
         .args([
             "run",
             "--coordinator",

@@ -274,7 +274,7 @@ fn cancel_stops_a_run_on_its_workers_within_seconds() {
     let list = cluster.dir.path().join("slow.txt");
     std::fs::write(&list, "slow/0.sh\nslow/1.sh\nslow/2.sh\nslow/3.sh\n").unwrap();
     let url = cluster.url();
-    let follower = std::process::Command::new(harness::CLIENT)
+    let follower = std::process::Command::new(harness::bin("shardgate"))
         .args([
             "run",
             "--coordinator",
@@ -328,7 +328,7 @@ fn local_mode_runs_the_demo_suite() {
     let r = client(&["local", "--workers", "4", "--exec-root", demo, "--discover"]);
     assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
     assert!(r.stdout.contains(": PASSED: 21 tests"), "{}", r.stdout);
-    let out = std::process::Command::new(harness::CLIENT)
+    let out = std::process::Command::new(harness::bin("shardgate"))
         .args([
             "local",
             "--workers",

@@ -1,0 +1,471 @@
+//! A real `shardgate-coordinator` process and real `shardgate-worker` processes on loopback
+//! ports chosen by the OS, driven through the real `shardgate` client binary. Waits poll a
+//! predicate under a deadline; nothing sleeps for a fixed time.
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use crate::proxy::Proxy;
+
+/// The directory holding the shardgate binaries: `SHARDGATE_BIN_DIR`, else the directory of the
+/// running executable (`target/<profile>` for a binary, its parent for a test in `deps/`).
+pub fn bin_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        if let Some(d) = std::env::var_os("SHARDGATE_BIN_DIR") {
+            return PathBuf::from(d);
+        }
+        let exe = std::env::current_exe().expect("the path of this executable");
+        let mut dir = exe
+            .parent()
+            .expect("an executable lives in a directory")
+            .to_owned();
+        if dir.ends_with("deps") {
+            dir.pop();
+        }
+        dir
+    })
+}
+
+/// The path of one of the shardgate binaries, which must have been built.
+pub fn bin(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(
+        p.exists(),
+        "{} is not built (cargo build --bins, or set SHARDGATE_BIN_DIR)",
+        p.display()
+    );
+    p
+}
+
+/// Polls `f` until it returns `Some`, panicking with `what` after `timeout`.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+/// Writes an executable shell script at `root/rel`.
+pub fn script(root: &Path, rel: &str, body: &str) {
+    let p = root.join(rel);
+    std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+    std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+/// `n` exec tests `t/NNN.sh`; those in `failing` exit 1. Each sleeps `sleep` seconds.
+pub fn suite(root: &Path, n: usize, failing: &[usize], sleep: &str) -> Vec<String> {
+    (0..n)
+        .map(|i| {
+            let id = format!("t/{i:03}.sh");
+            let exit = if failing.contains(&i) { 1 } else { 0 };
+            script(root, &id, &format!("echo test {i}\nsleep {sleep}\nexit {exit}"));
+            id
+        })
+        .collect()
+}
+
+/// The result of one client invocation.
+#[derive(Debug)]
+pub struct Ran {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Ran {
+    fn from(o: Output) -> Self {
+        Self {
+            code: o.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        }
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.stdout).unwrap_or_else(|e| {
+            panic!(
+                "stdout is not JSON ({e}):\n{}\nstderr:\n{}",
+                self.stdout, self.stderr
+            )
+        })
+    }
+}
+
+/// Runs the `shardgate` client with `args`.
+pub fn client(args: &[&str]) -> Ran {
+    let out = Command::new(bin("shardgate"))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("failed to run shardgate");
+    Ran::from(out)
+}
+
+pub struct ClusterBuilder {
+    /// Runner profiles (TOML) every worker gets with `--runners`.
+    runners: Option<String>,
+    workers: usize,
+    slots: u32,
+    lease: &'static str,
+    heartbeat: &'static str,
+    proxied: bool,
+    worker_env: Vec<(String, String)>,
+}
+
+impl ClusterBuilder {
+    pub fn workers(mut self, n: usize) -> Self {
+        self.workers = n;
+        self
+    }
+
+    pub fn runners(mut self, toml: &str) -> Self {
+        self.runners = Some(toml.to_owned());
+        self
+    }
+
+    pub fn slots(mut self, n: u32) -> Self {
+        self.slots = n;
+        self
+    }
+
+    /// The coordinator's lease and heartbeat interval (defaults 3 s and 300 ms).
+    pub fn lease(mut self, lease: &'static str, heartbeat: &'static str) -> Self {
+        self.lease = lease;
+        self.heartbeat = heartbeat;
+        self
+    }
+
+    /// Every worker reaches the coordinator through a [`Proxy`] of its own, so that it can be
+    /// partitioned.
+    pub fn proxied(mut self) -> Self {
+        self.proxied = true;
+        self
+    }
+
+    /// An environment variable for every worker process.
+    pub fn worker_env(mut self, key: &str, value: &str) -> Self {
+        self.worker_env.push((key.to_owned(), value.to_owned()));
+        self
+    }
+
+    /// Starts the coordinator and the workers, and waits until every worker is live.
+    pub fn start(self) -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("suite");
+        std::fs::create_dir(&root).unwrap();
+        let mut c = Cluster {
+            db: dir.path().join("shardgate.db"),
+            root,
+            coordinator: None,
+            grpc_addr: String::new(),
+            http_addr: String::new(),
+            workers: Vec::new(),
+            lease: self.lease,
+            heartbeat: self.heartbeat,
+            slots: self.slots,
+            runners: None,
+            proxied: self.proxied,
+            worker_env: self.worker_env,
+            dir,
+        };
+        if let Some(toml) = &self.runners {
+            let path = c.dir.path().join("runners.toml");
+            std::fs::write(&path, toml).unwrap();
+            c.runners = Some(path);
+        }
+        c.start_coordinator("127.0.0.1:0");
+        for _ in 0..self.workers {
+            c.add_worker();
+        }
+        c.wait_for_live_workers(self.workers);
+        c
+    }
+}
+
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub db: PathBuf,
+    /// The exec root every worker serves.
+    pub root: PathBuf,
+    coordinator: Option<Child>,
+    pub grpc_addr: String,
+    pub http_addr: String,
+    workers: Vec<WorkerProc>,
+    lease: &'static str,
+    heartbeat: &'static str,
+    slots: u32,
+    runners: Option<PathBuf>,
+    proxied: bool,
+    worker_env: Vec<(String, String)>,
+}
+
+/// One worker: its process (absent while it is down) and, when proxied, its link.
+struct WorkerProc {
+    name: String,
+    child: Option<Child>,
+    proxy: Option<Proxy>,
+    starts: u32,
+}
+
+impl Cluster {
+    pub fn builder() -> ClusterBuilder {
+        ClusterBuilder {
+            runners: None,
+            workers: 3,
+            slots: 2,
+            lease: "3s",
+            heartbeat: "300ms",
+            proxied: false,
+            worker_env: Vec::new(),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.grpc_addr)
+    }
+
+    fn log(&self, name: &str) -> std::fs::File {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(format!("{name}.log")))
+            .unwrap()
+    }
+
+    /// Starts the coordinator on `grpc` (use the previous address to come back on the same
+    /// port) and reads the addresses it prints once it listens.
+    pub fn start_coordinator(&mut self, grpc: &str) {
+        let mut child = Command::new(bin("shardgate-coordinator"))
+            .args(["--grpc-addr", grpc, "--http-addr", "127.0.0.1:0"])
+            .arg("--db")
+            .arg(&self.db)
+            .args(["--lease", self.lease, "--heartbeat", self.heartbeat])
+            .env("SHARDGATE_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(self.log("coordinator"))
+            .spawn()
+            .expect("failed to start the coordinator");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let ready: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| {
+            panic!(
+                "coordinator did not report its addresses ({e}): {line:?}\n{}",
+                self.logs()
+            )
+        });
+        self.grpc_addr = ready["grpc_addr"].as_str().unwrap().to_owned();
+        self.http_addr = ready["http_addr"].as_str().unwrap().to_owned();
+        self.coordinator = Some(child);
+    }
+
+    /// Kills the coordinator with SIGKILL: no chance to flush or say goodbye.
+    pub fn kill_coordinator(&mut self) {
+        if let Some(mut c) = self.coordinator.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    /// Kills the coordinator and starts it again on the same port and database.
+    pub fn restart_coordinator(&mut self) {
+        self.kill_coordinator();
+        let addr = self.grpc_addr.clone();
+        // The port was just released; binding it again can race with the kernel for a moment.
+        wait_for(
+            "the coordinator's port to be free",
+            Duration::from_secs(10),
+            || std::net::TcpListener::bind(&addr).ok().map(drop),
+        );
+        self.start_coordinator(&addr);
+    }
+
+    /// Starts one more worker, named `w<N>`; returns its index.
+    pub fn add_worker(&mut self) -> usize {
+        let i = self.workers.len();
+        let proxy = self
+            .proxied
+            .then(|| Proxy::start(self.grpc_addr.parse().expect("a socket address")).expect("a proxy"));
+        self.workers.push(WorkerProc {
+            name: format!("w{}", i + 1),
+            child: None,
+            proxy,
+            starts: 0,
+        });
+        self.start_worker(i);
+        i
+    }
+
+    /// Starts worker `i` again after it was killed (same name, a new registration).
+    pub fn start_worker(&mut self, i: usize) {
+        let w = &self.workers[i];
+        assert!(w.child.is_none(), "worker {} is running", w.name);
+        let url = match &w.proxy {
+            Some(p) => format!("http://{}", p.addr()),
+            None => self.url(),
+        };
+        let log = self.log(&format!("worker-{}", i + 1));
+        let child = Command::new(bin("shardgate-worker"))
+            .args(["--coordinator", &url, "--name", &w.name])
+            .args(["--slots", &self.slots.to_string()])
+            .arg("--exec-root")
+            .arg(&self.root)
+            .args(
+                self.runners
+                    .iter()
+                    .flat_map(|r| [std::ffi::OsStr::new("--runners"), r.as_os_str()]),
+            )
+            .env("SHARDGATE_LOG", "info")
+            .envs(self.worker_env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("failed to start a worker");
+        let w = &mut self.workers[i];
+        w.child = Some(child);
+        w.starts += 1;
+    }
+
+    pub fn worker_count(&self) -> usize {
+        self.workers.len()
+    }
+
+    pub fn worker_name(&self, i: usize) -> &str {
+        &self.workers[i].name
+    }
+
+    pub fn worker_running(&self, i: usize) -> bool {
+        self.workers[i].child.is_some()
+    }
+
+    /// The process id of worker `i`, when it is running.
+    pub fn worker_pid(&self, i: usize) -> Option<u32> {
+        self.workers[i].child.as_ref().map(Child::id)
+    }
+
+    /// Kills worker `i` with SIGKILL (its tests' process groups are left to finish alone, as on
+    /// a machine whose agent crashed).
+    pub fn kill_worker(&mut self, i: usize) {
+        if let Some(mut c) = self.workers[i].child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Sends SIGTERM to worker `i` and waits for it to exit: the drain path.
+    pub fn stop_worker(&mut self, i: usize) -> Option<std::process::ExitStatus> {
+        let mut c = self.workers[i].child.take()?;
+        let pid = nix::unistd::Pid::from_raw(c.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        c.wait().ok()
+    }
+
+    /// The proxy between worker `i` and the coordinator (only for a `proxied` cluster).
+    pub fn link(&self, i: usize) -> &Proxy {
+        self.workers[i]
+            .proxy
+            .as_ref()
+            .expect("the cluster was built with proxied()")
+    }
+
+    pub fn wait_for_live_workers(&self, n: usize) {
+        wait_for(&format!("{n} live workers"), Duration::from_secs(30), || {
+            let r = self.client(&["workers", "--json"]);
+            (r.code == 0
+                && r.json()
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .filter(|w| w["state"] == "live")
+                    .count()
+                    >= n)
+                .then_some(())
+        });
+    }
+
+    /// Runs the client against this cluster's coordinator.
+    pub fn client(&self, args: &[&str]) -> Ran {
+        let url = self.url();
+        let mut all = vec![args[0], "--coordinator", &url];
+        all.extend_from_slice(&args[1..]);
+        client(&all)
+    }
+
+    /// Submits a run of `tests` (written to a file) and follows it with `--json`.
+    pub fn run_tests(&self, tests: &[String], extra: &[&str]) -> Ran {
+        let file = self
+            .dir
+            .path()
+            .join(format!("tests-{}.txt", uuid::Uuid::new_v4()));
+        std::fs::write(&file, tests.join("\n")).unwrap();
+        let file = file.to_str().unwrap().to_owned();
+        let mut args = vec![
+            "run",
+            "--runner",
+            "exec",
+            "--suite",
+            "it",
+            "--revision",
+            "r1",
+            "--requested-by",
+            "tests",
+            "--tests-file",
+            &file,
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        self.client(&args)
+    }
+
+    /// Every process's log, for assertion messages.
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        let mut entries: Vec<_> = std::fs::read_dir(self.dir.path())
+            .unwrap()
+            .filter_map(Result::ok)
+            .filter(|e| e.path().extension().is_some_and(|x| x == "log"))
+            .collect();
+        entries.sort_by_key(|e| e.path());
+        for e in entries {
+            let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(40).collect();
+            out.push_str(&format!("--- {} (last lines)\n", e.path().display()));
+            for l in tail.into_iter().rev() {
+                out.push_str(l);
+                out.push('\n');
+            }
+        }
+        out
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for w in &mut self.workers {
+            if let Some(c) = &mut w.child {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+        if let Some(c) = &mut self.coordinator {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}

@@ -1,0 +1,9 @@
+//! Drives real shardgate processes on loopback for the integration tests and the chaos
+//! benchmark: clusters of a coordinator and workers ([`cluster`]), a TCP proxy that partitions
+//! one worker from the coordinator ([`proxy`]), and the seeded chaos campaign with its history
+//! checker ([`chaos`]).
+
+pub mod cluster;
+pub mod proxy;
+
+pub use cluster::{Cluster, ClusterBuilder, Ran, bin, bin_dir, client, script, suite, wait_for};
