@@ -68,6 +68,25 @@ pub struct WorkerArgs {
     /// On SIGTERM, how long running tests may finish before they are killed and handed back.
     #[arg(long, env = "SHARDGATE_DRAIN_GRACE", default_value = "30s", value_parser = duration)]
     pub drain_grace: Duration,
+    /// Fault injection for the chaos suite: probability of sending a report twice.
+    #[arg(
+        long,
+        env = "SHARDGATE_FAULT_DUPLICATE_REPORTS",
+        default_value_t = 0.0,
+        hide = true
+    )]
+    pub fault_duplicate_reports: f64,
+    /// Fault injection for the chaos suite: probability of holding a report back.
+    #[arg(
+        long,
+        env = "SHARDGATE_FAULT_DELAY_REPORTS",
+        default_value_t = 0.0,
+        hide = true
+    )]
+    pub fault_delay_reports: f64,
+    /// Fault injection for the chaos suite: how long a held-back report waits.
+    #[arg(long, env = "SHARDGATE_FAULT_DELAY", default_value = "1s", value_parser = duration, hide = true)]
+    pub fault_delay: Duration,
 }
 
 /// `shardgate`: submit runs, follow them, and look at the fleet.

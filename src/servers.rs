@@ -91,6 +91,11 @@ pub fn worker_config(args: &WorkerArgs) -> anyhow::Result<shardgate_worker::Conf
         labels: labels::parse("labels", &args.labels)?,
         runners,
         drain_grace: args.drain_grace,
+        faults: shardgate_worker::agent::Faults {
+            duplicate_reports: args.fault_duplicate_reports,
+            delay_reports: args.fault_delay_reports,
+            delay: args.fault_delay,
+        },
     })
 }
 

@@ -16,7 +16,7 @@ use tracing::{info, warn};
 
 use crate::model::{CoreConfig, Now, Policy};
 use crate::scheduler::{self, History, Plan, PlanOptions, RunQueue, ShardContext};
-use crate::store::{ResultRow, RunRow, Store, StoreError, WorkerRow};
+use crate::store::{ResultRow, RetryState, RunRow, Store, StoreError, WorkerRow};
 
 impl From<StoreError> for Error {
     fn from(e: StoreError) -> Self {
@@ -35,10 +35,8 @@ struct TestSlot {
     handouts: u32,
     plan: Plan,
     hist: History,
-    /// Failed runs so far that were retried rather than counted.
-    failures: u32,
-    /// The first retried failure: detail, output, worker.
-    first_failure: Option<(String, String, String)>,
+    /// Failures retried and workers lost so far in this run (stored, see [`RetryState`]).
+    retry: RetryState,
 }
 
 impl TestSlot {
@@ -50,9 +48,15 @@ impl TestSlot {
             handouts: 0,
             plan,
             hist: hist.copied().unwrap_or_default(),
-            failures: 0,
-            first_failure: None,
+            retry: RetryState::default(),
         }
+    }
+
+    /// A test that failed and waits for its retry, or that lost its worker twice, runs alone:
+    /// a retry is not disturbed by shard-mates, and a test that takes workers down (a poison
+    /// test) takes no innocent tests with it.
+    fn runs_alone(&self) -> bool {
+        self.retry.failures > 0 || self.retry.lost >= 2
     }
 }
 
@@ -89,6 +93,9 @@ struct RunState {
     kind: RunnerKind,
     tests: Vec<TestSlot>,
     queue: RunQueue,
+    /// Tests handed out one at a time, preferably to a worker they have not failed or been
+    /// lost on (see [`TestSlot::runs_alone`]), oldest first. They go before the queue.
+    solo: Vec<u32>,
     /// Estimated work of the tests out on workers now.
     running_ms: f64,
     /// Slots that may take this run, as of a fleet version.
@@ -110,8 +117,14 @@ impl RunState {
         self.done.iter().sum()
     }
 
-    fn has_work(&self) -> bool {
-        self.discover_pending || !self.queue.is_empty()
+    /// Puts an open test back: alone or in the queue.
+    fn requeue(&mut self, idx: u32) {
+        let t = &self.tests[idx as usize];
+        if t.runs_alone() {
+            self.solo.push(idx);
+        } else {
+            self.queue.push(idx, t.plan);
+        }
     }
 
     fn counts(&self) -> pb::RunCounts {
@@ -275,10 +288,12 @@ impl Core {
             let stored = core.store.tests(row.id)?;
             let history = core.store.history(&row.suite)?;
             let outcomes: Vec<Option<Outcome>> = stored.iter().map(|t| t.outcome).collect();
-            let ids = stored.into_iter().map(|t| t.test_id).collect();
+            let (ids, retries): (Vec<String>, Vec<RetryState>) =
+                stored.into_iter().map(|t| (t.test_id, t.retry)).unzip();
             let (mut tests, plans) = plan_tests(ids, &history, row.policy, now);
             let mut done = [0; 7];
-            for (t, o) in tests.iter_mut().zip(&outcomes) {
+            for ((t, o), retry) in tests.iter_mut().zip(&outcomes).zip(retries) {
+                t.retry = retry;
                 if let Some(o) = o {
                     t.done = true;
                     done[o.to_wire() as usize] += 1;
@@ -315,9 +330,12 @@ impl Core {
                 .map(|(i, _)| i as u32)
                 .collect::<Vec<_>>();
             let discovering = restored.iter().any(|(a, _)| a.discover);
+            let (solo, open): (Vec<u32>, Vec<u32>) =
+                open.into_iter().partition(|&i| tests[i as usize].runs_alone());
             let mut state = RunState {
                 discover_pending: row.discover && tests.is_empty() && !discovering,
                 queue: RunQueue::with(&plans, open),
+                solo,
                 row,
                 kind,
                 tests,
@@ -475,6 +493,7 @@ impl Core {
             kind,
             tests,
             queue: RunQueue::new(&plans),
+            solo: Vec::new(),
             running_ms: 0.0,
             fleet_slots: None,
             discover_handouts: 0,
@@ -790,7 +809,7 @@ impl Core {
             w.runners.get(&r.row.runner) == Some(&r.kind) && labels::satisfies(&w.row.labels, &r.row.labels)
         };
         let eligible = |r: &RunState| {
-            r.has_work()
+            (r.discover_pending || !r.queue.is_empty() || self.solo_for(r, worker).is_some())
                 && fits(w, r)
                 && (!r.excluded.contains(&worker)
                     // Excluded, but no other live worker could take the run: better this
@@ -827,10 +846,14 @@ impl Core {
                 .events
                 .push(pb::run_event::Event::Progress(run.summary()));
         }
+        let solo = self.solo_for(&self.runs[&run_id], worker);
+        let run = self.runs.get_mut(&run_id).expect("chosen from the map");
         let (kind, tests) = if run.discover_pending {
             run.discover_pending = false;
             run.discover_handouts += 1;
             (AttemptKind::Discover, Vec::new())
+        } else if let Some(pos) = solo {
+            (AttemptKind::Run, vec![run.solo.remove(pos)])
         } else {
             let ctx = ShardContext {
                 slots: fleet_slots,
@@ -853,7 +876,7 @@ impl Core {
         if let Err(e) = self.store.insert_attempt(&row) {
             // Nothing was handed out: put the tests back.
             for &i in &tests {
-                run.queue.push(i, run.tests[i as usize].plan);
+                run.requeue(i);
             }
             if kind == AttemptKind::Discover {
                 run.discover_pending = true;
@@ -904,6 +927,23 @@ impl Core {
             .attempts
             .insert(attempt_id);
         Ok(Some(shard))
+    }
+
+    /// The position in `run.solo` of the first test `worker` should take: one it has not failed
+    /// or lost, or one it has when no other live worker free of that history could take it.
+    fn solo_for(&self, run: &RunState, worker: WorkerId) -> Option<usize> {
+        run.solo.iter().position(|&i| {
+            let avoid = &run.tests[i as usize].retry.avoid;
+            !avoid.contains(&worker)
+                || !self.workers.values().any(|o| {
+                    o.row.id != worker
+                        && o.liveness == WorkerLiveness::Live
+                        && !avoid.contains(&o.row.id)
+                        && !run.excluded.contains(&o.row.id)
+                        && o.runners.get(&run.row.runner) == Some(&run.kind)
+                        && labels::satisfies(&o.row.labels, &run.row.labels)
+                })
+        })
     }
 
     /// The measured cost of one hand-out for `runner`, in milliseconds.
@@ -1002,7 +1042,7 @@ impl Core {
             }
             let t = &run.tests[idx as usize];
             let failed = matches!(outcome, Outcome::Failed | Outcome::TimedOut);
-            if failed && t.failures < policy.retries {
+            if failed && t.retry.failures < policy.retries {
                 // Not counted yet: the test runs again, and only then do we know whether it is
                 // broken or flaky.
                 retry.push((
@@ -1012,13 +1052,13 @@ impl Core {
                 ));
                 continue;
             }
-            let (outcome, detail, output) = match (&t.first_failure, outcome) {
+            let failures = t.retry.failures;
+            let (outcome, detail, output) = match (&t.retry.first_failure, outcome) {
                 (Some((d, o, w)), Outcome::Passed) => (
                     Outcome::Flaky,
                     format!(
-                        "passed on attempt {} after {} failure(s); first failure on {w}: {d}",
-                        t.failures + 1,
-                        t.failures
+                        "passed on attempt {} after {failures} failure(s); first failure on {w}: {d}",
+                        failures + 1,
                     ),
                     o.clone(),
                 ),
@@ -1026,8 +1066,8 @@ impl Core {
                     outcome,
                     format!(
                         "failed {} of {} attempts: {}",
-                        t.failures + 1,
-                        t.failures + 1,
+                        failures + 1,
+                        failures + 1,
                         r.detail
                     ),
                     r.output.clone(),
@@ -1046,7 +1086,22 @@ impl Core {
                 output: cap(&output, self.cfg.max_output_bytes),
             });
         }
-        let written = self.store.record_results(run_id, &run.row.suite, &rows)?;
+        // The retry state of failed tests is stored with the results: a restart must not grant
+        // an extra retry.
+        let mut states = Vec::with_capacity(retry.len());
+        for (idx, detail, output) in &retry {
+            let mut st = run.tests[*idx as usize].retry.clone();
+            st.failures += 1;
+            if st.first_failure.is_none() {
+                st.first_failure = Some((detail.clone(), output.clone(), worker_name.clone()));
+            }
+            if !st.avoid.contains(&worker) {
+                st.avoid.push(worker);
+            }
+            states.push((*idx, st));
+        }
+        let refs: Vec<(u32, &RetryState)> = states.iter().map(|(i, st)| (*i, st)).collect();
+        let written = self.store.record_results(run_id, &run.row.suite, &rows, &refs)?;
         debug_assert_eq!(
             written,
             rows.len(),
@@ -1063,18 +1118,17 @@ impl Core {
         attempt.pending.retain(|i| !counted.contains(i));
         attempt.reported_ms += rows.iter().map(|r| r.duration_ms).sum::<u64>();
         let run = self.runs.get_mut(&run_id).expect("checked above");
-        for (idx, detail, output) in retry {
-            let t = &mut run.tests[idx as usize];
-            t.failures += 1;
-            t.hist = t.hist.update(Outcome::Failed, 0, now.ms);
-            if t.first_failure.is_none() {
-                t.first_failure = Some((detail, output, worker_name.clone()));
+        if !states.is_empty() {
+            for (idx, st) in states {
+                let t = &mut run.tests[idx as usize];
+                t.retry = st;
+                t.hist = t.hist.update(Outcome::Failed, 0, now.ms);
+                t.leased = None;
+                run.running -= 1;
+                run.running_ms -= t.plan.estimate_ms;
+                info!(run = %run_id, test = %t.id, failures = t.retry.failures, "test failed; running it again");
+                run.requeue(idx);
             }
-            t.leased = None;
-            run.running -= 1;
-            run.running_ms -= t.plan.estimate_ms;
-            run.queue.push(idx, t.plan);
-            info!(run = %run_id, test = %t.id, failures = t.failures, "test failed; running it again");
             self.effects.work_added = true;
         }
         for r in &rows {
@@ -1291,14 +1345,37 @@ impl Core {
             return Ok(0);
         }
         let max = run.row.policy.max_infra_attempts;
+        // A drained worker handing its tests back is no fault of the tests; any other end
+        // without a result counts against them.
+        let lost_on = match &reason {
+            RequeueReason::Deregistered(_) => None,
+            RequeueReason::LeaseExpired(w) | RequeueReason::NoResult(w) => Some(w.clone()),
+            RequeueReason::RunnerError(_) => Some(
+                self.workers
+                    .get(&a.worker)
+                    .map(|w| w.row.name.clone())
+                    .unwrap_or_default(),
+            ),
+        };
         let mut give_up = Vec::new();
-        let mut requeued = 0;
-        // Pending tests go back to their place in the plan (longest first).
+        let mut states = Vec::new();
         for &i in &a.pending {
-            let t = &mut run.tests[i as usize];
-            t.leased = None;
-            // Only lost attempts count toward the limit, not runs that failed and were retried.
-            if t.handouts.saturating_sub(t.failures) >= max {
+            let Some(name) = &lost_on else { break };
+            let t = &run.tests[i as usize];
+            let mut st = t.retry.clone();
+            st.lost += 1;
+            match st.lost_on.iter_mut().find(|(n, _)| n == name) {
+                Some(e) => e.1 = reason.describe(),
+                None => st.lost_on.push((name.clone(), reason.describe())),
+            }
+            if !st.avoid.contains(&a.worker) {
+                st.avoid.push(a.worker);
+            }
+            let workers = st.lost_on.len() as u32;
+            // Tried on `max` different workers (or lost twice that often on fewer): a test that
+            // keeps taking its worker down is reported, not allowed to take down the fleet.
+            if workers >= max || st.lost >= 2 * max {
+                let evidence: Vec<&str> = st.lost_on.iter().map(|(_, r)| r.as_str()).collect();
                 give_up.push(ResultRow {
                     idx: i,
                     test_id: t.id.clone(),
@@ -1308,33 +1385,49 @@ impl Core {
                     attempts: t.handouts,
                     worker: String::new(),
                     detail: format!(
-                        "no result after {} attempts; last: {}",
-                        t.handouts - t.failures,
-                        reason.describe()
+                        "no result after {} lost attempts on {workers} worker(s); it may take its worker down: {}",
+                        st.lost,
+                        evidence.join("; ")
                     ),
                     output: String::new(),
                 });
             } else {
-                run.queue.push(i, t.plan);
-                requeued += 1;
+                states.push((i, st));
             }
-            run.running_ms -= t.plan.estimate_ms;
         }
-        run.running -= a.pending.len() as u32;
-        if !give_up.is_empty() {
-            // The tests are out of the queue and not running; if the write fails, put them back
-            // so they are not lost.
-            if let Err(e) = self.store.record_results(a.run, &run.row.suite, &give_up) {
-                for r in &give_up {
-                    run.queue.push(r.idx, run.tests[r.idx as usize].plan);
+        if !give_up.is_empty() || !states.is_empty() {
+            let refs: Vec<(u32, &RetryState)> = states.iter().map(|(i, st)| (*i, st)).collect();
+            if let Err(e) = self.store.record_results(a.run, &run.row.suite, &give_up, &refs) {
+                // Nothing was written: the tests go back as they were, so none is lost.
+                for &i in &a.pending {
+                    let t = &mut run.tests[i as usize];
+                    t.leased = None;
+                    run.running_ms -= t.plan.estimate_ms;
+                    run.requeue(i);
                 }
+                run.running -= a.pending.len() as u32;
+                self.effects.work_added = true;
                 return Err(e.into());
             }
-            for r in &give_up {
-                run.tests[r.idx as usize].done = true;
-                run.done[Outcome::InfraError.to_wire() as usize] += 1;
-            }
         }
+        let mut states = states.into_iter().peekable();
+        let mut requeued = 0;
+        for &i in &a.pending {
+            let t = &mut run.tests[i as usize];
+            t.leased = None;
+            run.running_ms -= t.plan.estimate_ms;
+            if give_up.iter().any(|r| r.idx == i) {
+                t.done = true;
+                run.done[Outcome::InfraError.to_wire() as usize] += 1;
+                continue;
+            }
+            if let Some((_, st)) = states.next_if(|(j, _)| *j == i) {
+                t.retry = st;
+            }
+            run.requeue(i);
+            requeued += 1;
+        }
+        run.running -= a.pending.len() as u32;
         if requeued > 0 {
             info!(run = %a.run, requeued, reason = %reason.describe(), "tests requeued");
             self.effects.work_added = true;
@@ -1447,8 +1540,14 @@ impl Core {
         }
         for run in self.runs.values() {
             let mut queued = vec![0u32; run.tests.len()];
-            for i in run.queue.indexes() {
+            for i in run.queue.indexes().chain(run.solo.iter().copied()) {
                 queued[i as usize] += 1;
+            }
+            for &i in &run.solo {
+                assert!(
+                    run.tests[i as usize].runs_alone(),
+                    "a solo test that may share a shard"
+                );
             }
             let mut running = 0;
             for (i, t) in run.tests.iter().enumerate() {
@@ -1468,7 +1567,7 @@ impl Core {
             }
             assert_eq!(run.running, running, "running count");
             assert_eq!(
-                run.done_total() as usize + running as usize + run.queue.len(),
+                run.done_total() as usize + running as usize + run.queue.len() + run.solo.len(),
                 run.tests.len()
             );
         }

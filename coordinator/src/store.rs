@@ -29,7 +29,14 @@ pub enum StoreError {
     Corrupt { table: &'static str, reason: String },
 }
 
-const SCHEMA_VERSION: i64 = 1;
+/// The schema this code writes: [`SCHEMA`] is version 1, and each entry of [`MIGRATIONS`] moves
+/// a database one version up, in one transaction.
+const SCHEMA_VERSION: i64 = 1 + MIGRATIONS.len() as i64;
+
+const MIGRATIONS: &[&str] = &[
+    // 2: a test's retry state (failures so far, workers that lost it) survives a restart.
+    "ALTER TABLE tests ADD COLUMN retry TEXT NOT NULL DEFAULT '';",
+];
 
 const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS runs (
@@ -131,6 +138,29 @@ pub struct ResultRow {
 pub struct StoredTest {
     pub test_id: String,
     pub outcome: Option<Outcome>,
+    pub retry: RetryState,
+}
+
+/// What an open test went through in its run so far, kept so that a restarted coordinator
+/// neither forgets a failure (and grants an extra retry) nor a lost worker.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct RetryState {
+    /// Failed runs that were retried rather than counted.
+    pub failures: u32,
+    /// The first retried failure: detail, output, worker name.
+    pub first_failure: Option<(String, String, String)>,
+    /// Attempts that ended without a result for this test (lease expired, no result).
+    pub lost: u32,
+    /// The names of the distinct workers that lost it, with the last reason for each.
+    pub lost_on: Vec<(String, String)>,
+    /// Workers it should not run on again while others can take it (failed or lost there).
+    pub avoid: Vec<WorkerId>,
+}
+
+impl RetryState {
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
 }
 
 /// A live attempt as stored, so a restarted coordinator keeps the shards workers still run.
@@ -204,14 +234,23 @@ impl Store {
         let version: i64 = conn
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .map_err(open_err)?;
-        if version != 0 && version != SCHEMA_VERSION {
+        if version > SCHEMA_VERSION {
             return Err(StoreError::Version {
                 path: shown,
                 found: version,
                 expected: SCHEMA_VERSION,
             });
         }
-        conn.execute_batch(SCHEMA).map_err(open_err)?;
+        let mut at = version;
+        if at == 0 {
+            conn.execute_batch(SCHEMA).map_err(open_err)?;
+            at = 1;
+        }
+        for (i, m) in MIGRATIONS.iter().enumerate().skip(at as usize - 1) {
+            let to = i as i64 + 2;
+            conn.execute_batch(&format!("BEGIN; {m} PRAGMA user_version = {to}; COMMIT;"))
+                .map_err(open_err)?;
+        }
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)
             .map_err(open_err)?;
         Ok(Self {
@@ -320,17 +359,27 @@ impl Store {
         Ok(())
     }
 
-    /// Writes results, and the histories they update, in one transaction. A row that already
-    /// has an outcome is left alone, so a result can never be counted twice; returns how many
-    /// rows were written.
+    /// Writes results, the histories they update and the retry state of tests that go round
+    /// again, in one transaction. A row that already has an outcome is left alone, so a result
+    /// can never be counted twice; returns how many results were written.
     pub fn record_results(
         &mut self,
         run: RunId,
         suite: &str,
         results: &[ResultRow],
+        retry: &[(u32, &RetryState)],
     ) -> Result<usize, StoreError> {
         let tx = self.conn.savepoint()?;
         let mut written = 0;
+        {
+            let mut stmt = tx.prepare_cached(
+                "UPDATE tests SET retry = ?3 WHERE run_id = ?1 AND idx = ?2 AND outcome IS NULL",
+            )?;
+            let run = run.to_string();
+            for (idx, state) in retry {
+                stmt.execute(params![run, idx, to_json(state)])?;
+            }
+        }
         {
             let mut stmt = tx.prepare_cached(
                 "UPDATE tests SET outcome = ?3, duration_ms = ?4, attempts = ?5, worker = ?6,
@@ -556,13 +605,22 @@ impl Store {
     pub fn tests(&self, run: RunId) -> Result<Vec<StoredTest>, StoreError> {
         let mut stmt = self
             .conn
-            .prepare_cached("SELECT test_id, outcome FROM tests WHERE run_id = ?1 ORDER BY idx")?;
+            .prepare_cached("SELECT test_id, outcome, retry FROM tests WHERE run_id = ?1 ORDER BY idx")?;
         let rows = stmt.query_map([run.to_string()], |r| {
-            Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?))
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, Option<String>>(1)?,
+                r.get::<_, String>(2)?,
+            ))
         })?;
         let mut out = Vec::new();
         for row in rows {
-            let (test_id, outcome) = row?;
+            let (test_id, outcome, retry) = row?;
+            let retry = if retry.is_empty() {
+                RetryState::default()
+            } else {
+                from_json("tests", &retry)?
+            };
             let outcome = outcome
                 .map(|o| {
                     o.parse().map_err(|reason| StoreError::Corrupt {
@@ -571,7 +629,11 @@ impl Store {
                     })
                 })
                 .transpose()?;
-            out.push(StoredTest { test_id, outcome });
+            out.push(StoredTest {
+                test_id,
+                outcome,
+                retry,
+            });
         }
         Ok(out)
     }
@@ -795,7 +857,7 @@ mod tests {
                 output: "boom".into(),
             };
             assert_eq!(
-                s.record_results(run.id, "unit", std::slice::from_ref(&r))
+                s.record_results(run.id, "unit", std::slice::from_ref(&r), &[])
                     .unwrap(),
                 1
             );
@@ -808,7 +870,7 @@ mod tests {
                 },
                 ..r
             };
-            assert_eq!(s.record_results(run.id, "unit", &[again]).unwrap(), 0);
+            assert_eq!(s.record_results(run.id, "unit", &[again], &[]).unwrap(), 0);
         }
         let s = Store::open(&path).unwrap();
         let tests = s.tests(run.id).unwrap();

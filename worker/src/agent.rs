@@ -39,6 +39,25 @@ pub struct Config {
     pub runners: Runners,
     /// On shutdown, how long running tests may go on before they are killed and handed back.
     pub drain_grace: Duration,
+    /// Faults to inject, for the chaos suite; none by default.
+    pub faults: Faults,
+}
+
+/// Faults the worker injects into its own traffic so the chaos suite can check that the
+/// coordinator shrugs them off. Probabilities are per report.
+#[derive(Debug, Clone, Default)]
+pub struct Faults {
+    /// Send a report a second time once it was acknowledged.
+    pub duplicate_reports: f64,
+    /// Hold a report back for `delay` before sending it.
+    pub delay_reports: f64,
+    pub delay: Duration,
+}
+
+impl Faults {
+    fn roll(p: f64) -> bool {
+        p > 0.0 && rand::rng().random_bool(p.min(1.0))
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -127,9 +146,15 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         url: cfg.coordinator.clone(),
         reason: e.to_string(),
     })?;
+    // A partition is silence, not an error: HTTP/2 pings find a dead connection within a few
+    // seconds, and no call may wait forever (the longest is the acquire long-poll).
     let channel = endpoint
         .connect_timeout(Duration::from_secs(3))
         .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(2))
+        .keep_alive_timeout(Duration::from_secs(3))
+        .keep_alive_while_idle(true)
+        .timeout(ACQUIRE_WAIT + Duration::from_secs(10))
         .connect_lazy();
     let shared = Arc::new(Shared {
         client: WorkerServiceClient::new(channel),
@@ -205,6 +230,8 @@ async fn heartbeat_loop(shared: Arc<Shared>, done: CancellationToken) {
             worker_id: id.to_string(),
             attempt_ids: attempts,
         };
+        let mut req = tonic::Request::new(req);
+        req.set_timeout(interval.max(Duration::from_secs(1)) * 2);
         match shared.client.clone().heartbeat(req).await {
             Ok(resp) => {
                 let resp = resp.into_inner();
@@ -388,15 +415,30 @@ async fn report_loop(
                 })
                 .collect(),
         };
+        let faults = &shared.cfg.faults;
+        if Faults::roll(faults.delay_reports) {
+            debug!(
+                delay_ms = faults.delay.as_millis() as u64,
+                "fault: holding a report back"
+            );
+            tokio::time::sleep(faults.delay).await;
+        }
         let client = shared.client.clone();
         let never = CancellationToken::new();
-        match retry(&never, || {
+        let send = || {
             let mut c = client.clone();
             let r = req.clone();
             async move { c.report_results(r).await }
-        })
-        .await
-        {
+        };
+        let mut sent = retry(&never, send).await;
+        if sent.is_ok() && Faults::roll(faults.duplicate_reports) {
+            let again = retry(&never, send).await;
+            debug!(accepted = ?again.as_ref().map(|r| r.accepted).ok(), "fault: sent a report twice");
+            if let (Ok(first), Ok(second)) = (&mut sent, again) {
+                first.stop |= second.stop;
+            }
+        }
+        match sent {
             Ok(resp) if resp.stop => {
                 info!("coordinator wants no more results from this attempt");
                 token.cancel();

@@ -251,7 +251,180 @@ fn a_test_that_keeps_losing_its_worker_becomes_an_infra_error() {
     assert_eq!(status(&core, run), RunStatus::Failed);
     let r = &core.get_run(run, true).unwrap().results[0];
     assert_eq!(Outcome::from_wire(r.outcome), Some(Outcome::InfraError));
-    assert!(r.detail.contains("no result after 3 attempts"), "{}", r.detail);
+    assert!(
+        r.detail
+            .contains("no result after 3 lost attempts on 3 worker(s)")
+            && r.detail
+                .contains("lease expired on worker w1; lease expired on worker w2"),
+        "{}",
+        r.detail
+    );
+}
+
+#[test]
+fn a_poison_test_is_tried_on_different_workers_and_its_shard_mates_survive() {
+    let (mut core, mut now) = core();
+    let workers: Vec<WorkerId> = (0..4)
+        .map(|i| register(&mut core, &format!("w{i}"), 1, &[], now))
+        .collect();
+    let tests: Vec<String> = (0..12).map(|i| format!("t{i}")).collect();
+    let mut refs: Vec<&str> = tests.iter().map(String::as_str).collect();
+    refs.push("poison");
+    let run = submit(&mut core, &refs, now);
+    let mut poison_on = Vec::new();
+    for _round in 0..100 {
+        if status(&core, run).is_terminal() {
+            break;
+        }
+        // Every worker takes a shard; one holding the poison test never reports (its worker
+        // died), the others pass.
+        let mut lost = false;
+        for &w in &workers {
+            let Some(shard) = core.acquire(w, now).unwrap() else {
+                continue;
+            };
+            let a: AttemptId = shard.attempt_id.parse().unwrap();
+            if shard.tests.iter().any(|t| t == "poison") {
+                if shard.tests.len() == 1 {
+                    poison_on.push(w);
+                }
+                lost = true;
+                continue;
+            }
+            let results = shard.tests.iter().map(|t| result(t, Outcome::Passed)).collect();
+            core.report(w, a, results, now).unwrap();
+            core.finish(w, a, "", now).unwrap();
+        }
+        core.check_invariants();
+        if lost {
+            now = now.after(Duration::from_secs(11));
+            for &w in &workers {
+                core.heartbeat(w, &[], now).unwrap();
+            }
+            core.tick(now).unwrap();
+        }
+    }
+    assert_eq!(status(&core, run), RunStatus::Failed);
+    let results = core.get_run(run, true).unwrap().results;
+    for r in &results {
+        let want = if r.test_id == "poison" {
+            Outcome::InfraError
+        } else {
+            Outcome::Passed
+        };
+        assert_eq!(
+            Outcome::from_wire(r.outcome),
+            Some(want),
+            "{}: {}",
+            r.test_id,
+            r.detail
+        );
+    }
+    // Run alone from its second loss on, each time on a worker it had not taken down yet.
+    let alone: Vec<_> = poison_on.iter().skip_while(|w| **w == poison_on[0]).collect();
+    let distinct: std::collections::HashSet<_> = alone.iter().collect();
+    assert_eq!(distinct.len(), alone.len(), "{poison_on:?}");
+    let poison = results.iter().find(|r| r.test_id == "poison").unwrap();
+    assert!(poison.detail.contains("on 3 worker(s)"), "{}", poison.detail);
+}
+
+#[test]
+fn a_test_lost_again_and_again_on_one_worker_still_ends() {
+    let (mut core, mut now) = core();
+    let w = register(&mut core, "only", 1, &[], now);
+    let run = submit(&mut core, &["poison"], now);
+    let mut handouts = 0;
+    while core.acquire(w, now).unwrap().is_some() {
+        handouts += 1;
+        now = now.after(Duration::from_secs(11));
+        core.heartbeat(w, &[], now).unwrap();
+        core.tick(now).unwrap();
+        assert!(handouts <= 6, "handed out forever");
+    }
+    assert_eq!(handouts, 6, "twice the limit on a single worker");
+    let r = &core.get_run(run, true).unwrap().results[0];
+    assert_eq!(Outcome::from_wire(r.outcome), Some(Outcome::InfraError));
+    assert!(
+        r.detail.contains("6 lost attempts on 1 worker(s)"),
+        "{}",
+        r.detail
+    );
+}
+
+#[test]
+fn a_failed_test_is_retried_on_another_worker_when_one_is_free() {
+    let (mut core, now) = core();
+    let a = register(&mut core, "a", 1, &[], now);
+    let b = register(&mut core, "b", 1, &[], now);
+    let run = submit(&mut core, &["f"], now);
+    let (w1, w2) = {
+        let shard = core.acquire(a, now).unwrap().unwrap();
+        let at: AttemptId = shard.attempt_id.parse().unwrap();
+        core.report(a, at, vec![result("f", Outcome::Failed)], now)
+            .unwrap();
+        core.finish(a, at, "", now).unwrap();
+        (a, b)
+    };
+    assert!(
+        core.acquire(w1, now).unwrap().is_none(),
+        "the worker it failed on waits while another could take it"
+    );
+    let shard = core
+        .acquire(w2, now)
+        .unwrap()
+        .expect("the other worker takes the retry");
+    assert_eq!(shard.tests, vec!["f"]);
+    let at: AttemptId = shard.attempt_id.parse().unwrap();
+    core.report(w2, at, vec![result("f", Outcome::Passed)], now)
+        .unwrap();
+    let r = &core.get_run(run, true).unwrap().results[0];
+    assert_eq!(Outcome::from_wire(r.outcome), Some(Outcome::Flaky));
+    assert!(r.detail.contains("first failure on a"), "{}", r.detail);
+    core.check_invariants();
+
+    // With no other worker, the one it failed on retries it.
+    let lone = submit(&mut core, &["g"], now);
+    core.deregister(w2, now).unwrap();
+    drain_attempts(&mut core, w1, now, |_, n| {
+        if n == 1 { Outcome::Failed } else { Outcome::Passed }
+    });
+    assert_eq!(status(&core, lone), RunStatus::Passed);
+}
+
+#[test]
+fn a_restart_remembers_failures_so_no_extra_retry_is_granted() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db.sqlite");
+    let now = Now::real();
+    let policy = pb::RunPolicy {
+        retries: Some(1),
+        ..Default::default()
+    };
+    let (run, w) = {
+        let mut core = core_at(&path, now);
+        let w = register(&mut core, "w1", 1, &[], now);
+        let run = submit_with(&mut core, &["f"], policy, now);
+        let shard = core.acquire(w, now).unwrap().unwrap();
+        let at: AttemptId = shard.attempt_id.parse().unwrap();
+        core.report(w, at, vec![result("f", Outcome::Failed)], now)
+            .unwrap();
+        core.finish(w, at, "", now).unwrap();
+        (run, w)
+    };
+    let mut core = core_at(&path, now);
+    core.heartbeat(w, &[], now).unwrap();
+    core.check_invariants();
+    let shard = core.acquire(w, now).unwrap().expect("the retry is still due");
+    let at: AttemptId = shard.attempt_id.parse().unwrap();
+    core.report(w, at, vec![result("f", Outcome::Failed)], now)
+        .unwrap();
+    assert_eq!(
+        status(&core, run),
+        RunStatus::Failed,
+        "one retry in all, restart or not"
+    );
+    let r = &core.get_run(run, true).unwrap().results[0];
+    assert!(r.detail.starts_with("failed 2 of 2 attempts"), "{}", r.detail);
 }
 
 #[test]
