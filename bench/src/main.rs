@@ -2,9 +2,11 @@
 //! measured side by side in one run.
 //!
 //! - `sim`: scheduling strategies on the same synthetic workloads in simulated time.
+//! - `chaos`: faulted runs on real processes, checked by the history checker.
 
 use clap::{Parser, Subcommand};
 
+mod chaos;
 mod load;
 mod mem;
 mod real;
@@ -28,6 +30,8 @@ enum Command {
     Load(load::LoadArgs),
     /// The coordinator and real worker processes running sleep-based exec tests, twice.
     Real(real::RealArgs),
+    /// Faulted runs on real processes, checked for lost and double-counted results.
+    Chaos(chaos::ChaosArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -63,6 +67,7 @@ fn main() -> anyhow::Result<()> {
         Command::Scale(a) => run_scale(a),
         Command::Load(a) => tokio::runtime::Runtime::new()?.block_on(load::run(a)),
         Command::Real(a) => real::run(a),
+        Command::Chaos(a) => chaos::run(a),
     }
 }
 

@@ -119,8 +119,8 @@ pub struct ClusterBuilder {
     runners: Option<String>,
     workers: usize,
     slots: u32,
-    lease: &'static str,
-    heartbeat: &'static str,
+    lease: String,
+    heartbeat: String,
     proxied: bool,
     worker_env: Vec<(String, String)>,
 }
@@ -142,9 +142,9 @@ impl ClusterBuilder {
     }
 
     /// The coordinator's lease and heartbeat interval (defaults 3 s and 300 ms).
-    pub fn lease(mut self, lease: &'static str, heartbeat: &'static str) -> Self {
-        self.lease = lease;
-        self.heartbeat = heartbeat;
+    pub fn lease(mut self, lease: &str, heartbeat: &str) -> Self {
+        self.lease = lease.to_owned();
+        self.heartbeat = heartbeat.to_owned();
         self
     }
 
@@ -204,8 +204,8 @@ pub struct Cluster {
     pub grpc_addr: String,
     pub http_addr: String,
     workers: Vec<WorkerProc>,
-    lease: &'static str,
-    heartbeat: &'static str,
+    lease: String,
+    heartbeat: String,
     slots: u32,
     runners: Option<PathBuf>,
     proxied: bool,
@@ -226,8 +226,8 @@ impl Cluster {
             runners: None,
             workers: 3,
             slots: 2,
-            lease: "3s",
-            heartbeat: "300ms",
+            lease: "3s".into(),
+            heartbeat: "300ms".into(),
             proxied: false,
             worker_env: Vec::new(),
         }
@@ -252,7 +252,7 @@ impl Cluster {
             .args(["--grpc-addr", grpc, "--http-addr", "127.0.0.1:0"])
             .arg("--db")
             .arg(&self.db)
-            .args(["--lease", self.lease, "--heartbeat", self.heartbeat])
+            .args(["--lease", &self.lease, "--heartbeat", &self.heartbeat])
             .env("SHARDGATE_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -431,6 +431,35 @@ impl Cluster {
         ];
         args.extend_from_slice(extra);
         self.client(&args)
+    }
+
+    /// GETs `path` from the coordinator's HTTP API; `None` when it cannot be reached or does not
+    /// answer 200 with JSON (it may be restarting).
+    pub fn http_json(&self, path: &str) -> Option<serde_json::Value> {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(&self.http_addr).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+        write!(s, "GET {path} HTTP/1.0\r\nHost: shardgate\r\n\r\n").ok()?;
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).ok()?;
+        if !resp.starts_with("HTTP/1.0 200") && !resp.starts_with("HTTP/1.1 200") {
+            return None;
+        }
+        let (_, body) = resp.split_once("\r\n\r\n")?;
+        serde_json::from_str(body).ok()
+    }
+
+    /// How many lines of the workers' logs contain `needle`.
+    pub fn worker_log_count(&self, needle: &str) -> usize {
+        (1..=self.workers.len())
+            .map(|i| {
+                std::fs::read_to_string(self.dir.path().join(format!("worker-{i}.log")))
+                    .unwrap_or_default()
+                    .lines()
+                    .filter(|l| l.contains(needle))
+                    .count()
+            })
+            .sum()
     }
 
     /// Every process's log, for assertion messages.

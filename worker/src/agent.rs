@@ -417,7 +417,7 @@ async fn report_loop(
         };
         let faults = &shared.cfg.faults;
         if Faults::roll(faults.delay_reports) {
-            debug!(
+            info!(
                 delay_ms = faults.delay.as_millis() as u64,
                 "fault: holding a report back"
             );
@@ -433,7 +433,7 @@ async fn report_loop(
         let mut sent = retry(&never, send).await;
         if sent.is_ok() && Faults::roll(faults.duplicate_reports) {
             let again = retry(&never, send).await;
-            debug!(accepted = ?again.as_ref().map(|r| r.accepted).ok(), "fault: sent a report twice");
+            info!(accepted = ?again.as_ref().map(|r| r.accepted).ok(), "fault: sent a report twice");
             if let (Ok(first), Ok(second)) = (&mut sent, again) {
                 first.stop |= second.stop;
             }

@@ -1,0 +1,507 @@
+//! The chaos campaign: runs suites on a real cluster while injecting infrastructure faults —
+//! SIGKILL of a busy worker, SIGKILL and restart of the coordinator, a worker cut off from the
+//! coordinator past its lease and then healed — with every worker duplicating and delaying
+//! some of its reports. After each run a history checker compares what was counted with what
+//! was submitted and with what a fault-free run gives.
+//!
+//! Each test is a shell script that appends a line to its own file every time it runs, so the
+//! checker also sees how often each test really ran (at-least-once execution) and how much
+//! work the faults cost.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
+
+use crate::cluster::{Cluster, bin, script};
+
+#[derive(Debug, Clone)]
+pub struct ChaosConfig {
+    pub seed: u64,
+    pub runs: usize,
+    pub workers: usize,
+    pub slots: u32,
+    /// Tests per run.
+    pub tests: usize,
+    /// Each test sleeps a duration drawn from this range, in milliseconds.
+    pub test_ms: (u64, u64),
+    /// The coordinator's lease and heartbeat interval, e.g. `("10s", "2s")` (the defaults).
+    pub lease: String,
+    pub heartbeat: String,
+    /// Probability that a worker sends a report twice, and that it holds one back.
+    pub duplicate_reports: f64,
+    pub delay_reports: f64,
+    pub report_delay: String,
+    /// A run that has not ended after this long is a failure of the campaign.
+    pub run_deadline: Duration,
+}
+
+impl ChaosConfig {
+    /// A campaign small enough for the integration tests (short lease, short tests).
+    pub fn quick(seed: u64, runs: usize) -> Self {
+        Self {
+            seed,
+            runs,
+            workers: 4,
+            slots: 2,
+            tests: 24,
+            test_ms: (50, 300),
+            lease: "3s".into(),
+            heartbeat: "300ms".into(),
+            duplicate_reports: 0.2,
+            delay_reports: 0.1,
+            report_delay: "500ms".into(),
+            run_deadline: Duration::from_secs(120),
+        }
+    }
+}
+
+/// What a campaign saw. Every count but `runs`, `faults` and the timings must be zero.
+#[derive(Debug, Clone, Default)]
+pub struct ChaosReport {
+    pub runs: usize,
+    /// Faults injected, by kind.
+    pub faults: BTreeMap<&'static str, u32>,
+    /// Submitted tests without a counted result.
+    pub lost_results: u32,
+    /// Tests counted more than once.
+    pub double_counted: u32,
+    /// Results for tests that were not submitted.
+    pub unexpected_results: u32,
+    /// Tests counted as run that never ran.
+    pub phantom_results: u32,
+    /// Tests whose outcome differs from a fault-free run's.
+    pub wrong_outcomes: u32,
+    /// Runs whose verdict (or exit code) differs from a fault-free run's.
+    pub wrong_verdicts: u32,
+    /// From a busy worker's death (or cut) to the coordinator taking its shards back.
+    pub requeue_times: Vec<Duration>,
+    /// Test time run beyond what a fault-free run needs, and the time a fault-free run needs.
+    pub extra_ms: u64,
+    pub work_ms: u64,
+    pub wall: Duration,
+    /// One line per problem, naming the seed and run.
+    pub problems: Vec<String>,
+}
+
+impl ChaosReport {
+    pub fn merge(&mut self, o: ChaosReport) {
+        self.runs += o.runs;
+        for (k, v) in o.faults {
+            *self.faults.entry(k).or_default() += v;
+        }
+        self.lost_results += o.lost_results;
+        self.double_counted += o.double_counted;
+        self.unexpected_results += o.unexpected_results;
+        self.phantom_results += o.phantom_results;
+        self.wrong_outcomes += o.wrong_outcomes;
+        self.wrong_verdicts += o.wrong_verdicts;
+        self.requeue_times.extend(o.requeue_times);
+        self.extra_ms += o.extra_ms;
+        self.work_ms += o.work_ms;
+        self.wall = self.wall.max(o.wall);
+        self.problems.extend(o.problems);
+    }
+
+    /// True when nothing was lost, double-counted, invented or judged differently.
+    pub fn is_clean(&self) -> bool {
+        self.problems.is_empty()
+            && self.lost_results == 0
+            && self.double_counted == 0
+            && self.unexpected_results == 0
+            && self.phantom_results == 0
+            && self.wrong_outcomes == 0
+            && self.wrong_verdicts == 0
+    }
+
+    pub fn faults_total(&self) -> u32 {
+        self.faults.values().sum()
+    }
+
+    /// The `q` quantile of the requeue times.
+    pub fn requeue_quantile(&self, q: f64) -> Option<Duration> {
+        let mut v = self.requeue_times.clone();
+        v.sort();
+        let i = ((v.len() as f64 - 1.0) * q).round() as usize;
+        v.get(i).copied()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    KillWorker,
+    Partition,
+    RestartCoordinator,
+}
+
+impl Fault {
+    fn name(self) -> &'static str {
+        match self {
+            Fault::KillWorker => "worker killed (SIGKILL)",
+            Fault::Partition => "worker partitioned past its lease",
+            Fault::RestartCoordinator => "coordinator killed (SIGKILL) and restarted",
+        }
+    }
+}
+
+/// One test of a run, as written.
+struct Planned {
+    id: String,
+    ms: u64,
+    fails: bool,
+    /// Where each execution leaves a line.
+    ran: PathBuf,
+}
+
+/// Runs a campaign on a cluster of its own and returns what it saw.
+pub fn campaign(cfg: &ChaosConfig) -> ChaosReport {
+    let started = Instant::now();
+    let mut cluster = Cluster::builder()
+        .workers(cfg.workers)
+        .slots(cfg.slots)
+        .lease(&cfg.lease, &cfg.heartbeat)
+        .proxied()
+        .worker_env(
+            "SHARDGATE_FAULT_DUPLICATE_REPORTS",
+            &cfg.duplicate_reports.to_string(),
+        )
+        .worker_env("SHARDGATE_FAULT_DELAY_REPORTS", &cfg.delay_reports.to_string())
+        .worker_env("SHARDGATE_FAULT_DELAY", &cfg.report_delay)
+        .start();
+    let mut report = ChaosReport::default();
+    for k in 0..cfg.runs {
+        let mut rng = StdRng::seed_from_u64(cfg.seed.wrapping_mul(1_000_003).wrapping_add(k as u64));
+        one_run(&mut cluster, cfg, k, &mut rng, &mut report);
+        report.runs += 1;
+    }
+    report.wall = started.elapsed();
+    for (needle, kind) in [
+        ("fault: sent a report twice", "report duplicated"),
+        ("fault: holding a report back", "report delayed"),
+    ] {
+        let n = cluster.worker_log_count(needle) as u32;
+        if n > 0 {
+            report.faults.insert(kind, n);
+        }
+    }
+    if !report.is_clean() {
+        report
+            .problems
+            .push(format!("logs of seed {}:\n{}", cfg.seed, cluster.logs()));
+    }
+    report
+}
+
+fn plan_suite(root: &Path, k: usize, cfg: &ChaosConfig, rng: &mut StdRng) -> Vec<Planned> {
+    // Half the runs have one failing test, so both verdicts are checked.
+    let failing = rng.random_bool(0.5).then(|| rng.random_range(0..cfg.tests));
+    let ran_dir = root.join(format!("ran-{k}"));
+    std::fs::create_dir_all(&ran_dir).unwrap();
+    (0..cfg.tests)
+        .map(|i| {
+            let id = format!("r{k}/t{i:03}.sh");
+            let ms = rng.random_range(cfg.test_ms.0..=cfg.test_ms.1);
+            let fails = failing == Some(i);
+            let ran = ran_dir.join(format!("{i}"));
+            script(
+                root,
+                &id,
+                &format!(
+                    "echo ran >> '{}'\nsleep {}.{:03}\nexit {}",
+                    ran.display(),
+                    ms / 1000,
+                    ms % 1000,
+                    u8::from(fails)
+                ),
+            );
+            Planned { id, ms, fails, ran }
+        })
+        .collect()
+}
+
+fn one_run(cluster: &mut Cluster, cfg: &ChaosConfig, k: usize, rng: &mut StdRng, report: &mut ChaosReport) {
+    let tag = format!("seed {} run {k}", cfg.seed);
+    let suite = plan_suite(&cluster.root, k, cfg, rng);
+    let list = cluster.dir.path().join(format!("tests-{k}.txt"));
+    let ids: Vec<&str> = suite.iter().map(|t| t.id.as_str()).collect();
+    std::fs::write(&list, ids.join("\n")).unwrap();
+    let revision = format!("chaos-{}-{k}", cfg.seed);
+    let stderr = std::fs::File::create(cluster.dir.path().join(format!("client-{k}.log"))).unwrap();
+    let mut follower = Command::new(bin("shardgate"))
+        .args(["run", "--coordinator", &cluster.url(), "--runner", "exec"])
+        .args(["--suite", "chaos", "--revision", &revision, "--json"])
+        .args(["--reconnect-for", "120s", "--tests-file"])
+        .arg(&list)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(stderr)
+        .spawn()
+        .expect("failed to start the client");
+
+    // One to three faults, at most two of which take a worker away, each once a random share
+    // of the run is done.
+    let n = rng.random_range(1..=3);
+    let mut worker_faults = 0;
+    let mut plan = Vec::new();
+    for _ in 0..n {
+        let f = match rng.random_range(0..10) {
+            0..=3 => Fault::KillWorker,
+            4..=6 => Fault::Partition,
+            _ => Fault::RestartCoordinator,
+        };
+        if f != Fault::RestartCoordinator {
+            if worker_faults == 2 {
+                continue;
+            }
+            worker_faults += 1;
+        }
+        plan.push((f, rng.random_range(0.05..0.7f64)));
+    }
+    plan.sort_by(|a, b| a.1.total_cmp(&b.1));
+    let deadline = Instant::now() + cfg.run_deadline;
+    for (fault, at) in plan {
+        if !wait_progress(cluster, &revision, at, deadline) {
+            break;
+        }
+        match inject(cluster, fault, rng, deadline) {
+            Ok(requeue) => {
+                *report.faults.entry(fault.name()).or_default() += 1;
+                report.requeue_times.extend(requeue);
+            }
+            Err(e) => report.problems.push(format!("{tag}: {}: {e}", fault.name())),
+        }
+    }
+    let out = loop {
+        if let Some(status) = follower.try_wait().unwrap() {
+            let mut stdout = String::new();
+            use std::io::Read;
+            follower
+                .stdout
+                .take()
+                .unwrap()
+                .read_to_string(&mut stdout)
+                .unwrap();
+            break Some((status.code(), stdout));
+        }
+        if Instant::now() > deadline {
+            kill(&mut follower);
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let Some((code, stdout)) = out else {
+        report.problems.push(format!(
+            "{tag}: the run did not end within {:?}",
+            cfg.run_deadline
+        ));
+        return;
+    };
+    check(&tag, &suite, code, &stdout, report);
+}
+
+fn kill(c: &mut Child) {
+    let _ = c.kill();
+    let _ = c.wait();
+}
+
+/// The run of `revision` as the coordinator's HTTP API shows it.
+fn run_of(cluster: &Cluster, revision: &str) -> Option<serde_json::Value> {
+    let runs = cluster.http_json("/api/runs?limit=5")?;
+    runs.as_array()?
+        .iter()
+        .find(|r| r["revision"] == revision)
+        .cloned()
+}
+
+/// Waits until `share` of the run's tests have a result; false when the run ended first.
+fn wait_progress(cluster: &Cluster, revision: &str, share: f64, deadline: Instant) -> bool {
+    while Instant::now() < deadline {
+        if let Some(run) = run_of(cluster, revision) {
+            if run["finished_at_ms"].as_u64().unwrap_or(0) > 0 {
+                return false;
+            }
+            let c = &run["counts"];
+            let total = c["total"].as_u64().unwrap_or(0);
+            let open = c["queued"].as_u64().unwrap_or(0) + c["running"].as_u64().unwrap_or(0);
+            if total > 0 && (total - open) as f64 >= share * total as f64 {
+                return true;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    false
+}
+
+/// The coordinator's view of the workers: (worker id, name, state, busy slots).
+fn workers(cluster: &Cluster) -> Vec<(String, String, String, u64)> {
+    let Some(v) = cluster.http_json("/api/workers") else {
+        return Vec::new();
+    };
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .map(|w| {
+                    (
+                        w["worker_id"].as_str().unwrap_or_default().to_owned(),
+                        w["name"].as_str().unwrap_or_default().to_owned(),
+                        w["state"].as_str().unwrap_or_default().to_owned(),
+                        w["busy_slots"].as_u64().unwrap_or(0),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Injects `fault`; returns how long the coordinator took to take back a lost worker's shards.
+fn inject(
+    cluster: &mut Cluster,
+    fault: Fault,
+    rng: &mut StdRng,
+    deadline: Instant,
+) -> Result<Option<Duration>, String> {
+    if fault == Fault::RestartCoordinator {
+        cluster.restart_coordinator();
+        return Ok(None);
+    }
+    // A busy, live worker whose process runs, so that the fault costs something.
+    let by_name: HashMap<String, usize> = (0..cluster.worker_count())
+        .filter(|&i| cluster.worker_running(i) && !cluster.link(i).is_cut())
+        .map(|i| (cluster.worker_name(i).to_owned(), i))
+        .collect();
+    let live: Vec<(String, usize, u64)> = workers(cluster)
+        .into_iter()
+        .filter(|w| w.2 == "live")
+        .filter_map(|(id, name, _, busy)| by_name.get(&name).map(|&i| (id, i, busy)))
+        .collect();
+    let busy: Vec<&(String, usize, u64)> = live.iter().filter(|w| w.2 > 0).collect();
+    let Some((id, i, _)) = (if busy.is_empty() {
+        live.get(rng.random_range(0..live.len().max(1))).cloned()
+    } else {
+        Some(busy[rng.random_range(0..busy.len())].clone())
+    }) else {
+        return Err("no live worker to fault".into());
+    };
+    let was_busy = !busy.is_empty();
+    let t0 = Instant::now();
+    match fault {
+        Fault::KillWorker => {
+            cluster.kill_worker(i);
+            // Its replacement registers at once, as a supervisor would restart it.
+            cluster.start_worker(i);
+        }
+        Fault::Partition => cluster.link(i).cut(),
+        Fault::RestartCoordinator => unreachable!(),
+    }
+    // The coordinator takes the shards back when their lease expires.
+    let mut requeued = None;
+    while Instant::now() < deadline {
+        let gone = workers(cluster)
+            .into_iter()
+            .find(|w| w.0 == id)
+            .is_some_and(|w| w.3 == 0);
+        if gone {
+            requeued = Some(t0.elapsed());
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    if fault == Fault::Partition {
+        // Past the lease: the worker's next reports are refused; then it takes new work.
+        cluster.link(i).heal();
+    }
+    match requeued {
+        Some(d) => Ok(was_busy.then_some(d)),
+        None => Err(format!("worker {id}'s shards were never taken back")),
+    }
+}
+
+/// Checks one run's report against its suite.
+fn check(tag: &str, suite: &[Planned], code: Option<i32>, stdout: &str, report: &mut ChaosReport) {
+    let doc: serde_json::Value = match serde_json::from_str(stdout) {
+        Ok(v) => v,
+        Err(e) => {
+            report.problems.push(format!(
+                "{tag}: the client printed no report ({e}); exit {code:?}"
+            ));
+            return;
+        }
+    };
+    let expect_red = suite.iter().any(|t| t.fails);
+    let want_verdict = if expect_red { "failed" } else { "passed" };
+    if doc["verdict"] != want_verdict || code != Some(if expect_red { 1 } else { 0 }) {
+        report.wrong_verdicts += 1;
+        report.problems.push(format!(
+            "{tag}: verdict {} (exit {code:?}), a fault-free run gives {want_verdict}",
+            doc["verdict"]
+        ));
+    }
+    let mut counted: HashMap<&str, Vec<&str>> = HashMap::new();
+    for t in doc["tests"].as_array().map(Vec::as_slice).unwrap_or_default() {
+        let id = t["id"].as_str().unwrap_or_default();
+        let outcome = t["outcome"].as_str().unwrap_or("none");
+        match suite.iter().find(|p| p.id == id) {
+            Some(p) => counted.entry(p.id.as_str()).or_default().push(outcome),
+            None => {
+                report.unexpected_results += 1;
+                report
+                    .problems
+                    .push(format!("{tag}: a result for '{id}', which was not submitted"));
+            }
+        }
+    }
+    let c = &doc["counts"];
+    let sum: u64 = ["passed", "failed", "skipped", "flaky", "timed_out", "infra_error"]
+        .iter()
+        .map(|k| c[*k].as_u64().unwrap_or(0))
+        .sum();
+    if sum != suite.len() as u64 || c["total"].as_u64() != Some(suite.len() as u64) {
+        report.problems.push(format!(
+            "{tag}: counts {c} do not add up to {} tests",
+            suite.len()
+        ));
+    }
+    for p in suite {
+        let runs = std::fs::read_to_string(&p.ran)
+            .map(|s| s.lines().count())
+            .unwrap_or(0) as u64;
+        // A failing test runs once and then twice more under the default retries.
+        let needed = if p.fails { 3 } else { 1 };
+        report.work_ms += needed * p.ms;
+        report.extra_ms += runs.saturating_sub(needed) * p.ms;
+        let outcomes = counted.get(p.id.as_str()).cloned().unwrap_or_default();
+        match outcomes.as_slice() {
+            [] | ["none"] => {
+                report.lost_results += 1;
+                report
+                    .problems
+                    .push(format!("{tag}: '{}' has no counted result", p.id));
+                continue;
+            }
+            [_] => {}
+            more => {
+                report.double_counted += 1;
+                report
+                    .problems
+                    .push(format!("{tag}: '{}' counted {} times", p.id, more.len()));
+            }
+        }
+        let want = if p.fails { "failed" } else { "passed" };
+        if outcomes[0] != want {
+            report.wrong_outcomes += 1;
+            report.problems.push(format!(
+                "{tag}: '{}' is {}, a fault-free run gives {want}",
+                p.id, outcomes[0]
+            ));
+        }
+        if runs == 0 {
+            report.phantom_results += 1;
+            report
+                .problems
+                .push(format!("{tag}: '{}' is counted but never ran", p.id));
+        }
+    }
+}
