@@ -284,6 +284,7 @@ async fn worker(
                 worker_id: worker_id.clone(),
                 attempt_id: shard.attempt_id.clone(),
                 error: String::new(),
+                draining: false,
             })
             .await?;
     }

@@ -230,7 +230,7 @@ pub fn drive_core(
         match ev {
             Ev::Free { slot } => {
                 if let Some(a) = attempt_of[slot].take() {
-                    core.finish(workers[slot], a, "", at(t))?;
+                    core.finish(workers[slot], a, "", false, at(t))?;
                 }
                 let asked = std::time::Instant::now();
                 let Some(shard) = core.acquire(workers[slot], at(t))? else {

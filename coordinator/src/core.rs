@@ -1227,6 +1227,7 @@ impl Core {
         worker: WorkerId,
         attempt_id: AttemptId,
         error: &str,
+        draining: bool,
         now: Now,
     ) -> Result<pb::FinishShardResponse, Error> {
         match self.live_attempt(worker, attempt_id) {
@@ -1243,7 +1244,9 @@ impl Core {
             .get(&worker)
             .map(|w| w.row.name.clone())
             .unwrap_or_default();
-        let reason = if error.is_empty() {
+        let reason = if draining {
+            RequeueReason::Deregistered(worker_name)
+        } else if error.is_empty() {
             RequeueReason::NoResult(worker_name)
         } else {
             // The runner failed on this worker: send the shard's tests elsewhere.

@@ -284,7 +284,7 @@ impl WorkerService for Services {
         let a = attempt_id(&req.attempt_id)?;
         Ok(Response::new(
             self.handle
-                .call(move |core, now| core.finish(w, a, &req.error, now))
+                .call(move |core, now| core.finish(w, a, &req.error, req.draining, now))
                 .await?,
         ))
     }

@@ -367,6 +367,7 @@ async fn run_shard(shared: &Shared, worker: WorkerId, shard: pb::Shard) {
         worker_id: worker.to_string(),
         attempt_id: attempt.to_string(),
         error,
+        draining: shared.kill.is_cancelled(),
     };
     let never = CancellationToken::new();
     let client = shared.client.clone();

@@ -182,7 +182,7 @@ impl Sim {
             return;
         }
         let (attempt, _) = list.remove(0);
-        let _ = self.core.finish(w, attempt, "", self.now);
+        let _ = self.core.finish(w, attempt, "", false, self.now);
     }
 }
 

@@ -83,7 +83,7 @@ fn drain(core: &mut Core, worker: WorkerId, now: Now, outcome_of: impl Fn(&str) 
         let attempt: AttemptId = shard.attempt_id.parse().unwrap();
         let results = shard.tests.iter().map(|t| result(t, outcome_of(t))).collect();
         core.report(worker, attempt, results, now).unwrap();
-        core.finish(worker, attempt, "", now).unwrap();
+        core.finish(worker, attempt, "", false, now).unwrap();
     }
     shards
 }
@@ -157,7 +157,7 @@ fn an_expired_lease_requeues_only_the_unfinished_tests_and_refuses_late_reports(
         .unwrap();
     let shard = core.acquire(w1, now).unwrap();
     assert!(shard.is_none(), "a worker with every slot busy gets nothing");
-    core.finish(w1, attempt, "", now).unwrap();
+    core.finish(w1, attempt, "", false, now).unwrap();
     let shard = core.acquire(w1, now).unwrap().unwrap();
     assert_eq!(shard.tests, vec!["b"]);
     let attempt: AttemptId = shard.attempt_id.parse().unwrap();
@@ -182,7 +182,7 @@ fn an_expired_lease_requeues_only_the_unfinished_tests_and_refuses_late_reports(
         .report(w2, a2, vec![result("b", Outcome::Passed)], later)
         .unwrap();
     assert_eq!(resp.accepted, 1);
-    core.finish(w2, a2, "", later).unwrap();
+    core.finish(w2, a2, "", false, later).unwrap();
     drain(&mut core, w2, later, |_| Outcome::Passed);
     assert_eq!(status(&core, run), RunStatus::Passed);
     let results = core.get_run(run, true).unwrap().results;
@@ -293,7 +293,7 @@ fn a_poison_test_is_tried_on_different_workers_and_its_shard_mates_survive() {
             }
             let results = shard.tests.iter().map(|t| result(t, Outcome::Passed)).collect();
             core.report(w, a, results, now).unwrap();
-            core.finish(w, a, "", now).unwrap();
+            core.finish(w, a, "", false, now).unwrap();
         }
         core.check_invariants();
         if lost {
@@ -362,7 +362,7 @@ fn a_failed_test_is_retried_on_another_worker_when_one_is_free() {
         let at: AttemptId = shard.attempt_id.parse().unwrap();
         core.report(a, at, vec![result("f", Outcome::Failed)], now)
             .unwrap();
-        core.finish(a, at, "", now).unwrap();
+        core.finish(a, at, "", false, now).unwrap();
         (a, b)
     };
     assert!(
@@ -408,7 +408,7 @@ fn a_restart_remembers_failures_so_no_extra_retry_is_granted() {
         let at: AttemptId = shard.attempt_id.parse().unwrap();
         core.report(w, at, vec![result("f", Outcome::Failed)], now)
             .unwrap();
-        core.finish(w, at, "", now).unwrap();
+        core.finish(w, at, "", false, now).unwrap();
         (run, w)
     };
     let mut core = core_at(&path, now);
@@ -540,7 +540,7 @@ fn a_restart_resumes_unfinished_runs_and_keeps_finished_ones() {
         seen.extend(shard.tests.clone());
         let results = shard.tests.iter().map(|t| result(t, Outcome::Passed)).collect();
         core.report(w2, a, results, now).unwrap();
-        core.finish(w2, a, "", now).unwrap();
+        core.finish(w2, a, "", false, now).unwrap();
     }
     seen.sort();
     assert_eq!(seen, vec!["d", "e"], "test c stays with the worker that runs it");
@@ -601,7 +601,13 @@ fn a_shard_whose_runner_failed_goes_to_another_worker() {
     let shard = core.acquire(broken, now).unwrap().unwrap();
     let a: AttemptId = shard.attempt_id.parse().unwrap();
     let resp = core
-        .finish(broken, a, "setup for revision 'r1' failed (exit status 1)", now)
+        .finish(
+            broken,
+            a,
+            "setup for revision 'r1' failed (exit status 1)",
+            false,
+            now,
+        )
         .unwrap();
     assert_eq!(resp.requeued, 1);
     // Alone in the fleet, the broken worker still gets the test rather than starving the run.
@@ -610,7 +616,7 @@ fn a_shard_whose_runner_failed_goes_to_another_worker() {
         .unwrap()
         .expect("no other worker: it may retry");
     let a: AttemptId = again.attempt_id.parse().unwrap();
-    core.finish(broken, a, "setup failed again", now).unwrap();
+    core.finish(broken, a, "setup failed again", false, now).unwrap();
     let good = register(&mut core, "good", 1, &[], now);
     assert!(
         core.acquire(broken, now).unwrap().is_none(),
@@ -646,7 +652,7 @@ fn drain_attempts(core: &mut Core, w: WorkerId, now: Now, outcome_of: impl Fn(&s
             })
             .collect();
         core.report(w, a, results, now).unwrap();
-        core.finish(w, a, "", now).unwrap();
+        core.finish(w, a, "", false, now).unwrap();
     }
 }
 
