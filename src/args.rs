@@ -41,6 +41,12 @@ pub struct CoordinatorTuning {
     /// as an infrastructure error.
     #[arg(long, env = "SHARDGATE_MAX_INFRA_ATTEMPTS", default_value_t = 3)]
     pub max_infra_attempts: u32,
+    /// Runs again of a failed test before it counts as failed, when a run does not say.
+    #[arg(long, env = "SHARDGATE_DEFAULT_RETRIES", default_value_t = 2)]
+    pub retries: u32,
+    /// The same for a test that flaked in its suite in the last 30 days.
+    #[arg(long, env = "SHARDGATE_DEFAULT_FLAKY_RETRIES", default_value_t = 4)]
+    pub flaky_retries: u32,
 }
 
 /// `shardgate-worker`: runs shards for a coordinator.
@@ -172,9 +178,16 @@ pub struct SubmitOptions {
     /// a test that fails and then passes is reported as flaky.
     #[arg(long, env = "SHARDGATE_RETRIES")]
     pub retries: Option<u32>,
+    /// Runs again of a failed test that flaked in this suite in the last 30 days (default: the
+    /// coordinator's, 4).
+    #[arg(long, env = "SHARDGATE_FLAKY_RETRIES")]
+    pub flaky_retries: Option<u32>,
     /// Flaky tests fail the gate.
     #[arg(long, env = "SHARDGATE_STRICT_FLAKY")]
     pub strict_flaky: bool,
+    /// Fail the run and cancel its remaining tests as soon as one failure is confirmed.
+    #[arg(long, env = "SHARDGATE_FAIL_FAST")]
+    pub fail_fast: bool,
     /// Send tests that failed recently first, for an earlier red signal.
     #[arg(long, env = "SHARDGATE_FAIL_FIRST")]
     pub fail_first: bool,

@@ -90,6 +90,8 @@ pub fn submit_request(
             fail_first: opts.fail_first,
             retries: opts.retries,
             strict_flaky: opts.strict_flaky,
+            fail_fast: opts.fail_fast,
+            flaky_retries: opts.flaky_retries,
         }),
         priority: opts.priority,
     })

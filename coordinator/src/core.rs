@@ -25,6 +25,9 @@ impl From<StoreError> for Error {
     }
 }
 
+/// How long a flake counts as a flaky history: 30 days.
+const FLAKY_MEMORY_MS: u64 = 30 * 24 * 3600 * 1000;
+
 /// A test of an active run, as the scheduler tracks it.
 #[derive(Debug)]
 struct TestSlot {
@@ -37,6 +40,8 @@ struct TestSlot {
     hist: History,
     /// Failures retried and workers lost so far in this run (stored, see [`RetryState`]).
     retry: RetryState,
+    /// How many failed runs of this test are retried rather than counted.
+    retries: u32,
 }
 
 impl TestSlot {
@@ -49,6 +54,7 @@ impl TestSlot {
             plan,
             hist: hist.copied().unwrap_or_default(),
             retry: RetryState::default(),
+            retries: 0,
         }
     }
 
@@ -286,11 +292,10 @@ impl Core {
                 continue;
             };
             let stored = core.store.tests(row.id)?;
-            let history = core.store.history(&row.suite)?;
             let outcomes: Vec<Option<Outcome>> = stored.iter().map(|t| t.outcome).collect();
             let (ids, retries): (Vec<String>, Vec<RetryState>) =
                 stored.into_iter().map(|t| (t.test_id, t.retry)).unzip();
-            let (mut tests, plans) = plan_tests(ids, &history, row.policy, now);
+            let (mut tests, plans) = core.plan(&row.suite, ids, row.policy, now)?;
             let mut done = [0; 7];
             for ((t, o), retry) in tests.iter_mut().zip(&outcomes).zip(retries) {
                 t.retry = retry;
@@ -406,6 +411,29 @@ impl Core {
         Ok(core)
     }
 
+    /// Plans a run's tests from its suite's duration history, and gives tests that flaked in
+    /// the suite lately their extra retries.
+    fn plan(
+        &self,
+        suite: &str,
+        ids: Vec<String>,
+        policy: Policy,
+        now: Now,
+    ) -> Result<(Vec<TestSlot>, Vec<Plan>), Error> {
+        if ids.is_empty() {
+            return Ok((Vec::new(), Vec::new()));
+        }
+        let history = self.store.history(suite)?;
+        let flaky = self
+            .store
+            .flaky_tests(suite, now.ms.saturating_sub(FLAKY_MEMORY_MS))?;
+        let (mut tests, plans) = plan_tests(ids, &history, policy, now);
+        for t in &mut tests {
+            t.retries = policy.retries_for(flaky.contains(&t.id));
+        }
+        Ok((tests, plans))
+    }
+
     pub fn config(&self) -> &CoreConfig {
         &self.cfg
     }
@@ -482,12 +510,7 @@ impl Core {
             shards: 0,
         };
         self.store.insert_run(&row, &req.tests)?;
-        let history = if req.tests.is_empty() {
-            HashMap::new()
-        } else {
-            self.store.history(&row.suite)?
-        };
-        let (tests, plans) = plan_tests(req.tests, &history, row.policy, now);
+        let (tests, plans) = self.plan(&row.suite, req.tests, row.policy, now)?;
         let state = RunState {
             discover_pending: row.discover,
             kind,
@@ -1021,7 +1044,6 @@ impl Core {
         let mut rows = Vec::with_capacity(results.len());
         let mut retry: Vec<(u32, String, String)> = Vec::new();
         let mut seen = HashSet::new();
-        let policy = run.row.policy;
         for r in results {
             let outcome = Outcome::from_wire(r.outcome).ok_or_else(|| {
                 Error::invalid(
@@ -1042,7 +1064,7 @@ impl Core {
             }
             let t = &run.tests[idx as usize];
             let failed = matches!(outcome, Outcome::Failed | Outcome::TimedOut);
-            if failed && t.retry.failures < policy.retries {
+            if failed && t.retry.failures < t.retries {
                 // Not counted yet: the test runs again, and only then do we know whether it is
                 // broken or flaky.
                 retry.push((
@@ -1084,6 +1106,7 @@ impl Core {
                 worker: worker_name.clone(),
                 detail: cap(&detail, 1024),
                 output: cap(&output, self.cfg.max_output_bytes),
+                at_ms: now.ms,
             });
         }
         // The retry state of failed tests is stored with the results: a restart must not grant
@@ -1157,7 +1180,22 @@ impl Core {
                 }));
         }
         let accepted = rows.len() as u32;
-        if run.done_total() as usize == run.tests.len() {
+        let confirmed = rows
+            .iter()
+            .find(|r| matches!(r.outcome, Outcome::Failed | Outcome::TimedOut));
+        if let (true, Some(r)) = (run.row.policy.fail_fast, confirmed)
+            && run.done_total() as usize != run.tests.len()
+        {
+            let open = run.tests.len() - run.done_total() as usize;
+            let message = format!(
+                "fail-fast: '{}' failed after {} attempt(s); {open} test(s) left unrun were cancelled, verdict {} ms after the start",
+                r.test_id,
+                r.attempts,
+                now.ms.saturating_sub(run.row.started_ms)
+            );
+            info!(run = %run_id, test = %r.test_id, "fail-fast: the run fails now");
+            self.finish_run(run_id, RunStatus::Failed, message, now)?;
+        } else if run.done_total() as usize == run.tests.len() {
             self.conclude(run_id, now)?;
         }
         Ok(pb::ReportResultsResponse {
@@ -1208,9 +1246,12 @@ impl Core {
             return Ok(());
         }
         self.store.add_tests(run_id, 0, &tests)?;
+        let (suite, policy) = {
+            let r = &self.runs[&run_id];
+            (r.row.suite.clone(), r.row.policy)
+        };
+        let (slots, plans) = self.plan(&suite, tests, policy, now)?;
         let run = self.runs.get_mut(&run_id).expect("checked above");
-        let history = self.store.history(&run.row.suite)?;
-        let (slots, plans) = plan_tests(tests, &history, run.row.policy, now);
         run.tests = slots;
         run.queue = RunQueue::new(&plans);
         info!(run = %run_id, tests = run.tests.len(), worker = %worker_name, "tests discovered");
@@ -1393,6 +1434,7 @@ impl Core {
                         evidence.join("; ")
                     ),
                     output: String::new(),
+                    at_ms: now.ms,
                 });
             } else {
                 states.push((i, st));

@@ -22,6 +22,8 @@ pub struct CoreConfig {
     pub initial_overhead: Duration,
     /// Runs again of a failed test when the run does not say.
     pub retries: u32,
+    /// Runs again of a failed test with a flaky history when the run does not say.
+    pub flaky_retries: u32,
 }
 
 impl Default for CoreConfig {
@@ -34,6 +36,7 @@ impl Default for CoreConfig {
             max_output_bytes: 64 * 1024,
             initial_overhead: Duration::from_millis(500),
             retries: 2,
+            flaky_retries: 4,
         }
     }
 }
@@ -50,9 +53,23 @@ pub struct Policy {
     pub retries: u32,
     #[serde(default)]
     pub strict_flaky: bool,
+    #[serde(default)]
+    pub fail_fast: bool,
+    #[serde(default)]
+    pub flaky_retries: u32,
 }
 
 impl Policy {
+    /// Retries a test gets: more when it has a flaky history, so that a known flake does not
+    /// turn the run red, while a new failure of a test that never flaked stays a fast red.
+    pub fn retries_for(&self, flaky_history: bool) -> u32 {
+        if flaky_history {
+            self.retries.max(self.flaky_retries)
+        } else {
+            self.retries
+        }
+    }
+
     pub fn resolve(wire: Option<&pb::RunPolicy>, cfg: &CoreConfig) -> Self {
         let wire = wire.cloned().unwrap_or_default();
         Self {
@@ -69,6 +86,8 @@ impl Policy {
             fail_first: wire.fail_first,
             retries: wire.retries.unwrap_or(cfg.retries).min(10),
             strict_flaky: wire.strict_flaky,
+            fail_fast: wire.fail_fast,
+            flaky_retries: wire.flaky_retries.unwrap_or(cfg.flaky_retries).min(10),
         }
     }
 
@@ -79,6 +98,8 @@ impl Policy {
             fail_first: self.fail_first,
             retries: Some(self.retries),
             strict_flaky: self.strict_flaky,
+            fail_fast: self.fail_fast,
+            flaky_retries: Some(self.flaky_retries),
         }
     }
 }

@@ -36,6 +36,20 @@ const SCHEMA_VERSION: i64 = 1 + MIGRATIONS.len() as i64;
 const MIGRATIONS: &[&str] = &[
     // 2: a test's retry state (failures so far, workers that lost it) survives a restart.
     "ALTER TABLE tests ADD COLUMN retry TEXT NOT NULL DEFAULT '';",
+    // 3: flakiness history per test: counted runs, confirmed failures, flaky results, flips
+    // between green and red, and when it last flaked.
+    "CREATE TABLE flakiness (
+        suite         TEXT NOT NULL,
+        test_id       TEXT NOT NULL,
+        runs          INTEGER NOT NULL,
+        failures      INTEGER NOT NULL,
+        flakes        INTEGER NOT NULL,
+        flips         INTEGER NOT NULL,
+        last_green    INTEGER NOT NULL,
+        last_flake_ms INTEGER NOT NULL,
+        last_run_ms   INTEGER NOT NULL,
+        PRIMARY KEY (suite, test_id)
+    ) WITHOUT ROWID;",
 ];
 
 const SCHEMA: &str = r#"
@@ -131,6 +145,20 @@ pub struct ResultRow {
     pub worker: String,
     pub detail: String,
     pub output: String,
+    /// When the result was counted.
+    pub at_ms: u64,
+}
+
+/// A test's flakiness in its suite, as `shardgate flaky` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FlakinessRow {
+    pub test_id: String,
+    pub runs: u32,
+    pub failures: u32,
+    pub flakes: u32,
+    pub flips: u32,
+    pub last_flake_ms: u64,
+    pub last_run_ms: u64,
 }
 
 /// A test as loaded on restart: its id and, when counted, its outcome.
@@ -387,6 +415,7 @@ impl Store {
                  WHERE run_id = ?1 AND idx = ?2 AND outcome IS NULL",
             )?;
             let mut hist = tx.prepare_cached(UPSERT_HISTORY)?;
+            let mut flaky = tx.prepare_cached(UPSERT_FLAKINESS)?;
             let run = run.to_string();
             for r in results {
                 let n = stmt.execute(params![
@@ -407,12 +436,65 @@ impl Store {
                         r.history.samples,
                         r.history.last_failed_ms as i64
                     ])?;
+                    let (green, red) = match r.outcome {
+                        Outcome::Passed | Outcome::Flaky => (true, false),
+                        Outcome::Failed | Outcome::TimedOut => (false, true),
+                        // Not a verdict on the test itself.
+                        Outcome::Skipped | Outcome::InfraError => (false, false),
+                    };
+                    if green || red {
+                        let flake = r.outcome == Outcome::Flaky;
+                        flaky.execute(params![
+                            suite,
+                            r.test_id,
+                            red,
+                            flake,
+                            green,
+                            if flake { r.at_ms as i64 } else { 0 },
+                            r.at_ms as i64
+                        ])?;
+                    }
                 }
                 written += n;
             }
         }
         tx.commit()?;
         Ok(written)
+    }
+
+    /// Tests of `suite` that flaked at or after `since_ms`.
+    pub fn flaky_tests(
+        &self,
+        suite: &str,
+        since_ms: u64,
+    ) -> Result<std::collections::HashSet<String>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT test_id FROM flakiness WHERE suite = ?1 AND flakes > 0 AND last_flake_ms >= ?2",
+        )?;
+        let rows = stmt.query_map(params![suite, since_ms as i64], |r| r.get::<_, String>(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// The flakiest tests of `suite` (by flaky results over counted runs, then flips), at most
+    /// `limit`, among those with at least one flake or flip.
+    pub fn flakiness(&self, suite: &str, limit: u32) -> Result<Vec<FlakinessRow>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT test_id, runs, failures, flakes, flips, last_flake_ms, last_run_ms
+             FROM flakiness WHERE suite = ?1 AND (flakes > 0 OR flips > 0)
+             ORDER BY CAST(flakes AS REAL) / runs DESC, flips DESC, test_id LIMIT ?2",
+        )?;
+        let rows = stmt.query_map(params![suite, limit], |r| {
+            Ok(FlakinessRow {
+                test_id: r.get(0)?,
+                runs: r.get(1)?,
+                failures: r.get(2)?,
+                flakes: r.get(3)?,
+                flips: r.get(4)?,
+                last_flake_ms: r.get::<_, i64>(5)? as u64,
+                last_run_ms: r.get::<_, i64>(6)? as u64,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     /// The duration and failure history of every test of `suite` seen so far.
@@ -706,6 +788,21 @@ impl Store {
     }
 }
 
+/// One counted result into the flakiness history: ?3 red, ?4 flaky, ?5 green (0/1), ?6 the
+/// time of the flake (0 if none), ?7 now. A flaky result is a flip of its own; a run whose
+/// colour differs from the last one is another.
+const UPSERT_FLAKINESS: &str = "INSERT INTO flakiness
+        (suite, test_id, runs, failures, flakes, flips, last_green, last_flake_ms, last_run_ms)
+     VALUES (?1, ?2, 1, ?3, ?4, ?4, ?5, ?6, ?7)
+     ON CONFLICT(suite, test_id) DO UPDATE SET
+         runs = runs + 1,
+         failures = failures + excluded.failures,
+         flakes = flakes + excluded.flakes,
+         flips = flips + excluded.flips + (last_green != excluded.last_green),
+         last_green = excluded.last_green,
+         last_flake_ms = max(last_flake_ms, excluded.last_flake_ms),
+         last_run_ms = excluded.last_run_ms";
+
 const UPSERT_HISTORY: &str = "INSERT INTO durations (suite, test_id, estimate_ms, samples, last_failed_ms)
      VALUES (?1, ?2, ?3, ?4, ?5)
      ON CONFLICT(suite, test_id) DO UPDATE SET estimate_ms = excluded.estimate_ms,
@@ -855,6 +952,7 @@ mod tests {
                 worker: "w".into(),
                 detail: "exit status 1".into(),
                 output: "boom".into(),
+                at_ms: 10,
             };
             assert_eq!(
                 s.record_results(run.id, "unit", std::slice::from_ref(&r), &[])
@@ -887,6 +985,60 @@ mod tests {
             "a result that was not counted does not touch the history"
         );
         assert!(s.history("other").unwrap().is_empty());
+        let f = s.flakiness("unit", 10).unwrap();
+        assert!(f.is_empty(), "one red run is neither a flake nor a flip: {f:?}");
+    }
+
+    #[test]
+    fn flakiness_counts_flakes_and_flips_per_suite() {
+        let mut s = Store::open(Path::new(":memory:")).unwrap();
+        let outcomes = [
+            Outcome::Passed,
+            Outcome::Flaky,
+            Outcome::Passed,
+            Outcome::Failed,
+            Outcome::InfraError,
+            Outcome::Passed,
+        ];
+        for (i, o) in outcomes.iter().enumerate() {
+            let run = run_row();
+            s.insert_run(&run, &["t".into(), "steady".into()]).unwrap();
+            let row = |idx: u32, id: &str, outcome: Outcome| ResultRow {
+                idx,
+                test_id: id.into(),
+                history: History::default(),
+                outcome,
+                duration_ms: 1,
+                attempts: 1,
+                worker: "w".into(),
+                detail: String::new(),
+                output: String::new(),
+                at_ms: 100 + i as u64,
+            };
+            let rows = [row(0, "t", *o), row(1, "steady", Outcome::Passed)];
+            assert_eq!(s.record_results(run.id, "unit", &rows, &[]).unwrap(), 2);
+        }
+        let f = s.flakiness("unit", 10).unwrap();
+        assert_eq!(
+            f,
+            vec![FlakinessRow {
+                test_id: "t".into(),
+                // The infrastructure error says nothing about the test.
+                runs: 5,
+                failures: 1,
+                flakes: 1,
+                // The flaky run itself, then passed -> failed, then failed -> passed.
+                flips: 3,
+                last_flake_ms: 101,
+                last_run_ms: 105,
+            }]
+        );
+        assert_eq!(
+            s.flaky_tests("unit", 101).unwrap(),
+            ["t".to_string()].into_iter().collect()
+        );
+        assert!(s.flaky_tests("unit", 102).unwrap().is_empty(), "too long ago");
+        assert!(s.flakiness("other", 10).unwrap().is_empty());
     }
 
     #[test]

@@ -726,3 +726,96 @@ fn a_test_that_always_fails_is_failed_after_its_retries_and_zero_retries_is_imme
     drain_attempts(&mut core, w, now, |_, _| Outcome::Failed);
     assert_eq!(core.get_run(once, true).unwrap().results[0].attempts, 1);
 }
+
+#[test]
+fn fail_fast_fails_the_run_at_the_first_confirmed_failure_and_stops_the_rest() {
+    let (mut core, now) = core();
+    let a = register(&mut core, "a", 1, &[], now);
+    let b = register(&mut core, "b", 1, &[], now);
+    let tests: Vec<String> = (0..20).map(|i| format!("t{i}")).collect();
+    let refs: Vec<&str> = tests.iter().map(String::as_str).collect();
+    let run = submit_with(
+        &mut core,
+        &refs,
+        pb::RunPolicy {
+            fail_fast: true,
+            retries: Some(0),
+            ..Default::default()
+        },
+        now,
+    );
+    let sa = core.acquire(a, now).unwrap().unwrap();
+    let sb = core.acquire(b, now).unwrap().unwrap();
+    let at: AttemptId = sa.attempt_id.parse().unwrap();
+    let first = sa.tests[0].clone();
+    let resp = core
+        .report(a, at, vec![result(&first, Outcome::Failed)], now)
+        .unwrap();
+    assert!(resp.stop, "the reporting worker is told to stop");
+    let summary = core.summary(run).unwrap();
+    assert_eq!(RunStatus::from_wire(summary.status), Some(RunStatus::Failed));
+    assert!(
+        summary.message.starts_with(&format!(
+            "fail-fast: '{first}' failed after 1 attempt(s); 19 test(s) left unrun"
+        )),
+        "{}",
+        summary.message
+    );
+    // The other worker learns at its next heartbeat that its attempt is over.
+    let hb = core.heartbeat(b, &[sb.attempt_id.clone()], now).unwrap();
+    assert_eq!(hb.cancel_attempt_ids, vec![sb.attempt_id.clone()]);
+    assert!(
+        core.acquire(b, now).unwrap().is_none(),
+        "nothing left to hand out"
+    );
+    core.check_invariants();
+
+    // Without fail-fast the same failure waits for the rest of the run.
+    let slow = submit_with(
+        &mut core,
+        &["x", "y"],
+        pb::RunPolicy {
+            retries: Some(0),
+            ..Default::default()
+        },
+        now,
+    );
+    let s = core.acquire(a, now).unwrap().unwrap();
+    let at: AttemptId = s.attempt_id.parse().unwrap();
+    core.report(a, at, vec![result(&s.tests[0], Outcome::Failed)], now)
+        .unwrap();
+    assert_eq!(status(&core, slow), RunStatus::Running);
+}
+
+#[test]
+fn a_test_with_a_flaky_history_gets_more_retries_and_a_steady_test_does_not() {
+    let (mut core, now) = core();
+    let w = register(&mut core, "w1", 1, &[], now);
+    // Run 1: `f` fails once, then passes: it is flaky, and now has a flaky history.
+    let first = submit(&mut core, &["f", "g"], now);
+    drain_attempts(&mut core, w, now, |t, n| {
+        if t == "f" && n == 1 {
+            Outcome::Failed
+        } else {
+            Outcome::Passed
+        }
+    });
+    assert_eq!(status(&core, first), RunStatus::Passed);
+    // Run 2: both fail four times in a row. `f` has its four extra retries and passes on the
+    // fifth attempt; `g`, which never flaked, is red after its default three attempts.
+    let second = submit(&mut core, &["f", "g"], now);
+    drain_attempts(&mut core, w, now, |_, n| {
+        if n <= 4 { Outcome::Failed } else { Outcome::Passed }
+    });
+    let results = core.get_run(second, true).unwrap().results;
+    let by_id = |id: &str| results.iter().find(|r| r.test_id == id).unwrap();
+    assert_eq!(
+        (Outcome::from_wire(by_id("f").outcome), by_id("f").attempts),
+        (Some(Outcome::Flaky), 5)
+    );
+    assert_eq!(
+        (Outcome::from_wire(by_id("g").outcome), by_id("g").attempts),
+        (Some(Outcome::Failed), 3)
+    );
+    assert_eq!(status(&core, second), RunStatus::Failed);
+}
