@@ -27,7 +27,12 @@ fn no_infrastructure_fault_loses_or_double_counts_a_result() {
         report.requeue_quantile(1.0),
         100.0 * report.extra_ms as f64 / report.work_ms.max(1) as f64
     );
-    assert!(report.is_clean(), "{}", report.problems.join("\n"));
+    assert!(
+        report.is_clean(),
+        "{}\n{}",
+        report.problems.join("\n"),
+        report.logs.join("\n")
+    );
     assert_eq!(report.runs, 6);
     // The campaign did inject faults of every kind (a checker that saw none proves nothing).
     for kind in [

@@ -77,6 +77,7 @@ pub fn run(a: ChaosArgs) -> anyhow::Result<()> {
                 "requeue_s": {"p50": q(0.5), "p95": q(0.95), "max": q(1.0), "n": all.requeue_times.len()},
                 "extra_work": extra,
                 "wall_s": all.wall.as_secs_f64(),
+                "skipped_faults": all.skipped_faults,
                 "problems": all.problems,
             })
         );
@@ -90,7 +91,11 @@ pub fn run(a: ChaosArgs) -> anyhow::Result<()> {
             a.heartbeat,
             all.wall.as_secs_f64()
         );
-        println!("faults injected: {}", all.faults_total());
+        println!(
+            "faults injected: {} ({} more found no live worker to hit)",
+            all.faults_total(),
+            all.skipped_faults
+        );
         for (k, v) in &all.faults {
             println!("  {k:<45} {v:>6}");
         }
@@ -129,7 +134,11 @@ pub fn run(a: ChaosArgs) -> anyhow::Result<()> {
         }
     }
     if !all.is_clean() {
-        anyhow::bail!("the history checker found problems");
+        if let Ok(path) = std::env::var("SHARDGATE_CHAOS_LOGS") {
+            std::fs::write(&path, all.logs.join("\n"))?;
+            eprintln!("logs written to {path}");
+        }
+        anyhow::bail!("the history checker found problems (set SHARDGATE_CHAOS_LOGS=FILE for the logs)");
     }
     Ok(())
 }

@@ -3,10 +3,12 @@
 //!
 //! - `sim`: scheduling strategies on the same synthetic workloads in simulated time.
 //! - `chaos`: faulted runs on real processes, checked by the history checker.
+//! - `flaky`: false reds per retry policy on a suite with flaky tests.
 
 use clap::{Parser, Subcommand};
 
 mod chaos;
+mod flaky;
 mod load;
 mod mem;
 mod real;
@@ -32,6 +34,8 @@ enum Command {
     Real(real::RealArgs),
     /// Faulted runs on real processes, checked for lost and double-counted results.
     Chaos(chaos::ChaosArgs),
+    /// False-red rate of retry policies on a suite with flaky tests, through the real core.
+    Flaky(flaky::FlakyArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -68,6 +72,7 @@ fn main() -> anyhow::Result<()> {
         Command::Load(a) => tokio::runtime::Runtime::new()?.block_on(load::run(a)),
         Command::Real(a) => real::run(a),
         Command::Chaos(a) => chaos::run(a),
+        Command::Flaky(a) => flaky::run(a),
     }
 }
 

@@ -85,6 +85,10 @@ pub struct ChaosReport {
     pub wall: Duration,
     /// One line per problem, naming the seed and run.
     pub problems: Vec<String>,
+    /// Faults that found nothing to hit (no live worker at that moment), so were not injected.
+    pub skipped_faults: u32,
+    /// The processes' logs of a campaign that found problems.
+    pub logs: Vec<String>,
 }
 
 impl ChaosReport {
@@ -104,6 +108,8 @@ impl ChaosReport {
         self.work_ms += o.work_ms;
         self.wall = self.wall.max(o.wall);
         self.problems.extend(o.problems);
+        self.skipped_faults += o.skipped_faults;
+        self.logs.extend(o.logs);
     }
 
     /// True when nothing was lost, double-counted, invented or judged differently.
@@ -189,7 +195,7 @@ pub fn campaign(cfg: &ChaosConfig) -> ChaosReport {
     }
     if !report.is_clean() {
         report
-            .problems
+            .logs
             .push(format!("logs of seed {}:\n{}", cfg.seed, cluster.logs()));
     }
     report
@@ -267,10 +273,11 @@ fn one_run(cluster: &mut Cluster, cfg: &ChaosConfig, k: usize, rng: &mut StdRng,
             break;
         }
         match inject(cluster, fault, rng, deadline) {
-            Ok(requeue) => {
+            Ok(Some(requeue)) => {
                 *report.faults.entry(fault.name()).or_default() += 1;
                 report.requeue_times.extend(requeue);
             }
+            Ok(None) => report.skipped_faults += 1,
             Err(e) => report.problems.push(format!("{tag}: {}: {e}", fault.name())),
         }
     }
@@ -356,16 +363,17 @@ fn workers(cluster: &Cluster) -> Vec<(String, String, String, u64)> {
         .unwrap_or_default()
 }
 
-/// Injects `fault`; returns how long the coordinator took to take back a lost worker's shards.
+/// Injects `fault`; returns how long the coordinator took to take back a busy worker's shards
+/// (`Some(None)` for a fault that costs no shard), or `None` when there was nothing to hit.
 fn inject(
     cluster: &mut Cluster,
     fault: Fault,
     rng: &mut StdRng,
     deadline: Instant,
-) -> Result<Option<Duration>, String> {
+) -> Result<Option<Option<Duration>>, String> {
     if fault == Fault::RestartCoordinator {
         cluster.restart_coordinator();
-        return Ok(None);
+        return Ok(Some(None));
     }
     // A busy, live worker whose process runs, so that the fault costs something.
     let by_name: HashMap<String, usize> = (0..cluster.worker_count())
@@ -383,7 +391,8 @@ fn inject(
     } else {
         Some(busy[rng.random_range(0..busy.len())].clone())
     }) else {
-        return Err("no live worker to fault".into());
+        // Every worker is down, cut off or not yet back after a coordinator restart.
+        return Ok(None);
     };
     let was_busy = !busy.is_empty();
     let t0 = Instant::now();
@@ -414,7 +423,7 @@ fn inject(
         cluster.link(i).heal();
     }
     match requeued {
-        Some(d) => Ok(was_busy.then_some(d)),
+        Some(d) => Ok(Some(was_busy.then_some(d))),
         None => Err(format!("worker {id}'s shards were never taken back")),
     }
 }

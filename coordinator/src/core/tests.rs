@@ -762,7 +762,9 @@ fn fail_fast_fails_the_run_at_the_first_confirmed_failure_and_stops_the_rest() {
         summary.message
     );
     // The other worker learns at its next heartbeat that its attempt is over.
-    let hb = core.heartbeat(b, std::slice::from_ref(&sb.attempt_id), now).unwrap();
+    let hb = core
+        .heartbeat(b, std::slice::from_ref(&sb.attempt_id), now)
+        .unwrap();
     assert_eq!(hb.cancel_attempt_ids, vec![sb.attempt_id.clone()]);
     assert!(
         core.acquire(b, now).unwrap().is_none(),
