@@ -43,10 +43,10 @@ pub struct CoordinatorTuning {
     pub max_infra_attempts: u32,
     /// Runs again of a failed test before it counts as failed, when a run does not say.
     #[arg(long, env = "SHARDGATE_DEFAULT_RETRIES", default_value_t = 2)]
-    pub retries: u32,
+    pub default_retries: u32,
     /// The same for a test that flaked in its suite in the last 30 days.
     #[arg(long, env = "SHARDGATE_DEFAULT_FLAKY_RETRIES", default_value_t = 4)]
-    pub flaky_retries: u32,
+    pub default_flaky_retries: u32,
 }
 
 /// `shardgate-worker`: runs shards for a coordinator.

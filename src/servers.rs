@@ -33,8 +33,8 @@ pub fn core_config(t: &CoordinatorTuning) -> anyhow::Result<CoreConfig> {
         heartbeat_interval: t.heartbeat,
         max_infra_attempts: t.max_infra_attempts,
         max_output_bytes: MAX_OUTPUT_BYTES,
-        retries: t.retries.min(10),
-        flaky_retries: t.flaky_retries.min(10),
+        retries: t.default_retries.min(10),
+        flaky_retries: t.default_flaky_retries.min(10),
         ..CoreConfig::default()
     })
 }

@@ -16,7 +16,9 @@ use tracing::{info, warn};
 
 use crate::model::{CoreConfig, Now, Policy};
 use crate::scheduler::{self, History, Plan, PlanOptions, RunQueue, ShardContext};
-use crate::store::{ResultRow, RetryState, RunRow, Store, StoreError, WorkerRow};
+use crate::store::{
+    FlakinessRow, QuarantineRow, ResultRow, RetryState, RunRow, Store, StoreError, WorkerRow,
+};
 
 impl From<StoreError> for Error {
     fn from(e: StoreError) -> Self {
@@ -42,6 +44,9 @@ struct TestSlot {
     retry: RetryState,
     /// How many failed runs of this test are retried rather than counted.
     retries: u32,
+    /// Quarantined in the suite when the run was submitted: runs, is reported, cannot fail
+    /// the gate.
+    quarantined: bool,
 }
 
 impl TestSlot {
@@ -55,6 +60,7 @@ impl TestSlot {
             hist: hist.copied().unwrap_or_default(),
             retry: RetryState::default(),
             retries: 0,
+            quarantined: false,
         }
     }
 
@@ -111,6 +117,8 @@ struct RunState {
     discover_handouts: u32,
     /// Counted results per outcome, indexed by `Outcome::to_wire`.
     done: [u32; 7],
+    /// The same, for quarantined tests only (they do not count toward the gate).
+    done_quarantined: [u32; 7],
     running: u32,
     live_attempts: u32,
     /// Workers whose runner failed for this run (setup, unreadable results): they get its
@@ -121,6 +129,23 @@ struct RunState {
 impl RunState {
     fn done_total(&self) -> u32 {
         self.done.iter().sum()
+    }
+
+    /// Counts test `idx` as done with `outcome`.
+    fn count(&mut self, idx: u32, outcome: Outcome) {
+        let t = &mut self.tests[idx as usize];
+        t.done = true;
+        t.leased = None;
+        self.done[outcome.to_wire() as usize] += 1;
+        if t.quarantined {
+            self.done_quarantined[outcome.to_wire() as usize] += 1;
+        }
+    }
+
+    /// Whether counted results of `outcome` fail the gate, quarantined tests aside.
+    fn reds(&self, outcome: Outcome) -> u32 {
+        let i = outcome.to_wire() as usize;
+        self.done[i] - self.done_quarantined[i]
     }
 
     /// Puts an open test back: alone or in the queue.
@@ -293,15 +318,21 @@ impl Core {
             };
             let stored = core.store.tests(row.id)?;
             let outcomes: Vec<Option<Outcome>> = stored.iter().map(|t| t.outcome).collect();
+            let quarantined: Vec<bool> = stored.iter().map(|t| t.quarantined).collect();
             let (ids, retries): (Vec<String>, Vec<RetryState>) =
                 stored.into_iter().map(|t| (t.test_id, t.retry)).unzip();
             let (mut tests, plans) = core.plan(&row.suite, ids, row.policy, now)?;
             let mut done = [0; 7];
-            for ((t, o), retry) in tests.iter_mut().zip(&outcomes).zip(retries) {
+            let mut done_quarantined = [0; 7];
+            for (((t, o), retry), q) in tests.iter_mut().zip(&outcomes).zip(retries).zip(quarantined) {
                 t.retry = retry;
+                t.quarantined = q;
                 if let Some(o) = o {
                     t.done = true;
                     done[o.to_wire() as usize] += 1;
+                    if q {
+                        done_quarantined[o.to_wire() as usize] += 1;
+                    }
                 }
             }
             let mut restored = Vec::new();
@@ -348,6 +379,7 @@ impl Core {
                 fleet_slots: None,
                 discover_handouts: 0,
                 done,
+                done_quarantined,
                 running: 0,
                 live_attempts: 0,
                 excluded: HashSet::new(),
@@ -510,7 +542,11 @@ impl Core {
             shards: 0,
         };
         self.store.insert_run(&row, &req.tests)?;
-        let (tests, plans) = self.plan(&row.suite, req.tests, row.policy, now)?;
+        let quarantined = self.store.mark_quarantined(row.id, &row.suite)?;
+        let (mut tests, plans) = self.plan(&row.suite, req.tests, row.policy, now)?;
+        for i in quarantined {
+            tests[i as usize].quarantined = true;
+        }
         let state = RunState {
             discover_pending: row.discover,
             kind,
@@ -521,6 +557,7 @@ impl Core {
             fleet_slots: None,
             discover_handouts: 0,
             done: [0; 7],
+            done_quarantined: [0; 7],
             running: 0,
             live_attempts: 0,
             excluded: HashSet::new(),
@@ -969,6 +1006,121 @@ impl Core {
         })
     }
 
+    /// Quarantines `test` automatically when its flake rate has passed the threshold.
+    fn auto_quarantine(&mut self, suite: &str, test: &str, now: Now) -> Result<(), Error> {
+        let Some(f) = self.store.flakiness_of(suite, test)? else {
+            return Ok(());
+        };
+        if !self.proposes_quarantine(&f) {
+            return Ok(());
+        }
+        let reason = format!(
+            "flaked in {} of {} runs ({:.1} %), past the {:.1} % threshold",
+            f.flakes,
+            f.runs,
+            100.0 * flake_rate(&f),
+            100.0 * self.cfg.quarantine_threshold
+        );
+        info!(suite, test, %reason, "quarantined automatically");
+        self.store.add_quarantine(&QuarantineRow {
+            suite: suite.to_owned(),
+            test_id: test.to_owned(),
+            reason,
+            added_by: "shardgate".into(),
+            added_ms: now.ms,
+            automatic: true,
+        })?;
+        Ok(())
+    }
+
+    fn proposes_quarantine(&self, f: &FlakinessRow) -> bool {
+        f.runs >= self.cfg.quarantine_min_runs && flake_rate(f) >= self.cfg.quarantine_threshold
+    }
+
+    /// The flakiest tests of `suite`.
+    pub fn list_flaky(&self, suite: &str, limit: u32) -> Result<Vec<pb::FlakyTest>, Error> {
+        if suite.is_empty() {
+            return Err(Error::invalid("suite", "name the suite"));
+        }
+        let limit = if limit == 0 { 50 } else { limit.min(10_000) };
+        let quarantined: HashSet<String> = self
+            .store
+            .quarantine(Some(suite))?
+            .into_iter()
+            .map(|q| q.test_id)
+            .collect();
+        Ok(self
+            .store
+            .flakiness(suite, limit)?
+            .into_iter()
+            .map(|f| pb::FlakyTest {
+                suite: suite.to_owned(),
+                flake_rate: flake_rate(&f),
+                quarantined: quarantined.contains(&f.test_id),
+                propose_quarantine: self.proposes_quarantine(&f) && !quarantined.contains(&f.test_id),
+                test_id: f.test_id,
+                runs: f.runs,
+                failures: f.failures,
+                flakes: f.flakes,
+                flips: f.flips,
+                last_flake_at_ms: f.last_flake_ms,
+                last_run_at_ms: f.last_run_ms,
+            })
+            .collect())
+    }
+
+    pub fn add_quarantine(
+        &mut self,
+        req: pb::AddQuarantineRequest,
+        now: Now,
+    ) -> Result<pb::QuarantineEntry, Error> {
+        for (field, value) in [
+            ("suite", &req.suite),
+            ("test_id", &req.test_id),
+            ("reason", &req.reason),
+            ("added_by", &req.added_by),
+        ] {
+            if value.trim().is_empty() {
+                return Err(Error::invalid(field, format!("{field} must not be empty")));
+            }
+            if value.len() > 4096 {
+                return Err(Error::invalid(
+                    field,
+                    format!("{field} is longer than 4096 bytes"),
+                ));
+            }
+        }
+        let row = QuarantineRow {
+            suite: req.suite,
+            test_id: req.test_id,
+            reason: req.reason,
+            added_by: req.added_by,
+            added_ms: now.ms,
+            automatic: false,
+        };
+        self.store.add_quarantine(&row)?;
+        info!(suite = %row.suite, test = %row.test_id, by = %row.added_by, "quarantined");
+        Ok(quarantine_entry(row))
+    }
+
+    pub fn remove_quarantine(&mut self, suite: &str, test: &str) -> Result<bool, Error> {
+        let removed = self.store.remove_quarantine(suite, test)?;
+        if removed {
+            info!(suite, test, "quarantine lifted");
+        }
+        Ok(removed)
+    }
+
+    pub fn list_quarantine(&self, suite: &str) -> Result<Vec<pb::QuarantineEntry>, Error> {
+        let suite = (!suite.is_empty()).then_some(suite);
+        Ok(self
+            .store
+            .quarantine(suite)?
+            .into_iter()
+            .map(quarantine_entry)
+            .collect())
+    }
+
     /// The measured cost of one hand-out for `runner`, in milliseconds.
     fn overhead(&self, runner: &str) -> f64 {
         self.overhead_ms
@@ -1125,6 +1277,17 @@ impl Core {
         }
         let refs: Vec<(u32, &RetryState)> = states.iter().map(|(i, st)| (*i, st)).collect();
         let written = self.store.record_results(run_id, &run.row.suite, &rows, &refs)?;
+        if self.cfg.auto_quarantine {
+            let suite = run.row.suite.clone();
+            let flaky: Vec<String> = rows
+                .iter()
+                .filter(|r| r.outcome == Outcome::Flaky && !run.tests[r.idx as usize].quarantined)
+                .map(|r| r.test_id.clone())
+                .collect();
+            for test in flaky {
+                self.auto_quarantine(&suite, &test, now)?;
+            }
+        }
         debug_assert_eq!(
             written,
             rows.len(),
@@ -1156,12 +1319,11 @@ impl Core {
         }
         for r in &rows {
             let t = &mut run.tests[r.idx as usize];
-            t.done = true;
-            t.leased = None;
             t.hist = r.history;
             run.running -= 1;
             run.running_ms -= t.plan.estimate_ms;
-            run.done[r.outcome.to_wire() as usize] += 1;
+            run.count(r.idx, r.outcome);
+            let t = &run.tests[r.idx as usize];
             let result = pb::TestResult {
                 test_id: t.id.clone(),
                 outcome: r.outcome.to_wire(),
@@ -1170,6 +1332,7 @@ impl Core {
                 worker: r.worker.clone(),
                 output: String::new(),
                 detail: r.detail.clone(),
+                quarantined: t.quarantined,
             };
             self.effects
                 .events
@@ -1180,9 +1343,9 @@ impl Core {
                 }));
         }
         let accepted = rows.len() as u32;
-        let confirmed = rows
-            .iter()
-            .find(|r| matches!(r.outcome, Outcome::Failed | Outcome::TimedOut));
+        let confirmed = rows.iter().find(|r| {
+            matches!(r.outcome, Outcome::Failed | Outcome::TimedOut) && !run.tests[r.idx as usize].quarantined
+        });
         if let (true, Some(r)) = (run.row.policy.fail_fast, confirmed)
             && run.done_total() as usize != run.tests.len()
         {
@@ -1250,7 +1413,11 @@ impl Core {
             let r = &self.runs[&run_id];
             (r.row.suite.clone(), r.row.policy)
         };
-        let (slots, plans) = self.plan(&suite, tests, policy, now)?;
+        let quarantined = self.store.mark_quarantined(run_id, &suite)?;
+        let (mut slots, plans) = self.plan(&suite, tests, policy, now)?;
+        for i in quarantined {
+            slots[i as usize].quarantined = true;
+        }
         let run = self.runs.get_mut(&run_id).expect("checked above");
         run.tests = slots;
         run.queue = RunQueue::new(&plans);
@@ -1462,8 +1629,7 @@ impl Core {
             t.leased = None;
             run.running_ms -= t.plan.estimate_ms;
             if give_up.iter().any(|r| r.idx == i) {
-                t.done = true;
-                run.done[Outcome::InfraError.to_wire() as usize] += 1;
+                run.count(i, Outcome::InfraError);
                 continue;
             }
             if let Some((_, st)) = states.next_if(|(j, _)| *j == i) {
@@ -1493,7 +1659,7 @@ impl Core {
         let green = Outcome::ALL
             .iter()
             .filter(|o| !o.is_green() || (strict && **o == Outcome::Flaky))
-            .all(|o| r.done[o.to_wire() as usize] == 0);
+            .all(|o| r.reds(*o) == 0);
         let (status, message) = if green {
             (RunStatus::Passed, String::new())
         } else {
@@ -1616,6 +1782,21 @@ impl Core {
                 run.tests.len()
             );
         }
+    }
+}
+
+fn flake_rate(f: &FlakinessRow) -> f64 {
+    f.flakes as f64 / f.runs.max(1) as f64
+}
+
+fn quarantine_entry(q: QuarantineRow) -> pb::QuarantineEntry {
+    pb::QuarantineEntry {
+        suite: q.suite,
+        test_id: q.test_id,
+        reason: q.reason,
+        added_by: q.added_by,
+        added_at_ms: q.added_ms,
+        automatic: q.automatic,
     }
 }
 

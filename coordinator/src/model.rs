@@ -24,6 +24,11 @@ pub struct CoreConfig {
     pub retries: u32,
     /// Runs again of a failed test with a flaky history when the run does not say.
     pub flaky_retries: u32,
+    /// A test whose flake rate reaches this (over at least `quarantine_min_runs` counted runs)
+    /// is proposed for quarantine, or quarantined when `auto_quarantine` is set.
+    pub quarantine_threshold: f64,
+    pub quarantine_min_runs: u32,
+    pub auto_quarantine: bool,
 }
 
 impl Default for CoreConfig {
@@ -37,6 +42,9 @@ impl Default for CoreConfig {
             initial_overhead: Duration::from_millis(500),
             retries: 2,
             flaky_retries: 4,
+            quarantine_threshold: 0.05,
+            quarantine_min_runs: 10,
+            auto_quarantine: false,
         }
     }
 }

@@ -74,6 +74,9 @@ pub async fn run(
     health_reporter
         .set_serving::<pb::dashboard_service_server::DashboardServiceServer<Services>>()
         .await;
+    health_reporter
+        .set_serving::<pb::gate_service_server::GateServiceServer<Services>>()
+        .await;
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -121,8 +124,9 @@ pub async fn run(
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),
         )
         .add_service(pb::dashboard_service_server::DashboardServiceServer::new(
-            services,
+            services.clone(),
         ))
+        .add_service(pb::gate_service_server::GateServiceServer::new(services))
         .serve_with_incoming_shutdown(incoming(grpc), stopped(stop_rx))
         .await?;
     if let Some(t) = http_task {

@@ -6,6 +6,7 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use shardgate_common::pb::dashboard_service_server::DashboardService;
+use shardgate_common::pb::gate_service_server::GateService;
 use shardgate_common::pb::run_service_server::RunService;
 use shardgate_common::pb::worker_service_server::WorkerService;
 use shardgate_common::{AttemptId, Error, RunId, RunStatus, WorkerId, pb};
@@ -326,5 +327,56 @@ impl DashboardService for Services {
         Ok(Response::new(
             self.handle.call(move |core, _| core.progress(run)).await?,
         ))
+    }
+}
+
+#[tonic::async_trait]
+impl GateService for Services {
+    async fn list_flaky(
+        &self,
+        req: Request<pb::ListFlakyRequest>,
+    ) -> Result<Response<pb::ListFlakyResponse>, Status> {
+        let req = req.into_inner();
+        let tests = self
+            .handle
+            .call(move |core, _| core.list_flaky(&req.suite, req.limit))
+            .await?;
+        Ok(Response::new(pb::ListFlakyResponse { tests }))
+    }
+
+    async fn add_quarantine(
+        &self,
+        req: Request<pb::AddQuarantineRequest>,
+    ) -> Result<Response<pb::QuarantineEntry>, Status> {
+        let req = req.into_inner();
+        Ok(Response::new(
+            self.handle
+                .call(move |core, now| core.add_quarantine(req, now))
+                .await?,
+        ))
+    }
+
+    async fn remove_quarantine(
+        &self,
+        req: Request<pb::RemoveQuarantineRequest>,
+    ) -> Result<Response<pb::RemoveQuarantineResponse>, Status> {
+        let req = req.into_inner();
+        let removed = self
+            .handle
+            .call(move |core, _| core.remove_quarantine(&req.suite, &req.test_id))
+            .await?;
+        Ok(Response::new(pb::RemoveQuarantineResponse { removed }))
+    }
+
+    async fn list_quarantine(
+        &self,
+        req: Request<pb::ListQuarantineRequest>,
+    ) -> Result<Response<pb::ListQuarantineResponse>, Status> {
+        let suite = req.into_inner().suite;
+        let entries = self
+            .handle
+            .call(move |core, _| core.list_quarantine(&suite))
+            .await?;
+        Ok(Response::new(pb::ListQuarantineResponse { entries }))
     }
 }

@@ -50,6 +50,17 @@ const MIGRATIONS: &[&str] = &[
         last_run_ms   INTEGER NOT NULL,
         PRIMARY KEY (suite, test_id)
     ) WITHOUT ROWID;",
+    // 4: quarantine per suite, and which tests of a run were quarantined when it was submitted.
+    "CREATE TABLE quarantine (
+        suite     TEXT NOT NULL,
+        test_id   TEXT NOT NULL,
+        reason    TEXT NOT NULL,
+        added_by  TEXT NOT NULL,
+        added_ms  INTEGER NOT NULL,
+        automatic INTEGER NOT NULL,
+        PRIMARY KEY (suite, test_id)
+    ) WITHOUT ROWID;
+    ALTER TABLE tests ADD COLUMN quarantined INTEGER NOT NULL DEFAULT 0;",
 ];
 
 const SCHEMA: &str = r#"
@@ -167,6 +178,18 @@ pub struct StoredTest {
     pub test_id: String,
     pub outcome: Option<Outcome>,
     pub retry: RetryState,
+    pub quarantined: bool,
+}
+
+/// A quarantined test of a suite.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuarantineRow {
+    pub suite: String,
+    pub test_id: String,
+    pub reason: String,
+    pub added_by: String,
+    pub added_ms: u64,
+    pub automatic: bool,
 }
 
 /// What an open test went through in its run so far, kept so that a restarted coordinator
@@ -462,6 +485,88 @@ impl Store {
         Ok(written)
     }
 
+    /// Quarantines a test of a suite (again: the newest reason wins).
+    pub fn add_quarantine(&mut self, q: &QuarantineRow) -> Result<(), StoreError> {
+        self.conn.execute(
+            "INSERT INTO quarantine (suite, test_id, reason, added_by, added_ms, automatic)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+             ON CONFLICT(suite, test_id) DO UPDATE SET reason = excluded.reason,
+                 added_by = excluded.added_by, added_ms = excluded.added_ms,
+                 automatic = excluded.automatic",
+            params![
+                q.suite,
+                q.test_id,
+                q.reason,
+                q.added_by,
+                q.added_ms as i64,
+                q.automatic
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Lifts a quarantine; false when the test was not quarantined.
+    pub fn remove_quarantine(&mut self, suite: &str, test_id: &str) -> Result<bool, StoreError> {
+        let n = self.conn.execute(
+            "DELETE FROM quarantine WHERE suite = ?1 AND test_id = ?2",
+            params![suite, test_id],
+        )?;
+        Ok(n == 1)
+    }
+
+    /// The quarantined tests of `suite`, or of every suite.
+    pub fn quarantine(&self, suite: Option<&str>) -> Result<Vec<QuarantineRow>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT suite, test_id, reason, added_by, added_ms, automatic FROM quarantine
+             WHERE ?1 IS NULL OR suite = ?1 ORDER BY suite, test_id",
+        )?;
+        let rows = stmt.query_map(params![suite], |r| {
+            Ok(QuarantineRow {
+                suite: r.get(0)?,
+                test_id: r.get(1)?,
+                reason: r.get(2)?,
+                added_by: r.get(3)?,
+                added_ms: r.get::<_, i64>(4)? as u64,
+                automatic: r.get(5)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Marks the tests of `run` that are quarantined in `suite` now; returns their indexes.
+    pub fn mark_quarantined(&mut self, run: RunId, suite: &str) -> Result<Vec<u32>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "UPDATE tests SET quarantined = 1 WHERE run_id = ?1
+               AND test_id IN (SELECT test_id FROM quarantine WHERE suite = ?2)
+             RETURNING idx",
+        )?;
+        let rows = stmt.query_map(params![run.to_string(), suite], |r| r.get::<_, u32>(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// The flakiness of one test.
+    pub fn flakiness_of(&self, suite: &str, test_id: &str) -> Result<Option<FlakinessRow>, StoreError> {
+        self.conn
+            .query_row(
+                "SELECT test_id, runs, failures, flakes, flips, last_flake_ms, last_run_ms
+                 FROM flakiness WHERE suite = ?1 AND test_id = ?2",
+                params![suite, test_id],
+                |r| {
+                    Ok(FlakinessRow {
+                        test_id: r.get(0)?,
+                        runs: r.get(1)?,
+                        failures: r.get(2)?,
+                        flakes: r.get(3)?,
+                        flips: r.get(4)?,
+                        last_flake_ms: r.get::<_, i64>(5)? as u64,
+                        last_run_ms: r.get::<_, i64>(6)? as u64,
+                    })
+                },
+            )
+            .optional()
+            .map_err(Into::into)
+    }
+
     /// Tests of `suite` that flaked at or after `since_ms`.
     pub fn flaky_tests(
         &self,
@@ -685,19 +790,20 @@ impl Store {
 
     /// A run's tests in submission order, with the outcome of those already counted.
     pub fn tests(&self, run: RunId) -> Result<Vec<StoredTest>, StoreError> {
-        let mut stmt = self
-            .conn
-            .prepare_cached("SELECT test_id, outcome, retry FROM tests WHERE run_id = ?1 ORDER BY idx")?;
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT test_id, outcome, retry, quarantined FROM tests WHERE run_id = ?1 ORDER BY idx",
+        )?;
         let rows = stmt.query_map([run.to_string()], |r| {
             Ok((
                 r.get::<_, String>(0)?,
                 r.get::<_, Option<String>>(1)?,
                 r.get::<_, String>(2)?,
+                r.get::<_, bool>(3)?,
             ))
         })?;
         let mut out = Vec::new();
         for row in rows {
-            let (test_id, outcome, retry) = row?;
+            let (test_id, outcome, retry, quarantined) = row?;
             let retry = if retry.is_empty() {
                 RetryState::default()
             } else {
@@ -715,6 +821,7 @@ impl Store {
                 test_id,
                 outcome,
                 retry,
+                quarantined,
             });
         }
         Ok(out)
@@ -747,7 +854,7 @@ impl Store {
     /// Every test of a run with its result, in submission order.
     pub fn results(&self, run: RunId) -> Result<Vec<pb::TestResult>, StoreError> {
         let mut stmt = self.conn.prepare_cached(
-            "SELECT test_id, outcome, duration_ms, attempts, worker, detail, output
+            "SELECT test_id, outcome, duration_ms, attempts, worker, detail, output, quarantined
              FROM tests WHERE run_id = ?1 ORDER BY idx",
         )?;
         let rows = stmt.query_map([run.to_string()], |r| {
@@ -759,11 +866,12 @@ impl Store {
                 r.get::<_, String>(4)?,
                 r.get::<_, String>(5)?,
                 r.get::<_, String>(6)?,
+                r.get::<_, bool>(7)?,
             ))
         })?;
         let mut out = Vec::new();
         for row in rows {
-            let (test_id, outcome, duration_ms, attempts, worker, detail, output) = row?;
+            let (test_id, outcome, duration_ms, attempts, worker, detail, output, quarantined) = row?;
             let outcome = match outcome {
                 Some(o) => o
                     .parse::<Outcome>()
@@ -782,6 +890,7 @@ impl Store {
                 worker,
                 output,
                 detail,
+                quarantined,
             });
         }
         Ok(out)

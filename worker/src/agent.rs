@@ -413,6 +413,7 @@ async fn report_loop(
                     worker: shared.cfg.name.clone(),
                     output: run.output,
                     detail: run.detail,
+                    quarantined: false,
                 })
                 .collect(),
         };
