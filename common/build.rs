@@ -15,7 +15,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         out_dir.join("shardgate_descriptor.bin"),
         prost::Message::encode_to_vec(&fds),
     )?;
+    // The gate's plain records are also JSON (`--json`, the HTTP API), with the wire's names.
     tonic_prost_build::configure()
+        .type_attribute("shardgate.v1.FlakyTest", "#[derive(serde::Serialize)]")
+        .type_attribute("shardgate.v1.QuarantineEntry", "#[derive(serde::Serialize)]")
         .build_client(true)
         .build_server(true)
         .compile_fds(fds)?;

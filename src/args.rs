@@ -122,6 +122,70 @@ pub enum Command {
     Runs(ListArgs),
     /// List the workers.
     Workers(ListArgs),
+    /// List the flakiest tests of a suite, with their flake rates.
+    Flaky(FlakyArgs),
+    /// Quarantine tests: they still run and are reported, but cannot fail the gate.
+    #[command(subcommand)]
+    Quarantine(QuarantineCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct FlakyArgs {
+    #[command(flatten)]
+    pub conn: Connection,
+    #[arg(long, env = "SHARDGATE_SUITE", default_value = "default")]
+    pub suite: String,
+    /// Show at most this many tests.
+    #[arg(long, default_value_t = 50)]
+    pub limit: u32,
+    #[command(flatten)]
+    pub output: Output,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum QuarantineCommand {
+    /// Quarantine a test of a suite.
+    Add(QuarantineAdd),
+    /// Lift a test's quarantine.
+    Remove(QuarantineRef),
+    /// List quarantined tests.
+    List(QuarantineList),
+}
+
+#[derive(Debug, Args)]
+pub struct QuarantineAdd {
+    #[command(flatten)]
+    pub conn: Connection,
+    #[arg(long, env = "SHARDGATE_SUITE", default_value = "default")]
+    pub suite: String,
+    /// The test's id, as the run's runner names it.
+    pub test_id: String,
+    /// Why (shown wherever the quarantine is).
+    #[arg(long)]
+    pub reason: String,
+    /// Who quarantines it (default: $USER).
+    #[arg(long, env = "SHARDGATE_REQUESTED_BY")]
+    pub by: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct QuarantineRef {
+    #[command(flatten)]
+    pub conn: Connection,
+    #[arg(long, env = "SHARDGATE_SUITE", default_value = "default")]
+    pub suite: String,
+    pub test_id: String,
+}
+
+#[derive(Debug, Args)]
+pub struct QuarantineList {
+    #[command(flatten)]
+    pub conn: Connection,
+    /// Only this suite (default: every suite).
+    #[arg(long)]
+    pub suite: Option<String>,
+    #[command(flatten)]
+    pub output: Output,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -136,6 +200,18 @@ pub struct Output {
     /// Print one JSON document instead of text.
     #[arg(long, env = "SHARDGATE_JSON")]
     pub json: bool,
+}
+
+/// How a run's report is given: text or JSON on stdout, and optionally JUnit XML in a file.
+#[derive(Debug, Clone, Args)]
+pub struct RunOutput {
+    /// Print one JSON document instead of text.
+    #[arg(long, env = "SHARDGATE_JSON")]
+    pub json: bool,
+    /// Also write the run as JUnit XML (Surefire's dialect: flaky runs as `flakyFailure`,
+    /// retries of a failed test as `rerunFailure`) to this file.
+    #[arg(long, env = "SHARDGATE_JUNIT", value_name = "FILE")]
+    pub junit: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -208,7 +284,7 @@ pub struct RunArgs {
     #[command(flatten)]
     pub submit: SubmitOptions,
     #[command(flatten)]
-    pub output: Output,
+    pub output: RunOutput,
 }
 
 #[derive(Debug, Args)]
@@ -232,7 +308,7 @@ pub struct LocalArgs {
     #[command(flatten)]
     pub tuning: CoordinatorTuning,
     #[command(flatten)]
-    pub output: Output,
+    pub output: RunOutput,
 }
 
 #[derive(Debug, Args)]
@@ -242,7 +318,7 @@ pub struct RunRef {
     /// The run's id.
     pub run_id: String,
     #[command(flatten)]
-    pub output: Output,
+    pub output: RunOutput,
 }
 
 #[derive(Debug, Args)]

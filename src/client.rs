@@ -12,9 +12,11 @@ use shardgate_common::{RunStatus, labels, pb};
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
-use crate::args::{CancelArgs, Cli, Command, ListArgs, RunArgs, RunRef, SubmitOptions, TestSource};
+use crate::args::{
+    CancelArgs, Cli, Command, ListArgs, RunArgs, RunOutput, RunRef, SubmitOptions, TestSource,
+};
 use crate::display::{Progress, print_report};
-use crate::{exit, local, util};
+use crate::{exit, gate, local, util};
 
 pub async fn main(cli: Cli) -> anyhow::Result<u8> {
     match cli.command {
@@ -25,6 +27,8 @@ pub async fn main(cli: Cli) -> anyhow::Result<u8> {
         Command::Cancel(c) => cancel(c).await,
         Command::Runs(l) => runs(l).await,
         Command::Workers(l) => workers(l).await,
+        Command::Flaky(a) => gate::flaky(a).await,
+        Command::Quarantine(q) => gate::quarantine(q).await,
     }
 }
 
@@ -48,7 +52,7 @@ fn run_client(ch: Channel) -> RunServiceClient<Channel> {
 }
 
 /// Turns a refusal into an error that says what the coordinator said.
-fn refused(what: &str, s: Status) -> anyhow::Error {
+pub(crate) fn refused(what: &str, s: Status) -> anyhow::Error {
     match s.code() {
         Code::Unavailable => anyhow::anyhow!("{what}: the coordinator is unreachable: {}", s.message()),
         _ => anyhow::anyhow!("{what}: {}", s.message()),
@@ -100,7 +104,7 @@ pub fn submit_request(
 async fn run(a: RunArgs) -> anyhow::Result<u8> {
     let req = submit_request(&a.runner, &a.source, &a.submit)?;
     let ch = connect(&a.conn.coordinator).await?;
-    submit_and_follow(ch, req, a.submit.reconnect_for, a.output.json).await
+    submit_and_follow(ch, req, a.submit.reconnect_for, &a.output).await
 }
 
 /// Submits, follows to the verdict, prints the report and returns the exit code.
@@ -108,7 +112,7 @@ pub async fn submit_and_follow(
     ch: Channel,
     req: pb::SubmitRunRequest,
     reconnect_for: Duration,
-    json: bool,
+    out: &RunOutput,
 ) -> anyhow::Result<u8> {
     let mut client = run_client(ch);
     let resp = client
@@ -120,7 +124,7 @@ pub async fn submit_and_follow(
     progress.note(&format!("submitted run {}", resp.run_id));
     follow(&mut client, &resp.run_id, reconnect_for, &mut progress).await?;
     progress.finish();
-    report(&mut client, &resp.run_id, json).await
+    report(&mut client, &resp.run_id, out).await
 }
 
 /// Follows a run's events until it ends, reconnecting through outages.
@@ -175,7 +179,7 @@ pub async fn follow(
 }
 
 /// Fetches the run with its results, prints it, and maps the verdict to an exit code.
-async fn report(client: &mut RunServiceClient<Channel>, run_id: &str, json: bool) -> anyhow::Result<u8> {
+async fn report(client: &mut RunServiceClient<Channel>, run_id: &str, out: &RunOutput) -> anyhow::Result<u8> {
     let resp = client
         .get_run(pb::GetRunRequest {
             run_id: run_id.to_owned(),
@@ -186,7 +190,11 @@ async fn report(client: &mut RunServiceClient<Channel>, run_id: &str, json: bool
         .into_inner();
     let run = resp.run.context("the coordinator sent a run without a summary")?;
     let report = RunReport::new(&run, &resp.results);
-    print_report(&report, json)?;
+    if let Some(path) = &out.junit {
+        std::fs::write(path, shardgate_common::junit::to_junit(&report))
+            .with_context(|| format!("failed to write JUnit XML to {}", path.display()))?;
+    }
+    print_report(&report, out.json)?;
     Ok(exit_code(report.status))
 }
 
@@ -203,12 +211,12 @@ async fn watch(r: RunRef) -> anyhow::Result<u8> {
     let mut progress = Progress::new();
     follow(&mut client, &r.run_id, Duration::from_secs(600), &mut progress).await?;
     progress.finish();
-    report(&mut client, &r.run_id, r.output.json).await
+    report(&mut client, &r.run_id, &r.output).await
 }
 
 async fn status(r: RunRef) -> anyhow::Result<u8> {
     let mut client = run_client(connect(&r.conn.coordinator).await?);
-    report(&mut client, &r.run_id, r.output.json).await
+    report(&mut client, &r.run_id, &r.output).await
 }
 
 async fn cancel(c: CancelArgs) -> anyhow::Result<u8> {

@@ -1,5 +1,5 @@
 //! The `shardgate` command line: the client (`run`, `watch`, `status`, `cancel`, `runs`,
-//! `workers`), the embedded `local` mode, and the argument parsing and start-up of the
+//! `workers`, `flaky`, `quarantine`), the embedded `local` mode, and the argument parsing and start-up of the
 //! `shardgate-coordinator` and `shardgate-worker` binaries. The binaries themselves are thin.
 
 #![forbid(unsafe_code)]
@@ -7,6 +7,7 @@
 pub mod args;
 pub mod client;
 pub mod display;
+pub mod gate;
 pub mod local;
 pub mod servers;
 pub mod util;

@@ -7,6 +7,7 @@
 
 pub mod error;
 pub mod ids;
+pub mod junit;
 pub mod labels;
 pub mod model;
 pub mod pb;

@@ -48,6 +48,9 @@ pub struct TestReport {
     pub detail: String,
     #[serde(skip_serializing_if = "String::is_empty", default)]
     pub output: String,
+    /// Quarantined when the run was submitted: reported, but not held against the gate.
+    #[serde(skip_serializing_if = "std::ops::Not::not", default)]
+    pub quarantined: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -119,6 +122,7 @@ impl From<&pb::TestResult> for TestReport {
             worker: r.worker.clone(),
             detail: r.detail.clone(),
             output: r.output.clone(),
+            quarantined: r.quarantined,
         }
     }
 }

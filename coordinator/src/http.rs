@@ -17,7 +17,10 @@ pub fn router(handle: Handle) -> Router {
         .route("/healthz", get(healthz))
         .route("/api/runs", get(list_runs))
         .route("/api/runs/{id}", get(get_run))
+        .route("/api/runs/{id}/junit", get(get_run_junit))
         .route("/api/workers", get(list_workers))
+        .route("/api/flaky", get(list_flaky))
+        .route("/api/quarantine", get(list_quarantine))
         .with_state(handle)
 }
 
@@ -69,6 +72,49 @@ async fn get_run(State(handle): State<Handle>, Path(id): Path<String>) -> Result
     let resp = handle.call(move |core, _| core.get_run(id, true)).await?;
     let run = resp.run.unwrap_or_default();
     Ok(Json(RunReport::new(&run, &resp.results)))
+}
+
+/// The run as JUnit XML (Surefire's dialect), for CI pages that read JUnit.
+async fn get_run_junit(State(handle): State<Handle>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let id = RunId::parse_field("run id", &id)?;
+    let resp = handle.call(move |core, _| core.get_run(id, true)).await?;
+    let run = resp.run.unwrap_or_default();
+    let xml = shardgate_common::junit::to_junit(&RunReport::new(&run, &resp.results));
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/xml; charset=utf-8")],
+        xml,
+    )
+        .into_response())
+}
+
+#[derive(Deserialize)]
+struct SuiteQuery {
+    suite: Option<String>,
+    limit: Option<u32>,
+}
+
+async fn list_flaky(
+    State(handle): State<Handle>,
+    Query(q): Query<SuiteQuery>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let suite = q.suite.unwrap_or_else(|| "default".into());
+    let tests = handle
+        .call(move |core, _| core.list_flaky(&suite, q.limit.unwrap_or(50)))
+        .await?;
+    Ok(Json(
+        serde_json::to_value(tests).map_err(|e| Error::Internal(e.to_string()))?,
+    ))
+}
+
+async fn list_quarantine(
+    State(handle): State<Handle>,
+    Query(q): Query<SuiteQuery>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let suite = q.suite.unwrap_or_default();
+    let entries = handle.call(move |core, _| core.list_quarantine(&suite)).await?;
+    Ok(Json(
+        serde_json::to_value(entries).map_err(|e| Error::Internal(e.to_string()))?,
+    ))
 }
 
 async fn list_workers(State(handle): State<Handle>) -> Result<Json<serde_json::Value>, ApiError> {

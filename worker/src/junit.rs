@@ -230,6 +230,87 @@ mod tests {
             .collect()
     }
 
+    /// shardgate's own JUnit export, read back by the reader every runner uses.
+    #[test]
+    fn shardgates_export_reads_back_with_the_same_outcomes() {
+        use shardgate_common::report::{RunReport, TestReport};
+        let t = |id: &str, outcome: Option<Outcome>, detail: &str, output: &str, quarantined| TestReport {
+            id: id.into(),
+            outcome,
+            duration_ms: 1500,
+            attempts: 1,
+            worker: "w1".into(),
+            detail: detail.into(),
+            output: output.into(),
+            quarantined,
+        };
+        let mut report = RunReport::new(&Default::default(), &[]);
+        report.suite = "suite <&>".into();
+        report.tests = vec![
+            t("a", Some(Outcome::Passed), "", "hello \x1b[31mred\x1b[0m", false),
+            t(
+                "b",
+                Some(Outcome::Flaky),
+                "passed on attempt 2 after 1 failure(s)",
+                "boom",
+                false,
+            ),
+            t(
+                "c",
+                Some(Outcome::Failed),
+                "failed 3 of 3 attempts: exit status 1",
+                "bad & worse",
+                false,
+            ),
+            t(
+                "d",
+                Some(Outcome::InfraError),
+                "no result after 3 lost attempts",
+                "",
+                false,
+            ),
+            t("e", Some(Outcome::Skipped), "exit 77", "", false),
+            t("f", None, "", "", false),
+            t("q", Some(Outcome::Failed), "exit status 1", "", true),
+            t("g", Some(Outcome::TimedOut), "timed out after 5000 ms", "", false),
+        ];
+        let xml = shardgate_common::junit::to_junit(&report);
+        assert!(
+            xml.contains(
+                r#"<testsuite name="suite &lt;&amp;&gt;" tests="8" failures="3" errors="1" skipped="2""#
+            ),
+            "{xml}"
+        );
+        assert_eq!(xml.matches("<rerunFailure").count(), 2, "{xml}");
+        assert!(
+            xml.contains(r#"<property name="quarantined" value="true"/>"#),
+            "{xml}"
+        );
+        assert!(!xml.contains('\x1b'), "control characters are not XML");
+        let got: Vec<(String, Outcome, u64)> = parse(&xml)
+            .unwrap()
+            .into_iter()
+            .map(|c| (c.name, c.outcome, c.duration_ms))
+            .collect();
+        let want = [
+            ("a", Outcome::Passed),
+            ("b", Outcome::Flaky),
+            ("c", Outcome::Failed),
+            // Other tools read an `<error>` as a test error: red either way.
+            ("d", Outcome::Failed),
+            ("e", Outcome::Skipped),
+            ("f", Outcome::Skipped),
+            ("q", Outcome::Failed),
+            ("g", Outcome::Failed),
+        ];
+        assert_eq!(
+            got,
+            want.iter()
+                .map(|(n, o)| (n.to_string(), *o, 1500))
+                .collect::<Vec<_>>()
+        );
+    }
+
     #[test]
     fn surefire_with_reruns() {
         let xml = r#"<?xml version="1.0" encoding="UTF-8"?>
