@@ -36,7 +36,7 @@ fn failed_runs(detail: &str) -> usize {
 type W = Writer<Vec<u8>>;
 
 fn element(w: &mut W, name: &str, attrs: &[(&str, &str)], text: Option<&str>) -> std::io::Result<()> {
-    let start = BytesStart::new(name).with_attributes(attrs.iter().map(|(k, v)| (*k, v.as_ref())));
+    let start = BytesStart::new(name).with_attributes(attrs.iter().map(|(k, v)| (*k, *v)));
     match text {
         Some(t) if !t.is_empty() => {
             w.write_event(Event::Start(start))?;
