@@ -19,6 +19,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .type_attribute("shardgate.v1.FlakyTest", "#[derive(serde::Serialize)]")
         .type_attribute("shardgate.v1.QuarantineEntry", "#[derive(serde::Serialize)]")
+        .type_attribute("shardgate.v1.Deploy", "#[derive(serde::Serialize)]")
+        .type_attribute("shardgate.v1.ListDeploysResponse", "#[derive(serde::Serialize)]")
         .build_client(true)
         .build_server(true)
         .compile_fds(fds)?;

@@ -26,6 +26,31 @@ pub struct CoordinatorArgs {
     pub db: PathBuf,
     #[command(flatten)]
     pub tuning: CoordinatorTuning,
+    #[command(flatten)]
+    pub rollout: RolloutArgs,
+}
+
+/// The coordinator's own rollout hooks: a run asks for a rollout, but what runs is named here
+/// only, never by a request.
+#[derive(Debug, Clone, Args)]
+pub struct RolloutArgs {
+    /// Rollout command as a JSON array (argv, no shell), e.g. '["/usr/local/bin/deploy",
+    /// "--prod"]'. It gets RUN_ID, REVISION, SUITE, REQUESTED_BY, DEPLOY_ID and AUTHORS in its
+    /// environment and runs once per passed run that asked for a rollout, one at a time.
+    #[arg(long, env = "SHARDGATE_ROLLOUT_COMMAND", value_name = "JSON_ARGV")]
+    pub rollout_command: Option<String>,
+    /// Or a webhook (plain http://) POSTed the same as JSON; a 2xx answer is success.
+    #[arg(long, env = "SHARDGATE_ROLLOUT_URL")]
+    pub rollout_url: Option<String>,
+    /// Run after a successful rollout (JSON argv, same environment); failing fails the deploy.
+    #[arg(long, env = "SHARDGATE_VERIFY_COMMAND", value_name = "JSON_ARGV")]
+    pub verify_command: Option<String>,
+    /// Run when verify fails (JSON argv, same environment).
+    #[arg(long, env = "SHARDGATE_ROLLBACK_COMMAND", value_name = "JSON_ARGV")]
+    pub rollback_command: Option<String>,
+    /// Longest a hook may run before it is killed and the deploy fails.
+    #[arg(long, env = "SHARDGATE_HOOK_TIMEOUT", default_value = "30m", value_parser = duration)]
+    pub hook_timeout: Duration,
 }
 
 /// Scheduling settings shared by the coordinator binary and `shardgate local`.
@@ -127,6 +152,19 @@ pub enum Command {
     /// Quarantine tests: they still run and are reported, but cannot fail the gate.
     #[command(subcommand)]
     Quarantine(QuarantineCommand),
+    /// The deploy log: the last deploys, and how often they happen.
+    Deploys(DeploysArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DeploysArgs {
+    #[command(flatten)]
+    pub conn: Connection,
+    /// Show at most this many deploys.
+    #[arg(long, default_value_t = 20)]
+    pub limit: u32,
+    #[command(flatten)]
+    pub output: Output,
 }
 
 #[derive(Debug, Args)]
@@ -264,6 +302,12 @@ pub struct SubmitOptions {
     /// Fail the run and cancel its remaining tests as soon as one failure is confirmed.
     #[arg(long, env = "SHARDGATE_FAIL_FAST")]
     pub fail_fast: bool,
+    /// Roll the revision out with the coordinator's rollout hook once the gate passes.
+    #[arg(long, env = "SHARDGATE_ROLLOUT")]
+    pub rollout: bool,
+    /// An author of the changes going out, for the deploy log (repeatable; needs --rollout).
+    #[arg(long = "author", value_name = "NAME")]
+    pub authors: Vec<String>,
     /// Send tests that failed recently first, for an earlier red signal.
     #[arg(long, env = "SHARDGATE_FAIL_FIRST")]
     pub fail_first: bool,

@@ -29,6 +29,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<u8> {
         Command::Workers(l) => workers(l).await,
         Command::Flaky(a) => gate::flaky(a).await,
         Command::Quarantine(q) => gate::quarantine(q).await,
+        Command::Deploys(d) => gate::deploys(d).await,
     }
 }
 
@@ -98,6 +99,8 @@ pub fn submit_request(
             flaky_retries: opts.flaky_retries,
         }),
         priority: opts.priority,
+        rollout: opts.rollout,
+        authors: opts.authors.clone(),
     })
 }
 

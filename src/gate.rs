@@ -3,7 +3,7 @@
 use shardgate_common::pb;
 use shardgate_common::pb::gate_service_client::GateServiceClient;
 
-use crate::args::{FlakyArgs, QuarantineCommand};
+use crate::args::{DeploysArgs, FlakyArgs, QuarantineCommand};
 use crate::client::{connect, refused};
 use crate::exit;
 
@@ -138,6 +138,52 @@ pub async fn quarantine(q: QuarantineCommand) -> anyhow::Result<u8> {
                 }
             }
         }
+    }
+    Ok(exit::PASSED)
+}
+
+pub async fn deploys(a: DeploysArgs) -> anyhow::Result<u8> {
+    let mut client = GateServiceClient::new(connect(&a.conn.coordinator).await?);
+    let log = client
+        .list_deploys(pb::ListDeploysRequest { limit: a.limit })
+        .await
+        .map_err(|s| refused("failed to list deploys", s))?
+        .into_inner();
+    if a.output.json {
+        println!("{}", serde_json::to_string_pretty(&log)?);
+        return Ok(exit::PASSED);
+    }
+    if log.last_started_at_ms == 0 {
+        println!("no deploys yet");
+    } else {
+        let ago = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH + std::time::Duration::from_millis(log.last_started_at_ms))
+            .map(|d| humantime::format_duration(std::time::Duration::from_secs(d.as_secs())).to_string())
+            .unwrap_or_else(|_| "just now".into());
+        println!(
+            "last deploy: {} UTC by {} ({ago} ago); {} in the last day, {} in the last week",
+            when(log.last_started_at_ms),
+            log.last_requested_by,
+            log.last_day,
+            log.last_week
+        );
+    }
+    for d in &log.deploys {
+        let took = if d.finished_at_ms >= d.started_at_ms && d.started_at_ms > 0 && d.finished_at_ms > 0 {
+            format!("{:.1} s", (d.finished_at_ms - d.started_at_ms) as f64 / 1000.0)
+        } else {
+            "-".into()
+        };
+        println!(
+            "{:<11} {:<16} {:<17} {:>8}  {:<12} {:<20} run {}",
+            d.state,
+            d.revision,
+            when(d.started_at_ms.max(d.created_at_ms)),
+            took,
+            d.requested_by,
+            d.authors.join(","),
+            d.run_id
+        );
     }
     Ok(exit::PASSED)
 }

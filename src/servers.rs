@@ -7,11 +7,12 @@ use std::io::Write;
 use anyhow::Context;
 use shardgate_common::labels;
 use shardgate_coordinator::CoreConfig;
+use shardgate_coordinator::rollout::RolloutConfig;
 use shardgate_worker::exec::ExecRunner;
 use shardgate_worker::runner::Runner;
 use tokio::net::TcpListener;
 
-use crate::args::{CoordinatorArgs, CoordinatorTuning, WorkerArgs};
+use crate::args::{CoordinatorArgs, CoordinatorTuning, RolloutArgs, WorkerArgs};
 use crate::util;
 
 /// Longest output kept per test.
@@ -39,11 +40,34 @@ pub fn core_config(t: &CoordinatorTuning) -> anyhow::Result<CoreConfig> {
     })
 }
 
+fn argv(flag: &str, json: &Option<String>) -> anyhow::Result<Option<Vec<String>>> {
+    json.as_deref()
+        .map(|j| {
+            serde_json::from_str::<Vec<String>>(j).map_err(|e| {
+                anyhow::anyhow!("{flag} must be a JSON array of strings (argv, no shell), like '[\"/usr/bin/deploy\", \"--prod\"]': {e}")
+            })
+        })
+        .transpose()
+}
+
+pub fn rollout_config(a: &RolloutArgs) -> anyhow::Result<RolloutConfig> {
+    let cfg = RolloutConfig {
+        command: argv("--rollout-command", &a.rollout_command)?,
+        url: a.rollout_url.clone(),
+        verify: argv("--verify-command", &a.verify_command)?,
+        rollback: argv("--rollback-command", &a.rollback_command)?,
+        timeout: a.hook_timeout,
+    };
+    cfg.check().map_err(anyhow::Error::msg)?;
+    Ok(cfg)
+}
+
 /// Serves until SIGTERM or SIGINT. Prints one JSON line with the bound addresses on stdout once
 /// listening, so scripts and tests that ask for port 0 learn the ports.
 pub async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
     let mut config = shardgate_coordinator::Config::new(args.db.clone());
     config.core = core_config(&args.tuning)?;
+    config.rollout = rollout_config(&args.rollout)?;
     let grpc = TcpListener::bind(args.grpc_addr)
         .await
         .with_context(|| format!("failed to bind --grpc-addr {}", args.grpc_addr))?;

@@ -54,9 +54,15 @@ pub struct Handle {
     events: broadcast::Sender<Arc<Published>>,
     work: Arc<Notify>,
     seq: Arc<AtomicU64>,
+    deploys: Arc<Notify>,
 }
 
 impl Handle {
+    /// Completes when a deploy may be waiting (a permit is kept if nobody waits yet).
+    pub async fn deploy_added(&self) {
+        self.deploys.notified().await
+    }
+
     /// Runs `f` on the core and returns its result.
     pub async fn call<T, F>(&self, f: F) -> Result<T, Error>
     where
@@ -103,14 +109,15 @@ pub fn spawn(core: Core, tick: Duration) -> Handle {
         events,
         work: Arc::new(Notify::new()),
         seq: Arc::new(AtomicU64::new(0)),
+        deploys: Arc::new(Notify::new()),
     };
     let h = handle.clone();
     // The thread holds only the parts it publishes to, not a sender, so dropping every handle
     // ends it.
-    let (events, work, seq) = (h.events, h.work, h.seq);
+    let (events, work, seq, deploys) = (h.events, h.work, h.seq, h.deploys);
     std::thread::Builder::new()
         .name("shardgate-scheduler".into())
-        .spawn(move || run(core, rx, tick, events, work, seq))
+        .spawn(move || run(core, rx, tick, events, work, seq, deploys))
         .expect("failed to spawn the scheduler thread");
     handle
 }
@@ -122,6 +129,7 @@ fn run(
     events: broadcast::Sender<Arc<Published>>,
     work: Arc<Notify>,
     seq: Arc<AtomicU64>,
+    deploys: Arc<Notify>,
 ) {
     let mut next_tick = Instant::now() + tick;
     let mut replies: Vec<Reply> = Vec::with_capacity(MAX_BATCH);
@@ -164,6 +172,9 @@ fn run(
         }
         if effects.work_added {
             work.notify_waiters();
+        }
+        if effects.deploy_added {
+            deploys.notify_one();
         }
     }
     info!("scheduler stopped");

@@ -17,7 +17,7 @@ use tracing::{info, warn};
 use crate::model::{CoreConfig, Now, Policy};
 use crate::scheduler::{self, History, Plan, PlanOptions, RunQueue, ShardContext};
 use crate::store::{
-    FlakinessRow, QuarantineRow, ResultRow, RetryState, RunRow, Store, StoreError, WorkerRow,
+    DeployRow, FlakinessRow, QuarantineRow, ResultRow, RetryState, RunRow, Store, StoreError, WorkerRow,
 };
 
 impl From<StoreError> for Error {
@@ -252,6 +252,8 @@ pub struct Effects {
     pub events: Vec<pb::run_event::Event>,
     /// New work was queued: wake waiting `AcquireShard` calls.
     pub work_added: bool,
+    /// A deploy is waiting for the rollout task.
+    pub deploy_added: bool,
 }
 
 #[derive(Debug)]
@@ -426,6 +428,19 @@ impl Core {
                 core.store.delete_attempt(id)?;
             }
         }
+        // A deploy whose hook was running when the coordinator stopped may or may not have
+        // happened: it is shown as unknown, never run again.
+        for d in core.store.deploys(Some("running"), u32::MAX)? {
+            warn!(deploy = %d.id, run = %d.run_id, "rollout was interrupted; its outcome is unknown");
+            core.store.update_deploy(
+                &d.id,
+                "running",
+                "unknown",
+                now.ms,
+                "the coordinator stopped while the rollout hook ran; not run again",
+            )?;
+        }
+        core.effects.deploy_added = true;
         // A run whose tests were all counted before a crash but whose verdict was not written
         // gets its verdict now.
         let complete: Vec<RunId> = core
@@ -541,7 +556,30 @@ impl Core {
             finished_ms: 0,
             shards: 0,
         };
+        if req.rollout || !req.authors.is_empty() {
+            if !req.rollout {
+                return Err(Error::invalid(
+                    "authors",
+                    "authors are for the deploy log: ask for a rollout too",
+                ));
+            }
+            if !self.cfg.rollout_configured {
+                return Err(Error::invalid(
+                    "rollout",
+                    "this coordinator has no rollout hook (start it with --rollout-command or --rollout-url)",
+                ));
+            }
+            if req.authors.len() > 100 || req.authors.iter().any(|a| a.trim().is_empty() || a.len() > 256) {
+                return Err(Error::invalid(
+                    "authors",
+                    "at most 100 authors, each non-empty and at most 256 bytes",
+                ));
+            }
+        }
         self.store.insert_run(&row, &req.tests)?;
+        if req.rollout {
+            self.store.add_rollout_request(row.id, &req.authors)?;
+        }
         let quarantined = self.store.mark_quarantined(row.id, &row.suite)?;
         let (mut tests, plans) = self.plan(&row.suite, req.tests, row.policy, now)?;
         for i in quarantined {
@@ -1035,6 +1073,68 @@ impl Core {
 
     fn proposes_quarantine(&self, f: &FlakinessRow) -> bool {
         f.runs >= self.cfg.quarantine_min_runs && flake_rate(f) >= self.cfg.quarantine_threshold
+    }
+
+    /// Takes the oldest pending deploy and marks it running (committed before the caller hears
+    /// of it, so the hook runs at most once even if the coordinator dies during it).
+    pub fn start_next_deploy(&mut self, now: Now) -> Result<Option<DeployRow>, Error> {
+        let Some(mut d) = self.store.deploys(Some("pending"), u32::MAX)?.pop() else {
+            return Ok(None);
+        };
+        if !self
+            .store
+            .update_deploy(&d.id, "pending", "running", now.ms, "")?
+        {
+            return Ok(None);
+        }
+        d.state = "running".into();
+        d.started_ms = now.ms;
+        info!(deploy = %d.id, run = %d.run_id, revision = %d.revision, "rollout starting");
+        Ok(Some(d))
+    }
+
+    /// Records how a running deploy ended.
+    pub fn finish_deploy(&mut self, id: &str, state: &str, detail: &str, now: Now) -> Result<(), Error> {
+        if !self.store.update_deploy(id, "running", state, now.ms, detail)? {
+            return Err(Error::FailedPrecondition(format!("deploy '{id}' is not running")));
+        }
+        info!(deploy = %id, state, "rollout ended");
+        Ok(())
+    }
+
+    /// The deploy log and how often deploys happen.
+    pub fn list_deploys(&self, limit: u32, now: Now) -> Result<pb::ListDeploysResponse, Error> {
+        let limit = if limit == 0 { 20 } else { limit.min(10_000) };
+        let deploys = self.store.deploys(None, limit)?;
+        let last = self
+            .store
+            .deploys(None, 1000)?
+            .into_iter()
+            .filter(|d| d.started_ms > 0)
+            .max_by_key(|d| d.started_ms);
+        const DAY_MS: u64 = 24 * 3600 * 1000;
+        Ok(pb::ListDeploysResponse {
+            last_started_at_ms: last.as_ref().map(|d| d.started_ms).unwrap_or(0),
+            last_requested_by: last.map(|d| d.requested_by).unwrap_or_default(),
+            last_day: self.store.deploys_since(now.ms.saturating_sub(DAY_MS))?,
+            last_week: self.store.deploys_since(now.ms.saturating_sub(7 * DAY_MS))?,
+            deploys: deploys
+                .into_iter()
+                .map(|d| pb::Deploy {
+                    deploy_id: d.id,
+                    run_id: d.run_id.to_string(),
+                    suite: d.suite,
+                    revision: d.revision,
+                    requested_by: d.requested_by,
+                    authors: d.authors,
+                    created_at_ms: d.created_ms,
+                    started_at_ms: d.started_ms,
+                    finished_at_ms: d.finished_ms,
+                    state: d.state,
+                    detail: d.detail,
+                })
+                .collect(),
+        })
     }
 
     /// The flakiest tests of `suite`.
@@ -1665,6 +1765,29 @@ impl Core {
         } else {
             (RunStatus::Failed, String::new())
         };
+        if status == RunStatus::Passed
+            && let Some(authors) = self.store.rollout_request(run)?
+        {
+            // Stored with the verdict, in the same batch: a passed gate that asked for a
+            // rollout always has its deploy, and the schema allows one per run.
+            let r = &self.runs[&run];
+            let deploy = DeployRow {
+                id: uuid::Uuid::now_v7().to_string(),
+                run_id: run,
+                suite: r.row.suite.clone(),
+                revision: r.row.revision.clone(),
+                requested_by: r.row.requested_by.clone(),
+                authors,
+                created_ms: now.ms,
+                started_ms: 0,
+                finished_ms: 0,
+                state: "pending".into(),
+                detail: String::new(),
+            };
+            self.store.insert_deploy(&deploy)?;
+            info!(run = %run, deploy = %deploy.id, "gate passed: rollout queued");
+            self.effects.deploy_added = true;
+        }
         self.finish_run(run, status, message, now).map(|_| ())
     }
 

@@ -7,6 +7,7 @@ pub mod actor;
 pub mod core;
 pub mod http;
 pub mod model;
+pub mod rollout;
 pub mod scheduler;
 pub mod server;
 pub mod service;

@@ -29,6 +29,8 @@ pub struct CoreConfig {
     pub quarantine_threshold: f64,
     pub quarantine_min_runs: u32,
     pub auto_quarantine: bool,
+    /// A rollout hook is configured: runs may ask for a rollout.
+    pub rollout_configured: bool,
 }
 
 impl Default for CoreConfig {
@@ -45,6 +47,7 @@ impl Default for CoreConfig {
             quarantine_threshold: 0.05,
             quarantine_min_runs: 10,
             auto_quarantine: false,
+            rollout_configured: false,
         }
     }
 }

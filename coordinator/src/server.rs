@@ -25,6 +25,8 @@ pub struct Config {
     pub core: CoreConfig,
     /// How often leases are checked.
     pub tick: Duration,
+    /// The rollout hooks; none by default (runs may not ask for a rollout then).
+    pub rollout: crate::rollout::RolloutConfig,
 }
 
 impl Config {
@@ -33,6 +35,7 @@ impl Config {
             db,
             core: CoreConfig::default(),
             tick: Duration::from_millis(250),
+            rollout: Default::default(),
         }
     }
 }
@@ -60,8 +63,11 @@ pub async fn run(
 ) -> Result<(), ServeError> {
     let mut store = Store::open(&config.db)?;
     store.checkpoint_in_background(&config.db, Duration::from_millis(500))?;
-    let core = Core::open(config.core.clone(), store, Now::real())?;
+    let mut core_config = config.core.clone();
+    core_config.rollout_configured = config.rollout.is_configured();
+    let core = Core::open(core_config, store, Now::real())?;
     let handle = actor::spawn(core, config.tick);
+    tokio::spawn(crate::rollout::run(handle.clone(), config.rollout.clone()));
     let services = Services::new(handle.clone());
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();

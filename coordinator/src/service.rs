@@ -368,6 +368,18 @@ impl GateService for Services {
         Ok(Response::new(pb::RemoveQuarantineResponse { removed }))
     }
 
+    async fn list_deploys(
+        &self,
+        req: Request<pb::ListDeploysRequest>,
+    ) -> Result<Response<pb::ListDeploysResponse>, Status> {
+        let limit = req.into_inner().limit;
+        Ok(Response::new(
+            self.handle
+                .call(move |core, now| core.list_deploys(limit, now))
+                .await?,
+        ))
+    }
+
     async fn list_quarantine(
         &self,
         req: Request<pb::ListQuarantineRequest>,

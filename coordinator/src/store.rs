@@ -61,6 +61,26 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (suite, test_id)
     ) WITHOUT ROWID;
     ALTER TABLE tests ADD COLUMN quarantined INTEGER NOT NULL DEFAULT 0;",
+    // 5: rollouts. A run that asks for one, with its authors; and the deploy log, at most one
+    // deploy per run (the schema says so too).
+    "CREATE TABLE rollout_requests (
+        run_id  TEXT PRIMARY KEY,
+        authors TEXT NOT NULL
+    );
+    CREATE TABLE deploys (
+        id           TEXT PRIMARY KEY,
+        run_id       TEXT NOT NULL UNIQUE,
+        suite        TEXT NOT NULL,
+        revision     TEXT NOT NULL,
+        requested_by TEXT NOT NULL,
+        authors      TEXT NOT NULL,
+        created_ms   INTEGER NOT NULL,
+        started_ms   INTEGER NOT NULL DEFAULT 0,
+        finished_ms  INTEGER NOT NULL DEFAULT 0,
+        state        TEXT NOT NULL,
+        detail       TEXT NOT NULL DEFAULT ''
+    );
+    CREATE INDEX deploys_by_time ON deploys(created_ms);",
 ];
 
 const SCHEMA: &str = r#"
@@ -179,6 +199,24 @@ pub struct StoredTest {
     pub outcome: Option<Outcome>,
     pub retry: RetryState,
     pub quarantined: bool,
+}
+
+/// One deploy in the log. States: `pending` (the gate passed; the hook has not started),
+/// `running` (written before the hook starts), then `succeeded`, `failed`, `rolled_back`, or
+/// `unknown` (the coordinator stopped while the hook ran; it is never run again).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeployRow {
+    pub id: String,
+    pub run_id: RunId,
+    pub suite: String,
+    pub revision: String,
+    pub requested_by: String,
+    pub authors: Vec<String>,
+    pub created_ms: u64,
+    pub started_ms: u64,
+    pub finished_ms: u64,
+    pub state: String,
+    pub detail: String,
 }
 
 /// A quarantined test of a suite.
@@ -483,6 +521,123 @@ impl Store {
         }
         tx.commit()?;
         Ok(written)
+    }
+
+    /// Records that `run` asks for a rollout once its gate passes.
+    pub fn add_rollout_request(&mut self, run: RunId, authors: &[String]) -> Result<(), StoreError> {
+        self.conn.execute(
+            "INSERT INTO rollout_requests (run_id, authors) VALUES (?1, ?2)",
+            params![run.to_string(), to_json(&authors)],
+        )?;
+        Ok(())
+    }
+
+    /// The authors of a run that asked for a rollout; `None` when it did not ask.
+    pub fn rollout_request(&self, run: RunId) -> Result<Option<Vec<String>>, StoreError> {
+        let authors: Option<String> = self
+            .conn
+            .query_row(
+                "SELECT authors FROM rollout_requests WHERE run_id = ?1",
+                [run.to_string()],
+                |r| r.get(0),
+            )
+            .optional()?;
+        authors.map(|a| from_json("rollout_requests", &a)).transpose()
+    }
+
+    /// Adds a deploy to the log; fails if the run already has one.
+    pub fn insert_deploy(&mut self, d: &DeployRow) -> Result<(), StoreError> {
+        self.conn.execute(
+            "INSERT INTO deploys (id, run_id, suite, revision, requested_by, authors, created_ms,
+                                  started_ms, finished_ms, state, detail)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+            params![
+                d.id,
+                d.run_id.to_string(),
+                d.suite,
+                d.revision,
+                d.requested_by,
+                to_json(&d.authors),
+                d.created_ms as i64,
+                d.started_ms as i64,
+                d.finished_ms as i64,
+                d.state,
+                d.detail
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Moves a deploy from state `from` to `to`; false when it was not in `from`.
+    pub fn update_deploy(
+        &mut self,
+        id: &str,
+        from: &str,
+        to: &str,
+        at_ms: u64,
+        detail: &str,
+    ) -> Result<bool, StoreError> {
+        let n = self.conn.execute(
+            "UPDATE deploys SET state = ?3, detail = ?5,
+                 started_ms = CASE WHEN ?3 = 'running' THEN ?4 ELSE started_ms END,
+                 finished_ms = CASE WHEN ?3 = 'running' THEN finished_ms ELSE ?4 END
+             WHERE id = ?1 AND state = ?2",
+            params![id, from, to, at_ms as i64, detail],
+        )?;
+        Ok(n == 1)
+    }
+
+    /// The deploy log, newest first; with `state`, only deploys in that state.
+    pub fn deploys(&self, state: Option<&str>, limit: u32) -> Result<Vec<DeployRow>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT id, run_id, suite, revision, requested_by, authors, created_ms, started_ms,
+                    finished_ms, state, detail
+             FROM deploys WHERE ?1 IS NULL OR state = ?1
+             ORDER BY created_ms DESC, id DESC LIMIT ?2",
+        )?;
+        let rows = stmt.query_map(params![state, limit], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, String>(4)?,
+                r.get::<_, String>(5)?,
+                r.get::<_, i64>(6)?,
+                r.get::<_, i64>(7)?,
+                r.get::<_, i64>(8)?,
+                r.get::<_, String>(9)?,
+                r.get::<_, String>(10)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, run, suite, revision, requested_by, authors, created, started, finished, state, detail) =
+                row?;
+            out.push(DeployRow {
+                id,
+                run_id: parse_id("deploys", &run)?,
+                suite,
+                revision,
+                requested_by,
+                authors: from_json("deploys", &authors)?,
+                created_ms: created as u64,
+                started_ms: started as u64,
+                finished_ms: finished as u64,
+                state,
+                detail,
+            });
+        }
+        Ok(out)
+    }
+
+    /// How many deploys started at or after each of `since_ms`.
+    pub fn deploys_since(&self, since_ms: u64) -> Result<u32, StoreError> {
+        Ok(self.conn.query_row(
+            "SELECT COUNT(*) FROM deploys WHERE started_ms >= ?1 AND started_ms > 0",
+            [since_ms as i64],
+            |r| r.get(0),
+        )?)
     }
 
     /// Quarantines a test of a suite (again: the newest reason wins).

@@ -123,9 +123,16 @@ pub struct ClusterBuilder {
     heartbeat: String,
     proxied: bool,
     worker_env: Vec<(String, String)>,
+    coordinator_args: Vec<String>,
 }
 
 impl ClusterBuilder {
+    /// Extra arguments for the coordinator (every start).
+    pub fn coordinator_args(mut self, args: &[&str]) -> Self {
+        self.coordinator_args = args.iter().map(|a| a.to_string()).collect();
+        self
+    }
+
     pub fn workers(mut self, n: usize) -> Self {
         self.workers = n;
         self
@@ -179,6 +186,7 @@ impl ClusterBuilder {
             runners: None,
             proxied: self.proxied,
             worker_env: self.worker_env,
+            coordinator_args: self.coordinator_args,
             dir,
         };
         if let Some(toml) = &self.runners {
@@ -210,6 +218,7 @@ pub struct Cluster {
     runners: Option<PathBuf>,
     proxied: bool,
     worker_env: Vec<(String, String)>,
+    coordinator_args: Vec<String>,
 }
 
 /// One worker: its process (absent while it is down) and, when proxied, its link.
@@ -230,6 +239,7 @@ impl Cluster {
             heartbeat: "300ms".into(),
             proxied: false,
             worker_env: Vec::new(),
+            coordinator_args: Vec::new(),
         }
     }
 
@@ -253,6 +263,7 @@ impl Cluster {
             .arg("--db")
             .arg(&self.db)
             .args(["--lease", &self.lease, "--heartbeat", &self.heartbeat])
+            .args(&self.coordinator_args)
             .env("SHARDGATE_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -1,0 +1,283 @@
+//! The rollout task: runs the coordinator's own rollout hook for each deploy the gate queued,
+//! one at a time, then the optional verify hook, and the rollback hook when verify fails.
+//!
+//! Hooks come only from the coordinator's configuration: a command (argv, never a shell
+//! string) with `RUN_ID`, `REVISION`, `SUITE`, `REQUESTED_BY`, `DEPLOY_ID` and `AUTHORS` in its
+//! environment, or a plain-HTTP webhook that receives the same as JSON. Nothing that arrives
+//! over the network is ever run. A deploy is marked `running` (committed) before its hook
+//! starts; if the coordinator dies during the hook, the next start marks it `unknown` and does
+//! not run it again.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tracing::{info, warn};
+
+use crate::actor::Handle;
+use crate::store::DeployRow;
+
+/// The hooks, from the coordinator's configuration.
+#[derive(Debug, Clone, Default)]
+pub struct RolloutConfig {
+    /// The rollout command, as argv.
+    pub command: Option<Vec<String>>,
+    /// Or a webhook, `http://host:port/path`, POSTed the deploy as JSON.
+    pub url: Option<String>,
+    /// Run after a successful rollout; a failure means the rollout failed.
+    pub verify: Option<Vec<String>>,
+    /// Run when verify fails.
+    pub rollback: Option<Vec<String>>,
+    /// Longest any one hook may run before it is killed and counted as failed.
+    pub timeout: Duration,
+}
+
+impl RolloutConfig {
+    pub fn is_configured(&self) -> bool {
+        self.command.is_some() || self.url.is_some()
+    }
+
+    /// Checks the configuration: argv non-empty, the URL plain HTTP.
+    pub fn check(&self) -> Result<(), String> {
+        for (name, argv) in [
+            ("--rollout-command", &self.command),
+            ("--verify-command", &self.verify),
+            ("--rollback-command", &self.rollback),
+        ] {
+            if argv.as_ref().is_some_and(|a| a.is_empty() || a[0].is_empty()) {
+                return Err(format!(
+                    "{name} needs a program: a JSON array like [\"/usr/bin/deploy\", \"--prod\"]"
+                ));
+            }
+        }
+        if self.command.is_some() && self.url.is_some() {
+            return Err("give --rollout-command or --rollout-url, not both".into());
+        }
+        if let Some(url) = &self.url {
+            parse_http_url(url)?;
+        }
+        if (self.verify.is_some() || self.rollback.is_some()) && !self.is_configured() {
+            return Err("--verify-command and --rollback-command need a rollout hook".into());
+        }
+        Ok(())
+    }
+}
+
+/// Runs deploys as the gate queues them, until the actor stops.
+pub async fn run(handle: Handle, cfg: RolloutConfig) {
+    if !cfg.is_configured() {
+        return;
+    }
+    loop {
+        let next = handle.call(|core, now| core.start_next_deploy(now)).await;
+        let deploy = match next {
+            Ok(Some(d)) => d,
+            Ok(None) => {
+                handle.deploy_added().await;
+                continue;
+            }
+            Err(e) => {
+                warn!(error = %e, "rollout task stopping: the scheduler is gone");
+                return;
+            }
+        };
+        let (state, detail) = deploy_one(&cfg, &deploy).await;
+        let id = deploy.id.clone();
+        let recorded = handle
+            .call(move |core, now| core.finish_deploy(&id, state, &detail, now))
+            .await;
+        if let Err(e) = recorded {
+            warn!(deploy = %deploy.id, error = %e, "failed to record the rollout's outcome");
+        }
+    }
+}
+
+/// Runs the hooks for one deploy; returns its final state and what happened.
+async fn deploy_one(cfg: &RolloutConfig, d: &DeployRow) -> (&'static str, String) {
+    let rollout = match (&cfg.command, &cfg.url) {
+        (Some(argv), _) => run_hook("rollout", argv, d, cfg.timeout).await,
+        (None, Some(url)) => webhook(url, d, cfg.timeout).await,
+        (None, None) => Err("no rollout hook".into()),
+    };
+    let rollout_note = match rollout {
+        Ok(note) => note,
+        Err(e) => return ("failed", e),
+    };
+    let Some(verify) = &cfg.verify else {
+        return ("succeeded", rollout_note);
+    };
+    let verify_err = match run_hook("verify", verify, d, cfg.timeout).await {
+        Ok(note) => return ("succeeded", format!("{rollout_note}\n{note}")),
+        Err(e) => e,
+    };
+    let Some(rollback) = &cfg.rollback else {
+        return ("failed", format!("{rollout_note}\n{verify_err}"));
+    };
+    match run_hook("rollback", rollback, d, cfg.timeout).await {
+        Ok(note) => ("rolled_back", format!("{rollout_note}\n{verify_err}\n{note}")),
+        Err(e) => ("failed", format!("{rollout_note}\n{verify_err}\n{e}")),
+    }
+}
+
+/// The deploy as environment variables for a command hook.
+fn env_of(d: &DeployRow) -> [(&'static str, String); 6] {
+    [
+        ("DEPLOY_ID", d.id.clone()),
+        ("RUN_ID", d.run_id.to_string()),
+        ("REVISION", d.revision.clone()),
+        ("SUITE", d.suite.clone()),
+        ("REQUESTED_BY", d.requested_by.clone()),
+        ("AUTHORS", d.authors.join(",")),
+    ]
+}
+
+/// The last `max` bytes of `s`, on a character boundary.
+fn tail(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut i = s.len() - max;
+    while !s.is_char_boundary(i) {
+        i += 1;
+    }
+    &s[i..]
+}
+
+/// Runs one command hook to its end (or its timeout); Ok with a note when it exits 0.
+async fn run_hook(name: &str, argv: &[String], d: &DeployRow, timeout: Duration) -> Result<String, String> {
+    info!(hook = name, deploy = %d.id, program = %argv[0], "running hook");
+    let mut cmd = tokio::process::Command::new(&argv[0]);
+    cmd.args(&argv[1..])
+        .envs(env_of(d))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let child = cmd
+        .spawn()
+        .map_err(|e| format!("{name} hook: failed to start {}: {e}", argv[0]))?;
+    match tokio::time::timeout(timeout, child.wait_with_output()).await {
+        Err(_) => Err(format!("{name} hook: killed after {timeout:?}")),
+        Ok(Err(e)) => Err(format!("{name} hook: {e}")),
+        Ok(Ok(out)) => {
+            let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+            text.push_str(&String::from_utf8_lossy(&out.stderr));
+            let text = tail(text.trim_end(), 4096);
+            if out.status.success() {
+                Ok(format!("{name} hook: exit 0\n{text}").trim_end().to_owned())
+            } else {
+                Err(format!("{name} hook: {}\n{text}", out.status)
+                    .trim_end()
+                    .to_owned())
+            }
+        }
+    }
+}
+
+/// `http://host[:port][/path]` → (host:port, path).
+fn parse_http_url(url: &str) -> Result<(String, String), String> {
+    let rest = url.strip_prefix("http://").ok_or_else(|| {
+        format!("--rollout-url '{url}': only http:// is supported (put a local relay in front of an https endpoint)")
+    })?;
+    let (hostport, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    if hostport.is_empty() {
+        return Err(format!("--rollout-url '{url}' has no host"));
+    }
+    let hostport = if hostport.contains(':') {
+        hostport.to_owned()
+    } else {
+        format!("{hostport}:80")
+    };
+    Ok((hostport, path.to_owned()))
+}
+
+/// POSTs the deploy as JSON; Ok when the answer is 2xx.
+async fn webhook(url: &str, d: &DeployRow, timeout: Duration) -> Result<String, String> {
+    let (hostport, path) = parse_http_url(url)?;
+    let body = serde_json::json!({
+        "deploy_id": d.id, "run_id": d.run_id.to_string(), "revision": d.revision,
+        "suite": d.suite, "requested_by": d.requested_by, "authors": d.authors,
+    })
+    .to_string();
+    let post = async {
+        let mut s = tokio::net::TcpStream::connect(&hostport)
+            .await
+            .map_err(|e| format!("webhook: cannot connect to {hostport}: {e}"))?;
+        let req = format!(
+            "POST {path} HTTP/1.1\r\nHost: {hostport}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        s.write_all(req.as_bytes())
+            .await
+            .map_err(|e| format!("webhook: {e}"))?;
+        let mut resp = Vec::new();
+        s.take(64 * 1024)
+            .read_to_end(&mut resp)
+            .await
+            .map_err(|e| format!("webhook: {e}"))?;
+        let resp = String::from_utf8_lossy(&resp);
+        let status = resp.lines().next().unwrap_or_default().to_owned();
+        let code: u16 = status
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        if (200..300).contains(&code) {
+            Ok(format!("webhook {url}: {status}"))
+        } else {
+            Err(format!(
+                "webhook {url}: {}",
+                if status.is_empty() { "no answer" } else { &status }
+            ))
+        }
+    };
+    tokio::time::timeout(timeout, post)
+        .await
+        .map_err(|_| format!("webhook {url}: no answer within {timeout:?}"))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn configuration_errors_name_the_flag() {
+        let bad = RolloutConfig {
+            url: Some("https://deploy.example".into()),
+            ..Default::default()
+        };
+        assert!(bad.check().unwrap_err().contains("only http:// is supported"));
+        let empty = RolloutConfig {
+            command: Some(vec![]),
+            ..Default::default()
+        };
+        assert!(
+            empty
+                .check()
+                .unwrap_err()
+                .starts_with("--rollout-command needs a program")
+        );
+        let verify_alone = RolloutConfig {
+            verify: Some(vec!["/bin/true".into()]),
+            ..Default::default()
+        };
+        assert!(verify_alone.check().is_err());
+        assert_eq!(
+            parse_http_url("http://127.0.0.1:9/hook?x=1").unwrap(),
+            ("127.0.0.1:9".into(), "/hook?x=1".into())
+        );
+        assert_eq!(
+            parse_http_url("http://deploy").unwrap(),
+            ("deploy:80".into(), "/".into())
+        );
+    }
+
+    #[test]
+    fn tail_keeps_whole_characters() {
+        assert_eq!(tail("héllo", 4), "llo");
+        assert_eq!(tail("abc", 10), "abc");
+    }
+}
