@@ -61,7 +61,7 @@ fn a_quarantined_failing_test_runs_is_reported_and_cannot_fail_the_gate() {
     assert_eq!(xml.matches("<rerunFailure").count(), 2, "{xml}");
     // The same document over HTTP.
     let run_id = report["run_id"].as_str().unwrap();
-    let (code, body) = http_get(&cluster.http_addr, &format!("/api/runs/{run_id}/junit"));
+    let (code, body) = harness::http_get(&cluster.http_addr, &format!("/api/runs/{run_id}/junit")).unwrap();
     assert_eq!(code, 200);
     assert_eq!(body, xml);
 
@@ -84,20 +84,6 @@ fn quarantine(cluster: &Cluster, sub: &str, args: &[&str]) -> harness::Ran {
     let mut all = vec!["quarantine", sub, "--coordinator", &url];
     all.extend_from_slice(args);
     harness::client(&all)
-}
-
-fn http_get(addr: &str, path: &str) -> (u16, String) {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    write!(s, "GET {path} HTTP/1.0\r\nHost: test\r\n\r\n").unwrap();
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).unwrap();
-    let code = resp[9..12].parse().unwrap();
-    let body = resp
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (code, body)
 }
 
 #[test]

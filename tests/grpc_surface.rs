@@ -4,8 +4,6 @@
 
 mod harness;
 
-use std::io::{Read, Write};
-
 use harness::Cluster;
 use shardgate_common::pb;
 use shardgate_common::pb::run_service_client::RunServiceClient;
@@ -17,16 +15,7 @@ use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
 use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
 
 fn http_get(addr: &str, path: &str) -> (u16, String) {
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    write!(s, "GET {path} HTTP/1.0\r\nHost: test\r\n\r\n").unwrap();
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).unwrap();
-    let code = resp[9..12].parse().unwrap();
-    let body = resp
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (code, body)
+    harness::http_get(addr, path).unwrap()
 }
 
 #[tokio::test]

@@ -77,6 +77,25 @@ pub fn suite(root: &Path, n: usize, failing: &[usize], sleep: &str) -> Vec<Strin
         .collect()
 }
 
+/// GETs `path` from an HTTP server at `addr`: the status code and the body.
+pub fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: shardgate\r\n\r\n")?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)?;
+    let code = resp
+        .get(9..12)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("not an HTTP response: {resp:?}")))?;
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Ok((code, body))
+}
+
 /// The result of one client invocation.
 #[derive(Debug)]
 pub struct Ran {
@@ -447,17 +466,10 @@ impl Cluster {
     /// GETs `path` from the coordinator's HTTP API; `None` when it cannot be reached or does not
     /// answer 200 with JSON (it may be restarting).
     pub fn http_json(&self, path: &str) -> Option<serde_json::Value> {
-        use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(&self.http_addr).ok()?;
-        s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-        write!(s, "GET {path} HTTP/1.0\r\nHost: shardgate\r\n\r\n").ok()?;
-        let mut resp = String::new();
-        s.read_to_string(&mut resp).ok()?;
-        if !resp.starts_with("HTTP/1.0 200") && !resp.starts_with("HTTP/1.1 200") {
-            return None;
+        match http_get(&self.http_addr, path) {
+            Ok((200, body)) => serde_json::from_str(&body).ok(),
+            _ => None,
         }
-        let (_, body) = resp.split_once("\r\n\r\n")?;
-        serde_json::from_str(body).ok()
     }
 
     /// How many lines of the workers' logs contain `needle`.
