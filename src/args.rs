@@ -72,6 +72,15 @@ pub struct CoordinatorTuning {
     /// The same for a test that flaked in its suite in the last 30 days.
     #[arg(long, env = "SHARDGATE_DEFAULT_FLAKY_RETRIES", default_value_t = 4)]
     pub default_flaky_retries: u32,
+    /// Flake rate at which a test is proposed for quarantine (over at least
+    /// --quarantine-min-runs counted runs).
+    #[arg(long, env = "SHARDGATE_QUARANTINE_THRESHOLD", default_value_t = 0.05)]
+    pub quarantine_threshold: f64,
+    #[arg(long, env = "SHARDGATE_QUARANTINE_MIN_RUNS", default_value_t = 10)]
+    pub quarantine_min_runs: u32,
+    /// Quarantine such tests automatically (recorded as by "shardgate", with the rate).
+    #[arg(long, env = "SHARDGATE_AUTO_QUARANTINE")]
+    pub auto_quarantine: bool,
 }
 
 /// `shardgate-worker`: runs shards for a coordinator.

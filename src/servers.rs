@@ -29,6 +29,11 @@ pub fn core_config(t: &CoordinatorTuning) -> anyhow::Result<CoreConfig> {
         t.max_infra_attempts >= 1,
         "--max-infra-attempts must be at least 1"
     );
+    anyhow::ensure!(
+        (0.0..=1.0).contains(&t.quarantine_threshold),
+        "--quarantine-threshold is a rate between 0 and 1, not {}",
+        t.quarantine_threshold
+    );
     Ok(CoreConfig {
         lease: t.lease,
         heartbeat_interval: t.heartbeat,
@@ -36,6 +41,9 @@ pub fn core_config(t: &CoordinatorTuning) -> anyhow::Result<CoreConfig> {
         max_output_bytes: MAX_OUTPUT_BYTES,
         retries: t.default_retries.min(10),
         flaky_retries: t.default_flaky_retries.min(10),
+        quarantine_threshold: t.quarantine_threshold,
+        quarantine_min_runs: t.quarantine_min_runs.max(1),
+        auto_quarantine: t.auto_quarantine,
         ..CoreConfig::default()
     })
 }

@@ -821,3 +821,51 @@ fn a_test_with_a_flaky_history_gets_more_retries_and_a_steady_test_does_not() {
     );
     assert_eq!(status(&core, second), RunStatus::Failed);
 }
+
+#[test]
+fn a_test_past_the_flake_threshold_is_proposed_and_auto_quarantined_when_asked() {
+    let cfg = CoreConfig {
+        auto_quarantine: true,
+        quarantine_min_runs: 4,
+        quarantine_threshold: 0.5,
+        ..CoreConfig::default()
+    };
+    let now = Now::real();
+    let mut core = Core::open(cfg, Store::open(Path::new(":memory:")).unwrap(), now).unwrap();
+    let w = register(&mut core, "w1", 1, &[], now);
+    // Runs 1-3: flaky twice, then passing: 2 flakes over 3 runs, too few runs to judge.
+    for flaky in [true, true, false] {
+        submit(&mut core, &["f"], now);
+        drain_attempts(&mut core, w, now, |_, n| {
+            if flaky && n == 1 {
+                Outcome::Failed
+            } else {
+                Outcome::Passed
+            }
+        });
+    }
+    assert!(core.list_quarantine("unit").unwrap().is_empty());
+    let listed = core.list_flaky("unit", 10).unwrap();
+    assert_eq!(
+        (listed[0].runs, listed[0].flakes, listed[0].propose_quarantine),
+        (3, 2, false)
+    );
+    // Run 4 flakes again: 3 of 4, past 50 % over 4 runs: quarantined by the coordinator.
+    submit(&mut core, &["f"], now);
+    drain_attempts(&mut core, w, now, |_, n| {
+        if n == 1 { Outcome::Failed } else { Outcome::Passed }
+    });
+    let q = core.list_quarantine("").unwrap();
+    assert_eq!(q.len(), 1);
+    assert!(q[0].automatic && q[0].added_by == "shardgate", "{q:?}");
+    assert!(
+        q[0].reason.starts_with("flaked in 3 of 4 runs (75.0 %)"),
+        "{}",
+        q[0].reason
+    );
+    // The next run carries it as quarantined: its failure no longer fails the gate.
+    let run = submit(&mut core, &["f"], now);
+    drain_attempts(&mut core, w, now, |_, _| Outcome::Failed);
+    assert_eq!(status(&core, run), RunStatus::Passed);
+    assert!(core.get_run(run, true).unwrap().results[0].quarantined);
+}
