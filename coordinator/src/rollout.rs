@@ -275,6 +275,124 @@ mod tests {
         );
     }
 
+    fn deploy() -> DeployRow {
+        DeployRow {
+            id: "d1".into(),
+            run_id: shardgate_common::RunId::new(),
+            suite: "s".into(),
+            revision: "abc".into(),
+            requested_by: "ann".into(),
+            authors: vec!["ann".into(), "bob".into()],
+            created_ms: 1,
+            started_ms: 2,
+            finished_ms: 0,
+            state: "running".into(),
+            detail: String::new(),
+        }
+    }
+
+    /// A one-shot HTTP server answering `status`; returns its URL and the request it got.
+    async fn server(status: &'static str) -> (String, tokio::task::JoinHandle<String>) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/hook", l.local_addr().unwrap());
+        let got = tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut req = Vec::new();
+            // Read the head and the body (Content-Length) before answering.
+            loop {
+                let n = s.read(&mut buf).await.unwrap();
+                req.extend_from_slice(&buf[..n]);
+                let text = String::from_utf8_lossy(&req).into_owned();
+                if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("Content-Length: "))
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(0);
+                    if body.len() >= len {
+                        break;
+                    }
+                }
+                if n == 0 {
+                    break;
+                }
+            }
+            s.write_all(format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\n\r\n").as_bytes())
+                .await
+                .unwrap();
+            String::from_utf8_lossy(&req).into_owned()
+        });
+        (url, got)
+    }
+
+    #[tokio::test]
+    async fn the_webhook_gets_the_deploy_as_json_and_a_non_2xx_answer_fails_it() {
+        let (url, got) = server("200 OK").await;
+        let note = webhook(&url, &deploy(), Duration::from_secs(5)).await.unwrap();
+        assert!(note.ends_with("HTTP/1.1 200 OK"), "{note}");
+        let req = got.await.unwrap();
+        assert!(req.starts_with("POST /hook HTTP/1.1\r\n"), "{req}");
+        let body: serde_json::Value = serde_json::from_str(req.split_once("\r\n\r\n").unwrap().1).unwrap();
+        assert_eq!(body["deploy_id"], "d1");
+        assert_eq!(body["authors"], serde_json::json!(["ann", "bob"]));
+
+        let (url, _got) = server("503 Service Unavailable").await;
+        let err = webhook(&url, &deploy(), Duration::from_secs(5))
+            .await
+            .unwrap_err();
+        assert!(err.ends_with("HTTP/1.1 503 Service Unavailable"), "{err}");
+        let err = webhook("http://127.0.0.1:1/x", &deploy(), Duration::from_secs(5))
+            .await
+            .unwrap_err();
+        assert!(err.contains("cannot connect to 127.0.0.1:1"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_failed_verify_runs_the_rollback() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("log");
+        let sh = |body: &str| {
+            vec![
+                "/bin/sh".to_string(),
+                "-c".into(),
+                format!("{body} >> '{}'", log.display()),
+            ]
+        };
+        let cfg = RolloutConfig {
+            command: Some(sh("echo rollout $REVISION")),
+            verify: Some(vec![
+                "/bin/sh".into(),
+                "-c".into(),
+                "echo smoke failed; exit 3".into(),
+            ]),
+            rollback: Some(sh("echo rollback $DEPLOY_ID")),
+            timeout: Duration::from_secs(10),
+            ..Default::default()
+        };
+        let (state, detail) = deploy_one(&cfg, &deploy()).await;
+        assert_eq!(state, "rolled_back", "{detail}");
+        assert!(
+            detail.contains("verify hook: exit status: 3\nsmoke failed"),
+            "{detail}"
+        );
+        assert_eq!(
+            std::fs::read_to_string(&log).unwrap(),
+            "rollout abc\nrollback d1\n"
+        );
+
+        let slow = RolloutConfig {
+            command: Some(vec!["/bin/sleep".into(), "5".into()]),
+            timeout: Duration::from_millis(200),
+            ..Default::default()
+        };
+        let (state, detail) = deploy_one(&slow, &deploy()).await;
+        assert_eq!(
+            (state, detail.as_str()),
+            ("failed", "rollout hook: killed after 200ms")
+        );
+    }
+
     #[test]
     fn tail_keeps_whole_characters() {
         assert_eq!(tail("héllo", 4), "llo");
