@@ -37,6 +37,9 @@ pub struct FlakyArgs {
     pub broken_runs: usize,
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// Only the policies whose name contains this (e.g. `default`).
+    #[arg(long)]
+    pub only: Option<String>,
 }
 
 struct Policy {
@@ -101,7 +104,10 @@ pub fn run(a: FlakyArgs) -> anyhow::Result<()> {
         "extra time",
         "broken caught"
     );
-    for p in &policies {
+    for p in policies
+        .iter()
+        .filter(|p| a.only.as_ref().is_none_or(|o| p.name.contains(o.as_str())))
+    {
         let started = Instant::now();
         let t = simulate(&a, p, flaky_n, warmup)?;
         let per_k = |n: usize, runs: usize| 1000.0 * n as f64 / runs.max(1) as f64;
