@@ -24,6 +24,16 @@ fn secs(ms: u64) -> String {
     format!("{:.3}", ms as f64 / 1000.0)
 }
 
+/// How many failures a flaky test had before it passed ("… after 2 failure(s); …").
+fn flaky_failures(detail: &str) -> usize {
+    detail
+        .split_once(" after ")
+        .and_then(|(_, rest)| rest.split_once(" failure"))
+        .and_then(|(n, _)| n.parse().ok())
+        .unwrap_or(1)
+        .max(1)
+}
+
 /// How many runs of a test that failed every attempt there were ("failed 3 of 3 attempts").
 fn failed_runs(detail: &str) -> usize {
     detail
@@ -64,12 +74,17 @@ fn testcase(w: &mut W, suite: &str, t: &TestReport) -> std::io::Result<()> {
     match t.outcome {
         Some(Outcome::Passed) => {}
         Some(Outcome::Flaky) => {
-            w.write_event(Event::Start(
-                BytesStart::new("flakyFailure")
-                    .with_attributes([("message", detail.as_str()), ("type", "failed")]),
-            ))?;
-            element(w, "system-out", &[], Some(&t.output))?;
-            w.write_event(Event::End(BytesEnd::new("flakyFailure")))?;
+            // One per failed run, as Surefire writes them; the first failure's output is kept.
+            for i in 0..flaky_failures(&t.detail) {
+                w.write_event(Event::Start(
+                    BytesStart::new("flakyFailure")
+                        .with_attributes([("message", detail.as_str()), ("type", "failed")]),
+                ))?;
+                if i == 0 {
+                    element(w, "system-out", &[], Some(&t.output))?;
+                }
+                w.write_event(Event::End(BytesEnd::new("flakyFailure")))?;
+            }
         }
         Some(o @ (Outcome::Failed | Outcome::TimedOut)) => {
             let kind = if o == Outcome::TimedOut {

@@ -251,7 +251,7 @@ mod tests {
             t(
                 "b",
                 Some(Outcome::Flaky),
-                "passed on attempt 2 after 1 failure(s)",
+                "passed on attempt 3 after 2 failure(s)",
                 "boom",
                 false,
             ),
@@ -282,6 +282,11 @@ mod tests {
             "{xml}"
         );
         assert_eq!(xml.matches("<rerunFailure").count(), 2, "{xml}");
+        assert_eq!(
+            xml.matches("<flakyFailure").count(),
+            2,
+            "one per failed run: {xml}"
+        );
         assert!(
             xml.contains(r#"<property name="quarantined" value="true"/>"#),
             "{xml}"
