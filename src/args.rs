@@ -210,7 +210,7 @@ pub struct QuarantineAdd {
     /// Why (shown wherever the quarantine is).
     #[arg(long)]
     pub reason: String,
-    /// Who quarantines it (default: $USER).
+    /// Who quarantines it (default: $USER, else $LOGNAME).
     #[arg(long, env = "SHARDGATE_REQUESTED_BY")]
     pub by: Option<String>,
 }
@@ -280,7 +280,7 @@ pub struct SubmitOptions {
     /// Revision under test.
     #[arg(long, env = "SHARDGATE_REVISION", default_value = "local")]
     pub revision: String,
-    /// Who asked for the run (default: $USER).
+    /// Who asked for the run (default: $USER, else $LOGNAME).
     #[arg(long, env = "SHARDGATE_REQUESTED_BY")]
     pub requested_by: Option<String>,
     /// Only workers carrying all these labels (`k=v,…`) may take the run.

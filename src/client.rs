@@ -80,11 +80,7 @@ pub fn submit_request(
     Ok(pb::SubmitRunRequest {
         suite: opts.suite.clone(),
         revision: opts.revision.clone(),
-        requested_by: opts
-            .requested_by
-            .clone()
-            .or_else(|| std::env::var("USER").ok())
-            .unwrap_or_default(),
+        requested_by: opts.requested_by.clone().unwrap_or_else(util::current_user),
         runner: runner.to_owned(),
         labels: labels::to_wire(&labels::parse("labels", &opts.labels)?),
         tests,

@@ -79,7 +79,7 @@ pub async fn quarantine(q: QuarantineCommand) -> anyhow::Result<u8> {
     match q {
         QuarantineCommand::Add(a) => {
             let mut client = GateServiceClient::new(connect(&a.conn.coordinator).await?);
-            let by = a.by.or_else(|| std::env::var("USER").ok()).unwrap_or_default();
+            let by = a.by.unwrap_or_else(crate::util::current_user);
             let e = client
                 .add_quarantine(pb::AddQuarantineRequest {
                     suite: a.suite,

@@ -59,6 +59,14 @@ pub fn hostname() -> String {
         .unwrap_or_else(|| "worker".to_owned())
 }
 
+/// Who is running this command: `$USER`, else `$LOGNAME`, else "unknown".
+pub fn current_user() -> String {
+    ["USER", "LOGNAME"]
+        .iter()
+        .find_map(|k| std::env::var(k).ok().filter(|v| !v.is_empty()))
+        .unwrap_or_else(|| "unknown".into())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
