@@ -317,6 +317,10 @@ pub struct SubmitOptions {
     /// An author of the changes going out, for the deploy log (repeatable; needs --rollout).
     #[arg(long = "author", value_name = "NAME")]
     pub authors: Vec<String>,
+    /// With --rollout: after a passed gate, wait for the deploy to end and exit with its
+    /// outcome (0 succeeded, 1 failed or rolled back, 2 unknown).
+    #[arg(long, env = "SHARDGATE_WAIT_ROLLOUT", requires = "rollout")]
+    pub wait_rollout: bool,
     /// Send tests that failed recently first, for an earlier red signal.
     #[arg(long, env = "SHARDGATE_FAIL_FIRST")]
     pub fail_first: bool,

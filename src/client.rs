@@ -103,7 +103,8 @@ pub fn submit_request(
 async fn run(a: RunArgs) -> anyhow::Result<u8> {
     let req = submit_request(&a.runner, &a.source, &a.submit)?;
     let ch = connect(&a.conn.coordinator).await?;
-    submit_and_follow(ch, req, a.submit.reconnect_for, &a.output).await
+    let wait = a.submit.wait_rollout;
+    submit_and_follow(ch, req, a.submit.reconnect_for, &a.output, wait).await
 }
 
 /// Submits, follows to the verdict, prints the report and returns the exit code.
@@ -112,8 +113,9 @@ pub async fn submit_and_follow(
     req: pb::SubmitRunRequest,
     reconnect_for: Duration,
     out: &RunOutput,
+    wait_rollout: bool,
 ) -> anyhow::Result<u8> {
-    let mut client = run_client(ch);
+    let mut client = run_client(ch.clone());
     let resp = client
         .submit_run(req)
         .await
@@ -123,7 +125,60 @@ pub async fn submit_and_follow(
     progress.note(&format!("submitted run {}", resp.run_id));
     follow(&mut client, &resp.run_id, reconnect_for, &mut progress).await?;
     progress.finish();
-    report(&mut client, &resp.run_id, out).await
+    let mut report = fetch_report(&mut client, &resp.run_id).await?;
+    let mut code = exit_code(report.status);
+    if wait_rollout && report.status == RunStatus::Passed {
+        progress.note("gate passed; waiting for the rollout");
+        let deploy = wait_for_deploy(ch, &resp.run_id, reconnect_for).await?;
+        code = match deploy.state.as_str() {
+            "succeeded" => exit::PASSED,
+            "failed" | "rolled_back" => exit::FAILED,
+            _ => exit::ERROR,
+        };
+        report.deploy = Some(deploy);
+    }
+    emit(&report, out)?;
+    Ok(code)
+}
+
+/// Polls the deploy log until the deploy of `run_id` has ended.
+async fn wait_for_deploy(
+    ch: Channel,
+    run_id: &str,
+    reconnect_for: Duration,
+) -> anyhow::Result<shardgate_common::report::DeployReport> {
+    let mut gate = shardgate_common::pb::gate_service_client::GateServiceClient::new(ch);
+    let mut lost_since: Option<tokio::time::Instant> = None;
+    loop {
+        match gate.list_deploys(pb::ListDeploysRequest { limit: 1000 }).await {
+            Ok(log) => {
+                lost_since = None;
+                let d = log
+                    .into_inner()
+                    .deploys
+                    .into_iter()
+                    .find(|d| d.run_id == run_id)
+                    .context("the gate passed but the run has no deploy")?;
+                if d.state != "pending" && d.state != "running" {
+                    return Ok(shardgate_common::report::DeployReport {
+                        deploy_id: d.deploy_id,
+                        state: d.state,
+                        started_at_ms: d.started_at_ms,
+                        finished_at_ms: d.finished_at_ms,
+                        detail: d.detail,
+                    });
+                }
+            }
+            Err(s) if is_transient(&s) => {
+                let since = *lost_since.get_or_insert_with(tokio::time::Instant::now);
+                if since.elapsed() > reconnect_for {
+                    return Err(refused("lost the coordinator while waiting for the rollout", s));
+                }
+            }
+            Err(s) => return Err(refused("failed to follow the rollout", s)),
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 /// Follows a run's events until it ends, reconnecting through outages.
@@ -179,6 +234,22 @@ pub async fn follow(
 
 /// Fetches the run with its results, prints it, and maps the verdict to an exit code.
 async fn report(client: &mut RunServiceClient<Channel>, run_id: &str, out: &RunOutput) -> anyhow::Result<u8> {
+    let report = fetch_report(client, run_id).await?;
+    emit(&report, out)?;
+    Ok(exit_code(report.status))
+}
+
+/// Writes the report: JUnit to its file when asked, then text or JSON on stdout.
+fn emit(report: &RunReport, out: &RunOutput) -> anyhow::Result<()> {
+    if let Some(path) = &out.junit {
+        std::fs::write(path, shardgate_common::junit::to_junit(report))
+            .with_context(|| format!("failed to write JUnit XML to {}", path.display()))?;
+    }
+    print_report(report, out.json)?;
+    Ok(())
+}
+
+async fn fetch_report(client: &mut RunServiceClient<Channel>, run_id: &str) -> anyhow::Result<RunReport> {
     let resp = client
         .get_run(pb::GetRunRequest {
             run_id: run_id.to_owned(),
@@ -188,13 +259,7 @@ async fn report(client: &mut RunServiceClient<Channel>, run_id: &str, out: &RunO
         .map_err(|s| refused("failed to get the run", s))?
         .into_inner();
     let run = resp.run.context("the coordinator sent a run without a summary")?;
-    let report = RunReport::new(&run, &resp.results);
-    if let Some(path) = &out.junit {
-        std::fs::write(path, shardgate_common::junit::to_junit(&report))
-            .with_context(|| format!("failed to write JUnit XML to {}", path.display()))?;
-    }
-    print_report(&report, out.json)?;
-    Ok(exit_code(report.status))
+    Ok(RunReport::new(&run, &resp.results))
 }
 
 pub fn exit_code(status: RunStatus) -> u8 {

@@ -147,6 +147,20 @@ pub fn print_report(report: &RunReport, json: bool) -> std::io::Result<()> {
     if !report.message.is_empty() {
         writeln!(out, "  {}", report.message)?;
     }
+    if let Some(d) = &report.deploy {
+        let took = d.finished_at_ms.saturating_sub(d.started_at_ms) as f64 / 1000.0;
+        writeln!(
+            out,
+            "deploy {}: {} ({took:.1} s)",
+            d.deploy_id,
+            d.state.to_uppercase()
+        )?;
+        if d.state != "succeeded" && !d.detail.is_empty() {
+            for line in d.detail.lines() {
+                writeln!(out, "  {line}")?;
+            }
+        }
+    }
     let flaky: Vec<_> = report
         .tests
         .iter()

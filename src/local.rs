@@ -63,7 +63,7 @@ pub async fn run(a: LocalArgs) -> anyhow::Result<u8> {
     let result = async {
         let ch = client::connect(&url).await?;
         wait_for_workers(ch.clone(), a.workers as usize).await?;
-        client::submit_and_follow(ch, req, a.submit.reconnect_for, &a.output).await
+        client::submit_and_follow(ch, req, a.submit.reconnect_for, &a.output, a.submit.wait_rollout).await
     }
     .await;
 

@@ -156,3 +156,27 @@ fn a_run_cannot_ask_for_a_rollout_the_coordinator_has_no_hook_for() {
         "nothing stored"
     );
 }
+
+#[test]
+fn wait_rollout_exits_with_the_deploys_outcome() {
+    // The hook fails when "mallory" is among the authors, and succeeds otherwise.
+    let (cluster, _dir) = cluster_with_hook(
+        "echo \"deploying $REVISION by $AUTHORS\"\nif [ \"$AUTHORS\" = mallory ]; then echo no capacity; exit 4; fi",
+    );
+    script(&cluster.root, "t/ok.sh", "exit 0");
+    let ok = ["t/ok.sh".to_string()];
+    let good = cluster.run_tests(&ok, &["--rollout", "--wait-rollout"]);
+    assert_eq!(good.code, 0, "{}", good.stderr);
+    assert_eq!(good.json()["deploy"]["state"], "succeeded");
+    let bad = cluster.run_tests(&ok, &["--rollout", "--wait-rollout", "--author", "mallory"]);
+    assert_eq!(bad.code, 1, "a failed rollout fails the command: {}", bad.stderr);
+    let deploy = &bad.json()["deploy"];
+    assert_eq!(deploy["state"], "failed");
+    let detail = deploy["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("rollout hook: exit status: 4\ndeploying r1 by mallory\nno capacity"),
+        "{detail}"
+    );
+    let r = cluster.run_tests(&ok, &["--wait-rollout"]);
+    assert_eq!(r.code, 2, "--wait-rollout needs --rollout");
+}

@@ -77,6 +77,21 @@ pub struct RunReport {
     pub counts: Counts,
     #[serde(skip_serializing_if = "Vec::is_empty", default)]
     pub tests: Vec<TestReport>,
+    /// The run's deploy, when the client waited for it (`--wait-rollout`).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub deploy: Option<DeployReport>,
+}
+
+/// How a run's rollout went.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DeployReport {
+    pub deploy_id: String,
+    /// succeeded, failed, rolled_back or unknown.
+    pub state: String,
+    pub started_at_ms: u64,
+    pub finished_at_ms: u64,
+    #[serde(skip_serializing_if = "String::is_empty", default)]
+    pub detail: String,
 }
 
 impl RunReport {
@@ -108,6 +123,7 @@ impl RunReport {
             shards: run.shards,
             counts: run.counts.as_ref().map(Counts::from).unwrap_or_default(),
             tests: results.iter().map(TestReport::from).collect(),
+            deploy: None,
         }
     }
 }
