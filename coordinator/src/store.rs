@@ -706,17 +706,7 @@ impl Store {
                 "SELECT test_id, runs, failures, flakes, flips, last_flake_ms, last_run_ms
                  FROM flakiness WHERE suite = ?1 AND test_id = ?2",
                 params![suite, test_id],
-                |r| {
-                    Ok(FlakinessRow {
-                        test_id: r.get(0)?,
-                        runs: r.get(1)?,
-                        failures: r.get(2)?,
-                        flakes: r.get(3)?,
-                        flips: r.get(4)?,
-                        last_flake_ms: r.get::<_, i64>(5)? as u64,
-                        last_run_ms: r.get::<_, i64>(6)? as u64,
-                    })
-                },
+                flakiness_row,
             )
             .optional()
             .map_err(Into::into)
@@ -743,17 +733,7 @@ impl Store {
              FROM flakiness WHERE suite = ?1 AND (flakes > 0 OR flips > 0)
              ORDER BY CAST(flakes AS REAL) / runs DESC, flips DESC, test_id LIMIT ?2",
         )?;
-        let rows = stmt.query_map(params![suite, limit], |r| {
-            Ok(FlakinessRow {
-                test_id: r.get(0)?,
-                runs: r.get(1)?,
-                failures: r.get(2)?,
-                flakes: r.get(3)?,
-                flips: r.get(4)?,
-                last_flake_ms: r.get::<_, i64>(5)? as u64,
-                last_run_ms: r.get::<_, i64>(6)? as u64,
-            })
-        })?;
+        let rows = stmt.query_map(params![suite, limit], flakiness_row)?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
@@ -1091,6 +1071,20 @@ struct RawRun {
     started_ms: i64,
     finished_ms: i64,
     shards: u32,
+}
+
+/// A `flakiness` row selected as test_id, runs, failures, flakes, flips, last_flake_ms,
+/// last_run_ms.
+fn flakiness_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<FlakinessRow> {
+    Ok(FlakinessRow {
+        test_id: r.get(0)?,
+        runs: r.get(1)?,
+        failures: r.get(2)?,
+        flakes: r.get(3)?,
+        flips: r.get(4)?,
+        last_flake_ms: r.get::<_, i64>(5)? as u64,
+        last_run_ms: r.get::<_, i64>(6)? as u64,
+    })
 }
 
 fn raw_run(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawRun> {
