@@ -1588,7 +1588,10 @@ impl Core {
             .map(|(id, _)| *id)
             .collect();
         for id in expired {
-            let worker = self.attempts[&id].worker;
+            // Ending one attempt can end its run, and with it the run's other attempts.
+            let Some(worker) = self.attempts.get(&id).map(|a| a.worker) else {
+                continue;
+            };
             let name = self
                 .workers
                 .get(&worker)
