@@ -26,6 +26,7 @@ enum Op {
         alt: bool,
         linux: bool,
         priority: i32,
+        fail_fast: bool,
     },
     Acquire {
         worker: usize,
@@ -54,8 +55,8 @@ enum Op {
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         2 => (any::<bool>(), any::<bool>()).prop_map(|(linux, alt)| Op::Register { linux, alt }),
-        2 => (1usize..25, any::<bool>(), any::<bool>(), 0i32..3)
-            .prop_map(|(tests, alt, linux, priority)| Op::Submit { tests, alt, linux, priority }),
+        2 => (1usize..25, any::<bool>(), any::<bool>(), 0i32..3, any::<bool>())
+            .prop_map(|(tests, alt, linux, priority, fail_fast)| Op::Submit { tests, alt, linux, priority, fail_fast }),
         6 => (0usize..8).prop_map(|worker| Op::Acquire { worker }),
         6 => (0usize..8, 0usize..6, any::<bool>()).prop_map(|(worker, count, fail)| Op::Report { worker, count, fail }),
         3 => (0usize..8).prop_map(|worker| Op::Finish { worker }),
@@ -200,7 +201,7 @@ proptest! {
         for op in ops {
             match op {
                 Op::Register { linux, alt } => { sim.register(linux, alt); }
-                Op::Submit { tests, alt, linux, priority } => {
+                Op::Submit { tests, alt, linux, priority, fail_fast } => {
                     let k = sim.runs.len();
                     let req = pb::SubmitRunRequest {
                         suite: "p".into(),
@@ -209,6 +210,7 @@ proptest! {
                         labels: if linux { vec![pb::Label { key: "os".into(), value: "linux".into() }] } else { vec![] },
                         tests: (0..tests).map(|i| format!("r{k}/t{i}")).collect(),
                         priority,
+                        policy: Some(pb::RunPolicy { fail_fast, ..Default::default() }),
                         ..Default::default()
                     };
                     // "alt" is unknown until some worker registers it.
@@ -273,7 +275,9 @@ proptest! {
             let status = RunStatus::from_wire(got.run.unwrap().status).unwrap();
             prop_assert!(status.is_terminal(), "run {id} did not end: {status}");
             prop_assert_eq!(got.results.len(), *n);
-            if status != RunStatus::Cancelled {
+            let summary = sim.core.summary(*id).unwrap();
+            // A cancelled run, or one that failed fast, leaves tests unrun.
+            if status != RunStatus::Cancelled && !summary.message.starts_with("fail-fast") {
                 for r in &got.results {
                     prop_assert!(Outcome::from_wire(r.outcome).is_some(), "test {} has no result", r.test_id);
                 }

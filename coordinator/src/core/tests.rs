@@ -869,3 +869,41 @@ fn a_test_past_the_flake_threshold_is_proposed_and_auto_quarantined_when_asked()
     assert_eq!(status(&core, run), RunStatus::Passed);
     assert!(core.get_run(run, true).unwrap().results[0].quarantined);
 }
+
+#[test]
+fn a_lease_expiry_that_ends_the_run_leaves_its_other_expired_attempts_alone() {
+    // Expired attempts are visited in hash order; enough rounds and enough attempts make sure
+    // the one that ends the run comes before the others at least once.
+    for _round in 0..20 {
+        let (mut core, now) = core();
+        let silent = register(&mut core, "silent", 1, &[], now);
+        let others: Vec<WorkerId> = (0..8)
+            .map(|i| register(&mut core, &format!("w{i}"), 1, &[], now))
+            .collect();
+        let tests: Vec<String> = (0..9).map(|i| format!("t{i}")).collect();
+        let refs: Vec<&str> = tests.iter().map(String::as_str).collect();
+        let run = submit_with(
+            &mut core,
+            &refs,
+            pb::RunPolicy {
+                max_infra_attempts: 1,
+                ..Default::default()
+            },
+            now,
+        );
+        let first = core.acquire(silent, now).unwrap().unwrap();
+        assert_eq!(first.tests.len(), 1, "one test a slot");
+        // Eight more workers each report their test but leave their attempt open.
+        for &w in &others {
+            let s = core.acquire(w, now).unwrap().unwrap();
+            let at: AttemptId = s.attempt_id.parse().unwrap();
+            let results = s.tests.iter().map(|t| result(t, Outcome::Passed)).collect();
+            core.report(w, at, results, now).unwrap();
+        }
+        // Every lease runs out in one tick: the silent worker's test is given up, which ends
+        // the run and drops the other attempts, wherever the tick is in its list.
+        core.tick(now.after(Duration::from_secs(11))).unwrap();
+        core.check_invariants();
+        assert_eq!(status(&core, run), RunStatus::Failed);
+    }
+}
