@@ -161,16 +161,11 @@ fn a_partitioned_worker_loses_its_shard_its_late_results_are_refused_and_it_come
         "the late result was not the one counted"
     );
     // ...and the worker's late result is refused once it can be heard again.
-    let told = || cluster.worker_log_count("result refused; stopping the attempt");
     let deadline = std::time::Instant::now() + Duration::from_secs(40);
-    while told() == 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "never told:\n{}",
-            cluster.logs()
-        );
-        std::thread::sleep(Duration::from_millis(25));
-    }
+    harness::poll_until(deadline, || {
+        (cluster.worker_log_count("result refused; stopping the attempt") > 0).then_some(())
+    })
+    .unwrap_or_else(|| panic!("never told:\n{}", cluster.logs()));
 
     // It takes new work after the partition.
     let ids: Vec<&str> = quick.iter().map(String::as_str).collect();

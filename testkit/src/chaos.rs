@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 
-use crate::cluster::{Cluster, bin, script};
+use crate::cluster::{Cluster, bin, poll_until, script};
 
 #[derive(Debug, Clone)]
 pub struct ChaosConfig {
@@ -281,32 +281,23 @@ fn one_run(cluster: &mut Cluster, cfg: &ChaosConfig, k: usize, rng: &mut StdRng,
             Err(e) => report.problems.push(format!("{tag}: {}: {e}", fault.name())),
         }
     }
-    let out = loop {
-        if let Some(status) = follower.try_wait().unwrap() {
-            let mut stdout = String::new();
-            use std::io::Read;
-            follower
-                .stdout
-                .take()
-                .unwrap()
-                .read_to_string(&mut stdout)
-                .unwrap();
-            break Some((status.code(), stdout));
-        }
-        if Instant::now() > deadline {
-            kill(&mut follower);
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let Some((code, stdout)) = out else {
+    let Some(status) = poll_until(deadline, || follower.try_wait().unwrap()) else {
+        kill(&mut follower);
         report.problems.push(format!(
             "{tag}: the run did not end within {:?}",
             cfg.run_deadline
         ));
         return;
     };
-    check(&tag, &suite, code, &stdout, report);
+    let mut stdout = String::new();
+    use std::io::Read;
+    follower
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut stdout)
+        .unwrap();
+    check(&tag, &suite, status.code(), &stdout, report);
 }
 
 fn kill(c: &mut Child) {
@@ -325,21 +316,17 @@ fn run_of(cluster: &Cluster, revision: &str) -> Option<serde_json::Value> {
 
 /// Waits until `share` of the run's tests have a result; false when the run ended first.
 fn wait_progress(cluster: &Cluster, revision: &str, share: f64, deadline: Instant) -> bool {
-    while Instant::now() < deadline {
-        if let Some(run) = run_of(cluster, revision) {
-            if run["finished_at_ms"].as_u64().unwrap_or(0) > 0 {
-                return false;
-            }
-            let c = &run["counts"];
-            let total = c["total"].as_u64().unwrap_or(0);
-            let open = c["queued"].as_u64().unwrap_or(0) + c["running"].as_u64().unwrap_or(0);
-            if total > 0 && (total - open) as f64 >= share * total as f64 {
-                return true;
-            }
+    poll_until(deadline, || {
+        let run = run_of(cluster, revision)?;
+        if run["finished_at_ms"].as_u64().unwrap_or(0) > 0 {
+            return Some(false);
         }
-        std::thread::sleep(Duration::from_millis(25));
-    }
-    false
+        let c = &run["counts"];
+        let total = c["total"].as_u64().unwrap_or(0);
+        let open = c["queued"].as_u64().unwrap_or(0) + c["running"].as_u64().unwrap_or(0);
+        (total > 0 && (total - open) as f64 >= share * total as f64).then_some(true)
+    })
+    .unwrap_or(false)
 }
 
 /// The coordinator's view of the workers: (worker id, name, state, busy slots).
@@ -406,18 +393,12 @@ fn inject(
         Fault::RestartCoordinator => unreachable!(),
     }
     // The coordinator takes the shards back when their lease expires.
-    let mut requeued = None;
-    while Instant::now() < deadline {
-        let gone = workers(cluster)
+    let requeued = poll_until(deadline, || {
+        workers(cluster)
             .into_iter()
-            .find(|w| w.0 == id)
-            .is_some_and(|w| w.3 == 0);
-        if gone {
-            requeued = Some(t0.elapsed());
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(25));
-    }
+            .any(|w| w.0 == id && w.3 == 0)
+            .then(|| t0.elapsed())
+    });
     if fault == Fault::Partition {
         // Past the lease: the worker's next reports are refused; then it takes new work.
         cluster.link(i).heal();

@@ -7,4 +7,6 @@ pub mod chaos;
 pub mod cluster;
 pub mod proxy;
 
-pub use cluster::{Cluster, ClusterBuilder, Ran, bin, bin_dir, client, http_get, script, suite, wait_for};
+pub use cluster::{
+    Cluster, ClusterBuilder, Ran, bin, bin_dir, client, http_get, poll_until, script, suite, wait_for,
+};
