@@ -5,33 +5,15 @@
 
 mod harness;
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::Duration;
 
-use harness::{Cluster, bin, script, wait_for};
+use harness::{Cluster, script, wait_for};
 
 /// Starts `shardgate run --json` on `tests` in the background.
 fn follow(cluster: &Cluster, tests: &[&str]) -> Child {
-    let list = cluster
-        .dir
-        .path()
-        .join(format!("tests-{}.txt", uuid::Uuid::new_v4()));
-    std::fs::write(&list, tests.join("\n")).unwrap();
-    Command::new(bin("shardgate"))
-        .args([
-            "run",
-            "--coordinator",
-            &cluster.url(),
-            "--runner",
-            "exec",
-            "--json",
-        ])
-        .arg("--tests-file")
-        .arg(&list)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
+    let tests: Vec<String> = tests.iter().map(|t| t.to_string()).collect();
+    cluster.follow(&tests, &[], Stdio::piped())
 }
 
 /// Waits for the client to exit within `timeout`; returns its exit code and JSON report.

@@ -23,23 +23,21 @@ fn a_quarantined_failing_test_runs_is_reported_and_cannot_fail_the_gate() {
     script(&cluster.root, "t/good.sh", "exit 0");
     let tests = ["t/bad.sh".to_string(), "t/good.sh".to_string()];
 
-    let bad = quarantine(&cluster, "add", &["--suite", "it", "t/bad.sh"]);
+    let bad = cluster.client(&["quarantine", "add", "--suite", "it", "t/bad.sh"]);
     assert_eq!(bad.code, 2, "a reason is required: {}", bad.stderr);
-    let add = quarantine(
-        &cluster,
+    let add = cluster.client(&[
+        "quarantine",
         "add",
-        &[
-            "--suite",
-            "it",
-            "t/bad.sh",
-            "--reason",
-            "JIRA-1: broken by the vendor",
-            "--by",
-            "alice",
-        ],
-    );
+        "--suite",
+        "it",
+        "t/bad.sh",
+        "--reason",
+        "JIRA-1: broken by the vendor",
+        "--by",
+        "alice",
+    ]);
     assert_eq!(add.code, 0, "{}", add.stderr);
-    let list = quarantine(&cluster, "list", &["--json"]).json();
+    let list = cluster.client(&["quarantine", "list", "--json"]).json();
     assert_eq!(list[0]["test_id"], "t/bad.sh");
     assert_eq!(list[0]["added_by"], "alice");
     assert_eq!(list[0]["reason"], "JIRA-1: broken by the vendor");
@@ -65,9 +63,9 @@ fn a_quarantined_failing_test_runs_is_reported_and_cannot_fail_the_gate() {
     assert_eq!(code, 200);
     assert_eq!(body, xml);
 
-    let rm = quarantine(&cluster, "remove", &["--suite", "it", "t/bad.sh"]);
+    let rm = cluster.client(&["quarantine", "remove", "--suite", "it", "t/bad.sh"]);
     assert_eq!(rm.code, 0, "{}", rm.stderr);
-    let again = quarantine(&cluster, "remove", &["--suite", "it", "t/bad.sh"]);
+    let again = cluster.client(&["quarantine", "remove", "--suite", "it", "t/bad.sh"]);
     assert_eq!(again.code, 2);
     assert!(
         again.stderr.contains("t/bad.sh is not quarantined in suite it"),
@@ -76,14 +74,6 @@ fn a_quarantined_failing_test_runs_is_reported_and_cannot_fail_the_gate() {
     );
     let r = cluster.run_tests(&tests, &[]);
     assert_eq!(r.code, 1, "no longer quarantined: red");
-}
-
-/// `shardgate quarantine SUB --coordinator URL ARGS…`
-fn quarantine(cluster: &Cluster, sub: &str, args: &[&str]) -> harness::Ran {
-    let url = cluster.url();
-    let mut all = vec!["quarantine", sub, "--coordinator", &url];
-    all.extend_from_slice(args);
-    harness::client(&all)
 }
 
 #[test]

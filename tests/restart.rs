@@ -6,7 +6,7 @@
 mod harness;
 
 use std::collections::BTreeMap;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use harness::{Cluster, suite, wait_for};
@@ -15,23 +15,7 @@ use harness::{Cluster, suite, wait_for};
 fn a_coordinator_killed_mid_run_is_not_a_build_failure() {
     let mut cluster = Cluster::builder().workers(3).slots(1).start();
     let tests = suite(&cluster.root, 30, &[7], "0.3");
-    let list = cluster.dir.path().join("tests.txt");
-    std::fs::write(&list, tests.join("\n")).unwrap();
-    let follower = Command::new(harness::bin("shardgate"))
-        .args([
-            "run",
-            "--coordinator",
-            &cluster.url(),
-            "--runner",
-            "exec",
-            "--json",
-            "--tests-file",
-        ])
-        .arg(&list)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let follower = cluster.follow(&tests, &[], Stdio::piped());
     wait_for("a few results before the crash", Duration::from_secs(30), || {
         let runs = cluster.client(&["runs", "--json"]).json();
         let run = runs.as_array()?.first()?.clone();

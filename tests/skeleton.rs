@@ -271,24 +271,8 @@ fn cancel_stops_a_run_on_its_workers_within_seconds() {
         );
     }
     script(&cluster.root, "quick.sh", "exit 0");
-    let list = cluster.dir.path().join("slow.txt");
-    std::fs::write(&list, "slow/0.sh\nslow/1.sh\nslow/2.sh\nslow/3.sh\n").unwrap();
-    let url = cluster.url();
-    let follower = std::process::Command::new(harness::bin("shardgate"))
-        .args([
-            "run",
-            "--coordinator",
-            &url,
-            "--runner",
-            "exec",
-            "--json",
-            "--tests-file",
-        ])
-        .arg(&list)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let slow: Vec<String> = (0..4).map(|i| format!("slow/{i}.sh")).collect();
+    let follower = cluster.follow(&slow, &[], std::process::Stdio::null());
     let run_id = wait_for(
         "the run to start on both workers",
         Duration::from_secs(20),

@@ -435,22 +435,22 @@ impl Cluster {
     }
 
     /// Runs the client against this cluster's coordinator.
+    /// The command's options go last, so subcommands (`quarantine add …`) work too.
     pub fn client(&self, args: &[&str]) -> Ran {
         let url = self.url();
-        let mut all = vec![args[0], "--coordinator", &url];
-        all.extend_from_slice(&args[1..]);
+        let mut all = args.to_vec();
+        all.extend(["--coordinator", &url]);
         client(&all)
     }
 
-    /// Submits a run of `tests` (written to a file) and follows it with `--json`.
-    pub fn run_tests(&self, tests: &[String], extra: &[&str]) -> Ran {
+    /// `run` of the exec runner on `tests` (written to a fresh file) with `--json`, then `extra`.
+    fn run_args(&self, tests: &[String], extra: &[&str]) -> Vec<String> {
         let file = self
             .dir
             .path()
             .join(format!("tests-{}.txt", uuid::Uuid::new_v4()));
         std::fs::write(&file, tests.join("\n")).unwrap();
-        let file = file.to_str().unwrap().to_owned();
-        let mut args = vec![
+        let mut args: Vec<String> = [
             "run",
             "--runner",
             "exec",
@@ -460,12 +460,33 @@ impl Cluster {
             "r1",
             "--requested-by",
             "tests",
-            "--tests-file",
-            &file,
             "--json",
-        ];
-        args.extend_from_slice(extra);
-        self.client(&args)
+            "--tests-file",
+        ]
+        .map(String::from)
+        .into();
+        args.push(file.to_str().unwrap().to_owned());
+        args.extend(extra.iter().map(|a| a.to_string()));
+        args
+    }
+
+    /// Submits a run of `tests` and follows it to its end (see [`Cluster::run_args`]).
+    pub fn run_tests(&self, tests: &[String], extra: &[&str]) -> Ran {
+        let args = self.run_args(tests, extra);
+        self.client(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    }
+
+    /// The same as [`Cluster::run_tests`] in the background: the client's stdout is piped, its
+    /// stderr goes to `stderr`.
+    pub fn follow(&self, tests: &[String], extra: &[&str], stderr: Stdio) -> Child {
+        Command::new(bin("shardgate"))
+            .args(self.run_args(tests, extra))
+            .args(["--coordinator", &self.url()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .expect("failed to start the client")
     }
 
     /// GETs `path` from the coordinator's HTTP API; `None` when it cannot be reached or does not
