@@ -1078,7 +1078,7 @@ impl Core {
     /// Takes the oldest pending deploy and marks it running (committed before the caller hears
     /// of it, so the hook runs at most once even if the coordinator dies during it).
     pub fn start_next_deploy(&mut self, now: Now) -> Result<Option<DeployRow>, Error> {
-        let Some(mut d) = self.store.deploys(Some("pending"), u32::MAX)?.pop() else {
+        let Some(mut d) = self.store.next_pending_deploy()? else {
             return Ok(None);
         };
         if !self
@@ -1106,12 +1106,7 @@ impl Core {
     pub fn list_deploys(&self, limit: u32, now: Now) -> Result<pb::ListDeploysResponse, Error> {
         let limit = if limit == 0 { 20 } else { limit.min(10_000) };
         let deploys = self.store.deploys(None, limit)?;
-        let last = self
-            .store
-            .deploys(None, 1000)?
-            .into_iter()
-            .filter(|d| d.started_ms > 0)
-            .max_by_key(|d| d.started_ms);
+        let last = self.store.last_started_deploy()?;
         const DAY_MS: u64 = 24 * 3600 * 1000;
         Ok(pb::ListDeploysResponse {
             last_started_at_ms: last.as_ref().map(|d| d.started_ms).unwrap_or(0),

@@ -589,13 +589,37 @@ impl Store {
 
     /// The deploy log, newest first; with `state`, only deploys in that state.
     pub fn deploys(&self, state: Option<&str>, limit: u32) -> Result<Vec<DeployRow>, StoreError> {
-        let mut stmt = self.conn.prepare_cached(
+        self.query_deploys(
+            "WHERE ?1 IS NULL OR state = ?1 ORDER BY created_ms DESC, id DESC LIMIT ?2",
+            params![state, limit],
+        )
+    }
+
+    /// The oldest deploy still waiting for its hook.
+    pub fn next_pending_deploy(&self) -> Result<Option<DeployRow>, StoreError> {
+        Ok(self
+            .query_deploys("WHERE state = 'pending' ORDER BY created_ms, id LIMIT 1", [])?
+            .pop())
+    }
+
+    /// The deploy that started last.
+    pub fn last_started_deploy(&self) -> Result<Option<DeployRow>, StoreError> {
+        Ok(self
+            .query_deploys(
+                "WHERE started_ms > 0 ORDER BY started_ms DESC, id DESC LIMIT 1",
+                [],
+            )?
+            .pop())
+    }
+
+    /// Deploys selected by `filter` (the SQL after `FROM deploys`).
+    fn query_deploys(&self, filter: &str, args: impl rusqlite::Params) -> Result<Vec<DeployRow>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(&format!(
             "SELECT id, run_id, suite, revision, requested_by, authors, created_ms, started_ms,
                     finished_ms, state, detail
-             FROM deploys WHERE ?1 IS NULL OR state = ?1
-             ORDER BY created_ms DESC, id DESC LIMIT ?2",
-        )?;
-        let rows = stmt.query_map(params![state, limit], |r| {
+             FROM deploys {filter}"
+        ))?;
+        let rows = stmt.query_map(args, |r| {
             Ok((
                 r.get::<_, String>(0)?,
                 r.get::<_, String>(1)?,
@@ -631,7 +655,7 @@ impl Store {
         Ok(out)
     }
 
-    /// How many deploys started at or after each of `since_ms`.
+    /// How many deploys started at or after `since_ms`.
     pub fn deploys_since(&self, since_ms: u64) -> Result<u32, StoreError> {
         Ok(self.conn.query_row(
             "SELECT COUNT(*) FROM deploys WHERE started_ms >= ?1 AND started_ms > 0",
