@@ -1705,38 +1705,37 @@ impl Core {
                 states.push((i, st));
             }
         }
+        // The attempt's tests are no longer running, whatever happens to them next.
+        for &i in &a.pending {
+            let t = &mut run.tests[i as usize];
+            t.leased = None;
+            run.running_ms -= t.plan.estimate_ms;
+        }
+        run.running -= a.pending.len() as u32;
         if !give_up.is_empty() || !states.is_empty() {
             let refs: Vec<(u32, &RetryState)> = states.iter().map(|(i, st)| (*i, st)).collect();
             if let Err(e) = self.store.record_results(a.run, &run.row.suite, &give_up, &refs) {
                 // Nothing was written: the tests go back as they were, so none is lost.
                 for &i in &a.pending {
-                    let t = &mut run.tests[i as usize];
-                    t.leased = None;
-                    run.running_ms -= t.plan.estimate_ms;
                     run.requeue(i);
                 }
-                run.running -= a.pending.len() as u32;
                 self.effects.work_added = true;
                 return Err(e.into());
             }
         }
-        let mut states = states.into_iter().peekable();
+        for r in &give_up {
+            run.count(r.idx, Outcome::InfraError);
+        }
+        for (i, st) in states {
+            run.tests[i as usize].retry = st;
+        }
         let mut requeued = 0;
         for &i in &a.pending {
-            let t = &mut run.tests[i as usize];
-            t.leased = None;
-            run.running_ms -= t.plan.estimate_ms;
-            if give_up.iter().any(|r| r.idx == i) {
-                run.count(i, Outcome::InfraError);
-                continue;
+            if !run.tests[i as usize].done {
+                run.requeue(i);
+                requeued += 1;
             }
-            if let Some((_, st)) = states.next_if(|(j, _)| *j == i) {
-                t.retry = st;
-            }
-            run.requeue(i);
-            requeued += 1;
         }
-        run.running -= a.pending.len() as u32;
         if requeued > 0 {
             info!(run = %a.run, requeued, reason = %reason.describe(), "tests requeued");
             self.effects.work_added = true;
