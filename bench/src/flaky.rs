@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
-use shardgate_common::{AttemptId, Outcome, RunId, RunStatus, WorkerId, pb};
+use shardgate_common::{AttemptId, Outcome, RunId, RunStatus, pb};
 use shardgate_coordinator::core::Core;
 use shardgate_coordinator::model::Now;
 use shardgate_coordinator::store::Store;
@@ -143,21 +143,7 @@ fn simulate(a: &FlakyArgs, p: &Policy, flaky_n: usize, warmup: usize) -> anyhow:
     };
     let now0 = Now::real();
     let mut core = Core::open(cfg, Store::open(std::path::Path::new(":memory:"))?, now0)?;
-    let worker: WorkerId = core
-        .register(
-            pb::RegisterRequest {
-                name: "sim".into(),
-                slots: 64,
-                labels: vec![],
-                runners: vec![pb::RunnerInfo {
-                    name: "exec".into(),
-                    kind: pb::RunnerKind::Exec as i32,
-                }],
-            },
-            now0,
-        )?
-        .worker_id
-        .parse()?;
+    let worker = crate::sim::register_exec_worker(&mut core, "sim", 64, now0)?;
     let ids: Vec<String> = (0..a.tests).map(|i| format!("t/{i:04}")).collect();
     // The flaky tests are spread over the suite.
     let step = a.tests / flaky_n.max(1);

@@ -162,19 +162,7 @@ pub fn drive_core(
     let mut core = Core::open(cfg, store, base)?;
     let mut workers = Vec::with_capacity(slots);
     for s in 0..slots {
-        let resp = core.register(
-            pb::RegisterRequest {
-                name: format!("w{s}"),
-                slots: 1,
-                labels: vec![],
-                runners: vec![pb::RunnerInfo {
-                    name: "exec".into(),
-                    kind: pb::RunnerKind::Exec as i32,
-                }],
-            },
-            base,
-        )?;
-        workers.push(resp.worker_id.parse::<WorkerId>()?);
+        workers.push(register_exec_worker(&mut core, &format!("w{s}"), 1, base)?);
     }
     let index: HashMap<&str, usize> = w.ids.iter().enumerate().map(|(i, id)| (id.as_str(), i)).collect();
     let submit_started = std::time::Instant::now();
@@ -327,6 +315,23 @@ pub fn compare(w: &Workload, slots: usize, overhead: f64) -> anyhow::Result<Vec<
         greedy_one(w, slots, overhead),
         shardgate(w, slots, overhead, false)?,
     ])
+}
+
+/// Registers a worker offering the `exec` runner with the core directly.
+pub fn register_exec_worker(core: &mut Core, name: &str, slots: u32, now: Now) -> anyhow::Result<WorkerId> {
+    let resp = core.register(
+        pb::RegisterRequest {
+            name: name.into(),
+            slots,
+            labels: vec![],
+            runners: vec![pb::RunnerInfo {
+                name: "exec".into(),
+                kind: pb::RunnerKind::Exec as i32,
+            }],
+        },
+        now,
+    )?;
+    Ok(resp.worker_id.parse()?)
 }
 
 #[cfg(test)]
