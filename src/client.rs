@@ -48,8 +48,8 @@ pub async fn connect(url: &str) -> anyhow::Result<Channel> {
 
 fn run_client(ch: Channel) -> RunServiceClient<Channel> {
     RunServiceClient::new(ch)
-        .max_decoding_message_size(shardgate_coordinator::server::MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(shardgate_coordinator::server::MAX_MESSAGE_BYTES)
+        .max_decoding_message_size(shardgate_common::limits::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(shardgate_common::limits::MAX_MESSAGE_BYTES)
 }
 
 /// Turns a refusal into an error that says what the coordinator said.

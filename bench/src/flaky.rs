@@ -16,7 +16,7 @@ use rand::{RngExt, SeedableRng};
 use shardgate_common::{AttemptId, Outcome, RunId, RunStatus, pb};
 use shardgate_coordinator::core::Core;
 use shardgate_coordinator::model::Now;
-use shardgate_coordinator::store::Store;
+use shardgate_coordinator::store::SqliteStore;
 use shardgate_coordinator::{CoreConfig, actor};
 
 #[derive(Debug, Clone, clap::Args)]
@@ -142,7 +142,7 @@ fn simulate(a: &FlakyArgs, p: &Policy, flaky_n: usize, warmup: usize) -> anyhow:
         ..CoreConfig::default()
     };
     let now0 = Now::real();
-    let mut core = Core::open(cfg, Store::open(std::path::Path::new(":memory:"))?, now0)?;
+    let mut core = Core::open(cfg, SqliteStore::open(std::path::Path::new(":memory:"))?, now0)?;
     let worker = crate::sim::register_exec_worker(&mut core, "sim", 64, now0)?;
     let ids: Vec<String> = (0..a.tests).map(|i| format!("t/{i:04}")).collect();
     // The flaky tests are spread over the suite.

@@ -202,7 +202,7 @@ fn run_scale(a: ScaleArgs) -> anyhow::Result<()> {
     };
     let w = workload::generate(&shape);
     let dir = tempfile::tempdir()?;
-    let store = shardgate_coordinator::store::Store::open(&dir.path().join("scale.db"))?;
+    let store = shardgate_coordinator::store::SqliteStore::open(&dir.path().join("scale.db"))?;
     let before = mem::rss_bytes();
     let started = std::time::Instant::now();
     let mut run = sim::drive_core(&w, a.workers, 500.0, false, store)?;

@@ -11,7 +11,7 @@ use std::time::Duration;
 use shardgate_common::{AttemptId, Outcome, RunId, RunStatus, WorkerId, pb};
 use shardgate_coordinator::core::Core;
 use shardgate_coordinator::model::{CoreConfig, Now};
-use shardgate_coordinator::store::Store;
+use shardgate_coordinator::store::{HistoryStore, SqliteStore};
 
 use crate::workload::Workload;
 
@@ -113,7 +113,7 @@ pub fn greedy_one(w: &Workload, slots: usize, overhead: f64) -> Result {
 /// shardgate: the coordinator's real scheduling core, one worker per slot, each asking for a
 /// shard whenever it is free; a shard costs `overhead` before its first test starts.
 pub fn shardgate(w: &Workload, slots: usize, overhead: f64, fail_first: bool) -> anyhow::Result<Result> {
-    let store = Store::open(Path::new(":memory:"))?;
+    let store = SqliteStore::open(Path::new(":memory:"))?;
     Ok(drive_core(w, slots, overhead, fail_first, store)?.result)
 }
 
@@ -135,7 +135,7 @@ pub fn drive_core(
     slots: usize,
     overhead: f64,
     fail_first: bool,
-    store: Store,
+    store: SqliteStore,
 ) -> anyhow::Result<CoreRun> {
     let base = Now::real();
     let at = |ms: f64| base.after(Duration::from_micros((ms * 1000.0) as u64));

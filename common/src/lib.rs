@@ -9,6 +9,7 @@ pub mod error;
 pub mod ids;
 pub mod junit;
 pub mod labels;
+pub mod limits;
 pub mod model;
 pub mod pb;
 pub mod report;

@@ -3,16 +3,22 @@
 //! scheduling state; they await a reply.
 //!
 //! Group commit: the actor takes every message that is waiting (up to [`MAX_BATCH`]) and runs
-//! them inside one database transaction, each in its own savepoint. Only after the transaction
-//! committed does it send the replies and publish what the core produced: run events go to one
-//! broadcast channel (the coordinator's internal event stream, which watch streams, the HTTP API
-//! and metrics follow), and new work wakes the `AcquireShard` calls that are waiting for it. So a
-//! reply, and an event, always describe durable state. If a commit fails the core's memory no
-//! longer matches the disk, so the process stops and a restart reloads the store (fail-stop).
+//! them inside one database transaction, each in its own savepoint, rolled back with the
+//! events it produced when the message fails (see `core/atomic.rs`: a failed message changes
+//! neither the disk nor memory). Only after the transaction committed does it copy what changed
+//! into the read side's [`LiveView`], send the replies and publish what the core produced: run
+//! events go to one broadcast channel (the coordinator's internal event stream, which watch
+//! streams follow), and new work wakes the `AcquireShard` calls that are waiting for it. So a
+//! reply, an event and a read always describe durable state. If a commit fails (or a savepoint
+//! cannot be closed) the core's memory no longer matches the disk, so the process stops and a
+//! restart reloads the store (fail-stop).
+//!
+//! The actor only runs what changes state (and a watch's first snapshot, which must be exact);
+//! reads go to the read side (`read.rs`).
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use shardgate_common::{Error, pb};
@@ -21,6 +27,7 @@ use tracing::{error, info};
 
 use crate::core::Core;
 use crate::model::Now;
+use crate::read::LiveView;
 
 /// Runs on the core and returns the reply to send once the batch is durable.
 type Job = Box<dyn FnOnce(&mut Core, Now) -> Reply + Send>;
@@ -55,9 +62,15 @@ pub struct Handle {
     work: Arc<Notify>,
     seq: Arc<AtomicU64>,
     deploys: Arc<Notify>,
+    live: Arc<RwLock<LiveView>>,
 }
 
 impl Handle {
+    /// The live state the actor publishes after each commit, for the read side.
+    pub fn live(&self) -> Arc<RwLock<LiveView>> {
+        self.live.clone()
+    }
+
     /// Completes when a deploy may be waiting (a permit is kept if nobody waits yet).
     pub async fn deploy_added(&self) {
         self.deploys.notified().await
@@ -71,7 +84,7 @@ impl Handle {
     {
         let (reply, rx) = oneshot::channel();
         let job: Job = Box::new(move |core, now| {
-            let result = f(core, now);
+            let result = core.atomically(|c| f(c, now));
             Box::new(move || {
                 // The caller may have gone away; nothing to do then.
                 let _ = reply.send(result);
@@ -110,27 +123,35 @@ pub fn spawn(core: Core, tick: Duration) -> Handle {
         work: Arc::new(Notify::new()),
         seq: Arc::new(AtomicU64::new(0)),
         deploys: Arc::new(Notify::new()),
+        live: Arc::new(RwLock::new(core.live_view())),
     };
     let h = handle.clone();
     // The thread holds only the parts it publishes to, not a sender, so dropping every handle
     // ends it.
-    let (events, work, seq, deploys) = (h.events, h.work, h.seq, h.deploys);
+    let out = Outputs {
+        events: h.events,
+        work: h.work,
+        seq: h.seq,
+        deploys: h.deploys,
+        live: h.live,
+    };
     std::thread::Builder::new()
         .name("shardgate-scheduler".into())
-        .spawn(move || run(core, rx, tick, events, work, seq, deploys))
+        .spawn(move || run(core, rx, tick, out))
         .expect("failed to spawn the scheduler thread");
     handle
 }
 
-fn run(
-    mut core: Core,
-    rx: mpsc::Receiver<Job>,
-    tick: Duration,
+/// Where the actor publishes what its batches produced.
+struct Outputs {
     events: broadcast::Sender<Arc<Published>>,
     work: Arc<Notify>,
     seq: Arc<AtomicU64>,
     deploys: Arc<Notify>,
-) {
+    live: Arc<RwLock<LiveView>>,
+}
+
+fn run(mut core: Core, rx: mpsc::Receiver<Job>, tick: Duration, out: Outputs) {
     let mut next_tick = Instant::now() + tick;
     let mut replies: Vec<Reply> = Vec::with_capacity(MAX_BATCH);
     loop {
@@ -158,23 +179,30 @@ fn run(
             }
             next_tick = Instant::now() + tick;
         }
+        if let Some(why) = core.poisoned() {
+            fail_stop(why);
+        }
         if let Err(e) = core.commit_batch() {
             fail_stop(&e.to_string());
+        }
+        let effects = core.take_effects();
+        if !effects.runs_changed.is_empty() || !effects.workers_changed.is_empty() {
+            let mut view = out.live.write().unwrap_or_else(|p| p.into_inner());
+            core.refresh_live(&mut view, &effects.runs_changed, &effects.workers_changed);
         }
         for reply in replies.drain(..) {
             reply();
         }
-        let effects = core.take_effects();
         for event in effects.events {
-            let n = seq.fetch_add(1, Ordering::SeqCst) + 1;
+            let n = out.seq.fetch_add(1, Ordering::SeqCst) + 1;
             // No subscriber is fine: nobody is watching.
-            let _ = events.send(Arc::new(Published { seq: n, event }));
+            let _ = out.events.send(Arc::new(Published { seq: n, event }));
         }
         if effects.work_added {
-            work.notify_waiters();
+            out.work.notify_waiters();
         }
         if effects.deploy_added {
-            deploys.notify_one();
+            out.deploys.notify_one();
         }
     }
     info!("scheduler stopped");

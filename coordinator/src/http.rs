@@ -1,5 +1,6 @@
-//! The coordinator's HTTP side: `/healthz` and a JSON API over the same scheduler the gRPC
-//! services use. The dashboard page and `/metrics` will hang off this router.
+//! The coordinator's HTTP side: `/healthz` (answered by the scheduler thread, so it proves that
+//! thread alive) and a JSON API served by the read side, never by the scheduler. The dashboard
+//! page and `/metrics` will hang off this router.
 
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
@@ -11,8 +12,16 @@ use shardgate_common::report::RunReport;
 use shardgate_common::{Error, RunId};
 
 use crate::actor::Handle;
+use crate::read::ReadSide;
 
-pub fn router(handle: Handle) -> Router {
+/// What the handlers share.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    pub handle: Handle,
+    pub reads: ReadSide,
+}
+
+pub fn router(handle: Handle, reads: ReadSide) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/api/runs", get(list_runs))
@@ -21,7 +30,7 @@ pub fn router(handle: Handle) -> Router {
         .route("/api/workers", get(list_workers))
         .route("/api/flaky", get(list_flaky))
         .route("/api/quarantine", get(list_quarantine))
-        .with_state(handle)
+        .with_state(AppState { handle, reads })
 }
 
 struct ApiError(Error);
@@ -46,9 +55,9 @@ impl From<Error> for ApiError {
     }
 }
 
-async fn healthz(State(handle): State<Handle>) -> Result<&'static str, ApiError> {
+async fn healthz(State(app): State<AppState>) -> Result<&'static str, ApiError> {
     // Answering proves the scheduler thread is alive, not just the HTTP server.
-    handle.call(|_, _| Ok(())).await?;
+    app.handle.call(|_, _| Ok(())).await?;
     Ok("ok\n")
 }
 
@@ -58,26 +67,24 @@ struct ListQuery {
 }
 
 async fn list_runs(
-    State(handle): State<Handle>,
+    State(app): State<AppState>,
     Query(q): Query<ListQuery>,
 ) -> Result<Json<Vec<RunReport>>, ApiError> {
-    let runs = handle
-        .call(move |core, _| core.list_runs(q.limit.unwrap_or(50)))
-        .await?;
+    let runs = app.reads.list_runs(q.limit.unwrap_or(50)).await?;
     Ok(Json(runs.iter().map(|r| RunReport::new(r, &[])).collect()))
 }
 
-async fn get_run(State(handle): State<Handle>, Path(id): Path<String>) -> Result<Json<RunReport>, ApiError> {
+async fn get_run(State(app): State<AppState>, Path(id): Path<String>) -> Result<Json<RunReport>, ApiError> {
     let id = RunId::parse_field("run id", &id)?;
-    let resp = handle.call(move |core, _| core.get_run(id, true)).await?;
+    let resp = app.reads.get_run(id, true).await?;
     let run = resp.run.unwrap_or_default();
     Ok(Json(RunReport::new(&run, &resp.results)))
 }
 
 /// The run as JUnit XML (Surefire's dialect), for CI pages that read JUnit.
-async fn get_run_junit(State(handle): State<Handle>, Path(id): Path<String>) -> Result<Response, ApiError> {
+async fn get_run_junit(State(app): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
     let id = RunId::parse_field("run id", &id)?;
-    let resp = handle.call(move |core, _| core.get_run(id, true)).await?;
+    let resp = app.reads.get_run(id, true).await?;
     let run = resp.run.unwrap_or_default();
     let xml = shardgate_common::junit::to_junit(&RunReport::new(&run, &resp.results));
     Ok((
@@ -94,31 +101,29 @@ struct SuiteQuery {
 }
 
 async fn list_flaky(
-    State(handle): State<Handle>,
+    State(app): State<AppState>,
     Query(q): Query<SuiteQuery>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let suite = q.suite.unwrap_or_else(|| "default".into());
-    let tests = handle
-        .call(move |core, _| core.list_flaky(&suite, q.limit.unwrap_or(50)))
-        .await?;
+    let tests = app.reads.list_flaky(suite, q.limit.unwrap_or(50)).await?;
     Ok(Json(
         serde_json::to_value(tests).map_err(|e| Error::Internal(e.to_string()))?,
     ))
 }
 
 async fn list_quarantine(
-    State(handle): State<Handle>,
+    State(app): State<AppState>,
     Query(q): Query<SuiteQuery>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let suite = q.suite.unwrap_or_default();
-    let entries = handle.call(move |core, _| core.list_quarantine(&suite)).await?;
+    let entries = app.reads.list_quarantine(suite).await?;
     Ok(Json(
         serde_json::to_value(entries).map_err(|e| Error::Internal(e.to_string()))?,
     ))
 }
 
-async fn list_workers(State(handle): State<Handle>) -> Result<Json<serde_json::Value>, ApiError> {
-    let workers = handle.call(|core, _| Ok(core.list_workers(true))).await?;
+async fn list_workers(State(app): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
+    let workers = app.reads.list_workers(true).await?;
     let v: Vec<_> = workers
         .iter()
         .map(|w| {

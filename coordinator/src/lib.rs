@@ -7,11 +7,14 @@ pub mod actor;
 pub mod core;
 pub mod http;
 pub mod model;
+pub mod policy;
+pub mod read;
 pub mod rollout;
 pub mod scheduler;
 pub mod server;
 pub mod service;
 pub mod store;
+pub mod submit;
 
 pub use model::CoreConfig;
 pub use server::{Config, run};

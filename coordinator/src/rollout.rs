@@ -15,7 +15,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tracing::{info, warn};
 
 use crate::actor::Handle;
-use crate::store::DeployRow;
+use crate::store::{DeployRow, DeployState};
 
 /// The hooks, from the coordinator's configuration.
 #[derive(Debug, Clone, Default)]
@@ -93,7 +93,7 @@ pub async fn run(handle: Handle, cfg: RolloutConfig) {
 }
 
 /// Runs the hooks for one deploy; returns its final state and what happened.
-async fn deploy_one(cfg: &RolloutConfig, d: &DeployRow) -> (&'static str, String) {
+async fn deploy_one(cfg: &RolloutConfig, d: &DeployRow) -> (DeployState, String) {
     let rollout = match (&cfg.command, &cfg.url) {
         (Some(argv), _) => run_hook("rollout", argv, d, cfg.timeout).await,
         (None, Some(url)) => webhook(url, d, cfg.timeout).await,
@@ -101,21 +101,24 @@ async fn deploy_one(cfg: &RolloutConfig, d: &DeployRow) -> (&'static str, String
     };
     let rollout_note = match rollout {
         Ok(note) => note,
-        Err(e) => return ("failed", e),
+        Err(e) => return (DeployState::Failed, e),
     };
     let Some(verify) = &cfg.verify else {
-        return ("succeeded", rollout_note);
+        return (DeployState::Succeeded, rollout_note);
     };
     let verify_err = match run_hook("verify", verify, d, cfg.timeout).await {
-        Ok(note) => return ("succeeded", format!("{rollout_note}\n{note}")),
+        Ok(note) => return (DeployState::Succeeded, format!("{rollout_note}\n{note}")),
         Err(e) => e,
     };
     let Some(rollback) = &cfg.rollback else {
-        return ("failed", format!("{rollout_note}\n{verify_err}"));
+        return (DeployState::Failed, format!("{rollout_note}\n{verify_err}"));
     };
     match run_hook("rollback", rollback, d, cfg.timeout).await {
-        Ok(note) => ("rolled_back", format!("{rollout_note}\n{verify_err}\n{note}")),
-        Err(e) => ("failed", format!("{rollout_note}\n{verify_err}\n{e}")),
+        Ok(note) => (
+            DeployState::RolledBack,
+            format!("{rollout_note}\n{verify_err}\n{note}"),
+        ),
+        Err(e) => (DeployState::Failed, format!("{rollout_note}\n{verify_err}\n{e}")),
     }
 }
 
@@ -286,7 +289,7 @@ mod tests {
             created_ms: 1,
             started_ms: 2,
             finished_ms: 0,
-            state: "running".into(),
+            state: DeployState::Running,
             detail: String::new(),
         }
     }
@@ -371,7 +374,7 @@ mod tests {
             ..Default::default()
         };
         let (state, detail) = deploy_one(&cfg, &deploy()).await;
-        assert_eq!(state, "rolled_back", "{detail}");
+        assert_eq!(state, DeployState::RolledBack, "{detail}");
         assert!(
             detail.contains("verify hook: exit status: 3\nsmoke failed"),
             "{detail}"
@@ -389,7 +392,7 @@ mod tests {
         let (state, detail) = deploy_one(&slow, &deploy()).await;
         assert_eq!(
             (state, detail.as_str()),
-            ("failed", "rollout hook: killed after 200ms")
+            (DeployState::Failed, "rollout hook: killed after 200ms")
         );
     }
 

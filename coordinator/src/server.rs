@@ -13,11 +13,15 @@ use tracing::info;
 use crate::actor;
 use crate::core::Core;
 use crate::model::{CoreConfig, Now};
+use crate::read::{ReadConfig, ReadSide};
 use crate::service::Services;
-use crate::store::{Store, StoreError};
+use crate::store::{Reads, SqliteReader, SqliteStore, StoreError};
 
 /// Largest gRPC message accepted, so a whole large suite fits in one `SubmitRun`.
-pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+pub use shardgate_common::limits::MAX_MESSAGE_BYTES;
+
+/// Reads served at once by the read side (each on a blocking thread with its own connection).
+const READ_CONCURRENCY: usize = 8;
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -61,14 +65,18 @@ pub async fn run(
     http: Option<TcpListener>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
-    let mut store = Store::open(&config.db)?;
+    let mut store = SqliteStore::open(&config.db)?;
     store.checkpoint_in_background(&config.db, Duration::from_millis(500))?;
+    let store_reads: std::sync::Arc<dyn Reads + Send + Sync> =
+        std::sync::Arc::new(SqliteReader::open(&config.db, READ_CONCURRENCY)?);
     let mut core_config = config.core.clone();
     core_config.rollout_configured = config.rollout.is_configured();
+    let read_config = ReadConfig::from(&core_config);
     let core = Core::open(core_config, store, Now::real())?;
     let handle = actor::spawn(core, config.tick);
+    let reads = ReadSide::new(store_reads.clone(), handle.live(), read_config, READ_CONCURRENCY);
     tokio::spawn(crate::rollout::run(handle.clone(), config.rollout.clone()));
-    let services = Services::new(handle.clone());
+    let services = Services::new(handle.clone(), reads.clone(), store_reads);
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
@@ -105,7 +113,7 @@ pub async fn run(
     let http_task = match http {
         Some(listener) => {
             info!(http = %listener.local_addr()?, "http serving");
-            let app = crate::http::router(handle.clone());
+            let app = crate::http::router(handle.clone(), reads);
             let rx = stop_rx.clone();
             Some(tokio::spawn(async move {
                 axum::serve(listener, app)

@@ -1,6 +1,6 @@
-//! The gRPC services. Each handler checks and parses its request, then sends the work to the
-//! scheduler actor; none of them holds scheduling state. Errors go through the one mapping in
-//! `shardgate_common::error`.
+//! The gRPC services. Each handler checks and parses its request, then sends what changes
+//! state to the scheduler actor and what only reads to the read side; none of them holds
+//! scheduling state. Errors go through the one mapping in `shardgate_common::error`.
 
 use std::pin::Pin;
 use std::time::Duration;
@@ -16,6 +16,8 @@ use tonic::{Request, Response, Status};
 use tracing::warn;
 
 use crate::actor::Handle;
+use crate::read::ReadSide;
+use crate::store::Reads;
 
 /// Longest time an `AcquireShard` call waits for work.
 pub const MAX_ACQUIRE_WAIT: Duration = Duration::from_secs(20);
@@ -23,11 +25,20 @@ pub const MAX_ACQUIRE_WAIT: Duration = Duration::from_secs(20);
 #[derive(Debug, Clone)]
 pub struct Services {
     handle: Handle,
+    reads: ReadSide,
+    /// The store's read connections, for planning large submissions off the actor.
+    store: std::sync::Arc<dyn Reads + Send + Sync>,
+}
+
+impl std::fmt::Debug for dyn Reads + Send + Sync {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Reads")
+    }
 }
 
 impl Services {
-    pub fn new(handle: Handle) -> Self {
-        Self { handle }
+    pub fn new(handle: Handle, reads: ReadSide, store: std::sync::Arc<dyn Reads + Send + Sync>) -> Self {
+        Self { handle, reads, store }
     }
 }
 
@@ -52,7 +63,7 @@ impl RunService for Services {
         req: Request<pb::SubmitRunRequest>,
     ) -> Result<Response<pb::SubmitRunResponse>, Status> {
         let req = req.into_inner();
-        let run = self.handle.call(move |core, now| core.submit(req, now)).await?;
+        let run = crate::submit::submit(&self.handle, self.store.clone(), req).await?;
         Ok(Response::new(pb::SubmitRunResponse {
             run_id: run.run_id.clone(),
             run: Some(run),
@@ -62,10 +73,7 @@ impl RunService for Services {
     async fn get_run(&self, req: Request<pb::GetRunRequest>) -> Result<Response<pb::GetRunResponse>, Status> {
         let req = req.into_inner();
         let id = run_id(&req.run_id)?;
-        let resp = self
-            .handle
-            .call(move |core, _| core.get_run(id, req.include_results))
-            .await?;
+        let resp = self.reads.get_run(id, req.include_results).await?;
         Ok(Response::new(resp))
     }
 
@@ -173,7 +181,7 @@ impl RunService for Services {
         req: Request<pb::ListRunsRequest>,
     ) -> Result<Response<pb::ListRunsResponse>, Status> {
         let limit = req.into_inner().limit;
-        let runs = self.handle.call(move |core, _| core.list_runs(limit)).await?;
+        let runs = self.reads.list_runs(limit).await?;
         Ok(Response::new(pb::ListRunsResponse { runs }))
     }
 }
@@ -307,10 +315,7 @@ impl DashboardService for Services {
         req: Request<pb::ListWorkersRequest>,
     ) -> Result<Response<pb::ListWorkersResponse>, Status> {
         let include_gone = req.into_inner().include_gone;
-        let workers = self
-            .handle
-            .call(move |core, _| Ok(core.list_workers(include_gone)))
-            .await?;
+        let workers = self.reads.list_workers(include_gone).await?;
         Ok(Response::new(pb::ListWorkersResponse { workers }))
     }
 
@@ -324,9 +329,7 @@ impl DashboardService for Services {
         } else {
             Some(run_id(&req.run_id)?)
         };
-        Ok(Response::new(
-            self.handle.call(move |core, _| core.progress(run)).await?,
-        ))
+        Ok(Response::new(self.reads.progress(run).await?))
     }
 }
 
@@ -337,10 +340,7 @@ impl GateService for Services {
         req: Request<pb::ListFlakyRequest>,
     ) -> Result<Response<pb::ListFlakyResponse>, Status> {
         let req = req.into_inner();
-        let tests = self
-            .handle
-            .call(move |core, _| core.list_flaky(&req.suite, req.limit))
-            .await?;
+        let tests = self.reads.list_flaky(req.suite, req.limit).await?;
         Ok(Response::new(pb::ListFlakyResponse { tests }))
     }
 
@@ -374,9 +374,7 @@ impl GateService for Services {
     ) -> Result<Response<pb::ListDeploysResponse>, Status> {
         let limit = req.into_inner().limit;
         Ok(Response::new(
-            self.handle
-                .call(move |core, now| core.list_deploys(limit, now))
-                .await?,
+            self.reads.list_deploys(limit, crate::model::Now::real()).await?,
         ))
     }
 
@@ -385,10 +383,7 @@ impl GateService for Services {
         req: Request<pb::ListQuarantineRequest>,
     ) -> Result<Response<pb::ListQuarantineResponse>, Status> {
         let suite = req.into_inner().suite;
-        let entries = self
-            .handle
-            .call(move |core, _| core.list_quarantine(&suite))
-            .await?;
+        let entries = self.reads.list_quarantine(suite).await?;
         Ok(Response::new(pb::ListQuarantineResponse { entries }))
     }
 }

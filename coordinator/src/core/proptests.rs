@@ -13,7 +13,7 @@ use shardgate_common::{AttemptId, Outcome, RunId, RunStatus, WorkerId, pb};
 
 use super::Core;
 use crate::model::{CoreConfig, Now};
-use crate::store::Store;
+use crate::store::SqliteStore;
 
 #[derive(Debug, Clone)]
 enum Op {
@@ -195,7 +195,7 @@ proptest! {
         let now = Now::real();
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("db.sqlite");
-        let core = Core::open(CoreConfig::default(), Store::open(&db).unwrap(), now).unwrap();
+        let core = Core::open(CoreConfig::default(), SqliteStore::open(&db).unwrap(), now).unwrap();
         let mut sim = Sim { core, db, now, workers: vec![], shards: HashMap::new(), worker_runners: HashMap::new(), runs: vec![] };
         sim.register(false, false);
         for op in ops {
@@ -241,10 +241,10 @@ proptest! {
                 }
                 Op::Restart => {
                     // The old core (and its connection) goes first; the new one loads the store.
-                    let fresh = Store::open(Path::new(":memory:")).unwrap();
+                    let fresh = SqliteStore::open(Path::new(":memory:")).unwrap();
                     let placeholder = Core::open(CoreConfig::default(), fresh, sim.now).unwrap();
                     drop(std::mem::replace(&mut sim.core, placeholder));
-                    sim.core = Core::open(CoreConfig::default(), Store::open(&sim.db).unwrap(), sim.now).unwrap();
+                    sim.core = Core::open(CoreConfig::default(), SqliteStore::open(&sim.db).unwrap(), sim.now).unwrap();
                 }
                 Op::Deregister { worker } => {
                     let w = sim.workers[worker % sim.workers.len()];

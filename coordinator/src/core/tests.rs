@@ -8,10 +8,10 @@ use shardgate_common::{AttemptId, Error, Outcome, RunId, RunStatus, WorkerId, pb
 
 use super::Core;
 use crate::model::{CoreConfig, Now};
-use crate::store::Store;
+use crate::store::SqliteStore;
 
 fn core_at(path: &Path, now: Now) -> Core {
-    Core::open(CoreConfig::default(), Store::open(path).unwrap(), now).unwrap()
+    Core::open(CoreConfig::default(), SqliteStore::open(path).unwrap(), now).unwrap()
 }
 
 fn core() -> (Core, Now) {
@@ -831,7 +831,7 @@ fn a_test_past_the_flake_threshold_is_proposed_and_auto_quarantined_when_asked()
         ..CoreConfig::default()
     };
     let now = Now::real();
-    let mut core = Core::open(cfg, Store::open(Path::new(":memory:")).unwrap(), now).unwrap();
+    let mut core = Core::open(cfg, SqliteStore::open(Path::new(":memory:")).unwrap(), now).unwrap();
     let w = register(&mut core, "w1", 1, &[], now);
     // Runs 1-3: flaky twice, then passing: 2 flakes over 3 runs, too few runs to judge.
     for flaky in [true, true, false] {

@@ -1,0 +1,237 @@
+//! The fleet: registration, heartbeats, liveness (live, lost, gone) and deregistration.
+
+use std::collections::{HashMap, HashSet};
+
+use shardgate_common::labels;
+use shardgate_common::{AttemptId, Error, RunnerKind, WorkerId, pb, validate};
+use tracing::{info, warn};
+
+use super::Core;
+use super::state::{RequeueReason, WorkerEntry};
+use crate::model::Now;
+use crate::store::{RunnerOffer, WorkerRow, WorkerState};
+
+impl Core {
+    pub fn register(&mut self, req: pb::RegisterRequest, now: Now) -> Result<pb::RegisterResponse, Error> {
+        self.atomically(|c| c.register_inner(req, now))
+    }
+
+    fn register_inner(&mut self, req: pb::RegisterRequest, now: Now) -> Result<pb::RegisterResponse, Error> {
+        validate::name("name", &req.name, true)?;
+        if req.slots == 0 || req.slots > 1024 {
+            return Err(Error::invalid(
+                "slots",
+                format!("{} is out of range 1..=1024", req.slots),
+            ));
+        }
+        let labels = labels::from_wire("labels", &req.labels)?;
+        if req.runners.is_empty() {
+            return Err(Error::invalid(
+                "runners",
+                "a worker must offer at least one runner",
+            ));
+        }
+        let mut runners = HashMap::new();
+        for r in &req.runners {
+            validate::name("runners", &r.name, true)?;
+            let kind = RunnerKind::from_wire(r.kind).ok_or_else(|| {
+                Error::invalid(
+                    "runners",
+                    format!("runner '{}' has an unknown kind {}", r.name, r.kind),
+                )
+            })?;
+            if let Some(&known) = self.known_runners.get(&r.name)
+                && known != kind
+            {
+                return Err(Error::invalid(
+                    "runners",
+                    format!(
+                        "runner '{}' is registered as kind '{known}' by other workers, not '{kind}'",
+                        r.name
+                    ),
+                ));
+            }
+            runners.insert(r.name.clone(), kind);
+        }
+        let id = WorkerId::new();
+        let mut offers: Vec<RunnerOffer> = runners
+            .iter()
+            .map(|(name, kind)| RunnerOffer {
+                name: name.clone(),
+                kind: *kind,
+            })
+            .collect();
+        offers.sort();
+        let row = WorkerRow {
+            id,
+            name: req.name,
+            slots: req.slots,
+            labels,
+            runners: offers,
+            registered_ms: now.ms,
+            last_seen_ms: now.ms,
+            state: WorkerState::Live,
+        };
+        self.store.upsert_worker(&row)?;
+        for (n, k) in &runners {
+            self.known_runners.insert(n.clone(), *k);
+        }
+        info!(worker = %id, name = %row.name, slots = row.slots, "worker registered");
+        self.fleet_version += 1;
+        self.effects.workers_changed.insert(id);
+        self.workers.insert(
+            id,
+            WorkerEntry {
+                row,
+                runners,
+                last_seen: now.at,
+                attempts: HashSet::new(),
+            },
+        );
+        self.effects.work_added = true;
+        Ok(pb::RegisterResponse {
+            worker_id: id.to_string(),
+            heartbeat_interval_ms: self.cfg.heartbeat_interval.as_millis() as u64,
+            lease_ms: self.cfg.lease.as_millis() as u64,
+        })
+    }
+
+    pub fn heartbeat(
+        &mut self,
+        worker: WorkerId,
+        attempts: &[String],
+        now: Now,
+    ) -> Result<pb::HeartbeatResponse, Error> {
+        self.atomically(|c| {
+            let Some(w) = c.workers.get(&worker) else {
+                return Ok(pb::HeartbeatResponse {
+                    cancel_attempt_ids: Vec::new(),
+                    reregister: true,
+                });
+            };
+            if w.row.state == WorkerState::Gone {
+                return Ok(pb::HeartbeatResponse {
+                    cancel_attempt_ids: attempts.to_vec(),
+                    reregister: true,
+                });
+            }
+            let revived = c.write_touch(worker, now)?;
+            c.apply_touch(worker, revived, now);
+            let lease = c.cfg.lease;
+            let mut cancel = Vec::new();
+            for a in attempts {
+                match a.parse::<AttemptId>().ok().and_then(|id| c.attempts.get_mut(&id)) {
+                    Some(att) if att.worker == worker => att.lease_until = now.at + lease,
+                    _ => cancel.push(a.clone()),
+                }
+            }
+            Ok(pb::HeartbeatResponse {
+                cancel_attempt_ids: cancel,
+                reregister: false,
+            })
+        })
+    }
+
+    /// Any call from a worker proves it is alive: a lost worker that calls is live again. The
+    /// write half: stores the revival, if any; returns the row to apply.
+    pub(crate) fn write_touch(&mut self, worker: WorkerId, now: Now) -> Result<Option<WorkerRow>, Error> {
+        let Some(w) = self.workers.get(&worker) else {
+            return Ok(None);
+        };
+        if w.row.state != WorkerState::Lost {
+            return Ok(None);
+        }
+        let mut row = w.row.clone();
+        row.state = WorkerState::Live;
+        row.last_seen_ms = now.ms;
+        self.store.upsert_worker(&row)?;
+        Ok(Some(row))
+    }
+
+    /// The apply half of a touch: the worker was seen now.
+    pub(crate) fn apply_touch(&mut self, worker: WorkerId, revived: Option<WorkerRow>, now: Now) {
+        let Some(w) = self.workers.get_mut(&worker) else {
+            return;
+        };
+        w.last_seen = now.at;
+        w.row.last_seen_ms = now.ms;
+        self.effects.workers_changed.insert(worker);
+        if let Some(row) = revived {
+            w.row = row;
+            self.fleet_version += 1;
+            info!(worker = %worker, "worker is live again");
+            self.effects.work_added = true;
+        }
+    }
+
+    /// A worker leaves (drained): its attempts end and their tests go back, not held against
+    /// them. The attempts end independently (a hand-back counts nothing), so every decision is
+    /// taken first, then written, then applied.
+    pub fn deregister(&mut self, worker: WorkerId, now: Now) -> Result<(), Error> {
+        self.atomically(|c| {
+            let w = c
+                .workers
+                .get(&worker)
+                .ok_or_else(|| Error::not_found("worker", worker))?;
+            let mut row = w.row.clone();
+            row.state = WorkerState::Gone;
+            row.last_seen_ms = now.ms;
+            let mut ids: Vec<AttemptId> = w.attempts.iter().copied().collect();
+            ids.sort();
+            let reason = RequeueReason::Deregistered(row.name.clone());
+            let plans = ids
+                .into_iter()
+                .map(|a| c.decide_end_attempt(a, &reason, now))
+                .collect::<Result<Vec<_>, _>>()?;
+            c.store.upsert_worker(&row)?;
+            for p in &plans {
+                c.write_end_attempt(p)?;
+            }
+            let w = c.workers.get_mut(&worker).expect("checked above");
+            w.row = row;
+            c.fleet_version += 1;
+            c.effects.workers_changed.insert(worker);
+            for p in plans {
+                c.apply_end_attempt(p);
+            }
+            info!(worker = %worker, name = %c.worker_name(worker), "worker deregistered");
+            Ok(())
+        })
+    }
+
+    /// Marks live workers that fell silent for a lease as lost, each in its own message.
+    pub(crate) fn mark_silent_workers_lost(&mut self, now: Now) -> Result<(), Error> {
+        let lease = self.cfg.lease;
+        let silent: Vec<WorkerId> = self
+            .workers
+            .values()
+            .filter(|w| w.live() && w.last_seen + lease <= now.at)
+            .map(|w| w.row.id)
+            .collect();
+        for id in silent {
+            self.atomically(|c| {
+                let mut row = c.workers[&id].row.clone();
+                row.state = WorkerState::Lost;
+                c.store.upsert_worker(&row)?;
+                warn!(worker = %id, name = %row.name, "worker lost");
+                c.workers.get_mut(&id).expect("listed above").row = row;
+                c.fleet_version += 1;
+                c.effects.workers_changed.insert(id);
+                Ok(())
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Known workers, by name; gone ones only when asked.
+    pub fn list_workers(&self, include_gone: bool) -> Vec<pb::WorkerInfo> {
+        let mut out: Vec<_> = self
+            .workers
+            .values()
+            .filter(|w| include_gone || w.row.state != WorkerState::Gone)
+            .map(WorkerEntry::to_wire)
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name).then(a.worker_id.cmp(&b.worker_id)));
+        out
+    }
+}

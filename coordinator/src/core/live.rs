@@ -1,0 +1,87 @@
+//! What the core shows the read side: the live state of active runs (counts with what is
+//! running, shard progress) and of the fleet, which only memory knows. The actor copies the
+//! parts a batch changed into the shared [`LiveView`] after the batch committed.
+
+use shardgate_common::{Error, RunId, pb};
+
+use super::Core;
+use super::state::RunState;
+use crate::read::{LiveRun, LiveView};
+use crate::store::summary_of;
+
+impl Core {
+    /// A run's summary: from memory when active, from the store otherwise.
+    pub fn summary(&self, run: RunId) -> Result<pb::RunSummary, Error> {
+        if let Some(r) = self.runs.get(&run) {
+            return Ok(r.summary());
+        }
+        let (row, counts) = self
+            .store
+            .run_with_counts(run)?
+            .ok_or_else(|| Error::not_found("run", run))?;
+        Ok(summary_of(&row, counts.to_wire()))
+    }
+
+    fn live_run(&self, r: &RunState) -> LiveRun {
+        let mut shards: Vec<_> = self
+            .attempts
+            .iter()
+            .filter(|(_, a)| a.run == r.row.id)
+            .map(|(id, a)| pb::ShardProgress {
+                attempt_id: id.to_string(),
+                run_id: a.run.to_string(),
+                worker: self.worker_name(a.worker),
+                tests: a.total,
+                done: a.total - a.pending.len() as u32,
+                started_at_ms: a.started_ms,
+                shard_id: a.shard.to_string(),
+            })
+            .collect();
+        shards.sort_by(|a, b| a.attempt_id.cmp(&b.attempt_id));
+        LiveRun {
+            summary: r.summary(),
+            shards,
+        }
+    }
+
+    /// Everything live, as a fresh view.
+    pub fn live_view(&self) -> LiveView {
+        let mut view = LiveView::default();
+        for r in self.runs.values() {
+            view.runs.insert(r.row.id, self.live_run(r));
+        }
+        for w in self.workers.values() {
+            view.workers.insert(w.row.id, w.to_wire());
+        }
+        view
+    }
+
+    /// Copies what changed into `view`: changed runs (dropped once ended) and workers.
+    pub fn refresh_live(
+        &self,
+        view: &mut LiveView,
+        runs: &std::collections::HashSet<RunId>,
+        workers: &std::collections::HashSet<shardgate_common::WorkerId>,
+    ) {
+        for id in runs {
+            match self.runs.get(id) {
+                Some(r) => {
+                    view.runs.insert(*id, self.live_run(r));
+                }
+                None => {
+                    view.runs.remove(id);
+                }
+            }
+        }
+        for id in workers {
+            match self.workers.get(id) {
+                Some(w) => {
+                    view.workers.insert(*id, w.to_wire());
+                }
+                None => {
+                    view.workers.remove(id);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,293 @@
+//! The read side: everything that only reads (the JSON API, `GetRun`, `ListRuns`, the
+//! dashboard and gate lists, JUnit export) is served here, on a blocking pool with read-only
+//! connections, never on the scheduler thread, so readers never queue behind hand-outs and
+//! hand-outs never queue behind readers.
+//!
+//! Consistency: a read sees committed state. Stored data comes from the last committed
+//! transaction; the live part (counts with what is running, shard progress, the fleet), which
+//! only the core's memory has, comes from a [`LiveView`] the actor updates after each commit.
+//! A page of runs is one query, whatever its length.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, RwLock};
+
+use shardgate_common::{Error, RunId, WorkerId, pb};
+use tokio::sync::Semaphore;
+
+use crate::model::{CoreConfig, Now};
+use crate::policy;
+use crate::store::{Reads, summary_of};
+
+/// An active run as the core last committed it.
+#[derive(Debug, Clone)]
+pub struct LiveRun {
+    pub summary: pb::RunSummary,
+    pub shards: Vec<pb::ShardProgress>,
+}
+
+/// The live state only memory knows, copied out by the actor after each commit.
+#[derive(Debug, Clone, Default)]
+pub struct LiveView {
+    pub runs: HashMap<RunId, LiveRun>,
+    pub workers: BTreeMap<WorkerId, pb::WorkerInfo>,
+}
+
+/// The settings the read side needs to present what it reads.
+#[derive(Debug, Clone, Copy)]
+pub struct ReadConfig {
+    pub quarantine_threshold: f64,
+    pub quarantine_min_runs: u32,
+}
+
+impl From<&CoreConfig> for ReadConfig {
+    fn from(c: &CoreConfig) -> Self {
+        Self {
+            quarantine_threshold: c.quarantine_threshold,
+            quarantine_min_runs: c.quarantine_min_runs,
+        }
+    }
+}
+
+/// The read side of one coordinator.
+#[derive(Clone)]
+pub struct ReadSide {
+    reads: Arc<dyn Reads + Send + Sync>,
+    live: Arc<RwLock<LiveView>>,
+    cfg: ReadConfig,
+    /// Reads running at once; the rest wait here, not on the scheduler.
+    permits: Arc<Semaphore>,
+}
+
+impl std::fmt::Debug for ReadSide {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReadSide").finish_non_exhaustive()
+    }
+}
+
+impl ReadSide {
+    pub fn new(
+        reads: Arc<dyn Reads + Send + Sync>,
+        live: Arc<RwLock<LiveView>>,
+        cfg: ReadConfig,
+        concurrency: usize,
+    ) -> Self {
+        Self {
+            reads,
+            live,
+            cfg,
+            permits: Arc::new(Semaphore::new(concurrency.max(1))),
+        }
+    }
+
+    /// Runs `f` on the blocking pool with the store and a view of the live state.
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&dyn Reads, &Snapshot<'_>, ReadConfig) -> Result<T, Error> + Send + 'static,
+    ) -> Result<T, Error> {
+        let _permit = self
+            .permits
+            .acquire()
+            .await
+            .map_err(|_| Error::Unavailable("the read side has stopped".into()))?;
+        let reads = self.reads.clone();
+        let live = self.live.clone();
+        let cfg = self.cfg;
+        tokio::task::spawn_blocking(move || {
+            let snapshot = Snapshot { live: &live };
+            f(reads.as_ref(), &snapshot, cfg)
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("a read failed: {e}")))?
+    }
+
+    pub async fn get_run(&self, id: RunId, include_results: bool) -> Result<pb::GetRunResponse, Error> {
+        self.read(move |r, live, _| get_run(r, live, id, include_results))
+            .await
+    }
+
+    pub async fn list_runs(&self, limit: u32) -> Result<Vec<pb::RunSummary>, Error> {
+        self.read(move |r, live, _| list_runs(r, live, limit)).await
+    }
+
+    pub async fn list_workers(&self, include_gone: bool) -> Result<Vec<pb::WorkerInfo>, Error> {
+        self.read(move |_, live, _| Ok(live.workers(include_gone))).await
+    }
+
+    pub async fn progress(&self, run: Option<RunId>) -> Result<pb::RunProgressResponse, Error> {
+        self.read(move |r, live, _| progress(r, live, run)).await
+    }
+
+    pub async fn list_flaky(&self, suite: String, limit: u32) -> Result<Vec<pb::FlakyTest>, Error> {
+        self.read(move |r, _, cfg| list_flaky(r, cfg, &suite, limit))
+            .await
+    }
+
+    pub async fn list_quarantine(&self, suite: String) -> Result<Vec<pb::QuarantineEntry>, Error> {
+        self.read(move |r, _, _| list_quarantine(r, &suite)).await
+    }
+
+    pub async fn list_deploys(&self, limit: u32, now: Now) -> Result<pb::ListDeploysResponse, Error> {
+        self.read(move |r, _, _| list_deploys(r, limit, now)).await
+    }
+}
+
+/// The live view as one read sees it.
+pub struct Snapshot<'a> {
+    live: &'a RwLock<LiveView>,
+}
+
+impl<'a> Snapshot<'a> {
+    /// A snapshot of a view that is not shared (tests drive the core without an actor).
+    pub fn of(live: &'a RwLock<LiveView>) -> Self {
+        Self { live }
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&LiveView) -> T) -> T {
+        f(&self.live.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    fn run(&self, id: RunId) -> Option<LiveRun> {
+        self.with(|v| v.runs.get(&id).cloned())
+    }
+
+    fn workers(&self, include_gone: bool) -> Vec<pb::WorkerInfo> {
+        let mut out: Vec<_> = self.with(|v| {
+            v.workers
+                .values()
+                .filter(|w| include_gone || w.state != "gone")
+                .cloned()
+                .collect()
+        });
+        out.sort_by(|a, b| a.name.cmp(&b.name).then(a.worker_id.cmp(&b.worker_id)));
+        out
+    }
+}
+
+/// A run's summary (live when active) and, when asked, every result.
+pub fn get_run(
+    reads: &dyn Reads,
+    live: &Snapshot<'_>,
+    id: RunId,
+    include_results: bool,
+) -> Result<pb::GetRunResponse, Error> {
+    // The stored row first: when the live view no longer has the run, its end is stored.
+    let stored = reads.run_with_counts(id)?;
+    let summary = match (live.run(id), stored) {
+        (Some(l), _) => l.summary,
+        (None, Some((row, counts))) => summary_of(&row, counts.to_wire()),
+        (None, None) => return Err(Error::not_found("run", id)),
+    };
+    let results = if include_results {
+        reads.results(id)?
+    } else {
+        Vec::new()
+    };
+    Ok(pb::GetRunResponse {
+        run: Some(summary),
+        results,
+    })
+}
+
+/// The newest runs, newest first (at most 1,000; 50 by default), from one query.
+pub fn list_runs(reads: &dyn Reads, live: &Snapshot<'_>, limit: u32) -> Result<Vec<pb::RunSummary>, Error> {
+    let limit = if limit == 0 { 50 } else { limit.min(1000) };
+    Ok(reads
+        .runs_page(limit)?
+        .into_iter()
+        .map(|(row, counts)| match live.run(row.id) {
+            Some(l) => l.summary,
+            None => summary_of(&row, counts.to_wire()),
+        })
+        .collect())
+}
+
+/// Progress of one run, or of every active run, with the shards out on workers.
+pub fn progress(
+    reads: &dyn Reads,
+    live: &Snapshot<'_>,
+    run: Option<RunId>,
+) -> Result<pb::RunProgressResponse, Error> {
+    match run {
+        Some(id) => {
+            let summary = get_run(reads, live, id, false)?.run.unwrap_or_default();
+            let shards = live.run(id).map(|l| l.shards).unwrap_or_default();
+            Ok(pb::RunProgressResponse {
+                runs: vec![summary],
+                shards,
+            })
+        }
+        None => live.with(|v| {
+            let mut runs: Vec<&LiveRun> = v.runs.values().collect();
+            runs.sort_by(|a, b| a.summary.run_id.cmp(&b.summary.run_id));
+            let mut shards: Vec<pb::ShardProgress> =
+                runs.iter().flat_map(|r| r.shards.iter().cloned()).collect();
+            shards.sort_by(|a, b| a.attempt_id.cmp(&b.attempt_id));
+            Ok(pb::RunProgressResponse {
+                runs: runs.iter().map(|r| r.summary.clone()).collect(),
+                shards,
+            })
+        }),
+    }
+}
+
+/// The flakiest tests of `suite`, with whether each is quarantined or proposed for it.
+pub fn list_flaky(
+    reads: &dyn Reads,
+    cfg: ReadConfig,
+    suite: &str,
+    limit: u32,
+) -> Result<Vec<pb::FlakyTest>, Error> {
+    if suite.is_empty() {
+        return Err(Error::invalid("suite", "name the suite"));
+    }
+    let limit = if limit == 0 { 50 } else { limit.min(10_000) };
+    let quarantined: HashSet<String> = reads
+        .quarantine(Some(suite))?
+        .into_iter()
+        .map(|q| q.test_id)
+        .collect();
+    Ok(reads
+        .flakiness(suite, limit)?
+        .into_iter()
+        .map(|f| {
+            let q = quarantined.contains(&f.test_id);
+            pb::FlakyTest {
+                suite: suite.to_owned(),
+                flake_rate: policy::flake_rate(&f),
+                quarantined: q,
+                propose_quarantine: !q
+                    && policy::proposes_quarantine(&f, cfg.quarantine_min_runs, cfg.quarantine_threshold),
+                test_id: f.test_id,
+                runs: f.runs,
+                failures: f.failures,
+                flakes: f.flakes,
+                flips: f.flips,
+                last_flake_at_ms: f.last_flake_ms,
+                last_run_at_ms: f.last_run_ms,
+            }
+        })
+        .collect())
+}
+
+pub fn list_quarantine(reads: &dyn Reads, suite: &str) -> Result<Vec<pb::QuarantineEntry>, Error> {
+    let suite = (!suite.is_empty()).then_some(suite);
+    Ok(reads
+        .quarantine(suite)?
+        .into_iter()
+        .map(|q| q.to_wire())
+        .collect())
+}
+
+/// The deploy log and how often deploys happen.
+pub fn list_deploys(reads: &dyn Reads, limit: u32, now: Now) -> Result<pb::ListDeploysResponse, Error> {
+    let limit = if limit == 0 { 20 } else { limit.min(10_000) };
+    const DAY_MS: u64 = 24 * 3600 * 1000;
+    let last = reads.last_started_deploy()?;
+    Ok(pb::ListDeploysResponse {
+        last_started_at_ms: last.as_ref().map(|d| d.started_ms).unwrap_or(0),
+        last_requested_by: last.map(|d| d.requested_by).unwrap_or_default(),
+        last_day: reads.deploys_since(now.ms.saturating_sub(DAY_MS))?,
+        last_week: reads.deploys_since(now.ms.saturating_sub(7 * DAY_MS))?,
+        deploys: reads.deploys(limit)?.into_iter().map(|d| d.to_wire()).collect(),
+    })
+}

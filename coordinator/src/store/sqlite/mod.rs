@@ -1,0 +1,181 @@
+//! The SQLite store, the embedded default: one writer connection owned by the scheduler actor,
+//! read-only connections for the read side, and a background thread for WAL checkpoints.
+//!
+//! Durability: WAL mode with `synchronous=NORMAL`, which survives a crash or `kill -9` of the
+//! coordinator (the WAL is in the OS page cache) but may lose the last transactions on a power
+//! failure. One writer per database: [`SqliteStore::open`] takes an exclusive lock on
+//! `<db>.lock`, which the OS drops when the process dies, so a dead coordinator's database is
+//! taken over at once and a live one's is refused with the holder named.
+
+mod fleet;
+mod gate;
+mod history;
+mod lock;
+mod reads;
+mod runs;
+mod schema;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+pub use lock::WriterLock;
+pub use reads::SqliteReader;
+use rusqlite::Connection;
+
+use super::{StoreError, StoreResult, Transactions};
+
+/// The writer's connection to a SQLite database.
+pub struct SqliteStore {
+    conn: Connection,
+    /// Set when the store is dropped, to stop the background checkpointer.
+    stop_checkpoints: Option<Arc<AtomicBool>>,
+    /// Held for as long as the store lives (none for `:memory:`).
+    _lock: Option<WriterLock>,
+}
+
+impl Drop for SqliteStore {
+    fn drop(&mut self) {
+        if let Some(stop) = &self.stop_checkpoints {
+            stop.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore").finish_non_exhaustive()
+    }
+}
+
+fn open_err(path: &str) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
+    move |e| StoreError::Open {
+        path: path.to_owned(),
+        reason: e.to_string(),
+    }
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `path` as its only writer; `:memory:` gives a
+    /// private in-memory database for tests. Staged runs of a submission that never finished
+    /// are deleted.
+    pub fn open(path: &Path) -> StoreResult<Self> {
+        let shown = path.display().to_string();
+        let lock = if path == Path::new(":memory:") {
+            None
+        } else {
+            Some(WriterLock::acquire(path)?)
+        };
+        let conn = Connection::open(path).map_err(open_err(&shown))?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(open_err(&shown))?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(open_err(&shown))?;
+        conn.pragma_update(None, "foreign_keys", "ON")
+            .map_err(open_err(&shown))?;
+        // 64 MiB of page cache: a large run's working set stays in memory between commits.
+        conn.pragma_update(None, "cache_size", -65536)
+            .map_err(open_err(&shown))?;
+        conn.busy_timeout(Duration::from_secs(5))
+            .map_err(open_err(&shown))?;
+        schema::migrate(&conn, &shown)?;
+        let mut store = Self {
+            conn,
+            stop_checkpoints: None,
+            _lock: lock,
+        };
+        let staged = super::RunStore::delete_staged_runs(&mut store)?;
+        if staged > 0 {
+            tracing::warn!(runs = staged, "deleted runs whose submission never finished");
+        }
+        Ok(store)
+    }
+
+    /// Moves WAL checkpoints off the writer: the writer no longer checkpoints when it commits
+    /// (a checkpoint syncs the disk and would stall every reply of that batch), and a thread
+    /// with its own connection runs passive checkpoints, which never block the writer, every
+    /// `every`. Stops when the store is dropped.
+    pub fn checkpoint_in_background(&mut self, path: &Path, every: Duration) -> StoreResult<()> {
+        let shown = path.display().to_string();
+        let conn = Connection::open(path).map_err(open_err(&shown))?;
+        self.conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        self.stop_checkpoints = Some(stop.clone());
+        std::thread::Builder::new()
+            .name("shardgate-checkpoint".into())
+            .spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(every);
+                    if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                        tracing::warn!(error = %e, "background checkpoint failed");
+                    }
+                }
+            })
+            .map_err(|e| StoreError::Open {
+                path: shown,
+                reason: format!("failed to start the checkpoint thread: {e}"),
+            })?;
+        Ok(())
+    }
+}
+
+impl Transactions for SqliteStore {
+    fn begin_batch(&mut self) -> StoreResult<()> {
+        self.conn.execute_batch("BEGIN IMMEDIATE")?;
+        Ok(())
+    }
+
+    fn commit_batch(&mut self) -> StoreResult<()> {
+        self.conn.execute_batch("COMMIT")?;
+        Ok(())
+    }
+
+    fn savepoint(&mut self) -> StoreResult<()> {
+        self.conn.execute_batch("SAVEPOINT message")?;
+        Ok(())
+    }
+
+    fn release(&mut self) -> StoreResult<()> {
+        self.conn.execute_batch("RELEASE message")?;
+        Ok(())
+    }
+
+    fn rollback(&mut self) -> StoreResult<()> {
+        self.conn.execute_batch("ROLLBACK TO message; RELEASE message")?;
+        Ok(())
+    }
+}
+
+/// Where a connection for a read comes from: the writer's own, or one of the read pool's.
+pub(crate) trait WithConn {
+    fn with_conn<T>(&self, f: impl FnOnce(&Connection) -> StoreResult<T>) -> StoreResult<T>;
+}
+
+impl WithConn for SqliteStore {
+    fn with_conn<T>(&self, f: impl FnOnce(&Connection) -> StoreResult<T>) -> StoreResult<T> {
+        f(&self.conn)
+    }
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_string(v).expect("plain data always serializes")
+}
+
+fn from_json<T: serde::de::DeserializeOwned>(table: &'static str, s: &str) -> StoreResult<T> {
+    serde_json::from_str(s).map_err(|e| StoreError::Corrupt {
+        table,
+        reason: format!("bad JSON {s:?}: {e}"),
+    })
+}
+
+/// A stored id or state in its text form.
+fn parse<T: std::str::FromStr>(table: &'static str, s: &str) -> StoreResult<T> {
+    s.parse().map_err(|_| StoreError::Corrupt {
+        table,
+        reason: format!("bad value '{s}'"),
+    })
+}
+
+#[cfg(test)]
+mod tests;

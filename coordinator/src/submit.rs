@@ -1,0 +1,65 @@
+//! Submitting a run without stalling hand-outs. A small run is one message to the actor. A
+//! large one is checked on the actor (its fields only), validated and planned on a blocking
+//! thread from the read side's connections, written in parts of [`SUBMIT_PART`] tests (each a
+//! message of its own, staged: invisible to reads and restarts), and made visible and queued in
+//! a last message. Between parts the actor serves everyone else.
+//!
+//! A submission that fails part-way leaves a staged run behind, which nobody sees and the next
+//! start of the coordinator deletes.
+
+use std::sync::Arc;
+
+use shardgate_common::{Error, pb, validate};
+
+use crate::actor::Handle;
+use crate::core::PlannedTests;
+use crate::model::Now;
+use crate::store::Reads;
+
+/// Tests written per message of a staged submission: small enough that a part takes a few
+/// milliseconds of the actor's time.
+pub const SUBMIT_PART: usize = 10_000;
+
+/// Submits `req`: in one message when small, in staged parts when large.
+pub async fn submit(
+    handle: &Handle,
+    reads: Arc<dyn Reads + Send + Sync>,
+    mut req: pb::SubmitRunRequest,
+) -> Result<pb::RunSummary, Error> {
+    if req.tests.len() <= SUBMIT_PART {
+        return handle.call(move |core, now| core.submit(req, now)).await;
+    }
+    let tests = Arc::new(std::mem::take(&mut req.tests));
+    let prepared = handle.call(move |core, now| core.prepare_run(&req, now)).await?;
+    let planned = {
+        let tests = tests.clone();
+        let (kind, suite, policy) = (prepared.kind, prepared.row.suite.clone(), prepared.row.policy);
+        tokio::task::spawn_blocking(move || -> Result<PlannedTests, Error> {
+            validate::test_list(kind, &tests)?;
+            let now = Now::real();
+            let history = reads.history(&suite)?;
+            let since = now.ms.saturating_sub(crate::core::FLAKY_MEMORY_MS);
+            let flaky = reads.flaky_tests(&suite, since)?;
+            Ok(PlannedTests::new(tests.to_vec(), &history, &flaky, policy, now))
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("failed to plan the run: {e}")))??
+    };
+    let run = prepared.row.id;
+    {
+        let (prepared, tests) = (prepared.clone(), tests.clone());
+        handle
+            .call(move |core, _| core.stage_run(&prepared, &tests[..SUBMIT_PART]))
+            .await?;
+    }
+    for start in (SUBMIT_PART..tests.len()).step_by(SUBMIT_PART) {
+        let tests = tests.clone();
+        let end = (start + SUBMIT_PART).min(tests.len());
+        handle
+            .call(move |core, _| core.stage_tests(run, start as u32, &tests[start..end]))
+            .await?;
+    }
+    handle
+        .call(move |core, _| core.activate_run(prepared, planned))
+        .await
+}
