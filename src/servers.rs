@@ -76,6 +76,8 @@ pub async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
     let mut config = shardgate_coordinator::Config::new(args.db.clone());
     config.core = core_config(&args.tuning)?;
     config.rollout = rollout_config(&args.rollout)?;
+    // The database first: the addresses are printed only by a coordinator that holds it.
+    let opened = shardgate_coordinator::server::open(config)?;
     let grpc = TcpListener::bind(args.grpc_addr)
         .await
         .with_context(|| format!("failed to bind --grpc-addr {}", args.grpc_addr))?;
@@ -90,7 +92,7 @@ pub async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
     writeln!(out, "{ready}")?;
     out.flush()?;
     drop(out);
-    shardgate_coordinator::run(config, grpc, Some(http), util::shutdown_signal()).await?;
+    opened.serve(grpc, Some(http), util::shutdown_signal()).await?;
     Ok(())
 }
 

@@ -58,26 +58,80 @@ pub enum ServeError {
     Reflection(#[from] tonic_reflection::server::Error),
 }
 
-/// Serves until `shutdown` completes. `http` is optional: an embedded coordinator may skip it.
-pub async fn run(
+/// A coordinator whose database is open (and held: one writer per database) and whose state
+/// is loaded, ready to serve.
+pub struct Opened {
     config: Config,
-    grpc: TcpListener,
-    http: Option<TcpListener>,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), ServeError> {
+    core: Core,
+    store_reads: std::sync::Arc<dyn Reads + Send + Sync>,
+}
+
+impl std::fmt::Debug for Opened {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Opened")
+            .field("db", &self.config.db)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Opens the database (refusing one another live coordinator holds) and loads the state.
+pub fn open(config: Config) -> Result<Opened, ServeError> {
     let mut store = SqliteStore::open(&config.db)?;
     store.checkpoint_in_background(&config.db, Duration::from_millis(500))?;
     let store_reads: std::sync::Arc<dyn Reads + Send + Sync> =
         std::sync::Arc::new(SqliteReader::open(&config.db, READ_CONCURRENCY)?);
     let mut core_config = config.core.clone();
     core_config.rollout_configured = config.rollout.is_configured();
-    let read_config = ReadConfig::from(&core_config);
     let core = Core::open(core_config, store, Now::real())?;
-    let handle = actor::spawn(core, config.tick);
-    let reads = ReadSide::new(store_reads.clone(), handle.live(), read_config, READ_CONCURRENCY);
-    tokio::spawn(crate::rollout::run(handle.clone(), config.rollout.clone()));
-    let services = Services::new(handle.clone(), reads.clone(), store_reads);
+    Ok(Opened {
+        config,
+        core,
+        store_reads,
+    })
+}
 
+/// Opens and serves until `shutdown` completes. `http` is optional: an embedded coordinator may
+/// skip it.
+pub async fn run(
+    config: Config,
+    grpc: TcpListener,
+    http: Option<TcpListener>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    open(config)?.serve(grpc, http, shutdown).await
+}
+
+impl Opened {
+    /// Serves until `shutdown` completes.
+    pub async fn serve(
+        self,
+        grpc: TcpListener,
+        http: Option<TcpListener>,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServeError> {
+        let Opened {
+            config,
+            core,
+            store_reads,
+        } = self;
+        let read_config = ReadConfig::from(core.config());
+        let handle = actor::spawn(core, config.tick);
+        let reads = ReadSide::new(store_reads.clone(), handle.live(), read_config, READ_CONCURRENCY);
+        tokio::spawn(crate::rollout::run(handle.clone(), config.rollout.clone()));
+        let services = Services::new(handle.clone(), reads.clone(), store_reads);
+        serve_all(config, handle, reads, services, grpc, http, shutdown).await
+    }
+}
+
+async fn serve_all(
+    config: Config,
+    handle: actor::Handle,
+    reads: ReadSide,
+    services: Services,
+    grpc: TcpListener,
+    http: Option<TcpListener>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
         .set_serving::<pb::run_service_server::RunServiceServer<Services>>()

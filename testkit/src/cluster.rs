@@ -309,6 +309,11 @@ impl Cluster {
         self.coordinator = Some(child);
     }
 
+    /// The process id of the running coordinator.
+    pub fn coordinator_pid(&self) -> Option<u32> {
+        self.coordinator.as_ref().map(|c| c.id())
+    }
+
     /// Kills the coordinator with SIGKILL: no chance to flush or say goodbye.
     pub fn kill_coordinator(&mut self) {
         if let Some(mut c) = self.coordinator.take() {

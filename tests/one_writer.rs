@@ -1,0 +1,52 @@
+//! One writer per database: a second coordinator on a live coordinator's database refuses to
+//! start and names the holder; once the holder is killed with SIGKILL a new coordinator takes
+//! the database over at once, with no clean-up, and resumes the run.
+
+mod harness;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use harness::{Cluster, bin, suite, wait_for};
+
+#[test]
+fn a_second_coordinator_is_refused_and_takes_over_once_the_holder_is_killed() {
+    let mut cluster = Cluster::builder().workers(2).slots(1).start();
+    let tests = suite(&cluster.root, 12, &[3], "0.2");
+    let follower = cluster.follow(&tests, &[], Stdio::piped());
+    wait_for("a first result", Duration::from_secs(30), || {
+        let runs = cluster.client(&["runs", "--json"]).json();
+        let c = runs.as_array()?.first()?["counts"].clone();
+        (c["passed"].as_u64()? + c["failed"].as_u64()? >= 1).then_some(())
+    });
+
+    let holder = cluster.coordinator_pid().unwrap();
+    let second = Command::new(bin("shardgate-coordinator"))
+        .args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
+        .arg("--db")
+        .arg(&cluster.db)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert_eq!(second.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("is held by another coordinator") && stderr.contains(&format!("pid {holder}")),
+        "{stderr}"
+    );
+    assert!(second.stdout.is_empty(), "it never said it was serving");
+
+    // The holder dies hard; its replacement starts on the same database and finishes the run.
+    cluster.restart_coordinator();
+    let out = follower.wait_with_output().unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{e}: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            cluster.logs()
+        )
+    });
+    assert_eq!(out.status.code(), Some(1), "one failing test");
+    assert_eq!(report["tests"].as_array().unwrap().len(), tests.len());
+    assert_eq!(report["counts"]["failed"], 1);
+}
