@@ -4,6 +4,14 @@
 
 #![forbid(unsafe_code)]
 
+/// mimalloc rather than the system allocator: a coordinator rendering megabytes of JSON for
+/// dashboards frees large blocks all the time, and glibc returns them with `munmap`, which takes
+/// the process-wide memory-map lock and stalls every other thread, the scheduler included
+/// (`shardgate-bench reads`: hand-out p99 with 50 readers 2.2x of quiet with glibc, 1.3x or less
+/// with mimalloc).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 pub mod args;
 pub mod client;
 pub mod display;

@@ -4,13 +4,18 @@
 //! - `sim`: scheduling strategies on the same synthetic workloads in simulated time.
 //! - `chaos`: faulted runs on real processes, checked by the history checker.
 //! - `flaky`: false reds per retry policy on a suite with flaky tests.
+//! - `reads`: hand-out latency with readers and during a large submission.
 
 use clap::{Parser, Subcommand};
+
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod chaos;
 mod flaky;
 mod load;
 mod mem;
+mod reads;
 mod real;
 mod sim;
 mod workload;
@@ -36,6 +41,9 @@ enum Command {
     Chaos(chaos::ChaosArgs),
     /// False-red rate of retry policies on a suite with flaky tests, through the real core.
     Flaky(flaky::FlakyArgs),
+    /// Hand-out latency alone, with 50 readers of a 100,000-test run, and during a
+    /// 1,000,000-test submission.
+    Reads(reads::ReadsArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -73,6 +81,7 @@ fn main() -> anyhow::Result<()> {
         Command::Real(a) => real::run(a),
         Command::Chaos(a) => chaos::run(a),
         Command::Flaky(a) => flaky::run(a),
+        Command::Reads(a) => tokio::runtime::Runtime::new()?.block_on(reads::run(a)),
     }
 }
 

@@ -74,19 +74,17 @@ async fn list_runs(
     Ok(Json(runs.iter().map(|r| RunReport::new(r, &[])).collect()))
 }
 
-async fn get_run(State(app): State<AppState>, Path(id): Path<String>) -> Result<Json<RunReport>, ApiError> {
+async fn get_run(State(app): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
     let id = RunId::parse_field("run id", &id)?;
-    let resp = app.reads.get_run(id, true).await?;
-    let run = resp.run.unwrap_or_default();
-    Ok(Json(RunReport::new(&run, &resp.results)))
+    // Rendered off the async workers: a large run's JSON is megabytes.
+    let body = app.reads.run_report_json(id).await?;
+    Ok(([(axum::http::header::CONTENT_TYPE, "application/json")], body).into_response())
 }
 
 /// The run as JUnit XML (Surefire's dialect), for CI pages that read JUnit.
 async fn get_run_junit(State(app): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
     let id = RunId::parse_field("run id", &id)?;
-    let resp = app.reads.get_run(id, true).await?;
-    let run = resp.run.unwrap_or_default();
-    let xml = shardgate_common::junit::to_junit(&RunReport::new(&run, &resp.results));
+    let xml = app.reads.run_junit(id).await?;
     Ok((
         [(axum::http::header::CONTENT_TYPE, "application/xml; charset=utf-8")],
         xml,

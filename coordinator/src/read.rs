@@ -1,7 +1,7 @@
 //! The read side: everything that only reads (the JSON API, `GetRun`, `ListRuns`, the
-//! dashboard and gate lists, JUnit export) is served here, on a blocking pool with read-only
-//! connections, never on the scheduler thread, so readers never queue behind hand-outs and
-//! hand-outs never queue behind readers.
+//! dashboard and gate lists, JUnit export) is served here, on threads of the lowest CPU
+//! priority with read-only connections, never on the scheduler thread, so readers never queue
+//! behind hand-outs and hand-outs never queue (or wait for a core) behind readers.
 //!
 //! Consistency: a read sees committed state. Stored data comes from the last committed
 //! transaction; the live part (counts with what is running, shard progress, the fleet), which
@@ -9,8 +9,9 @@
 //! A page of runs is one query, whatever its length.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
+use shardgate_common::report::RunReport;
 use shardgate_common::{Error, RunId, WorkerId, pb};
 use tokio::sync::Semaphore;
 
@@ -48,6 +49,72 @@ impl From<&CoreConfig> for ReadConfig {
     }
 }
 
+/// Threads at the lowest CPU priority for work that must never slow the scheduler: reads,
+/// rendering large responses, planning large submissions. However many readers come, the
+/// scheduler thread and the RPCs in front of it get the CPU first.
+pub struct Background {
+    jobs: Mutex<std::sync::mpsc::Sender<Job>>,
+}
+
+type Job = Box<dyn FnOnce() + Send>;
+
+impl std::fmt::Debug for Background {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Background").finish_non_exhaustive()
+    }
+}
+
+impl Background {
+    /// Starts `threads` threads; they stop when the pool is dropped.
+    pub fn start(threads: usize) -> Arc<Self> {
+        let (tx, rx) = std::sync::mpsc::channel::<Job>();
+        let rx = Arc::new(Mutex::new(rx));
+        for i in 0..threads.max(1) {
+            let rx = rx.clone();
+            std::thread::Builder::new()
+                .name(format!("shardgate-read-{i}"))
+                .spawn(move || {
+                    if let Err(e) =
+                        thread_priority::set_current_thread_priority(thread_priority::ThreadPriority::Min)
+                    {
+                        tracing::warn!(error = ?e, "failed to lower the read thread's priority");
+                    }
+                    loop {
+                        let job = match rx.lock().unwrap_or_else(|p| p.into_inner()).recv() {
+                            Ok(job) => job,
+                            Err(_) => return,
+                        };
+                        job();
+                    }
+                })
+                .expect("failed to start a read thread");
+        }
+        Arc::new(Self { jobs: Mutex::new(tx) })
+    }
+
+    /// Runs `f` on the pool and awaits its result.
+    pub async fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T, Error> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.jobs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .send(Box::new(move || {
+                let _ = tx.send(f());
+            }))
+            .map_err(|_| Error::Unavailable("the read threads have stopped".into()))?;
+        rx.await
+            .map_err(|_| Error::Internal("a read thread failed".into()))
+    }
+}
+
+/// Gives the calling thread the lowest CPU priority (nice 19 on Linux), for work that must
+/// never take the CPU from the scheduler.
+pub fn lower_priority() {
+    if let Err(e) = thread_priority::set_current_thread_priority(thread_priority::ThreadPriority::Min) {
+        tracing::warn!(error = ?e, "failed to lower a thread's priority");
+    }
+}
+
 /// The read side of one coordinator.
 #[derive(Clone)]
 pub struct ReadSide {
@@ -56,6 +123,7 @@ pub struct ReadSide {
     cfg: ReadConfig,
     /// Reads running at once; the rest wait here, not on the scheduler.
     permits: Arc<Semaphore>,
+    pool: Arc<Background>,
 }
 
 impl std::fmt::Debug for ReadSide {
@@ -76,7 +144,13 @@ impl ReadSide {
             live,
             cfg,
             permits: Arc::new(Semaphore::new(concurrency.max(1))),
+            pool: Background::start(concurrency),
         }
+    }
+
+    /// The low-priority threads reads run on, for other work that must not slow the scheduler.
+    pub fn background(&self) -> Arc<Background> {
+        self.pool.clone()
     }
 
     /// Runs `f` on the blocking pool with the store and a view of the live state.
@@ -92,17 +166,40 @@ impl ReadSide {
         let reads = self.reads.clone();
         let live = self.live.clone();
         let cfg = self.cfg;
-        tokio::task::spawn_blocking(move || {
-            let snapshot = Snapshot { live: &live };
-            f(reads.as_ref(), &snapshot, cfg)
-        })
-        .await
-        .map_err(|e| Error::Internal(format!("a read failed: {e}")))?
+        self.pool
+            .run(move || {
+                let snapshot = Snapshot { live: &live };
+                f(reads.as_ref(), &snapshot, cfg)
+            })
+            .await?
     }
 
     pub async fn get_run(&self, id: RunId, include_results: bool) -> Result<pb::GetRunResponse, Error> {
         self.read(move |r, live, _| get_run(r, live, id, include_results))
             .await
+    }
+
+    /// A run with every result as the JSON report, rendered on the read side's thread.
+    pub async fn run_report_json(&self, id: RunId) -> Result<Vec<u8>, Error> {
+        self.read(move |r, live, _| {
+            let resp = get_run(r, live, id, true)?;
+            let report = RunReport::new(&resp.run.unwrap_or_default(), &resp.results);
+            serde_json::to_vec(&report)
+                .map_err(|e| Error::Internal(format!("failed to render run '{id}': {e}")))
+        })
+        .await
+    }
+
+    /// A run as JUnit XML, rendered on the read side's thread.
+    pub async fn run_junit(&self, id: RunId) -> Result<String, Error> {
+        self.read(move |r, live, _| {
+            let resp = get_run(r, live, id, true)?;
+            Ok(shardgate_common::junit::to_junit(&RunReport::new(
+                &resp.run.unwrap_or_default(),
+                &resp.results,
+            )))
+        })
+        .await
     }
 
     pub async fn list_runs(&self, limit: u32) -> Result<Vec<pb::RunSummary>, Error> {

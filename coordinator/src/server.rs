@@ -20,8 +20,9 @@ use crate::store::{Reads, SqliteReader, SqliteStore, StoreError};
 /// Largest gRPC message accepted, so a whole large suite fits in one `SubmitRun`.
 pub use shardgate_common::limits::MAX_MESSAGE_BYTES;
 
-/// Reads served at once by the read side (each on a blocking thread with its own connection).
-const READ_CONCURRENCY: usize = 8;
+/// Reads served at once by the read side, each on a low-priority thread with its own
+/// connection.
+const READ_CONCURRENCY: usize = 2;
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -168,12 +169,7 @@ async fn serve_all(
         Some(listener) => {
             info!(http = %listener.local_addr()?, "http serving");
             let app = crate::http::router(handle.clone(), reads);
-            let rx = stop_rx.clone();
-            Some(tokio::spawn(async move {
-                axum::serve(listener, app)
-                    .with_graceful_shutdown(stopped(rx))
-                    .await
-            }))
+            Some(spawn_http(listener, app, stop_rx.clone())?)
         }
         None => None,
     };
@@ -202,6 +198,41 @@ async fn serve_all(
     }
     info!("coordinator stopped");
     Ok(())
+}
+
+/// Serves HTTP on a runtime of its own, whose threads run at the lowest CPU priority: the
+/// dashboard and the JSON API are reads, and a storm of them must not take the CPU from the
+/// workers' RPCs and the scheduler.
+fn spawn_http(
+    listener: TcpListener,
+    app: axum::Router,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> std::io::Result<tokio::sync::oneshot::Receiver<std::io::Result<()>>> {
+    let listener = listener.into_std()?;
+    let (done, result) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("shardgate-http".into())
+        .spawn(move || {
+            crate::read::lower_priority();
+            let served = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .thread_name("shardgate-http")
+                .on_thread_start(crate::read::lower_priority)
+                .enable_all()
+                .build()
+                .and_then(|rt| {
+                    rt.block_on(async move {
+                        let listener = TcpListener::from_std(listener)?;
+                        axum::serve(listener, app)
+                            .with_graceful_shutdown(async move {
+                                let _ = stop.wait_for(|s| *s).await;
+                            })
+                            .await
+                    })
+                });
+            let _ = done.send(served);
+        })?;
+    Ok(result)
 }
 
 /// Accepted connections with Nagle's algorithm off: a reply written in more than one piece

@@ -63,7 +63,8 @@ impl RunService for Services {
         req: Request<pb::SubmitRunRequest>,
     ) -> Result<Response<pb::SubmitRunResponse>, Status> {
         let req = req.into_inner();
-        let run = crate::submit::submit(&self.handle, self.store.clone(), req).await?;
+        let run =
+            crate::submit::submit(&self.handle, self.store.clone(), &self.reads.background(), req).await?;
         Ok(Response::new(pb::SubmitRunResponse {
             run_id: run.run_id.clone(),
             run: Some(run),

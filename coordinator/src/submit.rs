@@ -1,6 +1,6 @@
 //! Submitting a run without stalling hand-outs. A small run is one message to the actor. A
 //! large one is checked on the actor (its fields only), validated and planned on a blocking
-//! thread from the read side's connections, written in parts of [`SUBMIT_PART`] tests (each a
+//! low-priority thread from the read side's connections, written in parts of [`SUBMIT_PART`] tests (each a
 //! message of its own, staged: invisible to reads and restarts), and made visible and queued in
 //! a last message. Between parts the actor serves everyone else.
 //!
@@ -14,6 +14,7 @@ use shardgate_common::{Error, pb, validate};
 use crate::actor::Handle;
 use crate::core::PlannedTests;
 use crate::model::Now;
+use crate::read::Background;
 use crate::store::Reads;
 
 /// Tests written per message of a staged submission: small enough that a part takes a few
@@ -24,26 +25,28 @@ pub const SUBMIT_PART: usize = 10_000;
 pub async fn submit(
     handle: &Handle,
     reads: Arc<dyn Reads + Send + Sync>,
+    background: &Background,
     mut req: pb::SubmitRunRequest,
 ) -> Result<pb::RunSummary, Error> {
     if req.tests.len() <= SUBMIT_PART {
         return handle.call(move |core, now| core.submit(req, now)).await;
     }
+    let started = std::time::Instant::now();
     let tests = Arc::new(std::mem::take(&mut req.tests));
     let prepared = handle.call(move |core, now| core.prepare_run(&req, now)).await?;
     let planned = {
         let tests = tests.clone();
         let (kind, suite, policy) = (prepared.kind, prepared.row.suite.clone(), prepared.row.policy);
-        tokio::task::spawn_blocking(move || -> Result<PlannedTests, Error> {
-            validate::test_list(kind, &tests)?;
-            let now = Now::real();
-            let history = reads.history(&suite)?;
-            let since = now.ms.saturating_sub(crate::core::FLAKY_MEMORY_MS);
-            let flaky = reads.flaky_tests(&suite, since)?;
-            Ok(PlannedTests::new(tests.to_vec(), &history, &flaky, policy, now))
-        })
-        .await
-        .map_err(|e| Error::Internal(format!("failed to plan the run: {e}")))??
+        background
+            .run(move || -> Result<PlannedTests, Error> {
+                validate::test_list(kind, &tests)?;
+                let now = Now::real();
+                let history = reads.history(&suite)?;
+                let since = now.ms.saturating_sub(crate::core::FLAKY_MEMORY_MS);
+                let flaky = reads.flaky_tests(&suite, since)?;
+                Ok(PlannedTests::new(tests.to_vec(), &history, &flaky, policy, now))
+            })
+            .await??
     };
     let run = prepared.row.id;
     {
@@ -59,7 +62,17 @@ pub async fn submit(
             .call(move |core, _| core.stage_tests(run, start as u32, &tests[start..end]))
             .await?;
     }
-    handle
+    let staged = started.elapsed();
+    let summary = handle
         .call(move |core, _| core.activate_run(prepared, planned))
-        .await
+        .await?;
+    tracing::info!(
+        run = %run,
+        tests = tests.len(),
+        parts = tests.len().div_ceil(SUBMIT_PART),
+        staged_ms = staged.as_millis() as u64,
+        total_ms = started.elapsed().as_millis() as u64,
+        "large run submitted in parts"
+    );
+    Ok(summary)
 }
