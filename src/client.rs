@@ -1,276 +1,26 @@
-//! The client commands: submit and follow runs, show runs and workers. Following a run rides
-//! through coordinator restarts: the watch stream is re-opened with backoff until the run's
-//! verdict arrives or `--reconnect-for` runs out.
+//! The client commands that talk to a coordinator about runs: run, watch, status, cancel,
+//! runs, workers.
 
 use std::time::Duration;
 
-use anyhow::{Context, bail};
 use shardgate_common::pb::dashboard_service_client::DashboardServiceClient;
-use shardgate_common::pb::run_service_client::RunServiceClient;
 use shardgate_common::report::RunReport;
-use shardgate_common::{RunStatus, labels, pb};
-use tonic::transport::{Channel, Endpoint};
-use tonic::{Code, Status};
+use shardgate_common::{RunStatus, pb};
 
-use crate::args::{
-    CancelArgs, Cli, Command, ListArgs, RunArgs, RunOutput, RunRef, SubmitOptions, TestSource,
-};
-use crate::display::{Progress, print_report};
-use crate::{exit, gate, local, util};
+use crate::args::{CancelArgs, ListArgs, RunArgs, RunRef};
+use crate::connect::{connect, refused, run_client};
+use crate::display::Progress;
+use crate::exit;
+use crate::submit::{follow, report, submit_and_follow, submit_request};
 
-pub async fn main(cli: Cli) -> anyhow::Result<u8> {
-    match cli.command {
-        Command::Run(a) => run(a).await,
-        Command::Local(a) => local::run(a).await,
-        Command::Watch(r) => watch(r).await,
-        Command::Status(r) => status(r).await,
-        Command::Cancel(c) => cancel(c).await,
-        Command::Runs(l) => runs(l).await,
-        Command::Workers(l) => workers(l).await,
-        Command::Flaky(a) => gate::flaky(a).await,
-        Command::Quarantine(q) => gate::quarantine(q).await,
-        Command::Deploys(d) => gate::deploys(d).await,
-    }
-}
-
-/// Connects eagerly, so an unreachable coordinator is reported at once and by address. The
-/// channel reconnects by itself afterwards.
-pub async fn connect(url: &str) -> anyhow::Result<Channel> {
-    let endpoint =
-        Endpoint::from_shared(url.to_owned()).with_context(|| format!("invalid coordinator URL '{url}'"))?;
-    endpoint
-        .connect_timeout(Duration::from_secs(5))
-        .tcp_nodelay(true)
-        .connect()
-        .await
-        .with_context(|| format!("failed to connect to the coordinator at {url}"))
-}
-
-fn run_client(ch: Channel) -> RunServiceClient<Channel> {
-    RunServiceClient::new(ch)
-        .max_decoding_message_size(shardgate_common::limits::MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(shardgate_common::limits::MAX_MESSAGE_BYTES)
-}
-
-/// Turns a refusal into an error that says what the coordinator said.
-pub(crate) fn refused(what: &str, s: Status) -> anyhow::Error {
-    match s.code() {
-        Code::Unavailable => anyhow::anyhow!("{what}: the coordinator is unreachable: {}", s.message()),
-        _ => anyhow::anyhow!("{what}: {}", s.message()),
-    }
-}
-
-fn is_transient(s: &Status) -> bool {
-    matches!(
-        s.code(),
-        Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded
-    )
-}
-
-/// Builds the submission from the command line.
-pub fn submit_request(
-    runner: &str,
-    source: &TestSource,
-    opts: &SubmitOptions,
-) -> anyhow::Result<pb::SubmitRunRequest> {
-    let tests = match &source.tests_file {
-        Some(path) => util::read_tests_file(path)?,
-        None => Vec::new(),
-    };
-    Ok(pb::SubmitRunRequest {
-        suite: opts.suite.clone(),
-        revision: opts.revision.clone(),
-        requested_by: opts.requested_by.clone().unwrap_or_else(util::current_user),
-        runner: runner.to_owned(),
-        labels: labels::to_wire(&labels::parse("labels", &opts.labels)?),
-        tests,
-        discover: source.discover,
-        policy: Some(pb::RunPolicy {
-            test_timeout_ms: opts.test_timeout.map(|d| d.as_millis() as u64).unwrap_or(0),
-            max_infra_attempts: 0,
-            fail_first: opts.fail_first,
-            retries: opts.retries,
-            strict_flaky: opts.strict_flaky,
-            fail_fast: opts.fail_fast,
-            flaky_retries: opts.flaky_retries,
-        }),
-        priority: opts.priority,
-        rollout: opts.rollout,
-        authors: opts.authors.clone(),
-    })
-}
-
-async fn run(a: RunArgs) -> anyhow::Result<u8> {
+pub(crate) async fn run(a: RunArgs) -> anyhow::Result<u8> {
     let req = submit_request(&a.runner, &a.source, &a.submit)?;
     let ch = connect(&a.conn.coordinator).await?;
     let wait = a.submit.wait_rollout;
     submit_and_follow(ch, req, a.submit.reconnect_for, &a.output, wait).await
 }
 
-/// Submits, follows to the verdict, prints the report and returns the exit code.
-pub async fn submit_and_follow(
-    ch: Channel,
-    req: pb::SubmitRunRequest,
-    reconnect_for: Duration,
-    out: &RunOutput,
-    wait_rollout: bool,
-) -> anyhow::Result<u8> {
-    let mut client = run_client(ch.clone());
-    let resp = client
-        .submit_run(req)
-        .await
-        .map_err(|s| refused("the coordinator refused the run", s))?
-        .into_inner();
-    let mut progress = Progress::new();
-    progress.note(&format!("submitted run {}", resp.run_id));
-    follow(&mut client, &resp.run_id, reconnect_for, &mut progress).await?;
-    progress.finish();
-    let mut report = fetch_report(&mut client, &resp.run_id).await?;
-    let mut code = exit_code(report.status);
-    if wait_rollout && report.status == RunStatus::Passed {
-        progress.note("gate passed; waiting for the rollout");
-        let deploy = wait_for_deploy(ch, &resp.run_id, reconnect_for).await?;
-        code = match deploy.state.as_str() {
-            "succeeded" => exit::PASSED,
-            "failed" | "rolled_back" => exit::FAILED,
-            _ => exit::ERROR,
-        };
-        report.deploy = Some(deploy);
-    }
-    emit(&report, out)?;
-    Ok(code)
-}
-
-/// Polls the deploy log until the deploy of `run_id` has ended.
-async fn wait_for_deploy(
-    ch: Channel,
-    run_id: &str,
-    reconnect_for: Duration,
-) -> anyhow::Result<shardgate_common::report::DeployReport> {
-    let mut gate = shardgate_common::pb::gate_service_client::GateServiceClient::new(ch);
-    let mut lost_since: Option<tokio::time::Instant> = None;
-    loop {
-        match gate.list_deploys(pb::ListDeploysRequest { limit: 1000 }).await {
-            Ok(log) => {
-                lost_since = None;
-                let d = log
-                    .into_inner()
-                    .deploys
-                    .into_iter()
-                    .find(|d| d.run_id == run_id)
-                    .context("the gate passed but the run has no deploy")?;
-                if d.state != "pending" && d.state != "running" {
-                    return Ok(shardgate_common::report::DeployReport {
-                        deploy_id: d.deploy_id,
-                        state: d.state,
-                        started_at_ms: d.started_at_ms,
-                        finished_at_ms: d.finished_at_ms,
-                        detail: d.detail,
-                    });
-                }
-            }
-            Err(s) if is_transient(&s) => {
-                let since = *lost_since.get_or_insert_with(tokio::time::Instant::now);
-                if since.elapsed() > reconnect_for {
-                    return Err(refused("lost the coordinator while waiting for the rollout", s));
-                }
-            }
-            Err(s) => return Err(refused("failed to follow the rollout", s)),
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-}
-
-/// Follows a run's events until it ends, reconnecting through outages.
-pub async fn follow(
-    client: &mut RunServiceClient<Channel>,
-    run_id: &str,
-    reconnect_for: Duration,
-    progress: &mut Progress,
-) -> anyhow::Result<pb::RunSummary> {
-    let mut lost_since: Option<tokio::time::Instant> = None;
-    let mut delay = Duration::from_millis(200);
-    loop {
-        let req = pb::WatchRunRequest {
-            run_id: run_id.to_owned(),
-        };
-        match client.watch_run(req).await {
-            Ok(stream) => {
-                let mut stream = stream.into_inner();
-                loop {
-                    match stream.message().await {
-                        Ok(Some(ev)) => {
-                            if lost_since.take().is_some() {
-                                progress.note("reconnected to the coordinator");
-                                delay = Duration::from_millis(200);
-                            }
-                            progress.event(&ev);
-                            if let Some(pb::run_event::Event::Finished(s)) = ev.event {
-                                return Ok(s);
-                            }
-                        }
-                        Ok(None) => break,
-                        Err(s) if is_transient(&s) => break,
-                        Err(s) => return Err(refused("failed to follow the run", s)),
-                    }
-                }
-            }
-            Err(s) if is_transient(&s) => {}
-            Err(s) => return Err(refused("failed to follow the run", s)),
-        }
-        let since = *lost_since.get_or_insert_with(|| {
-            progress.note("lost the coordinator; reconnecting");
-            tokio::time::Instant::now()
-        });
-        if since.elapsed() > reconnect_for {
-            bail!(
-                "the coordinator was unreachable for longer than --reconnect-for ({reconnect_for:?}); run {run_id} may still be going"
-            );
-        }
-        tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(Duration::from_secs(3));
-    }
-}
-
-/// Fetches the run with its results, prints it, and maps the verdict to an exit code.
-async fn report(client: &mut RunServiceClient<Channel>, run_id: &str, out: &RunOutput) -> anyhow::Result<u8> {
-    let report = fetch_report(client, run_id).await?;
-    emit(&report, out)?;
-    Ok(exit_code(report.status))
-}
-
-/// Writes the report: JUnit to its file when asked, then text or JSON on stdout.
-fn emit(report: &RunReport, out: &RunOutput) -> anyhow::Result<()> {
-    if let Some(path) = &out.junit {
-        std::fs::write(path, shardgate_common::junit::to_junit(report))
-            .with_context(|| format!("failed to write JUnit XML to {}", path.display()))?;
-    }
-    print_report(report, out.json)?;
-    Ok(())
-}
-
-async fn fetch_report(client: &mut RunServiceClient<Channel>, run_id: &str) -> anyhow::Result<RunReport> {
-    let resp = client
-        .get_run(pb::GetRunRequest {
-            run_id: run_id.to_owned(),
-            include_results: true,
-        })
-        .await
-        .map_err(|s| refused("failed to get the run", s))?
-        .into_inner();
-    let run = resp.run.context("the coordinator sent a run without a summary")?;
-    Ok(RunReport::new(&run, &resp.results))
-}
-
-pub fn exit_code(status: RunStatus) -> u8 {
-    match status {
-        RunStatus::Passed => exit::PASSED,
-        RunStatus::Failed | RunStatus::Cancelled => exit::FAILED,
-        RunStatus::Errored | RunStatus::Queued | RunStatus::Running => exit::ERROR,
-    }
-}
-
-async fn watch(r: RunRef) -> anyhow::Result<u8> {
+pub(crate) async fn watch(r: RunRef) -> anyhow::Result<u8> {
     let mut client = run_client(connect(&r.conn.coordinator).await?);
     let mut progress = Progress::new();
     follow(&mut client, &r.run_id, Duration::from_secs(600), &mut progress).await?;
@@ -278,12 +28,12 @@ async fn watch(r: RunRef) -> anyhow::Result<u8> {
     report(&mut client, &r.run_id, &r.output).await
 }
 
-async fn status(r: RunRef) -> anyhow::Result<u8> {
+pub(crate) async fn status(r: RunRef) -> anyhow::Result<u8> {
     let mut client = run_client(connect(&r.conn.coordinator).await?);
     report(&mut client, &r.run_id, &r.output).await
 }
 
-async fn cancel(c: CancelArgs) -> anyhow::Result<u8> {
+pub(crate) async fn cancel(c: CancelArgs) -> anyhow::Result<u8> {
     let mut client = run_client(connect(&c.conn.coordinator).await?);
     let resp = client
         .cancel_run(pb::CancelRunRequest {
@@ -302,7 +52,7 @@ async fn cancel(c: CancelArgs) -> anyhow::Result<u8> {
     Ok(exit::PASSED)
 }
 
-async fn runs(l: ListArgs) -> anyhow::Result<u8> {
+pub(crate) async fn runs(l: ListArgs) -> anyhow::Result<u8> {
     let mut client = run_client(connect(&l.conn.coordinator).await?);
     let runs = client
         .list_runs(pb::ListRunsRequest { limit: 50 })
@@ -329,7 +79,7 @@ async fn runs(l: ListArgs) -> anyhow::Result<u8> {
     Ok(exit::PASSED)
 }
 
-async fn workers(l: ListArgs) -> anyhow::Result<u8> {
+pub(crate) async fn workers(l: ListArgs) -> anyhow::Result<u8> {
     let mut client = DashboardServiceClient::new(connect(&l.conn.coordinator).await?);
     let workers = client
         .list_workers(pb::ListWorkersRequest { include_gone: false })

@@ -4,7 +4,7 @@ use shardgate_common::pb;
 use shardgate_common::pb::gate_service_client::GateServiceClient;
 
 use crate::args::{DeploysArgs, FlakyArgs, QuarantineCommand};
-use crate::client::{connect, refused};
+use crate::connect::{connect, refused};
 use crate::exit;
 
 /// Milliseconds since the epoch as `YYYY-MM-DD HH:MM` UTC, or "-" for none.

@@ -13,11 +13,14 @@
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 pub mod args;
+pub mod cli;
 pub mod client;
+pub mod connect;
 pub mod display;
 pub mod gate;
 pub mod local;
 pub mod servers;
+pub mod submit;
 pub mod util;
 
 /// Exit codes, part of the contract (see the README).

@@ -15,14 +15,14 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::args::LocalArgs;
-use crate::client;
 use crate::servers::{MAX_OUTPUT_BYTES, core_config};
+use crate::{connect, submit};
 
 pub async fn run(a: LocalArgs) -> anyhow::Result<u8> {
     anyhow::ensure!(a.workers >= 1, "--workers must be at least 1");
     anyhow::ensure!(a.slots >= 1, "--slots must be at least 1");
     let exec = ExecRunner::new(&a.exec_root, MAX_OUTPUT_BYTES).context("invalid --exec-root")?;
-    let req = client::submit_request("exec", &a.source, &a.submit)?;
+    let req = submit::submit_request("exec", &a.source, &a.submit)?;
 
     let tmp = tempfile::tempdir().context("failed to create a temporary directory")?;
     let db = a.db.clone().unwrap_or_else(|| tmp.path().join("shardgate.db"));
@@ -61,9 +61,9 @@ pub async fn run(a: LocalArgs) -> anyhow::Result<u8> {
     }
 
     let result = async {
-        let ch = client::connect(&url).await?;
+        let ch = connect::connect(&url).await?;
         wait_for_workers(ch.clone(), a.workers as usize).await?;
-        client::submit_and_follow(ch, req, a.submit.reconnect_for, &a.output, a.submit.wait_rollout).await
+        submit::submit_and_follow(ch, req, a.submit.reconnect_for, &a.output, a.submit.wait_rollout).await
     }
     .await;
 

@@ -4,13 +4,13 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use shardgate::args::Cli;
-use shardgate::{client, exit, util};
+use shardgate::{exit, util};
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     util::init_logging("warn");
-    match client::main(cli).await {
+    match shardgate::cli::main(cli).await {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("error: {e:#}");

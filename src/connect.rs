@@ -1,0 +1,42 @@
+//! Connecting to the coordinator and turning its refusals into errors that say what it said.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use shardgate_common::pb::run_service_client::RunServiceClient;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+
+/// Connects eagerly, so an unreachable coordinator is reported at once and by address. The
+/// channel reconnects by itself afterwards.
+pub async fn connect(url: &str) -> anyhow::Result<Channel> {
+    let endpoint =
+        Endpoint::from_shared(url.to_owned()).with_context(|| format!("invalid coordinator URL '{url}'"))?;
+    endpoint
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true)
+        .connect()
+        .await
+        .with_context(|| format!("failed to connect to the coordinator at {url}"))
+}
+
+pub(crate) fn run_client(ch: Channel) -> RunServiceClient<Channel> {
+    RunServiceClient::new(ch)
+        .max_decoding_message_size(shardgate_common::limits::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(shardgate_common::limits::MAX_MESSAGE_BYTES)
+}
+
+/// Turns a refusal into an error that says what the coordinator said.
+pub(crate) fn refused(what: &str, s: Status) -> anyhow::Error {
+    match s.code() {
+        Code::Unavailable => anyhow::anyhow!("{what}: the coordinator is unreachable: {}", s.message()),
+        _ => anyhow::anyhow!("{what}: {}", s.message()),
+    }
+}
+
+pub(crate) fn is_transient(s: &Status) -> bool {
+    matches!(
+        s.code(),
+        Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded
+    )
+}
