@@ -9,8 +9,8 @@ use anyhow::{Context, bail};
 use shardgate_common::labels::Labels;
 use shardgate_common::pb;
 use shardgate_common::pb::dashboard_service_client::DashboardServiceClient;
-use shardgate_worker::exec::ExecRunner;
-use shardgate_worker::runner::Runner;
+use shardgate_worker::runners::ExecRunner;
+use shardgate_worker::runners::Runner;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 

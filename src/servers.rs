@@ -8,8 +8,8 @@ use anyhow::Context;
 use shardgate_common::labels;
 use shardgate_coordinator::CoreConfig;
 use shardgate_coordinator::rollout::RolloutConfig;
-use shardgate_worker::exec::ExecRunner;
-use shardgate_worker::runner::Runner;
+use shardgate_worker::runners::ExecRunner;
+use shardgate_worker::runners::Runner;
 use tokio::net::TcpListener;
 
 use crate::args::{CoordinatorArgs, CoordinatorTuning, RolloutArgs, WorkerArgs};

@@ -270,7 +270,18 @@ fn a_rust_crates_suite_under_nextest_sharded_over_three_workers_matches_a_direct
             "TIMEOUT" => "timed_out",
             _ => "failed",
         };
-        assert_eq!(ours[id], want, "{id}: nextest said {status}");
+        if ours[id] != want {
+            let ours = report["tests"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|t| t["id"] == id.as_str());
+            panic!(
+                "{id}: nextest said {status}, shardgate says {}\n{ours:#?}\n{}",
+                ours.map(|t| t["outcome"].to_string()).unwrap_or_default(),
+                cluster.logs()
+            );
+        }
     }
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert!(report["shards"].as_u64().unwrap() >= 3, "{}", report["shards"]);

@@ -10,9 +10,23 @@ use crate::pb;
 
 macro_rules! named_enum {
     ($name:ident, $pb:ty, $what:literal, { $($variant:ident => ($text:literal, $wire:ident)),+ $(,)? }) => {
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-        #[serde(rename_all = "snake_case")]
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
         pub enum $name { $($variant),+ }
+
+        // One spelling everywhere: serde uses the same text as the database, the command line
+        // and the logs.
+        impl Serialize for $name {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(self.as_str())
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let text = String::deserialize(d)?;
+                text.parse().map_err(serde::de::Error::custom)
+            }
+        }
 
         impl $name {
             pub const ALL: &'static [$name] = &[$($name::$variant),+];
@@ -46,7 +60,12 @@ macro_rules! named_enum {
             fn from_str(s: &str) -> Result<Self, Self::Err> {
                 match s {
                     $($text => Ok($name::$variant),)+
-                    _ => Err(format!("unknown {} '{}'", $what, s)),
+                    _ => Err(format!(
+                        "unknown {} '{}' (one of: {})",
+                        $what,
+                        s,
+                        [$($text),+].join(", ")
+                    )),
                 }
             }
         }

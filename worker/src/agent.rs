@@ -18,8 +18,7 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::exec::TestRun;
-use crate::runner::Runners;
+use crate::runners::{Runners, TestRun};
 
 /// How long an `AcquireShard` call may wait on the coordinator for work.
 const ACQUIRE_WAIT: Duration = Duration::from_secs(10);
@@ -318,7 +317,7 @@ async fn run_shard(shared: &Shared, worker: WorkerId, shard: pb::Shard) {
         Some(runner) if shard.kind == pb::ShardKind::Discover as i32 => {
             let (tests, error) = match runner.discover(&shard.revision).await {
                 Ok(t) => (t, String::new()),
-                Err(e) => (Vec::new(), e),
+                Err(e) => (Vec::new(), e.to_string()),
             };
             info!(tests = tests.len(), "discovered tests");
             let req = pb::ReportDiscoveryRequest {
@@ -355,6 +354,7 @@ async fn run_shard(shared: &Shared, worker: WorkerId, shard: pb::Shard) {
             if shared.kill.is_cancelled() {
                 "worker shutting down".to_owned()
             } else if let Err(e) = ran {
+                let e = e.to_string();
                 warn!(error = %e.lines().next().unwrap_or_default(), "runner failed; handing the shard back");
                 e
             } else {

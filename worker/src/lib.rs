@@ -5,14 +5,12 @@
 #![forbid(unsafe_code)]
 
 pub mod agent;
-pub mod command;
-pub mod exec;
 pub mod gotest;
 pub mod junit;
 pub mod libtest;
 pub mod output;
 pub mod process;
 pub mod profile;
-pub mod runner;
+pub mod runners;
 
 pub use agent::{Config, run};

@@ -26,9 +26,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::command::{CommandRunner, IdFormat};
-use crate::exec::ExecRunner;
-use crate::runner::{Runner, Runners};
+use shardgate_common::RunnerKind;
+
+use crate::runners::{self, CommandRunner, ExecRunner, IdFormat, Runner, Runners, ToolSpec};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProfileError {
@@ -47,21 +47,10 @@ struct File {
     runners: BTreeMap<String, Spec>,
 }
 
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "kebab-case")]
-enum Kind {
-    Exec,
-    Pytest,
-    Junit,
-    Nextest,
-    CargoTest,
-    GoTest,
-}
-
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Spec {
-    kind: Kind,
+    kind: RunnerKind,
     /// exec: the root directory of the tests.
     root: Option<PathBuf>,
     workdir: Option<PathBuf>,
@@ -119,8 +108,8 @@ pub fn parse(text: &str, max_output: usize) -> Result<Runners, ProfileError> {
         non_empty(&name, "list", &spec.list)?;
         non_empty(&name, "run", &spec.run)?;
         non_empty(&name, "setup", &spec.setup)?;
-        let runner = match spec.kind {
-            Kind::Exec => {
+        let runner = match runners::tool(spec.kind) {
+            None => {
                 let root = spec
                     .root
                     .as_ref()
@@ -130,7 +119,7 @@ pub fn parse(text: &str, max_output: usize) -> Result<Runners, ProfileError> {
                 }
                 Runner::Exec(ExecRunner::new(root, max_output).map_err(|e| invalid(&e.to_string()))?)
             }
-            Kind::Pytest | Kind::Junit | Kind::Nextest | Kind::CargoTest | Kind::GoTest => {
+            Some(tool) => {
                 let workdir = spec
                     .workdir
                     .clone()
@@ -138,85 +127,31 @@ pub fn parse(text: &str, max_output: usize) -> Result<Runners, ProfileError> {
                 if spec.root.is_some() {
                     return Err(invalid("root is for exec runners; use workdir"));
                 }
-                let (list, run, id) = if spec.kind == Kind::GoTest {
-                    if spec.run.is_some() || spec.id.is_some() {
-                        return Err(invalid(
-                            "go test builds its own run commands and ids; remove run and id",
-                        ));
-                    }
-                    (
-                        Some(spec.list.clone().unwrap_or_else(CommandRunner::go_test_list)),
-                        vec!["{tests}".to_owned()],
-                        IdFormat::Name,
-                    )
-                } else if spec.kind == Kind::CargoTest {
-                    if spec.id.is_some() {
-                        return Err(invalid("cargo test ids are libtest names; remove id"));
-                    }
-                    (
-                        Some(spec.list.clone().unwrap_or_else(CommandRunner::cargo_test_list)),
-                        spec.run.clone().unwrap_or_else(CommandRunner::cargo_test_run),
-                        IdFormat::Name,
-                    )
-                } else if spec.kind == Kind::Nextest {
-                    if spec.run.is_some() || spec.id.is_some() {
-                        return Err(invalid(
-                            "nextest builds its own run command and ids; remove run and id",
-                        ));
-                    }
-                    (
-                        Some(spec.list.clone().unwrap_or_else(CommandRunner::nextest_list)),
-                        vec!["{tests}".to_owned(), "{junit}".to_owned()],
-                        IdFormat::ClassnameSpaceName,
-                    )
-                } else if spec.kind == Kind::Pytest {
-                    if spec.id.is_some() {
-                        return Err(invalid(
-                            "pytest maps JUnit test cases to node ids itself; remove id",
-                        ));
-                    }
-                    (
-                        Some(spec.list.clone().unwrap_or_else(CommandRunner::pytest_list)),
-                        spec.run.clone().unwrap_or_else(CommandRunner::pytest_run),
-                        IdFormat::PytestNodeId,
-                    )
-                } else {
-                    let run = spec
-                        .run
-                        .clone()
-                        .ok_or_else(|| invalid("a junit runner needs run"))?;
-                    (
-                        spec.list.clone(),
-                        run,
-                        spec.id.unwrap_or(IdFormat::ClassnameDotName),
-                    )
-                };
-                if !run.iter().any(|a| a == "{tests}") {
+                let commands = tool
+                    .configure(ToolSpec {
+                        list: spec.list.as_ref(),
+                        run: spec.run.as_ref(),
+                        id: spec.id,
+                    })
+                    .map_err(|e| invalid(&e))?;
+                if !commands.run.iter().any(|a| a == "{tests}") {
                     return Err(invalid("run must contain the argument {tests}"));
                 }
-                if !matches!(spec.kind, Kind::CargoTest | Kind::GoTest)
-                    && !run.iter().any(|a| a.contains("{junit}"))
-                {
+                if tool.writes_junit() && !commands.run.iter().any(|a| a.contains("{junit}")) {
                     return Err(invalid("run must write JUnit XML to {junit}"));
                 }
-                Runner::Command(CommandRunner::new(crate::command::Config {
+                Runner::Command(CommandRunner::new(runners::Config {
                     name: name.clone(),
-                    kind: match spec.kind {
-                        Kind::Pytest => shardgate_common::RunnerKind::Pytest,
-                        Kind::Nextest => shardgate_common::RunnerKind::Nextest,
-                        Kind::CargoTest => shardgate_common::RunnerKind::CargoTest,
-                        Kind::GoTest => shardgate_common::RunnerKind::GoTest,
-                        _ => shardgate_common::RunnerKind::Junit,
-                    },
+                    kind: spec.kind,
                     workdir,
-                    list,
-                    run,
+                    list: commands.list,
+                    run: commands.run,
                     env: spec.env.clone(),
                     setup: spec.setup.clone(),
                     setup_timeout: duration(&name, "setup_timeout", &spec.setup_timeout)?
                         .unwrap_or(Duration::from_secs(600)),
                     shard_timeout: duration(&name, "shard_timeout", &spec.shard_timeout)?,
-                    id,
+                    id: commands.id,
                     max_output,
                 }))
             }
@@ -279,7 +214,7 @@ root = "{d}"
         let cases = [
             (
                 "[runners.x]\nkind = \"rspec\"\nworkdir = \"/\"",
-                "unknown variant `rspec`",
+                "unknown runner kind 'rspec' (one of: exec, pytest, junit, nextest, cargo-test, go-test)",
             ),
             (
                 "[runners.x]\nkind = \"junit\"\nworkdir = \"/\"",

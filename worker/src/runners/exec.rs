@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use shardgate_common::{Outcome, RunnerKind, validate};
 use tokio_util::sync::CancellationToken;
 
+use super::TestRun;
 use crate::process::{self, Ending};
 
 /// Exit status that marks a test as skipped.
@@ -24,15 +25,6 @@ pub enum ExecError {
     Root { path: String, source: std::io::Error },
     #[error("exec root '{0}' is not a directory")]
     NotADirectory(String),
-}
-
-/// The result of one test, before it is put on the wire.
-#[derive(Debug, Clone)]
-pub struct TestRun {
-    pub outcome: Outcome,
-    pub duration: Duration,
-    pub output: String,
-    pub detail: String,
 }
 
 #[derive(Debug, Clone)]

@@ -1,10 +1,12 @@
-//! A runner that hands a whole shard to a test tool in one command and reads the per-test
-//! results from the JUnit XML it writes (pytest, or any tool with JUnit output).
+//! The batch machinery: a runner that hands a whole shard to a test tool in one command
+//! (pytest, cargo-nextest, cargo test, go test, any JUnit-writing tool), runs the profile's
+//! setup once per revision, lists tests, and reads per-test results back. What differs per tool
+//! lives in the tool's own module (see `runners/mod.rs`); the JUnit path is here.
 //!
 //! Every requested test gets exactly one result: from its `testcase`, or `infra_error`
 //! ("missing result") when the file has none for it — never a pass. A `testcase` that was not
-//! asked for is ignored and logged. When the tool writes no readable file, every test of the
-//! shard is an infrastructure error that carries the tool's exit status and output.
+//! asked for is ignored and logged. When the tool writes no readable file, the shard is handed
+//! back with the tool's exit status and output as evidence.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -16,7 +18,7 @@ use tokio::sync::{Mutex, mpsc};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::exec::TestRun;
+use super::{RunnerError, TestRun, Tool};
 use crate::junit::{self, Case};
 use crate::process::{self, Ending};
 
@@ -47,34 +49,9 @@ impl IdFormat {
             IdFormat::ClassnameColonsName => format!("{}::{}", c.classname, c.name),
             IdFormat::FileColonsName => format!("{}::{}", c.file, c.name),
             IdFormat::ClassnameSpaceName => format!("{} {}", c.classname, c.name),
-            IdFormat::PytestNodeId => pytest_node_id(c),
+            IdFormat::PytestNodeId => super::pytest::node_id(c),
         }
     }
-}
-
-/// pytest's node id of a JUnit test case written with `junit_family=xunit1` (which records the
-/// file): the file, the classes below the module, the test name.
-fn pytest_node_id(c: &Case) -> String {
-    let file = if c.file.is_empty() {
-        // xunit2 has no file: guess the module from the classname.
-        format!("{}.py", c.classname.replace('.', "/"))
-    } else {
-        c.file.clone()
-    };
-    let module = file.trim_end_matches(".py").replace(['/', '\\'], ".");
-    let classes = c
-        .classname
-        .strip_prefix(&module)
-        .unwrap_or("")
-        .trim_start_matches('.');
-    let mut id = file;
-    for class in classes.split('.').filter(|s| !s.is_empty()) {
-        id.push_str("::");
-        id.push_str(class);
-    }
-    id.push_str("::");
-    id.push_str(&c.name);
-    id
 }
 
 #[derive(Debug, Clone)]
@@ -93,19 +70,32 @@ pub struct Config {
     pub max_output: usize,
 }
 
+/// One shard as a tool runs it.
+#[derive(Debug)]
+pub struct Shard<'a> {
+    pub tests: &'a [String],
+    pub revision: &'a str,
+    pub cancel: &'a CancellationToken,
+    pub results: mpsc::Sender<(String, TestRun)>,
+}
+
 #[derive(Debug, Clone)]
 pub struct CommandRunner {
-    cfg: Config,
+    pub(super) cfg: Config,
+    tool: &'static dyn Tool,
     /// Setup outcome per revision: run once per worker per revision.
-    setups: std::sync::Arc<Mutex<HashMap<String, Result<(), String>>>>,
+    setups: std::sync::Arc<Mutex<HashMap<String, Result<(), RunnerError>>>>,
     /// nextest: the cargo target directory, where nextest writes its JUnit file.
-    target_dir: std::sync::Arc<Mutex<Option<PathBuf>>>,
+    pub(super) target_dir: std::sync::Arc<Mutex<Option<PathBuf>>>,
 }
 
 impl CommandRunner {
+    /// A batch runner; `cfg.kind` must be a batch tool's (not `exec`).
     pub fn new(cfg: Config) -> Self {
+        let tool = super::tool(cfg.kind).expect("a batch runner has a batch tool's kind");
         Self {
             cfg,
+            tool,
             setups: Default::default(),
             target_dir: Default::default(),
         }
@@ -115,115 +105,7 @@ impl CommandRunner {
         self.cfg.kind
     }
 
-    /// go test's listing command: names per package, each package closed by `ok  <pkg>`.
-    pub fn go_test_list() -> Vec<String> {
-        ["go", "test", "-list", ".", "./..."].map(String::from).to_vec()
-    }
-
-    /// cargo test's listing command: `NAME: test` per line, per test binary.
-    pub fn cargo_test_list() -> Vec<String> {
-        ["cargo", "test", "--quiet", "--", "--list", "--format", "terse"]
-            .map(String::from)
-            .to_vec()
-    }
-
-    /// cargo test's run command: every test binary runs the names it has, exactly.
-    pub fn cargo_test_run() -> Vec<String> {
-        ["cargo", "test", "--no-fail-fast", "--", "--exact", "{tests}"]
-            .map(String::from)
-            .to_vec()
-    }
-
-    /// nextest's default listing command: one `<binary-id> <test name>` per line.
-    pub fn nextest_list() -> Vec<String> {
-        ["cargo", "nextest", "list", "-T", "oneline"]
-            .map(String::from)
-            .to_vec()
-    }
-
-    /// nextest's run command: exact selection by a filterset, JUnit from a profile of our own
-    /// in a tool config file, which ranks below the project's own nextest configuration.
-    fn nextest_run() -> Vec<String> {
-        [
-            "cargo",
-            "nextest",
-            "run",
-            "--no-fail-fast",
-            "--tool-config-file",
-            "shardgate:{toolconfig}",
-            "--profile",
-            "{profile}",
-            "-E",
-            "{filterset}",
-        ]
-        .map(String::from)
-        .to_vec()
-    }
-
-    /// The cargo target directory of the workdir, asked of `cargo metadata` once.
-    async fn cargo_target_dir(&self) -> Result<PathBuf, String> {
-        let mut cached = self.target_dir.lock().await;
-        if let Some(t) = cached.as_ref() {
-            return Ok(t.clone());
-        }
-        let out = tokio::process::Command::new("cargo")
-            .args(["metadata", "--format-version", "1", "--no-deps"])
-            .current_dir(&self.cfg.workdir)
-            .envs(&self.cfg.env)
-            .output()
-            .await
-            .map_err(|e| format!("failed to run cargo metadata: {e}"))?;
-        if !out.status.success() {
-            return Err(format!(
-                "cargo metadata failed: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            ));
-        }
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout)
-            .map_err(|e| format!("cargo metadata printed bad JSON: {e}"))?;
-        let dir = v["target_directory"]
-            .as_str()
-            .map(PathBuf::from)
-            .ok_or("cargo metadata has no target_directory")?;
-        *cached = Some(dir.clone());
-        Ok(dir)
-    }
-
-    /// pytest's default listing command.
-    pub fn pytest_list() -> Vec<String> {
-        [
-            "python3",
-            "-m",
-            "pytest",
-            "--collect-only",
-            "-q",
-            "-p",
-            "no:cacheprovider",
-        ]
-        .map(String::from)
-        .to_vec()
-    }
-
-    /// pytest's default run command: JUnit with the file recorded, so node ids can be rebuilt.
-    pub fn pytest_run() -> Vec<String> {
-        [
-            "python3",
-            "-m",
-            "pytest",
-            "-p",
-            "no:cacheprovider",
-            "-o",
-            "junit_family=xunit1",
-            "--junitxml={junit}",
-            "-q",
-            "--",
-            "{tests}",
-        ]
-        .map(String::from)
-        .to_vec()
-    }
-
-    fn command(
+    pub(super) fn command(
         &self,
         argv: &[String],
         tests: &[String],
@@ -235,7 +117,7 @@ impl CommandRunner {
 
     /// Builds a command from `argv`: `{tests}` becomes one argument per test, each other
     /// `{name}` in `vars` is replaced where it appears.
-    fn command_with(
+    pub(super) fn command_with(
         &self,
         argv: &[String],
         tests: &[String],
@@ -263,7 +145,7 @@ impl CommandRunner {
     }
 
     /// Runs the profile's setup for `revision` once; later calls return the first outcome.
-    async fn setup(&self, revision: &str, cancel: &CancellationToken) -> Result<(), String> {
+    async fn setup(&self, revision: &str, cancel: &CancellationToken) -> Result<(), RunnerError> {
         let Some(setup) = &self.cfg.setup else {
             return Ok(());
         };
@@ -276,26 +158,26 @@ impl CommandRunner {
         let finished = process::run(cmd, Some(self.cfg.setup_timeout), cancel, self.cfg.max_output).await;
         let result = match finished.ending {
             Ending::Exited(0) => Ok(()),
-            Ending::Cancelled => return Err("setup cancelled".into()),
-            e => Err(format!(
+            Ending::Cancelled => return Err(RunnerError::Setup("setup cancelled".into())),
+            e => Err(RunnerError::Setup(format!(
                 "setup for revision '{revision}' failed ({}):\n{}",
                 e.describe(Some(self.cfg.setup_timeout)),
                 finished.output
-            )),
+            ))),
         };
         done.insert(revision.to_owned(), result.clone());
         result
     }
 
     /// Lists the suite's tests with the profile's list command.
-    pub async fn discover(&self, revision: &str) -> Result<Vec<String>, String> {
+    pub async fn discover(&self, revision: &str) -> Result<Vec<String>, RunnerError> {
         let cancel = CancellationToken::new();
         self.setup(revision, &cancel).await?;
         let Some(list) = &self.cfg.list else {
-            return Err(format!(
+            return Err(RunnerError::Unsupported(format!(
                 "runner '{}' has no list command: give the tests explicitly",
                 self.cfg.name
-            ));
+            )));
         };
         // Only stdout lists tests; stderr (build progress and the like) is kept for errors.
         let mut cmd = self.command(list, &[], "", revision);
@@ -305,114 +187,79 @@ impl CommandRunner {
         let limit = self.cfg.shard_timeout.unwrap_or(Duration::from_secs(3600));
         let out = match tokio::time::timeout(limit, cmd.output()).await {
             Ok(Ok(out)) => out,
-            Ok(Err(e)) => return Err(format!("failed to start the list command: {e}")),
-            Err(_) => return Err(format!("listing tests timed out after {} ms", limit.as_millis())),
+            Ok(Err(e)) => {
+                return Err(RunnerError::Tool(format!(
+                    "failed to start the list command: {e}"
+                )));
+            }
+            Err(_) => {
+                return Err(RunnerError::Tool(format!(
+                    "listing tests timed out after {} ms",
+                    limit.as_millis()
+                )));
+            }
         };
         if !out.status.success() {
-            return Err(format!(
+            return Err(RunnerError::Tool(format!(
                 "listing tests failed ({}):\n{}{}",
                 out.status,
                 tail(&String::from_utf8_lossy(&out.stdout), 2048),
                 tail(&String::from_utf8_lossy(&out.stderr), 4096)
-            ));
+            )));
         }
         let stdout = String::from_utf8_lossy(&out.stdout);
-        let ids: Vec<String> = match self.cfg.kind {
-            // `pytest --collect-only -q` prints node ids, then a blank line and a summary.
-            RunnerKind::CargoTest => crate::libtest::list(&stdout),
-            RunnerKind::GoTest => crate::gotest::list(&stdout),
-            RunnerKind::Pytest => stdout
-                .lines()
-                .take_while(|l| !l.trim().is_empty())
-                .filter(|l| l.contains("::"))
-                .map(|l| l.trim().to_owned())
-                .collect(),
-            _ => stdout
-                .lines()
-                .map(str::trim)
-                .filter(|l| !l.is_empty())
-                .map(str::to_owned)
-                .collect(),
-        };
+        let ids = self.tool.parse_listing(&stdout);
         Ok(ids)
     }
 
     /// Runs a shard in one command and sends one result per requested test. An error means
-    /// the runner itself failed for the whole shard (setup, no readable JUnit file): the
-    /// agent hands the shard back so its tests run again, elsewhere if possible.
+    /// the runner itself failed for the whole shard (setup, no readable results): the agent
+    /// hands the shard back so its tests run again, elsewhere if possible.
     pub async fn run_shard(
         &self,
         tests: &[String],
         revision: &str,
         cancel: &CancellationToken,
         results: mpsc::Sender<(String, TestRun)>,
-    ) -> Result<(), String> {
+    ) -> Result<(), RunnerError> {
         if let Err(e) = self.setup(revision, cancel).await {
-            return Err(join_detail(first_line(&e), e.clone()));
+            let e = e.to_string();
+            return Err(RunnerError::Setup(join_detail(first_line(&e), e)));
         }
-        let dir = match tempfile::tempdir() {
-            Ok(d) => d,
-            Err(e) => {
-                return Err(join_detail(
-                    format!("failed to create a directory for JUnit: {e}"),
-                    String::new(),
-                ));
-            }
+        let shard = Shard {
+            tests,
+            revision,
+            cancel,
+            results,
         };
-        if self.cfg.kind == RunnerKind::CargoTest {
-            return self.run_libtest(tests, revision, cancel, results).await;
-        }
-        if self.cfg.kind == RunnerKind::GoTest {
-            return self.run_go(tests, revision, cancel, results).await;
-        }
-        let (cmd, junit_path, cleanup) = if self.cfg.kind == RunnerKind::Nextest {
-            let target = match self.cargo_target_dir().await {
-                Ok(t) => t,
-                Err(e) => {
-                    return Err(join_detail(first_line(&e), e.clone()));
-                }
-            };
-            // A profile of this shard's own, so shards running side by side never share a file.
-            let profile = format!("shardgate-{:016x}", rand::random::<u64>());
-            let toolconfig = dir.path().join("nextest.toml");
-            let written = std::fs::write(
-                &toolconfig,
-                format!(
-                    "[profile.{profile}]\nfail-fast = false\n[profile.{profile}.junit]\npath = \"junit.xml\"\n"
-                ),
-            );
-            if let Err(e) = written {
-                return Err(join_detail(
-                    format!("failed to write the nextest config: {e}"),
-                    String::new(),
-                ));
-            }
-            let filterset = tests
-                .iter()
-                .map(|t| {
-                    let (bin, name) = t.split_once(' ').unwrap_or((t, ""));
-                    format!("(binary_id(={bin}) & test(={name}))")
-                })
-                .collect::<Vec<_>>()
-                .join(" | ");
-            let store = target.join("nextest").join(&profile);
-            let cmd = self.command_with(
-                &Self::nextest_run(),
-                &[],
-                &[
-                    ("{toolconfig}", &toolconfig.display().to_string()),
-                    ("{profile}", &profile),
-                    ("{filterset}", &filterset),
-                    ("{revision}", revision),
-                ],
-            );
-            (cmd, store.join("junit.xml"), Some(store))
-        } else {
-            let junit_path = dir.path().join("junit.xml");
-            let cmd = self.command(&self.cfg.run, tests, &junit_path.display().to_string(), revision);
-            (cmd, junit_path, None)
-        };
-        let finished = process::run(cmd, self.cfg.shard_timeout, cancel, self.cfg.max_output).await;
+        self.tool.run_shard(self, shard).await
+    }
+
+    /// The profile's run command with `{junit}` in a directory of the shard's own; results
+    /// read from the file it writes.
+    pub(super) async fn run_junit_shard(&self, shard: Shard<'_>) -> Result<(), RunnerError> {
+        let dir = tempfile::tempdir()
+            .map_err(|e| RunnerError::Local(format!("failed to create a directory for JUnit: {e}")))?;
+        let junit_path = dir.path().join("junit.xml");
+        let cmd = self.command(
+            &self.cfg.run,
+            shard.tests,
+            &junit_path.display().to_string(),
+            shard.revision,
+        );
+        self.run_junit(cmd, junit_path, None, shard).await
+    }
+
+    /// Runs `cmd`, reads the JUnit file it writes at `junit_path` (removing `cleanup`
+    /// afterwards), and sends one result per requested test.
+    pub(super) async fn run_junit(
+        &self,
+        cmd: tokio::process::Command,
+        junit_path: PathBuf,
+        cleanup: Option<PathBuf>,
+        shard: Shard<'_>,
+    ) -> Result<(), RunnerError> {
+        let finished = process::run(cmd, self.cfg.shard_timeout, shard.cancel, self.cfg.max_output).await;
         let parsed = match std::fs::read_to_string(&junit_path) {
             Ok(xml) => junit::parse(&xml).map_err(|e| e.to_string()),
             Err(e) => Err(format!("no JUnit file ({e})")),
@@ -430,7 +277,7 @@ impl CommandRunner {
                     "{e}; the command ended with {}",
                     finished.ending.describe(self.cfg.shard_timeout)
                 );
-                return Err(join_detail(detail.clone(), finished.output.clone()));
+                return Err(RunnerError::Tool(join_detail(detail, finished.output.clone())));
             }
         };
         let mut by_id: HashMap<String, Case> = HashMap::with_capacity(cases.len());
@@ -440,7 +287,7 @@ impl CommandRunner {
                 warn!(runner = %self.cfg.name, test = %id, "JUnit file reports a test twice; keeping the last");
             }
         }
-        for t in tests {
+        for t in shard.tests {
             let run = match by_id.remove(t) {
                 Some(c) => TestRun {
                     outcome: c.outcome,
@@ -450,7 +297,7 @@ impl CommandRunner {
                 },
                 None => self.missing("the JUnit file has no test case for this test", &finished, None),
             };
-            if results.send((t.clone(), run)).await.is_err() {
+            if shard.results.send((t.clone(), run)).await.is_err() {
                 return Ok(());
             }
         }
@@ -459,71 +306,25 @@ impl CommandRunner {
         }
         Ok(())
     }
-}
-
-impl CommandRunner {
-    /// `go test`: one `go test -json -run '^(A|B)$' PKG` per package of the shard.
-    async fn run_go(
-        &self,
-        tests: &[String],
-        revision: &str,
-        cancel: &CancellationToken,
-        results: mpsc::Sender<(String, TestRun)>,
-    ) -> Result<(), String> {
-        let mut by_pkg: BTreeMap<&str, Vec<(&String, &str)>> = BTreeMap::new();
-        for t in tests {
-            let (pkg, name) = crate::gotest::split(t).unwrap_or((t.as_str(), ""));
-            by_pkg.entry(pkg).or_default().push((t, name));
-        }
-        for (pkg, group) in by_pkg {
-            let names: Vec<&str> = group.iter().map(|(_, n)| *n).collect();
-            let pattern = crate::gotest::run_pattern(&names);
-            let argv: Vec<String> = ["go", "test", "-json", "-count=1", "-run", "{pattern}", "{pkg}"]
-                .map(String::from)
-                .to_vec();
-            let cmd = self.command_with(
-                &argv,
-                &[],
-                &[("{pattern}", &pattern), ("{pkg}", pkg), ("{revision}", revision)],
-            );
-            let finished = process::run(cmd, self.cfg.shard_timeout, cancel, 16 * 1024 * 1024).await;
-            if finished.ending == Ending::Cancelled {
-                return Ok(());
-            }
-            let mut parsed = crate::gotest::parse(&finished.output);
-            if parsed.is_empty() {
-                return Err(self.no_tests(&format!("go test reported no tests for package {pkg}"), finished));
-            }
-            for (id, name) in group {
-                let run = match parsed.remove(name) {
-                    Some(r) if r.outcome != Outcome::InfraError => found(r.outcome, r.duration, r.output),
-                    other => self.missing(
-                        "go test reported no end for this test",
-                        &finished,
-                        other.map(|r| r.output),
-                    ),
-                };
-                if results.send((id.clone(), run)).await.is_err() {
-                    return Ok(());
-                }
-            }
-        }
-        Ok(())
-    }
 
     /// The shard-level error when a tool reported nothing at all.
-    fn no_tests(&self, what: &str, finished: process::Finished) -> String {
-        join_detail(
+    pub(super) fn no_tests(&self, what: &str, finished: process::Finished) -> RunnerError {
+        RunnerError::Tool(join_detail(
             format!(
                 "{what}; it ended with {}",
                 finished.ending.describe(self.cfg.shard_timeout)
             ),
             finished.output,
-        )
+        ))
     }
 
     /// The result of a requested test the tool said nothing about.
-    fn missing(&self, what: &str, finished: &process::Finished, output: Option<String>) -> TestRun {
+    pub(super) fn missing(
+        &self,
+        what: &str,
+        finished: &process::Finished,
+        output: Option<String>,
+    ) -> TestRun {
         TestRun {
             outcome: Outcome::InfraError,
             duration: Duration::ZERO,
@@ -534,41 +335,10 @@ impl CommandRunner {
             ),
         }
     }
-
-    /// `cargo test`: results read from libtest's plain output. libtest prints no per-test time
-    /// on stable Rust, so each test is given an equal share of the shard's wall time.
-    async fn run_libtest(
-        &self,
-        tests: &[String],
-        revision: &str,
-        cancel: &CancellationToken,
-        results: mpsc::Sender<(String, TestRun)>,
-    ) -> Result<(), String> {
-        let cmd = self.command(&self.cfg.run, tests, "", revision);
-        let finished = process::run(cmd, self.cfg.shard_timeout, cancel, 16 * 1024 * 1024).await;
-        if finished.ending == Ending::Cancelled {
-            return Ok(());
-        }
-        let mut parsed = crate::libtest::parse(&finished.output);
-        if parsed.is_empty() {
-            return Err(self.no_tests("cargo test reported no tests", finished));
-        }
-        let share = finished.duration / tests.len().max(1) as u32;
-        for t in tests {
-            let run = match parsed.remove(t) {
-                Some(r) => found(r.outcome, share, r.output),
-                None => self.missing("cargo test printed no line for this test", &finished, None),
-            };
-            if results.send((t.clone(), run)).await.is_err() {
-                return Ok(());
-            }
-        }
-        Ok(())
-    }
 }
 
 /// A result a text-reporting tool gave.
-fn found(outcome: Outcome, duration: Duration, output: String) -> TestRun {
+pub(super) fn found(outcome: Outcome, duration: Duration, output: String) -> TestRun {
     TestRun {
         outcome,
         duration,
@@ -582,7 +352,7 @@ fn found(outcome: Outcome, duration: Duration, output: String) -> TestRun {
 }
 
 /// A shard-level failure: the first line says what, the rest is the evidence (cut).
-fn join_detail(detail: String, output: String) -> String {
+pub(super) fn join_detail(detail: String, output: String) -> String {
     if output.is_empty() {
         detail
     } else {
@@ -590,11 +360,11 @@ fn join_detail(detail: String, output: String) -> String {
     }
 }
 
-fn first_line(s: &str) -> String {
+pub(super) fn first_line(s: &str) -> String {
     s.lines().next().unwrap_or_default().to_owned()
 }
 
-fn tail(s: &str, max: usize) -> String {
+pub(super) fn tail(s: &str, max: usize) -> String {
     if s.len() <= max {
         return s.to_owned();
     }
@@ -679,7 +449,7 @@ mod tests {
         while let Some(x) = rx.recv().await {
             out.push(x);
         }
-        (out, ended)
+        (out, ended.map_err(|e| e.to_string()))
     }
 
     #[tokio::test]
