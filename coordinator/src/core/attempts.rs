@@ -8,7 +8,7 @@ use tracing::{info, warn};
 
 use super::Core;
 use super::runs::Ending;
-use super::state::{Attempt, AttemptKind, RequeueReason, RunState, cap};
+use super::state::{Attempt, AttemptKind, RequeueReason, RunState, Tally, TestSlot, cap};
 use crate::model::Now;
 use crate::policy::{self, Classified};
 use crate::scheduler::ShardContext;
@@ -29,6 +29,59 @@ pub(crate) struct EndPlan {
     /// The run ends with this attempt (its last tests given up, or its discovery gave up).
     ending: Option<Ending>,
     reason: RequeueReason,
+}
+
+/// What becomes of a test whose attempt ended without its result.
+enum Lost {
+    /// It goes back, with this retry state.
+    Back(RetryState),
+    /// It has lost too many workers: this infrastructure error is its result.
+    GivenUp(ResultRow),
+}
+
+/// Test `idx` lost its attempt on `worker` (named `lost_on`) for `reason`.
+fn lose(
+    t: &TestSlot,
+    idx: u32,
+    worker: WorkerId,
+    lost_on: &str,
+    reason: &RequeueReason,
+    max: u32,
+    now: Now,
+) -> Lost {
+    let mut st = t.retry.clone();
+    st.lost += 1;
+    match st.lost_on.iter_mut().find(|l| l.worker == lost_on) {
+        Some(l) => l.reason = reason.describe(),
+        None => st.lost_on.push(LostOn {
+            worker: lost_on.to_owned(),
+            reason: reason.describe(),
+        }),
+    }
+    if !st.avoid.contains(&worker) {
+        st.avoid.push(worker);
+    }
+    if !policy::gives_up(&st, max) {
+        return Lost::Back(st);
+    }
+    let evidence: Vec<&str> = st.lost_on.iter().map(|l| l.reason.as_str()).collect();
+    Lost::GivenUp(ResultRow {
+        idx,
+        test_id: t.id.clone(),
+        history: t.hist,
+        outcome: Outcome::InfraError,
+        duration_ms: 0,
+        attempts: t.handouts,
+        worker: String::new(),
+        detail: format!(
+            "no result after {} lost attempts on {} worker(s); it may take its worker down: {}",
+            st.lost,
+            st.lost_on.len(),
+            evidence.join("; ")
+        ),
+        output: String::new(),
+        at_ms: now.ms,
+    })
 }
 
 /// What a report does, decided before anything is written.
@@ -75,20 +128,8 @@ impl Core {
         let overhead_ms = self.overhead(&self.runs[&run_id].row.runner);
         let solo = self.solo_for(&self.runs[&run_id], worker);
         // Take the shard's tests from the queue; put them back if a write fails.
-        let run = self.runs.get_mut(&run_id).expect("picked from the map");
-        let (kind, tests) = if run.discover_pending {
-            run.discover_pending = false;
-            (AttemptKind::Discover, Vec::new())
-        } else if let Some(pos) = solo {
-            (AttemptKind::Run, vec![run.solo.remove(pos)])
-        } else {
-            let ctx = ShardContext {
-                slots: fleet_slots,
-                running_ms: run.running_ms,
-                overhead_ms,
-            };
-            (AttemptKind::Run, run.queue.next_shard(ctx))
-        };
+        let (kind, tests) = self.take_shard(run_id, solo, fleet_slots, overhead_ms);
+        let run = &self.runs[&run_id];
         let attempt = AttemptRow {
             id: AttemptId::new(),
             run: run_id,
@@ -110,20 +151,50 @@ impl Core {
         }
         .and_then(|()| Ok(self.store.insert_attempt(&attempt)?));
         if let Err(e) = written {
-            let run = self.runs.get_mut(&run_id).expect("picked from the map");
-            match (kind, solo) {
-                (AttemptKind::Discover, _) => run.discover_pending = true,
-                (AttemptKind::Run, Some(pos)) => run.solo.insert(pos, attempt.tests[0]),
-                (AttemptKind::Run, None) => {
-                    for &i in &attempt.tests {
-                        run.queue.push(i, run.tests[i as usize].plan);
-                    }
-                }
-            }
+            self.put_back(run_id, kind, solo, &attempt.tests);
             return Err(e);
         }
         self.apply_touch(worker, revived, now);
         Ok(Some(self.apply_handout(attempt, kind, started, now)))
+    }
+
+    /// Takes a shard's tests from `run_id`'s queue: its discovery, the solo test at `solo`, or
+    /// a batch sized for the work left.
+    fn take_shard(
+        &mut self,
+        run_id: RunId,
+        solo: Option<usize>,
+        slots: usize,
+        overhead_ms: f64,
+    ) -> (AttemptKind, Vec<u32>) {
+        let run = self.runs.get_mut(&run_id).expect("picked from the map");
+        if run.discover_pending {
+            run.discover_pending = false;
+            return (AttemptKind::Discover, Vec::new());
+        }
+        if let Some(pos) = solo {
+            return (AttemptKind::Run, vec![run.solo.remove(pos)]);
+        }
+        let ctx = ShardContext {
+            slots,
+            running_ms: run.running_ms,
+            overhead_ms,
+        };
+        (AttemptKind::Run, run.queue.next_shard(ctx))
+    }
+
+    /// Undoes [`Core::take_shard`] after a failed write: the queue is as it was.
+    fn put_back(&mut self, run_id: RunId, kind: AttemptKind, solo: Option<usize>, tests: &[u32]) {
+        let run = self.runs.get_mut(&run_id).expect("picked from the map");
+        match (kind, solo) {
+            (AttemptKind::Discover, _) => run.discover_pending = true,
+            (AttemptKind::Run, Some(pos)) => run.solo.insert(pos, tests[0]),
+            (AttemptKind::Run, None) => {
+                for &i in tests {
+                    run.queue.push(i, run.tests[i as usize].plan);
+                }
+            }
+        }
     }
 
     /// The run `worker` should take a shard of: highest priority, then fewest live attempts,
@@ -320,16 +391,62 @@ impl Core {
         results: Vec<pb::TestResult>,
         now: Now,
     ) -> Result<ReportPlan, Error> {
-        let attempt = &self.attempts[&attempt_id];
-        let run_id = attempt.run;
+        let run_id = self.attempts[&attempt_id].run;
         let run = &self.runs[&run_id];
+        let (rows, retried) = self.classify_report(worker, attempt_id, results, now)?;
+        let quarantine = self.decide_auto_quarantine(run, &rows, now)?;
+        let mut tally = run.tally();
+        for r in &rows {
+            tally.add(r.outcome, run.tests[r.idx as usize].quarantined);
+        }
+        let complete = tally.total() as usize == run.tests.len();
+        // Fail-fast on the first confirmed failure of a test that is not quarantined.
+        let stop = rows.iter().find(|r| {
+            policy::fail_fast_stops(
+                &run.row.policy,
+                r.outcome,
+                run.tests[r.idx as usize].quarantined,
+                complete,
+            )
+        });
+        let ending = match stop {
+            Some(r) => {
+                let open = run.tests.len() - tally.total() as usize;
+                let message = format!(
+                    "fail-fast: '{}' failed after {} attempt(s); {open} test(s) left unrun were cancelled, verdict {} ms after the start",
+                    r.test_id,
+                    r.attempts,
+                    now.ms.saturating_sub(run.row.started_ms)
+                );
+                info!(run = %run_id, test = %r.test_id, "fail-fast: the run fails now");
+                Some(self.decide_end(run_id, RunStatus::Failed, message, now)?)
+            }
+            None => self.decide_completion(run_id, &tally, now)?,
+        };
+        Ok(ReportPlan {
+            run: run_id,
+            rows,
+            retried,
+            quarantine,
+            ending,
+        })
+    }
+
+    /// Sorts a report's results into those counted now and failures that go round again;
+    /// results for tests the attempt does not hold (or given twice) are left out.
+    #[expect(clippy::type_complexity, reason = "two lists a caller takes apart at once")]
+    fn classify_report(
+        &self,
+        worker: WorkerId,
+        attempt_id: AttemptId,
+        results: Vec<pb::TestResult>,
+        now: Now,
+    ) -> Result<(Vec<ResultRow>, Vec<(u32, RetryState)>), Error> {
+        let attempt = &self.attempts[&attempt_id];
+        let run = &self.runs[&attempt.run];
         let worker_name = self.worker_name(worker);
-        let mut rows = Vec::with_capacity(results.len());
-        let mut retried = Vec::new();
-        let mut seen = HashSet::new();
-        let mut done = run.done;
-        let mut done_quarantined = run.done_quarantined;
-        let mut fail_fast: Option<(String, u32, Outcome)> = None;
+        let (mut rows, mut retried, mut seen) =
+            (Vec::with_capacity(results.len()), Vec::new(), HashSet::new());
         for r in results {
             let outcome = Outcome::from_wire(r.outcome).ok_or_else(|| {
                 Error::invalid(
@@ -337,11 +454,11 @@ impl Core {
                     format!("test '{}' has no valid outcome ({})", r.test_id, r.outcome),
                 )
             })?;
-            let Some(&idx) = attempt
+            let held = attempt
                 .pending
                 .iter()
-                .find(|&&i| run.tests[i as usize].id == r.test_id)
-            else {
+                .find(|&&i| run.tests[i as usize].id == r.test_id);
+            let Some(&idx) = held else {
                 warn!(attempt = %attempt_id, test = %r.test_id, "result for a test this attempt does not hold; not counted");
                 continue;
             };
@@ -362,63 +479,32 @@ impl Core {
                     outcome,
                     detail,
                     output,
-                } => {
-                    done[outcome.to_wire() as usize] += 1;
-                    if t.quarantined {
-                        done_quarantined[outcome.to_wire() as usize] += 1;
-                    }
-                    if fail_fast.is_none()
-                        && matches!(outcome, Outcome::Failed | Outcome::TimedOut)
-                        && !t.quarantined
-                    {
-                        fail_fast = Some((t.id.clone(), t.handouts, outcome));
-                    }
-                    rows.push(ResultRow {
-                        idx,
-                        test_id: t.id.clone(),
-                        history: t.hist.update(outcome, r.duration_ms, now.ms),
-                        outcome,
-                        duration_ms: r.duration_ms,
-                        attempts: t.handouts,
-                        worker: worker_name.clone(),
-                        detail: cap(&detail, 1024),
-                        output: cap(&output, self.cfg.max_output_bytes),
-                        at_ms: now.ms,
-                    });
-                }
+                } => rows.push(ResultRow {
+                    idx,
+                    test_id: t.id.clone(),
+                    history: t.hist.update(outcome, r.duration_ms, now.ms),
+                    outcome,
+                    duration_ms: r.duration_ms,
+                    attempts: t.handouts,
+                    worker: worker_name.clone(),
+                    detail: cap(&detail, 1024),
+                    output: cap(&output, self.cfg.max_output_bytes),
+                    at_ms: now.ms,
+                }),
             }
         }
-        let quarantine = self.decide_auto_quarantine(run, &rows, now)?;
-        let done_total: u32 = done.iter().sum();
-        let complete = done_total as usize == run.tests.len();
-        let ending = match fail_fast {
-            Some((test, attempts, outcome))
-                if policy::fail_fast_stops(&run.row.policy, outcome, false, complete) =>
-            {
-                let open = run.tests.len() - done_total as usize;
-                let message = format!(
-                    "fail-fast: '{test}' failed after {attempts} attempt(s); {open} test(s) left unrun were cancelled, verdict {} ms after the start",
-                    now.ms.saturating_sub(run.row.started_ms)
-                );
-                info!(run = %run_id, test = %test, "fail-fast: the run fails now");
-                Some(self.decide_end(run_id, RunStatus::Failed, message, now)?)
-            }
-            _ if complete => {
-                let status = policy::verdict(run.row.policy.strict_flaky, |o| {
-                    let i = o.to_wire() as usize;
-                    done[i] - done_quarantined[i]
-                });
-                Some(self.decide_verdict(run_id, status, now)?)
-            }
-            _ => None,
-        };
-        Ok(ReportPlan {
-            run: run_id,
-            rows,
-            retried,
-            quarantine,
-            ending,
-        })
+        Ok((rows, retried))
+    }
+
+    /// The run's end once `tally` is what it has counted: its verdict when every test has a
+    /// result, nothing otherwise.
+    fn decide_completion(&self, run: RunId, tally: &Tally, now: Now) -> Result<Option<Ending>, Error> {
+        let r = &self.runs[&run];
+        if r.tests.is_empty() || tally.total() as usize != r.tests.len() {
+            return Ok(None);
+        }
+        let status = policy::verdict(r.row.policy.strict_flaky, |o| tally.reds(o));
+        Ok(Some(self.decide_verdict(run, status, now)?))
     }
 
     /// Flaky results of tests that are not quarantined, whose flake rate (with this result)
@@ -675,55 +761,19 @@ impl Core {
         let Some(lost_on) = reason.lost_on() else {
             return Ok(plan);
         };
-        let mut done = run.done;
-        let mut done_quarantined = run.done_quarantined;
+        let mut tally = run.tally();
         for &i in &a.pending {
             let t = &run.tests[i as usize];
-            let mut st = t.retry.clone();
-            st.lost += 1;
-            match st.lost_on.iter_mut().find(|l| l.worker == lost_on) {
-                Some(l) => l.reason = reason.describe(),
-                None => st.lost_on.push(LostOn {
-                    worker: lost_on.to_owned(),
-                    reason: reason.describe(),
-                }),
+            match lose(t, i, a.worker, lost_on, reason, max, now) {
+                Lost::Back(st) => plan.states.push((i, st)),
+                Lost::GivenUp(row) => {
+                    tally.add(Outcome::InfraError, t.quarantined);
+                    plan.give_up.push(row);
+                }
             }
-            if !st.avoid.contains(&a.worker) {
-                st.avoid.push(a.worker);
-            }
-            if !policy::gives_up(&st, max) {
-                plan.states.push((i, st));
-                continue;
-            }
-            let evidence: Vec<&str> = st.lost_on.iter().map(|l| l.reason.as_str()).collect();
-            done[Outcome::InfraError.to_wire() as usize] += 1;
-            if t.quarantined {
-                done_quarantined[Outcome::InfraError.to_wire() as usize] += 1;
-            }
-            plan.give_up.push(ResultRow {
-                idx: i,
-                test_id: t.id.clone(),
-                history: t.hist,
-                outcome: Outcome::InfraError,
-                duration_ms: 0,
-                attempts: t.handouts,
-                worker: String::new(),
-                detail: format!(
-                    "no result after {} lost attempts on {} worker(s); it may take its worker down: {}",
-                    st.lost,
-                    st.lost_on.len(),
-                    evidence.join("; ")
-                ),
-                output: String::new(),
-                at_ms: now.ms,
-            });
         }
-        if !plan.give_up.is_empty() && done.iter().sum::<u32>() as usize == run.tests.len() {
-            let status = policy::verdict(run.row.policy.strict_flaky, |o| {
-                let i = o.to_wire() as usize;
-                done[i] - done_quarantined[i]
-            });
-            plan.ending = Some(self.decide_verdict(a.run, status, now)?);
+        if !plan.give_up.is_empty() {
+            plan.ending = self.decide_completion(a.run, &tally, now)?;
         }
         Ok(plan)
     }

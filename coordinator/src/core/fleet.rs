@@ -25,34 +25,7 @@ impl Core {
             ));
         }
         let labels = labels::from_wire("labels", &req.labels)?;
-        if req.runners.is_empty() {
-            return Err(Error::invalid(
-                "runners",
-                "a worker must offer at least one runner",
-            ));
-        }
-        let mut runners = HashMap::new();
-        for r in &req.runners {
-            validate::name("runners", &r.name, true)?;
-            let kind = RunnerKind::from_wire(r.kind).ok_or_else(|| {
-                Error::invalid(
-                    "runners",
-                    format!("runner '{}' has an unknown kind {}", r.name, r.kind),
-                )
-            })?;
-            if let Some(&known) = self.known_runners.get(&r.name)
-                && known != kind
-            {
-                return Err(Error::invalid(
-                    "runners",
-                    format!(
-                        "runner '{}' is registered as kind '{known}' by other workers, not '{kind}'",
-                        r.name
-                    ),
-                ));
-            }
-            runners.insert(r.name.clone(), kind);
-        }
+        let runners = self.check_runners(&req.runners)?;
         let id = WorkerId::new();
         let mut offers: Vec<RunnerOffer> = runners
             .iter()
@@ -94,6 +67,40 @@ impl Core {
             heartbeat_interval_ms: self.cfg.heartbeat_interval.as_millis() as u64,
             lease_ms: self.cfg.lease.as_millis() as u64,
         })
+    }
+
+    /// The runners a registering worker offers, each a known kind, and of the same kind as
+    /// other workers registered it with.
+    fn check_runners(&self, offered: &[pb::RunnerInfo]) -> Result<HashMap<String, RunnerKind>, Error> {
+        if offered.is_empty() {
+            return Err(Error::invalid(
+                "runners",
+                "a worker must offer at least one runner",
+            ));
+        }
+        let mut runners = HashMap::new();
+        for r in offered {
+            validate::name("runners", &r.name, true)?;
+            let kind = RunnerKind::from_wire(r.kind).ok_or_else(|| {
+                Error::invalid(
+                    "runners",
+                    format!("runner '{}' has an unknown kind {}", r.name, r.kind),
+                )
+            })?;
+            if let Some(&known) = self.known_runners.get(&r.name)
+                && known != kind
+            {
+                return Err(Error::invalid(
+                    "runners",
+                    format!(
+                        "runner '{}' is registered as kind '{known}' by other workers, not '{kind}'",
+                        r.name
+                    ),
+                ));
+            }
+            runners.insert(r.name.clone(), kind);
+        }
+        Ok(runners)
     }
 
     pub fn heartbeat(

@@ -7,7 +7,7 @@ use shardgate_common::{Error, Outcome, RunId};
 use tracing::{info, warn};
 
 use super::Core;
-use super::state::{Attempt, AttemptKind, Effects, RunState, WorkerEntry};
+use super::state::{Attempt, AttemptKind, Effects, RunState, TestSlot, WorkerEntry};
 use crate::model::{CoreConfig, Now};
 use crate::scheduler::RunQueue;
 use crate::store::{AttemptRow, DeployState, RunRow, Store, WorkerState};
@@ -100,7 +100,7 @@ impl Core {
 
     /// Rebuilds one unfinished run from the store, keeping the stored attempts whose worker is
     /// known: their tests stay with them.
-    fn resume_run(&mut self, row: RunRow, mut attempts: Vec<AttemptRow>, now: Now) -> Result<(), Error> {
+    fn resume_run(&mut self, row: RunRow, attempts: Vec<AttemptRow>, now: Now) -> Result<(), Error> {
         let Some(kind) = self.known_runners.get(&row.runner).copied() else {
             warn!(run = %row.id, runner = %row.runner, "unfinished run names an unknown runner");
             return Ok(());
@@ -121,8 +121,44 @@ impl Core {
                 }
             }
         }
-        // Newest first: a test that failed and was handed out again belongs to its newest
-        // attempt, which is the one running it.
+        let restored = self.restore_attempts(&mut tests, attempts);
+        let open = (0..tests.len() as u32)
+            .filter(|&i| !tests[i as usize].done && tests[i as usize].leased.is_none());
+        let (solo, open): (Vec<u32>, Vec<u32>) = open.partition(|&i| tests[i as usize].runs_alone());
+        let discovering = restored.iter().any(|(a, _)| a.discover);
+        state.discover_pending = state.row.discover && tests.is_empty() && !discovering;
+        state.queue = RunQueue::with(&plans, open);
+        state.solo = solo;
+        state.tests = tests;
+        for (a, pending) in restored {
+            self.install_attempt(&mut state, a, pending, now);
+        }
+        info!(run = %state.row.id, queued = state.queue.len(), kept = state.live_attempts, "resumed unfinished run");
+        self.effects.runs_changed.insert(state.row.id);
+        self.runs.insert(state.row.id, state);
+        Ok(())
+    }
+}
+
+/// One test as [`DurableView`] shows it.
+#[derive(Debug, PartialEq)]
+pub struct DurableTest {
+    pub id: String,
+    pub outcome: Option<Outcome>,
+    /// The retry state, as stored.
+    pub retry: String,
+    pub quarantined: bool,
+}
+
+impl Core {
+    /// The stored attempts of a run that keep their tests: those whose worker is known, newest
+    /// first (a test that failed and was handed out again belongs to its newest attempt, the
+    /// one running it). Marks their tests leased; returns each with the tests it holds.
+    fn restore_attempts(
+        &self,
+        tests: &mut [TestSlot],
+        mut attempts: Vec<AttemptRow>,
+    ) -> Vec<(AttemptRow, Vec<u32>)> {
         attempts.sort_by_key(|a| std::cmp::Reverse(a.id));
         let mut restored = Vec::new();
         for a in attempts {
@@ -143,58 +179,40 @@ impl Core {
             }
             restored.push((a, pending));
         }
-        let open = (0..tests.len() as u32)
-            .filter(|&i| !tests[i as usize].done && tests[i as usize].leased.is_none());
-        let (solo, open): (Vec<u32>, Vec<u32>) = open.partition(|&i| tests[i as usize].runs_alone());
-        let discovering = restored.iter().any(|(a, _)| a.discover);
-        state.discover_pending = state.row.discover && tests.is_empty() && !discovering;
-        state.queue = RunQueue::with(&plans, open);
-        state.solo = solo;
-        state.tests = tests;
-        for (a, pending) in restored {
-            state.running += pending.len() as u32;
-            state.running_ms += pending
-                .iter()
-                .map(|&i| state.tests[i as usize].plan.estimate_ms)
-                .sum::<f64>();
-            state.live_attempts += 1;
-            if let Some(w) = self.workers.get_mut(&a.worker) {
-                w.attempts.insert(a.id);
-            }
-            self.attempts.insert(
-                a.id,
-                Attempt {
-                    shard: a.shard,
-                    run: a.run,
-                    worker: a.worker,
-                    kind: if a.discover {
-                        AttemptKind::Discover
-                    } else {
-                        AttemptKind::Run
-                    },
-                    total: a.tests.len() as u32,
-                    pending,
-                    reported_ms: 0,
-                    lease_until: now.at + self.cfg.lease,
-                    started_ms: a.started_ms,
-                },
-            );
-        }
-        info!(run = %state.row.id, queued = state.queue.len(), kept = state.live_attempts, "resumed unfinished run");
-        self.effects.runs_changed.insert(state.row.id);
-        self.runs.insert(state.row.id, state);
-        Ok(())
+        restored
     }
-}
 
-/// One test as [`DurableView`] shows it.
-#[derive(Debug, PartialEq)]
-pub struct DurableTest {
-    pub id: String,
-    pub outcome: Option<Outcome>,
-    /// The retry state, as stored.
-    pub retry: String,
-    pub quarantined: bool,
+    /// Makes a restored attempt live again, its lease starting now.
+    fn install_attempt(&mut self, state: &mut RunState, a: AttemptRow, pending: Vec<u32>, now: Now) {
+        state.running += pending.len() as u32;
+        state.running_ms += pending
+            .iter()
+            .map(|&i| state.tests[i as usize].plan.estimate_ms)
+            .sum::<f64>();
+        state.live_attempts += 1;
+        if let Some(w) = self.workers.get_mut(&a.worker) {
+            w.attempts.insert(a.id);
+        }
+        let kind = if a.discover {
+            AttemptKind::Discover
+        } else {
+            AttemptKind::Run
+        };
+        self.attempts.insert(
+            a.id,
+            Attempt {
+                shard: a.shard,
+                run: a.run,
+                worker: a.worker,
+                kind,
+                total: a.tests.len() as u32,
+                pending,
+                reported_ms: 0,
+                lease_until: now.at + self.cfg.lease,
+                started_ms: a.started_ms,
+            },
+        );
+    }
 }
 
 /// The durable part of the core's memory, in a form two cores can be compared by: a core after

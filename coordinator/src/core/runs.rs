@@ -146,29 +146,7 @@ impl Core {
                 "give either a test list or discover, not both",
             ));
         }
-        let rollout = if req.rollout || !req.authors.is_empty() {
-            if !req.rollout {
-                return Err(Error::invalid(
-                    "authors",
-                    "authors are for the deploy log: ask for a rollout too",
-                ));
-            }
-            if !self.cfg.rollout_configured {
-                return Err(Error::invalid(
-                    "rollout",
-                    "this coordinator has no rollout hook (start it with --rollout-command or --rollout-url)",
-                ));
-            }
-            if req.authors.len() > 100 || req.authors.iter().any(|a| a.trim().is_empty() || a.len() > 256) {
-                return Err(Error::invalid(
-                    "authors",
-                    "at most 100 authors, each non-empty and at most 256 bytes",
-                ));
-            }
-            Some(req.authors.clone())
-        } else {
-            None
-        };
+        let rollout = self.check_rollout(req)?;
         Ok(PreparedRun {
             row: RunRow {
                 id: RunId::new(),
@@ -190,6 +168,33 @@ impl Core {
             kind,
             rollout,
         })
+    }
+
+    /// The authors for the deploy log of a run that asks for a rollout (`None` when it does
+    /// not), refused when this coordinator has no rollout hook.
+    fn check_rollout(&self, req: &pb::SubmitRunRequest) -> Result<Option<Vec<String>>, Error> {
+        if !req.rollout && req.authors.is_empty() {
+            return Ok(None);
+        }
+        if !req.rollout {
+            return Err(Error::invalid(
+                "authors",
+                "authors are for the deploy log: ask for a rollout too",
+            ));
+        }
+        if !self.cfg.rollout_configured {
+            return Err(Error::invalid(
+                "rollout",
+                "this coordinator has no rollout hook (start it with --rollout-command or --rollout-url)",
+            ));
+        }
+        if req.authors.len() > 100 || req.authors.iter().any(|a| a.trim().is_empty() || a.len() > 256) {
+            return Err(Error::invalid(
+                "authors",
+                "at most 100 authors, each non-empty and at most 256 bytes",
+            ));
+        }
+        Ok(Some(req.authors.clone()))
     }
 
     /// Submits a run in one message: checks, plans, stores and queues it.

@@ -81,7 +81,42 @@ pub(crate) struct RunState {
     pub excluded: HashSet<WorkerId>,
 }
 
+/// Counted results of a run per outcome, all and quarantined (which do not count toward the
+/// gate), indexed by `Outcome::to_wire`.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Tally {
+    pub done: [u32; 7],
+    pub quarantined: [u32; 7],
+}
+
+impl Tally {
+    pub fn add(&mut self, outcome: Outcome, quarantined: bool) {
+        self.done[outcome.to_wire() as usize] += 1;
+        if quarantined {
+            self.quarantined[outcome.to_wire() as usize] += 1;
+        }
+    }
+
+    pub fn total(&self) -> u32 {
+        self.done.iter().sum()
+    }
+
+    /// Results of `outcome` that count toward the gate.
+    pub fn reds(&self, outcome: Outcome) -> u32 {
+        let i = outcome.to_wire() as usize;
+        self.done[i] - self.quarantined[i]
+    }
+}
+
 impl RunState {
+    /// What is counted now.
+    pub fn tally(&self) -> Tally {
+        Tally {
+            done: self.done,
+            quarantined: self.done_quarantined,
+        }
+    }
+
     /// A run with its planned tests, nothing counted or handed out yet.
     pub fn new(row: RunRow, kind: RunnerKind, tests: Vec<TestSlot>, queue: RunQueue) -> Self {
         Self {
