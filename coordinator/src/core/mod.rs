@@ -7,7 +7,9 @@
 //! - `recovery`: opening on a store, resuming unfinished runs.
 //! - `runs`: submission (whole or staged), cancellation, discovery, a run's end.
 //! - `fleet`: registration, heartbeats, liveness, deregistration.
-//! - `attempts`: hand-outs, reports, finishing, lease expiry.
+//! - `handout`: which run gets a free slot, forming and handing out its shard.
+//! - `report`: counting reported results, fail-fast and the verdict they may bring.
+//! - `attempts`: the end of an attempt (finished, drained, expired) and what its tests become.
 //! - `gate`: quarantine changes and deploy transitions.
 //! - `live`: what the read side shows of memory.
 //!
@@ -19,8 +21,10 @@ mod attempts;
 mod check;
 mod fleet;
 mod gate;
+mod handout;
 mod live;
 mod recovery;
+mod report;
 mod runs;
 mod state;
 
