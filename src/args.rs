@@ -24,6 +24,15 @@ pub struct CoordinatorArgs {
     /// SQLite database file; created if missing.
     #[arg(long, env = "SHARDGATE_DB", default_value = "shardgate.db")]
     pub db: PathBuf,
+    /// Credentials: a TOML file with one `[tokens.NAME]` table per token (`role` and the
+    /// `sha256` of its secret; see `shardgate token new`). Without it the coordinator serves
+    /// loopback addresses only.
+    #[arg(long, env = "SHARDGATE_TOKENS", value_name = "FILE")]
+    pub tokens: Option<PathBuf>,
+    /// Serve without credentials on non-loopback addresses: anyone who reaches the port can
+    /// then submit runs, report results and start rollouts.
+    #[arg(long, env = "SHARDGATE_INSECURE_NO_AUTH")]
+    pub insecure_no_auth: bool,
     #[command(flatten)]
     pub tuning: CoordinatorTuning,
     #[command(flatten)]
@@ -90,6 +99,8 @@ pub struct WorkerArgs {
     /// The coordinator's gRPC URL.
     #[arg(long, env = "SHARDGATE_COORDINATOR", default_value = "http://127.0.0.1:7070")]
     pub coordinator: String,
+    #[command(flatten)]
+    pub credential: Credential,
     /// Name shown in results and dashboards (default: the host name).
     #[arg(long, env = "SHARDGATE_NAME")]
     pub name: Option<String>,
@@ -163,6 +174,26 @@ pub enum Command {
     Quarantine(QuarantineCommand),
     /// The deploy log: the last deploys, and how often they happen.
     Deploys(DeploysArgs),
+    /// Credentials for a coordinator's `--tokens` file.
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Make a token: prints its secret on the first line, then the table to add to the
+    /// coordinator's `--tokens` file (which keeps only the secret's SHA-256).
+    New(TokenNewArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct TokenNewArgs {
+    /// The token's name: who acts with it (recorded as who submitted, quarantined, cancelled).
+    #[arg(long)]
+    pub name: String,
+    /// worker, trigger, viewer or admin.
+    #[arg(long)]
+    pub role: shardgate_common::auth::Role,
 }
 
 #[derive(Debug, Args)]
@@ -240,6 +271,42 @@ pub struct Connection {
     /// The coordinator's gRPC URL.
     #[arg(long, env = "SHARDGATE_COORDINATOR", default_value = "http://127.0.0.1:7070")]
     pub coordinator: String,
+    #[command(flatten)]
+    pub credential: Credential,
+}
+
+/// The credential sent to the coordinator (as `authorization: Bearer <secret>`).
+#[derive(Debug, Clone, Args)]
+pub struct Credential {
+    /// The token's secret, when the coordinator needs one.
+    #[arg(
+        long,
+        env = "SHARDGATE_TOKEN",
+        hide_env_values = true,
+        conflicts_with = "token_file"
+    )]
+    pub token: Option<String>,
+    /// A file whose first line is the token's secret.
+    #[arg(long, env = "SHARDGATE_TOKEN_FILE", value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+}
+
+impl Credential {
+    /// The secret, from `--token` or the first line of `--token-file`.
+    pub fn secret(&self) -> anyhow::Result<Option<String>> {
+        use anyhow::Context;
+        if let Some(t) = &self.token {
+            return Ok(Some(t.trim().to_owned()));
+        }
+        let Some(path) = &self.token_file else {
+            return Ok(None);
+        };
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("failed to read --token-file '{}'", path.display()))?;
+        let secret = text.lines().next().unwrap_or_default().trim().to_owned();
+        anyhow::ensure!(!secret.is_empty(), "--token-file '{}' is empty", path.display());
+        Ok(Some(secret))
+    }
 }
 
 #[derive(Debug, Clone, Args)]

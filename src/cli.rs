@@ -15,5 +15,6 @@ pub async fn main(cli: Cli) -> anyhow::Result<u8> {
         Command::Flaky(a) => gate::flaky(a).await,
         Command::Quarantine(q) => gate::quarantine(q).await,
         Command::Deploys(d) => gate::deploys(d).await,
+        Command::Token(t) => gate::token(t),
     }
 }

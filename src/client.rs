@@ -15,13 +15,13 @@ use crate::submit::{follow, report, submit_and_follow, submit_request};
 
 pub(crate) async fn run(a: RunArgs) -> anyhow::Result<u8> {
     let req = submit_request(&a.runner, &a.source, &a.submit)?;
-    let ch = connect(&a.conn.coordinator).await?;
+    let ch = connect(&a.conn).await?;
     let wait = a.submit.wait_rollout;
     submit_and_follow(ch, req, a.submit.reconnect_for, &a.output, wait).await
 }
 
 pub(crate) async fn watch(r: RunRef) -> anyhow::Result<u8> {
-    let mut client = run_client(connect(&r.conn.coordinator).await?);
+    let mut client = run_client(connect(&r.conn).await?);
     let mut progress = Progress::new();
     follow(&mut client, &r.run_id, Duration::from_secs(600), &mut progress).await?;
     progress.finish();
@@ -29,12 +29,12 @@ pub(crate) async fn watch(r: RunRef) -> anyhow::Result<u8> {
 }
 
 pub(crate) async fn status(r: RunRef) -> anyhow::Result<u8> {
-    let mut client = run_client(connect(&r.conn.coordinator).await?);
+    let mut client = run_client(connect(&r.conn).await?);
     report(&mut client, &r.run_id, &r.output).await
 }
 
 pub(crate) async fn cancel(c: CancelArgs) -> anyhow::Result<u8> {
-    let mut client = run_client(connect(&c.conn.coordinator).await?);
+    let mut client = run_client(connect(&c.conn).await?);
     let resp = client
         .cancel_run(pb::CancelRunRequest {
             run_id: c.run_id.clone(),
@@ -53,7 +53,7 @@ pub(crate) async fn cancel(c: CancelArgs) -> anyhow::Result<u8> {
 }
 
 pub(crate) async fn runs(l: ListArgs) -> anyhow::Result<u8> {
-    let mut client = run_client(connect(&l.conn.coordinator).await?);
+    let mut client = run_client(connect(&l.conn).await?);
     let runs = client
         .list_runs(pb::ListRunsRequest { limit: 50 })
         .await
@@ -80,7 +80,7 @@ pub(crate) async fn runs(l: ListArgs) -> anyhow::Result<u8> {
 }
 
 pub(crate) async fn workers(l: ListArgs) -> anyhow::Result<u8> {
-    let mut client = DashboardServiceClient::new(connect(&l.conn.coordinator).await?);
+    let mut client = DashboardServiceClient::new(connect(&l.conn).await?);
     let workers = client
         .list_workers(pb::ListWorkersRequest { include_gone: false })
         .await

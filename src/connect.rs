@@ -3,21 +3,33 @@
 use std::time::Duration;
 
 use anyhow::Context;
+use shardgate_common::auth::AuthChannel;
 use shardgate_common::pb::run_service_client::RunServiceClient;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
 use tonic::{Code, Status};
+
+use crate::args::Connection;
+
+/// The connection every client command uses: it sends the credential with each call.
+pub type Channel = AuthChannel;
+
+/// Connects to the coordinator `conn` names, with its credential.
+pub async fn connect(conn: &Connection) -> anyhow::Result<Channel> {
+    connect_url(&conn.coordinator, conn.credential.secret()?.as_deref()).await
+}
 
 /// Connects eagerly, so an unreachable coordinator is reported at once and by address. The
 /// channel reconnects by itself afterwards.
-pub async fn connect(url: &str) -> anyhow::Result<Channel> {
+pub async fn connect_url(url: &str, token: Option<&str>) -> anyhow::Result<Channel> {
     let endpoint =
         Endpoint::from_shared(url.to_owned()).with_context(|| format!("invalid coordinator URL '{url}'"))?;
-    endpoint
+    let channel = endpoint
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)
         .connect()
         .await
-        .with_context(|| format!("failed to connect to the coordinator at {url}"))
+        .with_context(|| format!("failed to connect to the coordinator at {url}"))?;
+    AuthChannel::new(channel, token).map_err(|e| anyhow::anyhow!("invalid --token: {e}"))
 }
 
 pub(crate) fn run_client(ch: Channel) -> RunServiceClient<Channel> {
@@ -30,6 +42,8 @@ pub(crate) fn run_client(ch: Channel) -> RunServiceClient<Channel> {
 pub(crate) fn refused(what: &str, s: Status) -> anyhow::Error {
     match s.code() {
         Code::Unavailable => anyhow::anyhow!("{what}: the coordinator is unreachable: {}", s.message()),
+        Code::Unauthenticated => anyhow::anyhow!("{what}: not authenticated: {}", s.message()),
+        Code::PermissionDenied => anyhow::anyhow!("{what}: permission denied: {}", s.message()),
         _ => anyhow::anyhow!("{what}: {}", s.message()),
     }
 }

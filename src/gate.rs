@@ -19,7 +19,7 @@ fn when(ms: u64) -> String {
 }
 
 pub async fn flaky(a: FlakyArgs) -> anyhow::Result<u8> {
-    let mut client = GateServiceClient::new(connect(&a.conn.coordinator).await?);
+    let mut client = GateServiceClient::new(connect(&a.conn).await?);
     let tests = client
         .list_flaky(pb::ListFlakyRequest {
             suite: a.suite.clone(),
@@ -78,7 +78,7 @@ pub async fn flaky(a: FlakyArgs) -> anyhow::Result<u8> {
 pub async fn quarantine(q: QuarantineCommand) -> anyhow::Result<u8> {
     match q {
         QuarantineCommand::Add(a) => {
-            let mut client = GateServiceClient::new(connect(&a.conn.coordinator).await?);
+            let mut client = GateServiceClient::new(connect(&a.conn).await?);
             let by = a.by.unwrap_or_else(crate::util::current_user);
             let e = client
                 .add_quarantine(pb::AddQuarantineRequest {
@@ -96,7 +96,7 @@ pub async fn quarantine(q: QuarantineCommand) -> anyhow::Result<u8> {
             );
         }
         QuarantineCommand::Remove(r) => {
-            let mut client = GateServiceClient::new(connect(&r.conn.coordinator).await?);
+            let mut client = GateServiceClient::new(connect(&r.conn).await?);
             let removed = client
                 .remove_quarantine(pb::RemoveQuarantineRequest {
                     suite: r.suite.clone(),
@@ -112,7 +112,7 @@ pub async fn quarantine(q: QuarantineCommand) -> anyhow::Result<u8> {
             println!("lifted the quarantine of {} in suite {}", r.test_id, r.suite);
         }
         QuarantineCommand::List(l) => {
-            let mut client = GateServiceClient::new(connect(&l.conn.coordinator).await?);
+            let mut client = GateServiceClient::new(connect(&l.conn).await?);
             let entries = client
                 .list_quarantine(pb::ListQuarantineRequest {
                     suite: l.suite.unwrap_or_default(),
@@ -143,7 +143,7 @@ pub async fn quarantine(q: QuarantineCommand) -> anyhow::Result<u8> {
 }
 
 pub async fn deploys(a: DeploysArgs) -> anyhow::Result<u8> {
-    let mut client = GateServiceClient::new(connect(&a.conn.coordinator).await?);
+    let mut client = GateServiceClient::new(connect(&a.conn).await?);
     let log = client
         .list_deploys(pb::ListDeploysRequest { limit: a.limit })
         .await
@@ -185,5 +185,31 @@ pub async fn deploys(a: DeploysArgs) -> anyhow::Result<u8> {
             d.run_id
         );
     }
+    Ok(exit::PASSED)
+}
+
+/// `shardgate token new`: a fresh secret on the first line, then the table for the
+/// coordinator's `--tokens` file, which keeps only the secret's SHA-256.
+pub fn token(cmd: crate::args::TokenCommand) -> anyhow::Result<u8> {
+    let crate::args::TokenCommand::New(a) = cmd;
+    anyhow::ensure!(
+        !a.name.is_empty()
+            && a.name.len() <= 64
+            && a.name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.@".contains(c)),
+        "invalid --name '{}': use letters, digits, '-', '_', '.' and '@', at most 64",
+        a.name
+    );
+    let secret = shardgate_common::auth::new_secret();
+    println!("{secret}");
+    println!();
+    println!(
+        "# Add to the coordinator's --tokens file; give the secret above to '{}' only.",
+        a.name
+    );
+    println!("[tokens.{}]", a.name);
+    println!("role = \"{}\"", a.role);
+    println!("sha256 = \"{}\"", shardgate_common::auth::digest_hex(&secret));
     Ok(exit::PASSED)
 }

@@ -46,6 +46,7 @@ pub async fn run(a: LocalArgs) -> anyhow::Result<u8> {
     let mut workers = Vec::new();
     for i in 0..a.workers {
         let cfg = shardgate_worker::Config {
+            token: None,
             coordinator: url.clone(),
             name: format!("local-{}", i + 1),
             slots: a.slots,
@@ -61,7 +62,7 @@ pub async fn run(a: LocalArgs) -> anyhow::Result<u8> {
     }
 
     let result = async {
-        let ch = connect::connect(&url).await?;
+        let ch = connect::connect_url(&url, None).await?;
         wait_for_workers(ch.clone(), a.workers as usize).await?;
         submit::submit_and_follow(ch, req, a.submit.reconnect_for, &a.output, a.submit.wait_rollout).await
     }
@@ -82,7 +83,7 @@ pub async fn run(a: LocalArgs) -> anyhow::Result<u8> {
 }
 
 /// Waits until `n` workers are registered and live.
-async fn wait_for_workers(ch: tonic::transport::Channel, n: usize) -> anyhow::Result<()> {
+async fn wait_for_workers(ch: connect::Channel, n: usize) -> anyhow::Result<()> {
     let mut client = DashboardServiceClient::new(ch);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {

@@ -76,6 +76,12 @@ pub async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
     let mut config = shardgate_coordinator::Config::new(args.db.clone());
     config.core = core_config(&args.tuning)?;
     config.rollout = rollout_config(&args.rollout)?;
+    if let Some(path) = &args.tokens {
+        let tokens = shardgate_coordinator::auth::Tokens::load(path)?;
+        tracing::info!(tokens = tokens.len(), "credentials required");
+        config.auth = shardgate_coordinator::auth::Auth::with_tokens(tokens);
+    }
+    config.insecure_no_auth = args.insecure_no_auth;
     // The database first: the addresses are printed only by a coordinator that holds it.
     let opened = shardgate_coordinator::server::open(config)?;
     let grpc = TcpListener::bind(args.grpc_addr)
@@ -84,6 +90,8 @@ pub async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
     let http = TcpListener::bind(args.http_addr)
         .await
         .with_context(|| format!("failed to bind --http-addr {}", args.http_addr))?;
+    // Refused before it says it serves.
+    opened.check_exposure(&[grpc.local_addr()?, http.local_addr()?])?;
     let ready = serde_json::json!({
         "grpc_addr": grpc.local_addr()?.to_string(),
         "http_addr": http.local_addr()?.to_string(),
@@ -121,6 +129,7 @@ pub fn worker_config(args: &WorkerArgs) -> anyhow::Result<shardgate_worker::Conf
             .unwrap_or(1),
     };
     Ok(shardgate_worker::Config {
+        token: args.credential.secret()?,
         coordinator: args.coordinator.clone(),
         name: args.name.clone().unwrap_or_else(util::hostname),
         slots,

@@ -8,10 +8,9 @@ use anyhow::{Context, bail};
 use shardgate_common::pb::run_service_client::RunServiceClient;
 use shardgate_common::report::RunReport;
 use shardgate_common::{RunStatus, labels, pb};
-use tonic::transport::Channel;
 
 use crate::args::{RunOutput, SubmitOptions, TestSource};
-use crate::connect::{is_transient, refused, run_client};
+use crate::connect::{Channel, is_transient, refused, run_client};
 use crate::display::{Progress, print_report};
 use crate::{exit, util};
 

@@ -16,6 +16,12 @@ pub enum Error {
     /// The request was too large.
     #[error("{0}")]
     ResourceExhausted(String),
+    /// No credential, or one the coordinator does not know.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// A known credential whose role or identity may not do this.
+    #[error("{0}")]
+    PermissionDenied(String),
     /// The coordinator is shutting down or its scheduler stopped.
     #[error("{0}")]
     Unavailable(String),
@@ -48,6 +54,8 @@ impl From<Error> for tonic::Status {
             Error::NotFound { .. } => tonic::Status::not_found(msg),
             Error::FailedPrecondition(_) => tonic::Status::failed_precondition(msg),
             Error::ResourceExhausted(_) => tonic::Status::resource_exhausted(msg),
+            Error::Unauthenticated(_) => tonic::Status::unauthenticated(msg),
+            Error::PermissionDenied(_) => tonic::Status::permission_denied(msg),
             Error::Unavailable(_) => tonic::Status::unavailable(msg),
             Error::Internal(_) => tonic::Status::internal(msg),
         }

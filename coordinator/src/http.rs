@@ -42,6 +42,8 @@ impl IntoResponse for ApiError {
             Error::NotFound { .. } => StatusCode::NOT_FOUND,
             Error::FailedPrecondition(_) => StatusCode::CONFLICT,
             Error::ResourceExhausted(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Error::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
+            Error::PermissionDenied(_) => StatusCode::FORBIDDEN,
             Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };

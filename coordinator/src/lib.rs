@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod actor;
+pub mod auth;
 pub mod core;
 pub mod http;
 pub mod model;

@@ -11,6 +11,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tracing::info;
 
 use crate::actor;
+use crate::auth::{Auth, AuthLayer};
 use crate::core::Core;
 use crate::model::{CoreConfig, Now};
 use crate::read::{ReadConfig, ReadSide};
@@ -32,6 +33,10 @@ pub struct Config {
     pub tick: Duration,
     /// The rollout hooks; none by default (runs may not ask for a rollout then).
     pub rollout: crate::rollout::RolloutConfig,
+    /// Credentials; none by default, which is allowed on loopback addresses only.
+    pub auth: Auth,
+    /// Serve without credentials on addresses other than loopback.
+    pub insecure_no_auth: bool,
 }
 
 impl Config {
@@ -41,12 +46,33 @@ impl Config {
             core: CoreConfig::default(),
             tick: Duration::from_millis(250),
             rollout: Default::default(),
+            auth: Auth::open(),
+            insecure_no_auth: false,
         }
+    }
+
+    /// Safe by default: without credentials, anyone who reaches the port can forge a green
+    /// gate, so only loopback addresses are served unless `insecure_no_auth` says otherwise.
+    pub fn check_exposure(&self, addrs: &[std::net::SocketAddr]) -> Result<(), ServeError> {
+        if self.auth.enabled() {
+            return Ok(());
+        }
+        if let Some(a) = addrs.iter().find(|a| !a.ip().is_loopback()) {
+            if !self.insecure_no_auth {
+                return Err(ServeError::Exposed(*a));
+            }
+            tracing::warn!(addr = %a, "serving WITHOUT CREDENTIALS on a non-loopback address (--insecure-no-auth): anyone who reaches it can submit, report results and start rollouts");
+        }
+        Ok(())
     }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
+    #[error(
+        "refusing to serve {0} without credentials: anyone who reaches it could forge a green gate; give --tokens FILE (see `shardgate token new`), or --insecure-no-auth to accept that"
+    )]
+    Exposed(std::net::SocketAddr),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("failed to load the store: {0}")]
@@ -103,6 +129,11 @@ pub async fn run(
 }
 
 impl Opened {
+    /// See [`Config::check_exposure`].
+    pub fn check_exposure(&self, addrs: &[std::net::SocketAddr]) -> Result<(), ServeError> {
+        self.config.check_exposure(addrs)
+    }
+
     /// Serves until `shutdown` completes.
     pub async fn serve(
         self,
@@ -133,6 +164,11 @@ async fn serve_all(
     http: Option<TcpListener>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
+    let mut addrs = vec![grpc.local_addr()?];
+    if let Some(h) = &http {
+        addrs.push(h.local_addr()?);
+    }
+    config.check_exposure(&addrs)?;
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
         .set_serving::<pb::run_service_server::RunServiceServer<Services>>()
@@ -168,13 +204,17 @@ async fn serve_all(
     let http_task = match http {
         Some(listener) => {
             info!(http = %listener.local_addr()?, "http serving");
-            let app = crate::http::router(handle.clone(), reads);
+            let app = crate::http::router(handle.clone(), reads).layer(axum::middleware::from_fn_with_state(
+                config.auth.clone(),
+                crate::auth::http_layer,
+            ));
             Some(spawn_http(listener, app, stop_rx.clone())?)
         }
         None => None,
     };
 
     tonic::transport::Server::builder()
+        .layer(AuthLayer::new(config.auth.clone()))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -16,6 +16,7 @@ use tonic::{Request, Response, Status};
 use tracing::warn;
 
 use crate::actor::Handle;
+use crate::auth::caller;
 use crate::read::ReadSide;
 use crate::store::Reads;
 
@@ -62,7 +63,12 @@ impl RunService for Services {
         &self,
         req: Request<pb::SubmitRunRequest>,
     ) -> Result<Response<pb::SubmitRunResponse>, Status> {
-        let req = req.into_inner();
+        let who = caller(&req);
+        let mut req = req.into_inner();
+        if who.known() {
+            // Who asked is who the credential says, not what the request claims.
+            req.requested_by = who.name;
+        }
         let run =
             crate::submit::submit(&self.handle, self.store.clone(), &self.reads.background(), req).await?;
         Ok(Response::new(pb::SubmitRunResponse {
@@ -168,11 +174,12 @@ impl RunService for Services {
         &self,
         req: Request<pb::CancelRunRequest>,
     ) -> Result<Response<pb::CancelRunResponse>, Status> {
+        let who = caller(&req);
         let req = req.into_inner();
         let id = run_id(&req.run_id)?;
         let run = self
             .handle
-            .call(move |core, now| core.cancel(id, &req.reason, now))
+            .call(move |core, now| core.cancel_as(id, &req.reason, &who, now))
             .await?;
         Ok(Response::new(pb::CancelRunResponse { run: Some(run) }))
     }
@@ -215,9 +222,12 @@ impl WorkerService for Services {
         &self,
         req: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterResponse>, Status> {
+        let who = caller(&req);
         let req = req.into_inner();
         Ok(Response::new(
-            self.handle.call(move |core, now| core.register(req, now)).await?,
+            self.handle
+                .call(move |core, now| core.register_as(req, &who, now))
+                .await?,
         ))
     }
 
@@ -225,11 +235,15 @@ impl WorkerService for Services {
         &self,
         req: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        let who = caller(&req);
         let req = req.into_inner();
         let w = worker_id(&req.worker_id)?;
         Ok(Response::new(
             self.handle
-                .call(move |core, now| core.heartbeat(w, &req.attempt_ids, now))
+                .call(move |core, now| {
+                    core.authorize_worker(w, &who, false)?;
+                    core.heartbeat(w, &req.attempt_ids, now)
+                })
                 .await?,
         ))
     }
@@ -238,8 +252,15 @@ impl WorkerService for Services {
         &self,
         req: Request<pb::AcquireShardRequest>,
     ) -> Result<Response<pb::AcquireShardResponse>, Status> {
+        let who = caller(&req);
         let req = req.into_inner();
         let w = worker_id(&req.worker_id)?;
+        self.handle
+            .call({
+                let who = who.clone();
+                move |core, _| core.authorize_worker(w, &who, false)
+            })
+            .await?;
         let deadline = tokio::time::Instant::now() + Duration::from_millis(req.wait_ms).min(MAX_ACQUIRE_WAIT);
         let notify = self.handle.work_notify();
         loop {
@@ -262,12 +283,16 @@ impl WorkerService for Services {
         &self,
         req: Request<pb::ReportResultsRequest>,
     ) -> Result<Response<pb::ReportResultsResponse>, Status> {
+        let who = caller(&req);
         let req = req.into_inner();
         let w = worker_id(&req.worker_id)?;
         let a = attempt_id(&req.attempt_id)?;
         Ok(Response::new(
             self.handle
-                .call(move |core, now| core.report(w, a, req.results, now))
+                .call(move |core, now| {
+                    core.authorize_worker(w, &who, false)?;
+                    core.report(w, a, req.results, now)
+                })
                 .await?,
         ))
     }
@@ -276,11 +301,15 @@ impl WorkerService for Services {
         &self,
         req: Request<pb::ReportDiscoveryRequest>,
     ) -> Result<Response<pb::ReportDiscoveryResponse>, Status> {
+        let who = caller(&req);
         let req = req.into_inner();
         let w = worker_id(&req.worker_id)?;
         let a = attempt_id(&req.attempt_id)?;
         self.handle
-            .call(move |core, now| core.discovery(w, a, req.tests, &req.error, now))
+            .call(move |core, now| {
+                core.authorize_worker(w, &who, false)?;
+                core.discovery(w, a, req.tests, &req.error, now)
+            })
             .await?;
         Ok(Response::new(pb::ReportDiscoveryResponse {}))
     }
@@ -289,12 +318,16 @@ impl WorkerService for Services {
         &self,
         req: Request<pb::FinishShardRequest>,
     ) -> Result<Response<pb::FinishShardResponse>, Status> {
+        let who = caller(&req);
         let req = req.into_inner();
         let w = worker_id(&req.worker_id)?;
         let a = attempt_id(&req.attempt_id)?;
         Ok(Response::new(
             self.handle
-                .call(move |core, now| core.finish(w, a, &req.error, req.draining, now))
+                .call(move |core, now| {
+                    core.authorize_worker(w, &who, false)?;
+                    core.finish(w, a, &req.error, req.draining, now)
+                })
                 .await?,
         ))
     }
@@ -303,8 +336,14 @@ impl WorkerService for Services {
         &self,
         req: Request<pb::DeregisterRequest>,
     ) -> Result<Response<pb::DeregisterResponse>, Status> {
+        let who = caller(&req);
         let w = worker_id(&req.into_inner().worker_id)?;
-        self.handle.call(move |core, now| core.deregister(w, now)).await?;
+        self.handle
+            .call(move |core, now| {
+                core.authorize_worker(w, &who, true)?;
+                core.deregister(w, now)
+            })
+            .await?;
         Ok(Response::new(pb::DeregisterResponse {}))
     }
 }
@@ -349,7 +388,11 @@ impl GateService for Services {
         &self,
         req: Request<pb::AddQuarantineRequest>,
     ) -> Result<Response<pb::QuarantineEntry>, Status> {
-        let req = req.into_inner();
+        let who = caller(&req);
+        let mut req = req.into_inner();
+        if who.known() {
+            req.added_by = who.name;
+        }
         Ok(Response::new(
             self.handle
                 .call(move |core, now| core.add_quarantine(req, now))

@@ -84,10 +84,18 @@ pub fn suite(root: &Path, n: usize, failing: &[usize], sleep: &str) -> Vec<Strin
 
 /// GETs `path` from an HTTP server at `addr`: the status code and the body.
 pub fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
+    http_get_with(addr, path, None)
+}
+
+/// The same, with `authorization: Bearer <token>` when a token is given.
+pub fn http_get_with(addr: &str, path: &str, token: Option<&str>) -> std::io::Result<(u16, String)> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr)?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: shardgate\r\n\r\n")?;
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: shardgate\r\n{auth}\r\n")?;
     let mut resp = String::new();
     s.read_to_string(&mut resp)?;
     let code = resp
@@ -148,9 +156,28 @@ pub struct ClusterBuilder {
     proxied: bool,
     worker_env: Vec<(String, String)>,
     coordinator_args: Vec<String>,
+    tokens: bool,
 }
 
+/// The tokens of a cluster started [`ClusterBuilder::with_tokens`]: name and role. The workers
+/// use `fleet`; the cluster's client `ops`.
+pub const TOKENS: &[(&str, &str)] = &[
+    ("fleet", "worker"),
+    ("rogue", "worker"),
+    ("ci", "trigger"),
+    ("other-ci", "trigger"),
+    ("board", "viewer"),
+    ("ops", "admin"),
+];
+
 impl ClusterBuilder {
+    /// Credentials: the coordinator gets a tokens file with [`TOKENS`] (made with
+    /// `shardgate token new`), the workers the `fleet` token, the cluster's client `ops`.
+    pub fn with_tokens(mut self) -> Self {
+        self.tokens = true;
+        self
+    }
+
     /// Extra arguments for the coordinator (every start).
     pub fn coordinator_args(mut self, args: &[&str]) -> Self {
         self.coordinator_args = args.iter().map(|a| a.to_string()).collect();
@@ -193,8 +220,25 @@ impl ClusterBuilder {
     }
 
     /// Starts the coordinator and the workers, and waits until every worker is live.
-    pub fn start(self) -> Cluster {
+    pub fn start(mut self) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
+        let mut secrets = std::collections::BTreeMap::new();
+        if self.tokens {
+            let mut file = String::new();
+            for (name, role) in TOKENS {
+                let made = client(&["token", "new", "--name", name, "--role", role]);
+                assert_eq!(made.code, 0, "token new: {}", made.stderr);
+                let (secret, table) = made.stdout.split_once('\n').unwrap();
+                secrets.insert(name.to_string(), secret.trim().to_owned());
+                file.push_str(table);
+            }
+            let path = dir.path().join("tokens.toml");
+            std::fs::write(&path, file).unwrap();
+            self.coordinator_args
+                .extend(["--tokens".to_owned(), path.display().to_string()]);
+            self.worker_env
+                .push(("SHARDGATE_TOKEN".into(), secrets["fleet"].clone()));
+        }
         let root = dir.path().join("suite");
         std::fs::create_dir(&root).unwrap();
         let mut c = Cluster {
@@ -211,6 +255,8 @@ impl ClusterBuilder {
             proxied: self.proxied,
             worker_env: self.worker_env,
             coordinator_args: self.coordinator_args,
+            client_token: secrets.get("ops").cloned(),
+            secrets,
             dir,
         };
         if let Some(toml) = &self.runners {
@@ -243,6 +289,10 @@ pub struct Cluster {
     proxied: bool,
     worker_env: Vec<(String, String)>,
     coordinator_args: Vec<String>,
+    /// Secrets by token name (with [`ClusterBuilder::with_tokens`]).
+    pub secrets: std::collections::BTreeMap<String, String>,
+    /// The token [`Cluster::client`] sends.
+    client_token: Option<String>,
 }
 
 /// One worker: its process (absent while it is down) and, when proxied, its link.
@@ -264,6 +314,7 @@ impl Cluster {
             proxied: false,
             worker_env: Vec::new(),
             coordinator_args: Vec::new(),
+            tokens: false,
         }
     }
 
@@ -442,9 +493,22 @@ impl Cluster {
     /// Runs the client against this cluster's coordinator.
     /// The command's options go last, so subcommands (`quarantine add …`) work too.
     pub fn client(&self, args: &[&str]) -> Ran {
+        self.client_with(self.client_token.as_deref(), args)
+    }
+
+    /// The client with the token named `name` ("" for none).
+    pub fn client_as(&self, name: &str, args: &[&str]) -> Ran {
+        let token = self.secrets.get(name).map(String::as_str);
+        self.client_with(token, args)
+    }
+
+    fn client_with(&self, token: Option<&str>, args: &[&str]) -> Ran {
         let url = self.url();
         let mut all = args.to_vec();
         all.extend(["--coordinator", &url]);
+        if let Some(t) = token {
+            all.extend(["--token", t]);
+        }
         client(&all)
     }
 
@@ -487,6 +551,7 @@ impl Cluster {
         Command::new(bin("shardgate"))
             .args(self.run_args(tests, extra))
             .args(["--coordinator", &self.url()])
+            .args(self.client_token.iter().flat_map(|t| ["--token", t.as_str()]))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(stderr)
@@ -497,7 +562,7 @@ impl Cluster {
     /// GETs `path` from the coordinator's HTTP API; `None` when it cannot be reached or does not
     /// answer 200 with JSON (it may be restarting).
     pub fn http_json(&self, path: &str) -> Option<serde_json::Value> {
-        match http_get(&self.http_addr, path) {
+        match http_get_with(&self.http_addr, path, self.client_token.as_deref()) {
             Ok((200, body)) => serde_json::from_str(&body).ok(),
             _ => None,
         }

@@ -8,13 +8,14 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use rand::RngExt;
+use shardgate_common::auth::AuthChannel;
 use shardgate_common::labels::{self, Labels};
 use shardgate_common::pb::worker_service_client::WorkerServiceClient;
 use shardgate_common::{AttemptId, WorkerId, pb};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
 use tonic::{Code, Status};
 use tracing::{Instrument, debug, info, info_span, warn};
 
@@ -40,6 +41,8 @@ pub struct Config {
     pub drain_grace: Duration,
     /// Faults to inject, for the chaos suite; none by default.
     pub faults: Faults,
+    /// The worker's credential (sent as a bearer token), when the coordinator needs one.
+    pub token: Option<String>,
 }
 
 /// Faults the worker injects into its own traffic so the chaos suite can check that the
@@ -71,7 +74,7 @@ pub enum AgentError {
 
 struct Shared {
     cfg: Config,
-    client: WorkerServiceClient<Channel>,
+    client: WorkerServiceClient<AuthChannel>,
     worker_id: RwLock<Option<WorkerId>>,
     heartbeat: RwLock<Duration>,
     /// Serialises re-registration so that one lost registration leads to one new one.
@@ -155,6 +158,10 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         .keep_alive_while_idle(true)
         .timeout(ACQUIRE_WAIT + Duration::from_secs(10))
         .connect_lazy();
+    let channel = AuthChannel::new(channel, cfg.token.as_deref()).map_err(|reason| AgentError::Url {
+        url: cfg.coordinator.clone(),
+        reason,
+    })?;
     let shared = Arc::new(Shared {
         client: WorkerServiceClient::new(channel),
         worker_id: RwLock::new(None),

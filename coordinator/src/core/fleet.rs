@@ -8,15 +8,59 @@ use tracing::{info, warn};
 
 use super::Core;
 use super::state::{RequeueReason, WorkerEntry};
+use crate::auth::Identity;
 use crate::model::Now;
 use crate::store::{RunnerOffer, WorkerRow, WorkerState};
 
 impl Core {
     pub fn register(&mut self, req: pb::RegisterRequest, now: Now) -> Result<pb::RegisterResponse, Error> {
-        self.atomically(|c| c.register_inner(req, now))
+        self.register_as(req, &Identity::anonymous(), now)
     }
 
-    fn register_inner(&mut self, req: pb::RegisterRequest, now: Now) -> Result<pb::RegisterResponse, Error> {
+    /// Registers a worker owned by `who`: only `who` may act for it afterwards. A name held by a
+    /// live worker of another identity is refused.
+    pub fn register_as(
+        &mut self,
+        req: pb::RegisterRequest,
+        who: &Identity,
+        now: Now,
+    ) -> Result<pb::RegisterResponse, Error> {
+        if who.known()
+            && let Some(held) = self
+                .workers
+                .values()
+                .find(|w| w.row.name == req.name && w.live() && w.row.owner != who.name)
+        {
+            return Err(Error::PermissionDenied(format!(
+                "worker name '{}' is held by a live worker of another identity ('{}')",
+                req.name, held.row.owner
+            )));
+        }
+        let owner = who.name.clone();
+        self.atomically(|c| c.register_inner(req, owner, now))
+    }
+
+    /// Refuses a call for `worker` from anyone but the identity that registered it (an admin
+    /// too, when `admin_ok`). Without credentials everyone is the owner.
+    pub fn authorize_worker(&self, worker: WorkerId, who: &Identity, admin_ok: bool) -> Result<(), Error> {
+        if !who.known() || (admin_ok && who.role == shardgate_common::auth::Role::Admin) {
+            return Ok(());
+        }
+        match self.workers.get(&worker) {
+            Some(w) if w.row.owner != who.name => Err(Error::PermissionDenied(format!(
+                "worker '{worker}' belongs to another identity; '{}' may act only for its own workers",
+                who.name
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    fn register_inner(
+        &mut self,
+        req: pb::RegisterRequest,
+        owner: String,
+        now: Now,
+    ) -> Result<pb::RegisterResponse, Error> {
         validate::name("name", &req.name, true)?;
         if req.slots == 0 || req.slots > 1024 {
             return Err(Error::invalid(
@@ -44,6 +88,7 @@ impl Core {
             registered_ms: now.ms,
             last_seen_ms: now.ms,
             state: WorkerState::Live,
+            owner,
         };
         self.store.upsert_worker(&row)?;
         for (n, k) in &runners {

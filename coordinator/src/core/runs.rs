@@ -9,6 +9,7 @@ use tracing::{info, warn};
 
 use super::Core;
 use super::state::{AttemptKind, RunState, TestSlot};
+use crate::auth::Identity;
 use crate::model::{Now, Policy};
 use crate::policy;
 use crate::scheduler::{self, History, Plan, PlanOptions, RunQueue};
@@ -254,6 +255,44 @@ impl Core {
                 .push(pb::run_event::Event::Progress(summary.clone()));
             Ok(summary)
         })
+    }
+
+    /// Cancels a run for `who`: a trigger may cancel only the runs it submitted; the actor is
+    /// recorded in the run's message.
+    pub fn cancel_as(
+        &mut self,
+        run: RunId,
+        reason: &str,
+        who: &Identity,
+        now: Now,
+    ) -> Result<pb::RunSummary, Error> {
+        if who.known() && who.role != shardgate_common::auth::Role::Admin {
+            let owner = match self.runs.get(&run) {
+                Some(r) => r.row.requested_by.clone(),
+                None => self
+                    .store
+                    .run_with_counts(run)?
+                    .map(|(row, _)| row.requested_by)
+                    .ok_or_else(|| Error::not_found("run", run))?,
+            };
+            if owner != who.name {
+                return Err(Error::PermissionDenied(format!(
+                    "run '{run}' was submitted by '{owner}'; '{}' may cancel only its own runs",
+                    who.name
+                )));
+            }
+        }
+        let reason = if who.known() {
+            format!(
+                "by {}{}{}",
+                who.name,
+                if reason.is_empty() { "" } else { ": " },
+                reason
+            )
+        } else {
+            reason.to_owned()
+        };
+        self.cancel(run, &reason, now)
     }
 
     pub fn cancel(&mut self, run: RunId, reason: &str, now: Now) -> Result<pb::RunSummary, Error> {

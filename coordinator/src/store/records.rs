@@ -275,6 +275,9 @@ pub struct WorkerRow {
     pub registered_ms: u64,
     pub last_seen_ms: u64,
     pub state: WorkerState,
+    /// The identity (token name) that registered it; empty without credentials. Only its
+    /// owner may act for a worker, and so for the attempts it holds.
+    pub owner: String,
 }
 
 /// A run's summary on the wire, from its row and its counts.

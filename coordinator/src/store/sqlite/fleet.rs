@@ -15,8 +15,8 @@ impl FleetStore for SqliteStore {
             .collect();
         self.conn
             .prepare_cached(
-                "INSERT INTO workers (id, name, slots, labels, runners, registered_ms, last_seen_ms, state)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                "INSERT INTO workers (id, name, slots, labels, runners, registered_ms, last_seen_ms, state, owner)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
                  ON CONFLICT(id) DO UPDATE SET last_seen_ms = excluded.last_seen_ms,
                                                state = excluded.state",
             )?
@@ -28,14 +28,15 @@ impl FleetStore for SqliteStore {
                 to_json(&runners),
                 w.registered_ms as i64,
                 w.last_seen_ms as i64,
-                w.state.as_str()
+                w.state.as_str(),
+                w.owner
             ])?;
         Ok(())
     }
 
     fn workers(&self) -> StoreResult<Vec<WorkerRow>> {
         let mut stmt = self.conn.prepare(
-            "SELECT id, name, slots, labels, runners, registered_ms, last_seen_ms, state
+            "SELECT id, name, slots, labels, runners, registered_ms, last_seen_ms, state, owner
              FROM workers ORDER BY registered_ms",
         )?;
         let rows = stmt.query_map([], |r| {
@@ -48,11 +49,12 @@ impl FleetStore for SqliteStore {
                 r.get::<_, i64>(5)?,
                 r.get::<_, i64>(6)?,
                 r.get::<_, String>(7)?,
+                r.get::<_, String>(8)?,
             ))
         })?;
         let mut out = Vec::new();
         for row in rows {
-            let (id, name, slots, labels, runners, reg, seen, state) = row?;
+            let (id, name, slots, labels, runners, reg, seen, state, owner) = row?;
             let runners: Vec<(String, String)> = from_json("workers", &runners)?;
             let runners = runners
                 .into_iter()
@@ -72,6 +74,7 @@ impl FleetStore for SqliteStore {
                 registered_ms: reg as u64,
                 last_seen_ms: seen as u64,
                 state: parse("workers", &state)?,
+                owner,
             });
         }
         Ok(out)

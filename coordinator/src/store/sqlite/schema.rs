@@ -59,6 +59,8 @@ const MIGRATIONS: &[&str] = &[
     // restarts and reads, and deleted by the next start if the submission never finished.
     "ALTER TABLE runs ADD COLUMN staged INTEGER NOT NULL DEFAULT 0;
     CREATE INDEX runs_by_time ON runs(created_ms);",
+    // 7: a worker belongs to the identity that registered it.
+    "ALTER TABLE workers ADD COLUMN owner TEXT NOT NULL DEFAULT '';",
 ];
 
 const SCHEMA: &str = r#"
