@@ -33,6 +33,15 @@ pub struct CoordinatorArgs {
     /// then submit runs, report results and start rollouts.
     #[arg(long, env = "SHARDGATE_INSECURE_NO_AUTH")]
     pub insecure_no_auth: bool,
+    /// TLS on the gRPC and HTTP ports: the certificate chain (PEM).
+    #[arg(long, env = "SHARDGATE_TLS_CERT", value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS: the private key (PEM).
+    #[arg(long, env = "SHARDGATE_TLS_KEY", value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// mTLS: workers must present a certificate signed by this CA (PEM).
+    #[arg(long, env = "SHARDGATE_CLIENT_CA", value_name = "FILE", requires = "tls_cert")]
+    pub client_ca: Option<PathBuf>,
     #[command(flatten)]
     pub tuning: CoordinatorTuning,
     #[command(flatten)]
@@ -101,6 +110,12 @@ pub struct WorkerArgs {
     pub coordinator: String,
     #[command(flatten)]
     pub credential: Credential,
+    /// mTLS: this worker's certificate (PEM), for a coordinator started with --client-ca.
+    #[arg(long, env = "SHARDGATE_TLS_CERT", value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// mTLS: this worker's private key (PEM).
+    #[arg(long, env = "SHARDGATE_TLS_KEY", value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
     /// Name shown in results and dashboards (default: the host name).
     #[arg(long, env = "SHARDGATE_NAME")]
     pub name: Option<String>,
@@ -275,9 +290,14 @@ pub struct Connection {
     pub credential: Credential,
 }
 
-/// The credential sent to the coordinator (as `authorization: Bearer <secret>`).
+/// The credential sent to the coordinator (as `authorization: Bearer <secret>`), and how its
+/// TLS certificate is checked.
 #[derive(Debug, Clone, Args)]
 pub struct Credential {
+    /// The CA the coordinator's TLS certificate must chain to (with an https:// URL; without it
+    /// the public web roots are used).
+    #[arg(long, env = "SHARDGATE_CA_CERT", value_name = "FILE")]
+    pub ca_cert: Option<PathBuf>,
     /// The token's secret, when the coordinator needs one.
     #[arg(
         long,
@@ -292,6 +312,14 @@ pub struct Credential {
 }
 
 impl Credential {
+    /// How TLS is checked (no client certificate).
+    pub fn tls(&self) -> shardgate_common::tls::ClientTls {
+        shardgate_common::tls::ClientTls {
+            ca_cert: self.ca_cert.clone(),
+            ..Default::default()
+        }
+    }
+
     /// The secret, from `--token` or the first line of `--token-file`.
     pub fn secret(&self) -> anyhow::Result<Option<String>> {
         use anyhow::Context;

@@ -15,14 +15,21 @@ pub type Channel = AuthChannel;
 
 /// Connects to the coordinator `conn` names, with its credential.
 pub async fn connect(conn: &Connection) -> anyhow::Result<Channel> {
-    connect_url(&conn.coordinator, conn.credential.secret()?.as_deref()).await
+    let endpoint = shardgate_common::tls::endpoint(&conn.coordinator, &conn.credential.tls())
+        .map_err(anyhow::Error::msg)?;
+    connect_endpoint(endpoint, &conn.coordinator, conn.credential.secret()?.as_deref()).await
+}
+
+/// Connects to a plaintext coordinator at `url` (the embedded one).
+pub async fn connect_url(url: &str, token: Option<&str>) -> anyhow::Result<Channel> {
+    let endpoint =
+        Endpoint::from_shared(url.to_owned()).with_context(|| format!("invalid coordinator URL '{url}'"))?;
+    connect_endpoint(endpoint, url, token).await
 }
 
 /// Connects eagerly, so an unreachable coordinator is reported at once and by address. The
 /// channel reconnects by itself afterwards.
-pub async fn connect_url(url: &str, token: Option<&str>) -> anyhow::Result<Channel> {
-    let endpoint =
-        Endpoint::from_shared(url.to_owned()).with_context(|| format!("invalid coordinator URL '{url}'"))?;
+async fn connect_endpoint(endpoint: Endpoint, url: &str, token: Option<&str>) -> anyhow::Result<Channel> {
     let channel = endpoint
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)

@@ -47,6 +47,7 @@ pub async fn run(a: LocalArgs) -> anyhow::Result<u8> {
     for i in 0..a.workers {
         let cfg = shardgate_worker::Config {
             token: None,
+            tls: Default::default(),
             coordinator: url.clone(),
             name: format!("local-{}", i + 1),
             slots: a.slots,

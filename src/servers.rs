@@ -82,6 +82,13 @@ pub async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
         config.auth = shardgate_coordinator::auth::Auth::with_tokens(tokens);
     }
     config.insecure_no_auth = args.insecure_no_auth;
+    if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+        config.tls = Some(shardgate_coordinator::server::ServerTls {
+            cert: cert.clone(),
+            key: key.clone(),
+            client_ca: args.client_ca.clone(),
+        });
+    }
     // The database first: the addresses are printed only by a coordinator that holds it.
     let opened = shardgate_coordinator::server::open(config)?;
     let grpc = TcpListener::bind(args.grpc_addr)
@@ -130,6 +137,11 @@ pub fn worker_config(args: &WorkerArgs) -> anyhow::Result<shardgate_worker::Conf
     };
     Ok(shardgate_worker::Config {
         token: args.credential.secret()?,
+        tls: shardgate_common::tls::ClientTls {
+            ca_cert: args.credential.ca_cert.clone(),
+            cert: args.tls_cert.clone(),
+            key: args.tls_key.clone(),
+        },
         coordinator: args.coordinator.clone(),
         name: args.name.clone().unwrap_or_else(util::hostname),
         slots,

@@ -14,6 +14,7 @@ pub mod limits;
 pub mod model;
 pub mod pb;
 pub mod report;
+pub mod tls;
 pub mod validate;
 
 pub use error::Error;

@@ -251,12 +251,31 @@ pub fn caller<T>(req: &tonic::Request<T>) -> Identity {
 #[derive(Debug, Clone)]
 pub struct AuthLayer {
     auth: Auth,
+    worker_certs: bool,
 }
 
 impl AuthLayer {
     pub fn new(auth: Auth) -> Self {
-        Self { auth }
+        Self {
+            auth,
+            worker_certs: false,
+        }
     }
+
+    /// Under mTLS: the worker service answers only callers with a verified client certificate.
+    pub fn require_worker_certs(mut self, yes: bool) -> Self {
+        self.worker_certs = yes;
+        self
+    }
+}
+
+/// Whether the connection presented a client certificate (verified by the TLS layer).
+fn has_client_cert<B>(req: &http::Request<B>) -> bool {
+    use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+    req.extensions()
+        .get::<TlsConnectInfo<TcpConnectInfo>>()
+        .and_then(|i| i.peer_certs())
+        .is_some_and(|c| !c.is_empty())
 }
 
 impl<S> tower::Layer<S> for AuthLayer {
@@ -266,6 +285,7 @@ impl<S> tower::Layer<S> for AuthLayer {
         AuthService {
             inner,
             auth: self.auth.clone(),
+            worker_certs: self.worker_certs,
         }
     }
 }
@@ -274,6 +294,7 @@ impl<S> tower::Layer<S> for AuthLayer {
 pub struct AuthService<S> {
     inner: S,
     auth: Auth,
+    worker_certs: bool,
 }
 
 type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
@@ -301,7 +322,14 @@ where
             .headers()
             .get(http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok());
-        match self.auth.check(header, access) {
+        let checked = if access == Access::Work && self.worker_certs && !has_client_cert(&req) {
+            Err(Error::Unauthenticated(
+                "workers must present a client certificate (this coordinator requires mTLS): pass --tls-cert and --tls-key".into(),
+            ))
+        } else {
+            self.auth.check(header, access)
+        };
+        match checked {
             Ok(identity) => {
                 req.extensions_mut().insert(identity);
                 let fut = self.inner.call(req);

@@ -37,6 +37,43 @@ pub struct Config {
     pub auth: Auth,
     /// Serve without credentials on addresses other than loopback.
     pub insecure_no_auth: bool,
+    /// TLS on both ports; none by default.
+    pub tls: Option<ServerTls>,
+}
+
+/// The coordinator's TLS: its certificate chain and key (PEM), and for mTLS the CA workers'
+/// certificates must chain to.
+#[derive(Debug, Clone)]
+pub struct ServerTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: Option<PathBuf>,
+}
+
+impl ServerTls {
+    fn read(what: &str, path: &PathBuf) -> Result<Vec<u8>, ServeError> {
+        std::fs::read(path)
+            .map_err(|e| ServeError::Tls(format!("failed to read {what} '{}': {e}", path.display())))
+    }
+
+    /// The gRPC side: client certificates are asked for when a client CA is set, and required
+    /// of workers by the auth layer (other clients may have none).
+    fn grpc(&self) -> Result<tonic::transport::ServerTlsConfig, ServeError> {
+        let identity = tonic::transport::Identity::from_pem(
+            Self::read("--tls-cert", &self.cert)?,
+            Self::read("--tls-key", &self.key)?,
+        );
+        let mut cfg = tonic::transport::ServerTlsConfig::new().identity(identity);
+        if let Some(ca) = &self.client_ca {
+            cfg = cfg
+                .client_ca_root(tonic::transport::Certificate::from_pem(Self::read(
+                    "--client-ca",
+                    ca,
+                )?))
+                .client_auth_optional(true);
+        }
+        Ok(cfg)
+    }
 }
 
 impl Config {
@@ -48,6 +85,7 @@ impl Config {
             rollout: Default::default(),
             auth: Auth::open(),
             insecure_no_auth: false,
+            tls: None,
         }
     }
 
@@ -69,6 +107,8 @@ impl Config {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
+    #[error("TLS: {0}")]
+    Tls(String),
     #[error(
         "refusing to serve {0} without credentials: anyone who reaches it could forge a green gate; give --tokens FILE (see `shardgate token new`), or --insecure-no-auth to accept that"
     )]
@@ -208,13 +248,20 @@ async fn serve_all(
                 config.auth.clone(),
                 crate::auth::http_layer,
             ));
-            Some(spawn_http(listener, app, stop_rx.clone())?)
+            Some(spawn_http(listener, app, stop_rx.clone(), config.tls.clone())?)
         }
         None => None,
     };
 
-    tonic::transport::Server::builder()
-        .layer(AuthLayer::new(config.auth.clone()))
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &config.tls {
+        builder = builder
+            .tls_config(tls.grpc()?)
+            .map_err(|e| ServeError::Tls(e.to_string()))?;
+    }
+    let require_worker_certs = config.tls.as_ref().is_some_and(|t| t.client_ca.is_some());
+    builder
+        .layer(AuthLayer::new(config.auth.clone()).require_worker_certs(require_worker_certs))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -247,6 +294,7 @@ fn spawn_http(
     listener: TcpListener,
     app: axum::Router,
     mut stop: tokio::sync::watch::Receiver<bool>,
+    tls: Option<ServerTls>,
 ) -> std::io::Result<tokio::sync::oneshot::Receiver<std::io::Result<()>>> {
     let listener = listener.into_std()?;
     let (done, result) = tokio::sync::oneshot::channel();
@@ -262,12 +310,31 @@ fn spawn_http(
                 .build()
                 .and_then(|rt| {
                     rt.block_on(async move {
-                        let listener = TcpListener::from_std(listener)?;
-                        axum::serve(listener, app)
-                            .with_graceful_shutdown(async move {
-                                let _ = stop.wait_for(|s| *s).await;
-                            })
-                            .await
+                        match tls {
+                            Some(tls) => {
+                                let config =
+                                    axum_server::tls_rustls::RustlsConfig::from_pem_file(&tls.cert, &tls.key)
+                                        .await?;
+                                let handle = axum_server::Handle::new();
+                                let stopper = handle.clone();
+                                tokio::spawn(async move {
+                                    let _ = stop.wait_for(|s| *s).await;
+                                    stopper.graceful_shutdown(Some(Duration::from_secs(5)));
+                                });
+                                axum_server::from_tcp_rustls(listener, config)?
+                                    .handle(handle)
+                                    .serve(app.into_make_service())
+                                    .await
+                            }
+                            None => {
+                                let listener = TcpListener::from_std(listener)?;
+                                axum::serve(listener, app)
+                                    .with_graceful_shutdown(async move {
+                                        let _ = stop.wait_for(|s| *s).await;
+                                    })
+                                    .await
+                            }
+                        }
                     })
                 });
             let _ = done.send(served);

@@ -157,6 +157,8 @@ pub struct ClusterBuilder {
     worker_env: Vec<(String, String)>,
     coordinator_args: Vec<String>,
     tokens: bool,
+    /// TLS, with mTLS for workers when true.
+    tls: Option<bool>,
 }
 
 /// The tokens of a cluster started [`ClusterBuilder::with_tokens`]: name and role. The workers
@@ -175,6 +177,13 @@ impl ClusterBuilder {
     /// `shardgate token new`), the workers the `fleet` token, the cluster's client `ops`.
     pub fn with_tokens(mut self) -> Self {
         self.tokens = true;
+        self
+    }
+
+    /// TLS on the coordinator's ports with test certificates ([`crate::certs`]); with `mtls`
+    /// the workers must present their client certificate. Clients and workers trust the CA.
+    pub fn with_tls(mut self, mtls: bool) -> Self {
+        self.tls = Some(mtls);
         self
     }
 
@@ -223,6 +232,27 @@ impl ClusterBuilder {
     pub fn start(mut self) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let mut secrets = std::collections::BTreeMap::new();
+        let certs = self.tls.map(|mtls| {
+            let certs = crate::certs::make(dir.path());
+            let path = |p: &PathBuf| p.display().to_string();
+            self.coordinator_args.extend([
+                "--tls-cert".to_owned(),
+                path(&certs.server_cert),
+                "--tls-key".to_owned(),
+                path(&certs.server_key),
+            ]);
+            self.worker_env
+                .push(("SHARDGATE_CA_CERT".into(), path(&certs.ca)));
+            if mtls {
+                self.coordinator_args
+                    .extend(["--client-ca".to_owned(), path(&certs.ca)]);
+                self.worker_env
+                    .push(("SHARDGATE_TLS_CERT".into(), path(&certs.worker_cert)));
+                self.worker_env
+                    .push(("SHARDGATE_TLS_KEY".into(), path(&certs.worker_key)));
+            }
+            certs
+        });
         if self.tokens {
             let mut file = String::new();
             for (name, role) in TOKENS {
@@ -257,6 +287,7 @@ impl ClusterBuilder {
             coordinator_args: self.coordinator_args,
             client_token: secrets.get("ops").cloned(),
             secrets,
+            certs,
             dir,
         };
         if let Some(toml) = &self.runners {
@@ -293,6 +324,8 @@ pub struct Cluster {
     pub secrets: std::collections::BTreeMap<String, String>,
     /// The token [`Cluster::client`] sends.
     client_token: Option<String>,
+    /// The test certificates (with [`ClusterBuilder::with_tls`]).
+    pub certs: Option<crate::certs::Certs>,
 }
 
 /// One worker: its process (absent while it is down) and, when proxied, its link.
@@ -315,11 +348,21 @@ impl Cluster {
             worker_env: Vec::new(),
             coordinator_args: Vec::new(),
             tokens: false,
+            tls: None,
         }
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}", self.grpc_addr)
+        let scheme = if self.certs.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.grpc_addr)
+    }
+
+    /// `--ca-cert FILE` when the cluster has TLS.
+    fn ca_args(&self) -> Vec<String> {
+        self.certs
+            .iter()
+            .flat_map(|c| ["--ca-cert".to_owned(), c.ca.display().to_string()])
+            .collect()
     }
 
     fn log(&self, name: &str) -> std::fs::File {
@@ -504,8 +547,10 @@ impl Cluster {
 
     fn client_with(&self, token: Option<&str>, args: &[&str]) -> Ran {
         let url = self.url();
+        let ca = self.ca_args();
         let mut all = args.to_vec();
         all.extend(["--coordinator", &url]);
+        all.extend(ca.iter().map(String::as_str));
         if let Some(t) = token {
             all.extend(["--token", t]);
         }
@@ -551,6 +596,7 @@ impl Cluster {
         Command::new(bin("shardgate"))
             .args(self.run_args(tests, extra))
             .args(["--coordinator", &self.url()])
+            .args(self.ca_args())
             .args(self.client_token.iter().flat_map(|t| ["--token", t.as_str()]))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

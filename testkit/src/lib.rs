@@ -3,6 +3,7 @@
 //! one worker from the coordinator ([`proxy`]), and the seeded chaos campaign with its history
 //! checker ([`chaos`]).
 
+pub mod certs;
 pub mod chaos;
 pub mod cluster;
 pub mod proxy;

@@ -15,7 +15,6 @@ use shardgate_common::{AttemptId, WorkerId, pb};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Endpoint;
 use tonic::{Code, Status};
 use tracing::{Instrument, debug, info, info_span, warn};
 
@@ -43,6 +42,8 @@ pub struct Config {
     pub faults: Faults,
     /// The worker's credential (sent as a bearer token), when the coordinator needs one.
     pub token: Option<String>,
+    /// How the coordinator's TLS is checked, and this worker's certificate under mTLS.
+    pub tls: shardgate_common::tls::ClientTls,
 }
 
 /// Faults the worker injects into its own traffic so the chaos suite can check that the
@@ -144,10 +145,11 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     if cfg.runners.is_empty() {
         return Err(AgentError::NoRunners);
     }
-    let endpoint = Endpoint::from_shared(cfg.coordinator.clone()).map_err(|e| AgentError::Url {
-        url: cfg.coordinator.clone(),
-        reason: e.to_string(),
-    })?;
+    let endpoint =
+        shardgate_common::tls::endpoint(&cfg.coordinator, &cfg.tls).map_err(|reason| AgentError::Url {
+            url: cfg.coordinator.clone(),
+            reason,
+        })?;
     // A partition is silence, not an error: HTTP/2 pings find a dead connection within a few
     // seconds, and no call may wait forever (the longest is the acquire long-poll).
     let channel = endpoint
