@@ -1,6 +1,7 @@
 //! One writer per database: a second coordinator on a live coordinator's database refuses to
 //! start and names the holder; once the holder is killed with SIGKILL a new coordinator takes
-//! the database over at once, with no clean-up, and resumes the run.
+//! the database over at once, with no clean-up, and resumes the run. And a database cannot
+//! vanish silently: removed while the coordinator runs, it stops.
 
 mod harness;
 
@@ -49,4 +50,25 @@ fn a_second_coordinator_is_refused_and_takes_over_once_the_holder_is_killed() {
     assert_eq!(out.status.code(), Some(1), "one failing test");
     assert_eq!(report["tests"].as_array().unwrap().len(), tests.len());
     assert_eq!(report["counts"]["failed"], 1);
+}
+
+#[test]
+fn a_database_removed_while_the_coordinator_runs_stops_it_before_it_acknowledges_more() {
+    let mut cluster = Cluster::builder().workers(1).slots(1).start();
+    let tests = suite(&cluster.root, 20, &[], "0.2");
+    let follower = cluster.follow(&tests, &["--reconnect-for", "2s"], Stdio::piped());
+    wait_for("a first result", Duration::from_secs(30), || {
+        let runs = cluster.client(&["runs", "--json"]).json();
+        let c = runs.as_array()?.first()?["counts"].clone();
+        (c["passed"].as_u64()? >= 1).then_some(())
+    });
+    std::fs::remove_file(&cluster.db).unwrap();
+    let status = cluster
+        .wait_coordinator_exit(Duration::from_secs(30))
+        .expect("the coordinator stops by itself");
+    assert_eq!(status.code(), Some(70), "{}", cluster.logs());
+    let logs = cluster.logs();
+    assert!(logs.contains("was removed while the coordinator ran"), "{logs}");
+    let out = follower.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "no verdict without a store");
 }

@@ -403,6 +403,14 @@ impl Cluster {
         self.coordinator = Some(child);
     }
 
+    /// Waits up to `timeout` for the coordinator to exit by itself; its exit status.
+    pub fn wait_coordinator_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let c = self.coordinator.as_mut()?;
+        let status = poll_until(Instant::now() + timeout, || c.try_wait().ok().flatten())?;
+        self.coordinator = None;
+        Some(status)
+    }
+
     /// The process id of the running coordinator.
     pub fn coordinator_pid(&self) -> Option<u32> {
         self.coordinator.as_ref().map(|c| c.id())

@@ -36,6 +36,14 @@ pub enum StoreError {
         "database '{path}' is held by another coordinator ({holder}); stop it first, or point this one at another database"
     )]
     Held { path: String, holder: String },
+    #[error(
+        "database file '{path}' was {what} while the coordinator ran; stopping so that no result is acknowledged that is not stored (restore the file from a backup, or start on a new one)"
+    )]
+    Vanished { path: String, what: &'static str },
+    #[error(
+        "database '{path}' failed its integrity check ({detail}); restore it from a backup, or start on a new file"
+    )]
+    Damaged { path: String, detail: String },
     #[error("injected store fault on write {0}")]
     Injected(u32),
 }

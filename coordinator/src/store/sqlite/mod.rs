@@ -29,6 +29,8 @@ use super::{StoreError, StoreResult, Transactions};
 /// The writer's connection to a SQLite database.
 pub struct SqliteStore {
     conn: Connection,
+    /// The file opened and its identity (device, inode), checked before every commit.
+    file: Option<(std::path::PathBuf, (u64, u64))>,
     /// Set when the store is dropped, to stop the background checkpointer.
     stop_checkpoints: Option<Arc<AtomicBool>>,
     /// Held for as long as the store lives (none for `:memory:`).
@@ -68,6 +70,7 @@ impl SqliteStore {
             Some(WriterLock::acquire(path)?)
         };
         let conn = Connection::open(path).map_err(open_err(&shown))?;
+        integrity_check(&conn, &shown)?;
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(open_err(&shown))?;
         conn.pragma_update(None, "synchronous", "NORMAL")
@@ -80,8 +83,17 @@ impl SqliteStore {
         conn.busy_timeout(Duration::from_secs(5))
             .map_err(open_err(&shown))?;
         schema::migrate(&conn, &shown)?;
+        let file = lock
+            .is_some()
+            .then(|| file_identity(path).map(|id| (path.to_owned(), id)))
+            .transpose()
+            .map_err(|e| StoreError::Open {
+                path: shown.clone(),
+                reason: e.to_string(),
+            })?;
         let mut store = Self {
             conn,
+            file,
             stop_checkpoints: None,
             _lock: lock,
         };
@@ -127,6 +139,12 @@ impl Transactions for SqliteStore {
     }
 
     fn commit_batch(&mut self) -> StoreResult<()> {
+        // A database file removed or replaced under us would take every commit from now on
+        // into a file nobody will open again: refuse to commit, so nothing is acknowledged.
+        if let Err(e) = self.check_file() {
+            let _ = self.conn.execute_batch("ROLLBACK");
+            return Err(e);
+        }
         self.conn.execute_batch("COMMIT")?;
         Ok(())
     }
@@ -145,6 +163,52 @@ impl Transactions for SqliteStore {
         self.conn.execute_batch("ROLLBACK TO message; RELEASE message")?;
         Ok(())
     }
+}
+
+impl SqliteStore {
+    /// Whether the database file is still the one this store opened.
+    fn check_file(&self) -> StoreResult<()> {
+        let Some((path, id)) = &self.file else {
+            return Ok(());
+        };
+        let what = match file_identity(path) {
+            Ok(now) if now == *id => return Ok(()),
+            Ok(_) => "replaced",
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => "removed",
+            Err(_) => "made unreadable",
+        };
+        Err(StoreError::Vanished {
+            path: path.display().to_string(),
+            what,
+        })
+    }
+}
+
+/// A file's device and inode.
+fn file_identity(path: &Path) -> std::io::Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path)?;
+    Ok((m.dev(), m.ino()))
+}
+
+/// Refuses a damaged database at start, with what to do, rather than failing at the first
+/// request.
+fn integrity_check(conn: &Connection, shown: &str) -> StoreResult<()> {
+    let damaged = |detail: String| StoreError::Damaged {
+        path: shown.to_owned(),
+        detail,
+    };
+    let mut stmt = conn
+        .prepare("PRAGMA quick_check")
+        .map_err(|e| damaged(e.to_string()))?;
+    let rows: Vec<String> = stmt
+        .query_map([], |r| r.get(0))
+        .and_then(|rows| rows.collect())
+        .map_err(|e| damaged(e.to_string()))?;
+    if rows.len() == 1 && rows[0] == "ok" {
+        return Ok(());
+    }
+    Err(damaged(rows.into_iter().take(3).collect::<Vec<_>>().join("; ")))
 }
 
 /// Where a connection for a read comes from: the writer's own, or one of the read pool's.
