@@ -38,7 +38,9 @@ fn check_label(field: &'static str, k: &str, v: &str) -> Result<(), Error> {
         return Err(Error::InvalidArgument {
             field,
             reason: format!(
-                "label '{k}={v}' must use letters, digits, '-', '_', '.', '/' (key non-empty, at most 128 each)"
+                "label '{}={}' must use letters, digits, '-', '_', '.', '/' (key non-empty, at most 128 each)",
+                crate::validate::prefix(k),
+                crate::validate::prefix(v)
             ),
         });
     }
@@ -47,6 +49,16 @@ fn check_label(field: &'static str, k: &str, v: &str) -> Result<(), Error> {
 
 /// Reads labels off the wire, checking them as [`parse`] does.
 pub fn from_wire(field: &'static str, labels: &[pb::Label]) -> Result<Labels, Error> {
+    if labels.len() > crate::validate::MAX_LABELS {
+        return Err(Error::InvalidArgument {
+            field,
+            reason: format!(
+                "{} labels given, at most {} allowed",
+                labels.len(),
+                crate::validate::MAX_LABELS
+            ),
+        });
+    }
     let mut out = Labels::new();
     for l in labels {
         check_label(field, &l.key, &l.value)?;

@@ -14,6 +14,45 @@ pub const MAX_TEST_ID_LEN: usize = 4096;
 pub const MAX_TESTS_PER_RUN: usize = 2_000_000;
 /// Longest suite, revision, requester or runner name, in bytes.
 pub const MAX_NAME_LEN: usize = 256;
+/// Longest free-text reason (a cancel's, a quarantine's), in bytes.
+pub const MAX_REASON_LEN: usize = 1024;
+/// Most labels on a run or a worker.
+pub const MAX_LABELS: usize = 32;
+
+/// At most the first 40 characters of `s`, for an error message that must not echo a large
+/// input back.
+pub fn prefix(s: &str) -> String {
+    let mut out: String = s.chars().take(40).collect();
+    if out.len() < s.len() {
+        out.push('…');
+    }
+    out.escape_debug().to_string()
+}
+
+/// Checks a one-line free-text field such as a reason: at most `max` bytes, no control
+/// characters (a newline or an escape sequence would forge lines in a listing).
+pub fn text(field: &'static str, value: &str, max: usize, required: bool) -> Result<(), Error> {
+    if required && value.trim().is_empty() {
+        return Err(Error::invalid(field, "must not be empty"));
+    }
+    if value.len() > max {
+        return Err(Error::invalid(
+            field,
+            format!(
+                "'{}' is {} bytes long, at most {max} allowed",
+                prefix(value),
+                value.len()
+            ),
+        ));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(Error::invalid(
+            field,
+            format!("'{}' contains a control character", prefix(value)),
+        ));
+    }
+    Ok(())
+}
 
 /// Checks a short free-text field such as the suite or the revision.
 pub fn name(field: &'static str, value: &str, required: bool) -> Result<(), Error> {
@@ -29,10 +68,16 @@ pub fn name(field: &'static str, value: &str, required: bool) -> Result<(), Erro
     if value.chars().any(char::is_control) {
         return Err(Error::invalid(
             field,
-            format!("{value:?} contains a control character"),
+            format!("'{}' contains a control character", prefix(value)),
         ));
     }
     Ok(())
+}
+
+/// Checks a test id named on its own (a quarantine entry): non-empty, within size, no control
+/// characters.
+pub fn test_id_text(field: &'static str, id: &str) -> Result<(), Error> {
+    text(field, id, MAX_TEST_ID_LEN, true)
 }
 
 /// Checks one test id against the rules every runner shares and those of its kind.
@@ -53,7 +98,7 @@ pub fn test_id(kind: RunnerKind, id: &str) -> Result<(), Error> {
     if id.chars().any(char::is_control) {
         return Err(Error::invalid(
             "tests",
-            format!("test id {id:?} contains a control character"),
+            format!("test id '{}' contains a control character", prefix(id)),
         ));
     }
     match kind {
@@ -162,7 +207,10 @@ pub fn test_list(kind: RunnerKind, tests: &[String]) -> Result<(), Error> {
     for t in tests {
         test_id(kind, t)?;
         if !seen.insert(t.as_str()) {
-            return Err(Error::invalid("tests", format!("duplicate test id '{t}'")));
+            return Err(Error::invalid(
+                "tests",
+                format!("duplicate test id '{}'", prefix(t)),
+            ));
         }
     }
     Ok(())

@@ -52,6 +52,13 @@ impl Default for CoreConfig {
     }
 }
 
+/// Most retries of a failed test a run may ask for.
+pub const MAX_RETRIES: u32 = 10;
+/// Most workers a test may lose before it is an infrastructure error.
+pub const MAX_INFRA_ATTEMPTS: u32 = 20;
+/// Longest per-test timeout a run may ask for: a day.
+pub const MAX_TEST_TIMEOUT_MS: u64 = 24 * 3600 * 1000;
+
 /// A run's policy with every default filled in, as stored with the run.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -81,9 +88,56 @@ impl Policy {
         }
     }
 
-    pub fn resolve(wire: Option<&pb::RunPolicy>, cfg: &CoreConfig) -> Self {
+    /// The policy a run asked for with the coordinator's defaults filled in; numbers out of
+    /// range are refused, not capped.
+    pub fn resolve(wire: Option<&pb::RunPolicy>, cfg: &CoreConfig) -> Result<Self, shardgate_common::Error> {
+        use shardgate_common::Error;
         let wire = wire.cloned().unwrap_or_default();
-        Self {
+        let bound = |field: &'static str, v: u64, max: u64, unit: &str| {
+            if v > max {
+                Err(Error::invalid(
+                    field,
+                    format!("{v}{unit} is more than the {max}{unit} allowed"),
+                ))
+            } else {
+                Ok(())
+            }
+        };
+        bound(
+            "policy.retries",
+            wire.retries.unwrap_or(0).into(),
+            MAX_RETRIES.into(),
+            "",
+        )?;
+        bound(
+            "policy.flaky_retries",
+            wire.flaky_retries.unwrap_or(0).into(),
+            MAX_RETRIES.into(),
+            "",
+        )?;
+        bound(
+            "policy.max_infra_attempts",
+            wire.max_infra_attempts.into(),
+            MAX_INFRA_ATTEMPTS.into(),
+            "",
+        )?;
+        bound(
+            "policy.test_timeout_ms",
+            wire.test_timeout_ms,
+            MAX_TEST_TIMEOUT_MS,
+            " ms",
+        )?;
+        if let (Some(r), Some(f)) = (wire.retries, wire.flaky_retries)
+            && f < r
+        {
+            return Err(Error::invalid(
+                "policy.flaky_retries",
+                format!(
+                    "{f} is fewer than the {r} retries every test gets; tests with a flaky history get at least as many"
+                ),
+            ));
+        }
+        Ok(Self {
             test_timeout_ms: if wire.test_timeout_ms == 0 {
                 cfg.default_test_timeout.as_millis() as u64
             } else {
@@ -95,11 +149,11 @@ impl Policy {
                 wire.max_infra_attempts
             },
             fail_first: wire.fail_first,
-            retries: wire.retries.unwrap_or(cfg.retries).min(10),
+            retries: wire.retries.unwrap_or(cfg.retries),
             strict_flaky: wire.strict_flaky,
             fail_fast: wire.fail_fast,
-            flaky_retries: wire.flaky_retries.unwrap_or(cfg.flaky_retries).min(10),
-        }
+            flaky_retries: wire.flaky_retries.unwrap_or(cfg.flaky_retries),
+        })
     }
 
     pub fn to_wire(self) -> pb::RunPolicy {

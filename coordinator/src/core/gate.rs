@@ -1,6 +1,6 @@
 //! The gate's writes: quarantine changes and the rollout task's deploy transitions.
 
-use shardgate_common::{Error, pb};
+use shardgate_common::{Error, pb, validate};
 use tracing::info;
 
 use super::Core;
@@ -13,22 +13,10 @@ impl Core {
         req: pb::AddQuarantineRequest,
         now: Now,
     ) -> Result<pb::QuarantineEntry, Error> {
-        for (field, value) in [
-            ("suite", &req.suite),
-            ("test_id", &req.test_id),
-            ("reason", &req.reason),
-            ("added_by", &req.added_by),
-        ] {
-            if value.trim().is_empty() {
-                return Err(Error::invalid(field, format!("{field} must not be empty")));
-            }
-            if value.len() > 4096 {
-                return Err(Error::invalid(
-                    field,
-                    format!("{field} is longer than 4096 bytes"),
-                ));
-            }
-        }
+        validate::name("suite", &req.suite, true)?;
+        validate::test_id_text("test_id", &req.test_id)?;
+        validate::text("reason", &req.reason, validate::MAX_REASON_LEN, true)?;
+        validate::name("added_by", &req.added_by, true)?;
         let row = QuarantineRow {
             suite: req.suite,
             test_id: req.test_id,

@@ -14,6 +14,9 @@ use crate::model::Now;
 use crate::policy::{self, Classified};
 use crate::store::{FirstFailure, QuarantineRow, ResultRow, RetryState};
 
+/// How much longer than its attempt's time out a reported test may claim to have run.
+const DURATION_SLACK_MS: u64 = 5_000;
+
 /// What a report does, decided before anything is written.
 #[derive(Debug)]
 struct ReportPlan {
@@ -139,6 +142,9 @@ impl Core {
         let attempt = &self.attempts[&attempt_id];
         let run = &self.runs[&attempt.run];
         let worker_name = self.worker_name(worker);
+        // A test cannot take longer than its attempt has been out (a few seconds of slack for
+        // clocks): a forged huge duration must not poison the suite's estimates.
+        let longest_ms = now.ms.saturating_sub(attempt.started_ms) + DURATION_SLACK_MS;
         let (mut rows, mut retried, mut seen) =
             (Vec::with_capacity(results.len()), Vec::new(), HashSet::new());
         for r in results {
@@ -176,9 +182,9 @@ impl Core {
                 } => rows.push(ResultRow {
                     idx,
                     test_id: t.id.clone(),
-                    history: t.hist.update(outcome, r.duration_ms, now.ms),
+                    history: t.hist.update(outcome, r.duration_ms.min(longest_ms), now.ms),
                     outcome,
-                    duration_ms: r.duration_ms,
+                    duration_ms: r.duration_ms.min(longest_ms),
                     attempts: t.handouts,
                     worker: worker_name.clone(),
                     detail: cap(&detail, 1024),

@@ -156,7 +156,7 @@ impl Core {
                 requested_by: req.requested_by.clone(),
                 runner: req.runner.clone(),
                 labels,
-                policy: Policy::resolve(req.policy.as_ref(), &self.cfg),
+                policy: Policy::resolve(req.policy.as_ref(), &self.cfg)?,
                 priority: req.priority,
                 discover: req.discover,
                 status: RunStatus::Queued,
@@ -266,6 +266,7 @@ impl Core {
         who: &Identity,
         now: Now,
     ) -> Result<pb::RunSummary, Error> {
+        validate::text("reason", reason, validate::MAX_REASON_LEN, false)?;
         if who.known() && who.role != shardgate_common::auth::Role::Admin {
             let owner = match self.runs.get(&run) {
                 Some(r) => r.row.requested_by.clone(),
@@ -310,7 +311,7 @@ impl Core {
             let message = if reason.is_empty() {
                 "cancelled".to_owned()
             } else {
-                format!("cancelled: {}", super::state::cap(reason, 1024))
+                format!("cancelled: {reason}")
             };
             let ending = c.decide_end(run, RunStatus::Cancelled, message, now)?;
             c.write_end(&ending)?;

@@ -907,3 +907,95 @@ fn a_lease_expiry_that_ends_the_run_leaves_its_other_expired_attempts_alone() {
         assert_eq!(status(&core, run), RunStatus::Failed);
     }
 }
+
+#[test]
+fn out_of_range_inputs_are_refused_with_the_field_named_and_change_nothing() {
+    let (mut core, now) = core();
+    register(&mut core, "w1", 1, &[], now);
+    let with_policy = |p: pb::RunPolicy| pb::SubmitRunRequest {
+        policy: Some(p),
+        ..submit_req(&["a"])
+    };
+    let cases = [
+        (
+            with_policy(pb::RunPolicy {
+                retries: Some(50),
+                ..Default::default()
+            }),
+            "policy.retries: 50 is more than the 10 allowed",
+        ),
+        (
+            with_policy(pb::RunPolicy {
+                max_infra_attempts: u32::MAX,
+                ..Default::default()
+            }),
+            "policy.max_infra_attempts",
+        ),
+        (
+            with_policy(pb::RunPolicy {
+                retries: Some(3),
+                flaky_retries: Some(1),
+                ..Default::default()
+            }),
+            "policy.flaky_retries: 1 is fewer than the 3 retries",
+        ),
+        (
+            pb::SubmitRunRequest {
+                labels: (0..100)
+                    .map(|i| pb::Label {
+                        key: format!("k{i}"),
+                        value: "v".into(),
+                    })
+                    .collect(),
+                ..submit_req(&["a"])
+            },
+            "100 labels given, at most 32",
+        ),
+        (submit_req(&[&"x".repeat(10_000)]), "at most 4096 allowed"),
+    ];
+    for (req, want) in cases {
+        let e = core.submit(req, now).unwrap_err().to_string();
+        assert!(e.contains(want), "{e} should say {want:?}");
+        assert!(e.len() < 300, "the input is not echoed back: {e}");
+    }
+    assert!(core.list_runs(10).unwrap().is_empty(), "nothing was stored");
+
+    let quarantine = |test_id: &str, reason: &str| pb::AddQuarantineRequest {
+        suite: "unit".into(),
+        test_id: test_id.into(),
+        reason: reason.into(),
+        added_by: "qa".into(),
+    };
+    for (q, want) in [
+        (quarantine("t\n[forged] ok", "r"), "test_id"),
+        (quarantine("t", "clear \u{1b}[2J"), "control character"),
+        (quarantine("t\0", "r"), "control character"),
+        (quarantine("t", &"r".repeat(40_000)), "at most 1024"),
+    ] {
+        let e = core.add_quarantine(q, now).unwrap_err().to_string();
+        assert!(e.contains(want) && e.len() < 300, "{e}");
+    }
+    assert!(core.list_quarantine("").unwrap().is_empty());
+
+    let run = submit(&mut core, &["a"], now);
+    let e = core.cancel_as(run, &"x".repeat(40_000), &crate::auth::Identity::anonymous(), now);
+    assert!(e.unwrap_err().to_string().contains("at most 1024"));
+    assert_eq!(status(&core, run), RunStatus::Queued, "the run goes on");
+}
+
+#[test]
+fn a_reported_duration_is_clamped_to_the_time_its_attempt_was_out() {
+    let (mut core, now) = core();
+    let w = register(&mut core, "w1", 1, &[], now);
+    let run = submit(&mut core, &["a"], now);
+    let shard = core.acquire(w, now).unwrap().unwrap();
+    let later = now.after(Duration::from_secs(2));
+    let forged = pb::TestResult {
+        duration_ms: u64::MAX,
+        ..result("a", Outcome::Passed)
+    };
+    core.report(w, shard.attempt_id.parse().unwrap(), vec![forged], later)
+        .unwrap();
+    let r = &core.get_run(run, true).unwrap().results[0];
+    assert!(r.duration_ms <= 2_000 + 5_000, "{}", r.duration_ms);
+}
