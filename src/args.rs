@@ -39,6 +39,13 @@ pub struct CoordinatorArgs {
     /// TLS: the private key (PEM).
     #[arg(long, env = "SHARDGATE_TLS_KEY", value_name = "FILE", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+    /// Most gRPC connections open at once (default: the file limit less 256).
+    #[arg(long, env = "SHARDGATE_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// A connection on which nothing moved for this long is closed (live connections are
+    /// pinged well within it).
+    #[arg(long, env = "SHARDGATE_IDLE_TIMEOUT", default_value = "60s", value_parser = duration)]
+    pub idle_timeout: Duration,
     /// mTLS: workers must present a certificate signed by this CA (PEM).
     #[arg(long, env = "SHARDGATE_CLIENT_CA", value_name = "FILE", requires = "tls_cert")]
     pub client_ca: Option<PathBuf>,

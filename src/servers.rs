@@ -82,6 +82,17 @@ pub async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
         config.auth = shardgate_coordinator::auth::Auth::with_tokens(tokens);
     }
     config.insecure_no_auth = args.insecure_no_auth;
+    config.connections = shardgate_coordinator::conn::ConnLimits {
+        max: args
+            .max_connections
+            .unwrap_or_else(shardgate_coordinator::conn::default_max_connections),
+        idle: args.idle_timeout,
+    };
+    anyhow::ensure!(config.connections.max > 0, "--max-connections must be at least 1");
+    anyhow::ensure!(
+        config.connections.idle >= std::time::Duration::from_secs(1),
+        "--idle-timeout must be at least 1s"
+    );
     if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
         config.tls = Some(shardgate_coordinator::server::ServerTls {
             cert: cert.clone(),

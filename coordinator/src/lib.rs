@@ -5,6 +5,7 @@
 
 pub mod actor;
 pub mod auth;
+pub mod conn;
 pub mod core;
 pub mod http;
 pub mod model;

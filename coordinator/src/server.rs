@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use shardgate_common::pb;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tracing::info;
 
 use crate::actor;
@@ -39,6 +38,8 @@ pub struct Config {
     pub insecure_no_auth: bool,
     /// TLS on both ports; none by default.
     pub tls: Option<ServerTls>,
+    /// The cap on open gRPC connections and their idle timeout.
+    pub connections: crate::conn::ConnLimits,
 }
 
 /// The coordinator's TLS: its certificate chain and key (PEM), and for mTLS the CA workers'
@@ -86,6 +87,7 @@ impl Config {
             auth: Auth::open(),
             insecure_no_auth: false,
             tls: None,
+            connections: Default::default(),
         }
     }
 
@@ -253,7 +255,11 @@ async fn serve_all(
         None => None,
     };
 
-    let mut builder = tonic::transport::Server::builder();
+    // Pings keep a healthy idle connection moving (so the idle timeout spares it) and find a
+    // peer that vanished.
+    let mut builder = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(config.connections.idle / 3))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)));
     if let Some(tls) = &config.tls {
         builder = builder
             .tls_config(tls.grpc()?)
@@ -278,7 +284,7 @@ async fn serve_all(
             services.clone(),
         ))
         .add_service(pb::gate_service_server::GateServiceServer::new(services))
-        .serve_with_incoming_shutdown(incoming(grpc), stopped(stop_rx))
+        .serve_with_incoming_shutdown(crate::conn::incoming(grpc, config.connections), stopped(stop_rx))
         .await?;
     if let Some(t) = http_task {
         t.await.map_err(std::io::Error::other)??;
@@ -340,17 +346,4 @@ fn spawn_http(
             let _ = done.send(served);
         })?;
     Ok(result)
-}
-
-/// Accepted connections with Nagle's algorithm off: a reply written in more than one piece
-/// would otherwise wait for the client's delayed ACK (40 ms on Linux).
-fn incoming(
-    listener: TcpListener,
-) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
-    use tokio_stream::StreamExt;
-    TcpListenerStream::new(listener).map(|conn| {
-        let conn = conn?;
-        conn.set_nodelay(true)?;
-        Ok(conn)
-    })
 }
