@@ -117,6 +117,11 @@ pub struct WorkerArgs {
     pub coordinator: String,
     #[command(flatten)]
     pub credential: Credential,
+    /// A regular expression masked (as `[redacted]`) in test output before it leaves the
+    /// worker; repeatable.
+    /// (`SHARDGATE_REDACT` takes one pattern per line.)
+    #[arg(long, value_name = "REGEX", env = "SHARDGATE_REDACT", value_delimiter = '\n')]
+    pub redact: Vec<String>,
     /// mTLS: this worker's certificate (PEM), for a coordinator started with --client-ca.
     #[arg(long, env = "SHARDGATE_TLS_CERT", value_name = "FILE", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,

@@ -48,6 +48,7 @@ pub async fn run(a: LocalArgs) -> anyhow::Result<u8> {
         let cfg = shardgate_worker::Config {
             token: None,
             tls: Default::default(),
+            redact: Default::default(),
             coordinator: url.clone(),
             name: format!("local-{}", i + 1),
             slots: a.slots,

@@ -148,6 +148,7 @@ pub fn worker_config(args: &WorkerArgs) -> anyhow::Result<shardgate_worker::Conf
     };
     Ok(shardgate_worker::Config {
         token: args.credential.secret()?,
+        redact: shardgate_worker::agent::Redact::new(&args.redact).map_err(anyhow::Error::msg)?,
         tls: shardgate_common::tls::ClientTls {
             ca_cert: args.credential.ca_cert.clone(),
             cert: args.tls_cert.clone(),

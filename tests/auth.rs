@@ -344,3 +344,22 @@ fn without_credentials_only_loopback_is_served_unless_insecure_is_asked_for() {
         "it says so loudly: {stderr}"
     );
 }
+
+#[test]
+fn a_secret_a_test_prints_is_masked_before_it_leaves_the_worker() {
+    let cluster = Cluster::builder()
+        .workers(1)
+        .slots(1)
+        .worker_env("SHARDGATE_REDACT", "DB_PASSWORD=\\S+\nsg_[0-9a-f]{64}")
+        .start();
+    script(
+        &cluster.root,
+        "t/leaky.sh",
+        "echo connecting with DB_PASSWORD=hunter2; exit 1",
+    );
+    let r = cluster.run_tests(&["t/leaky.sh".to_string()], &["--retries", "0"]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    let output = r.json()["tests"][0]["output"].as_str().unwrap().to_owned();
+    assert!(output.contains("connecting with [redacted]"), "{output}");
+    assert!(!cluster.logs().contains("hunter2") && !r.stdout.contains("hunter2"));
+}

@@ -102,3 +102,38 @@ async fn health_reflection_http_and_limits() {
         .into_inner();
     assert!(listed.runs.is_empty());
 }
+
+/// A `SubmitRunRequest` whose `suite` (field 1) carries raw bytes.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RawSubmit {
+    #[prost(bytes = "vec", tag = "1")]
+    suite: Vec<u8>,
+}
+
+#[test]
+fn invalid_utf8_in_a_request_is_an_invalid_argument_not_an_internal_error() {
+    let cluster = Cluster::builder().workers(0).start();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let status = rt.block_on(async {
+        let ch = tonic::transport::Endpoint::from_shared(cluster.url())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut grpc = tonic::client::Grpc::new(ch);
+        grpc.ready().await.unwrap();
+        let codec = tonic_prost::ProstCodec::<RawSubmit, shardgate_common::pb::SubmitRunResponse>::default();
+        let path = http::uri::PathAndQuery::from_static("/shardgate.v1.RunService/SubmitRun");
+        grpc.unary(
+            tonic::Request::new(RawSubmit {
+                suite: vec![0xff, 0xfe, b'x'],
+            }),
+            path,
+            codec,
+        )
+        .await
+        .unwrap_err()
+    });
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("decode"), "{status:?}");
+}

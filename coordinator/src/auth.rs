@@ -333,7 +333,11 @@ where
             Ok(identity) => {
                 req.extensions_mut().insert(identity);
                 let fut = self.inner.call(req);
-                Box::pin(fut)
+                Box::pin(async move {
+                    let mut resp = fut.await?;
+                    bad_request_not_internal(&mut resp);
+                    Ok(resp)
+                })
             }
             Err(e) => {
                 tracing::debug!(path = %req.uri().path(), error = %e, "request refused");
@@ -341,6 +345,20 @@ where
                 Box::pin(async move { Ok(status.into_http()) })
             }
         }
+    }
+}
+
+/// A request that does not decode (invalid UTF-8 in a string, a malformed message) is the
+/// caller's error: tonic reports it as `INTERNAL`; it is answered `INVALID_ARGUMENT`.
+fn bad_request_not_internal<B>(resp: &mut http::Response<B>) {
+    let headers = resp.headers_mut();
+    let internal = headers.get("grpc-status").is_some_and(|v| v == "13");
+    let undecodable = headers
+        .get("grpc-message")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|m| m.starts_with("failed%20to%20decode") || m.starts_with("failed to decode"));
+    if internal && undecodable {
+        headers.insert("grpc-status", http::HeaderValue::from_static("3"));
     }
 }
 

@@ -44,6 +44,37 @@ pub struct Config {
     pub token: Option<String>,
     /// How the coordinator's TLS is checked, and this worker's certificate under mTLS.
     pub tls: shardgate_common::tls::ClientTls,
+    /// Patterns masked in test output and details before they leave the worker.
+    pub redact: Redact,
+}
+
+/// Secrets a test may print (`DB_PASSWORD=…`), masked on the worker so they never reach the
+/// coordinator, its database or anyone who reads a run.
+#[derive(Debug, Clone, Default)]
+pub struct Redact {
+    patterns: Vec<regex::Regex>,
+}
+
+impl Redact {
+    /// Compiles `patterns` (regular expressions); a bad one is refused with its text.
+    pub fn new(patterns: &[String]) -> Result<Self, String> {
+        let patterns = patterns
+            .iter()
+            .map(|p| regex::Regex::new(p).map_err(|e| format!("invalid --redact pattern '{p}': {e}")))
+            .collect::<Result<_, _>>()?;
+        Ok(Self { patterns })
+    }
+
+    /// `text` with every match replaced by `[redacted]`.
+    pub fn apply(&self, text: String) -> String {
+        let mut text = text;
+        for p in &self.patterns {
+            if p.is_match(&text) {
+                text = p.replace_all(&text, "[redacted]").into_owned();
+            }
+        }
+        text
+    }
 }
 
 /// Faults the worker injects into its own traffic so the chaos suite can check that the
@@ -420,8 +451,8 @@ async fn report_loop(
                     duration_ms: run.duration.as_millis() as u64,
                     attempts: 0,
                     worker: shared.cfg.name.clone(),
-                    output: run.output,
-                    detail: run.detail,
+                    output: shared.cfg.redact.apply(run.output),
+                    detail: shared.cfg.redact.apply(run.detail),
                     quarantined: false,
                 })
                 .collect(),
@@ -524,5 +555,26 @@ impl Backoff {
             _ = stop.cancelled() => false,
             _ = tokio::time::sleep(Duration::from_millis(ms)) => true,
         }
+    }
+}
+
+#[cfg(test)]
+mod redact_tests {
+    use super::Redact;
+
+    #[test]
+    fn matches_are_masked_and_bad_patterns_refused() {
+        let r = Redact::new(&["DB_PASSWORD=\\S+".into(), "sg_[0-9a-f]{64}".into()]).unwrap();
+        let out = r.apply(format!(
+            "connect DB_PASSWORD=hunter2 ok\ntoken sg_{}",
+            "ab".repeat(32)
+        ));
+        assert_eq!(out, "connect [redacted] ok\ntoken [redacted]");
+        assert_eq!(Redact::default().apply("as is".into()), "as is");
+        assert!(
+            Redact::new(&["(".into()])
+                .unwrap_err()
+                .contains("invalid --redact pattern '('")
+        );
     }
 }
