@@ -106,6 +106,12 @@ pub struct CoordinatorTuning {
     /// Quarantine such tests automatically (recorded as by "shardgate", with the rate).
     #[arg(long, env = "SHARDGATE_AUTO_QUARANTINE")]
     pub auto_quarantine: bool,
+    /// Most runs one requester (token) may have queued or running at once.
+    #[arg(long, env = "SHARDGATE_MAX_ACTIVE_RUNS", default_value_t = 50)]
+    pub max_active_runs: usize,
+    /// Most tests without a result one requester may have across its active runs.
+    #[arg(long, env = "SHARDGATE_MAX_OPEN_TESTS", default_value_t = 4_000_000)]
+    pub max_open_tests: usize,
 }
 
 /// `shardgate-worker`: runs shards for a coordinator.

@@ -44,6 +44,8 @@ pub fn core_config(t: &CoordinatorTuning) -> anyhow::Result<CoreConfig> {
         quarantine_threshold: t.quarantine_threshold,
         quarantine_min_runs: t.quarantine_min_runs.max(1),
         auto_quarantine: t.auto_quarantine,
+        max_active_runs_per_requester: t.max_active_runs.max(1),
+        max_open_tests_per_requester: t.max_open_tests.max(1),
         ..CoreConfig::default()
     })
 }

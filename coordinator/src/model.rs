@@ -31,6 +31,10 @@ pub struct CoreConfig {
     pub auto_quarantine: bool,
     /// A rollout hook is configured: runs may ask for a rollout.
     pub rollout_configured: bool,
+    /// Most runs one requester (the token's identity) may have queued or running at once.
+    pub max_active_runs_per_requester: usize,
+    /// Most tests without a result one requester may have in its active runs at once.
+    pub max_open_tests_per_requester: usize,
 }
 
 impl Default for CoreConfig {
@@ -48,6 +52,8 @@ impl Default for CoreConfig {
             quarantine_min_runs: 10,
             auto_quarantine: false,
             rollout_configured: false,
+            max_active_runs_per_requester: 50,
+            max_open_tests_per_requester: 4_000_000,
         }
     }
 }

@@ -33,7 +33,10 @@ pub async fn submit(
     }
     let started = std::time::Instant::now();
     let tests = Arc::new(std::mem::take(&mut req.tests));
-    let prepared = handle.call(move |core, now| core.prepare_run(&req, now)).await?;
+    let n = tests.len();
+    let prepared = handle
+        .call(move |core, now| core.prepare_run(&req, n, now))
+        .await?;
     let planned = {
         let tests = tests.clone();
         let (kind, suite, policy) = (prepared.kind, prepared.row.suite.clone(), prepared.row.policy);

@@ -120,7 +120,12 @@ impl Core {
 
     /// Checks a submission's fields (all but its test list) and resolves its runner and policy.
     /// Changes nothing.
-    pub fn prepare_run(&self, req: &pb::SubmitRunRequest, now: Now) -> Result<PreparedRun, Error> {
+    pub fn prepare_run(
+        &self,
+        req: &pb::SubmitRunRequest,
+        tests: usize,
+        now: Now,
+    ) -> Result<PreparedRun, Error> {
         validate::name("suite", &req.suite, true)?;
         validate::name("revision", &req.revision, true)?;
         validate::name("requested_by", &req.requested_by, false)?;
@@ -148,6 +153,7 @@ impl Core {
             ));
         }
         let rollout = self.check_rollout(req)?;
+        self.check_requester_load(&req.requested_by, tests)?;
         Ok(PreparedRun {
             row: RunRow {
                 id: RunId::new(),
@@ -169,6 +175,35 @@ impl Core {
             kind,
             rollout,
         })
+    }
+
+    /// Refuses a submission that would take `requester` past its share: active runs, or tests
+    /// without a result across them.
+    fn check_requester_load(&self, requester: &str, tests: usize) -> Result<(), Error> {
+        let (mut runs, mut open) = (0usize, 0usize);
+        for r in self.runs.values().filter(|r| r.row.requested_by == requester) {
+            runs += 1;
+            open += r.tests.len() - r.done_total() as usize;
+        }
+        let who = if requester.is_empty() {
+            "anonymous"
+        } else {
+            requester
+        };
+        if runs >= self.cfg.max_active_runs_per_requester {
+            return Err(Error::ResourceExhausted(format!(
+                "'{who}' has {runs} active runs, at most {} allowed: wait for one to end, or cancel one",
+                self.cfg.max_active_runs_per_requester
+            )));
+        }
+        if open + tests > self.cfg.max_open_tests_per_requester {
+            return Err(Error::ResourceExhausted(format!(
+                "'{who}' would have {} tests without a result across its active runs, at most {} allowed",
+                open + tests,
+                self.cfg.max_open_tests_per_requester
+            )));
+        }
+        Ok(())
     }
 
     /// The authors for the deploy log of a run that asks for a rollout (`None` when it does
@@ -201,7 +236,7 @@ impl Core {
     /// Submits a run in one message: checks, plans, stores and queues it.
     pub fn submit(&mut self, req: pb::SubmitRunRequest, now: Now) -> Result<pb::RunSummary, Error> {
         self.atomically(|c| {
-            let prepared = c.prepare_run(&req, now)?;
+            let prepared = c.prepare_run(&req, req.tests.len(), now)?;
             if !req.discover {
                 validate::test_list(prepared.kind, &req.tests)?;
             }

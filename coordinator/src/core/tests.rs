@@ -999,3 +999,33 @@ fn a_reported_duration_is_clamped_to_the_time_its_attempt_was_out() {
     let r = &core.get_run(run, true).unwrap().results[0];
     assert!(r.duration_ms <= 2_000 + 5_000, "{}", r.duration_ms);
 }
+
+#[test]
+fn a_requester_past_its_share_of_runs_or_open_tests_is_refused() {
+    let now = Now::real();
+    let cfg = CoreConfig {
+        max_active_runs_per_requester: 2,
+        max_open_tests_per_requester: 5,
+        ..CoreConfig::default()
+    };
+    let mut core = Core::open(cfg, SqliteStore::open(Path::new(":memory:")).unwrap(), now).unwrap();
+    register(&mut core, "w1", 1, &[], now);
+    submit(&mut core, &["a", "b"], now);
+    let e = core.submit(submit_req(&["c", "d", "e", "f"]), now).unwrap_err();
+    assert!(
+        matches!(e, Error::ResourceExhausted(_)) && e.to_string().contains("6 tests"),
+        "{e}"
+    );
+    let second = submit(&mut core, &["c"], now);
+    let e = core.submit(submit_req(&["g"]), now).unwrap_err();
+    assert!(e.to_string().contains("'ci' has 2 active runs"), "{e}");
+    let other = pb::SubmitRunRequest {
+        requested_by: "someone-else".into(),
+        ..submit_req(&["g"])
+    };
+    core.submit(other, now)
+        .expect("another requester has its own share");
+    core.cancel(second, "", now).unwrap();
+    core.submit(submit_req(&["g"]), now)
+        .expect("a run ended: room again");
+}
