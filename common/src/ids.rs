@@ -30,7 +30,7 @@ macro_rules! typed_id {
             pub fn parse_field(field: &'static str, s: &str) -> Result<Self, Error> {
                 s.parse().map_err(|_| Error::InvalidArgument {
                     field,
-                    reason: format!("'{s}' is not a valid {} id", $what),
+                    reason: format!("'{}' is not a valid {} id", crate::validate::prefix(s), $what),
                 })
             }
         }

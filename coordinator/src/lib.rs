@@ -15,6 +15,8 @@ pub mod rollout;
 pub mod scheduler;
 pub mod server;
 pub mod service;
+#[cfg(test)]
+mod service_fuzz;
 pub mod store;
 pub mod submit;
 
