@@ -150,10 +150,7 @@ proptest! {
                         }
                     }
                     Call::Cancel { run, reason } => {
-                        match svc.cancel_run(Request::new(pb::CancelRunRequest { run_id: run, reason })).await {
-                            Ok(_) => None,
-                            Err(s) => Some(s),
-                        }
+                        svc.cancel_run(Request::new(pb::CancelRunRequest { run_id: run, reason })).await.err()
                     }
                     Call::Register { name, slots, kind } => {
                         let req = pb::RegisterRequest {
