@@ -313,3 +313,25 @@ fn the_same_crate_under_cargo_test_matches_its_libtest_outcomes() {
     }
     assert!(report["shards"].as_u64().unwrap() >= 2);
 }
+
+#[test]
+fn the_nextest_runner_reads_its_results_whatever_the_target_directory() {
+    // A shared target directory (common in CI) moved nextest's JUnit file away from where the
+    // runner looked: every test became an infrastructure error.
+    let dir = crate_dir();
+    let target = tempfile::tempdir().unwrap();
+    let profile = format!(
+        "[runners.nextest]\nkind = \"nextest\"\nworkdir = \"{}\"\n",
+        dir.display()
+    );
+    let cluster = Cluster::builder()
+        .workers(1)
+        .slots(1)
+        .runners(&profile)
+        .worker_env("CARGO_TARGET_DIR", target.path().to_str().unwrap())
+        .start();
+    let (r, report, ours) = run_discovered(&cluster, "nextest", "strsim-shared-target");
+    assert_eq!(r.code, 0, "{}\n{report}", r.stderr);
+    assert!(ours.values().all(|o| o == "passed"), "{ours:?}");
+    assert!(ours.len() >= 90);
+}

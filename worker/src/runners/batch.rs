@@ -85,8 +85,6 @@ pub struct CommandRunner {
     tool: &'static dyn Tool,
     /// Setup outcome per revision: run once per worker per revision.
     setups: std::sync::Arc<Mutex<HashMap<String, Result<(), RunnerError>>>>,
-    /// nextest: the cargo target directory, where nextest writes its JUnit file.
-    pub(super) target_dir: std::sync::Arc<Mutex<Option<PathBuf>>>,
 }
 
 impl CommandRunner {
@@ -97,7 +95,6 @@ impl CommandRunner {
             cfg,
             tool,
             setups: Default::default(),
-            target_dir: Default::default(),
         }
     }
 

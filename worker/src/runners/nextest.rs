@@ -1,10 +1,9 @@
 //! cargo-nextest: `<binary-id> <test name>` test ids, listed with `list -T oneline`, a shard
-//! selected exactly by a filterset and run with a JUnit profile of the shard's own in a tool
-//! config file (which ranks below the project's own nextest configuration).
+//! selected exactly by a filterset and run with shardgate's JUnit profile from a tool config
+//! file (which ranks below the project's own nextest configuration), writing to the shard's own
+//! file.
 
-use std::path::PathBuf;
-
-use super::batch::{CommandRunner, IdFormat, Shard, first_line, join_detail};
+use super::batch::{CommandRunner, IdFormat, Shard};
 use super::{BoxFuture, Commands, RunnerError, Tool, ToolSpec};
 
 #[derive(Debug)]
@@ -35,15 +34,17 @@ async fn run_shard(runner: &CommandRunner, shard: Shard<'_>) -> Result<(), Runne
     let dir = tempfile::tempdir()
         .map_err(|e| RunnerError::Local(format!("failed to create a directory for JUnit: {e}")))?;
     let (tests, revision) = (shard.tests, shard.revision);
-    let target = cargo_target_dir(runner)
-        .await
-        .map_err(|e| RunnerError::Tool(join_detail(first_line(&e), e.clone())))?;
-    // A profile of this shard's own, so shards running side by side never share a file.
-    let profile = format!("shardgate-{:016x}", rand::random::<u64>());
+    // The JUnit file goes to this shard's own directory by an absolute path, which nextest
+    // honours whatever the project's target or store directory is (CARGO_TARGET_DIR, a
+    // `[store] dir` of its own); so shards side by side never share a file.
+    let junit_path = dir.path().join("junit.xml");
     let toolconfig = dir.path().join("nextest.toml");
     std::fs::write(
         &toolconfig,
-        format!("[profile.{profile}]\nfail-fast = false\n[profile.{profile}.junit]\npath = \"junit.xml\"\n"),
+        format!(
+            "[profile.{PROFILE}]\nfail-fast = false\n[profile.{PROFILE}.junit]\npath = {}\n",
+            toml_string(&junit_path.display().to_string())
+        ),
     )
     .map_err(|e| RunnerError::Local(format!("failed to write the nextest config: {e}")))?;
     let filterset = tests
@@ -54,21 +55,37 @@ async fn run_shard(runner: &CommandRunner, shard: Shard<'_>) -> Result<(), Runne
         })
         .collect::<Vec<_>>()
         .join(" | ");
-    let store = target.join("nextest").join(&profile);
     let cmd = runner.command_with(
         &run(),
         &[],
         &[
             ("{toolconfig}", &toolconfig.display().to_string()),
-            ("{profile}", &profile),
+            ("{profile}", PROFILE),
             ("{filterset}", &filterset),
             ("{revision}", revision),
         ],
     );
-    let junit_path = store.join("junit.xml");
-    let ran = runner.run_junit(cmd, junit_path, Some(store), shard).await;
+    let ran = runner.run_junit(cmd, junit_path, None, shard).await;
     drop(dir);
     ran
+}
+
+/// The nextest profile shardgate adds through its tool config file.
+const PROFILE: &str = "shardgate";
+
+/// `s` as a TOML basic string.
+fn toml_string(s: &str) -> String {
+    let mut out = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if c.is_control() => out.push_str(&format!("\\u{:04X}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
 }
 
 /// nextest's default listing command: one `<binary-id> <test name>` per line.
@@ -95,33 +112,4 @@ fn run() -> Vec<String> {
     ]
     .map(String::from)
     .to_vec()
-}
-
-/// The cargo target directory of the workdir, asked of `cargo metadata` once.
-async fn cargo_target_dir(runner: &CommandRunner) -> Result<PathBuf, String> {
-    let mut cached = runner.target_dir.lock().await;
-    if let Some(t) = cached.as_ref() {
-        return Ok(t.clone());
-    }
-    let out = tokio::process::Command::new("cargo")
-        .args(["metadata", "--format-version", "1", "--no-deps"])
-        .current_dir(&runner.cfg.workdir)
-        .envs(&runner.cfg.env)
-        .output()
-        .await
-        .map_err(|e| format!("failed to run cargo metadata: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "cargo metadata failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    let v: serde_json::Value =
-        serde_json::from_slice(&out.stdout).map_err(|e| format!("cargo metadata printed bad JSON: {e}"))?;
-    let dir = v["target_directory"]
-        .as_str()
-        .map(PathBuf::from)
-        .ok_or("cargo metadata has no target_directory")?;
-    *cached = Some(dir.clone());
-    Ok(dir)
 }
