@@ -67,6 +67,7 @@ impl SqliteStore {
         let lock = if path == Path::new(":memory:") {
             None
         } else {
+            check_free_space(path, MIN_FREE_BYTES)?;
             Some(WriterLock::acquire(path)?)
         };
         let conn = Connection::open(path).map_err(open_err(&shown))?;
@@ -184,6 +185,34 @@ impl SqliteStore {
     }
 }
 
+/// Room the database's disk must have at start: a coordinator that cannot store results must
+/// not start taking them.
+const MIN_FREE_BYTES: u64 = 64 * 1024 * 1024;
+
+/// Refuses to start on a disk with less than `min` bytes free for unprivileged writers.
+fn check_free_space(db: &Path, min: u64) -> StoreResult<()> {
+    let dir = match db.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+        _ => std::path::PathBuf::from("."),
+    };
+    let Ok(st) = nix::sys::statvfs::statvfs(&dir) else {
+        // The directory may not exist yet; opening will say so.
+        return Ok(());
+    };
+    let free = st.blocks_available() as u64 * st.fragment_size() as u64;
+    if free < min {
+        return Err(StoreError::Open {
+            path: db.display().to_string(),
+            reason: format!(
+                "only {} MiB free on its disk, at least {} MiB needed to store results: free some space",
+                free / (1024 * 1024),
+                min / (1024 * 1024)
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// A file's device and inode.
 fn file_identity(path: &Path) -> std::io::Result<(u64, u64)> {
     use std::os::unix::fs::MetadataExt;
@@ -243,3 +272,18 @@ fn parse<T: std::str::FromStr>(table: &'static str, s: &str) -> StoreResult<T> {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod space_tests {
+    #[test]
+    fn a_disk_without_room_is_refused_with_the_numbers() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("db.sqlite");
+        super::check_free_space(&db, 1).unwrap();
+        let e = super::check_free_space(&db, u64::MAX).unwrap_err().to_string();
+        assert!(
+            e.contains("MiB free on its disk") && e.contains("free some space"),
+            "{e}"
+        );
+    }
+}
