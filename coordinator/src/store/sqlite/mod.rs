@@ -199,7 +199,7 @@ fn check_free_space(db: &Path, min: u64) -> StoreResult<()> {
         // The directory may not exist yet; opening will say so.
         return Ok(());
     };
-    let free = st.blocks_available() as u64 * st.fragment_size() as u64;
+    let free = st.blocks_available().saturating_mul(st.fragment_size());
     if free < min {
         return Err(StoreError::Open {
             path: db.display().to_string(),
