@@ -1,5 +1,6 @@
-//! Connections cannot be hoarded: more silent connections than the cap neither stop a normal
-//! client from being served nor stay open past the idle timeout.
+//! Connections cannot be hoarded: more silent connections than the cap, on the gRPC and the
+//! HTTP port, neither stop a normal client from being served nor stay open past the idle
+//! timeout.
 
 mod harness;
 
@@ -16,8 +17,10 @@ fn silent_connections_beyond_the_cap_do_not_lock_out_clients_and_are_closed_when
         .slots(1)
         .coordinator_args(&["--max-connections", "16", "--idle-timeout", "2s"])
         .start();
+    // Silent connections to both ports.
     let silent: Vec<TcpStream> = (0..40)
         .map(|_| TcpStream::connect(&cluster.grpc_addr).unwrap())
+        .chain((0..40).map(|_| TcpStream::connect(&cluster.http_addr).unwrap()))
         .collect();
 
     // A normal client is served (once idle connections ahead of it are closed).
@@ -25,6 +28,8 @@ fn silent_connections_beyond_the_cap_do_not_lock_out_clients_and_are_closed_when
     let r = cluster.client(&["runs", "--json"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert!(started.elapsed() < Duration::from_secs(30));
+    let (code, _) = harness::http_get(&cluster.http_addr, "/healthz").unwrap();
+    assert_eq!(code, 200, "the HTTP port serves too");
     // The worker's own connection was never idle: it still runs shards.
     let tests = suite(&cluster.root, 3, &[], "0");
     let r = cluster.run_tests(&tests, &[]);

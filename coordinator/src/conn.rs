@@ -46,6 +46,106 @@ pub fn default_max_connections() -> usize {
     soft.saturating_sub(256).max(64)
 }
 
+/// Accepts connections under the cap, backing off on errors; each accepted stream holds a
+/// permit until it is dropped.
+async fn accept_loop(
+    listener: TcpListener,
+    permits: Arc<Semaphore>,
+    mut each: impl FnMut(TcpStream, OwnedSemaphorePermit) -> bool,
+) {
+    loop {
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            return;
+        };
+        let stream = loop {
+            match listener.accept().await {
+                Ok((s, _)) => break s,
+                Err(e) => {
+                    // Out of descriptors and the like: wait for some to come back.
+                    tracing::warn!(error = %e, "failed to accept a connection; backing off");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        if !each(stream, permit) {
+            return;
+        }
+    }
+}
+
+/// A connection of the HTTP port: plain or TLS, under the same cap and idle timeout.
+pub type HttpIo = Box<dyn HttpStream>;
+
+/// What the HTTP server needs of a connection.
+pub trait HttpStream: AsyncRead + AsyncWrite + Unpin + Send {}
+
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> HttpStream for T {}
+
+/// The HTTP port's listener for axum: connections under a cap, closed when idle, with TLS
+/// (handshakes done off the accept loop, each within 10 s) when an acceptor is given.
+pub struct HttpListener {
+    rx: tokio::sync::mpsc::Receiver<(HttpIo, std::net::SocketAddr)>,
+    addr: std::net::SocketAddr,
+}
+
+impl HttpListener {
+    pub fn new(
+        listener: TcpListener,
+        limits: ConnLimits,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+    ) -> io::Result<Self> {
+        let addr = listener.local_addr()?;
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let permits = Arc::new(Semaphore::new(limits.max));
+        tokio::spawn(accept_loop(listener, permits, move |stream, permit| {
+            let peer = stream.peer_addr().unwrap_or(addr);
+            let conn = Limited::new(stream, permit, limits.idle);
+            let open = !tx.is_closed();
+            let tx = tx.clone();
+            match &tls {
+                None => {
+                    tokio::spawn(async move {
+                        let _ = tx.send((Box::new(conn) as HttpIo, peer)).await;
+                    });
+                    open
+                }
+                Some(acceptor) => {
+                    let acceptor = acceptor.clone();
+                    tokio::spawn(async move {
+                        match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(conn)).await {
+                            Ok(Ok(tls)) => {
+                                let _ = tx.send((Box::new(tls) as HttpIo, peer)).await;
+                            }
+                            Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
+                            Err(_) => tracing::debug!("TLS handshake timed out"),
+                        }
+                    });
+                    open
+                }
+            }
+        }));
+        Ok(Self { rx, addr })
+    }
+}
+
+impl axum::serve::Listener for HttpListener {
+    type Io = HttpIo;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.rx.recv().await {
+            Some(c) => c,
+            // The accept loop ended: nothing more will come.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<Self::Addr> {
+        Ok(self.addr)
+    }
+}
+
 /// Accepted connections, at most `limits.max` open at once, with Nagle's algorithm off (a
 /// reply written in more than one piece would otherwise wait for the client's delayed ACK).
 pub fn incoming(
@@ -54,42 +154,35 @@ pub fn incoming(
 ) -> impl tokio_stream::Stream<Item = io::Result<Limited>> {
     let (tx, rx) = tokio::sync::mpsc::channel(16);
     let permits = Arc::new(Semaphore::new(limits.max));
-    tokio::spawn(async move {
-        loop {
-            let Ok(permit) = permits.clone().acquire_owned().await else {
-                return;
-            };
-            let stream = loop {
-                match listener.accept().await {
-                    Ok((s, _)) => break s,
-                    Err(e) => {
-                        // Out of descriptors and the like: wait for some to come back.
-                        tracing::warn!(error = %e, "failed to accept a connection; backing off");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                }
-            };
-            let _ = stream.set_nodelay(true);
-            let conn = Limited::new(stream, permit, limits.idle);
-            if tx.send(Ok(conn)).await.is_err() {
-                return;
+    tokio::spawn(accept_loop(listener, permits, move |stream, permit| {
+        let conn = Limited::new(stream, permit, limits.idle);
+        // The server takes connections as fast as they come; a full channel is a stopped one.
+        match tx.try_send(Ok(conn)) {
+            Ok(()) => true,
+            Err(tokio::sync::mpsc::error::TrySendError::Full(c)) => {
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let _ = tx.send(c).await;
+                });
+                true
             }
+            Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => false,
         }
-    });
+    }));
     tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
 /// A connection that holds its place under the cap and closes itself when idle.
 #[derive(Debug)]
-pub struct Limited {
-    io: TcpStream,
+pub struct Limited<T = TcpStream> {
+    io: T,
     _permit: OwnedSemaphorePermit,
     idle: Duration,
     deadline: Pin<Box<Sleep>>,
 }
 
-impl Limited {
-    fn new(io: TcpStream, permit: OwnedSemaphorePermit, idle: Duration) -> Self {
+impl<T> Limited<T> {
+    fn new(io: T, permit: OwnedSemaphorePermit, idle: Duration) -> Self {
         Self {
             io,
             _permit: permit,
@@ -114,7 +207,7 @@ impl Limited {
 
 use std::future::Future;
 
-impl AsyncRead for Limited {
+impl<T: AsyncRead + Unpin> AsyncRead for Limited<T> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -136,7 +229,7 @@ impl AsyncRead for Limited {
     }
 }
 
-impl AsyncWrite for Limited {
+impl<T: AsyncWrite + Unpin> AsyncWrite for Limited<T> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
         match Pin::new(&mut self.io).poll_write(cx, data) {
             Poll::Ready(Ok(n)) => {
@@ -162,7 +255,7 @@ impl AsyncWrite for Limited {
     }
 }
 
-impl tonic::transport::server::Connected for Limited {
+impl tonic::transport::server::Connected for Limited<TcpStream> {
     type ConnectInfo = tonic::transport::server::TcpConnectInfo;
 
     fn connect_info(&self) -> Self::ConnectInfo {

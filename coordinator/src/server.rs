@@ -57,6 +57,27 @@ impl ServerTls {
             .map_err(|e| ServeError::Tls(format!("failed to read {what} '{}': {e}", path.display())))
     }
 
+    /// The HTTP side: server TLS only (dashboards and scripts present no certificate).
+    fn http(&self) -> Result<tokio_rustls::TlsAcceptor, ServeError> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let certs = CertificateDer::pem_slice_iter(&Self::read("--tls-cert", &self.cert)?)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| ServeError::Tls(format!("--tls-cert '{}': {e}", self.cert.display())))?;
+        let key = PrivateKeyDer::from_pem_slice(&Self::read("--tls-key", &self.key)?)
+            .map_err(|e| ServeError::Tls(format!("--tls-key '{}': {e}", self.key.display())))?;
+        let mut cfg = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ServeError::Tls(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| ServeError::Tls(e.to_string()))?;
+        cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Ok(tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(cfg)))
+    }
+
     /// The gRPC side: client certificates are asked for when a client CA is set, and required
     /// of workers by the auth layer (other clients may have none).
     fn grpc(&self) -> Result<tonic::transport::ServerTlsConfig, ServeError> {
@@ -250,7 +271,13 @@ async fn serve_all(
                 config.auth.clone(),
                 crate::auth::http_layer,
             ));
-            Some(spawn_http(listener, app, stop_rx.clone(), config.tls.clone())?)
+            Some(spawn_http(
+                listener,
+                app,
+                stop_rx.clone(),
+                config.tls.clone(),
+                config.connections,
+            )?)
         }
         None => None,
     };
@@ -301,7 +328,9 @@ fn spawn_http(
     app: axum::Router,
     mut stop: tokio::sync::watch::Receiver<bool>,
     tls: Option<ServerTls>,
-) -> std::io::Result<tokio::sync::oneshot::Receiver<std::io::Result<()>>> {
+    limits: crate::conn::ConnLimits,
+) -> Result<tokio::sync::oneshot::Receiver<std::io::Result<()>>, ServeError> {
+    let acceptor = tls.as_ref().map(ServerTls::http).transpose()?;
     let listener = listener.into_std()?;
     let (done, result) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()
@@ -316,31 +345,13 @@ fn spawn_http(
                 .build()
                 .and_then(|rt| {
                     rt.block_on(async move {
-                        match tls {
-                            Some(tls) => {
-                                let config =
-                                    axum_server::tls_rustls::RustlsConfig::from_pem_file(&tls.cert, &tls.key)
-                                        .await?;
-                                let handle = axum_server::Handle::new();
-                                let stopper = handle.clone();
-                                tokio::spawn(async move {
-                                    let _ = stop.wait_for(|s| *s).await;
-                                    stopper.graceful_shutdown(Some(Duration::from_secs(5)));
-                                });
-                                axum_server::from_tcp_rustls(listener, config)?
-                                    .handle(handle)
-                                    .serve(app.into_make_service())
-                                    .await
-                            }
-                            None => {
-                                let listener = TcpListener::from_std(listener)?;
-                                axum::serve(listener, app)
-                                    .with_graceful_shutdown(async move {
-                                        let _ = stop.wait_for(|s| *s).await;
-                                    })
-                                    .await
-                            }
-                        }
+                        let listener = TcpListener::from_std(listener)?;
+                        let listener = crate::conn::HttpListener::new(listener, limits, acceptor)?;
+                        axum::serve(listener, app)
+                            .with_graceful_shutdown(async move {
+                                let _ = stop.wait_for(|s| *s).await;
+                            })
+                            .await
                     })
                 });
             let _ = done.send(served);
