@@ -218,20 +218,20 @@ impl Opened {
     }
 }
 
-async fn serve_all(
-    config: Config,
-    handle: actor::Handle,
-    reads: ReadSide,
-    services: Services,
-    grpc: TcpListener,
-    http: Option<TcpListener>,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), ServeError> {
-    let mut addrs = vec![grpc.local_addr()?];
-    if let Some(h) = &http {
-        addrs.push(h.local_addr()?);
-    }
-    config.check_exposure(&addrs)?;
+/// The standard gRPC health service (every shardgate service serving) and reflection, v1 and
+/// v1alpha (Python's grpcio-reflection speaks only the latter).
+async fn health_and_reflection() -> Result<
+    (
+        tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
+        tonic_reflection::server::v1::ServerReflectionServer<
+            impl tonic_reflection::server::v1::ServerReflection,
+        >,
+        tonic_reflection::server::v1alpha::ServerReflectionServer<
+            impl tonic_reflection::server::v1alpha::ServerReflection,
+        >,
+    ),
+    ServeError,
+> {
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
         .set_serving::<pb::run_service_server::RunServiceServer<Services>>()
@@ -254,6 +254,39 @@ async fn serve_all(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
 
+    Ok((health_service, reflection_v1, reflection_v1alpha))
+}
+
+/// The gRPC server's settings: keep-alive pings and TLS.
+fn grpc_builder(config: &Config) -> Result<tonic::transport::Server, ServeError> {
+    // Pings keep a healthy idle connection moving (so the idle timeout spares it) and find a
+    // peer that vanished.
+    let mut builder = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(config.connections.idle / 3))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)));
+    if let Some(tls) = &config.tls {
+        builder = builder
+            .tls_config(tls.grpc()?)
+            .map_err(|e| ServeError::Tls(e.to_string()))?;
+    }
+    Ok(builder)
+}
+
+async fn serve_all(
+    config: Config,
+    handle: actor::Handle,
+    reads: ReadSide,
+    services: Services,
+    grpc: TcpListener,
+    http: Option<TcpListener>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let mut addrs = vec![grpc.local_addr()?];
+    if let Some(h) = &http {
+        addrs.push(h.local_addr()?);
+    }
+    config.check_exposure(&addrs)?;
+    let (health_service, reflection_v1, reflection_v1alpha) = health_and_reflection().await?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         shutdown.await;
@@ -282,18 +315,8 @@ async fn serve_all(
         None => None,
     };
 
-    // Pings keep a healthy idle connection moving (so the idle timeout spares it) and find a
-    // peer that vanished.
-    let mut builder = tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(config.connections.idle / 3))
-        .http2_keepalive_timeout(Some(Duration::from_secs(10)));
-    if let Some(tls) = &config.tls {
-        builder = builder
-            .tls_config(tls.grpc()?)
-            .map_err(|e| ServeError::Tls(e.to_string()))?;
-    }
     let require_worker_certs = config.tls.as_ref().is_some_and(|t| t.client_ca.is_some());
-    builder
+    grpc_builder(&config)?
         .layer(AuthLayer::new(config.auth.clone()).require_worker_certs(require_worker_certs))
         .add_service(health_service)
         .add_service(reflection_v1)
