@@ -177,20 +177,9 @@ impl Core {
         };
         self.effects.runs_changed.insert(a.run);
         self.effects.workers_changed.insert(a.worker);
-        self.attempts.insert(
-            a.id,
-            Attempt {
-                shard: a.shard,
-                run: a.run,
-                worker: a.worker,
-                kind,
-                total: a.tests.len() as u32,
-                pending: a.tests,
-                reported_ms: 0,
-                lease_until: now.at + lease,
-                started_ms: now.ms,
-            },
-        );
+        let pending = a.tests.clone();
+        self.attempts
+            .insert(a.id, Attempt::from_row(&a, pending, now.at + lease));
         self.workers
             .get_mut(&a.worker)
             .expect("checked by the caller")

@@ -7,7 +7,7 @@ use shardgate_common::{Error, Outcome, RunId};
 use tracing::{info, warn};
 
 use super::Core;
-use super::state::{Attempt, AttemptKind, Effects, RunState, TestSlot, WorkerEntry};
+use super::state::{Attempt, Effects, RunState, TestSlot, WorkerEntry};
 use crate::model::{CoreConfig, Now};
 use crate::scheduler::RunQueue;
 use crate::store::{AttemptRow, DeployState, RunRow, Store, WorkerState};
@@ -193,25 +193,9 @@ impl Core {
         if let Some(w) = self.workers.get_mut(&a.worker) {
             w.attempts.insert(a.id);
         }
-        let kind = if a.discover {
-            AttemptKind::Discover
-        } else {
-            AttemptKind::Run
-        };
-        self.attempts.insert(
-            a.id,
-            Attempt {
-                shard: a.shard,
-                run: a.run,
-                worker: a.worker,
-                kind,
-                total: a.tests.len() as u32,
-                pending,
-                reported_ms: 0,
-                lease_until: now.at + self.cfg.lease,
-                started_ms: a.started_ms,
-            },
-        );
+        let lease_until = now.at + self.cfg.lease;
+        self.attempts
+            .insert(a.id, Attempt::from_row(&a, pending, lease_until));
     }
 }
 

@@ -223,6 +223,28 @@ pub(crate) struct Attempt {
     pub started_ms: u64,
 }
 
+impl Attempt {
+    /// A live attempt from its stored row, holding `pending` of its tests, its lease running
+    /// until `lease_until`.
+    pub fn from_row(a: &crate::store::AttemptRow, pending: Vec<u32>, lease_until: Instant) -> Self {
+        Self {
+            shard: a.shard,
+            run: a.run,
+            worker: a.worker,
+            kind: if a.discover {
+                AttemptKind::Discover
+            } else {
+                AttemptKind::Run
+            },
+            total: a.tests.len() as u32,
+            pending,
+            reported_ms: 0,
+            lease_until,
+            started_ms: a.started_ms,
+        }
+    }
+}
+
 /// A known worker.
 #[derive(Debug)]
 pub(crate) struct WorkerEntry {
