@@ -85,19 +85,8 @@ pub async fn run(a: LoadArgs) -> anyhow::Result<()> {
     let mut workers = Vec::with_capacity(a.workers);
     for i in 0..a.workers {
         let ch = channels[i % channels.len()].clone();
-        let resp = WorkerServiceClient::new(ch.clone())
-            .register(pb::RegisterRequest {
-                name: format!("load-{i}"),
-                slots: 1,
-                labels: vec![],
-                runners: vec![pb::RunnerInfo {
-                    name: "exec".into(),
-                    kind: pb::RunnerKind::Exec as i32,
-                }],
-            })
-            .await?
-            .into_inner();
-        workers.push((ch, resp.worker_id));
+        let id = register_exec_worker(&ch, &format!("load-{i}")).await?;
+        workers.push((ch, id));
     }
     let mut runs = RunServiceClient::new(channels[0].clone())
         .max_encoding_message_size(usize::MAX)
@@ -210,6 +199,23 @@ pub async fn run(a: LoadArgs) -> anyhow::Result<()> {
     server.await??;
     anyhow::ensure!(failures.is_empty(), "{}", failures.join("; "));
     Ok(())
+}
+
+/// Registers a simulated one-slot worker offering the `exec` runner; its id.
+pub async fn register_exec_worker(ch: &Channel, name: &str) -> anyhow::Result<String> {
+    Ok(WorkerServiceClient::new(ch.clone())
+        .register(pb::RegisterRequest {
+            name: name.into(),
+            slots: 1,
+            labels: vec![],
+            runners: vec![pb::RunnerInfo {
+                name: "exec".into(),
+                kind: pb::RunnerKind::Exec as i32,
+            }],
+        })
+        .await?
+        .into_inner()
+        .worker_id)
 }
 
 async fn worker(

@@ -66,19 +66,7 @@ pub async fn run(a: ReadsArgs) -> anyhow::Result<()> {
     let ch = Endpoint::from_shared(url)?.tcp_nodelay(true).connect().await?;
     let mut workers = Vec::new();
     for i in 0..a.workers {
-        let resp = WorkerServiceClient::new(ch.clone())
-            .register(pb::RegisterRequest {
-                name: format!("reads-{i}"),
-                slots: 1,
-                labels: vec![],
-                runners: vec![pb::RunnerInfo {
-                    name: "exec".into(),
-                    kind: pb::RunnerKind::Exec as i32,
-                }],
-            })
-            .await?
-            .into_inner();
-        workers.push(resp.worker_id);
+        workers.push(crate::load::register_exec_worker(&ch, &format!("reads-{i}")).await?);
     }
     let mut rpc = RunServiceClient::new(ch.clone())
         .max_encoding_message_size(usize::MAX)
