@@ -178,6 +178,9 @@ pub struct Limited<T = TcpStream> {
     io: T,
     _permit: OwnedSemaphorePermit,
     idle: Duration,
+    /// When bytes last moved; the timer is re-armed from it only when it fires, not on every
+    /// read and write (the runtime's timer is shared with everything else).
+    last: std::time::Instant,
     deadline: Pin<Box<Sleep>>,
 }
 
@@ -187,20 +190,27 @@ impl<T> Limited<T> {
             io,
             _permit: permit,
             idle,
+            last: std::time::Instant::now(),
             deadline: Box::pin(tokio::time::sleep(idle)),
         }
     }
 
     fn touched(&mut self) {
-        let at = Instant::now() + self.idle;
-        self.deadline.as_mut().reset(at);
+        self.last = std::time::Instant::now();
     }
 
-    /// When nothing can move now, an expired idle deadline ends the connection.
+    /// When nothing can move now, an expired idle deadline ends the connection; a deadline
+    /// that fires after recent traffic is moved to `last + idle` instead.
     fn check_idle(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
-        match self.deadline.as_mut().poll(cx) {
-            Poll::Ready(()) => Poll::Ready(io::Error::new(io::ErrorKind::TimedOut, "connection idle")),
-            Poll::Pending => Poll::Pending,
+        loop {
+            if self.deadline.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            let due = self.last + self.idle;
+            if std::time::Instant::now() >= due {
+                return Poll::Ready(io::Error::new(io::ErrorKind::TimedOut, "connection idle"));
+            }
+            self.deadline.as_mut().reset(Instant::from_std(due));
         }
     }
 }
