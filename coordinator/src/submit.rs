@@ -43,11 +43,7 @@ pub async fn submit(
         background
             .run(move || -> Result<PlannedTests, Error> {
                 validate::test_list(kind, &tests)?;
-                let now = Now::real();
-                let history = reads.history(&suite)?;
-                let since = now.ms.saturating_sub(crate::core::FLAKY_MEMORY_MS);
-                let flaky = reads.flaky_tests(&suite, since)?;
-                Ok(PlannedTests::new(tests.to_vec(), &history, &flaky, policy, now))
+                PlannedTests::plan(reads.as_ref(), &suite, tests.to_vec(), policy, Now::real())
             })
             .await??
     };

@@ -29,7 +29,7 @@ mod runs;
 mod state;
 
 pub use recovery::{DurableTest, DurableView};
-pub use runs::{FLAKY_MEMORY_MS, PlannedTests, PreparedRun};
+pub use runs::{PlannedTests, PreparedRun};
 pub use state::{Core, Effects};
 
 #[cfg(test)]

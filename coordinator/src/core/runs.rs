@@ -1,8 +1,6 @@
 //! Runs: submission (whole, or staged in parts for large runs), cancellation, discovery, and
 //! the end of a run (its verdict, its deploy, its live attempts dropped).
 
-use std::collections::HashMap;
-
 use shardgate_common::labels;
 use shardgate_common::{Error, RunId, RunStatus, RunnerKind, pb, validate};
 use tracing::{info, warn};
@@ -12,11 +10,11 @@ use super::state::{AttemptKind, RunState, TestSlot};
 use crate::auth::Identity;
 use crate::model::{Now, Policy};
 use crate::policy;
-use crate::scheduler::{self, History, Plan, PlanOptions, RunQueue};
-use crate::store::{DeployRow, DeployState, RunRow};
+use crate::scheduler::{self, Plan, PlanOptions, RunQueue};
+use crate::store::{DeployRow, DeployState, Reads, RunRow};
 
 /// How long a flake counts as a flaky history: 30 days.
-pub const FLAKY_MEMORY_MS: u64 = 30 * 24 * 3600 * 1000;
+const FLAKY_MEMORY_MS: u64 = 30 * 24 * 3600 * 1000;
 
 /// A submission checked against the coordinator's state, before its tests are looked at.
 #[derive(Debug, Clone)]
@@ -35,48 +33,47 @@ pub struct PlannedTests {
 }
 
 impl PlannedTests {
-    /// Plans `ids` from the suite's duration history, giving tests that flaked lately
-    /// (`flaky`) their extra retries. Pure: runs on any thread.
-    pub fn new(
+    /// Plans `ids` from the suite's duration and flakiness history as `reads` has it: each
+    /// test's estimate, its retries (more for tests that flaked lately), and the queue. Runs
+    /// on any thread: the scheduler's own connection or the read side's.
+    pub fn plan(
+        reads: &dyn Reads,
+        suite: &str,
         ids: Vec<String>,
-        history: &HashMap<String, History>,
-        flaky: &std::collections::HashSet<String>,
         policy: Policy,
         now: Now,
-    ) -> Self {
-        let tests = plan_tests(ids, history, flaky, policy, now);
-        Self {
+    ) -> Result<Self, Error> {
+        let tests = plan_tests(reads, suite, ids, policy, now)?;
+        Ok(Self {
             queue: RunQueue::new(&plans_of(&tests)),
             tests,
-        }
-    }
-
-    pub fn len(&self) -> usize {
-        self.tests.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.tests.is_empty()
+        })
     }
 }
 
-/// Each test of `ids` with its plan and its retries.
+/// Each test of `ids` with its plan and its retries, from the suite's history in `reads`.
 fn plan_tests(
+    reads: &dyn Reads,
+    suite: &str,
     ids: Vec<String>,
-    history: &HashMap<String, History>,
-    flaky: &std::collections::HashSet<String>,
     policy: Policy,
     now: Now,
-) -> Vec<TestSlot> {
+) -> Result<Vec<TestSlot>, Error> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let history = reads.history(suite)?;
+    let flaky = reads.flaky_tests(suite, now.ms.saturating_sub(FLAKY_MEMORY_MS))?;
     let plans: Vec<Plan> = scheduler::estimate(
         &ids,
-        history,
+        &history,
         PlanOptions {
             fail_first: policy.fail_first,
         },
         now.ms,
     );
-    ids.into_iter()
+    Ok(ids
+        .into_iter()
         .zip(plans)
         .map(|(id, p)| {
             let hist = history.get(&id).copied();
@@ -84,7 +81,7 @@ fn plan_tests(
             t.retries = policy.retries_for(flaky.contains(&t.id));
             t
         })
-        .collect()
+        .collect())
 }
 
 pub(crate) fn plans_of(tests: &[TestSlot]) -> Vec<Plan> {
@@ -108,14 +105,7 @@ impl Core {
         policy: Policy,
         now: Now,
     ) -> Result<Vec<TestSlot>, Error> {
-        if ids.is_empty() {
-            return Ok(Vec::new());
-        }
-        let history = self.store.history(suite)?;
-        let flaky = self
-            .store
-            .flaky_tests(suite, now.ms.saturating_sub(FLAKY_MEMORY_MS))?;
-        Ok(plan_tests(ids, &history, &flaky, policy, now))
+        plan_tests(self.store.as_ref(), suite, ids, policy, now)
     }
 
     /// Checks a submission's fields (all but its test list) and resolves its runner and policy.
@@ -241,11 +231,13 @@ impl Core {
                 validate::test_list(prepared.kind, &req.tests)?;
             }
             c.stage_run(&prepared, &req.tests)?;
-            let tests = c.plan(&prepared.row.suite, req.tests, prepared.row.policy, now)?;
-            let planned = PlannedTests {
-                queue: RunQueue::new(&plans_of(&tests)),
-                tests,
-            };
+            let planned = PlannedTests::plan(
+                c.store.as_ref(),
+                &prepared.row.suite,
+                req.tests,
+                prepared.row.policy,
+                now,
+            )?;
             c.activate_run(prepared, planned)
         })
     }
@@ -411,14 +403,17 @@ impl Core {
         self.store.delete_attempt(attempt_id)?;
         self.store.add_tests(run_id, 0, &tests)?;
         let quarantined = self.store.mark_quarantined(run_id, &suite)?;
-        let mut slots = self.plan(&suite, tests, policy, now)?;
+        let PlannedTests {
+            tests: mut slots,
+            queue,
+        } = PlannedTests::plan(self.store.as_ref(), &suite, tests, policy, now)?;
         // Apply.
         self.forget_attempt(attempt_id);
         for i in quarantined {
             slots[i as usize].quarantined = true;
         }
         let run = self.runs.get_mut(&run_id).expect("checked above");
-        run.queue = RunQueue::new(&plans_of(&slots));
+        run.queue = queue;
         run.tests = slots;
         info!(run = %run_id, tests = run.tests.len(), worker = %worker_name, "tests discovered");
         self.effects
