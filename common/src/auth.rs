@@ -2,68 +2,24 @@
 //! that sends a token with every call. The coordinator keeps only digests; a secret is shown
 //! once, when it is made, and never logged.
 
-use std::fmt;
-use std::str::FromStr;
 use std::task::{Context, Poll};
 
-use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-/// What a credential may do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Role {
-    /// The worker service only.
-    Worker,
-    /// Submit runs, cancel its own, and read.
-    Trigger,
-    /// Read only.
-    Viewer,
-    /// Everything.
-    Admin,
-}
-
-impl Role {
-    pub const ALL: &'static [Role] = &[Role::Worker, Role::Trigger, Role::Viewer, Role::Admin];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::Worker => "worker",
-            Role::Trigger => "trigger",
-            Role::Viewer => "viewer",
-            Role::Admin => "admin",
-        }
+crate::text_enum!(
+    /// What a credential may do.
+    Role, "role", {
+        /// The worker service only.
+        Worker => "worker",
+        /// Submit runs, cancel its own, and read.
+        Trigger => "trigger",
+        /// Read only.
+        Viewer => "viewer",
+        /// Everything.
+        Admin => "admin",
     }
-}
-
-impl fmt::Display for Role {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for Role {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Role::ALL
-            .iter()
-            .copied()
-            .find(|r| r.as_str() == s)
-            .ok_or_else(|| format!("unknown role '{s}' (one of: worker, trigger, viewer, admin)"))
-    }
-}
-
-impl Serialize for Role {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(self.as_str())
-    }
-}
-
-impl<'de> Deserialize<'de> for Role {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
-    }
-}
+);
 
 /// The lowercase hex SHA-256 of a secret, as a tokens file stores it.
 pub fn digest_hex(secret: &str) -> String {

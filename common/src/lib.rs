@@ -20,3 +20,6 @@ pub mod validate;
 pub use error::Error;
 pub use ids::{AttemptId, RunId, ShardId, WorkerId};
 pub use model::{Outcome, RunStatus, RunnerKind};
+/// For [`text_enum!`] in crates that do not name serde themselves.
+#[doc(hidden)]
+pub use serde as __serde;

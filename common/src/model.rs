@@ -1,32 +1,17 @@
 //! Domain enums (run status, test outcome, runner kind) with their text names, used in the
 //! database, in JSON and on the command line, and their mapping to the wire enums.
 
-use std::fmt;
-use std::str::FromStr;
-
-use serde::{Deserialize, Serialize};
-
 use crate::pb;
 
-macro_rules! named_enum {
-    ($name:ident, $pb:ty, $what:literal, { $($variant:ident => ($text:literal, $wire:ident)),+ $(,)? }) => {
+/// An enum with one text spelling everywhere: `as_str`, `Display`, `FromStr` (an unknown text
+/// names the known ones) and serde all use the same words, as the database, the command line
+/// and the logs do.
+#[macro_export]
+macro_rules! text_enum {
+    ($(#[$m:meta])* $name:ident, $what:literal, { $($(#[$vm:meta])* $variant:ident => $text:literal),+ $(,)? }) => {
+        $(#[$m])*
         #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-        pub enum $name { $($variant),+ }
-
-        // One spelling everywhere: serde uses the same text as the database, the command line
-        // and the logs.
-        impl Serialize for $name {
-            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-                s.serialize_str(self.as_str())
-            }
-        }
-
-        impl<'de> Deserialize<'de> for $name {
-            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-                let text = String::deserialize(d)?;
-                text.parse().map_err(serde::de::Error::custom)
-            }
-        }
+        pub enum $name { $($(#[$vm])* $variant),+ }
 
         impl $name {
             pub const ALL: &'static [$name] = &[$($name::$variant),+];
@@ -34,28 +19,15 @@ macro_rules! named_enum {
             pub fn as_str(self) -> &'static str {
                 match self { $($name::$variant => $text),+ }
             }
-
-            pub fn to_wire(self) -> i32 {
-                match self { $($name::$variant => <$pb>::$wire as i32),+ }
-            }
-
-            /// The domain value of a wire enum; `None` for unspecified or unknown values.
-            pub fn from_wire(v: i32) -> Option<Self> {
-                match <$pb>::try_from(v).ok()? {
-                    $(<$pb>::$wire => Some($name::$variant),)+
-                    #[allow(unreachable_patterns)]
-                    _ => None,
-                }
-            }
         }
 
-        impl fmt::Display for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        impl ::std::fmt::Display for $name {
+            fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
                 f.write_str(self.as_str())
             }
         }
 
-        impl FromStr for $name {
+        impl ::std::str::FromStr for $name {
             type Err = String;
             fn from_str(s: &str) -> Result<Self, Self::Err> {
                 match s {
@@ -66,6 +38,41 @@ macro_rules! named_enum {
                         s,
                         [$($text),+].join(", ")
                     )),
+                }
+            }
+        }
+
+        impl $crate::__serde::Serialize for $name {
+            fn serialize<S: $crate::__serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(self.as_str())
+            }
+        }
+
+        impl<'de> $crate::__serde::Deserialize<'de> for $name {
+            fn deserialize<D: $crate::__serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let text = <String as $crate::__serde::Deserialize>::deserialize(d)?;
+                text.parse().map_err($crate::__serde::de::Error::custom)
+            }
+        }
+    };
+}
+
+/// A [`text_enum!`] that also maps to a wire enum.
+macro_rules! named_enum {
+    ($name:ident, $pb:ty, $what:literal, { $($variant:ident => ($text:literal, $wire:ident)),+ $(,)? }) => {
+        text_enum!($name, $what, { $($variant => $text),+ });
+
+        impl $name {
+            pub fn to_wire(self) -> i32 {
+                match self { $($name::$variant => <$pb>::$wire as i32),+ }
+            }
+
+            /// The domain value of a wire enum; `None` for unspecified or unknown values.
+            pub fn from_wire(v: i32) -> Option<Self> {
+                match <$pb>::try_from(v).ok()? {
+                    $(<$pb>::$wire => Some($name::$variant),)+
+                    #[allow(unreachable_patterns)]
+                    _ => None,
                 }
             }
         }

@@ -2,9 +2,6 @@
 //! states, never SQL rows or strings compared in several places. Every store implementation
 //! speaks these.
 
-use std::fmt;
-use std::str::FromStr;
-
 use serde::{Deserialize, Serialize};
 use shardgate_common::labels::Labels;
 use shardgate_common::{AttemptId, Outcome, RunId, RunStatus, RunnerKind, ShardId, WorkerId, pb};
@@ -12,40 +9,7 @@ use shardgate_common::{AttemptId, Outcome, RunId, RunStatus, RunnerKind, ShardId
 use crate::model::Policy;
 use crate::scheduler::History;
 
-/// A state enum with one text spelling, used in the database, in JSON and in logs.
-macro_rules! text_enum {
-    ($(#[$m:meta])* $name:ident, $what:literal, { $($(#[$vm:meta])* $variant:ident => $text:literal),+ $(,)? }) => {
-        $(#[$m])*
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-        pub enum $name { $($(#[$vm])* $variant),+ }
-
-        impl $name {
-            pub const ALL: &'static [$name] = &[$($name::$variant),+];
-
-            pub fn as_str(self) -> &'static str {
-                match self { $($name::$variant => $text),+ }
-            }
-        }
-
-        impl fmt::Display for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(self.as_str())
-            }
-        }
-
-        impl FromStr for $name {
-            type Err = String;
-            fn from_str(s: &str) -> Result<Self, Self::Err> {
-                match s {
-                    $($text => Ok($name::$variant),)+
-                    _ => Err(format!("unknown {} '{}'", $what, s)),
-                }
-            }
-        }
-    };
-}
-
-text_enum!(
+shardgate_common::text_enum!(
     /// Where a deploy is in its life: `pending` (the gate passed; the hook has not started),
     /// `running` (written before the hook starts), then one of the ends. A deploy that was
     /// running when the coordinator stopped is `unknown` and never run again.
@@ -59,7 +23,7 @@ text_enum!(
     }
 );
 
-text_enum!(
+shardgate_common::text_enum!(
     /// A worker's liveness: `live` while it calls, `lost` when it fell silent for a lease (or
     /// the coordinator restarted and has not heard from it yet), `gone` once it deregistered.
     WorkerState, "worker state", {
