@@ -11,6 +11,7 @@ use std::time::Duration;
 use shardgate_common::{AttemptId, Error, Outcome, RunId, WorkerId, pb};
 
 use super::Core;
+use super::tests::{result, submit_req as req};
 use crate::model::{CoreConfig, Now};
 use crate::store::{FaultHandle, FaultyStore, SqliteStore, Store};
 
@@ -141,26 +142,6 @@ fn register_req(name: &str) -> pb::RegisterRequest {
             name: "exec".into(),
             kind: pb::RunnerKind::Exec as i32,
         }],
-    }
-}
-
-fn req(tests: &[&str]) -> pb::SubmitRunRequest {
-    pb::SubmitRunRequest {
-        suite: "unit".into(),
-        revision: "r1".into(),
-        requested_by: "ci".into(),
-        runner: "exec".into(),
-        tests: tests.iter().map(|s| s.to_string()).collect(),
-        ..Default::default()
-    }
-}
-
-fn result(id: &str, outcome: Outcome) -> pb::TestResult {
-    pb::TestResult {
-        test_id: id.into(),
-        outcome: outcome.to_wire(),
-        duration_ms: 3,
-        ..Default::default()
     }
 }
 

@@ -43,7 +43,7 @@ fn register(core: &mut Core, name: &str, slots: u32, labels: &[(&str, &str)], no
     resp.worker_id.parse().unwrap()
 }
 
-fn submit_req(tests: &[&str]) -> pb::SubmitRunRequest {
+pub(super) fn submit_req(tests: &[&str]) -> pb::SubmitRunRequest {
     pb::SubmitRunRequest {
         suite: "unit".into(),
         revision: "r1".into(),
@@ -62,7 +62,7 @@ fn submit(core: &mut Core, tests: &[&str], now: Now) -> RunId {
         .unwrap()
 }
 
-fn result(id: &str, outcome: Outcome) -> pb::TestResult {
+pub(super) fn result(id: &str, outcome: Outcome) -> pb::TestResult {
     pb::TestResult {
         test_id: id.into(),
         outcome: outcome.to_wire(),
