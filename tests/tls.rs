@@ -104,3 +104,38 @@ fn under_mtls_a_worker_without_a_client_certificate_is_refused() {
         .collect();
     assert_eq!(names, ["w1"], "the worker without a certificate never registered");
 }
+
+#[test]
+fn under_mtls_a_worker_is_its_certificate_and_another_certificate_cannot_take_its_name() {
+    let cluster = Cluster::builder().workers(1).slots(2).with_tls(true).start();
+    let certs = cluster.certs.clone().unwrap();
+    let intruder = Command::new(bin("shardgate-worker"))
+        .args(["--coordinator", &cluster.url(), "--name", "w1"])
+        .arg("--ca-cert")
+        .arg(&certs.ca)
+        .arg("--tls-cert")
+        .arg(&certs.other_cert)
+        .arg("--tls-key")
+        .arg(&certs.other_key)
+        .arg("--exec-root")
+        .arg(&cluster.root)
+        .env_remove("SHARDGATE_TLS_CERT")
+        .env_remove("SHARDGATE_TLS_KEY")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = intruder.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("held by a live worker of another identity ('cert:worker')"),
+        "{stderr}"
+    );
+
+    // The real w1 is untouched and runs the suite.
+    let tests = suite(&cluster.root, 4, &[], "0");
+    let r = cluster.run_tests(&tests, &[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+}

@@ -23,8 +23,12 @@ crate::text_enum!(
 
 /// The lowercase hex SHA-256 of a secret, as a tokens file stores it.
 pub fn digest_hex(secret: &str) -> String {
-    let d = Sha256::digest(secret.as_bytes());
-    d.iter().map(|b| format!("{b:02x}")).collect()
+    sha256_hex(secret.as_bytes())
+}
+
+/// The lowercase hex SHA-256 of some bytes.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Whether `secret` hashes to `digest_hex`, compared in constant time.

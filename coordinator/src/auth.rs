@@ -269,13 +269,40 @@ impl AuthLayer {
     }
 }
 
-/// Whether the connection presented a client certificate (verified by the TLS layer).
-fn has_client_cert<B>(req: &http::Request<B>) -> bool {
+/// The identity of the client certificate the connection presented (verified by the TLS layer):
+/// `cert:` and the subject's common name, else its first DNS name, else its SHA-256.
+fn client_cert_identity<B>(req: &http::Request<B>) -> Option<String> {
     use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
-    req.extensions()
+    let certs = req
+        .extensions()
         .get::<TlsConnectInfo<TcpConnectInfo>>()
-        .and_then(|i| i.peer_certs())
-        .is_some_and(|c| !c.is_empty())
+        .and_then(|i| i.peer_certs())?;
+    let der = certs.first()?;
+    Some(format!("cert:{}", cert_name(der.as_ref())))
+}
+
+/// A certificate's name as an identity.
+pub fn cert_name(der: &[u8]) -> String {
+    use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+    let parsed = X509Certificate::from_der(der).ok().map(|(_, c)| c);
+    let common_name = parsed.as_ref().and_then(|c| {
+        c.subject()
+            .iter_common_name()
+            .find_map(|cn| cn.as_str().ok().map(str::to_owned))
+    });
+    let dns_name = || {
+        let c = parsed.as_ref()?;
+        let san = c.subject_alternative_name().ok().flatten()?;
+        san.value.general_names.iter().find_map(|n| match n {
+            GeneralName::DNSName(d) => Some((*d).to_owned()),
+            _ => None,
+        })
+    };
+    let printable = |s: String| !s.is_empty() && !s.chars().any(char::is_control);
+    common_name
+        .filter(|s| printable(s.clone()))
+        .or_else(|| dns_name().filter(|s| printable(s.clone())))
+        .unwrap_or_else(|| format!("sha256:{}", shardgate_common::auth::sha256_hex(der)))
 }
 
 impl<S> tower::Layer<S> for AuthLayer {
@@ -322,12 +349,21 @@ where
             .headers()
             .get(http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok());
-        let checked = if access == Access::Work && self.worker_certs && !has_client_cert(&req) {
+        let cert = client_cert_identity(&req);
+        let checked = if access == Access::Work && self.worker_certs && cert.is_none() {
             Err(Error::Unauthenticated(
                 "workers must present a client certificate (this coordinator requires mTLS): pass --tls-cert and --tls-key".into(),
             ))
         } else {
-            self.auth.check(header, access)
+            self.auth.check(header, access).map(|id| match cert {
+                // Without tokens, a worker is who its certificate names: it owns the workers
+                // it registers, and another certificate cannot act for them.
+                Some(name) if !id.known() && access == Access::Work => Identity {
+                    name,
+                    role: Role::Worker,
+                },
+                _ => id,
+            })
         };
         match checked {
             Ok(identity) => {

@@ -1,5 +1,5 @@
 //! Test certificates: a CA, a coordinator certificate for 127.0.0.1 and localhost, and a worker
-//! client certificate signed by the same CA (rcgen; a self-signed leaf would be refused by
+//! client certificate (and a second one) signed by the same CA (rcgen; a self-signed leaf would be refused by
 //! rustls as a CA used as an end entity).
 
 use std::path::{Path, PathBuf};
@@ -14,6 +14,9 @@ pub struct Certs {
     pub server_key: PathBuf,
     pub worker_cert: PathBuf,
     pub worker_key: PathBuf,
+    /// A second client certificate (common name "intruder") from the same CA.
+    pub other_cert: PathBuf,
+    pub other_key: PathBuf,
 }
 
 /// Makes a CA and two leaves under `dir`.
@@ -45,6 +48,11 @@ pub fn make(dir: &Path) -> Certs {
         "worker",
         ExtendedKeyUsagePurpose::ClientAuth,
     );
+    let (other_cert, other_key) = leaf(
+        vec!["intruder".into()],
+        "intruder",
+        ExtendedKeyUsagePurpose::ClientAuth,
+    );
     let write = |name: &str, pem: &str| {
         let p = dir.join(name);
         std::fs::write(&p, pem).unwrap();
@@ -56,5 +64,7 @@ pub fn make(dir: &Path) -> Certs {
         server_key: write("server.key", &server_key),
         worker_cert: write("worker.pem", &worker_cert),
         worker_key: write("worker.key", &worker_key),
+        other_cert: write("other.pem", &other_cert),
+        other_key: write("other.key", &other_key),
     }
 }
