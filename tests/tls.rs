@@ -1,9 +1,11 @@
 //! TLS on real processes: a TLS coordinator serves clients that trust its CA over https, on both
 //! ports, and refuses plaintext (an https:// URL never falls back to plaintext); under mTLS a
-//! worker without a client certificate is refused while one with it runs shards.
+//! worker without a client certificate is refused while one with it runs shards, and a worker is
+//! bound to its certificate.
 
 mod harness;
 
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 
@@ -68,12 +70,13 @@ fn a_tls_coordinator_serves_tls_clients_and_refuses_plaintext() {
     assert!(!matches!(http_get(&cluster.http_addr, "/healthz"), Ok((200, _))));
 }
 
-#[test]
-fn under_mtls_a_worker_without_a_client_certificate_is_refused() {
-    let cluster = Cluster::builder().workers(1).slots(2).with_tls(true).start();
-    let certs = cluster.certs.clone().unwrap();
-    let nocert = Command::new(bin("shardgate-worker"))
-        .args(["--coordinator", &cluster.url(), "--name", "nocert"])
+/// Runs a worker named `name` against the mTLS `cluster` with client certificate `cert` (or
+/// none) until it gives up by itself (a refusal is not retried, so the wait is bounded by its
+/// own exit): its exit code and stderr.
+fn refused_worker(cluster: &Cluster, name: &str, cert: Option<(&Path, &Path)>) -> (Option<i32>, String) {
+    let certs = cluster.certs.as_ref().unwrap();
+    let mut cmd = Command::new(bin("shardgate-worker"));
+    cmd.args(["--coordinator", &cluster.url(), "--name", name])
         .arg("--ca-cert")
         .arg(&certs.ca)
         .arg("--exec-root")
@@ -82,13 +85,22 @@ fn under_mtls_a_worker_without_a_client_certificate_is_refused() {
         .env_remove("SHARDGATE_TLS_KEY")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    // It gives up by itself (a refusal is not retried); the wait is bounded by its own exit.
-    let out = nocert.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_ne!(out.status.code(), Some(0), "{stderr}");
+        .stderr(Stdio::piped());
+    if let Some((c, k)) = cert {
+        cmd.arg("--tls-cert").arg(c).arg("--tls-key").arg(k);
+    }
+    let out = cmd.output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn under_mtls_a_worker_without_a_client_certificate_is_refused() {
+    let cluster = Cluster::builder().workers(1).slots(2).with_tls(true).start();
+    let (code, stderr) = refused_worker(&cluster, "nocert", None);
+    assert_ne!(code, Some(0), "{stderr}");
     assert!(stderr.contains("client certificate"), "{stderr}");
 
     // Clients need no certificate; the worker with one runs the suite.
@@ -109,26 +121,8 @@ fn under_mtls_a_worker_without_a_client_certificate_is_refused() {
 fn under_mtls_a_worker_is_its_certificate_and_another_certificate_cannot_take_its_name() {
     let cluster = Cluster::builder().workers(1).slots(2).with_tls(true).start();
     let certs = cluster.certs.clone().unwrap();
-    let intruder = Command::new(bin("shardgate-worker"))
-        .args(["--coordinator", &cluster.url(), "--name", "w1"])
-        .arg("--ca-cert")
-        .arg(&certs.ca)
-        .arg("--tls-cert")
-        .arg(&certs.other_cert)
-        .arg("--tls-key")
-        .arg(&certs.other_key)
-        .arg("--exec-root")
-        .arg(&cluster.root)
-        .env_remove("SHARDGATE_TLS_CERT")
-        .env_remove("SHARDGATE_TLS_KEY")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let out = intruder.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_ne!(out.status.code(), Some(0), "{stderr}");
+    let (code, stderr) = refused_worker(&cluster, "w1", Some((&certs.other_cert, &certs.other_key)));
+    assert_ne!(code, Some(0), "{stderr}");
     assert!(
         stderr.contains("held by a live worker of another identity ('cert:worker')"),
         "{stderr}"
