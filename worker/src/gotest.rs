@@ -14,8 +14,7 @@ pub fn list(text: &str) -> Vec<String> {
     let mut out = Vec::new();
     for line in text.lines() {
         let line = line.trim_end();
-        let is_name = (line.starts_with("Test") || line.starts_with("Example"))
-            && line.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        let is_name = ["Test", "Example", "Fuzz"].iter().any(|p| line.starts_with(p)) && is_ident(line);
         if is_name {
             pending.push(line);
             continue;
@@ -28,11 +27,15 @@ pub fn list(text: &str) -> Vec<String> {
     out
 }
 
+/// A Go identifier: Unicode letters, digits and underscores (`TestÄpfel` is a test).
+fn is_ident(s: &str) -> bool {
+    !s.is_empty() && s.chars().all(|c| c.is_alphanumeric() || c == '_')
+}
+
 /// Splits an id into package and test name.
 pub fn split(id: &str) -> Option<(&str, &str)> {
     let (pkg, name) = id.rsplit_once(' ')?;
-    (!pkg.is_empty() && !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
-        .then_some((pkg, name))
+    (!pkg.is_empty() && is_ident(name)).then_some((pkg, name))
 }
 
 /// The `-run` pattern that selects exactly these top-level tests.
@@ -114,6 +117,12 @@ mod tests {
         );
         assert_eq!(split("example.com/m/a TestA"), Some(("example.com/m/a", "TestA")));
         assert_eq!(split("pkg Test(x)"), None);
+        // Fuzz targets run their seed corpus under -run; Go names may be any Unicode letters.
+        assert_eq!(
+            list("FuzzParse\nTestÄpfel\nBenchmarkX\nok  \texample.com/m/f\t0.001s\n"),
+            vec!["example.com/m/f FuzzParse", "example.com/m/f TestÄpfel"]
+        );
+        assert_eq!(split("p TestÄpfel"), Some(("p", "TestÄpfel")));
         assert_eq!(run_pattern(&["TestA", "TestB"]), "^(TestA|TestB)$");
     }
 

@@ -22,6 +22,8 @@ pub fn parse(text: &str) -> HashMap<String, LibtestResult> {
         let Some((name, status)) = rest.rsplit_once(" ... ") else {
             continue;
         };
+        // `#[should_panic]` tests are listed by name and reported with a suffix.
+        let name = name.strip_suffix(" - should panic").unwrap_or(name);
         let outcome = match status.trim() {
             "ok" => Outcome::Passed,
             "FAILED" => Outcome::Failed,
@@ -90,6 +92,7 @@ running 3 tests
 test tests::a ... ok
 test tests::b ... FAILED
 test tests::c ... ignored, needs a database
+test tests::p - should panic ... ok
 
 failures:
 
@@ -112,6 +115,7 @@ test tests::a ... FAILED
             "the worst outcome across binaries"
         );
         assert_eq!(r["tests::c"].outcome, Outcome::Skipped);
+        assert_eq!(r["tests::p"].outcome, Outcome::Passed, "the should-panic suffix is no part of the name");
         assert!(
             r["tests::b"].output.contains("assertion failed: 1 == 2"),
             "{:?}",

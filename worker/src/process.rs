@@ -33,6 +33,15 @@ pub struct Finished {
     pub ending: Ending,
     pub duration: Duration,
     pub output: String,
+    /// The time limit it ran under.
+    pub limit: Option<Duration>,
+}
+
+impl Finished {
+    /// How it ended, e.g. "exit status 1" or "timed out after 600000 ms".
+    pub fn describe(&self) -> String {
+        self.ending.describe(self.limit)
+    }
 }
 
 impl Ending {
@@ -64,6 +73,7 @@ pub async fn run(
         ending: Ending::NotStarted(e),
         duration: started.elapsed(),
         output: String::new(),
+        limit: timeout,
     };
     let (reader, writer) = match std::io::pipe() {
         Ok(p) => p,
@@ -144,5 +154,6 @@ pub async fn run(
         ending,
         duration,
         output,
+        limit: timeout,
     }
 }

@@ -77,6 +77,20 @@ pub struct Shard<'a> {
     pub revision: &'a str,
     pub cancel: &'a CancellationToken,
     pub results: mpsc::Sender<(String, TestRun)>,
+    /// The run's per-test timeout, which a tool holds inside the batch where it can.
+    pub test_timeout: Duration,
+    /// The whole shard's time limit: the profile's `shard_timeout`, else [`default_shard_limit`].
+    pub limit: Duration,
+}
+
+/// Compilation, collection and start-up a shard may take besides its tests when the profile
+/// sets no `shard_timeout`.
+pub const SHARD_SLACK: Duration = Duration::from_secs(10 * 60);
+
+/// A shard's time limit when the profile sets no `shard_timeout`: every test at the run's
+/// test timeout, plus [`SHARD_SLACK`].
+pub fn default_shard_limit(tests: usize, test_timeout: Duration) -> Duration {
+    test_timeout.saturating_mul(tests.max(1) as u32) + SHARD_SLACK
 }
 
 #[derive(Debug, Clone)]
@@ -177,7 +191,10 @@ impl CommandRunner {
             )));
         };
         // Only stdout lists tests; stderr (build progress and the like) is kept for errors.
+        let scratch = tempfile::tempdir()
+            .map_err(|e| RunnerError::Local(format!("failed to create a scratch directory: {e}")))?;
         let mut cmd = self.command(list, &[], "", revision);
+        cmd.envs(self.tool.environment(scratch.path(), &self.cfg.env));
         cmd.stdin(std::process::Stdio::null())
             .kill_on_drop(true)
             .process_group(0);
@@ -205,7 +222,7 @@ impl CommandRunner {
             )));
         }
         let stdout = String::from_utf8_lossy(&out.stdout);
-        let ids = self.tool.parse_listing(&stdout);
+        let ids = self.tool.parse_listing_in(scratch.path(), &stdout);
         Ok(ids)
     }
 
@@ -216,6 +233,7 @@ impl CommandRunner {
         &self,
         tests: &[String],
         revision: &str,
+        test_timeout: Duration,
         cancel: &CancellationToken,
         results: mpsc::Sender<(String, TestRun)>,
     ) -> Result<(), RunnerError> {
@@ -223,11 +241,17 @@ impl CommandRunner {
             let e = e.to_string();
             return Err(RunnerError::Setup(join_detail(first_line(&e), e)));
         }
+        let limit = self
+            .cfg
+            .shard_timeout
+            .unwrap_or_else(|| default_shard_limit(tests.len(), test_timeout));
         let shard = Shard {
             tests,
             revision,
             cancel,
             results,
+            test_timeout,
+            limit,
         };
         self.tool.run_shard(self, shard).await
     }
@@ -256,7 +280,7 @@ impl CommandRunner {
         cleanup: Option<PathBuf>,
         shard: Shard<'_>,
     ) -> Result<(), RunnerError> {
-        let finished = process::run(cmd, self.cfg.shard_timeout, shard.cancel, self.cfg.max_output).await;
+        let finished = process::run(cmd, Some(shard.limit), shard.cancel, self.cfg.max_output).await;
         let parsed = match std::fs::read_to_string(&junit_path) {
             Ok(xml) => junit::parse(&xml).map_err(|e| e.to_string()),
             Err(e) => Err(format!("no JUnit file ({e})")),
@@ -272,7 +296,7 @@ impl CommandRunner {
             Err(e) => {
                 let detail = format!(
                     "{e}; the command ended with {}",
-                    finished.ending.describe(self.cfg.shard_timeout)
+                    finished.describe()
                 );
                 return Err(RunnerError::Tool(join_detail(detail, finished.output.clone())));
             }
@@ -284,6 +308,7 @@ impl CommandRunner {
                 warn!(runner = %self.cfg.name, test = %id, "JUnit file reports a test twice; keeping the last");
             }
         }
+        let mut runs = Vec::with_capacity(shard.tests.len());
         for t in shard.tests {
             let run = match by_id.remove(t) {
                 Some(c) => TestRun {
@@ -294,23 +319,18 @@ impl CommandRunner {
                 },
                 None => self.missing("the JUnit file has no test case for this test", &finished, None),
             };
-            if shard.results.send((t.clone(), run)).await.is_err() {
-                return Ok(());
-            }
+            runs.push((t.clone(), run));
         }
         for id in by_id.keys() {
             warn!(runner = %self.cfg.name, test = %id, "JUnit file reports a test that was not asked for; ignored");
         }
-        Ok(())
+        deliver(runs, &finished, &shard.results).await
     }
 
     /// The shard-level error when a tool reported nothing at all.
     pub(super) fn no_tests(&self, what: &str, finished: process::Finished) -> RunnerError {
         RunnerError::Tool(join_detail(
-            format!(
-                "{what}; it ended with {}",
-                finished.ending.describe(self.cfg.shard_timeout)
-            ),
+            format!("{what}; it ended with {}", finished.describe()),
             finished.output,
         ))
     }
@@ -328,10 +348,39 @@ impl CommandRunner {
             output: output.unwrap_or_else(|| tail(&finished.output, 16 * 1024)),
             detail: format!(
                 "missing result: {what} (it ended with {})",
-                finished.ending.describe(self.cfg.shard_timeout)
+                finished.describe()
             ),
         }
     }
+}
+
+/// Sends a shard's results, unless the tool's ending contradicts them: a tool that ended badly
+/// (a non-zero exit, a signal, a timeout) while every test it reported passed or was skipped
+/// failed for a reason no result explains (a test binary that is not a test harness, a crashed
+/// collector, a coverage threshold), so the shard fails instead: never a green from a red tool.
+pub(super) async fn deliver(
+    runs: Vec<(String, TestRun)>,
+    finished: &process::Finished,
+    results: &mpsc::Sender<(String, TestRun)>,
+) -> Result<(), RunnerError> {
+    let explained = runs
+        .iter()
+        .any(|(_, r)| !matches!(r.outcome, Outcome::Passed | Outcome::Skipped));
+    if !matches!(finished.ending, Ending::Exited(0)) && !explained {
+        return Err(RunnerError::Tool(join_detail(
+            format!(
+                "the tool ended with {} though every test it reported passed or was skipped: it failed for a reason outside these tests, so they are not counted",
+                finished.describe()
+            ),
+            finished.output.clone(),
+        )));
+    }
+    for run in runs {
+        if results.send(run).await.is_err() {
+            break;
+        }
+    }
+    Ok(())
 }
 
 /// A result a text-reporting tool gave.
@@ -441,7 +490,9 @@ mod tests {
     ) -> (Vec<(String, TestRun)>, Result<(), String>) {
         let (tx, mut rx) = mpsc::channel(16);
         let tests: Vec<String> = tests.iter().map(|s| s.to_string()).collect();
-        let ended = r.run_shard(&tests, revision, &CancellationToken::new(), tx).await;
+        let ended = r
+            .run_shard(&tests, revision, Duration::from_secs(60), &CancellationToken::new(), tx)
+            .await;
         let mut out = Vec::new();
         while let Some(x) = rx.recv().await {
             out.push(x);

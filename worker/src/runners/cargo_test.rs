@@ -1,7 +1,7 @@
 //! cargo test (libtest): names as test ids, listed with `--list --format terse`, results read
 //! from libtest's plain output.
 
-use super::batch::{CommandRunner, IdFormat, Shard, found};
+use super::batch::{CommandRunner, IdFormat, Shard, deliver, found};
 use super::{BoxFuture, Commands, RunnerError, Tool, ToolSpec};
 use crate::process::{self, Ending};
 
@@ -59,9 +59,11 @@ async fn run_shard(runner: &CommandRunner, shard: Shard<'_>) -> Result<(), Runne
         revision,
         cancel,
         results,
+        limit,
+        ..
     } = shard;
     let cmd = runner.command(&runner.cfg.run, tests, "", revision);
-    let finished = process::run(cmd, runner.cfg.shard_timeout, cancel, 16 * 1024 * 1024).await;
+    let finished = process::run(cmd, Some(limit), cancel, 16 * 1024 * 1024).await;
     if finished.ending == Ending::Cancelled {
         return Ok(());
     }
@@ -70,14 +72,15 @@ async fn run_shard(runner: &CommandRunner, shard: Shard<'_>) -> Result<(), Runne
         return Err(runner.no_tests("cargo test reported no tests", finished));
     }
     let share = finished.duration / tests.len().max(1) as u32;
-    for t in tests {
-        let run = match parsed.remove(t) {
-            Some(r) => found(r.outcome, share, r.output),
-            None => runner.missing("cargo test printed no line for this test", &finished, None),
-        };
-        if results.send((t.clone(), run)).await.is_err() {
-            return Ok(());
-        }
-    }
-    Ok(())
+    let runs = tests
+        .iter()
+        .map(|t| {
+            let run = match parsed.remove(t) {
+                Some(r) => found(r.outcome, share, r.output),
+                None => runner.missing("cargo test printed no line for this test", &finished, None),
+            };
+            (t.clone(), run)
+        })
+        .collect();
+    deliver(runs, &finished, &results).await
 }

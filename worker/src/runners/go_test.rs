@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use shardgate_common::Outcome;
 
-use super::batch::{CommandRunner, IdFormat, Shard, found};
+use super::batch::{CommandRunner, IdFormat, Shard, deliver, found};
 use super::{BoxFuture, Commands, RunnerError, Tool, ToolSpec};
 use crate::process::{self, Ending};
 
@@ -53,6 +53,8 @@ async fn run_shard(runner: &CommandRunner, shard: Shard<'_>) -> Result<(), Runne
         revision,
         cancel,
         results,
+        limit,
+        ..
     } = shard;
     let mut by_pkg: BTreeMap<&str, Vec<(&String, &str)>> = BTreeMap::new();
     for t in tests {
@@ -70,7 +72,7 @@ async fn run_shard(runner: &CommandRunner, shard: Shard<'_>) -> Result<(), Runne
             &[],
             &[("{pattern}", &pattern), ("{pkg}", pkg), ("{revision}", revision)],
         );
-        let finished = process::run(cmd, runner.cfg.shard_timeout, cancel, 16 * 1024 * 1024).await;
+        let finished = process::run(cmd, Some(limit), cancel, 16 * 1024 * 1024).await;
         if finished.ending == Ending::Cancelled {
             return Ok(());
         }
@@ -78,19 +80,21 @@ async fn run_shard(runner: &CommandRunner, shard: Shard<'_>) -> Result<(), Runne
         if parsed.is_empty() {
             return Err(runner.no_tests(&format!("go test reported no tests for package {pkg}"), finished));
         }
-        for (id, name) in group {
-            let run = match parsed.remove(name) {
-                Some(r) if r.outcome != Outcome::InfraError => found(r.outcome, r.duration, r.output),
-                other => runner.missing(
-                    "go test reported no end for this test",
-                    &finished,
-                    other.map(|r| r.output),
-                ),
-            };
-            if results.send((id.clone(), run)).await.is_err() {
-                return Ok(());
-            }
-        }
+        let runs = group
+            .into_iter()
+            .map(|(id, name)| {
+                let run = match parsed.remove(name) {
+                    Some(r) if r.outcome != Outcome::InfraError => found(r.outcome, r.duration, r.output),
+                    other => runner.missing(
+                        "go test reported no end for this test",
+                        &finished,
+                        other.map(|r| r.output),
+                    ),
+                };
+                (id.clone(), run)
+            })
+            .collect();
+        deliver(runs, &finished, &results).await?;
     }
     Ok(())
 }

@@ -95,6 +95,18 @@ pub trait Tool: Sync + std::fmt::Debug {
             .collect()
     }
 
+    /// Environment for one of the tool's commands, given a scratch directory of that command's
+    /// own and the profile's environment.
+    fn environment(&self, _scratch: &std::path::Path, _base: &BTreeMap<String, String>) -> Vec<(String, String)> {
+        Vec::new()
+    }
+
+    /// The test ids a listing found: from what it left in its scratch directory, or its
+    /// standard output.
+    fn parse_listing_in(&self, _scratch: &std::path::Path, stdout: &str) -> Vec<String> {
+        self.parse_listing(stdout)
+    }
+
     /// Runs one shard after the setup, sending one result per requested test. By default: the
     /// profile's run command, results read from the JUnit XML it writes.
     fn run_shard<'a>(
@@ -159,7 +171,7 @@ impl Runner {
         results: mpsc::Sender<(String, TestRun)>,
     ) -> Result<(), RunnerError> {
         match self {
-            Runner::Command(c) => c.run_shard(tests, revision, cancel, results).await,
+            Runner::Command(c) => c.run_shard(tests, revision, test_timeout, cancel, results).await,
             Runner::Exec(r) => {
                 for id in tests {
                     if cancel.is_cancelled() {
