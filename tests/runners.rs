@@ -335,3 +335,191 @@ fn the_nextest_runner_reads_its_results_whatever_the_target_directory() {
     assert!(ours.values().all(|o| o == "passed"), "{ours:?}");
     assert!(ours.len() >= 90);
 }
+
+/// Writes `files` (path, text) under `dir`.
+fn write_tree(dir: &Path, files: &[(&str, &str)]) {
+    for (path, text) in files {
+        let p = dir.join(path);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, text).unwrap();
+    }
+}
+
+/// A pytest project set up the ways real ones are: `addopts` that change the listing's format
+/// (`-ra -q`) and need the cache (`--ff`), a `src/` layout with `pythonpath` and `testpaths`,
+/// tests inherited from a base class in another module, parametrized ids with spaces,
+/// brackets, slashes, `::` and non-ASCII, output on stdout, stderr and the log, a fixture
+/// error, xfail, xpass and skip, and a test that hangs when `HANG` is set.
+const PYTEST_PROJECT: &[(&str, &str)] = &[
+    (
+        "pyproject.toml",
+        "[tool.pytest.ini_options]\naddopts = \"-ra -q --ff\"\ntestpaths = [\"tests\"]\npythonpath = [\"src\"]\n",
+    ),
+    ("src/calc/__init__.py", "def add(a, b):\n    return a + b\n"),
+    (
+        "tests/base_cases.py",
+        "from calc import add\n\nclass BaseCases:\n    def test_inherited(self):\n        assert add(1, 2) == 3\n\n    def test_inherited_fails(self):\n        assert add(1, 2) == 4\n",
+    ),
+    (
+        "tests/test_inherit.py",
+        "from base_cases import BaseCases\n\nclass TestInherit(BaseCases):\n    def test_own(self):\n        pass\n",
+    ),
+    (
+        "tests/test_params.py",
+        "import pytest\n\n@pytest.mark.parametrize(\"v\", [\"a b\", \"x[1]\", \"p/q\", \"a::b\", \"Äpfel\"])\ndef test_p(v):\n    assert v != \"p/q\"\n",
+    ),
+    (
+        "tests/test_output.py",
+        "import logging, sys\n\ndef test_fails_with_output():\n    print(\"to-stdout\")\n    sys.stderr.write(\"to-stderr\\n\")\n    logging.getLogger(\"app\").error(\"to-log\")\n    assert 1 == 2\n",
+    ),
+    (
+        "tests/test_marks.py",
+        "import os, time, pytest\n\n@pytest.fixture\ndef db():\n    raise RuntimeError(\"no database\")\n\ndef test_fixture_error(db):\n    pass\n\n@pytest.mark.xfail\ndef test_xfail():\n    assert False\n\n@pytest.mark.xfail\ndef test_xpass():\n    pass\n\n@pytest.mark.skip(reason=\"not here\")\ndef test_skip():\n    pass\n\ndef test_hangs():\n    if os.environ.get(\"HANG\"):\n        time.sleep(600)\n\nclass TestPlain:\n    def test_method(self):\n        pass\n",
+    ),
+];
+
+#[test]
+fn a_pytest_project_with_its_own_addopts_layout_and_odd_ids_matches_a_direct_run() {
+    require_pytest();
+    let dir = tempfile::tempdir().unwrap();
+    write_tree(dir.path(), PYTEST_PROJECT);
+    // The direct run, without the project's addopts (so `-v` prints node ids).
+    let out = Command::new("python3")
+        .args(["-m", "pytest", "-o", "addopts=", "-p", "no:cacheprovider", "-v"])
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut direct = BTreeMap::new();
+    for line in text.lines().filter(|l| l.contains("::")) {
+        for status in ["PASSED", "FAILED", "SKIPPED", "XFAIL", "XPASS", "ERROR"] {
+            if let Some(pos) = line.rfind(&format!(" {status}")) {
+                direct.insert(line[..pos].to_owned(), status.to_owned());
+                break;
+            }
+        }
+    }
+    assert_eq!(direct.len(), 15, "{text}");
+
+    let profile = format!(
+        "[runners.pytest]\nkind = \"pytest\"\nworkdir = \"{}\"\nenv = {{ PYTHONDONTWRITEBYTECODE = \"1\", HANG = \"1\" }}\n",
+        dir.path().display()
+    );
+    let cluster = Cluster::builder().workers(2).slots(1).runners(&profile).start();
+    let r = cluster.client(&[
+        "run",
+        "--runner",
+        "pytest",
+        "--suite",
+        "setups",
+        "--discover",
+        "--test-timeout",
+        "3s",
+        "--retries",
+        "0",
+        "--json",
+    ]);
+    let report = r.json();
+    let tests = report["tests"].as_array().unwrap_or_else(|| panic!("{report}\n{}", r.stderr));
+    let ours: BTreeMap<String, &serde_json::Value> = tests
+        .iter()
+        .map(|t| (t["id"].as_str().unwrap().to_owned(), t))
+        .collect();
+    assert_eq!(
+        ours.keys().collect::<Vec<_>>(),
+        direct.keys().collect::<Vec<_>>(),
+        "discovery found what pytest runs, inherited and odd ids included\n{report}"
+    );
+    let hung = "tests/test_marks.py::test_hangs";
+    for (id, status) in &direct {
+        let want = if id == hung { "timed_out" } else { expected_outcome(status) };
+        assert_eq!(ours[id]["outcome"], want, "{id}: pytest said {status}\n{:#}", ours[id]);
+    }
+    // The failure's captured stdout, stderr and log come back with it.
+    let output = ours["tests/test_output.py::test_fails_with_output"]["output"]
+        .as_str()
+        .unwrap();
+    for text in ["to-stdout", "to-stderr", "to-log", "assert 1 == 2"] {
+        assert!(output.contains(text), "{text} missing from:\n{output}");
+    }
+    assert!(
+        ours[hung]["detail"].as_str().unwrap().contains("test timeout"),
+        "{:#}",
+        ours[hung]
+    );
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(
+        !dir.path().join(".pytest_cache").exists(),
+        "the project's tree is left alone"
+    );
+}
+
+/// A crate with a `#[should_panic]` test, an ignored one and a plain one.
+const CARGO_PROJECT: &[(&str, &str)] = &[
+    (
+        "Cargo.toml",
+        "[package]\nname = \"setups\"\nversion = \"0.1.0\"\nedition = \"2021\"\n\n[workspace]\n",
+    ),
+    (
+        "src/lib.rs",
+        "pub fn add(a: u32, b: u32) -> u32 { a + b }\n\n#[cfg(test)]\nmod tests {\n    #[test]\n    fn adds() { assert_eq!(super::add(1, 2), 3); }\n\n    #[test]\n    #[should_panic(expected = \"overflow\")]\n    fn overflows() { super::add(u32::MAX, 1); }\n\n    #[test]\n    #[ignore]\n    fn slow() {}\n}\n",
+    ),
+];
+
+/// The same crate plus a `harness = false` test target that fails and lists nothing.
+const CARGO_HARNESS_FALSE: &[(&str, &str)] = &[
+    (
+        "Cargo.toml",
+        "[package]\nname = \"setups\"\nversion = \"0.1.0\"\nedition = \"2021\"\n\n[[test]]\nname = \"custom\"\npath = \"tests/custom.rs\"\nharness = false\n\n[workspace]\n",
+    ),
+    (
+        "tests/custom.rs",
+        "fn main() {\n    if std::env::args().any(|a| a == \"--list\") { return; }\n    eprintln!(\"custom harness: 1 check failed\");\n    std::process::exit(1);\n}\n",
+    ),
+];
+
+#[test]
+fn cargo_test_counts_should_panic_tests_and_never_passes_a_failing_custom_harness() {
+    let dir = tempfile::tempdir().unwrap();
+    write_tree(dir.path(), CARGO_PROJECT);
+    let profile = format!(
+        "[runners.cargo]\nkind = \"cargo-test\"\nworkdir = \"{}\"\n",
+        dir.path().display()
+    );
+    let cluster = Cluster::builder().workers(2).slots(1).runners(&profile).start();
+    let (r, report, ours) = run_discovered(&cluster, "cargo", "setups");
+    let want: BTreeMap<String, String> = [
+        ("tests::adds", "passed"),
+        ("tests::overflows", "passed"),
+        ("tests::slow", "skipped"),
+    ]
+    .into_iter()
+    .map(|(a, b)| (a.to_owned(), b.to_owned()))
+    .collect();
+    assert_eq!(ours, want, "{report}");
+    assert_eq!(r.code, 0, "{}", r.stderr);
+
+    // `cargo test` fails on the custom harness (exit 101) while every line it printed says ok:
+    // that is no pass.
+    write_tree(dir.path(), CARGO_HARNESS_FALSE);
+    let direct = Command::new("cargo")
+        .arg("test")
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(!direct.status.success(), "the direct run fails");
+    let (r, report, _) = run_discovered(&cluster, "cargo", "setups");
+    assert_ne!(report["verdict"], "passed", "{report}");
+    assert_ne!(r.code, 0, "{report}");
+    let details: String = report["tests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["detail"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert!(
+        details.contains("outside these tests"),
+        "the reason names the tool's failure: {report}"
+    );
+}
