@@ -421,7 +421,9 @@ fn a_pytest_project_with_its_own_addopts_layout_and_odd_ids_matches_a_direct_run
         "--json",
     ]);
     let report = r.json();
-    let tests = report["tests"].as_array().unwrap_or_else(|| panic!("{report}\n{}", r.stderr));
+    let tests = report["tests"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{report}\n{}", r.stderr));
     let ours: BTreeMap<String, &serde_json::Value> = tests
         .iter()
         .map(|t| (t["id"].as_str().unwrap().to_owned(), t))
@@ -433,8 +435,16 @@ fn a_pytest_project_with_its_own_addopts_layout_and_odd_ids_matches_a_direct_run
     );
     let hung = "tests/test_marks.py::test_hangs";
     for (id, status) in &direct {
-        let want = if id == hung { "timed_out" } else { expected_outcome(status) };
-        assert_eq!(ours[id]["outcome"], want, "{id}: pytest said {status}\n{:#}", ours[id]);
+        let want = if id == hung {
+            "timed_out"
+        } else {
+            expected_outcome(status)
+        };
+        assert_eq!(
+            ours[id]["outcome"], want,
+            "{id}: pytest said {status}\n{:#}",
+            ours[id]
+        );
     }
     // The failure's captured stdout, stderr and log come back with it.
     let output = ours["tests/test_output.py::test_fails_with_output"]["output"]
@@ -522,4 +532,71 @@ fn cargo_test_counts_should_panic_tests_and_never_passes_a_failing_custom_harnes
         details.contains("outside these tests"),
         "the reason names the tool's failure: {report}"
     );
+    // Every shard ran the failing target, so no test passed in any of them.
+    let passed = report["tests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["outcome"] == "passed")
+        .count();
+    assert_eq!(passed, 0, "{report}");
+}
+
+/// A crate with its own nextest configuration (retries, a store directory of its own), a test
+/// that fails once and then passes, and one that hangs when `HANG` is set.
+const NEXTEST_PROJECT: &[(&str, &str)] = &[
+    (
+        "Cargo.toml",
+        "[package]\nname = \"nx\"\nversion = \"0.1.0\"\nedition = \"2021\"\n\n[workspace]\n",
+    ),
+    (
+        ".config/nextest.toml",
+        "[store]\ndir = \"nextest-store\"\n\n[profile.default]\nretries = 2\n",
+    ),
+    (
+        "src/lib.rs",
+        "#[cfg(test)]\nmod tests {\n    #[test]\n    fn quick() {}\n\n    #[test]\n    fn fails_once() {\n        let marker = std::path::Path::new(env!(\"CARGO_MANIFEST_DIR\")).join(\"failed-once\");\n        if !marker.exists() {\n            std::fs::write(&marker, \"\").unwrap();\n            panic!(\"first attempt fails\");\n        }\n    }\n\n    #[test]\n    fn hangs() {\n        if std::env::var_os(\"HANG\").is_some() {\n            std::thread::sleep(std::time::Duration::from_secs(600));\n        }\n    }\n}\n",
+    ),
+];
+
+#[test]
+fn nextest_holds_the_test_timeout_and_the_projects_retries_do_not_hide_a_failure() {
+    let dir = tempfile::tempdir().unwrap();
+    write_tree(dir.path(), NEXTEST_PROJECT);
+    let profile = format!(
+        "[runners.nextest]\nkind = \"nextest\"\nworkdir = \"{}\"\nenv = {{ HANG = \"1\" }}\n",
+        dir.path().display()
+    );
+    let cluster = Cluster::builder().workers(1).slots(1).runners(&profile).start();
+    let r = cluster.client(&[
+        "run",
+        "--runner",
+        "nextest",
+        "--suite",
+        "nx",
+        "--discover",
+        "--test-timeout",
+        "3s",
+        "--retries",
+        "0",
+        "--json",
+    ]);
+    let report = r.json();
+    let outcome = |name: &str| {
+        report["tests"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{report}\n{}", r.stderr))
+            .iter()
+            .find(|t| t["id"] == format!("nx tests::{name}").as_str())
+            .map(|t| t["outcome"].as_str().unwrap_or("none").to_owned())
+            .unwrap_or_else(|| panic!("no {name} in {report}"))
+    };
+    assert_eq!(outcome("quick"), "passed", "{report}");
+    assert_eq!(
+        outcome("fails_once"),
+        "failed",
+        "with --retries 0 a failure counts, whatever nextest's own retries: {report}"
+    );
+    assert_eq!(outcome("hangs"), "timed_out", "{report}");
+    assert_eq!(r.code, 1, "{}", r.stderr);
 }

@@ -45,6 +45,8 @@ struct Open {
     errored: bool,
     skipped: bool,
     flaky: bool,
+    /// A failure of type `test timeout` (nextest's for a test it stopped at its slow timeout).
+    timed_out: bool,
     /// Inside an element whose text is output (failure, error, system-out, …).
     capture: u32,
 }
@@ -185,7 +187,15 @@ fn start(e: &BytesStart<'_>, open: &mut Open, cases: &mut Vec<Case>, empty: bool
                 "flakyFailure" | "flakyError" => open.flaky = true,
                 _ => {}
             }
-            let message = attr(e, "message");
+            let ty = attr(e, "type");
+            if matches!(kind, "failure" | "error") && ty == "test timeout" {
+                open.timed_out = true;
+            }
+            // Without a message, the type says what happened ("test failure", "test timeout").
+            let message = match attr(e, "message") {
+                m if m.is_empty() && matches!(kind, "failure" | "error") => ty,
+                m => m,
+            };
             if !message.is_empty()
                 && matches!(kind, "failure" | "error" | "skipped")
                 && case.message.is_empty()
@@ -202,7 +212,9 @@ fn start(e: &BytesStart<'_>, open: &mut Open, cases: &mut Vec<Case>, empty: bool
 
 fn finish(open: &mut Open, cases: &mut Vec<Case>) {
     let Some(mut case) = open.case.take() else { return };
-    case.outcome = if open.failed || open.errored {
+    case.outcome = if open.timed_out {
+        Outcome::TimedOut
+    } else if open.failed || open.errored {
         Outcome::Failed
     } else if open.skipped {
         Outcome::Skipped
@@ -378,6 +390,23 @@ E       assert 3 == 4</failure><system-err>warning!</system-err></testcase>
         );
         let xunit2 = r#"<testsuites><testsuite name="pytest"><testcase classname="test_x" name="test_a" time="0.5"/></testsuite></testsuites>"#;
         assert_eq!(outcomes(xunit2), vec![("test_x|test_a".into(), Outcome::Passed)]);
+    }
+
+    #[test]
+    fn a_nextest_timeout_is_timed_out_and_a_bare_failure_says_its_type() {
+        let xml = r#"<testsuites><testsuite name="nx">
+<testcase name="tests::hangs" classname="nx" time="2.002"><failure type="test timeout"/><system-out>running 1 test</system-out></testcase>
+<testcase name="tests::bad" classname="nx" time="0.1"><failure type="test failure"/></testcase>
+</testsuite></testsuites>"#;
+        let cases = parse(xml).unwrap();
+        assert_eq!(
+            (cases[0].outcome, cases[0].message.as_str()),
+            (Outcome::TimedOut, "test timeout")
+        );
+        assert_eq!(
+            (cases[1].outcome, cases[1].message.as_str()),
+            (Outcome::Failed, "test failure")
+        );
     }
 
     #[test]

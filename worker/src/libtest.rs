@@ -115,7 +115,11 @@ test tests::a ... FAILED
             "the worst outcome across binaries"
         );
         assert_eq!(r["tests::c"].outcome, Outcome::Skipped);
-        assert_eq!(r["tests::p"].outcome, Outcome::Passed, "the should-panic suffix is no part of the name");
+        assert_eq!(
+            r["tests::p"].outcome,
+            Outcome::Passed,
+            "the should-panic suffix is no part of the name"
+        );
         assert!(
             r["tests::b"].output.contains("assertion failed: 1 == 2"),
             "{:?}",

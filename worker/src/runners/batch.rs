@@ -294,10 +294,7 @@ impl CommandRunner {
         let cases = match parsed {
             Ok(c) => c,
             Err(e) => {
-                let detail = format!(
-                    "{e}; the command ended with {}",
-                    finished.describe()
-                );
+                let detail = format!("{e}; the command ended with {}", finished.describe());
                 return Err(RunnerError::Tool(join_detail(detail, finished.output.clone())));
             }
         };
@@ -346,10 +343,7 @@ impl CommandRunner {
             outcome: Outcome::InfraError,
             duration: Duration::ZERO,
             output: output.unwrap_or_else(|| tail(&finished.output, 16 * 1024)),
-            detail: format!(
-                "missing result: {what} (it ended with {})",
-                finished.describe()
-            ),
+            detail: format!("missing result: {what} (it ended with {})", finished.describe()),
         }
     }
 }
@@ -491,7 +485,13 @@ mod tests {
         let (tx, mut rx) = mpsc::channel(16);
         let tests: Vec<String> = tests.iter().map(|s| s.to_string()).collect();
         let ended = r
-            .run_shard(&tests, revision, Duration::from_secs(60), &CancellationToken::new(), tx)
+            .run_shard(
+                &tests,
+                revision,
+                Duration::from_secs(60),
+                &CancellationToken::new(),
+                tx,
+            )
             .await;
         let mut out = Vec::new();
         while let Some(x) = rx.recv().await {

@@ -97,7 +97,11 @@ pub trait Tool: Sync + std::fmt::Debug {
 
     /// Environment for one of the tool's commands, given a scratch directory of that command's
     /// own and the profile's environment.
-    fn environment(&self, _scratch: &std::path::Path, _base: &BTreeMap<String, String>) -> Vec<(String, String)> {
+    fn environment(
+        &self,
+        _scratch: &std::path::Path,
+        _base: &BTreeMap<String, String>,
+    ) -> Vec<(String, String)> {
         Vec::new()
     }
 

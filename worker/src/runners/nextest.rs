@@ -1,7 +1,6 @@
 //! cargo-nextest: `<binary-id> <test name>` test ids, listed with `list -T oneline`, a shard
-//! selected exactly by a filterset and run with shardgate's JUnit profile from a tool config
-//! file (which ranks below the project's own nextest configuration), writing to the shard's own
-//! file.
+//! selected exactly by a filterset and run with shardgate's profile from a tool config file
+//! (JUnit to the shard's own file, no retries of nextest's own, the run's test timeout).
 
 use super::batch::{CommandRunner, IdFormat, Shard};
 use super::{BoxFuture, Commands, RunnerError, Tool, ToolSpec};
@@ -41,10 +40,7 @@ async fn run_shard(runner: &CommandRunner, shard: Shard<'_>) -> Result<(), Runne
     let toolconfig = dir.path().join("nextest.toml");
     std::fs::write(
         &toolconfig,
-        format!(
-            "[profile.{PROFILE}]\nfail-fast = false\n[profile.{PROFILE}.junit]\npath = {}\n",
-            toml_string(&junit_path.display().to_string())
-        ),
+        profile(&junit_path.display().to_string(), shard.test_timeout),
     )
     .map_err(|e| RunnerError::Local(format!("failed to write the nextest config: {e}")))?;
     let filterset = tests
@@ -72,6 +68,18 @@ async fn run_shard(runner: &CommandRunner, shard: Shard<'_>) -> Result<(), Runne
 
 /// The nextest profile shardgate adds through its tool config file.
 const PROFILE: &str = "shardgate";
+
+/// shardgate's profile: every test of the shard runs (no fail-fast), once (shardgate retries,
+/// so the project's own `retries` must not multiply with them and turn a failure into a pass
+/// nobody sees), stopped at the run's test timeout (a `test timeout` failure in the JUnit file,
+/// read as `timed_out`), results to `junit`.
+fn profile(junit: &str, test_timeout: std::time::Duration) -> String {
+    format!(
+        "[profile.{PROFILE}]\nfail-fast = false\nretries = 0\nslow-timeout = {{ period = \"{}ms\", terminate-after = 1 }}\n[profile.{PROFILE}.junit]\npath = {}\n",
+        test_timeout.as_millis().max(1),
+        toml_string(junit)
+    )
+}
 
 /// `s` as a TOML basic string.
 fn toml_string(s: &str) -> String {

@@ -136,7 +136,9 @@ fn plugin_environment(scratch: &Path, base: &BTreeMap<String, String>) -> Vec<(S
 
 /// `s` quoted for Python's `shlex.split`.
 fn shell_quote(s: &str) -> String {
-    if s.chars().all(|c| c.is_ascii_alphanumeric() || "/._-+=:,".contains(c)) {
+    if s.chars()
+        .all(|c| c.is_ascii_alphanumeric() || "/._-+=:,".contains(c))
+    {
         s.to_owned()
     } else {
         format!("'{}'", s.replace('\'', r"'\''"))
@@ -352,9 +354,9 @@ async fn finish(
         .tests
         .iter()
         .map(|t| {
-            let run = results.remove(t).unwrap_or_else(|| {
-                runner.missing("pytest reported no end for this test", finished, None)
-            });
+            let run = results
+                .remove(t)
+                .unwrap_or_else(|| runner.missing("pytest reported no end for this test", finished, None));
             (t.clone(), run)
         })
         .collect();
@@ -465,7 +467,10 @@ mod tests {
         assert_eq!(r["t.py::fx"].outcome, Outcome::Failed);
         assert_eq!(r["t.py::fx"].detail, "error in setup: RuntimeError: no db");
         assert_eq!(r["t.py::xf"].outcome, Outcome::Skipped);
-        assert!(!r.contains_key("t.py::hung"), "a test that never finished has no result");
+        assert!(
+            !r.contains_key("t.py::hung"),
+            "a test that never finished has no result"
+        );
     }
 
     #[test]
