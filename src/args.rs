@@ -87,8 +87,9 @@ pub struct CoordinatorTuning {
     /// How often workers heartbeat.
     #[arg(long, env = "SHARDGATE_HEARTBEAT", default_value = "2s", value_parser = duration)]
     pub heartbeat: Duration,
-    /// How often a test whose worker keeps getting lost is handed out before it is reported
-    /// as an infrastructure error.
+    /// How many different workers a test may lose (or twice as many hand-outs on fewer
+    /// workers) before it is reported as an infrastructure error; also how many shards in a
+    /// row a runner may fail the same way before the run stops as errored.
     #[arg(long, env = "SHARDGATE_MAX_INFRA_ATTEMPTS", default_value_t = 3)]
     pub max_infra_attempts: u32,
     /// Runs again of a failed test before it counts as failed, when a run does not say.

@@ -600,3 +600,36 @@ fn nextest_holds_the_test_timeout_and_the_projects_retries_do_not_hide_a_failure
     assert_eq!(outcome("hangs"), "timed_out", "{report}");
     assert_eq!(r.code, 1, "{}", r.stderr);
 }
+
+#[test]
+fn a_runner_that_cannot_read_its_results_stops_the_run_once_with_its_own_words() {
+    let work = tempfile::tempdir().unwrap();
+    let profile = format!(
+        "[runners.broken]\nkind = \"junit\"\nworkdir = \"{}\"\nrun = [\"sh\", \"-c\", \"echo 'wrote no report to' $0\", \"{{junit}}\", \"{{tests}}\"]\n",
+        work.path().display()
+    );
+    let cluster = Cluster::builder().workers(2).slots(1).runners(&profile).start();
+    let tests: Vec<String> = (0..60).map(|i| format!("t.case{i}")).collect();
+    let file = work.path().join("tests.txt");
+    std::fs::write(&file, tests.join("\n")).unwrap();
+    let r = cluster.client(&[
+        "run",
+        "--runner",
+        "broken",
+        "--suite",
+        "broken",
+        "--json",
+        "--tests-file",
+        file.to_str().unwrap(),
+    ]);
+    let report = r.json();
+    assert_eq!(report["verdict"], "errored", "{report}");
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    let message = report["message"].as_str().unwrap();
+    assert!(
+        message.contains("shards in a row") && message.contains("no JUnit file"),
+        "{message}"
+    );
+    // Three failed shards, not three hand-outs per test.
+    assert!(report["shards"].as_u64().unwrap() <= 4, "{report}");
+}

@@ -89,6 +89,12 @@ pub fn discovery_gives_up(handouts: u32, max_infra_attempts: u32) -> bool {
     handouts >= max_infra_attempts
 }
 
+/// Whether a runner that failed `streak` shards of a run in a row with the same error should
+/// stop the run: as often as a test may lose its workers.
+pub fn runner_gives_up(streak: u32, max_infra_attempts: u32) -> bool {
+    streak >= max_infra_attempts.max(1)
+}
+
 /// Fail-fast: a confirmed failure of a test that is not quarantined ends the run at once,
 /// unless that result was the run's last.
 pub fn fail_fast_stops(policy: &Policy, outcome: Outcome, quarantined: bool, run_complete: bool) -> bool {

@@ -24,9 +24,12 @@ pub(crate) struct EndPlan {
     give_up: Vec<ResultRow>,
     /// New retry state of the tests that go back.
     states: Vec<(u32, RetryState)>,
-    /// The run ends with this attempt (its last tests given up, or its discovery gave up).
+    /// The run ends with this attempt (its last tests given up, its discovery gave up, or its
+    /// runner kept failing the same way).
     ending: Option<Ending>,
     reason: RequeueReason,
+    /// The run's runner failures in a row after this one, when the runner failed.
+    streak: Option<(u32, String)>,
 }
 
 /// What becomes of a test whose attempt ended without its result.
@@ -205,6 +208,7 @@ impl Core {
             states: Vec::new(),
             ending: None,
             reason: reason.clone(),
+            streak: None,
         };
         let Some(run) = self.runs.get(&a.run) else {
             return Ok(plan);
@@ -221,6 +225,26 @@ impl Core {
                 plan.ending = Some(self.decide_end(a.run, RunStatus::Errored, message, now)?);
             }
             return Ok(plan);
+        }
+        // A runner that fails the same way shard after shard (a tool missing everywhere, a
+        // profile whose results cannot be read) stops the run once, with its own words,
+        // instead of costing every test its infrastructure attempts.
+        if let RequeueReason::RunnerError { error, .. } = reason {
+            let what = error.lines().next().unwrap_or_default().to_owned();
+            let (n, last) = &run.runner_streak;
+            let streak = if *last == what { n + 1 } else { 1 };
+            if policy::runner_gives_up(streak, max) {
+                let message = cap(
+                    &format!(
+                        "the runner failed {streak} shards in a row the same way, so the run stops: {error}"
+                    ),
+                    1024,
+                );
+                plan.ending = Some(self.decide_end(a.run, RunStatus::Errored, message, now)?);
+                plan.streak = Some((streak, what));
+                return Ok(plan);
+            }
+            plan.streak = Some((streak, what));
         }
         // A drained worker handing its tests back is no fault of the tests; any other end
         // without a result counts against them.
@@ -275,6 +299,13 @@ impl Core {
                 }
             }
             return 0;
+        }
+        match (&plan.streak, &plan.reason) {
+            (Some(s), _) => run.runner_streak = s.clone(),
+            (None, RequeueReason::NoResult(_)) if plan.pending.is_empty() => {
+                run.runner_streak = (0, String::new())
+            }
+            _ => {}
         }
         // The attempt's tests are no longer running, whatever happens to them next.
         for &i in &plan.pending {

@@ -79,6 +79,9 @@ pub(crate) struct RunState {
     /// Workers whose runner failed for this run (setup, unreadable results): they get its
     /// shards only when no other worker could take them.
     pub excluded: HashSet<WorkerId>,
+    /// The runner's failures in a row for this run with the same first line (the error's
+    /// "what"), and that line; a shard that ends with every result resets it.
+    pub runner_streak: (u32, String),
 }
 
 /// Counted results of a run per outcome, all and quarantined (which do not count toward the
@@ -134,6 +137,7 @@ impl RunState {
             running: 0,
             live_attempts: 0,
             excluded: HashSet::new(),
+            runner_streak: (0, String::new()),
         }
     }
 

@@ -631,6 +631,48 @@ fn a_shard_whose_runner_failed_goes_to_another_worker() {
     assert_eq!((r.worker.as_str(), r.attempts), ("good", 3));
 }
 
+#[test]
+fn a_runner_failing_the_same_way_shard_after_shard_stops_the_run_once() {
+    let (mut core, now) = core();
+    let w1 = register(&mut core, "w1", 1, &[], now);
+    let w2 = register(&mut core, "w2", 1, &[], now);
+    let tests: Vec<String> = (0..40).map(|i| format!("t{i}")).collect();
+    let refs: Vec<&str> = tests.iter().map(String::as_str).collect();
+    let run = submit(&mut core, &refs, now);
+    let fail = |core: &mut Core, w: WorkerId, error: &str| {
+        let shard = core.acquire(w, now).unwrap().expect("a shard");
+        let a: AttemptId = shard.attempt_id.parse().unwrap();
+        core.finish(w, a, error, false, now).unwrap();
+        shard
+    };
+    let error =
+        "no JUnit file (No such file or directory); the command ended with exit status 4\nERROR: usage";
+    fail(&mut core, w1, error);
+    fail(&mut core, w2, error);
+    // A shard that ends with all its results breaks the streak.
+    let shard = core.acquire(w1, now).unwrap().unwrap();
+    let a: AttemptId = shard.attempt_id.parse().unwrap();
+    let results = shard.tests.iter().map(|t| result(t, Outcome::Passed)).collect();
+    core.report(w1, a, results, now).unwrap();
+    core.finish(w1, a, "", false, now).unwrap();
+    fail(&mut core, w2, error);
+    fail(&mut core, w1, error);
+    assert_eq!(
+        status(&core, run),
+        RunStatus::Running,
+        "two in a row since the last good shard"
+    );
+    fail(&mut core, w2, error);
+    assert_eq!(status(&core, run), RunStatus::Errored);
+    let info = core.get_run(run, false).unwrap().run.unwrap();
+    assert!(
+        info.message.contains("failed 3 shards in a row") && info.message.contains("no JUnit file"),
+        "{}",
+        info.message
+    );
+    core.check_invariants();
+}
+
 fn submit_with(core: &mut Core, tests: &[&str], policy: pb::RunPolicy, now: Now) -> RunId {
     let mut req = submit_req(tests);
     req.policy = Some(policy);
