@@ -633,3 +633,82 @@ fn a_runner_that_cannot_read_its_results_stops_the_run_once_with_its_own_words()
     // Three failed shards, not three hand-outs per test.
     assert!(report["shards"].as_u64().unwrap() <= 4, "{report}");
 }
+
+/// A Go module: top-level tests passing, failing and skipped, a non-ASCII name, subtests, a
+/// fuzz target whose seed corpus fails, an example, and a package with `TestMain`.
+const GO_PROJECT: &[(&str, &str)] = &[
+    ("go.mod", "module example.com/gs\n\ngo 1.19\n"),
+    ("a/a.go", "package a\n\nfunc Add(x, y int) int { return x + y }\n"),
+    ("a/a_test.go", A_TEST),
+    ("b/b_test.go", B_TEST),
+];
+const A_TEST: &str = "package a\n\nimport (\n\t\"fmt\"\n\t\"testing\"\n)\n\nfunc TestPass(t *testing.T) {\n\tif Add(1, 2) != 3 {\n\t\tt.Fatal(\"add\")\n\t}\n}\n\nfunc TestFail(t *testing.T) { t.Fatalf(\"want 4, got %d\", Add(1, 2)) }\n\nfunc TestÄpfel(t *testing.T) {}\n\nfunc TestSub(t *testing.T) {\n\tt.Run(\"good\", func(t *testing.T) {})\n\tt.Run(\"bad case\", func(t *testing.T) { t.Error(\"sub failed\") })\n}\n\nfunc TestSkipped(t *testing.T) { t.Skip(\"not here\") }\n\nfunc FuzzParse(f *testing.F) {\n\tf.Add(\"ok\")\n\tf.Add(\"bad\")\n\tf.Fuzz(func(t *testing.T, s string) {\n\t\tif s == \"bad\" {\n\t\t\tt.Fatal(\"bad input\")\n\t\t}\n\t})\n}\n\nfunc ExampleAdd() {\n\tfmt.Println(Add(2, 2))\n\t// Output: 4\n}\n";
+const B_TEST: &str = "package b\n\nimport (\n\t\"os\"\n\t\"testing\"\n)\n\nvar ready bool\n\nfunc TestMain(m *testing.M) {\n\tready = true\n\tos.Exit(m.Run())\n}\n\nfunc TestReady(t *testing.T) {\n\tif !ready {\n\t\tt.Fatal(\"TestMain did not run\")\n\t}\n}\n";
+
+fn go_command(dir: &Path) -> Command {
+    let found = Command::new("go")
+        .arg("version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        found,
+        "go is required for the go test runner tests: apt-get install golang-go"
+    );
+    let mut cmd = Command::new("go");
+    cmd.current_dir(dir)
+        .env("GOPROXY", "off")
+        .env("GOFLAGS", "-mod=mod");
+    cmd
+}
+
+/// Each top-level test's status in one direct `go test -v ./...`, by `<package> <name>`.
+fn direct_go_test(dir: &Path) -> BTreeMap<String, String> {
+    let out = go_command(dir).args(["test", "-v", "./..."]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut pending = Vec::new();
+    let mut got = BTreeMap::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("--- ") {
+            let (status, rest) = rest.split_once(": ").unwrap();
+            let name = rest.split(' ').next().unwrap();
+            pending.push((name.to_owned(), status.to_owned()));
+        } else if let Some(pkg) = line
+            .strip_prefix("ok  \t")
+            .or_else(|| line.strip_prefix("FAIL\t"))
+        {
+            let pkg = pkg.split('\t').next().unwrap();
+            for (name, status) in pending.drain(..) {
+                got.insert(format!("{pkg} {name}"), status);
+            }
+        }
+    }
+    got
+}
+
+#[test]
+fn a_go_module_with_fuzz_targets_unicode_names_subtests_and_test_main_matches_a_direct_run() {
+    let dir = tempfile::tempdir().unwrap();
+    write_tree(dir.path(), GO_PROJECT);
+    let direct = direct_go_test(dir.path());
+    assert_eq!(direct.len(), 8, "{direct:?}");
+    let profile = format!(
+        "[runners.go]\nkind = \"go-test\"\nworkdir = \"{}\"\nenv = {{ GOPROXY = \"off\" }}\n",
+        dir.path().display()
+    );
+    let cluster = Cluster::builder().workers(2).slots(1).runners(&profile).start();
+    let (r, report, ours) = run_discovered(&cluster, "go", "gs");
+    assert_eq!(
+        ours.keys().collect::<Vec<_>>(),
+        direct.keys().collect::<Vec<_>>(),
+        "every test go runs is discovered, fuzz targets and Unicode names included\n{report}"
+    );
+    for (id, status) in &direct {
+        let want = match status.as_str() {
+            "PASS" => "passed",
+            "SKIP" => "skipped",
+            _ => "failed",
+        };
+        assert_eq!(ours[id], want, "{id}: go said {status}\n{report}");
+    }
+    assert_eq!(r.code, 1, "{}", r.stderr);
+}

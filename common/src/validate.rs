@@ -133,12 +133,13 @@ pub fn test_id(kind: RunnerKind, id: &str) -> Result<(), Error> {
                 ),
             )),
         },
-        // The name becomes part of a `-run` regular expression: only identifier characters.
+        // The name becomes part of a `-run` regular expression: only identifier characters
+        // (Go's: Unicode letters and digits, and underscores).
         RunnerKind::GoTest => match id.rsplit_once(' ') {
             Some((pkg, name))
                 if !pkg.is_empty()
                     && !name.is_empty()
-                    && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') =>
+                    && name.chars().all(|c| c.is_alphanumeric() || c == '_') =>
             {
                 Ok(())
             }
