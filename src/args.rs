@@ -150,6 +150,25 @@ pub struct WorkerArgs {
     /// TOML file of runner profiles (pytest, JUnit commands, exec roots); see the README.
     #[arg(long, env = "SHARDGATE_RUNNERS")]
     pub runners: Option<PathBuf>,
+    /// Check each runner (its directory and program, its listing, and one small shard of a few
+    /// listed tests run and read back), print a report per runner and exit: 0 when every
+    /// runner is ok, 1 otherwise. Needs no coordinator.
+    #[arg(long)]
+    pub check: bool,
+    /// With --check: the revision given to the setup and the listing.
+    #[arg(long, default_value = "HEAD", requires = "check")]
+    pub check_revision: String,
+    /// With --check: tests run in the sample shard.
+    #[arg(long, default_value_t = 3, requires = "check")]
+    pub check_sample: usize,
+    /// With --check: print the report as JSON.
+    #[arg(long, requires = "check")]
+    pub json: bool,
+    /// At start-up, in the background: `list` checks each runner's directory, program and
+    /// listing (no test runs) and tells the coordinator which runners failed, so they get no
+    /// shards until a re-check passes (every minute); `off` skips it.
+    #[arg(long, env = "SHARDGATE_START_CHECK", value_enum, default_value = "list")]
+    pub start_check: StartCheck,
     /// On SIGTERM, how long running tests may finish before they are killed and handed back.
     #[arg(long, env = "SHARDGATE_DRAIN_GRACE", default_value = "30s", value_parser = duration)]
     pub drain_grace: Duration,
@@ -172,6 +191,13 @@ pub struct WorkerArgs {
     /// Fault injection for the chaos suite: how long a held-back report waits.
     #[arg(long, env = "SHARDGATE_FAULT_DELAY", default_value = "1s", value_parser = duration, hide = true)]
     pub fault_delay: Duration,
+}
+
+/// What a worker checks of its runners at start-up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum StartCheck {
+    List,
+    Off,
 }
 
 /// `shardgate`: submit runs, follow them, and look at the fleet.

@@ -96,6 +96,9 @@ pub(crate) async fn workers(l: ListArgs) -> anyhow::Result<u8> {
                     "busy_slots": w.busy_slots, "state": w.state,
                     "runners": w.runners.iter().map(|r| r.name.clone()).collect::<Vec<_>>(),
                     "labels": w.labels.iter().map(|l| format!("{}={}", l.key, l.value)).collect::<Vec<_>>(),
+                    "unavailable_runners": w.unavailable_runners.iter()
+                        .map(|u| (u.name.clone(), serde_json::Value::from(u.reason.clone())))
+                        .collect::<serde_json::Map<_, _>>(),
                 })
             })
             .collect();
@@ -115,6 +118,9 @@ pub(crate) async fn workers(l: ListArgs) -> anyhow::Result<u8> {
                 w.slots,
                 labels.join(",")
             );
+            for u in &w.unavailable_runners {
+                println!("    runner '{}' unavailable: {}", u.name, u.reason);
+            }
         }
     }
     Ok(exit::PASSED)

@@ -55,6 +55,7 @@ pub async fn run(a: LocalArgs) -> anyhow::Result<u8> {
             labels: Labels::new(),
             runners: BTreeMap::from([("exec".to_owned(), Runner::Exec(exec.clone()))]),
             drain_grace: Duration::from_secs(5),
+            start_check: false,
             faults: Default::default(),
         };
         let stop = stop.clone();

@@ -162,6 +162,7 @@ pub fn worker_config(args: &WorkerArgs) -> anyhow::Result<shardgate_worker::Conf
         labels: labels::parse("labels", &args.labels)?,
         runners,
         drain_grace: args.drain_grace,
+        start_check: args.start_check == crate::args::StartCheck::List,
         faults: shardgate_worker::agent::Faults {
             duplicate_reports: args.fault_duplicate_reports,
             delay_reports: args.fault_delay_reports,
@@ -170,9 +171,55 @@ pub fn worker_config(args: &WorkerArgs) -> anyhow::Result<shardgate_worker::Conf
     })
 }
 
-/// Runs a worker until SIGTERM or SIGINT, then drains.
+/// Runs a worker until SIGTERM or SIGINT, then drains; with `--check`, checks its runners and
+/// exits.
 pub async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
     let config = worker_config(&args)?;
+    if args.check {
+        return check_runners(&args, &config).await;
+    }
     shardgate_worker::run(config, util::shutdown_signal()).await?;
     Ok(())
 }
+
+/// `shardgate-worker --check`: every runner checked in turn, a report each.
+async fn check_runners(args: &WorkerArgs, config: &shardgate_worker::Config) -> anyhow::Result<()> {
+    use shardgate_worker::check::{self, Depth};
+    let mut reports = Vec::new();
+    for (name, runner) in &config.runners {
+        let depth = Depth::Full {
+            sample: args.check_sample,
+        };
+        let timeout = std::time::Duration::from_secs(300);
+        let report = check::check(name, runner, depth, &args.check_revision, timeout).await;
+        if !args.json {
+            print!("{}", check::render(std::slice::from_ref(&report)));
+        }
+        reports.push(report);
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&reports)?);
+    }
+    let failed: Vec<&str> = reports
+        .iter()
+        .filter(|r| !r.ok)
+        .map(|r| r.runner.as_str())
+        .collect();
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(CheckFailed(failed.join(", ")).into())
+    }
+}
+
+/// Some runners failed their check.
+#[derive(Debug)]
+pub struct CheckFailed(String);
+
+impl std::fmt::Display for CheckFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "runner(s) failed their check: {}", self.0)
+    }
+}
+
+impl std::error::Error for CheckFailed {}

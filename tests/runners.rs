@@ -712,3 +712,84 @@ fn a_go_module_with_fuzz_targets_unicode_names_subtests_and_test_main_matches_a_
     }
     assert_eq!(r.code, 1, "{}", r.stderr);
 }
+
+/// Runs `shardgate-worker --check` with the runner profile `toml`: exit code and stdout.
+fn worker_check(toml: &str) -> (Option<i32>, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let profile = dir.path().join("runners.toml");
+    std::fs::write(&profile, toml).unwrap();
+    let out = Command::new(harness::bin("shardgate-worker"))
+        .arg("--check")
+        .arg("--runners")
+        .arg(&profile)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.code(), text)
+}
+
+#[test]
+fn worker_check_reports_a_good_profile_and_names_what_is_wrong_with_broken_ones() {
+    require_pytest();
+    let project = tempfile::tempdir().unwrap();
+    write_tree(project.path(), PYTEST_PROJECT);
+    let good = format!(
+        "[runners.py]\nkind = \"pytest\"\nworkdir = \"{}\"\n",
+        project.path().display()
+    );
+    let (code, text) = worker_check(&good);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(
+        text.contains("runner 'py' (pytest): ok: 15 tests listed; ran 3 and read their results"),
+        "{text}"
+    );
+
+    let missing_tool = format!(
+        "[runners.j]\nkind = \"junit\"\nworkdir = \"{}\"\nlist = [\"mytool\", \"--list\"]\nrun = [\"mytool\", \"--junit\", \"{{junit}}\", \"{{tests}}\"]\n",
+        project.path().display()
+    );
+    let (code, text) = worker_check(&missing_tool);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(
+        text.contains("runner 'j' (junit): FAILED: program 'mytool' not found"),
+        "{text}"
+    );
+
+    let (code, text) = worker_check("[runners.py]\nkind = \"pytest\"\nworkdir = \"/nonexistent/checkout\"\n");
+    assert_eq!(code, Some(1), "{text}");
+    assert!(
+        text.contains("workdir '/nonexistent/checkout' is not a directory"),
+        "{text}"
+    );
+
+    // The tool writes its report somewhere else than {junit}.
+    let lost_junit = format!(
+        "[runners.py]\nkind = \"junit\"\nworkdir = \"{0}\"\nlist = [\"python3\", \"-m\", \"pytest\", \"--collect-only\", \"-q\", \"-o\", \"addopts=\"]\nrun = [\"python3\", \"-m\", \"pytest\", \"-o\", \"addopts=\", \"--junitxml={0}/elsewhere.xml\", \"--\", \"{{tests}}\", \"--junit-target={{junit}}\"]\n",
+        project.path().display()
+    );
+    let (code, text) = worker_check(&lost_junit);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains("FAILED: running 3 listed tests failed"), "{text}");
+}
+
+#[test]
+fn a_runner_that_fails_the_start_up_check_is_shown_unavailable_and_gets_no_shards() {
+    let profile = "[runners.py]\nkind = \"pytest\"\nworkdir = \"/nonexistent/checkout\"\n";
+    let cluster = Cluster::builder().workers(1).slots(1).runners(profile).start();
+    let workers = harness::wait_for(
+        "the broken runner reported",
+        std::time::Duration::from_secs(20),
+        || {
+            let w = cluster.client(&["workers", "--json"]).json();
+            (!w[0]["unavailable_runners"]["py"].is_null()).then_some(w)
+        },
+    );
+    let reason = workers[0]["unavailable_runners"]["py"].as_str().unwrap();
+    assert!(reason.contains("is not a directory"), "{reason}");
+    assert!(
+        workers[0]["unavailable_runners"].get("exec").is_none(),
+        "the good runner stays available: {workers}"
+    );
+    let r = cluster.run_tests(&harness::suite(&cluster.root, 2, &[], "0"), &[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+}

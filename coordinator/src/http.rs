@@ -136,6 +136,7 @@ async fn list_workers(State(app): State<AppState>) -> Result<Json<serde_json::Va
                 "last_seen_ms": w.last_seen_ms,
                 "labels": w.labels.iter().map(|l| (l.key.clone(), l.value.clone())).collect::<std::collections::BTreeMap<_, _>>(),
                 "runners": w.runners.iter().map(|r| r.name.clone()).collect::<Vec<_>>(),
+                "unavailable_runners": w.unavailable_runners.iter().map(|u| (u.name.clone(), u.reason.clone())).collect::<std::collections::BTreeMap<_, _>>(),
             })
         })
         .collect();

@@ -242,7 +242,9 @@ impl WorkerService for Services {
             self.handle
                 .call(move |core, now| {
                     core.authorize_worker(w, &who, false)?;
-                    core.heartbeat(w, &req.attempt_ids, now)
+                    let resp = core.heartbeat(w, &req.attempt_ids, now)?;
+                    core.set_unavailable(w, &req.unavailable_runners)?;
+                    Ok(resp)
                 })
                 .await?,
         ))

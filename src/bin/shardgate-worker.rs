@@ -10,5 +10,13 @@ use shardgate::{servers, util};
 async fn main() -> ExitCode {
     let args = WorkerArgs::parse();
     util::init_logging("info");
-    util::server_exit(servers::worker(args).await)
+    let result = servers::worker(args).await;
+    // A check that found a broken runner is a finding, not an error of the worker's own.
+    if let Err(e) = &result
+        && let Some(failed) = e.downcast_ref::<servers::CheckFailed>()
+    {
+        eprintln!("{failed}");
+        return ExitCode::from(1);
+    }
+    util::server_exit(result)
 }

@@ -2,7 +2,7 @@
 //! shards, and the phased shutdown (stop taking work, drain under a grace period, then kill what
 //! is left and hand it back).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -46,6 +46,9 @@ pub struct Config {
     pub tls: shardgate_common::tls::ClientTls,
     /// Patterns masked in test output and details before they leave the worker.
     pub redact: Redact,
+    /// Check each runner (directory, program, listing) at start-up in the background; the
+    /// ones that fail are reported unavailable until a re-check passes.
+    pub start_check: bool,
 }
 
 /// Secrets a test may print (`DB_PASSWORD=…`), masked on the worker so they never reach the
@@ -117,6 +120,8 @@ struct Shared {
     draining: CancellationToken,
     /// Fires when running tests must be killed.
     kill: CancellationToken,
+    /// Runners that failed the worker's own check, and why; sent with every heartbeat.
+    unavailable: Mutex<BTreeMap<String, String>>,
 }
 
 impl Shared {
@@ -203,6 +208,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         active: Mutex::new(HashMap::new()),
         draining: CancellationToken::new(),
         kill: CancellationToken::new(),
+        unavailable: Mutex::new(BTreeMap::new()),
         cfg,
     });
     tokio::pin!(shutdown);
@@ -214,6 +220,9 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
 
     let heartbeat_done = CancellationToken::new();
     let hb = tokio::spawn(heartbeat_loop(shared.clone(), heartbeat_done.clone()));
+    if shared.cfg.start_check {
+        tokio::spawn(start_check_loop(shared.clone()));
+    }
     let mut slots = JoinSet::new();
     for slot in 0..shared.cfg.slots {
         let span = info_span!("slot", slot);
@@ -265,9 +274,20 @@ async fn heartbeat_loop(shared: Arc<Shared>, done: CancellationToken) {
             .keys()
             .map(ToString::to_string)
             .collect();
+        let unavailable = shared
+            .unavailable
+            .lock()
+            .expect("unavailable lock")
+            .iter()
+            .map(|(name, reason)| pb::UnavailableRunner {
+                name: name.clone(),
+                reason: reason.clone(),
+            })
+            .collect();
         let req = pb::HeartbeatRequest {
             worker_id: id.to_string(),
             attempt_ids: attempts,
+            unavailable_runners: unavailable,
         };
         let mut req = tonic::Request::new(req);
         req.set_timeout(interval.max(Duration::from_secs(1)) * 2);
@@ -291,6 +311,44 @@ async fn heartbeat_loop(shared: Arc<Shared>, done: CancellationToken) {
                 }
             }
             Err(s) => debug!(error = %s.message(), "heartbeat failed"),
+        }
+    }
+}
+
+/// How often runners that failed the start-up check are checked again.
+const RECHECK: Duration = Duration::from_secs(60);
+
+/// Checks every runner (directory, program, listing) once, then the failed ones every
+/// [`RECHECK`] until they pass or the worker drains; the heartbeat carries what failed.
+async fn start_check_loop(shared: Arc<Shared>) {
+    use crate::check::{self, Depth};
+    let mut pending: Vec<String> = shared.cfg.runners.keys().cloned().collect();
+    while !pending.is_empty() {
+        let mut failed = Vec::new();
+        for name in &pending {
+            let runner = &shared.cfg.runners[name];
+            let report = tokio::select! {
+                _ = shared.draining.cancelled() => return,
+                r = check::check(name, runner, Depth::Light, "HEAD", Duration::from_secs(300)) => r,
+            };
+            let mut unavailable = shared.unavailable.lock().expect("unavailable lock");
+            if report.ok {
+                if unavailable.remove(name).is_some() {
+                    info!(runner = %name, "runner passed its check again; available");
+                }
+            } else {
+                warn!(runner = %name, problem = %report.summary, "runner failed its check; the coordinator will give it no shards (see shardgate-worker --check)");
+                unavailable.insert(name.clone(), shared.cfg.redact.apply(report.summary));
+                failed.push(name.clone());
+            }
+        }
+        pending = failed;
+        if pending.is_empty() {
+            return;
+        }
+        tokio::select! {
+            _ = shared.draining.cancelled() => return,
+            _ = tokio::time::sleep(RECHECK) => {}
         }
     }
 }

@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod agent;
+pub mod check;
 pub mod gotest;
 pub mod junit;
 pub mod libtest;

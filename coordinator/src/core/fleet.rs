@@ -104,6 +104,7 @@ impl Core {
                 runners,
                 last_seen: now.at,
                 attempts: HashSet::new(),
+                unavailable: Default::default(),
             },
         );
         self.effects.work_added = true;
@@ -182,6 +183,48 @@ impl Core {
                 reregister: false,
             })
         })
+    }
+
+    /// Records which of `worker`'s runners failed its own check (the full set): they get no
+    /// shards until a heartbeat no longer lists them. Memory only: workers repeat it.
+    pub fn set_unavailable(&mut self, worker: WorkerId, list: &[pb::UnavailableRunner]) -> Result<(), Error> {
+        let Some(w) = self.workers.get_mut(&worker) else {
+            return Ok(());
+        };
+        let mut next = std::collections::BTreeMap::new();
+        for u in list {
+            if !w.runners.contains_key(&u.name) {
+                return Err(Error::invalid(
+                    "unavailable_runners",
+                    format!(
+                        "'{}' is not a runner this worker offers",
+                        validate::prefix(&u.name)
+                    ),
+                ));
+            }
+            let reason: String = u
+                .reason
+                .chars()
+                .take(validate::MAX_REASON_LEN)
+                .map(|c| if c.is_control() { ' ' } else { c })
+                .collect();
+            next.insert(u.name.clone(), reason);
+        }
+        if next != w.unavailable {
+            for (name, reason) in &next {
+                if !w.unavailable.contains_key(name) {
+                    warn!(worker = %w.row.name, runner = %name, %reason, "runner unavailable on this worker: it failed the worker's check");
+                }
+            }
+            let freed = w.unavailable.keys().any(|k| !next.contains_key(k));
+            w.unavailable = next;
+            self.fleet_version += 1;
+            self.effects.workers_changed.insert(worker);
+            if freed {
+                self.effects.work_added = true;
+            }
+        }
+        Ok(())
     }
 
     /// Any call from a worker proves it is alive: a lost worker that calls is live again. The

@@ -92,6 +92,7 @@ impl Core {
                     runners,
                     last_seen: now.at,
                     attempts: HashSet::new(),
+                    unavailable: Default::default(),
                 },
             );
         }

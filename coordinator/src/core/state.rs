@@ -256,6 +256,9 @@ pub(crate) struct WorkerEntry {
     pub runners: HashMap<String, RunnerKind>,
     pub last_seen: Instant,
     pub attempts: HashSet<AttemptId>,
+    /// Runners that failed the worker's own check, and why (from its heartbeats; not stored:
+    /// the next heartbeat after a restart says it again).
+    pub unavailable: std::collections::BTreeMap<String, String>,
 }
 
 impl WorkerEntry {
@@ -266,6 +269,7 @@ impl WorkerEntry {
     /// Whether this worker offers `run`'s runner and carries the labels it asks for.
     pub fn fits(&self, run: &RunState) -> bool {
         self.runners.get(&run.row.runner) == Some(&run.kind)
+            && !self.unavailable.contains_key(&run.row.runner)
             && labels::satisfies(&self.row.labels, &run.row.labels)
     }
 
@@ -287,6 +291,14 @@ impl WorkerEntry {
                 .collect(),
             state: self.row.state.as_str().to_owned(),
             last_seen_ms: self.row.last_seen_ms,
+            unavailable_runners: self
+                .unavailable
+                .iter()
+                .map(|(name, reason)| pb::UnavailableRunner {
+                    name: name.clone(),
+                    reason: reason.clone(),
+                })
+                .collect(),
         }
     }
 }

@@ -116,6 +116,11 @@ impl CommandRunner {
         self.cfg.kind
     }
 
+    /// The profile this runner was made from.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
     pub(super) fn command(
         &self,
         argv: &[String],
