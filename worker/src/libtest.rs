@@ -13,23 +13,14 @@ pub struct LibtestResult {
 }
 
 /// Per test name, its outcome and (for failures) its captured output.
+///
+/// A test's line may be broken by output that bypasses libtest's capture (a child process, or
+/// with one test thread, where the name is printed before the test runs): `test x ... hellook`
+/// or `test x ... hello` with `ok` on a later line both count. The closing `failures:` list of
+/// each test binary is read too, so a failure is never missed.
 pub fn parse(text: &str) -> HashMap<String, LibtestResult> {
     let mut out: HashMap<String, LibtestResult> = HashMap::new();
-    for line in text.lines() {
-        let Some(rest) = line.strip_prefix("test ") else {
-            continue;
-        };
-        let Some((name, status)) = rest.rsplit_once(" ... ") else {
-            continue;
-        };
-        // `#[should_panic]` tests are listed by name and reported with a suffix.
-        let name = name.strip_suffix(" - should panic").unwrap_or(name);
-        let outcome = match status.trim() {
-            "ok" => Outcome::Passed,
-            "FAILED" => Outcome::Failed,
-            s if s.starts_with("ignored") => Outcome::Skipped,
-            _ => continue,
-        };
+    let mut record = |name: &str, outcome: Outcome| {
         let rank = |o: Outcome| match o {
             Outcome::Failed => 2,
             Outcome::Passed => 1,
@@ -42,7 +33,45 @@ pub fn parse(text: &str) -> HashMap<String, LibtestResult> {
         if rank(outcome) > rank(e.outcome) {
             e.outcome = outcome;
         }
+    };
+    // A test whose status did not follow its name on the same line.
+    let mut pending: Option<String> = None;
+    let mut lines = text.lines().peekable();
+    while let Some(line) = lines.next() {
+        if let Some((name, status)) = line.strip_prefix("test ").and_then(|r| r.split_once(" ... ")) {
+            // `#[should_panic]` tests are listed by name and reported with a suffix.
+            let name = name.strip_suffix(" - should panic").unwrap_or(name);
+            pending = None;
+            match status_of(status, true) {
+                Some(o) => record(name, o),
+                None => pending = Some(name.to_owned()),
+            }
+            continue;
+        }
+        if line == "failures:" {
+            // The closing list (names, indented) rather than the output section (`---- `).
+            if lines
+                .peek()
+                .is_some_and(|l| l.starts_with("    ") && !l.trim().is_empty())
+            {
+                while let Some(l) = lines.next_if(|l| l.starts_with("    ") && !l.trim().is_empty()) {
+                    let name = l.trim();
+                    record(
+                        name.strip_suffix(" - should panic").unwrap_or(name),
+                        Outcome::Failed,
+                    );
+                }
+            }
+            continue;
+        }
+        if let Some(name) = &pending
+            && let Some(o) = status_of(line, false)
+        {
+            record(name, o);
+            pending = None;
+        }
     }
+    let mut out = out;
     // Failure output: from "---- NAME stdout ----" to the next section or the "failures:" list.
     let mut current: Option<String> = None;
     for line in text.lines() {
@@ -66,6 +95,27 @@ pub fn parse(text: &str) -> HashMap<String, LibtestResult> {
         }
     }
     out
+}
+
+/// libtest's status word: alone, or (`trailing`) after output that ran into it.
+fn status_of(text: &str, trailing: bool) -> Option<Outcome> {
+    let t = text.trim();
+    match t {
+        "ok" => return Some(Outcome::Passed),
+        "FAILED" => return Some(Outcome::Failed),
+        _ if t.starts_with("ignored") => return Some(Outcome::Skipped),
+        _ => {}
+    }
+    if !trailing {
+        return None;
+    }
+    if t.ends_with("FAILED") {
+        Some(Outcome::Failed)
+    } else if t.ends_with("ok") {
+        Some(Outcome::Passed)
+    } else {
+        None
+    }
 }
 
 /// Test names from `cargo test -- --list --format terse` (`NAME: test`), in order, without
@@ -126,6 +176,41 @@ test tests::a ... FAILED
             r["tests::b"]
         );
         assert!(!r["tests::b"].output.contains("test result"));
+    }
+
+    #[test]
+    fn output_that_breaks_a_line_does_not_lose_the_result() {
+        let text = "\
+running 4 tests
+test a::child ... hellook
+test a::one_thread ... partial output
+more output
+ok
+test a::bad ... oops
+FAILED
+test a::hidden ... x
+
+failures:
+
+---- a::bad stdout ----
+boom
+
+failures:
+    a::bad
+    a::hidden
+
+test result: FAILED. 2 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out
+";
+        let r = parse(text);
+        assert_eq!(r["a::child"].outcome, Outcome::Passed);
+        assert_eq!(r["a::one_thread"].outcome, Outcome::Passed);
+        assert_eq!(r["a::bad"].outcome, Outcome::Failed);
+        assert!(r["a::bad"].output.contains("boom"));
+        assert_eq!(
+            r["a::hidden"].outcome,
+            Outcome::Failed,
+            "from the closing failures list"
+        );
     }
 
     #[test]
