@@ -71,7 +71,6 @@ pub fn parse(text: &str) -> HashMap<String, LibtestResult> {
             pending = None;
         }
     }
-    let mut out = out;
     // Failure output: from "---- NAME stdout ----" to the next section or the "failures:" list.
     let mut current: Option<String> = None;
     for line in text.lines() {
