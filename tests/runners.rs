@@ -793,3 +793,67 @@ fn a_runner_that_fails_the_start_up_check_is_shown_unavailable_and_gets_no_shard
     let r = cluster.run_tests(&harness::suite(&cluster.root, 2, &[], "0"), &[]);
     assert_eq!(r.code, 0, "{}", r.stderr);
 }
+
+#[test]
+fn a_pytest_project_running_xdist_doctests_and_its_own_junitxml_in_addopts_matches_a_direct_run() {
+    require_pytest();
+    let xdist = Command::new("python3")
+        .args(["-c", "import xdist"])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        xdist,
+        "pytest-xdist is required: python3 -m pip install pytest-xdist==3.6.1"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    write_tree(
+        dir.path(),
+        &[
+            (
+                "pytest.ini",
+                "[pytest]\naddopts = -n 2 --doctest-modules --junitxml=own.xml\n",
+            ),
+            (
+                "calc.py",
+                "def add(a, b):\n    \"\"\"\n    >>> add(1, 2)\n    3\n    >>> add(2, 2)\n    5\n    \"\"\"\n    return a + b\n",
+            ),
+            (
+                "test_calc.py",
+                "import pytest\nfrom calc import add\n\ndef test_add():\n    assert add(1, 2) == 3\n\ndef test_wrong():\n    assert add(1, 2) == 4\n\n@pytest.mark.parametrize(\"x\", [1, 2, 3])\ndef test_many(x):\n    assert add(x, 0) == x\n",
+            ),
+        ],
+    );
+    // The direct run without xdist (so `-v` prints node ids), with the project's doctests.
+    let out = Command::new("python3")
+        .args([
+            "-m",
+            "pytest",
+            "-o",
+            "addopts=--doctest-modules",
+            "-p",
+            "no:cacheprovider",
+            "-v",
+        ])
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut direct = BTreeMap::new();
+    for line in text.lines().filter(|l| l.contains("::")) {
+        for status in ["PASSED", "FAILED"] {
+            if let Some(pos) = line.rfind(&format!(" {status}")) {
+                direct.insert(line[..pos].to_owned(), expected_outcome(status).to_owned());
+            }
+        }
+    }
+    assert_eq!(direct.len(), 6, "{text}");
+    let profile = format!(
+        "[runners.pytest]\nkind = \"pytest\"\nworkdir = \"{}\"\nenv = {{ PYTHONDONTWRITEBYTECODE = \"1\" }}\n",
+        dir.path().display()
+    );
+    let cluster = Cluster::builder().workers(2).slots(1).runners(&profile).start();
+    let (r, report, ours) = run_discovered(&cluster, "pytest", "xdist");
+    assert_eq!(ours, direct, "{report}");
+    assert_eq!(r.code, 1, "{}", r.stderr);
+}
