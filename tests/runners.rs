@@ -857,3 +857,41 @@ fn a_pytest_project_running_xdist_doctests_and_its_own_junitxml_in_addopts_match
     assert_eq!(ours, direct, "{report}");
     assert_eq!(r.code, 1, "{}", r.stderr);
 }
+
+#[test]
+fn a_cargo_test_shard_stopped_at_its_limit_names_the_test_that_hung() {
+    let dir = tempfile::tempdir().unwrap();
+    write_tree(
+        dir.path(),
+        &[
+            (
+                "Cargo.toml",
+                "[package]\nname = \"hang\"\nversion = \"0.1.0\"\nedition = \"2021\"\n\n[workspace]\n",
+            ),
+            (
+                "src/lib.rs",
+                "#[test]\nfn quick() {}\n\n#[test]\nfn hangs() {\n    if std::env::var_os(\"HANG\").is_some() {\n        std::thread::sleep(std::time::Duration::from_secs(600));\n    }\n}\n",
+            ),
+        ],
+    );
+    let profile = format!(
+        "[runners.cargo]\nkind = \"cargo-test\"\nworkdir = \"{}\"\nshard_timeout = \"5s\"\nenv = {{ HANG = \"1\" }}\n",
+        dir.path().display()
+    );
+    let cluster = Cluster::builder().workers(1).slots(1).runners(&profile).start();
+    let r = cluster.client(&[
+        "run", "--runner", "cargo", "--suite", "hang", "--discover", "--retries", "0", "--json",
+    ]);
+    let report = r.json();
+    let outcome = |id: &str| {
+        report["tests"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{report}"))
+            .iter()
+            .find(|t| t["id"] == id)
+            .map(|t| t["outcome"].as_str().unwrap_or("none").to_owned())
+    };
+    assert_eq!(outcome("quick").as_deref(), Some("passed"), "{report}");
+    assert_eq!(outcome("hangs").as_deref(), Some("timed_out"), "{report}");
+    assert_eq!(r.code, 1, "{}", r.stderr);
+}

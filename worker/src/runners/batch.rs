@@ -298,6 +298,9 @@ impl CommandRunner {
         }
         let cases = match parsed {
             Ok(c) => c,
+            // Stopped at its limit, the tool wrote nothing: every test is missing, and a lone
+            // one is the test that hung (see `deliver`).
+            Err(_) if finished.ending == Ending::TimedOut => Vec::new(),
             Err(e) => {
                 let detail = format!("{e}; the command ended with {}", finished.describe());
                 return Err(RunnerError::Tool(join_detail(detail, finished.output.clone())));
@@ -358,10 +361,21 @@ impl CommandRunner {
 /// failed for a reason no result explains (a test binary that is not a test harness, a crashed
 /// collector, a coverage threshold), so the shard fails instead: never a green from a red tool.
 pub(super) async fn deliver(
-    runs: Vec<(String, TestRun)>,
+    mut runs: Vec<(String, TestRun)>,
     finished: &process::Finished,
     results: &mpsc::Sender<(String, TestRun)>,
 ) -> Result<(), RunnerError> {
+    // A shard stopped at its limit with one test left without a result: that test hung.
+    if finished.ending == Ending::TimedOut {
+        let mut missing = runs.iter_mut().filter(|(_, r)| is_missing(r));
+        if let (Some((_, hung)), None) = (missing.next(), missing.next()) {
+            hung.outcome = Outcome::TimedOut;
+            hung.detail = format!(
+                "the shard {} while this test, the only one without a result, ran",
+                finished.describe()
+            );
+        }
+    }
     let explained = runs
         .iter()
         .any(|(_, r)| !matches!(r.outcome, Outcome::Passed | Outcome::Skipped));
@@ -380,6 +394,11 @@ pub(super) async fn deliver(
         }
     }
     Ok(())
+}
+
+/// Whether `r` is the placeholder of a test the tool gave no result for.
+fn is_missing(r: &TestRun) -> bool {
+    r.outcome == Outcome::InfraError && r.detail.starts_with("missing result")
 }
 
 /// A result a text-reporting tool gave.

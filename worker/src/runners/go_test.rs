@@ -77,7 +77,7 @@ async fn run_shard(runner: &CommandRunner, shard: Shard<'_>) -> Result<(), Runne
             return Ok(());
         }
         let mut parsed = crate::gotest::parse(&finished.output);
-        if parsed.is_empty() {
+        if parsed.is_empty() && finished.ending != Ending::TimedOut {
             return Err(runner.no_tests(&format!("go test reported no tests for package {pkg}"), finished));
         }
         let runs = group
