@@ -880,7 +880,15 @@ fn a_cargo_test_shard_stopped_at_its_limit_names_the_test_that_hung() {
     );
     let cluster = Cluster::builder().workers(1).slots(1).runners(&profile).start();
     let r = cluster.client(&[
-        "run", "--runner", "cargo", "--suite", "hang", "--discover", "--retries", "0", "--json",
+        "run",
+        "--runner",
+        "cargo",
+        "--suite",
+        "hang",
+        "--discover",
+        "--retries",
+        "0",
+        "--json",
     ]);
     let report = r.json();
     let outcome = |id: &str| {

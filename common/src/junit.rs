@@ -6,7 +6,7 @@
 use quick_xml::Writer;
 use quick_xml::events::{BytesDecl, BytesEnd, BytesStart, BytesText, Event};
 
-use crate::model::Outcome;
+use crate::model::{Outcome, RunStatus};
 use crate::report::{RunReport, TestReport};
 
 /// Text XML 1.0 can carry: control characters (ANSI colours in captured output) become U+FFFD.
@@ -57,7 +57,16 @@ fn element(w: &mut W, name: &str, attrs: &[(&str, &str)], text: Option<&str>) ->
     }
 }
 
-fn testcase(w: &mut W, suite: &str, t: &TestReport) -> std::io::Result<()> {
+/// What a test the run never counted is: skipped when the run's verdict holds without it (a
+/// fail-fast failure), an error when the run did not end by its tests (cancelled, errored), so
+/// no JUnit reader calls such a run green.
+#[derive(Clone, Copy)]
+enum NotRun<'a> {
+    Skipped,
+    Error(&'a str),
+}
+
+fn testcase(w: &mut W, suite: &str, t: &TestReport, not_run: NotRun<'_>) -> std::io::Result<()> {
     let time = secs(t.duration_ms);
     let detail = clean(&t.detail);
     let start = BytesStart::new("testcase").with_attributes([
@@ -111,7 +120,18 @@ fn testcase(w: &mut W, suite: &str, t: &TestReport) -> std::io::Result<()> {
             )?;
         }
         Some(Outcome::Skipped) => element(w, "skipped", &[("message", &detail)], None)?,
-        None => element(w, "skipped", &[("message", "not run: the run ended first")], None)?,
+        None => match not_run {
+            NotRun::Skipped => element(w, "skipped", &[("message", "not run: the run ended first")], None)?,
+            NotRun::Error(why) => element(
+                w,
+                "error",
+                &[
+                    ("message", &clean(&format!("not run: {why}"))),
+                    ("type", "not_run"),
+                ],
+                None,
+            )?,
+        },
     }
     if t.outcome != Some(Outcome::Flaky) && !t.output.is_empty() && t.outcome == Some(Outcome::Passed) {
         element(w, "system-out", &[], Some(&t.output))?;
@@ -127,11 +147,38 @@ pub fn to_junit(r: &RunReport) -> String {
 }
 
 fn write(w: &mut W, r: &RunReport) -> std::io::Result<()> {
-    let count = |f: &dyn Fn(&TestReport) -> bool| r.tests.iter().filter(|t| f(t)).count().to_string();
-    let tests = r.tests.len().to_string();
+    let why = match r.status {
+        RunStatus::Cancelled => format!("the run was cancelled ({})", r.message),
+        RunStatus::Errored => format!("the run errored ({})", r.message),
+        _ => String::new(),
+    };
+    let not_run = if why.is_empty() {
+        NotRun::Skipped
+    } else {
+        NotRun::Error(&why)
+    };
+    let count = |f: &dyn Fn(&TestReport) -> bool| r.tests.iter().filter(|t| f(t)).count();
+    let mut tests = r.tests.len();
     let failures = count(&|t| matches!(t.outcome, Some(Outcome::Failed | Outcome::TimedOut)));
-    let errors = count(&|t| t.outcome == Some(Outcome::InfraError));
-    let skipped = count(&|t| matches!(t.outcome, Some(Outcome::Skipped) | None));
+    let mut errors = count(&|t| {
+        t.outcome == Some(Outcome::InfraError) || (t.outcome.is_none() && matches!(not_run, NotRun::Error(_)))
+    });
+    let skipped = count(&|t| {
+        t.outcome == Some(Outcome::Skipped) || (t.outcome.is_none() && matches!(not_run, NotRun::Skipped))
+    });
+    // A run that did not end by its tests, yet shows no failure or error among them (every
+    // test counted before a cancel, or none listed), gets one error case of its own.
+    let run_case = !why.is_empty() && failures == 0 && errors == 0;
+    if run_case {
+        tests += 1;
+        errors += 1;
+    }
+    let (tests, failures, errors, skipped) = (
+        tests.to_string(),
+        failures.to_string(),
+        errors.to_string(),
+        skipped.to_string(),
+    );
     let time = secs(r.makespan_ms);
     let timestamp = if r.started_at_ms > 0 {
         let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(r.started_at_ms);
@@ -168,7 +215,22 @@ fn write(w: &mut W, r: &RunReport) -> std::io::Result<()> {
     }
     w.write_event(Event::End(BytesEnd::new("properties")))?;
     for t in &r.tests {
-        testcase(w, &r.suite, t)?;
+        testcase(w, &r.suite, t, not_run)?;
+    }
+    if run_case {
+        let suite = clean(&r.suite);
+        w.write_event(Event::Start(BytesStart::new("testcase").with_attributes([
+            ("name", "shardgate run"),
+            ("classname", suite.as_str()),
+            ("time", "0"),
+        ])))?;
+        element(
+            w,
+            "error",
+            &[("message", &clean(&why)), ("type", r.status.as_str())],
+            None,
+        )?;
+        w.write_event(Event::End(BytesEnd::new("testcase")))?;
     }
     w.write_event(Event::End(BytesEnd::new("testsuite")))?;
     w.write_event(Event::End(BytesEnd::new("testsuites")))

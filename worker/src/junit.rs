@@ -392,6 +392,51 @@ E       assert 3 == 4</failure><system-err>warning!</system-err></testcase>
         assert_eq!(outcomes(xunit2), vec![("test_x|test_a".into(), Outcome::Passed)]);
     }
 
+    /// A cancelled or errored run never reads as green: what it did not run is an error, and a
+    /// run with nothing else against it gets an error case of its own.
+    #[test]
+    fn a_cancelled_runs_export_is_not_green() {
+        use shardgate_common::RunStatus;
+        use shardgate_common::report::{RunReport, TestReport};
+        let t = |id: &str, outcome: Option<Outcome>| TestReport {
+            id: id.into(),
+            outcome,
+            duration_ms: 10,
+            attempts: 1,
+            worker: "w1".into(),
+            detail: String::new(),
+            output: String::new(),
+            quarantined: false,
+        };
+        let mut report = RunReport::new(&Default::default(), &[]);
+        report.suite = "s".into();
+        report.status = RunStatus::Cancelled;
+        report.message = "client interrupted".into();
+        report.tests = vec![t("a", Some(Outcome::Passed)), t("b", None)];
+        let xml = shardgate_common::junit::to_junit(&report);
+        assert!(
+            xml.contains(r#"tests="2" failures="0" errors="1" skipped="0""#),
+            "{xml}"
+        );
+        assert!(
+            xml.contains("not run: the run was cancelled (client interrupted)"),
+            "{xml}"
+        );
+        let outcomes: Vec<Outcome> = parse(&xml).unwrap().into_iter().map(|c| c.outcome).collect();
+        assert_eq!(outcomes, [Outcome::Passed, Outcome::Failed]);
+
+        // Every test counted before the cancel: the run itself is the error.
+        report.tests = vec![t("a", Some(Outcome::Passed))];
+        let xml = shardgate_common::junit::to_junit(&report);
+        assert!(xml.contains(r#"tests="2" failures="0" errors="1""#), "{xml}");
+        assert!(xml.contains(r#"<testcase name="shardgate run""#), "{xml}");
+        // An errored discovery lists no tests at all.
+        report.status = RunStatus::Errored;
+        report.tests.clear();
+        let xml = shardgate_common::junit::to_junit(&report);
+        assert!(xml.contains(r#"tests="1" failures="0" errors="1""#), "{xml}");
+    }
+
     #[test]
     fn a_nextest_timeout_is_timed_out_and_a_bare_failure_says_its_type() {
         let xml = r#"<testsuites><testsuite name="nx">
