@@ -482,6 +482,10 @@ pub struct RunArgs {
     pub submit: SubmitOptions,
     #[command(flatten)]
     pub output: RunOutput,
+    /// Submit and print the run's id, without following it (for jobs that should not wait;
+    /// `shardgate watch ID` follows it later). Exit code 0 once the run is accepted.
+    #[arg(long, env = "SHARDGATE_DETACH", conflicts_with_all = ["junit", "wait_rollout"])]
+    pub detach: bool,
 }
 
 #[derive(Debug, Args)]

@@ -17,7 +17,7 @@ pub(crate) async fn run(a: RunArgs) -> anyhow::Result<u8> {
     let req = submit_request(&a.runner, &a.source, &a.submit)?;
     let ch = connect(&a.conn).await?;
     let wait = a.submit.wait_rollout;
-    submit_and_follow(ch, req, a.submit.reconnect_for, &a.output, wait).await
+    submit_and_follow(ch, req, a.submit.reconnect_for, &a.output, wait, a.detach).await
 }
 
 pub(crate) async fn watch(r: RunRef) -> anyhow::Result<u8> {

@@ -67,7 +67,15 @@ pub async fn run(a: LocalArgs) -> anyhow::Result<u8> {
     let result = async {
         let ch = connect::connect_url(&url, None).await?;
         wait_for_workers(ch.clone(), a.workers as usize).await?;
-        submit::submit_and_follow(ch, req, a.submit.reconnect_for, &a.output, a.submit.wait_rollout).await
+        submit::submit_and_follow(
+            ch,
+            req,
+            a.submit.reconnect_for,
+            &a.output,
+            a.submit.wait_rollout,
+            false,
+        )
+        .await
     }
     .await;
 

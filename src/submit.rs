@@ -54,6 +54,7 @@ pub async fn submit_and_follow(
     reconnect_for: Duration,
     out: &RunOutput,
     wait_rollout: bool,
+    detach: bool,
 ) -> anyhow::Result<u8> {
     let mut client = run_client(ch.clone());
     let resp = client
@@ -61,9 +62,27 @@ pub async fn submit_and_follow(
         .await
         .map_err(|s| refused("the coordinator refused the run", s))?
         .into_inner();
+    if detach {
+        // For jobs that should not wait: the id, alone on stdout (or in a JSON document).
+        if out.json {
+            println!("{}", serde_json::json!({ "run_id": resp.run_id }));
+        } else {
+            println!("{}", resp.run_id);
+        }
+        return Ok(exit::PASSED);
+    }
     let mut progress = Progress::new();
     progress.note(&format!("submitted run {}", resp.run_id));
-    follow(&mut client, &resp.run_id, reconnect_for, &mut progress).await?;
+    // A CI job's timeout (SIGTERM) or Ctrl-C must not leave the run occupying the fleet.
+    tokio::select! {
+        followed = follow(&mut client, &resp.run_id, reconnect_for, &mut progress) => {
+            followed?;
+        }
+        _ = util::shutdown_signal() => {
+            progress.finish();
+            return interrupted(&mut client, &resp.run_id, out).await;
+        }
+    }
     progress.finish();
     let mut report = fetch_report(&mut client, &resp.run_id).await?;
     let mut code = exit_code(report.status);
@@ -77,8 +96,59 @@ pub async fn submit_and_follow(
         };
         report.deploy = Some(deploy);
     }
+    util::exit_on_closed_output(code);
     emit(&report, out)?;
     Ok(code)
+}
+
+/// How long an interrupted client waits for its cancel to land.
+const CANCEL_WAIT: Duration = Duration::from_secs(10);
+
+/// The first SIGINT or SIGTERM while following: cancels the run ("client interrupted"), waits
+/// briefly for the cancel to land, prints the run and exits 1; a second signal exits at once
+/// with 2.
+async fn interrupted(
+    client: &mut RunServiceClient<Channel>,
+    run_id: &str,
+    out: &RunOutput,
+) -> anyhow::Result<u8> {
+    eprintln!("interrupted: cancelling run {run_id} (interrupt again to exit at once)");
+    let cancel = async {
+        let req = pb::CancelRunRequest {
+            run_id: run_id.to_owned(),
+            reason: "client interrupted".into(),
+        };
+        let mut req = tonic::Request::new(req);
+        req.set_timeout(CANCEL_WAIT);
+        client.cancel_run(req).await
+    };
+    let cancelled = tokio::select! {
+        r = tokio::time::timeout(CANCEL_WAIT, cancel) => r,
+        _ = util::shutdown_signal() => {
+            eprintln!("interrupted again: exiting; run {run_id} may still be going");
+            return Ok(exit::ERROR);
+        }
+    };
+    match cancelled {
+        Ok(Ok(_)) => {
+            eprintln!("run {run_id} cancelled");
+            let mut report = fetch_report(client, run_id).await?;
+            if report.status == RunStatus::Passed || report.status == RunStatus::Failed {
+                // The verdict came first: it stands.
+                let code = exit_code(report.status);
+                emit(&report, out)?;
+                return Ok(code);
+            }
+            report.status = RunStatus::Cancelled;
+            emit(&report, out)?;
+            Ok(exit::FAILED)
+        }
+        Ok(Err(s)) => Err(refused(
+            &format!("interrupted, and failed to cancel run {run_id}"),
+            s,
+        )),
+        Err(_) => bail!("interrupted, and the cancel of run {run_id} did not land within {CANCEL_WAIT:?}"),
+    }
 }
 
 /// Polls the deploy log until the deploy of `run_id` has ended.
@@ -179,6 +249,7 @@ pub(crate) async fn report(
     out: &RunOutput,
 ) -> anyhow::Result<u8> {
     let report = fetch_report(client, run_id).await?;
+    util::exit_on_closed_output(exit_code(report.status));
     emit(&report, out)?;
     Ok(exit_code(report.status))
 }

@@ -5,6 +5,44 @@ use std::path::Path;
 use anyhow::Context;
 use tracing_subscriber::EnvFilter;
 
+/// The exit code when stdout or stderr is gone (`shardgate run … | head -1`, a worker whose
+/// log pipe closed): the run's code once it is known, 2 before.
+static EXIT_ON_CLOSED_OUTPUT: std::sync::atomic::AtomicU8 =
+    std::sync::atomic::AtomicU8::new(crate::exit::ERROR);
+
+/// Sets the exit code used when output cannot be written any more.
+pub fn exit_on_closed_output(code: u8) {
+    EXIT_ON_CLOSED_OUTPUT.store(code, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// A closed stdout or stderr ends the process quietly with [`exit_on_closed_output`]'s code
+/// instead of a panic (exit 101): the standard printing macros panic when the pipe is gone.
+pub fn exit_quietly_on_closed_output() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let message = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or_default();
+        if message.starts_with("failed printing to std") {
+            std::process::exit(i32::from(
+                EXIT_ON_CLOSED_OUTPUT.load(std::sync::atomic::Ordering::Relaxed),
+            ));
+        }
+        default(info);
+    }));
+}
+
+/// When `e` is a write to a closed pipe, the exit code to leave with quietly.
+pub fn closed_output_exit(e: &anyhow::Error) -> Option<u8> {
+    e.chain()
+        .filter_map(|c| c.downcast_ref::<std::io::Error>())
+        .any(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+        .then(|| EXIT_ON_CLOSED_OUTPUT.load(std::sync::atomic::Ordering::Relaxed))
+}
+
 /// Logs to stderr. `SHARDGATE_LOG` (a tracing filter such as `info` or
 /// `shardgate_coordinator=debug`) overrides `default`.
 pub fn init_logging(default: &str) {

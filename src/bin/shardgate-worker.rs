@@ -8,6 +8,7 @@ use shardgate::{servers, util};
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    util::exit_quietly_on_closed_output();
     let args = WorkerArgs::parse();
     util::init_logging("info");
     let result = servers::worker(args).await;

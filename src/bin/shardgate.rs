@@ -8,13 +8,17 @@ use shardgate::{exit, util};
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    util::exit_quietly_on_closed_output();
     let cli = Cli::parse();
     util::init_logging("warn");
     match shardgate::cli::main(cli).await {
         Ok(code) => ExitCode::from(code),
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::from(exit::ERROR)
-        }
+        Err(e) => match util::closed_output_exit(&e) {
+            Some(code) => ExitCode::from(code),
+            None => {
+                eprintln!("error: {e:#}");
+                ExitCode::from(exit::ERROR)
+            }
+        },
     }
 }

@@ -1,0 +1,89 @@
+//! The client as a CI job step uses it, on real processes: an interrupt (SIGINT, or a job
+//! timeout's SIGTERM) cancels the run it submitted; a closed stdout ends it quietly with the
+//! run's exit code; `--detach` submits and prints the id.
+
+mod harness;
+
+use std::io::Read;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use harness::{Cluster, suite, wait_for};
+
+/// The id of the cluster's only run, once it has one.
+fn the_run(cluster: &Cluster) -> String {
+    wait_for("the run to be submitted", Duration::from_secs(20), || {
+        let runs = cluster.client(&["runs", "--json"]).json();
+        runs.as_array()?
+            .first()
+            .and_then(|r| r["run_id"].as_str().map(str::to_owned))
+    })
+}
+
+fn signal(pid: u32, sig: &str) {
+    let ok = Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill {sig} {pid}");
+}
+
+#[test]
+fn an_interrupted_client_cancels_its_run_and_exits_1() {
+    for sig in ["-INT", "-TERM"] {
+        let cluster = Cluster::builder().workers(1).slots(1).start();
+        let tests = suite(&cluster.root, 4, &[], "30");
+        let mut child = cluster.follow(&tests, &[], Stdio::piped());
+        let run = the_run(&cluster);
+        wait_for("a test to start", Duration::from_secs(20), || {
+            let r = cluster.client(&["status", &run, "--json"]).json();
+            (r["counts"]["running"].as_u64()? > 0).then_some(())
+        });
+        signal(child.id(), sig);
+        let mut stdout = String::new();
+        child.stdout.take().unwrap().read_to_string(&mut stdout).unwrap();
+        let mut stderr = String::new();
+        child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+        let status = child.wait().unwrap();
+        assert_eq!(status.code(), Some(1), "{sig}: {stderr}");
+        assert!(stderr.contains(&format!("run {run} cancelled")), "{stderr}");
+        let report: serde_json::Value =
+            serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}"));
+        assert_eq!(report["verdict"], "cancelled", "{report}");
+        // The coordinator agrees, and says who stopped it.
+        let r = cluster.client(&["status", &run, "--json"]).json();
+        assert_eq!(r["status"], "cancelled", "{r}");
+        assert!(
+            r["message"].as_str().unwrap().contains("client interrupted"),
+            "{r}"
+        );
+    }
+}
+
+#[test]
+fn a_closed_stdout_ends_the_client_with_the_runs_code_not_a_panic() {
+    let cluster = Cluster::builder().workers(2).slots(1).start();
+    for (failing, code) in [(vec![], 0), (vec![1], 1)] {
+        let tests = suite(&cluster.root, 3, &failing, "0");
+        let mut child = cluster.follow(&tests, &[], Stdio::piped());
+        drop(child.stdout.take());
+        let mut stderr = String::new();
+        child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+        let status = child.wait().unwrap();
+        assert_eq!(status.code(), Some(code), "{stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+}
+
+#[test]
+fn detach_prints_the_run_id_and_watch_follows_it_later() {
+    let cluster = Cluster::builder().workers(2).slots(1).start();
+    let tests = suite(&cluster.root, 3, &[2], "0");
+    let r = cluster.run_tests(&tests, &["--detach"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let run = r.json()["run_id"].as_str().unwrap().to_owned();
+    let w = cluster.client(&["watch", &run, "--json"]);
+    assert_eq!(w.code, 1, "{}", w.stderr);
+    assert_eq!(w.json()["verdict"], "failed");
+}
