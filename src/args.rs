@@ -113,6 +113,10 @@ pub struct CoordinatorTuning {
     /// Most tests without a result one requester may have across its active runs.
     #[arg(long, env = "SHARDGATE_MAX_OPEN_TESTS", default_value_t = 4_000_000)]
     pub max_open_tests: usize,
+    /// How long a run may wait with work queued while no live worker can take it (its runner
+    /// with its labels) before it ends errored, when the run does not say.
+    #[arg(long, env = "SHARDGATE_QUEUE_TIMEOUT", default_value = "10m", value_parser = duration)]
+    pub queue_timeout: Duration,
 }
 
 /// `shardgate-worker`: runs shards for a coordinator.
@@ -437,6 +441,10 @@ pub struct SubmitOptions {
     /// Per-test timeout (default: the coordinator's, 5 minutes).
     #[arg(long, env = "SHARDGATE_TEST_TIMEOUT", value_parser = duration)]
     pub test_timeout: Option<Duration>,
+    /// How long the run may wait with no live worker able to take it (its runner with its
+    /// labels) before it ends errored, saying so (default: the coordinator's, 10 minutes).
+    #[arg(long, env = "SHARDGATE_RUN_QUEUE_TIMEOUT", value_parser = duration)]
+    pub queue_timeout: Option<Duration>,
     /// Runs again of a failed test before it counts as failed (default: the coordinator's, 2);
     /// a test that fails and then passes is reported as flaky.
     #[arg(long, env = "SHARDGATE_RETRIES")]

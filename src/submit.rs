@@ -40,6 +40,10 @@ pub fn submit_request(
             strict_flaky: opts.strict_flaky,
             fail_fast: opts.fail_fast,
             flaky_retries: opts.flaky_retries,
+            queue_timeout_ms: opts
+                .queue_timeout
+                .map(|d| d.as_millis().max(1) as u64)
+                .unwrap_or(0),
         }),
         priority: opts.priority,
         rollout: opts.rollout,

@@ -87,3 +87,31 @@ fn detach_prints_the_run_id_and_watch_follows_it_later() {
     assert_eq!(w.code, 1, "{}", w.stderr);
     assert_eq!(w.json()["verdict"], "failed");
 }
+
+#[test]
+fn a_run_no_worker_can_take_is_refused_or_ends_after_its_queue_timeout() {
+    let mut cluster = Cluster::builder().workers(1).slots(1).start();
+    let tests = suite(&cluster.root, 2, &[], "0");
+    // Labels no known worker carries: refused at submit, naming what is missing.
+    let r = cluster.run_tests(&tests, &["--labels", "os=windows"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("no known worker offering runner 'exec' carries labels os=windows"),
+        "{}",
+        r.stderr
+    );
+    // Its only capable worker gone: the run ends after its queue timeout, saying why.
+    cluster.stop_worker(0);
+    let r = cluster.run_tests(&tests, &["--queue-timeout", "1s"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    let report = r.json();
+    assert_eq!(report["verdict"], "errored", "{report}");
+    assert!(
+        report["message"]
+            .as_str()
+            .unwrap()
+            .contains("no live worker could take this run"),
+        "{report}"
+    );
+}

@@ -82,6 +82,15 @@ pub fn to_wire(labels: &Labels) -> Vec<pb::Label> {
         .collect()
 }
 
+/// `k=v,k2=v2`, as [`parse`] reads it.
+pub fn to_text(labels: &Labels) -> String {
+    labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// True when `worker` carries every label of `wanted`.
 pub fn satisfies(worker: &Labels, wanted: &Labels) -> bool {
     wanted.iter().all(|(k, v)| worker.get(k) == Some(v))

@@ -35,6 +35,8 @@ pub struct CoreConfig {
     pub max_active_runs_per_requester: usize,
     /// Most tests without a result one requester may have in its active runs at once.
     pub max_open_tests_per_requester: usize,
+    /// How long a run may wait with no live worker able to take it, when it does not say.
+    pub queue_timeout: Duration,
 }
 
 impl Default for CoreConfig {
@@ -54,6 +56,7 @@ impl Default for CoreConfig {
             rollout_configured: false,
             max_active_runs_per_requester: 50,
             max_open_tests_per_requester: 4_000_000,
+            queue_timeout: Duration::from_secs(600),
         }
     }
 }
@@ -64,6 +67,8 @@ pub const MAX_RETRIES: u32 = 10;
 pub const MAX_INFRA_ATTEMPTS: u32 = 20;
 /// Longest per-test timeout a run may ask for: a day.
 pub const MAX_TEST_TIMEOUT_MS: u64 = 24 * 3600 * 1000;
+/// Longest a run may ask to wait for a worker that can take it: a week.
+pub const MAX_QUEUE_TIMEOUT_MS: u64 = 7 * 24 * 3600 * 1000;
 
 /// A run's policy with every default filled in, as stored with the run.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -81,6 +86,9 @@ pub struct Policy {
     pub fail_fast: bool,
     #[serde(default)]
     pub flaky_retries: u32,
+    /// 0 in runs stored before it existed: the coordinator's default then.
+    #[serde(default)]
+    pub queue_timeout_ms: u64,
 }
 
 impl Policy {
@@ -133,6 +141,12 @@ impl Policy {
             MAX_TEST_TIMEOUT_MS,
             " ms",
         )?;
+        bound(
+            "policy.queue_timeout_ms",
+            wire.queue_timeout_ms,
+            MAX_QUEUE_TIMEOUT_MS,
+            " ms",
+        )?;
         if let (Some(r), Some(f)) = (wire.retries, wire.flaky_retries)
             && f < r
         {
@@ -159,6 +173,11 @@ impl Policy {
             strict_flaky: wire.strict_flaky,
             fail_fast: wire.fail_fast,
             flaky_retries: wire.flaky_retries.unwrap_or(cfg.flaky_retries),
+            queue_timeout_ms: if wire.queue_timeout_ms == 0 {
+                cfg.queue_timeout.as_millis() as u64
+            } else {
+                wire.queue_timeout_ms
+            },
         })
     }
 
@@ -171,6 +190,7 @@ impl Policy {
             strict_flaky: self.strict_flaky,
             fail_fast: self.fail_fast,
             flaky_retries: Some(self.flaky_retries),
+            queue_timeout_ms: self.queue_timeout_ms,
         }
     }
 }

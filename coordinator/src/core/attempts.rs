@@ -2,7 +2,7 @@
 //! lease. Its tests without a result go back to the queue, or are given up when they keep
 //! losing their workers. Each end is one message shaped decide → write → apply.
 
-use shardgate_common::{AttemptId, Error, Outcome, RunId, RunStatus, WorkerId, pb};
+use shardgate_common::{AttemptId, Error, Outcome, RunId, RunStatus, WorkerId, labels, pb};
 use tracing::{info, warn};
 
 use super::Core;
@@ -186,7 +186,63 @@ impl Core {
         if let Err(e) = self.mark_silent_workers_lost(now) {
             first_error.get_or_insert(e);
         }
+        if let Err(e) = self.end_unservable_runs(now) {
+            first_error.get_or_insert(e);
+        }
         first_error.map_or(Ok(()), Err)
+    }
+
+    /// Ends, as `errored`, each run that has had work waiting for longer than its queue timeout
+    /// while no live worker could take it (its runner with its labels): it would wait forever.
+    pub(crate) fn end_unservable_runs(&mut self, now: Now) -> Result<(), Error> {
+        let mut expired = Vec::new();
+        for (id, run) in &self.runs {
+            let waiting = run.discover_pending || !run.queue.is_empty() || !run.solo.is_empty();
+            let servable = !waiting || self.workers.values().any(|w| w.live() && w.fits(run));
+            if servable {
+                continue;
+            }
+            if let Some(since) = run.unservable_since {
+                let limit = match run.row.policy.queue_timeout_ms {
+                    0 => self.cfg.queue_timeout,
+                    ms => std::time::Duration::from_millis(ms),
+                };
+                if now.at.saturating_duration_since(since) >= limit {
+                    expired.push((*id, limit));
+                }
+            }
+        }
+        for run in self.runs.values_mut() {
+            let waiting = run.discover_pending || !run.queue.is_empty() || !run.solo.is_empty();
+            let servable = !waiting || self.workers.values().any(|w| w.live() && w.fits(run));
+            run.unservable_since = match (servable, run.unservable_since) {
+                (true, _) => None,
+                (false, None) => Some(now.at),
+                (false, since) => since,
+            };
+        }
+        for (id, limit) in expired {
+            let run = &self.runs[&id];
+            let labels = labels::to_text(&run.row.labels);
+            let message = format!(
+                "no live worker could take this run for {:?} (--queue-timeout): it needs runner '{}'{}; start or free such a worker",
+                limit,
+                run.row.runner,
+                if labels.is_empty() {
+                    String::new()
+                } else {
+                    format!(" with labels {labels}")
+                }
+            );
+            warn!(run = %id, %message, "run errored");
+            self.atomically(|c| {
+                let ending = c.decide_end(id, RunStatus::Errored, message, now)?;
+                c.write_end(&ending)?;
+                c.apply_end(ending);
+                Ok(())
+            })?;
+        }
+        Ok(())
     }
 
     /// What ending attempt `id` does: its unfinished tests go back, or are given up when they

@@ -93,6 +93,10 @@ impl Core {
         self.store.upsert_worker(&row)?;
         for (n, k) in &runners {
             self.known_runners.insert(n.clone(), *k);
+            self.known_labels
+                .entry(n.clone())
+                .or_default()
+                .insert(row.labels.clone());
         }
         info!(worker = %id, name = %row.name, slots = row.slots, "worker registered");
         self.fleet_version += 1;

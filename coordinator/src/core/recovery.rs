@@ -23,6 +23,7 @@ impl Core {
             workers: HashMap::new(),
             attempts: HashMap::new(),
             known_runners: BTreeMap::new(),
+            known_labels: BTreeMap::new(),
             overhead_ms: HashMap::new(),
             fleet_version: 0,
             effects: Effects::default(),
@@ -77,6 +78,10 @@ impl Core {
         for mut row in self.store.workers()? {
             for r in &row.runners {
                 self.known_runners.insert(r.name.clone(), r.kind);
+                self.known_labels
+                    .entry(r.name.clone())
+                    .or_default()
+                    .insert(row.labels.clone());
             }
             if row.state == WorkerState::Gone {
                 continue;

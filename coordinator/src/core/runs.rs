@@ -136,6 +136,27 @@ impl Core {
                 ),
             )
         })?;
+        // Labels no worker offering the runner ever carried: the run would wait forever.
+        if let Some(sets) = self.known_labels.get(&req.runner)
+            && !sets.iter().any(|l| labels::satisfies(l, &labels))
+        {
+            let carried: Vec<String> = sets
+                .iter()
+                .map(|l| match labels::to_text(l) {
+                    t if t.is_empty() => "(none)".to_owned(),
+                    t => t,
+                })
+                .collect();
+            return Err(Error::invalid(
+                "labels",
+                format!(
+                    "no known worker offering runner '{}' carries labels {}; their labels: {}",
+                    req.runner,
+                    labels::to_text(&labels),
+                    carried.join("; ")
+                ),
+            ));
+        }
         if req.discover && !req.tests.is_empty() {
             return Err(Error::invalid(
                 "tests",

@@ -82,6 +82,8 @@ pub(crate) struct RunState {
     /// The runner's failures in a row for this run with the same first line (the error's
     /// "what"), and that line; a shard that ends with every result resets it.
     pub runner_streak: (u32, String),
+    /// Since when the run has had work waiting and no live worker able to take it.
+    pub unservable_since: Option<Instant>,
 }
 
 /// Counted results of a run per outcome, all and quarantined (which do not count toward the
@@ -138,6 +140,7 @@ impl RunState {
             live_attempts: 0,
             excluded: HashSet::new(),
             runner_streak: (0, String::new()),
+            unservable_since: None,
         }
     }
 
@@ -358,6 +361,8 @@ pub struct Core {
     pub(crate) attempts: HashMap<AttemptId, Attempt>,
     /// Runner names any worker has ever registered, with their kind.
     pub(crate) known_runners: BTreeMap<String, RunnerKind>,
+    /// Per runner name, the label sets of the workers that ever offered it.
+    pub(crate) known_labels: BTreeMap<String, std::collections::BTreeSet<labels::Labels>>,
     /// Measured cost of one hand-out per runner (ms): wall time of a shard minus its tests.
     pub(crate) overhead_ms: HashMap<String, f64>,
     /// Changes whenever a worker comes, goes, is lost or revives.

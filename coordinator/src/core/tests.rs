@@ -673,6 +673,72 @@ fn a_runner_failing_the_same_way_shard_after_shard_stops_the_run_once() {
     core.check_invariants();
 }
 
+#[test]
+fn a_run_with_labels_no_known_worker_carries_is_refused_at_submit() {
+    let (mut core, now) = core();
+    // A runner no worker ever registered is refused as before.
+    let mut req = submit_req(&["a"]);
+    req.labels = vec![pb::Label {
+        key: "os".into(),
+        value: "windows".into(),
+    }];
+    let fresh = core.submit(req.clone(), now);
+    assert!(
+        matches!(fresh, Err(Error::InvalidArgument { .. })),
+        "no runner is known yet: {fresh:?}"
+    );
+    register(&mut core, "w1", 1, &[("os", "linux")], now);
+    let e = core.submit(req, now).unwrap_err();
+    assert!(
+        e.to_string().contains(
+            "no known worker offering runner 'exec' carries labels os=windows; their labels: os=linux"
+        ),
+        "{e}"
+    );
+    assert!(core.list_runs(10).unwrap().is_empty(), "nothing was stored");
+}
+
+#[test]
+fn a_run_no_live_worker_can_take_errors_after_its_queue_timeout() {
+    let (mut core, now) = core();
+    let w = register(&mut core, "w1", 1, &[], now);
+    core.deregister(w, now).unwrap();
+    let policy = pb::RunPolicy {
+        queue_timeout_ms: 60_000,
+        ..Default::default()
+    };
+    let run = submit_with(&mut core, &["a", "b"], policy, now);
+    core.tick(now.after(Duration::from_secs(1))).unwrap();
+    core.tick(now.after(Duration::from_secs(50))).unwrap();
+    assert_eq!(
+        status(&core, run),
+        RunStatus::Queued,
+        "still inside its queue timeout"
+    );
+    // A worker that can take it comes and goes: the clock starts again when it has gone.
+    let w2 = register(&mut core, "w2", 1, &[], now.after(Duration::from_secs(55)));
+    core.tick(now.after(Duration::from_secs(56))).unwrap();
+    core.deregister(w2, now.after(Duration::from_secs(57))).unwrap();
+    core.tick(now.after(Duration::from_secs(58))).unwrap();
+    core.tick(now.after(Duration::from_secs(100))).unwrap();
+    assert_ne!(
+        status(&core, run),
+        RunStatus::Errored,
+        "58 s + 42 s is not 60 s without a worker"
+    );
+    core.tick(now.after(Duration::from_secs(119))).unwrap();
+    assert_eq!(status(&core, run), RunStatus::Errored);
+    let info = core.get_run(run, false).unwrap().run.unwrap();
+    assert!(
+        info.message
+            .contains("no live worker could take this run for 60s")
+            && info.message.contains("runner 'exec'"),
+        "{}",
+        info.message
+    );
+    core.check_invariants();
+}
+
 fn submit_with(core: &mut Core, tests: &[&str], policy: pb::RunPolicy, now: Now) -> RunId {
     let mut req = submit_req(tests);
     req.policy = Some(policy);
