@@ -7,13 +7,16 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+/// `--version`: the package version and the commit it was built from.
+pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (", env!("SHARDGATE_COMMIT"), ")");
+
 fn duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("'{s}' is not a duration like 10s or 500ms: {e}"))
 }
 
 /// `shardgate-coordinator`: serves the run, worker and dashboard APIs.
 #[derive(Debug, Parser)]
-#[command(name = "shardgate-coordinator", version, about)]
+#[command(name = "shardgate-coordinator", version = VERSION)]
 pub struct CoordinatorArgs {
     /// Address for gRPC (runs, workers, dashboards, health, reflection).
     #[arg(long, env = "SHARDGATE_GRPC_ADDR", default_value = "127.0.0.1:7070")]
@@ -115,13 +118,13 @@ pub struct CoordinatorTuning {
     pub max_open_tests: usize,
     /// How long a run may wait with work queued while no live worker can take it (its runner
     /// with its labels) before it ends errored, when the run does not say.
-    #[arg(long, env = "SHARDGATE_QUEUE_TIMEOUT", default_value = "10m", value_parser = duration)]
-    pub queue_timeout: Duration,
+    #[arg(long, env = "SHARDGATE_DEFAULT_QUEUE_TIMEOUT", default_value = "10m", value_parser = duration)]
+    pub default_queue_timeout: Duration,
 }
 
 /// `shardgate-worker`: runs shards for a coordinator.
 #[derive(Debug, Parser)]
-#[command(name = "shardgate-worker", version, about)]
+#[command(name = "shardgate-worker", version = VERSION)]
 pub struct WorkerArgs {
     /// The coordinator's gRPC URL.
     #[arg(long, env = "SHARDGATE_COORDINATOR", default_value = "http://127.0.0.1:7070")]
@@ -206,7 +209,7 @@ pub enum StartCheck {
 
 /// `shardgate`: submit runs, follow them, and look at the fleet.
 #[derive(Debug, Parser)]
-#[command(name = "shardgate", version, about, after_help = EXIT_CODES)]
+#[command(name = "shardgate", version = VERSION, about, after_help = EXIT_CODES)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -308,6 +311,8 @@ pub struct QuarantineAdd {
     /// Who quarantines it (default: $USER, else $LOGNAME).
     #[arg(long, env = "SHARDGATE_REQUESTED_BY")]
     pub by: Option<String>,
+    #[command(flatten)]
+    pub output: Output,
 }
 
 #[derive(Debug, Args)]
@@ -317,6 +322,8 @@ pub struct QuarantineRef {
     #[arg(long, env = "SHARDGATE_SUITE", default_value = "default")]
     pub suite: String,
     pub test_id: String,
+    #[command(flatten)]
+    pub output: Output,
 }
 
 #[derive(Debug, Args)]
@@ -539,6 +546,8 @@ pub struct CancelArgs {
     /// Why, recorded with the run.
     #[arg(long, default_value = "")]
     pub reason: String,
+    #[command(flatten)]
+    pub output: Output,
 }
 
 #[derive(Debug, Args)]
@@ -547,6 +556,9 @@ pub struct ListArgs {
     pub conn: Connection,
     #[command(flatten)]
     pub output: Output,
+    /// Most entries to show, newest first (runs: at most 1000).
+    #[arg(long, default_value_t = 50)]
+    pub limit: u32,
 }
 
 #[cfg(test)]

@@ -90,10 +90,14 @@ pub async fn quarantine(q: QuarantineCommand) -> anyhow::Result<u8> {
                 .await
                 .map_err(|s| refused("failed to quarantine", s))?
                 .into_inner();
-            println!(
-                "quarantined {} in suite {} ({}, by {})",
-                e.test_id, e.suite, e.reason, e.added_by
-            );
+            if a.output.json {
+                println!("{}", serde_json::to_string_pretty(&e)?);
+            } else {
+                println!(
+                    "quarantined {} in suite {} ({}, by {})",
+                    e.test_id, e.suite, e.reason, e.added_by
+                );
+            }
         }
         QuarantineCommand::Remove(r) => {
             let mut client = GateServiceClient::new(connect(&r.conn).await?);
@@ -109,7 +113,12 @@ pub async fn quarantine(q: QuarantineCommand) -> anyhow::Result<u8> {
             if !removed {
                 anyhow::bail!("{} is not quarantined in suite {}", r.test_id, r.suite);
             }
-            println!("lifted the quarantine of {} in suite {}", r.test_id, r.suite);
+            if r.output.json {
+                let v = serde_json::json!({ "suite": r.suite, "test_id": r.test_id, "removed": true });
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!("lifted the quarantine of {} in suite {}", r.test_id, r.suite);
+            }
         }
         QuarantineCommand::List(l) => {
             let mut client = GateServiceClient::new(connect(&l.conn).await?);

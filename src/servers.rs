@@ -46,7 +46,7 @@ pub fn core_config(t: &CoordinatorTuning) -> anyhow::Result<CoreConfig> {
         auto_quarantine: t.auto_quarantine,
         max_active_runs_per_requester: t.max_active_runs.max(1),
         max_open_tests_per_requester: t.max_open_tests.max(1),
-        queue_timeout: t.queue_timeout.max(std::time::Duration::from_millis(1)),
+        queue_timeout: t.default_queue_timeout.max(std::time::Duration::from_millis(1)),
         ..CoreConfig::default()
     })
 }

@@ -225,7 +225,7 @@ impl Core {
             let run = &self.runs[&id];
             let labels = labels::to_text(&run.row.labels);
             let message = format!(
-                "no live worker could take this run for {:?} (--queue-timeout): it needs runner '{}'{}; start or free such a worker",
+                "no live worker could take this run for {:?} (its queue timeout): it needs runner '{}'{}; start or free such a worker",
                 limit,
                 run.row.runner,
                 if labels.is_empty() {
