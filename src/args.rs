@@ -18,6 +18,10 @@ fn duration(s: &str) -> Result<Duration, String> {
 #[derive(Debug, Parser)]
 #[command(name = "shardgate-coordinator", version = VERSION)]
 pub struct CoordinatorArgs {
+    /// A TOML file with the same keys as these flags (`grpc_addr = "0.0.0.0:7070"`); a flag
+    /// or its `SHARDGATE_*` variable wins over the file.
+    #[arg(long, env = "SHARDGATE_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
     /// Address for gRPC (runs, workers, dashboards, health, reflection).
     #[arg(long, env = "SHARDGATE_GRPC_ADDR", default_value = "127.0.0.1:7070")]
     pub grpc_addr: SocketAddr,
@@ -126,6 +130,10 @@ pub struct CoordinatorTuning {
 #[derive(Debug, Parser)]
 #[command(name = "shardgate-worker", version = VERSION)]
 pub struct WorkerArgs {
+    /// A TOML file with the same keys as these flags (`slots = 4`, `redact = ["…"]`); a flag
+    /// or its `SHARDGATE_*` variable wins over the file.
+    #[arg(long, env = "SHARDGATE_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
     /// The coordinator's gRPC URL.
     #[arg(long, env = "SHARDGATE_COORDINATOR", default_value = "http://127.0.0.1:7070")]
     pub coordinator: String,

@@ -15,6 +15,7 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 pub mod args;
 pub mod cli;
 pub mod client;
+pub mod config;
 pub mod connect;
 pub mod display;
 pub mod gate;

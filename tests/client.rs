@@ -115,3 +115,62 @@ fn a_run_no_worker_can_take_is_refused_or_ends_after_its_queue_timeout() {
         "{report}"
     );
 }
+
+#[test]
+fn the_config_file_is_read_and_flags_and_variables_win_over_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    suite(&root, 4, &[], "0");
+    let config = dir.path().join("worker.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "exec_root = \"{}\"\ncheck-sample = 3\njson = true\n",
+            root.display()
+        ),
+    )
+    .unwrap();
+    let check = |extra: &[&str], env: &[(&str, &str)]| {
+        let out = Command::new(harness::bin("shardgate-worker"))
+            .arg("--config")
+            .arg(&config)
+            .arg("--check")
+            .args(extra)
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+        (out.status.code(), v[0]["ran"].as_array().unwrap().len())
+    };
+    assert_eq!(
+        check(&[], &[]),
+        (Some(0), 3),
+        "the file's exec_root, sample and json"
+    );
+    assert_eq!(check(&["--check-sample", "1"], &[]), (Some(0), 1), "a flag wins");
+
+    std::fs::write(&config, "exec_root = \"/x\"\nslot = 4\n").unwrap();
+    let out = Command::new(harness::bin("shardgate-worker"))
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("unknown key 'slot'"), "{stderr}");
+
+    let coordinator = dir.path().join("coordinator.toml");
+    std::fs::write(&coordinator, "grpc_addr = \"127.0.0.1:0\"\nlease = \"soon\"\n").unwrap();
+    let out = Command::new(harness::bin("shardgate-coordinator"))
+        .arg("--config")
+        .arg(&coordinator)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("'soon' is not a duration"),
+        "checked as the flag is: {stderr}"
+    );
+}

@@ -2,14 +2,23 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use shardgate::args::CoordinatorArgs;
 use shardgate::{servers, util};
 
 #[tokio::main]
 async fn main() -> ExitCode {
     util::exit_quietly_on_closed_output();
-    let args = CoordinatorArgs::parse();
+    let argv =
+        match shardgate::config::with_config_file(&CoordinatorArgs::command(), std::env::args_os().collect())
+        {
+            Ok(argv) => argv,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                return ExitCode::from(shardgate::exit::ERROR);
+            }
+        };
+    let args = CoordinatorArgs::parse_from(argv);
     util::init_logging("info");
     util::server_exit(servers::coordinator(args).await)
 }

@@ -2,14 +2,22 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use shardgate::args::WorkerArgs;
 use shardgate::{servers, util};
 
 #[tokio::main]
 async fn main() -> ExitCode {
     util::exit_quietly_on_closed_output();
-    let args = WorkerArgs::parse();
+    let argv =
+        match shardgate::config::with_config_file(&WorkerArgs::command(), std::env::args_os().collect()) {
+            Ok(argv) => argv,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                return ExitCode::from(shardgate::exit::ERROR);
+            }
+        };
+    let args = WorkerArgs::parse_from(argv);
     util::init_logging("info");
     let result = servers::worker(args).await;
     // A check that found a broken runner is a finding, not an error of the worker's own.
