@@ -72,7 +72,11 @@ pub(crate) async fn runs(l: ListArgs) -> anyhow::Result<u8> {
     if l.output.json {
         println!("{}", serde_json::to_string_pretty(&reports)?);
     } else {
-        print!("{}", runs_table(&reports));
+        if reports.is_empty() {
+            println!("no runs yet");
+        } else {
+            print!("{}", runs_table(&reports));
+        }
     }
     Ok(exit::PASSED)
 }

@@ -35,6 +35,23 @@ pub fn exit_quietly_on_closed_output() {
     }));
 }
 
+/// An error and its causes on one line, each said once: libraries often repeat their cause's
+/// words in their own ("tcp connect error: tcp connect error: …").
+pub fn error_text(e: &anyhow::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if parts
+            .last()
+            .is_some_and(|last| last.ends_with(&text) || *last == text)
+        {
+            continue;
+        }
+        parts.push(text);
+    }
+    parts.join(": ")
+}
+
 /// When `e` is a write to a closed pipe, the exit code to leave with quietly.
 pub fn closed_output_exit(e: &anyhow::Error) -> Option<u8> {
     e.chain()
@@ -59,7 +76,7 @@ pub fn server_exit(result: anyhow::Result<()>) -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", error_text(&e));
             std::process::ExitCode::from(crate::exit::ERROR)
         }
     }

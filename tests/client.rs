@@ -174,3 +174,26 @@ fn the_config_file_is_read_and_flags_and_variables_win_over_it() {
         "checked as the flag is: {stderr}"
     );
 }
+
+#[test]
+fn errors_name_the_fix_and_say_each_cause_once() {
+    let cluster = Cluster::builder().workers(1).slots(1).start();
+    // The HTTP port given where the gRPC one belongs.
+    let r = harness::client(&["runs", "--coordinator", &format!("http://{}", cluster.http_addr)]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("is it the coordinator's HTTP port (--http-addr)?"),
+        "{}",
+        r.stderr
+    );
+    // A bare host:port is a plaintext URL.
+    let bare = cluster.url().trim_start_matches("http://").to_owned();
+    let r = harness::client(&["runs", "--coordinator", &bare]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    // Nothing listening: one line, each cause once.
+    let r = harness::client(&["runs", "--coordinator", "http://127.0.0.1:1"]);
+    assert_eq!(r.code, 2);
+    assert_eq!(r.stderr.lines().count(), 1, "{}", r.stderr);
+    assert_eq!(r.stderr.matches("tcp connect error").count(), 1, "{}", r.stderr);
+}

@@ -22,6 +22,20 @@ fn read(what: &str, path: &PathBuf) -> Result<Vec<u8>, String> {
 
 /// The endpoint for `url`, with TLS when the URL is `https://`.
 pub fn endpoint(url: &str, tls: &ClientTls) -> Result<Endpoint, String> {
+    // `host:port` alone means plaintext, or TLS when TLS options are given.
+    let url = match url.split_once("://") {
+        Some((scheme, _))
+            if !scheme.eq_ignore_ascii_case("http") && !scheme.eq_ignore_ascii_case("https") =>
+        {
+            return Err(format!(
+                "invalid coordinator URL '{url}': the scheme is http:// or https://, not {scheme}://"
+            ));
+        }
+        Some(_) => url.to_owned(),
+        None if tls.ca_cert.is_some() || tls.cert.is_some() => format!("https://{url}"),
+        None => format!("http://{url}"),
+    };
+    let url = url.as_str();
     let endpoint =
         Endpoint::from_shared(url.to_owned()).map_err(|e| format!("invalid coordinator URL '{url}': {e}"))?;
     let https = url.to_ascii_lowercase().starts_with("https://");
@@ -72,5 +86,23 @@ mod tests {
         };
         assert!(endpoint("http://x:1", &ClientTls::default()).is_ok());
         assert!(endpoint("https://x:1", &half).is_err());
+    }
+
+    #[test]
+    fn a_bare_address_is_plaintext_or_tls_by_the_options_and_other_schemes_are_refused() {
+        let plain = endpoint("coordinator:7070", &ClientTls::default()).unwrap();
+        assert_eq!(plain.uri().to_string(), "http://coordinator:7070/");
+        let ca = ClientTls {
+            ca_cert: Some("/nonexistent/ca.pem".into()),
+            ..Default::default()
+        };
+        // TLS options make it https (and so the missing CA file is what is reported).
+        assert!(
+            endpoint("coordinator:7070", &ca)
+                .unwrap_err()
+                .contains("failed to read --ca-cert")
+        );
+        let e = endpoint("ftp://x:1", &ClientTls::default()).unwrap_err();
+        assert!(e.contains("the scheme is http:// or https://, not ftp://"), "{e}");
     }
 }

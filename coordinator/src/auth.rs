@@ -43,8 +43,8 @@ impl Identity {
 
 #[derive(Debug, thiserror::Error)]
 pub enum TokensError {
-    #[error("failed to read tokens file '{path}': {source}")]
-    Read { path: String, source: std::io::Error },
+    #[error("failed to read tokens file '{path}': {error}")]
+    Read { path: String, error: std::io::Error },
     #[error("invalid tokens file: {0}")]
     Toml(#[from] toml::de::Error),
     #[error("token '{name}': {reason}")]
@@ -73,9 +73,9 @@ pub struct Tokens {
 
 impl Tokens {
     pub fn load(path: &Path) -> Result<Self, TokensError> {
-        let text = std::fs::read_to_string(path).map_err(|source| TokensError::Read {
+        let text = std::fs::read_to_string(path).map_err(|error| TokensError::Read {
             path: path.display().to_string(),
-            source,
+            error,
         })?;
         Self::parse(&text)
     }

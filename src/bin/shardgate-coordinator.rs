@@ -14,7 +14,7 @@ async fn main() -> ExitCode {
         {
             Ok(argv) => argv,
             Err(e) => {
-                eprintln!("error: {e:#}");
+                eprintln!("error: {}", shardgate::util::error_text(&e));
                 return ExitCode::from(shardgate::exit::ERROR);
             }
         };

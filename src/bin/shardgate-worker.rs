@@ -13,7 +13,7 @@ async fn main() -> ExitCode {
         match shardgate::config::with_config_file(&WorkerArgs::command(), std::env::args_os().collect()) {
             Ok(argv) => argv,
             Err(e) => {
-                eprintln!("error: {e:#}");
+                eprintln!("error: {}", shardgate::util::error_text(&e));
                 return ExitCode::from(shardgate::exit::ERROR);
             }
         };

@@ -16,7 +16,7 @@ async fn main() -> ExitCode {
         Err(e) => match util::closed_output_exit(&e) {
             Some(code) => ExitCode::from(code),
             None => {
-                eprintln!("error: {e:#}");
+                eprintln!("error: {}", util::error_text(&e));
                 ExitCode::from(exit::ERROR)
             }
         },

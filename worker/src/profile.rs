@@ -32,8 +32,8 @@ use crate::runners::{self, CommandRunner, ExecRunner, IdFormat, Runner, Runners,
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProfileError {
-    #[error("failed to read runner profiles '{path}': {source}")]
-    Read { path: String, source: std::io::Error },
+    #[error("failed to read runner profiles '{path}': {error}")]
+    Read { path: String, error: std::io::Error },
     #[error("invalid runner profiles: {0}")]
     Toml(#[from] toml::de::Error),
     #[error("runner '{runner}': {reason}")]
@@ -163,9 +163,9 @@ pub fn parse(text: &str, max_output: usize) -> Result<Runners, ProfileError> {
 
 /// Reads and parses a profiles file.
 pub fn load(path: &std::path::Path, max_output: usize) -> Result<Runners, ProfileError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ProfileError::Read {
+    let text = std::fs::read_to_string(path).map_err(|error| ProfileError::Read {
         path: path.display().to_string(),
-        source,
+        error,
     })?;
     parse(&text, max_output)
 }

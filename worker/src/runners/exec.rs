@@ -21,8 +21,8 @@ pub const SKIP_EXIT_CODE: i32 = 77;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExecError {
-    #[error("failed to read exec root '{path}': {source}")]
-    Root { path: String, source: std::io::Error },
+    #[error("failed to read exec root '{path}': {error}")]
+    Root { path: String, error: std::io::Error },
     #[error("exec root '{0}' is not a directory")]
     NotADirectory(String),
 }
@@ -36,9 +36,9 @@ pub struct ExecRunner {
 impl ExecRunner {
     /// A runner rooted at `root`, which must be a readable directory.
     pub fn new(root: &Path, max_output: usize) -> Result<Self, ExecError> {
-        let root = root.canonicalize().map_err(|source| ExecError::Root {
+        let root = root.canonicalize().map_err(|error| ExecError::Root {
             path: root.display().to_string(),
-            source,
+            error,
         })?;
         if !root.is_dir() {
             return Err(ExecError::NotADirectory(root.display().to_string()));
@@ -56,9 +56,9 @@ impl ExecRunner {
         let mut out = Vec::new();
         let mut dirs = vec![self.root.clone()];
         while let Some(dir) = dirs.pop() {
-            let err = |source| ExecError::Root {
+            let err = |error| ExecError::Root {
                 path: dir.display().to_string(),
-                source,
+                error,
             };
             for entry in std::fs::read_dir(&dir).map_err(err)? {
                 let entry = entry.map_err(err)?;
