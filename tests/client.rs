@@ -197,3 +197,23 @@ fn errors_name_the_fix_and_say_each_cause_once() {
     assert_eq!(r.stderr.lines().count(), 1, "{}", r.stderr);
     assert_eq!(r.stderr.matches("tcp connect error").count(), 1, "{}", r.stderr);
 }
+
+#[test]
+fn a_test_missing_from_the_exec_root_is_an_error_that_names_it_counted_once() {
+    let cluster = Cluster::builder().workers(2).slots(1).start();
+    let mut tests = suite(&cluster.root, 2, &[], "0");
+    tests.push("t/typo.sh".to_owned());
+    let r = cluster.run_tests(&tests, &[]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    let report = r.json();
+    let t = report["tests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["id"] == "t/typo.sh")
+        .unwrap()
+        .clone();
+    assert_eq!(t["outcome"], "infra_error", "{t}");
+    assert_eq!(t["attempts"], 1, "no retries of a test that is not there: {t}");
+    assert!(t["detail"].as_str().unwrap().contains("no such test: 't/typo.sh'"), "{t}");
+}

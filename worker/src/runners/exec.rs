@@ -83,7 +83,8 @@ impl ExecRunner {
     }
 
     /// Runs one test. A bad id or a file that cannot be started is a failed test, with the
-    /// reason in `detail`.
+    /// reason in `detail`; an id with no file under the root is an infrastructure error that
+    /// names it.
     pub async fn run_test(&self, id: &str, timeout: Duration, cancel: &CancellationToken) -> TestRun {
         let started = Instant::now();
         let failed = |detail: String| TestRun {
@@ -104,6 +105,19 @@ impl ExecRunner {
                     "test '{id}' resolves to '{}', outside the exec root",
                     real.display()
                 ));
+            }
+            // Not a failure of the test, and no use running again: an error that names it,
+            // counted once.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return TestRun {
+                    outcome: Outcome::InfraError,
+                    duration: started.elapsed(),
+                    output: String::new(),
+                    detail: format!(
+                        "no such test: '{id}' is not under the exec root '{}' on this worker (is its checkout at the run's revision?)",
+                        self.root.display()
+                    ),
+                };
             }
             Err(e) => return failed(format!("failed to start test '{id}': {e}")),
         }
@@ -168,9 +182,9 @@ mod tests {
         assert_eq!(bad.output, "broken\n");
         assert_eq!(r.run_test("skip.sh", t, &c).await.outcome, Outcome::Skipped);
         let missing = r.run_test("nope.sh", t, &c).await;
-        assert_eq!(missing.outcome, Outcome::Failed);
+        assert_eq!(missing.outcome, Outcome::InfraError, "not a failure of a test");
         assert!(
-            missing.detail.contains("failed to start test 'nope.sh'"),
+            missing.detail.contains("no such test: 'nope.sh' is not under the exec root"),
             "{}",
             missing.detail
         );
