@@ -10,6 +10,18 @@ use clap::{Args, Parser, Subcommand};
 /// `--version`: the package version and the commit it was built from.
 pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (", env!("SHARDGATE_COMMIT"), ")");
 
+/// A listen address: `IP:PORT`, or `HOST:PORT` resolved once at start (its first address).
+fn listen_addr(s: &str) -> Result<SocketAddr, String> {
+    use std::net::ToSocketAddrs;
+    if let Ok(a) = s.parse() {
+        return Ok(a);
+    }
+    s.to_socket_addrs()
+        .map_err(|e| format!("'{s}' is not an address like 0.0.0.0:7070 or localhost:7070: {e}"))?
+        .next()
+        .ok_or_else(|| format!("'{s}' resolves to no address"))
+}
+
 fn duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("'{s}' is not a duration like 10s or 500ms: {e}"))
 }
@@ -23,10 +35,10 @@ pub struct CoordinatorArgs {
     #[arg(long, env = "SHARDGATE_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// Address for gRPC (runs, workers, dashboards, health, reflection).
-    #[arg(long, env = "SHARDGATE_GRPC_ADDR", default_value = "127.0.0.1:7070")]
+    #[arg(long, env = "SHARDGATE_GRPC_ADDR", default_value = "127.0.0.1:7070", value_parser = listen_addr)]
     pub grpc_addr: SocketAddr,
     /// Address for HTTP (`/healthz`, the JSON API).
-    #[arg(long, env = "SHARDGATE_HTTP_ADDR", default_value = "127.0.0.1:7080")]
+    #[arg(long, env = "SHARDGATE_HTTP_ADDR", default_value = "127.0.0.1:7080", value_parser = listen_addr)]
     pub http_addr: SocketAddr,
     /// SQLite database file; created if missing.
     #[arg(long, env = "SHARDGATE_DB", default_value = "shardgate.db")]

@@ -215,5 +215,49 @@ fn a_test_missing_from_the_exec_root_is_an_error_that_names_it_counted_once() {
         .clone();
     assert_eq!(t["outcome"], "infra_error", "{t}");
     assert_eq!(t["attempts"], 1, "no retries of a test that is not there: {t}");
-    assert!(t["detail"].as_str().unwrap().contains("no such test: 't/typo.sh'"), "{t}");
+    assert!(
+        t["detail"]
+            .as_str()
+            .unwrap()
+            .contains("no such test: 't/typo.sh'"),
+        "{t}"
+    );
+}
+
+#[test]
+fn the_coordinator_listens_on_a_host_name_and_logs_plain_text_to_a_pipe() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(harness::bin("shardgate-coordinator"))
+        .args(["--grpc-addr", "localhost:0", "--http-addr", "localhost:0", "--db"])
+        .arg(dir.path().join("c.db"))
+        .env("SHARDGATE_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let ready: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
+    let grpc = ready["grpc_addr"].as_str().unwrap().to_owned();
+    assert!(
+        grpc.starts_with("127.0.0.1:") || grpc.starts_with("[::1]:"),
+        "{grpc}"
+    );
+    let http = ready["http_addr"].as_str().unwrap().to_owned();
+    wait_for("the HTTP port", Duration::from_secs(10), || {
+        matches!(harness::http_get(&http, "/healthz"), Ok((200, _))).then_some(())
+    });
+    signal(child.id(), "-TERM");
+    let mut stderr = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    child.wait().unwrap();
+    assert!(stderr.contains("SIGTERM received"), "{stderr}");
+    assert!(
+        !stderr.contains('\x1b'),
+        "no colour codes in a log that is not a terminal: {stderr:?}"
+    );
 }

@@ -184,7 +184,9 @@ mod tests {
         let missing = r.run_test("nope.sh", t, &c).await;
         assert_eq!(missing.outcome, Outcome::InfraError, "not a failure of a test");
         assert!(
-            missing.detail.contains("no such test: 'nope.sh' is not under the exec root"),
+            missing
+                .detail
+                .contains("no such test: 'nope.sh' is not under the exec root"),
             "{}",
             missing.detail
         );
