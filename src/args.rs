@@ -264,6 +264,47 @@ pub enum Command {
     /// Credentials for a coordinator's `--tokens` file.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Print a shell completion script (`shardgate completions bash > /etc/bash_completion.d/shardgate`).
+    Completions(CompletionsArgs),
+    /// Print a man page in roff (`shardgate man | man -l -`); `--binary` picks another binary's.
+    Man(ManArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    /// The shell.
+    #[arg(value_enum)]
+    pub shell: clap_complete::Shell,
+    /// The binary to complete.
+    #[arg(long, value_enum, default_value = "shardgate")]
+    pub binary: Binary,
+}
+
+#[derive(Debug, Args)]
+pub struct ManArgs {
+    /// The binary whose page to print.
+    #[arg(long, value_enum, default_value = "shardgate")]
+    pub binary: Binary,
+}
+
+/// One of the three binaries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Binary {
+    Shardgate,
+    ShardgateCoordinator,
+    ShardgateWorker,
+}
+
+impl Binary {
+    /// The binary's command line definition.
+    pub fn command(self) -> clap::Command {
+        use clap::CommandFactory;
+        match self {
+            Binary::Shardgate => Cli::command(),
+            Binary::ShardgateCoordinator => CoordinatorArgs::command(),
+            Binary::ShardgateWorker => WorkerArgs::command(),
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -591,6 +632,25 @@ mod tests {
         Cli::command().debug_assert();
         CoordinatorArgs::command().debug_assert();
         WorkerArgs::command().debug_assert();
+    }
+
+    #[test]
+    fn completions_and_man_pages_cover_every_binary() {
+        use clap::ValueEnum;
+        for b in Binary::value_variants() {
+            for shell in clap_complete::Shell::value_variants() {
+                let mut cmd = b.command();
+                let name = cmd.get_name().to_owned();
+                let mut out = Vec::new();
+                clap_complete::generate(*shell, &mut cmd, name.clone(), &mut out);
+                assert!(String::from_utf8(out).unwrap().contains(&name), "{b:?} {shell}");
+            }
+            let mut page = Vec::new();
+            clap_mangen::Man::new(b.command()).render(&mut page).unwrap();
+            let page = String::from_utf8(page).unwrap();
+            assert!(page.contains(".SH OPTIONS"), "{b:?}");
+            assert!(page.contains(VERSION), "the page names the version and commit");
+        }
     }
 
     #[test]

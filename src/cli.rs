@@ -16,5 +16,15 @@ pub async fn main(cli: Cli) -> anyhow::Result<u8> {
         Command::Quarantine(q) => gate::quarantine(q).await,
         Command::Deploys(d) => gate::deploys(d).await,
         Command::Token(t) => gate::token(t),
+        Command::Completions(c) => {
+            let mut cmd = c.binary.command();
+            let name = cmd.get_name().to_owned();
+            clap_complete::generate(c.shell, &mut cmd, name, &mut std::io::stdout());
+            Ok(crate::exit::PASSED)
+        }
+        Command::Man(m) => {
+            clap_mangen::Man::new(m.binary.command()).render(&mut std::io::stdout())?;
+            Ok(crate::exit::PASSED)
+        }
     }
 }
