@@ -196,6 +196,10 @@ pub struct WorkerArgs {
     /// shards until a re-check passes (every minute); `off` skips it.
     #[arg(long, env = "SHARDGATE_START_CHECK", value_enum, default_value = "list")]
     pub start_check: StartCheck,
+    /// Serve `/healthz` (alive) and `/readyz` (registered and not draining) on this address,
+    /// for container probes.
+    #[arg(long, env = "SHARDGATE_HEALTH_ADDR", value_parser = listen_addr)]
+    pub health_addr: Option<SocketAddr>,
     /// On SIGTERM, how long running tests may finish before they are killed and handed back.
     #[arg(long, env = "SHARDGATE_DRAIN_GRACE", default_value = "30s", value_parser = duration)]
     pub drain_grace: Duration,

@@ -56,6 +56,7 @@ pub async fn run(a: LocalArgs) -> anyhow::Result<u8> {
             runners: BTreeMap::from([("exec".to_owned(), Runner::Exec(exec.clone()))]),
             drain_grace: Duration::from_secs(5),
             start_check: false,
+            health: None,
             faults: Default::default(),
         };
         let stop = stop.clone();

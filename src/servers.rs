@@ -164,6 +164,7 @@ pub fn worker_config(args: &WorkerArgs) -> anyhow::Result<shardgate_worker::Conf
         runners,
         drain_grace: args.drain_grace,
         start_check: args.start_check == crate::args::StartCheck::List,
+        health: args.health_addr,
         faults: shardgate_worker::agent::Faults {
             duplicate_reports: args.fault_duplicate_reports,
             delay_reports: args.fault_delay_reports,

@@ -261,3 +261,57 @@ fn the_coordinator_listens_on_a_host_name_and_logs_plain_text_to_a_pipe() {
         "no colour codes in a log that is not a terminal: {stderr:?}"
     );
 }
+
+/// A free loopback port (bound and released).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn a_workers_probes_say_alive_and_ready_only_once_registered() {
+    let cluster = Cluster::builder().workers(1).slots(1).start();
+    let start = |coordinator: &str| {
+        let port = free_port();
+        let child = Command::new(harness::bin("shardgate-worker"))
+            .args(["--coordinator", coordinator, "--name", "probed", "--health-addr"])
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--exec-root")
+            .arg(&cluster.root)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        (child, format!("127.0.0.1:{port}"))
+    };
+    let probe = |addr: &str, path: &str| {
+        harness::http_get(addr, path)
+            .ok()
+            .map(|(code, body)| (code, body))
+    };
+
+    // No coordinator there: alive, not ready.
+    let (mut lonely, addr) = start("http://127.0.0.1:1");
+    wait_for("the probe port", Duration::from_secs(10), || {
+        probe(&addr, "/healthz")
+    });
+    assert_eq!(probe(&addr, "/healthz").unwrap().0, 200);
+    let (code, body) = probe(&addr, "/readyz").unwrap();
+    assert_eq!(
+        (code, body.trim()),
+        (503, "not registered with the coordinator yet")
+    );
+    lonely.kill().unwrap();
+    lonely.wait().unwrap();
+
+    let (mut worker, addr) = start(&cluster.url());
+    wait_for("the worker to be ready", Duration::from_secs(10), || {
+        probe(&addr, "/readyz").filter(|(code, _)| *code == 200)
+    });
+    worker.kill().unwrap();
+    worker.wait().unwrap();
+}

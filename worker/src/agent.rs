@@ -49,6 +49,8 @@ pub struct Config {
     /// Check each runner (directory, program, listing) at start-up in the background; the
     /// ones that fail are reported unavailable until a re-check passes.
     pub start_check: bool,
+    /// Where to serve `/healthz` and `/readyz` for probes, when at all.
+    pub health: Option<std::net::SocketAddr>,
 }
 
 /// Secrets a test may print (`DB_PASSWORD=…`), masked on the worker so they never reach the
@@ -105,6 +107,8 @@ pub enum AgentError {
     Refused(String),
     #[error("the worker has no runners: give --exec-root or --runners")]
     NoRunners,
+    #[error("{0}")]
+    Health(String),
 }
 
 struct Shared {
@@ -212,6 +216,16 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         cfg,
     });
     tokio::pin!(shutdown);
+    let health_stop = CancellationToken::new();
+    let _stop_health = health_stop.clone().drop_guard();
+    if let Some(addr) = shared.cfg.health {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| AgentError::Health(format!("failed to listen on {addr} for probes: {e}")))?;
+        info!(addr = %listener.local_addr().unwrap_or(addr), "probes served on /healthz and /readyz");
+        let state: Arc<dyn crate::health::Readiness> = shared.clone();
+        tokio::spawn(crate::health::serve(listener, state, health_stop.clone()));
+    }
 
     tokio::select! {
         r = shared.register(None) => r?,
@@ -311,6 +325,18 @@ async fn heartbeat_loop(shared: Arc<Shared>, done: CancellationToken) {
                 }
             }
             Err(s) => debug!(error = %s.message(), "heartbeat failed"),
+        }
+    }
+}
+
+impl crate::health::Readiness for Shared {
+    fn ready(&self) -> Result<(), &'static str> {
+        if self.draining.is_cancelled() {
+            Err("draining")
+        } else if self.id().is_none() {
+            Err("not registered with the coordinator yet")
+        } else {
+            Ok(())
         }
     }
 }

@@ -7,6 +7,7 @@
 pub mod agent;
 pub mod check;
 pub mod gotest;
+pub mod health;
 pub mod junit;
 pub mod libtest;
 pub mod output;
