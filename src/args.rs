@@ -28,7 +28,11 @@ fn duration(s: &str) -> Result<Duration, String> {
 
 /// `shardgate-coordinator`: serves the run, worker and dashboard APIs.
 #[derive(Debug, Parser)]
-#[command(name = "shardgate-coordinator", version = VERSION)]
+#[command(
+    name = "shardgate-coordinator",
+    version = VERSION,
+    after_help = "`shardgate-coordinator backup --db FILE --to FILE` copies a live database (SQLite's online backup) and exits."
+)]
 pub struct CoordinatorArgs {
     /// A TOML file with the same keys as these flags (`grpc_addr = "0.0.0.0:7070"`); a flag
     /// or its `SHARDGATE_*` variable wins over the file.
@@ -222,6 +226,19 @@ pub struct WorkerArgs {
     /// Fault injection for the chaos suite: how long a held-back report waits.
     #[arg(long, env = "SHARDGATE_FAULT_DELAY", default_value = "1s", value_parser = duration, hide = true)]
     pub fault_delay: Duration,
+}
+
+/// `shardgate-coordinator backup`: copies the database with SQLite's online backup, safe while a
+/// coordinator runs on it, and checks the copy's integrity.
+#[derive(Debug, Parser)]
+#[command(name = "shardgate-coordinator backup", version = VERSION)]
+pub struct BackupArgs {
+    /// The coordinator's database.
+    #[arg(long, env = "SHARDGATE_DB", default_value = "shardgate.db")]
+    pub db: PathBuf,
+    /// The new file to write (refused if it exists).
+    #[arg(long, value_name = "FILE")]
+    pub to: PathBuf,
 }
 
 /// What a worker checks of its runners at start-up.

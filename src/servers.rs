@@ -225,3 +225,10 @@ impl std::fmt::Display for CheckFailed {
 }
 
 impl std::error::Error for CheckFailed {}
+
+/// `shardgate-coordinator backup`: an online copy of the database.
+pub fn backup(args: &crate::args::BackupArgs) -> anyhow::Result<()> {
+    shardgate_coordinator::store::sqlite::backup(&args.db, &args.to)?;
+    println!("backed up {} to {}", args.db.display(), args.to.display());
+    Ok(())
+}

@@ -72,3 +72,52 @@ fn a_database_removed_while_the_coordinator_runs_stops_it_before_it_acknowledges
     let out = follower.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(2), "no verdict without a store");
 }
+
+#[test]
+fn a_live_database_is_backed_up_and_a_coordinator_starts_on_the_copy() {
+    let cluster = Cluster::builder().workers(1).slots(1).start();
+    let tests = suite(&cluster.root, 3, &[], "0");
+    let run = cluster.run_tests(&tests, &[]).json()["run_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("copy.db");
+    let backup = |to: &std::path::Path| {
+        Command::new(bin("shardgate-coordinator"))
+            .arg("backup")
+            .arg("--db")
+            .arg(&cluster.db)
+            .arg("--to")
+            .arg(to)
+            .output()
+            .unwrap()
+    };
+    let out = backup(&copy);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // Never over an existing file.
+    let again = backup(&copy);
+    assert_eq!(again.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("exists already"));
+    // The copy is a database a coordinator serves, with the run in it.
+    let mut restored = Command::new(bin("shardgate-coordinator"))
+        .args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0", "--db"])
+        .arg(&copy)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(restored.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let ready: serde_json::Value = serde_json::from_str(&line).unwrap();
+    let url = format!("http://{}", ready["grpc_addr"].as_str().unwrap());
+    let r = harness::client(&["status", &run, "--json", "--coordinator", &url]);
+    restored.kill().unwrap();
+    restored.wait().unwrap();
+    assert_eq!(r.json()["verdict"], "passed", "{}", r.stderr);
+}

@@ -1,4 +1,5 @@
-//! `shardgate-coordinator`: parses flags, sets up logging and serves until SIGTERM.
+//! `shardgate-coordinator`: parses flags, sets up logging and serves until SIGTERM; or, as
+//! `shardgate-coordinator backup`, copies a live database.
 
 use std::process::ExitCode;
 
@@ -9,6 +10,11 @@ use shardgate::{servers, util};
 #[tokio::main]
 async fn main() -> ExitCode {
     util::exit_quietly_on_closed_output();
+    // `shardgate-coordinator backup --db … --to …`: a copy of a live database, then exit.
+    if std::env::args_os().nth(1).is_some_and(|a| a == "backup") {
+        let args = shardgate::args::BackupArgs::parse_from(std::env::args_os().skip(1));
+        return util::server_exit(servers::backup(&args));
+    }
     let argv =
         match shardgate::config::with_config_file(&CoordinatorArgs::command(), std::env::args_os().collect())
         {

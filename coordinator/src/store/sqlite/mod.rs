@@ -58,6 +58,41 @@ fn open_err(path: &str) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
     }
 }
 
+/// Copies the database at `db` to a new file `to` with SQLite's online backup, which is safe
+/// while a coordinator writes to `db` (it copies a consistent snapshot, page by page, without
+/// blocking the writer for long), then checks the copy's integrity. Refuses to overwrite `to`.
+pub fn backup(db: &Path, to: &Path) -> StoreResult<()> {
+    use rusqlite::OpenFlags;
+    let shown = db.display().to_string();
+    let target = to.display().to_string();
+    if !db.exists() {
+        return Err(StoreError::Open {
+            path: shown,
+            reason: "no such file".into(),
+        });
+    }
+    if to.exists() {
+        return Err(StoreError::Open {
+            path: target,
+            reason: "the backup file exists already; choose a new name".into(),
+        });
+    }
+    let src = Connection::open_with_flags(
+        db,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(open_err(&shown))?;
+    src.busy_timeout(Duration::from_secs(5))
+        .map_err(open_err(&shown))?;
+    let mut dst = Connection::open(to).map_err(open_err(&target))?;
+    {
+        let b = rusqlite::backup::Backup::new(&src, &mut dst).map_err(open_err(&target))?;
+        b.run_to_completion(256, Duration::from_millis(5), None)
+            .map_err(open_err(&target))?;
+    }
+    integrity_check(&dst, &target)
+}
+
 impl SqliteStore {
     /// Opens (creating if needed) the database at `path` as its only writer; `:memory:` gives a
     /// private in-memory database for tests. Staged runs of a submission that never finished
