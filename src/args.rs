@@ -140,6 +140,10 @@ pub struct CoordinatorTuning {
     /// with its labels) before it ends errored, when the run does not say.
     #[arg(long, env = "SHARDGATE_DEFAULT_QUEUE_TIMEOUT", default_value = "10m", value_parser = duration)]
     pub default_queue_timeout: Duration,
+    /// How long the captured output of finished runs' tests is kept (`30d`, `2w`); after
+    /// that it is cleared (outcomes, details and times stay). Kept forever when not given.
+    #[arg(long, env = "SHARDGATE_KEEP_OUTPUT", value_parser = duration)]
+    pub keep_output: Option<Duration>,
 }
 
 /// `shardgate-worker`: runs shards for a coordinator.

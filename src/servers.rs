@@ -47,6 +47,7 @@ pub fn core_config(t: &CoordinatorTuning) -> anyhow::Result<CoreConfig> {
         max_active_runs_per_requester: t.max_active_runs.max(1),
         max_open_tests_per_requester: t.max_open_tests.max(1),
         queue_timeout: t.default_queue_timeout.max(std::time::Duration::from_millis(1)),
+        keep_output: t.keep_output,
         ..CoreConfig::default()
     })
 }

@@ -37,6 +37,8 @@ pub struct CoreConfig {
     pub max_open_tests_per_requester: usize,
     /// How long a run may wait with no live worker able to take it, when it does not say.
     pub queue_timeout: Duration,
+    /// How long the captured output of a finished run's tests is kept; forever when `None`.
+    pub keep_output: Option<Duration>,
 }
 
 impl Default for CoreConfig {
@@ -57,6 +59,7 @@ impl Default for CoreConfig {
             max_active_runs_per_requester: 50,
             max_open_tests_per_requester: 4_000_000,
             queue_timeout: Duration::from_secs(600),
+            keep_output: None,
         }
     }
 }

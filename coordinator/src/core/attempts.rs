@@ -189,7 +189,36 @@ impl Core {
         if let Err(e) = self.end_unservable_runs(now) {
             first_error.get_or_insert(e);
         }
+        if let Err(e) = self.prune_old_output(now) {
+            first_error.get_or_insert(e);
+        }
         first_error.map_or(Ok(()), Err)
+    }
+
+    /// Clears the output of tests of runs that finished more than `keep_output` ago, a bounded
+    /// batch at a time (at most once a minute, in parts of 10,000 tests, so the writer's batches
+    /// stay short).
+    pub(crate) fn prune_old_output(&mut self, now: Now) -> Result<(), Error> {
+        const PART: u32 = 10_000;
+        let Some(keep) = self.cfg.keep_output else {
+            return Ok(());
+        };
+        if self
+            .pruned_at
+            .is_some_and(|t| now.at.saturating_duration_since(t) < std::time::Duration::from_secs(60))
+        {
+            return Ok(());
+        }
+        let before = now.ms.saturating_sub(keep.as_millis() as u64);
+        let pruned = self.atomically(|c| Ok(c.store.prune_output(before, PART)?))?;
+        // A full part means there may be more: go on at the next tick.
+        if pruned < PART {
+            self.pruned_at = Some(now.at);
+        }
+        if pruned > 0 {
+            info!(tests = pruned, "pruned the output of old runs (--keep-output)");
+        }
+        Ok(())
     }
 
     /// Ends, as `errored`, each run that has had work waiting for longer than its queue timeout

@@ -26,6 +26,7 @@ impl Core {
             known_labels: BTreeMap::new(),
             overhead_ms: HashMap::new(),
             fleet_version: 0,
+            pruned_at: None,
             effects: Effects::default(),
             poisoned: None,
         };

@@ -367,6 +367,8 @@ pub struct Core {
     pub(crate) overhead_ms: HashMap<String, f64>,
     /// Changes whenever a worker comes, goes, is lost or revives.
     pub(crate) fleet_version: u64,
+    /// When old runs' output was last pruned (`keep_output`).
+    pub(crate) pruned_at: Option<Instant>,
     pub(crate) effects: Effects,
     /// A savepoint could not be closed: memory may be ahead of the disk. The actor stops.
     pub(crate) poisoned: Option<String>,

@@ -739,6 +739,37 @@ fn a_run_no_live_worker_can_take_errors_after_its_queue_timeout() {
     core.check_invariants();
 }
 
+#[test]
+fn the_output_of_old_runs_is_pruned_after_keep_output_and_their_verdicts_stay() {
+    let cfg = CoreConfig {
+        keep_output: Some(Duration::from_secs(3600)),
+        ..CoreConfig::default()
+    };
+    let now = Now::real();
+    let mut core = Core::open(cfg, SqliteStore::open(Path::new(":memory:")).unwrap(), now).unwrap();
+    let w = register(&mut core, "w1", 1, &[], now);
+    let mut policy = pb::RunPolicy::default();
+    policy.retries = Some(0);
+    let run = submit_with(&mut core, &["a"], policy, now);
+    let shard = core.acquire(w, now).unwrap().unwrap();
+    let a: AttemptId = shard.attempt_id.parse().unwrap();
+    let mut r = result("a", Outcome::Failed);
+    r.output = "a long trace".into();
+    core.report(w, a, vec![r], now).unwrap();
+    let output = |core: &Core| core.get_run(run, true).unwrap().results[0].output.clone();
+    core.tick(now.after(Duration::from_secs(1800))).unwrap();
+    assert_eq!(output(&core), "a long trace", "kept within the period");
+    core.tick(now.after(Duration::from_secs(3700))).unwrap();
+    assert_eq!(output(&core), "", "cleared after it");
+    let r = &core.get_run(run, true).unwrap().results[0];
+    assert_eq!(
+        Outcome::from_wire(r.outcome),
+        Some(Outcome::Failed),
+        "the outcome stays"
+    );
+    assert_eq!(status(&core, run), RunStatus::Failed);
+}
+
 fn submit_with(core: &mut Core, tests: &[&str], policy: pb::RunPolicy, now: Now) -> RunId {
     let mut req = submit_req(tests);
     req.policy = Some(policy);

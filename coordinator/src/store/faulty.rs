@@ -99,6 +99,10 @@ impl<S: RunStore> RunStore for FaultyStore<S> {
         self.faults.write()?;
         self.inner.delete_staged_runs()
     }
+    fn prune_output(&mut self, before_ms: u64, limit: u32) -> StoreResult<u32> {
+        self.faults.write()?;
+        self.inner.prune_output(before_ms, limit)
+    }
     fn update_run_status(&mut self, row: &RunRow) -> StoreResult<()> {
         self.faults.write()?;
         self.inner.update_run_status(row)

@@ -76,6 +76,9 @@ pub trait RunStore {
     fn unstage_run(&mut self, run: RunId) -> StoreResult<()>;
     /// Deletes every staged run with its tests; returns how many.
     fn delete_staged_runs(&mut self) -> StoreResult<u32>;
+    /// Clears the captured output of at most `limit` tests of runs that finished before
+    /// `before_ms` (their outcomes, details and times stay); returns how many.
+    fn prune_output(&mut self, before_ms: u64, limit: u32) -> StoreResult<u32>;
     fn update_run_status(&mut self, row: &RunRow) -> StoreResult<()>;
     /// Writes results, the histories they update and the retry state of tests that go round
     /// again. A test that already has an outcome is left alone, so a result is never counted

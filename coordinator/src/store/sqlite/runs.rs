@@ -170,6 +170,17 @@ impl RunStore for SqliteStore {
         Ok(n as u32)
     }
 
+    fn prune_output(&mut self, before_ms: u64, limit: u32) -> StoreResult<u32> {
+        let n = self.conn.execute(
+            "UPDATE tests SET output = '' WHERE (run_id, idx) IN (
+                 SELECT t.run_id, t.idx FROM tests t JOIN runs r ON r.id = t.run_id
+                 WHERE r.finished_ms > 0 AND r.finished_ms < ?1 AND t.output != ''
+                 LIMIT ?2)",
+            rusqlite::params![before_ms as i64, limit],
+        )?;
+        Ok(n as u32)
+    }
+
     fn update_run_status(&mut self, row: &RunRow) -> StoreResult<()> {
         self.conn.execute(
             "UPDATE runs SET status = ?2, message = ?3, started_ms = ?4, finished_ms = ?5, shards = ?6
