@@ -748,8 +748,10 @@ fn the_output_of_old_runs_is_pruned_after_keep_output_and_their_verdicts_stay() 
     let now = Now::real();
     let mut core = Core::open(cfg, SqliteStore::open(Path::new(":memory:")).unwrap(), now).unwrap();
     let w = register(&mut core, "w1", 1, &[], now);
-    let mut policy = pb::RunPolicy::default();
-    policy.retries = Some(0);
+    let policy = pb::RunPolicy {
+        retries: Some(0),
+        ..Default::default()
+    };
     let run = submit_with(&mut core, &["a"], policy, now);
     let shard = core.acquire(w, now).unwrap().unwrap();
     let a: AttemptId = shard.attempt_id.parse().unwrap();
