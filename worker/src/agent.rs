@@ -156,6 +156,7 @@ impl Shared {
                 .collect(),
         };
         let mut backoff = Backoff::new();
+        let mut failures = 0u32;
         loop {
             match self.client.clone().register(req.clone()).await {
                 Ok(resp) => {
@@ -169,7 +170,14 @@ impl Shared {
                     return Ok(());
                 }
                 Err(s) if is_transient(&s) => {
-                    debug!(error = %s.message(), "coordinator not reachable; retrying registration");
+                    // Said at once, then every 30th try: an operator sees why nothing happens
+                    // without a line per retry.
+                    if failures % 30 == 0 {
+                        warn!(coordinator = %self.cfg.coordinator, error = %s.message(), "coordinator not reachable; retrying registration");
+                    } else {
+                        debug!(error = %s.message(), "coordinator not reachable; retrying registration");
+                    }
+                    failures += 1;
                     if !backoff.wait(&self.draining).await {
                         return Ok(());
                     }
