@@ -172,7 +172,7 @@ impl Shared {
                 Err(s) if is_transient(&s) => {
                     // Said at once, then every 30th try: an operator sees why nothing happens
                     // without a line per retry.
-                    if failures % 30 == 0 {
+                    if failures.is_multiple_of(30) {
                         warn!(coordinator = %self.cfg.coordinator, error = %s.message(), "coordinator not reachable; retrying registration");
                     } else {
                         debug!(error = %s.message(), "coordinator not reachable; retrying registration");
