@@ -137,3 +137,29 @@ fn invalid_utf8_in_a_request_is_an_invalid_argument_not_an_internal_error() {
     assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
     assert!(status.message().contains("decode"), "{status:?}");
 }
+
+#[tokio::test]
+async fn a_watch_of_a_finished_run_begins_with_its_snapshot() {
+    let cluster = Cluster::builder().workers(1).slots(1).start();
+    let tests = harness::suite(&cluster.root, 2, &[], "0");
+    // The client is another process: blocking on it here holds up nothing of ours.
+    let run = cluster.run_tests(&tests, &[]).json()["run_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut client = RunServiceClient::connect(cluster.url()).await.unwrap();
+    let mut stream = client
+        .watch_run(pb::WatchRunRequest { run_id: run })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut kinds = Vec::new();
+    while let Some(ev) = stream.message().await.unwrap() {
+        kinds.push(match ev.event.unwrap() {
+            pb::run_event::Event::Snapshot(s) => format!("snapshot {}", s.counts.unwrap().passed),
+            pb::run_event::Event::Finished(s) => format!("finished {}", s.counts.unwrap().passed),
+            other => format!("{other:?}"),
+        });
+    }
+    assert_eq!(kinds, ["snapshot 2", "finished 2"]);
+}

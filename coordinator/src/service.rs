@@ -97,20 +97,25 @@ impl RunService for Services {
         let stream = async_stream(move |tx| async move {
             let (mut seq, summary) = first;
             let ended = RunStatus::from_wire(summary.status).is_some_and(RunStatus::is_terminal);
-            let first = if ended {
-                pb::run_event::Event::Finished(summary)
-            } else {
-                pb::run_event::Event::Snapshot(summary)
-            };
-            if tx
-                .send(Ok(pb::RunEvent {
-                    seq,
-                    event: Some(first),
-                }))
-                .await
-                .is_err()
-                || ended
-            {
+            // Every watch begins with a snapshot, as the proto promises; an ended run's is
+            // followed by its `finished` at once.
+            let mut firsts = vec![pb::run_event::Event::Snapshot(summary.clone())];
+            if ended {
+                firsts.push(pb::run_event::Event::Finished(summary));
+            }
+            for event in firsts {
+                if tx
+                    .send(Ok(pb::RunEvent {
+                        seq,
+                        event: Some(event),
+                    }))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            if ended {
                 return;
             }
             loop {
