@@ -279,3 +279,15 @@ fn the_ci_examples_gate_the_deploy_on_the_run() {
             .starts_with("shardgate run")
     );
 }
+
+#[test]
+fn the_end_to_end_script_is_executable_and_parses() {
+    use std::os::unix::fs::PermissionsExt;
+    let script = deploy("e2e.sh");
+    let mode = std::fs::metadata(&script).unwrap().permissions().mode();
+    assert!(mode & 0o111 != 0, "deploy/e2e.sh is executable");
+    let out = Command::new("bash").arg("-n").arg(&script).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // It cleans up whatever happens.
+    assert!(read("e2e.sh").contains("trap cleanup EXIT"));
+}
