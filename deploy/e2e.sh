@@ -60,7 +60,9 @@ elif ! { docker image inspect "$BUILDER" >/dev/null 2>&1 || timeout 60 docker pu
    ! { docker image inspect "$RUNTIME" >/dev/null 2>&1 || timeout 60 docker pull -q "$RUNTIME" >/dev/null 2>&1; }; then
     log "no registry: making the base images (debootstrap + docker import)"
     if ! command -v debootstrap >/dev/null 2>&1; then
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap >/dev/null
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get install -y -qq debootstrap >/dev/null 2>&1 ||
+            { apt-get update -qq && apt-get install -y -qq debootstrap >/dev/null; }
     fi
     debootstrap --variant=minbase --include=ca-certificates,tini,bash,gcc,libc6-dev \
         bookworm "$WORK/rootfs" http://deb.debian.org/debian >"$WORK/debootstrap.log" 2>&1 ||
