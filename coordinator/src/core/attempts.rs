@@ -224,31 +224,22 @@ impl Core {
     /// Ends, as `errored`, each run that has had work waiting for longer than its queue timeout
     /// while no live worker could take it (its runner with its labels): it would wait forever.
     pub(crate) fn end_unservable_runs(&mut self, now: Now) -> Result<(), Error> {
+        let workers = &self.workers;
         let mut expired = Vec::new();
-        for (id, run) in &self.runs {
+        for (id, run) in self.runs.iter_mut() {
             let waiting = run.discover_pending || !run.queue.is_empty() || !run.solo.is_empty();
-            let servable = !waiting || self.workers.values().any(|w| w.live() && w.fits(run));
-            if servable {
+            if !waiting || workers.values().any(|w| w.live() && w.fits(run)) {
+                run.unservable_since = None;
                 continue;
             }
-            if let Some(since) = run.unservable_since {
-                let limit = match run.row.policy.queue_timeout_ms {
-                    0 => self.cfg.queue_timeout,
-                    ms => std::time::Duration::from_millis(ms),
-                };
-                if now.at.saturating_duration_since(since) >= limit {
-                    expired.push((*id, limit));
-                }
-            }
-        }
-        for run in self.runs.values_mut() {
-            let waiting = run.discover_pending || !run.queue.is_empty() || !run.solo.is_empty();
-            let servable = !waiting || self.workers.values().any(|w| w.live() && w.fits(run));
-            run.unservable_since = match (servable, run.unservable_since) {
-                (true, _) => None,
-                (false, None) => Some(now.at),
-                (false, since) => since,
+            let since = *run.unservable_since.get_or_insert(now.at);
+            let limit = match run.row.policy.queue_timeout_ms {
+                0 => self.cfg.queue_timeout,
+                ms => std::time::Duration::from_millis(ms),
             };
+            if now.at.saturating_duration_since(since) >= limit {
+                expired.push((*id, limit));
+            }
         }
         for (id, limit) in expired {
             let run = &self.runs[&id];

@@ -237,17 +237,18 @@ fn results_of(events: &[Event]) -> HashMap<String, TestRun> {
 }
 
 /// Reads `events` while pytest runs; when a started test has been running longer than
-/// `timeout`, returns its id (the caller stops pytest). Never returns otherwise.
+/// `timeout`, returns its id (the caller stops pytest). Never returns otherwise. Each poll
+/// reads only the complete lines appended since the last one, so a large shard's file is not
+/// read over and over.
 async fn watch_for_hung_test(events: &Path, timeout: Duration) -> String {
     let mut started: HashMap<String, Instant> = HashMap::new();
-    let mut seen = 0;
+    let mut offset = 0usize;
     loop {
         tokio::time::sleep(POLL).await;
-        let all = read_events(events);
-        for e in all.iter().skip(seen) {
+        for e in read_new_events(events, &mut offset) {
             match e.e.as_str() {
                 "start" => {
-                    started.insert(e.id.clone(), Instant::now());
+                    started.insert(e.id, Instant::now());
                 }
                 "finish" => {
                     started.remove(&e.id);
@@ -255,11 +256,31 @@ async fn watch_for_hung_test(events: &Path, timeout: Duration) -> String {
                 _ => {}
             }
         }
-        seen = all.len();
         if let Some((id, _)) = started.iter().find(|(_, t)| t.elapsed() > timeout) {
             return id.clone();
         }
     }
+}
+
+/// The events in the complete lines of `path` after byte `offset`, moving `offset` past them.
+fn read_new_events(path: &Path, offset: &mut usize) -> Vec<Event> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut buf = Vec::new();
+    let read = std::fs::File::open(path).and_then(|mut f| {
+        f.seek(SeekFrom::Start(*offset as u64))?;
+        f.read_to_end(&mut buf)
+    });
+    if read.is_err() {
+        return Vec::new();
+    }
+    let Some(end) = buf.iter().rposition(|&b| b == b'\n') else {
+        return Vec::new();
+    };
+    *offset += end + 1;
+    String::from_utf8_lossy(&buf[..end])
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
 }
 
 /// A shard under pytest: the plugin's events give each test's result; a test past the test
@@ -471,6 +492,30 @@ mod tests {
             !r.contains_key("t.py::hung"),
             "a test that never finished has no result"
         );
+    }
+
+    #[test]
+    fn new_events_are_read_once_and_a_half_written_line_waits() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(EVENTS);
+        let mut offset = 0;
+        std::fs::write(&path, "{\"e\":\"start\",\"id\":\"a\"}\n{\"e\":\"fin").unwrap();
+        let first: Vec<String> = read_new_events(&path, &mut offset)
+            .into_iter()
+            .map(|e| e.e)
+            .collect();
+        assert_eq!(first, ["start"]);
+        std::fs::write(
+            &path,
+            "{\"e\":\"start\",\"id\":\"a\"}\n{\"e\":\"finish\",\"id\":\"a\"}\n",
+        )
+        .unwrap();
+        let next: Vec<String> = read_new_events(&path, &mut offset)
+            .into_iter()
+            .map(|e| e.e)
+            .collect();
+        assert_eq!(next, ["finish"]);
+        assert!(read_new_events(&path, &mut offset).is_empty());
     }
 
     #[test]
