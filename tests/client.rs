@@ -226,7 +226,6 @@ fn a_test_missing_from_the_exec_root_is_an_error_that_names_it_counted_once() {
 
 #[test]
 fn the_coordinator_listens_on_a_host_name_and_logs_plain_text_to_a_pipe() {
-    use std::io::BufRead;
     let dir = tempfile::tempdir().unwrap();
     let mut child = Command::new(harness::bin("shardgate-coordinator"))
         .args(["--grpc-addr", "localhost:0", "--http-addr", "localhost:0", "--db"])
@@ -237,11 +236,7 @@ fn the_coordinator_listens_on_a_host_name_and_logs_plain_text_to_a_pipe() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let ready: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
+    let ready = harness::coordinator_ready(&mut child);
     let grpc = ready["grpc_addr"].as_str().unwrap().to_owned();
     assert!(
         grpc.starts_with("127.0.0.1:") || grpc.starts_with("[::1]:"),

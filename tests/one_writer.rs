@@ -108,13 +108,7 @@ fn a_live_database_is_backed_up_and_a_coordinator_starts_on_the_copy() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(restored.stdout.take().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    let ready: serde_json::Value = serde_json::from_str(&line).unwrap();
+    let ready = harness::coordinator_ready(&mut restored);
     let url = format!("http://{}", ready["grpc_addr"].as_str().unwrap());
     let r = harness::client(&["status", &run, "--json", "--coordinator", &url]);
     restored.kill().unwrap();

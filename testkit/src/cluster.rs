@@ -671,3 +671,13 @@ impl Drop for Cluster {
         }
     }
 }
+
+/// Reads the "ready" line a coordinator started with its stdout piped prints (its bound
+/// addresses, as JSON), taking its stdout.
+pub fn coordinator_ready(child: &mut Child) -> serde_json::Value {
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("the coordinator's stdout is piped"))
+        .read_line(&mut line)
+        .unwrap();
+    serde_json::from_str(&line).unwrap_or_else(|e| panic!("not the ready line ({e}): {line:?}"))
+}
