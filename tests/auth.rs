@@ -221,9 +221,7 @@ fn a_rogue_worker_can_neither_take_a_name_nor_report_into_another_workers_attemp
             AuthChannel::new(ch, Some(&cluster.secrets["board"])).unwrap(),
         );
         let progress = dash
-            .run_progress(pb::RunProgressRequest {
-                run_id: String::new(),
-            })
+            .run_progress(pb::RunProgressRequest::default())
             .await
             .unwrap()
             .into_inner();

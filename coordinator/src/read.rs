@@ -210,8 +210,13 @@ impl ReadSide {
         self.read(move |_, live, _| Ok(live.workers(include_gone))).await
     }
 
-    pub async fn progress(&self, run: Option<RunId>) -> Result<pb::RunProgressResponse, Error> {
-        self.read(move |r, live, _| progress(r, live, run)).await
+    pub async fn progress(
+        &self,
+        run: Option<RunId>,
+        include_ended: bool,
+    ) -> Result<pb::RunProgressResponse, Error> {
+        self.read(move |r, live, _| progress(r, live, run, include_ended))
+            .await
     }
 
     pub async fn list_flaky(&self, suite: String, limit: u32) -> Result<Vec<pb::FlakyTest>, Error> {
@@ -303,11 +308,21 @@ pub fn progress(
     reads: &dyn Reads,
     live: &Snapshot<'_>,
     run: Option<RunId>,
+    include_ended: bool,
 ) -> Result<pb::RunProgressResponse, Error> {
     match run {
         Some(id) => {
             let summary = get_run(reads, live, id, false)?.run.unwrap_or_default();
-            let shards = live.run(id).map(|l| l.shards).unwrap_or_default();
+            // The live shards first, the log second: an attempt that ends in between is then
+            // in both, and its logged end wins.
+            let running = live.run(id).map(|l| l.shards).unwrap_or_default();
+            let mut shards = if include_ended {
+                reads.shard_log(id)?
+            } else {
+                Vec::new()
+            };
+            let ended: HashSet<String> = shards.iter().map(|s| s.attempt_id.clone()).collect();
+            shards.extend(running.into_iter().filter(|s| !ended.contains(&s.attempt_id)));
             Ok(pb::RunProgressResponse {
                 runs: vec![summary],
                 shards,

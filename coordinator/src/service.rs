@@ -249,6 +249,7 @@ impl WorkerService for Services {
                     core.authorize_worker(w, &who, false)?;
                     let resp = core.heartbeat(w, &req.attempt_ids, now)?;
                     core.set_unavailable(w, &req.unavailable_runners)?;
+                    core.set_draining(w, req.draining);
                     Ok(resp)
                 })
                 .await?,
@@ -376,7 +377,7 @@ impl DashboardService for Services {
         } else {
             Some(run_id(&req.run_id)?)
         };
-        Ok(Response::new(self.reads.progress(run).await?))
+        Ok(Response::new(self.reads.progress(run, req.include_ended).await?))
     }
 }
 

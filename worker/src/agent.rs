@@ -310,6 +310,7 @@ async fn heartbeat_loop(shared: Arc<Shared>, done: CancellationToken) {
             worker_id: id.to_string(),
             attempt_ids: attempts,
             unavailable_runners: unavailable,
+            draining: shared.draining.is_cancelled(),
         };
         let mut req = tonic::Request::new(req);
         req.set_timeout(interval.max(Duration::from_secs(1)) * 2);

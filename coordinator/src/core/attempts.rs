@@ -28,6 +28,7 @@ pub(crate) struct EndPlan {
     /// runner kept failing the same way).
     ending: Option<Ending>,
     reason: RequeueReason,
+    now_ms: u64,
     /// The run's runner failures in a row after this one, when the runner failed.
     streak: Option<(u32, String)>,
 }
@@ -284,6 +285,7 @@ impl Core {
             states: Vec::new(),
             ending: None,
             reason: reason.clone(),
+            now_ms: now.ms,
             streak: None,
         };
         let Some(run) = self.runs.get(&a.run) else {
@@ -345,7 +347,17 @@ impl Core {
     }
 
     pub(crate) fn write_end_attempt(&mut self, plan: &EndPlan) -> Result<(), Error> {
-        self.store.delete_attempt(plan.attempt)?;
+        let state = if plan.pending.is_empty() {
+            "finished"
+        } else {
+            match plan.reason {
+                RequeueReason::LeaseExpired(_) => "lease expired",
+                RequeueReason::NoResult(_) => "no result",
+                RequeueReason::RunnerError { .. } => "runner error",
+                RequeueReason::Deregistered(_) => "drained",
+            }
+        };
+        self.write_attempt_gone(plan.attempt, state, plan.now_ms)?;
         let Some(run) = plan.run else { return Ok(()) };
         if !plan.give_up.is_empty() || !plan.states.is_empty() {
             let suite = self.runs[&run].row.suite.clone();
@@ -414,6 +426,22 @@ impl Core {
     }
 
     /// Removes an attempt from memory without touching its tests.
+    /// Writes that attempt `id` ended (`state` says how): its row goes, its timeline entry
+    /// stays.
+    pub(crate) fn write_attempt_gone(
+        &mut self,
+        id: AttemptId,
+        state: &str,
+        now_ms: u64,
+    ) -> Result<(), Error> {
+        if let Some(a) = self.attempts.get(&id) {
+            let entry = self.shard_progress(id, a, state, now_ms.max(a.started_ms));
+            self.store.log_shard(&entry)?;
+        }
+        self.store.delete_attempt(id)?;
+        Ok(())
+    }
+
     pub(crate) fn forget_attempt(&mut self, id: AttemptId) -> Option<Attempt> {
         let a = self.attempts.remove(&id)?;
         if let Some(w) = self.workers.get_mut(&a.worker) {

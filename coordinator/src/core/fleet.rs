@@ -109,6 +109,7 @@ impl Core {
                 last_seen: now.at,
                 attempts: HashSet::new(),
                 unavailable: Default::default(),
+                draining: false,
             },
         );
         self.effects.work_added = true;
@@ -229,6 +230,17 @@ impl Core {
             }
         }
         Ok(())
+    }
+
+    /// What the worker's heartbeat says of its drain (shown, not stored: a drain ends in a
+    /// deregistration, which is).
+    pub fn set_draining(&mut self, worker: WorkerId, draining: bool) {
+        if let Some(w) = self.workers.get_mut(&worker)
+            && w.draining != draining
+        {
+            w.draining = draining;
+            self.effects.workers_changed.insert(worker);
+        }
     }
 
     /// Any call from a worker proves it is alive: a lost worker that calls is live again. The

@@ -4,8 +4,10 @@
 
 use shardgate_common::{Error, RunId, pb};
 
+use shardgate_common::AttemptId;
+
 use super::Core;
-use super::state::RunState;
+use super::state::{Attempt, RunState};
 use crate::read::{LiveRun, LiveView};
 use crate::store::summary_of;
 
@@ -22,20 +24,51 @@ impl Core {
         Ok(summary_of(&row, counts.to_wire()))
     }
 
+    /// Attempt `id` as shard progress: `state` "running" while it runs, else how it ended.
+    pub(crate) fn shard_progress(
+        &self,
+        id: AttemptId,
+        a: &Attempt,
+        state: &str,
+        ended_ms: u64,
+    ) -> pb::ShardProgress {
+        let run = self.runs.get(&a.run);
+        let test = |i: u32| run.and_then(|r| r.tests.get(i as usize));
+        pb::ShardProgress {
+            attempt_id: id.to_string(),
+            run_id: a.run.to_string(),
+            worker: self.worker_name(a.worker),
+            tests: a.total,
+            done: a.total - a.pending.len() as u32,
+            started_at_ms: a.started_ms,
+            shard_id: a.shard.to_string(),
+            current_test: if ended_ms == 0 {
+                a.pending
+                    .first()
+                    .and_then(|&i| test(i))
+                    .map(|t| t.id.clone())
+                    .unwrap_or_default()
+            } else {
+                String::new()
+            },
+            ended_at_ms: ended_ms,
+            state: state.to_owned(),
+            estimated_ms: a
+                .pending
+                .iter()
+                .filter_map(|&i| test(i))
+                .map(|t| t.plan.estimate_ms)
+                .sum::<f64>()
+                .round() as u64,
+        }
+    }
+
     fn live_run(&self, r: &RunState) -> LiveRun {
         let mut shards: Vec<_> = self
             .attempts
             .iter()
             .filter(|(_, a)| a.run == r.row.id)
-            .map(|(id, a)| pb::ShardProgress {
-                attempt_id: id.to_string(),
-                run_id: a.run.to_string(),
-                worker: self.worker_name(a.worker),
-                tests: a.total,
-                done: a.total - a.pending.len() as u32,
-                started_at_ms: a.started_ms,
-                shard_id: a.shard.to_string(),
-            })
+            .map(|(id, a)| self.shard_progress(*id, a, "running", 0))
             .collect();
         shards.sort_by(|a, b| a.attempt_id.cmp(&b.attempt_id));
         LiveRun {

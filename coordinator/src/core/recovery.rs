@@ -99,6 +99,7 @@ impl Core {
                     last_seen: now.at,
                     attempts: HashSet::new(),
                     unavailable: Default::default(),
+                    draining: false,
                 },
             );
         }

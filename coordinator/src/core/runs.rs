@@ -421,7 +421,7 @@ impl Core {
             return Ok(());
         }
         // Write.
-        self.store.delete_attempt(attempt_id)?;
+        self.write_attempt_gone(attempt_id, "finished", now.ms)?;
         self.store.add_tests(run_id, 0, &tests)?;
         let quarantined = self.store.mark_quarantined(run_id, &suite)?;
         let PlannedTests {
@@ -513,7 +513,7 @@ impl Core {
             self.store.insert_deploy(d)?;
         }
         for id in self.attempts_of(ending.run) {
-            self.store.delete_attempt(id)?;
+            self.write_attempt_gone(id, "run ended", ending.row.finished_ms)?;
         }
         Ok(())
     }
@@ -540,9 +540,12 @@ impl Core {
         let mut summary = r.summary();
         // Tests that were running when the run ended are no longer running.
         if let Some(c) = summary.counts.as_mut() {
-            c.queued += c.running;
+            c.queued += c.running + c.assigned;
             c.running = 0;
+            c.assigned = 0;
         }
+        summary.eta_ms = 0;
+        summary.slots_busy = 0;
         if let Some(d) = deploy {
             info!(run = %run, deploy = %d.id, "gate passed: rollout queued");
             self.effects.deploy_added = true;

@@ -194,7 +194,8 @@ impl RunState {
         pb::RunCounts {
             total,
             queued: total - self.running - self.done_total(),
-            running: self.running,
+            running: self.running_now(),
+            assigned: self.running - self.running_now(),
             passed: d(Outcome::Passed),
             failed: d(Outcome::Failed),
             skipped: d(Outcome::Skipped),
@@ -204,8 +205,32 @@ impl RunState {
         }
     }
 
+    /// Tests running now: one per slot that holds a shard of this run (a slot runs its shard's
+    /// tests one after another); the rest of what is handed out waits in its shard.
+    fn running_now(&self) -> u32 {
+        self.running.min(self.live_attempts)
+    }
+
+    /// Estimated time to the last result: the estimated work left over the slots the run holds
+    /// now; 0 when no slot holds it (nothing to go by) or nothing is left.
+    pub fn eta_ms(&self) -> u64 {
+        if self.live_attempts == 0 {
+            return 0;
+        }
+        let solo: f64 = self
+            .solo
+            .iter()
+            .map(|&i| self.tests[i as usize].plan.estimate_ms)
+            .sum();
+        let left = self.queue.queued_ms() + solo + self.running_ms.max(0.0);
+        (left / f64::from(self.live_attempts)).round() as u64
+    }
+
     pub fn summary(&self) -> pb::RunSummary {
-        summary_of(&self.row, self.counts())
+        let mut s = summary_of(&self.row, self.counts());
+        s.eta_ms = self.eta_ms();
+        s.slots_busy = self.live_attempts;
+        s
     }
 }
 
@@ -262,6 +287,8 @@ pub(crate) struct WorkerEntry {
     /// Runners that failed the worker's own check, and why (from its heartbeats; not stored:
     /// the next heartbeat after a restart says it again).
     pub unavailable: std::collections::BTreeMap<String, String>,
+    /// The worker's last heartbeat said it drains.
+    pub draining: bool,
 }
 
 impl WorkerEntry {
@@ -294,6 +321,7 @@ impl WorkerEntry {
                 .collect(),
             state: self.row.state.as_str().to_owned(),
             last_seen_ms: self.row.last_seen_ms,
+            draining: self.draining,
             unavailable_runners: self
                 .unavailable
                 .iter()

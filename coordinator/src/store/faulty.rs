@@ -9,8 +9,8 @@ use shardgate_common::{AttemptId, RunId, pb};
 
 use super::{
     AttemptRow, DeployRow, DeployState, FlakinessRow, FleetStore, GateStore, HistoryStore, OutcomeCounts,
-    QuarantineRow, Reads, ResultRow, RetryState, RunRow, RunStore, StoreError, StoreResult, StoredTest,
-    Transactions, WorkerRow,
+    QuarantineRow, Reads, ResultRow, RetryState, RunFilter, RunRow, RunStore, StoreError, StoreResult,
+    StoredTest, Transactions, WorkerRow,
 };
 use crate::scheduler::History;
 
@@ -197,11 +197,24 @@ impl<S: FleetStore> FleetStore for FaultyStore<S> {
     fn attempts(&self) -> StoreResult<Vec<AttemptRow>> {
         self.inner.attempts()
     }
+    fn log_shard(&mut self, shard: &pb::ShardProgress) -> StoreResult<()> {
+        self.faults.write()?;
+        self.inner.log_shard(shard)
+    }
 }
 
 impl<S: Reads> Reads for FaultyStore<S> {
     fn runs_page(&self, limit: u32) -> StoreResult<Vec<(RunRow, OutcomeCounts)>> {
         self.inner.runs_page(limit)
+    }
+    fn runs_search(&self, filter: &RunFilter) -> StoreResult<Vec<(RunRow, OutcomeCounts)>> {
+        self.inner.runs_search(filter)
+    }
+    fn runs_by_status(&self) -> StoreResult<Vec<(String, u64)>> {
+        self.inner.runs_by_status()
+    }
+    fn shard_log(&self, run: RunId) -> StoreResult<Vec<pb::ShardProgress>> {
+        self.inner.shard_log(run)
     }
     fn run_with_counts(&self, id: RunId) -> StoreResult<Option<(RunRow, OutcomeCounts)>> {
         self.inner.run_with_counts(id)

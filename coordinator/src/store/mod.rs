@@ -138,6 +138,8 @@ pub trait FleetStore {
     fn insert_attempt(&mut self, a: &AttemptRow) -> StoreResult<()>;
     fn delete_attempt(&mut self, id: AttemptId) -> StoreResult<()>;
     fn attempts(&self) -> StoreResult<Vec<AttemptRow>>;
+    /// Adds an ended attempt to its run's timeline.
+    fn log_shard(&mut self, shard: &pb::ShardProgress) -> StoreResult<()>;
 }
 
 /// Everything the scheduler actor needs from its database. One writer per database: the
@@ -146,10 +148,27 @@ pub trait Store: Transactions + RunStore + HistoryStore + GateStore + FleetStore
 
 impl<T: Transactions + RunStore + HistoryStore + GateStore + FleetStore + Reads + Send> Store for T {}
 
+/// Which runs a page shows: every field set must match; `before_ms` pages back in time.
+#[derive(Debug, Clone, Default)]
+pub struct RunFilter {
+    pub suite: Option<String>,
+    pub status: Option<String>,
+    pub requested_by: Option<String>,
+    /// Only runs created before this time (the `created_at_ms` of the last run of a page).
+    pub before_ms: Option<u64>,
+    pub limit: u32,
+}
+
 /// What the read side asks: one query per page, committed state only.
 pub trait Reads {
     /// A page of runs, newest first, with their counts.
     fn runs_page(&self, limit: u32) -> StoreResult<Vec<(RunRow, OutcomeCounts)>>;
+    /// A page of the runs that match `filter`, newest first, with their counts.
+    fn runs_search(&self, filter: &RunFilter) -> StoreResult<Vec<(RunRow, OutcomeCounts)>>;
+    /// How many stored runs are in each status.
+    fn runs_by_status(&self) -> StoreResult<Vec<(String, u64)>>;
+    /// The attempts of `run` that ended, oldest first.
+    fn shard_log(&self, run: RunId) -> StoreResult<Vec<pb::ShardProgress>>;
     /// One run with its counts.
     fn run_with_counts(&self, id: RunId) -> StoreResult<Option<(RunRow, OutcomeCounts)>>;
     /// Every test of a run with its result, in submission order.

@@ -262,6 +262,8 @@ pub fn summary_of(row: &RunRow, counts: pb::RunCounts) -> pb::RunSummary {
         discover: row.discover,
         priority: row.priority,
         shards: row.shards,
+        eta_ms: 0,
+        slots_busy: 0,
     }
 }
 
@@ -272,6 +274,7 @@ impl OutcomeCounts {
             total: self.total,
             queued: self.open,
             running: 0,
+            assigned: 0,
             passed: self.of(Outcome::Passed),
             failed: self.of(Outcome::Failed),
             skipped: self.of(Outcome::Skipped),

@@ -1,7 +1,7 @@
 //! Workers and the live attempts they hold.
 
 use rusqlite::params;
-use shardgate_common::AttemptId;
+use shardgate_common::{AttemptId, pb};
 
 use super::{SqliteStore, from_json, parse, to_json};
 use crate::store::{AttemptRow, FleetStore, RunnerOffer, StoreResult, WorkerRow};
@@ -102,6 +102,28 @@ impl FleetStore for SqliteStore {
         self.conn
             .prepare_cached("DELETE FROM attempts WHERE id = ?1")?
             .execute([id.to_string()])?;
+        Ok(())
+    }
+
+    fn log_shard(&mut self, s: &pb::ShardProgress) -> StoreResult<()> {
+        self.conn
+            .prepare_cached(
+                "INSERT OR REPLACE INTO shard_log (attempt_id, run_id, shard_id, worker, tests, done,
+                     started_ms, ended_ms, state, estimated_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            )?
+            .execute(params![
+                s.attempt_id,
+                s.run_id,
+                s.shard_id,
+                s.worker,
+                s.tests,
+                s.done,
+                s.started_at_ms as i64,
+                s.ended_at_ms as i64,
+                s.state,
+                s.estimated_ms as i64,
+            ])?;
         Ok(())
     }
 

@@ -14,7 +14,9 @@ use super::history::{FLAKINESS_COLUMNS, flakiness_row};
 use super::runs::{RUN_COLUMNS, parse_outcome, raw_run};
 use super::{WithConn, open_err};
 use crate::scheduler::History;
-use crate::store::{DeployRow, FlakinessRow, OutcomeCounts, QuarantineRow, Reads, RunRow, StoreResult};
+use crate::store::{
+    DeployRow, FlakinessRow, OutcomeCounts, QuarantineRow, Reads, RunFilter, RunRow, StoreResult,
+};
 
 /// Read-only connections to one database, opened on demand and kept for reuse.
 pub struct SqliteReader {
@@ -83,6 +85,62 @@ impl<T: WithConn> Reads for T {
                 "SELECT * FROM runs WHERE staged = 0 ORDER BY created_ms DESC, id DESC LIMIT ?1",
                 params![limit],
             )
+        })
+    }
+
+    fn runs_search(&self, f: &RunFilter) -> StoreResult<Vec<(RunRow, OutcomeCounts)>> {
+        self.with_conn(|c| {
+            runs_with_counts(
+                c,
+                "SELECT * FROM runs WHERE staged = 0
+                   AND (?1 IS NULL OR suite = ?1)
+                   AND (?2 IS NULL OR status = ?2)
+                   AND (?3 IS NULL OR requested_by = ?3)
+                   AND (?4 IS NULL OR created_ms < ?4)
+                 ORDER BY created_ms DESC, id DESC LIMIT ?5",
+                params![
+                    f.suite,
+                    f.status,
+                    f.requested_by,
+                    f.before_ms.map(|b| b as i64),
+                    f.limit
+                ],
+            )
+        })
+    }
+
+    fn runs_by_status(&self) -> StoreResult<Vec<(String, u64)>> {
+        self.with_conn(|c| {
+            let mut stmt =
+                c.prepare_cached("SELECT status, COUNT(*) FROM runs WHERE staged = 0 GROUP BY status")?;
+            let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64)))?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+    }
+
+    fn shard_log(&self, run: RunId) -> StoreResult<Vec<pb::ShardProgress>> {
+        self.with_conn(|c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT attempt_id, run_id, shard_id, worker, tests, done, started_ms, ended_ms, state,
+                        estimated_ms
+                 FROM shard_log WHERE run_id = ?1 ORDER BY started_ms, attempt_id",
+            )?;
+            let rows = stmt.query_map([run.to_string()], |r| {
+                Ok(pb::ShardProgress {
+                    attempt_id: r.get(0)?,
+                    run_id: r.get(1)?,
+                    shard_id: r.get(2)?,
+                    worker: r.get(3)?,
+                    tests: r.get(4)?,
+                    done: r.get(5)?,
+                    started_at_ms: r.get::<_, i64>(6)? as u64,
+                    ended_at_ms: r.get::<_, i64>(7)? as u64,
+                    state: r.get(8)?,
+                    estimated_ms: r.get::<_, i64>(9)? as u64,
+                    current_test: String::new(),
+                })
+            })?;
+            Ok(rows.collect::<Result<_, _>>()?)
         })
     }
 

@@ -61,6 +61,20 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX runs_by_time ON runs(created_ms);",
     // 7: a worker belongs to the identity that registered it.
     "ALTER TABLE workers ADD COLUMN owner TEXT NOT NULL DEFAULT '';",
+    // 8: every attempt that ended, with its worker, times and how it ended: a run's timeline.
+    "CREATE TABLE shard_log (
+        attempt_id   TEXT PRIMARY KEY,
+        run_id       TEXT NOT NULL,
+        shard_id     TEXT NOT NULL,
+        worker       TEXT NOT NULL,
+        tests        INTEGER NOT NULL,
+        done         INTEGER NOT NULL,
+        started_ms   INTEGER NOT NULL,
+        ended_ms     INTEGER NOT NULL,
+        state        TEXT NOT NULL,
+        estimated_ms INTEGER NOT NULL
+    );
+    CREATE INDEX shard_log_by_run ON shard_log(run_id, started_ms);",
 ];
 
 const SCHEMA: &str = r#"
