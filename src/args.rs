@@ -38,6 +38,9 @@ pub struct CoordinatorArgs {
     /// or its `SHARDGATE_*` variable wins over the file.
     #[arg(long, env = "SHARDGATE_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
+    /// Log lines as text, or as one JSON object per line (for log collectors).
+    #[arg(long, env = "SHARDGATE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
     /// Address for gRPC (runs, workers, dashboards, health, reflection).
     #[arg(long, env = "SHARDGATE_GRPC_ADDR", default_value = "127.0.0.1:7070", value_parser = listen_addr)]
     pub grpc_addr: SocketAddr,
@@ -154,6 +157,9 @@ pub struct WorkerArgs {
     /// or its `SHARDGATE_*` variable wins over the file.
     #[arg(long, env = "SHARDGATE_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
+    /// Log lines as text, or as one JSON object per line (for log collectors).
+    #[arg(long, env = "SHARDGATE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
     /// The coordinator's gRPC URL.
     #[arg(long, env = "SHARDGATE_COORDINATOR", default_value = "http://127.0.0.1:7070")]
     pub coordinator: String,
@@ -256,8 +262,18 @@ pub enum StartCheck {
 #[derive(Debug, Parser)]
 #[command(name = "shardgate", version = VERSION, about, after_help = EXIT_CODES)]
 pub struct Cli {
+    /// Log lines (on stderr) as text, or as one JSON object per line.
+    #[arg(long, global = true, env = "SHARDGATE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 pub const EXIT_CODES: &str = "Exit codes: 0 the gate passed; 1 the gate failed (a test failed, or the run was cancelled); \

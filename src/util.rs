@@ -62,15 +62,24 @@ pub fn closed_output_exit(e: &anyhow::Error) -> Option<u8> {
 
 /// Logs to stderr. `SHARDGATE_LOG` (a tracing filter such as `info` or
 /// `shardgate_coordinator=debug`) overrides `default`.
-pub fn init_logging(default: &str) {
+pub fn init_logging(default: &str, format: crate::args::LogFormat) {
     let filter = EnvFilter::try_from_env("SHARDGATE_LOG").unwrap_or_else(|_| EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_target(false);
+    let _ = match format {
+        // One object per line, the fields (run, shard, worker, attempt ids) as keys.
+        crate::args::LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .try_init(),
         // Colour only for a person at a terminal: log files and journals get plain text.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_target(false)
-        .try_init();
+        crate::args::LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .try_init(),
+    };
 }
 
 /// The exit code of a server binary: 0, or the error on stderr and exit code 2.

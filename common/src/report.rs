@@ -18,6 +18,9 @@ pub struct Counts {
     pub flaky: u32,
     pub timed_out: u32,
     pub infra_error: u32,
+    /// Handed out, waiting behind another test of its shard (`running` is one per busy slot).
+    #[serde(default)]
+    pub assigned: u32,
 }
 
 impl From<&pb::RunCounts> for Counts {
@@ -32,6 +35,7 @@ impl From<&pb::RunCounts> for Counts {
             flaky: c.flaky,
             timed_out: c.timed_out,
             infra_error: c.infra_error,
+            assigned: c.assigned,
         }
     }
 }
@@ -75,6 +79,12 @@ pub struct RunReport {
     /// Shards handed out (every hand-out, retries included).
     pub shards: u32,
     pub counts: Counts,
+    /// Estimated time to the last result while the run is active (0: unknown or ended).
+    #[serde(default)]
+    pub eta_ms: u64,
+    /// Slots running the run's shards now.
+    #[serde(default)]
+    pub slots_busy: u32,
     #[serde(skip_serializing_if = "Vec::is_empty", default)]
     pub tests: Vec<TestReport>,
     /// The run's deploy, when the client waited for it (`--wait-rollout`).
@@ -122,6 +132,8 @@ impl RunReport {
             },
             shards: run.shards,
             counts: run.counts.as_ref().map(Counts::from).unwrap_or_default(),
+            eta_ms: run.eta_ms,
+            slots_busy: run.slots_busy,
             tests: results.iter().map(TestReport::from).collect(),
             deploy: None,
         }

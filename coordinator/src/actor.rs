@@ -26,6 +26,7 @@ use tokio::sync::{Notify, broadcast, oneshot};
 use tracing::{error, info};
 
 use crate::core::Core;
+use crate::metrics::{self, Metrics};
 use crate::model::Now;
 use crate::read::LiveView;
 
@@ -41,6 +42,8 @@ pub const MAX_BATCH: usize = 512;
 pub struct Published {
     pub seq: u64,
     pub event: pb::run_event::Event,
+    /// When it was published, for the event-stream lag.
+    pub at: Instant,
 }
 
 impl Published {
@@ -63,9 +66,15 @@ pub struct Handle {
     seq: Arc<AtomicU64>,
     deploys: Arc<Notify>,
     live: Arc<RwLock<LiveView>>,
+    metrics: Arc<Metrics>,
 }
 
 impl Handle {
+    /// The coordinator's metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
     /// The live state the actor publishes after each commit, for the read side.
     pub fn live(&self) -> Arc<RwLock<LiveView>> {
         self.live.clone()
@@ -124,6 +133,7 @@ pub fn spawn(core: Core, tick: Duration) -> Handle {
         seq: Arc::new(AtomicU64::new(0)),
         deploys: Arc::new(Notify::new()),
         live: Arc::new(RwLock::new(core.live_view())),
+        metrics: Arc::new(Metrics::new()),
     };
     let h = handle.clone();
     // The thread holds only the parts it publishes to, not a sender, so dropping every handle
@@ -134,6 +144,7 @@ pub fn spawn(core: Core, tick: Duration) -> Handle {
         seq: h.seq,
         deploys: h.deploys,
         live: h.live,
+        metrics: h.metrics,
     };
     std::thread::Builder::new()
         .name("shardgate-scheduler".into())
@@ -149,6 +160,7 @@ struct Outputs {
     seq: Arc<AtomicU64>,
     deploys: Arc<Notify>,
     live: Arc<RwLock<LiveView>>,
+    metrics: Arc<Metrics>,
 }
 
 fn run(mut core: Core, rx: mpsc::Receiver<Job>, tick: Duration, out: Outputs) {
@@ -182,10 +194,13 @@ fn run(mut core: Core, rx: mpsc::Receiver<Job>, tick: Duration, out: Outputs) {
         if let Some(why) = core.poisoned() {
             fail_stop(why);
         }
+        let committing = Instant::now();
         if let Err(e) = core.commit_batch() {
             fail_stop(&e.to_string());
         }
+        out.metrics.commit_seconds.observe(metrics::since(committing));
         let effects = core.take_effects();
+        out.metrics.committed(&effects.events, &effects.counts);
         if !effects.runs_changed.is_empty() || !effects.workers_changed.is_empty() {
             let mut view = out.live.write().unwrap_or_else(|p| p.into_inner());
             core.refresh_live(&mut view, &effects.runs_changed, &effects.workers_changed);
@@ -196,7 +211,11 @@ fn run(mut core: Core, rx: mpsc::Receiver<Job>, tick: Duration, out: Outputs) {
         for event in effects.events {
             let n = out.seq.fetch_add(1, Ordering::SeqCst) + 1;
             // No subscriber is fine: nobody is watching.
-            let _ = out.events.send(Arc::new(Published { seq: n, event }));
+            let _ = out.events.send(Arc::new(Published {
+                seq: n,
+                event,
+                at: Instant::now(),
+            }));
         }
         if effects.work_added {
             out.work.notify_waiters();

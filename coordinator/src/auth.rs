@@ -176,7 +176,8 @@ impl Access {
     /// What an HTTP path needs.
     pub fn of_http(path: &str) -> Self {
         match path {
-            "/healthz" | "/readyz" => Access::Open,
+            "/healthz" | "/readyz" | "/login" => Access::Open,
+            p if p.starts_with("/assets/") => Access::Open,
             _ => Access::Read,
         }
     }
@@ -398,6 +399,26 @@ fn bad_request_not_internal<B>(resp: &mut http::Response<B>) {
     }
 }
 
+/// The dashboard's token cookie.
+pub const TOKEN_COOKIE: &str = "shardgate_token";
+
+fn token_cookie(headers: &http::HeaderMap) -> Option<String> {
+    headers
+        .get_all(http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|c| c.trim().split_once('='))
+        .find(|(k, _)| *k == TOKEN_COOKIE)
+        .map(|(_, v)| v.to_owned())
+}
+
+/// A dashboard page (not the JSON API, metrics or events): asked for without a valid token,
+/// it answers with the login form rather than JSON.
+fn is_page(path: &str) -> bool {
+    !(path.starts_with("/api/") || path == "/metrics")
+}
+
 /// The HTTP middleware: the same check for the JSON API (401 and 403 as JSON).
 pub async fn http_layer(
     axum::extract::State(auth): axum::extract::State<Auth>,
@@ -405,15 +426,22 @@ pub async fn http_layer(
     next: axum::middleware::Next,
 ) -> axum::response::Response {
     use axum::response::IntoResponse;
-    let access = Access::of_http(req.uri().path());
+    let path = req.uri().path().to_owned();
+    let access = Access::of_http(&path);
     let header = req
         .headers()
         .get(http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok());
-    match auth.check(header, access) {
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+        // A browser on the dashboard carries its token in a cookie set by `/login`.
+        .or_else(|| token_cookie(req.headers()).map(|t| format!("Bearer {t}")));
+    match auth.check(header.as_deref(), access) {
         Ok(identity) => {
             req.extensions_mut().insert(identity);
             next.run(req).await
+        }
+        Err(_) if is_page(&path) && req.method() == http::Method::GET => {
+            crate::web::login_page(&path, header.is_some())
         }
         Err(e) => {
             let code = match e {

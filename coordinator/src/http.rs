@@ -1,43 +1,69 @@
-//! The coordinator's HTTP side: `/healthz` (answered by the scheduler thread, so it proves that
-//! thread alive) and a JSON API served by the read side, never by the scheduler. The dashboard
-//! page and `/metrics` will hang off this router.
+//! The coordinator's HTTP side: probes (`/healthz` answered by the scheduler thread, so it
+//! proves that thread alive; `/readyz`), Prometheus `/metrics`, the JSON API, server-sent
+//! events, and the web dashboard (`web.rs`). Everything but `/healthz` is served by the read
+//! side, never by the scheduler. Errors are JSON of one shape everywhere:
+//! `{"error": "<what went wrong>"}`, unknown routes included.
+
+use std::convert::Infallible;
+use std::time::Duration;
 
 use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
+use axum::http::{StatusCode, Uri, header};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use serde::Deserialize;
 use shardgate_common::report::RunReport;
-use shardgate_common::{Error, RunId};
+use shardgate_common::{Error, RunId, RunStatus, pb};
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
 
 use crate::actor::Handle;
+use crate::model::Now;
 use crate::read::ReadSide;
+use crate::store::RunFilter;
+use crate::watch::{self, Seen};
 
 /// What the handlers share.
 #[derive(Debug, Clone)]
 pub struct AppState {
     pub handle: Handle,
     pub reads: ReadSide,
+    /// True once the coordinator is shutting down: not ready.
+    pub stopping: tokio::sync::watch::Receiver<bool>,
 }
 
-pub fn router(handle: Handle, reads: ReadSide) -> Router {
+pub fn router(handle: Handle, reads: ReadSide, stopping: tokio::sync::watch::Receiver<bool>) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .route("/api/runs", get(list_runs))
         .route("/api/runs/{id}", get(get_run))
         .route("/api/runs/{id}/junit", get(get_run_junit))
+        .route("/api/runs/{id}/progress", get(run_progress))
+        .route("/api/runs/{id}/events", get(run_events))
+        .route("/api/events", get(all_events))
         .route("/api/workers", get(list_workers))
+        .route("/api/deploys", get(list_deploys))
         .route("/api/flaky", get(list_flaky))
         .route("/api/quarantine", get(list_quarantine))
-        .with_state(AppState { handle, reads })
+        .merge(crate::web::routes())
+        .fallback(not_found)
+        .with_state(AppState {
+            handle,
+            reads,
+            stopping,
+        })
 }
 
-struct ApiError(Error);
+/// An error as the JSON API answers it.
+pub struct ApiError(pub Error);
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let code = match &self.0 {
+impl ApiError {
+    pub fn status(&self) -> StatusCode {
+        match &self.0 {
             Error::InvalidArgument { .. } => StatusCode::BAD_REQUEST,
             Error::NotFound { .. } => StatusCode::NOT_FOUND,
             Error::FailedPrecondition(_) => StatusCode::CONFLICT,
@@ -46,8 +72,17 @@ impl IntoResponse for ApiError {
             Error::PermissionDenied(_) => StatusCode::FORBIDDEN,
             Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
-        };
-        (code, Json(serde_json::json!({ "error": self.0.to_string() }))).into_response()
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (
+            self.status(),
+            Json(serde_json::json!({ "error": self.0.to_string() })),
+        )
+            .into_response()
     }
 }
 
@@ -57,22 +92,89 @@ impl From<Error> for ApiError {
     }
 }
 
+async fn not_found(uri: Uri) -> ApiError {
+    ApiError(Error::NotFound {
+        what: "route",
+        id: uri.path().to_owned(),
+    })
+}
+
 async fn healthz(State(app): State<AppState>) -> Result<&'static str, ApiError> {
     // Answering proves the scheduler thread is alive, not just the HTTP server.
     app.handle.call(|_, _| Ok(())).await?;
     Ok("ok\n")
 }
 
-#[derive(Deserialize)]
-struct ListQuery {
-    limit: Option<u32>,
+/// Ready: not shutting down, the scheduler answers, the store can be read.
+async fn readyz(State(app): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
+    if *app.stopping.borrow() {
+        return Err(Error::Unavailable("shutting down".into()).into());
+    }
+    app.handle.call(|_, _| Ok(())).await?;
+    app.reads.store_ready().await?;
+    Ok(Json(serde_json::json!({ "ready": true })))
+}
+
+async fn metrics(State(app): State<AppState>) -> Result<Response, ApiError> {
+    let gauges = app.reads.gauges().await?;
+    let text = app.handle.metrics().render(&gauges);
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response())
+}
+
+/// Which runs a page of runs shows.
+#[derive(Debug, Default, Deserialize)]
+pub struct RunsQuery {
+    pub suite: Option<String>,
+    /// A run status: queued, running, passed, failed, cancelled, errored.
+    pub state: Option<String>,
+    /// Who requested the runs.
+    pub who: Option<String>,
+    /// Runs created before this time (ms since the epoch): the next page.
+    pub before: Option<u64>,
+    pub limit: Option<u32>,
+}
+
+impl RunsQuery {
+    pub fn filter(&self) -> Result<RunFilter, Error> {
+        let nonempty = |s: &Option<String>| s.as_ref().map(|s| s.trim().to_owned()).filter(|s| !s.is_empty());
+        let state = nonempty(&self.state);
+        if let Some(s) = &state {
+            s.parse::<RunStatus>().map_err(|_| {
+                Error::invalid(
+                    "state",
+                    format!(
+                        "'{s}' is not a run state; use one of {}",
+                        RunStatus::ALL
+                            .iter()
+                            .map(|s| s.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                )
+            })?;
+        }
+        Ok(RunFilter {
+            suite: nonempty(&self.suite),
+            status: state,
+            requested_by: nonempty(&self.who),
+            before_ms: self.before,
+            limit: self.limit.unwrap_or(50),
+        })
+    }
 }
 
 async fn list_runs(
     State(app): State<AppState>,
-    Query(q): Query<ListQuery>,
+    Query(q): Query<RunsQuery>,
 ) -> Result<Json<Vec<RunReport>>, ApiError> {
-    let runs = app.reads.list_runs(q.limit.unwrap_or(50)).await?;
+    let runs = app.reads.search_runs(q.filter()?).await?;
     Ok(Json(runs.iter().map(|r| RunReport::new(r, &[])).collect()))
 }
 
@@ -80,18 +182,130 @@ async fn get_run(State(app): State<AppState>, Path(id): Path<String>) -> Result<
     let id = RunId::parse_field("run id", &id)?;
     // Rendered off the async workers: a large run's JSON is megabytes.
     let body = app.reads.run_report_json(id).await?;
-    Ok(([(axum::http::header::CONTENT_TYPE, "application/json")], body).into_response())
+    Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
 }
 
 /// The run as JUnit XML (Surefire's dialect), for CI pages that read JUnit.
 async fn get_run_junit(State(app): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
     let id = RunId::parse_field("run id", &id)?;
     let xml = app.reads.run_junit(id).await?;
-    Ok((
-        [(axum::http::header::CONTENT_TYPE, "application/xml; charset=utf-8")],
-        xml,
-    )
-        .into_response())
+    Ok(([(header::CONTENT_TYPE, "application/xml; charset=utf-8")], xml).into_response())
+}
+
+/// A shard as JSON.
+pub fn shard_json(s: &pb::ShardProgress) -> serde_json::Value {
+    serde_json::json!({
+        "attempt_id": s.attempt_id,
+        "shard_id": s.shard_id,
+        "worker": s.worker,
+        "tests": s.tests,
+        "done": s.done,
+        "started_at_ms": s.started_at_ms,
+        "ended_at_ms": s.ended_at_ms,
+        "state": s.state,
+        "current_test": s.current_test,
+        "estimated_ms": s.estimated_ms,
+    })
+}
+
+/// A run's progress: its summary and every shard, ended ones included (its timeline).
+async fn run_progress(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let id = RunId::parse_field("run id", &id)?;
+    let p = app.reads.progress(Some(id), true).await?;
+    let run = p.runs.first().map(|r| RunReport::new(r, &[]));
+    Ok(Json(serde_json::json!({
+        "run": run,
+        "shards": p.shards.iter().map(shard_json).collect::<Vec<_>>(),
+    })))
+}
+
+/// One run event as JSON, for server-sent events.
+pub fn event_json(seq: u64, event: &pb::run_event::Event) -> (&'static str, serde_json::Value) {
+    use pb::run_event::Event;
+    match event {
+        Event::Snapshot(s) => ("snapshot", run_json(seq, s)),
+        Event::Progress(s) => ("progress", run_json(seq, s)),
+        Event::Finished(s) => ("finished", run_json(seq, s)),
+        Event::TestFinished(t) => (
+            "test_finished",
+            serde_json::json!({
+                "seq": seq,
+                "run_id": t.run_id,
+                "result": t.result.as_ref().map(shardgate_common::report::TestReport::from),
+                "counts": t.counts.as_ref().map(shardgate_common::report::Counts::from),
+            }),
+        ),
+    }
+}
+
+fn run_json(seq: u64, s: &pb::RunSummary) -> serde_json::Value {
+    serde_json::json!({ "seq": seq, "run": RunReport::new(s, &[]) })
+}
+
+type SseStream = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<SseEvent, Infallible>> + Send>>;
+
+fn sse(stream: SseStream) -> Response {
+    Sse::new(stream)
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+        .into_response()
+}
+
+/// Server-sent events of one run: a snapshot, then its events, then `finished`.
+async fn run_events(State(app): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let id = RunId::parse_field("run id", &id)?;
+    let rx = watch::follow_run(&app.handle, id).await?;
+    let stream = ReceiverStream::new(rx).map(|r| {
+        Ok(match r {
+            Ok(ev) => match &ev.event {
+                Some(e) => {
+                    let (name, data) = event_json(ev.seq, e);
+                    SseEvent::default()
+                        .event(name)
+                        .id(ev.seq.to_string())
+                        .data(data.to_string())
+                }
+                None => SseEvent::default().comment("empty"),
+            },
+            Err(e) => SseEvent::default()
+                .event("error")
+                .data(serde_json::json!({ "error": e.to_string() }).to_string()),
+        })
+    });
+    Ok(sse(Box::pin(stream)))
+}
+
+/// Server-sent events of every run, light: each event names its run and carries its counts
+/// (no output); `resync` when the watcher fell behind and should read afresh.
+async fn all_events(State(app): State<AppState>) -> Response {
+    let rx = watch::follow_all(&app.handle);
+    let stream = ReceiverStream::new(rx).map(|seen| {
+        Ok(match seen {
+            Seen::Event(p) => {
+                use pb::run_event::Event;
+                let (name, counts, status) = match &p.event {
+                    Event::TestFinished(t) => ("test_finished", t.counts, None),
+                    Event::Snapshot(s) => ("snapshot", s.counts, Some(s.status)),
+                    Event::Progress(s) => ("progress", s.counts, Some(s.status)),
+                    Event::Finished(s) => ("finished", s.counts, Some(s.status)),
+                };
+                let data = serde_json::json!({
+                    "seq": p.seq,
+                    "run_id": p.run_id(),
+                    "status": status.and_then(RunStatus::from_wire),
+                    "counts": counts.as_ref().map(shardgate_common::report::Counts::from),
+                });
+                SseEvent::default()
+                    .event(name)
+                    .id(p.seq.to_string())
+                    .data(data.to_string())
+            }
+            Seen::Resync => SseEvent::default().event("resync").data("{}"),
+        })
+    });
+    sse(Box::pin(stream))
 }
 
 #[derive(Deserialize)]
@@ -122,23 +336,71 @@ async fn list_quarantine(
     ))
 }
 
-async fn list_workers(State(app): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
-    let workers = app.reads.list_workers(true).await?;
-    let v: Vec<_> = workers
-        .iter()
-        .map(|w| {
-            serde_json::json!({
-                "worker_id": w.worker_id,
-                "name": w.name,
-                "slots": w.slots,
-                "busy_slots": w.busy_slots,
-                "state": w.state,
-                "last_seen_ms": w.last_seen_ms,
-                "labels": w.labels.iter().map(|l| (l.key.clone(), l.value.clone())).collect::<std::collections::BTreeMap<_, _>>(),
-                "runners": w.runners.iter().map(|r| r.name.clone()).collect::<Vec<_>>(),
-                "unavailable_runners": w.unavailable_runners.iter().map(|u| (u.name.clone(), u.reason.clone())).collect::<std::collections::BTreeMap<_, _>>(),
-            })
-        })
-        .collect();
-    Ok(Json(serde_json::Value::Array(v)))
+/// A worker as JSON.
+pub fn worker_json(w: &pb::WorkerInfo) -> serde_json::Value {
+    serde_json::json!({
+        "worker_id": w.worker_id,
+        "name": w.name,
+        "slots": w.slots,
+        "busy_slots": w.busy_slots,
+        "state": w.state,
+        "draining": w.draining,
+        "last_seen_ms": w.last_seen_ms,
+        "labels": w.labels.iter().map(|l| (l.key.clone(), l.value.clone())).collect::<std::collections::BTreeMap<_, _>>(),
+        "runners": w.runners.iter().map(|r| r.name.clone()).collect::<Vec<_>>(),
+        "unavailable_runners": w.unavailable_runners.iter().map(|u| (u.name.clone(), u.reason.clone())).collect::<std::collections::BTreeMap<_, _>>(),
+    })
+}
+
+#[derive(Deserialize)]
+struct WorkersQuery {
+    /// Also workers that left or were lost long ago (`gone`).
+    include_gone: Option<bool>,
+}
+
+async fn list_workers(
+    State(app): State<AppState>,
+    Query(q): Query<WorkersQuery>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let workers = app.reads.list_workers(q.include_gone.unwrap_or(false)).await?;
+    Ok(Json(serde_json::Value::Array(
+        workers.iter().map(worker_json).collect(),
+    )))
+}
+
+/// A deploy as JSON.
+pub fn deploy_json(d: &pb::Deploy) -> serde_json::Value {
+    serde_json::json!({
+        "deploy_id": d.deploy_id,
+        "run_id": d.run_id,
+        "suite": d.suite,
+        "revision": d.revision,
+        "requested_by": d.requested_by,
+        "authors": d.authors,
+        "state": d.state,
+        "created_at_ms": d.created_at_ms,
+        "started_at_ms": d.started_at_ms,
+        "finished_at_ms": d.finished_at_ms,
+        "detail": d.detail,
+    })
+}
+
+#[derive(Deserialize)]
+struct LimitQuery {
+    limit: Option<u32>,
+}
+
+/// The deploy board's data: the last deploy, how many today and this week, the log.
+async fn list_deploys(
+    State(app): State<AppState>,
+    Query(q): Query<LimitQuery>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let d = app.reads.list_deploys(q.limit.unwrap_or(20), Now::real()).await?;
+    Ok(Json(serde_json::json!({
+        "last_started_at_ms": d.last_started_at_ms,
+        "last_requested_by": d.last_requested_by,
+        "last_day": d.last_day,
+        "last_week": d.last_week,
+        "deploys": d.deploys.iter().map(deploy_json).collect::<Vec<_>>(),
+    })))
 }

@@ -8,6 +8,7 @@ pub mod auth;
 pub mod conn;
 pub mod core;
 pub mod http;
+pub mod metrics;
 pub mod model;
 pub mod policy;
 pub mod read;
@@ -19,6 +20,8 @@ pub mod service;
 mod service_fuzz;
 pub mod store;
 pub mod submit;
+pub mod watch;
+pub mod web;
 
 pub use model::CoreConfig;
 pub use server::{Config, run};

@@ -17,7 +17,7 @@ use tokio::sync::Semaphore;
 
 use crate::model::{CoreConfig, Now};
 use crate::policy;
-use crate::store::{Reads, summary_of};
+use crate::store::{Reads, RunFilter, summary_of};
 
 /// An active run as the core last committed it.
 #[derive(Debug, Clone)]
@@ -206,6 +206,57 @@ impl ReadSide {
         self.read(move |r, live, _| list_runs(r, live, limit)).await
     }
 
+    /// A page of runs that match `filter` (at most 1,000; 50 by default).
+    pub async fn search_runs(&self, mut filter: RunFilter) -> Result<Vec<pb::RunSummary>, Error> {
+        filter.limit = if filter.limit == 0 {
+            50
+        } else {
+            filter.limit.min(1000)
+        };
+        self.read(move |r, live, _| {
+            Ok(r.runs_search(&filter)?
+                .into_iter()
+                .map(|(row, counts)| match live.run(row.id) {
+                    Some(l) => l.summary,
+                    None => summary_of(&row, counts.to_wire()),
+                })
+                .collect())
+        })
+        .await
+    }
+
+    /// What a run's page shows: its summary, every shard (its timeline) and its notable
+    /// results (at most `limit`).
+    pub async fn run_page(&self, id: RunId, limit: u32) -> Result<RunPage, Error> {
+        self.read(move |r, live, _| {
+            let p = progress(r, live, Some(id), true)?;
+            Ok(RunPage {
+                run: p.runs.into_iter().next().unwrap_or_default(),
+                shards: p.shards,
+                notable: r.notable_results(id, limit)?,
+            })
+        })
+        .await
+    }
+
+    /// The values of the metrics' gauges, from committed state.
+    pub async fn gauges(&self) -> Result<crate::metrics::GaugeState, Error> {
+        self.read(move |r, live, _| {
+            let stored = r.runs_by_status()?;
+            Ok(live.with(|v| crate::metrics::GaugeState::from_parts(&stored, v)))
+        })
+        .await
+    }
+
+    /// Answers when the store can be read.
+    pub async fn store_ready(&self) -> Result<(), Error> {
+        self.read(move |r, _, _| {
+            r.runs_page(1)?;
+            Ok(())
+        })
+        .await
+    }
+
     pub async fn list_workers(&self, include_gone: bool) -> Result<Vec<pb::WorkerInfo>, Error> {
         self.read(move |_, live, _| Ok(live.workers(include_gone))).await
     }
@@ -231,6 +282,14 @@ impl ReadSide {
     pub async fn list_deploys(&self, limit: u32, now: Now) -> Result<pb::ListDeploysResponse, Error> {
         self.read(move |r, _, _| list_deploys(r, limit, now)).await
     }
+}
+
+/// A run's page: summary, shards (ended and running), notable results.
+#[derive(Debug, Clone)]
+pub struct RunPage {
+    pub run: pb::RunSummary,
+    pub shards: Vec<pb::ShardProgress>,
+    pub notable: Vec<pb::TestResult>,
 }
 
 /// The live view as one read sees it.

@@ -86,8 +86,9 @@ pub async fn run(handle: Handle, cfg: RolloutConfig) {
         let recorded = handle
             .call(move |core, now| core.finish_deploy(&id, state, &detail, now))
             .await;
-        if let Err(e) = recorded {
-            warn!(deploy = %deploy.id, error = %e, "failed to record the rollout's outcome");
+        match recorded {
+            Ok(_) => handle.metrics().rollout(state.as_str()),
+            Err(e) => warn!(deploy = %deploy.id, error = %e, "failed to record the rollout's outcome"),
         }
     }
 }

@@ -222,6 +222,7 @@ impl Opened {
 /// v1alpha (Python's grpcio-reflection speaks only the latter).
 async fn health_and_reflection() -> Result<
     (
+        tonic_health::server::HealthReporter,
         tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
         tonic_reflection::server::v1::ServerReflectionServer<
             impl tonic_reflection::server::v1::ServerReflection,
@@ -254,7 +255,7 @@ async fn health_and_reflection() -> Result<
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
 
-    Ok((health_service, reflection_v1, reflection_v1alpha))
+    Ok((health_reporter, health_service, reflection_v1, reflection_v1alpha))
 }
 
 /// The gRPC server's settings: keep-alive pings and TLS.
@@ -286,10 +287,27 @@ async fn serve_all(
         addrs.push(h.local_addr()?);
     }
     config.check_exposure(&addrs)?;
-    let (health_service, reflection_v1, reflection_v1alpha) = health_and_reflection().await?;
+    let (health_reporter, health_service, reflection_v1, reflection_v1alpha) =
+        health_and_reflection().await?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         shutdown.await;
+        // Not serving from the first moment of the drain: load balancers stop sending.
+        health_reporter
+            .set_service_status("", tonic_health::ServingStatus::NotServing)
+            .await;
+        health_reporter
+            .set_not_serving::<pb::run_service_server::RunServiceServer<Services>>()
+            .await;
+        health_reporter
+            .set_not_serving::<pb::worker_service_server::WorkerServiceServer<Services>>()
+            .await;
+        health_reporter
+            .set_not_serving::<pb::dashboard_service_server::DashboardServiceServer<Services>>()
+            .await;
+        health_reporter
+            .set_not_serving::<pb::gate_service_server::GateServiceServer<Services>>()
+            .await;
         let _ = stop_tx.send(true);
     });
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
@@ -300,10 +318,9 @@ async fn serve_all(
     let http_task = match http {
         Some(listener) => {
             info!(http = %listener.local_addr()?, "http serving");
-            let app = crate::http::router(handle.clone(), reads).layer(axum::middleware::from_fn_with_state(
-                config.auth.clone(),
-                crate::auth::http_layer,
-            ));
+            let app = crate::http::router(handle.clone(), reads, stop_rx.clone()).layer(
+                axum::middleware::from_fn_with_state(config.auth.clone(), crate::auth::http_layer),
+            );
             Some(spawn_http(
                 listener,
                 app,

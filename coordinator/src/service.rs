@@ -9,11 +9,9 @@ use shardgate_common::pb::dashboard_service_server::DashboardService;
 use shardgate_common::pb::gate_service_server::GateService;
 use shardgate_common::pb::run_service_server::RunService;
 use shardgate_common::pb::worker_service_server::WorkerService;
-use shardgate_common::{AttemptId, Error, RunId, RunStatus, WorkerId, pb};
-use tokio::sync::broadcast::error::RecvError;
+use shardgate_common::{AttemptId, RunId, WorkerId, pb};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
-use tracing::warn;
 
 use crate::actor::Handle;
 use crate::auth::caller;
@@ -88,91 +86,11 @@ impl RunService for Services {
 
     async fn watch_run(&self, req: Request<pb::WatchRunRequest>) -> Result<Response<EventStream>, Status> {
         let id = run_id(&req.into_inner().run_id)?;
-        let handle = self.handle.clone();
-        // Subscribe before taking the snapshot: every event after the snapshot's sequence
-        // number is then in the receiver, and those before it are skipped.
-        let mut rx = handle.subscribe();
-        let first = snapshot(&handle, id).await?;
-        let wanted = id.to_string();
-        let stream = async_stream(move |tx| async move {
-            let (mut seq, summary) = first;
-            let ended = RunStatus::from_wire(summary.status).is_some_and(RunStatus::is_terminal);
-            // Every watch begins with a snapshot, as the proto promises; an ended run's is
-            // followed by its `finished` at once.
-            let mut firsts = vec![pb::run_event::Event::Snapshot(summary.clone())];
-            if ended {
-                firsts.push(pb::run_event::Event::Finished(summary));
-            }
-            for event in firsts {
-                if tx
-                    .send(Ok(pb::RunEvent {
-                        seq,
-                        event: Some(event),
-                    }))
-                    .await
-                    .is_err()
-                {
-                    return;
-                }
-            }
-            if ended {
-                return;
-            }
-            loop {
-                match rx.recv().await {
-                    Ok(p) => {
-                        if p.seq <= seq || p.run_id() != wanted {
-                            continue;
-                        }
-                        seq = p.seq;
-                        let end = matches!(p.event, pb::run_event::Event::Finished(_));
-                        if tx
-                            .send(Ok(pb::RunEvent {
-                                seq: p.seq,
-                                event: Some(p.event.clone()),
-                            }))
-                            .await
-                            .is_err()
-                            || end
-                        {
-                            return;
-                        }
-                    }
-                    Err(RecvError::Lagged(n)) => {
-                        // The watcher fell behind: start over from a fresh snapshot.
-                        warn!(run = %id, skipped = n, "watch fell behind; sending a new snapshot");
-                        rx = handle.subscribe();
-                        match snapshot(&handle, id).await {
-                            Ok((s, summary)) => {
-                                seq = s;
-                                let ended =
-                                    RunStatus::from_wire(summary.status).is_some_and(RunStatus::is_terminal);
-                                let ev = if ended {
-                                    pb::run_event::Event::Finished(summary)
-                                } else {
-                                    pb::run_event::Event::Snapshot(summary)
-                                };
-                                if tx.send(Ok(pb::RunEvent { seq, event: Some(ev) })).await.is_err() || ended
-                                {
-                                    return;
-                                }
-                            }
-                            Err(e) => {
-                                let _ = tx.send(Err(e.into())).await;
-                                return;
-                            }
-                        }
-                    }
-                    Err(RecvError::Closed) => {
-                        let _ = tx
-                            .send(Err(Status::unavailable("the coordinator is shutting down")))
-                            .await;
-                        return;
-                    }
-                }
-            }
+        let rx = crate::watch::follow_run(&self.handle, id).await?;
+        let stream = tokio_stream::StreamExt::map(tokio_stream::wrappers::ReceiverStream::new(rx), |r| {
+            r.map_err(Status::from)
         });
-        Ok(Response::new(stream))
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn cancel_run(
@@ -197,28 +115,6 @@ impl RunService for Services {
         let runs = self.reads.list_runs(limit).await?;
         Ok(Response::new(pb::ListRunsResponse { runs }))
     }
-}
-
-/// The run's summary with the sequence number of the last event it reflects.
-async fn snapshot(handle: &Handle, id: RunId) -> Result<(u64, pb::RunSummary), Error> {
-    let h = handle.clone();
-    // Runs on the actor thread: the events of earlier batches are published (`last_seq`) and
-    // those of earlier messages in this batch will be numbered next, so the sum is exactly the
-    // number of the last event this summary reflects.
-    handle
-        .call(move |core, _| Ok((h.last_seq() + core.pending_events() as u64, core.summary(id)?)))
-        .await
-}
-
-/// A stream fed by a task, ended when the task returns or the client goes away.
-fn async_stream<F, Fut>(f: F) -> EventStream
-where
-    F: FnOnce(tokio::sync::mpsc::Sender<Result<pb::RunEvent, Status>>) -> Fut,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
-{
-    let (tx, rx) = tokio::sync::mpsc::channel(256);
-    tokio::spawn(f(tx));
-    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
 }
 
 #[tonic::async_trait]
@@ -275,7 +171,12 @@ impl WorkerService for Services {
             let notified = notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
+            let asked = std::time::Instant::now();
             if let Some(shard) = self.handle.call(move |core, now| core.acquire(w, now)).await? {
+                self.handle
+                    .metrics()
+                    .handout_seconds
+                    .observe(crate::metrics::since(asked));
                 return Ok(Response::new(pb::AcquireShardResponse { shard: Some(shard) }));
             }
             tokio::select! {
@@ -295,14 +196,19 @@ impl WorkerService for Services {
         let req = req.into_inner();
         let w = worker_id(&req.worker_id)?;
         let a = attempt_id(&req.attempt_id)?;
-        Ok(Response::new(
-            self.handle
-                .call(move |core, now| {
-                    core.authorize_worker(w, &who, false)?;
-                    core.report(w, a, req.results, now)
-                })
-                .await?,
-        ))
+        let arrived = std::time::Instant::now();
+        let resp = self
+            .handle
+            .call(move |core, now| {
+                core.authorize_worker(w, &who, false)?;
+                core.report(w, a, req.results, now)
+            })
+            .await?;
+        self.handle
+            .metrics()
+            .report_seconds
+            .observe(crate::metrics::since(arrived));
+        Ok(Response::new(resp))
     }
 
     async fn report_discovery(

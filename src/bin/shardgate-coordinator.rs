@@ -25,6 +25,6 @@ async fn main() -> ExitCode {
             }
         };
     let args = CoordinatorArgs::parse_from(argv);
-    util::init_logging("info");
+    util::init_logging("info", args.log_format);
     util::server_exit(servers::coordinator(args).await)
 }

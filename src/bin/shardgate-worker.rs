@@ -18,7 +18,7 @@ async fn main() -> ExitCode {
             }
         };
     let args = WorkerArgs::parse_from(argv);
-    util::init_logging("info");
+    util::init_logging("info", args.log_format);
     let result = servers::worker(args).await;
     // A check that found a broken runner is a finding, not an error of the worker's own.
     if let Err(e) = &result

@@ -10,7 +10,7 @@ use shardgate::{exit, util};
 async fn main() -> ExitCode {
     util::exit_quietly_on_closed_output();
     let cli = Cli::parse();
-    util::init_logging("warn");
+    util::init_logging("warn", cli.log_format);
     match shardgate::cli::main(cli).await {
         Ok(code) => ExitCode::from(code),
         Err(e) => match util::closed_output_exit(&e) {

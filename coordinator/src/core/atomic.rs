@@ -26,6 +26,7 @@ impl Core {
     /// Runs `f` as one message: its writes and events are kept only if it succeeds. Nests.
     pub fn atomically<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T, Error>) -> Result<T, Error> {
         let events = self.effects.events.len();
+        let counts = self.effects.counts.len();
         self.store.savepoint()?;
         match f(self) {
             Ok(v) => {
@@ -40,6 +41,7 @@ impl Core {
                     self.poison(format!("failed to roll back a savepoint: {r}"));
                 }
                 self.effects.events.truncate(events);
+                self.effects.counts.truncate(counts);
                 Err(e)
             }
         }

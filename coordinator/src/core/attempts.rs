@@ -431,7 +431,7 @@ impl Core {
     pub(crate) fn write_attempt_gone(
         &mut self,
         id: AttemptId,
-        state: &str,
+        state: &'static str,
         now_ms: u64,
     ) -> Result<(), Error> {
         if let Some(a) = self.attempts.get(&id) {
@@ -439,6 +439,9 @@ impl Core {
             self.store.log_shard(&entry)?;
         }
         self.store.delete_attempt(id)?;
+        self.effects
+            .counts
+            .push(crate::metrics::CoreCount::AttemptEnded(state));
         Ok(())
     }
 

@@ -296,6 +296,7 @@ impl Core {
                 t.retry = st;
                 t.hist = t.hist.update(Outcome::Failed, 0, now.ms);
                 info!(run = %run_id, test = %t.id, failures = t.retry.failures, "test failed; running it again");
+                self.effects.counts.push(crate::metrics::CoreCount::Retry);
                 run.requeue(idx);
             }
             self.effects.work_added = true;

@@ -513,7 +513,13 @@ impl Core {
             self.store.insert_deploy(d)?;
         }
         for id in self.attempts_of(ending.run) {
-            self.write_attempt_gone(id, "run ended", ending.row.finished_ms)?;
+            // An attempt whose every test has its result only had its finish call to make.
+            let state = if self.attempts[&id].pending.is_empty() {
+                "finished"
+            } else {
+                "run ended"
+            };
+            self.write_attempt_gone(id, state, ending.row.finished_ms)?;
         }
         Ok(())
     }

@@ -378,6 +378,8 @@ pub struct Effects {
     pub runs_changed: HashSet<RunId>,
     /// Workers whose live state changed.
     pub workers_changed: HashSet<WorkerId>,
+    /// What the metrics count (kept, like events, only when the message succeeds).
+    pub counts: Vec<crate::metrics::CoreCount>,
 }
 
 pub struct Core {

@@ -222,6 +222,9 @@ impl<S: Reads> Reads for FaultyStore<S> {
     fn results(&self, run: RunId) -> StoreResult<Vec<pb::TestResult>> {
         self.inner.results(run)
     }
+    fn notable_results(&self, run: RunId, limit: u32) -> StoreResult<Vec<pb::TestResult>> {
+        self.inner.notable_results(run, limit)
+    }
     fn deploys(&self, limit: u32) -> StoreResult<Vec<DeployRow>> {
         self.inner.deploys(limit)
     }

@@ -173,6 +173,9 @@ pub trait Reads {
     fn run_with_counts(&self, id: RunId) -> StoreResult<Option<(RunRow, OutcomeCounts)>>;
     /// Every test of a run with its result, in submission order.
     fn results(&self, run: RunId) -> StoreResult<Vec<pb::TestResult>>;
+    /// The counted results of `run` other than passed and skipped (failures, flakes, timeouts,
+    /// infrastructure errors), at most `limit`, in submission order.
+    fn notable_results(&self, run: RunId, limit: u32) -> StoreResult<Vec<pb::TestResult>>;
     /// The deploy log, newest first.
     fn deploys(&self, limit: u32) -> StoreResult<Vec<DeployRow>>;
     /// The deploy that started last.

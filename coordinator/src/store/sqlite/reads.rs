@@ -159,6 +159,17 @@ impl<T: WithConn> Reads for T {
         self.with_conn(|c| results(c, run))
     }
 
+    fn notable_results(&self, run: RunId, limit: u32) -> StoreResult<Vec<pb::TestResult>> {
+        self.with_conn(|c| {
+            results_where(
+                c,
+                run,
+                "AND outcome IS NOT NULL AND outcome NOT IN ('passed', 'skipped')",
+                limit,
+            )
+        })
+    }
+
     fn deploys(&self, limit: u32) -> StoreResult<Vec<DeployRow>> {
         self.with_conn(|c| query_deploys(c, "ORDER BY created_ms DESC, id DESC LIMIT ?1", [limit]))
     }
@@ -257,11 +268,22 @@ fn runs_with_counts(
 }
 
 fn results(conn: &Connection, run: RunId) -> StoreResult<Vec<pb::TestResult>> {
-    let mut stmt = conn.prepare_cached(
+    results_where(conn, run, "", u32::MAX)
+}
+
+/// The tests of `run` that match `condition` (SQL over the `tests` table, or empty), at most
+/// `limit`, in submission order.
+fn results_where(
+    conn: &Connection,
+    run: RunId,
+    condition: &str,
+    limit: u32,
+) -> StoreResult<Vec<pb::TestResult>> {
+    let mut stmt = conn.prepare_cached(&format!(
         "SELECT test_id, outcome, duration_ms, attempts, worker, detail, output, quarantined
-         FROM tests WHERE run_id = ?1 ORDER BY idx",
-    )?;
-    let rows = stmt.query_map([run.to_string()], |r| {
+         FROM tests WHERE run_id = ?1 {condition} ORDER BY idx LIMIT ?2"
+    ))?;
+    let rows = stmt.query_map(params![run.to_string(), limit], |r| {
         Ok((
             r.get::<_, String>(0)?,
             r.get::<_, Option<String>>(1)?,
