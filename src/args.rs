@@ -107,6 +107,10 @@ pub struct RolloutArgs {
 /// Scheduling settings shared by the coordinator binary and `shardgate local`.
 #[derive(Debug, Clone, Args)]
 pub struct CoordinatorTuning {
+    /// Events kept for the slowest watcher before it is sent a fresh snapshot instead
+    /// (tests use a small one).
+    #[arg(long, env = "SHARDGATE_EVENT_BUFFER", default_value_t = 16 * 1024, hide = true)]
+    pub event_buffer: usize,
     /// How long a shard's lease lasts without a heartbeat from its worker.
     #[arg(long, env = "SHARDGATE_LEASE", default_value = "10s", value_parser = duration)]
     pub lease: Duration,

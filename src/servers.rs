@@ -80,6 +80,11 @@ pub async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
     let mut config = shardgate_coordinator::Config::new(args.db.clone());
     config.core = core_config(&args.tuning)?;
     config.rollout = rollout_config(&args.rollout)?;
+    anyhow::ensure!(
+        args.tuning.event_buffer >= 16,
+        "--event-buffer must be at least 16"
+    );
+    config.event_buffer = args.tuning.event_buffer;
     if let Some(path) = &args.tokens {
         let tokens = shardgate_coordinator::auth::Tokens::load(path)?;
         tracing::info!(tokens = tokens.len(), "credentials required");

@@ -122,10 +122,18 @@ impl Handle {
     }
 }
 
+/// Events the broadcast channel holds by default for its slowest watcher.
+pub const EVENT_BUFFER: usize = 16 * 1024;
+
 /// Starts the actor thread. It stops when every [`Handle`] is dropped.
 pub fn spawn(core: Core, tick: Duration) -> Handle {
+    spawn_with(core, tick, EVENT_BUFFER)
+}
+
+/// [`spawn`] with an event stream that holds `event_buffer` events for its slowest watcher.
+pub fn spawn_with(core: Core, tick: Duration, event_buffer: usize) -> Handle {
     let (tx, rx) = mpsc::channel::<Job>();
-    let (events, _) = broadcast::channel(16 * 1024);
+    let (events, _) = broadcast::channel(event_buffer.max(1));
     let handle = Handle {
         tx,
         events,

@@ -40,6 +40,9 @@ pub struct Config {
     pub tls: Option<ServerTls>,
     /// The cap on open gRPC connections and their idle timeout.
     pub connections: crate::conn::ConnLimits,
+    /// Events the coordinator's event stream holds for its slowest watcher; one that falls
+    /// further behind gets a fresh snapshot instead.
+    pub event_buffer: usize,
 }
 
 /// The coordinator's TLS: its certificate chain and key (PEM), and for mTLS the CA workers'
@@ -109,6 +112,7 @@ impl Config {
             insecure_no_auth: false,
             tls: None,
             connections: Default::default(),
+            event_buffer: actor::EVENT_BUFFER,
         }
     }
 
@@ -210,7 +214,7 @@ impl Opened {
             store_reads,
         } = self;
         let read_config = ReadConfig::from(core.config());
-        let handle = actor::spawn(core, config.tick);
+        let handle = actor::spawn_with(core, config.tick, config.event_buffer);
         let reads = ReadSide::new(store_reads.clone(), handle.live(), read_config, READ_CONCURRENCY);
         tokio::spawn(crate::rollout::run(handle.clone(), config.rollout.clone()));
         let services = Services::new(handle.clone(), reads.clone(), store_reads);

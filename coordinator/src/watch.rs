@@ -37,7 +37,7 @@ pub async fn follow_run(
         let _watching = handle.metrics().watching();
         let (mut seq, summary) = first;
         // Every watch begins with a snapshot; an ended run's is followed by its `finished`.
-        if !send_snapshot(&tx, seq, summary, true).await {
+        if !send_snapshot(&tx, seq, summary).await {
             return;
         }
         loop {
@@ -59,7 +59,7 @@ pub async fn follow_run(
                     match snapshot(&handle, id).await {
                         Ok((s, summary)) => {
                             seq = s;
-                            if !send_snapshot(&tx, seq, summary, false).await {
+                            if !send_snapshot(&tx, seq, summary).await {
                                 return;
                             }
                         }
@@ -130,20 +130,16 @@ async fn send(handle: &Handle, tx: &mpsc::Sender<Result<pb::RunEvent, Error>>, p
     .is_ok()
 }
 
-/// Sends a snapshot, and `finished` when the run has ended (after the snapshot when `both`,
-/// instead of it otherwise). False when the stream is over.
+/// Sends a snapshot, followed by `finished` when the run has ended. False when the stream is
+/// over.
 async fn send_snapshot(
     tx: &mpsc::Sender<Result<pb::RunEvent, Error>>,
     seq: u64,
     summary: pb::RunSummary,
-    both: bool,
 ) -> bool {
     use pb::run_event::Event;
     let ended = RunStatus::from_wire(summary.status).is_some_and(RunStatus::is_terminal);
-    let mut events = Vec::with_capacity(2);
-    if !ended || both {
-        events.push(Event::Snapshot(summary.clone()));
-    }
+    let mut events = vec![Event::Snapshot(summary.clone())];
     if ended {
         events.push(Event::Finished(summary));
     }
@@ -171,4 +167,138 @@ async fn snapshot(handle: &Handle, id: RunId) -> Result<(u64, pb::RunSummary), E
     handle
         .call(move |core, _| Ok((h.last_seq() + core.pending_events() as u64, core.summary(id)?)))
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use shardgate_common::{Outcome, RunId, WorkerId, pb};
+
+    use super::*;
+    use crate::core::Core;
+    use crate::model::{CoreConfig, Now};
+    use crate::store::SqliteStore;
+
+    /// A watcher that does not read while a run produces far more events than the stream
+    /// holds is not waited for; when it reads again it gets a fresh snapshot, and the snapshot
+    /// plus what follows still adds up to the run's final counts.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_watcher_that_falls_behind_gets_a_fresh_snapshot_and_misses_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("db")).unwrap();
+        let core = Core::open(CoreConfig::default(), store, Now::real()).unwrap();
+        let handle = crate::actor::spawn_with(core, std::time::Duration::from_millis(50), 16);
+        let worker: WorkerId = handle
+            .call(|c, now| {
+                c.register(
+                    pb::RegisterRequest {
+                        name: "w".into(),
+                        slots: 1,
+                        runners: vec![pb::RunnerInfo {
+                            name: "exec".into(),
+                            kind: pb::RunnerKind::Exec as i32,
+                        }],
+                        ..Default::default()
+                    },
+                    now,
+                )
+            })
+            .await
+            .unwrap()
+            .worker_id
+            .parse()
+            .unwrap();
+        let n = WATCH_BUFFER * 4;
+        let tests: Vec<String> = (0..n).map(|i| format!("t{i}.sh")).collect();
+        let run: RunId = handle
+            .call(move |c, now| {
+                c.submit(
+                    pb::SubmitRunRequest {
+                        suite: "s".into(),
+                        revision: "r".into(),
+                        runner: "exec".into(),
+                        tests,
+                        ..Default::default()
+                    },
+                    now,
+                )
+            })
+            .await
+            .unwrap()
+            .run_id
+            .parse()
+            .unwrap();
+        let mut rx = follow_run(&handle, run).await.unwrap();
+        // The worker runs everything, one result per call, while the watcher reads nothing.
+        let mut reported = 0;
+        while reported < n {
+            let shard = handle
+                .call(move |c, now| c.acquire(worker, now))
+                .await
+                .unwrap()
+                .expect("work is left");
+            let attempt: shardgate_common::AttemptId = shard.attempt_id.parse().unwrap();
+            for t in shard.tests {
+                let outcome = if reported % 97 == 0 {
+                    Outcome::Skipped
+                } else {
+                    Outcome::Passed
+                };
+                let result = pb::TestResult {
+                    test_id: t,
+                    outcome: outcome.to_wire(),
+                    duration_ms: 1,
+                    ..Default::default()
+                };
+                handle
+                    .call(move |c, now| c.report(worker, attempt, vec![result], now))
+                    .await
+                    .unwrap();
+                reported += 1;
+            }
+            handle
+                .call(move |c, now| c.finish(worker, attempt, "", false, now))
+                .await
+                .unwrap();
+        }
+        // Now it reads.
+        let (mut snapshots, mut tally, mut finished) = (0, [0u32; 7], None);
+        while let Some(ev) = rx.recv().await {
+            match ev.unwrap().event.unwrap() {
+                pb::run_event::Event::Snapshot(s) => {
+                    snapshots += 1;
+                    let c = s.counts.unwrap();
+                    tally = [
+                        0,
+                        c.passed,
+                        c.failed,
+                        c.skipped,
+                        c.flaky,
+                        c.timed_out,
+                        c.infra_error,
+                    ];
+                }
+                pb::run_event::Event::TestFinished(t) => tally[t.result.unwrap().outcome as usize] += 1,
+                pb::run_event::Event::Finished(s) => finished = s.counts,
+                pb::run_event::Event::Progress(_) => {}
+            }
+        }
+        let fin = finished.expect("the watch ends with the run's end");
+        assert_eq!(fin.passed + fin.skipped, n as u32);
+        assert!(
+            snapshots >= 2,
+            "the watcher fell behind and was sent a fresh snapshot"
+        );
+        assert_eq!(
+            tally,
+            [
+                0,
+                fin.passed,
+                fin.failed,
+                fin.skipped,
+                fin.flaky,
+                fin.timed_out,
+                fin.infra_error
+            ]
+        );
+    }
 }
