@@ -14,6 +14,10 @@ const OUTPUT_LINES: usize = 20;
 pub struct Progress {
     bar: Option<ProgressBar>,
     last_line: Option<Instant>,
+    /// The coordinator's last estimate of the time left, and when it came.
+    eta: Option<(Duration, Instant)>,
+    /// The bar shows counts once the run has tests (a discovery may come first).
+    sized: bool,
 }
 
 impl Default for Progress {
@@ -25,16 +29,35 @@ impl Default for Progress {
 impl Progress {
     pub fn new() -> Self {
         let bar = std::io::stderr().is_terminal().then(|| {
-            let bar = ProgressBar::new(0);
+            // A spinner until the run has tests: an empty bar is not a full one.
+            let bar = ProgressBar::new_spinner();
             bar.set_style(
-                ProgressStyle::with_template("{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} {msg}")
-                    .expect("static template")
-                    .progress_chars("=> "),
+                ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg}").expect("static template"),
             );
+            bar.set_message("waiting for the run's tests");
             bar.enable_steady_tick(Duration::from_millis(200));
             bar
         });
-        Self { bar, last_line: None }
+        Self {
+            bar,
+            last_line: None,
+            eta: None,
+            sized: false,
+        }
+    }
+
+    /// The time left as the coordinator last estimated it, counted down since.
+    fn eta_text(&self) -> String {
+        match self.eta {
+            Some((left, at)) if !left.is_zero() => {
+                let left = left.saturating_sub(at.elapsed());
+                format!(
+                    ", ETA ~{}",
+                    humantime::format_duration(Duration::from_secs(left.as_secs().max(1)))
+                )
+            }
+            _ => String::new(),
+        }
     }
 
     /// A line for the person watching, above the bar or on its own.
@@ -49,6 +72,7 @@ impl Progress {
         use pb::run_event::Event;
         match &ev.event {
             Some(Event::Snapshot(s)) | Some(Event::Progress(s)) | Some(Event::Finished(s)) => {
+                self.eta = Some((Duration::from_millis(s.eta_ms), Instant::now()));
                 self.counts(&s.run_id, s.counts.as_ref(), RunStatus::from_wire(s.status));
             }
             Some(Event::TestFinished(t)) => {
@@ -65,6 +89,7 @@ impl Progress {
                         ));
                     }
                 }
+                self.eta = Some((Duration::from_millis(t.eta_ms), Instant::now()));
                 self.counts(&t.run_id, t.counts.as_ref(), None);
             }
             None => {}
@@ -74,10 +99,29 @@ impl Progress {
     fn counts(&mut self, run_id: &str, c: Option<&pb::RunCounts>, status: Option<RunStatus>) {
         let Some(c) = c else { return };
         let c = Counts::from(c);
-        let done = c.total - c.queued - c.running;
-        let msg = short_counts(&c);
+        let done = c.total.saturating_sub(c.queued + c.running + c.assigned);
+        let ended = status.is_some_and(RunStatus::is_terminal);
+        let msg = format!(
+            "{}{}",
+            short_counts(&c),
+            if ended { String::new() } else { self.eta_text() }
+        );
+        if c.total == 0 && !ended {
+            // Nothing to count yet (the tests are being discovered): no "0/0".
+            return;
+        }
         match &self.bar {
             Some(bar) => {
+                if !self.sized {
+                    self.sized = true;
+                    bar.set_style(
+                        ProgressStyle::with_template(
+                            "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} {msg}",
+                        )
+                        .expect("static template")
+                        .progress_chars("=> "),
+                    );
+                }
                 bar.set_length(c.total as u64);
                 bar.set_position(done as u64);
                 bar.set_message(msg);
@@ -86,7 +130,6 @@ impl Progress {
                 let due = self
                     .last_line
                     .is_none_or(|t| t.elapsed() >= Duration::from_secs(2));
-                let ended = status.is_some_and(RunStatus::is_terminal);
                 if due || ended {
                     self.last_line = Some(Instant::now());
                     eprintln!(

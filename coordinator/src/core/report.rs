@@ -322,6 +322,7 @@ impl Core {
                     run_id: run_id.to_string(),
                     result: Some(result),
                     counts: Some(run.counts()),
+                    eta_ms: run.eta_ms(),
                 }));
         }
         self.effects.runs_changed.insert(run_id);
