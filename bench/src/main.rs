@@ -18,6 +18,7 @@ mod mem;
 mod reads;
 mod real;
 mod sim;
+mod watchers;
 mod workload;
 
 #[derive(Debug, Parser)]
@@ -44,6 +45,9 @@ enum Command {
     /// Hand-out latency alone, with 50 readers of a 100,000-test run, and during a
     /// 1,000,000-test submission.
     Reads(reads::ReadsArgs),
+    /// A 50,000-test run alone, then followed by 200 watchers (gRPC and server-sent events):
+    /// makespan and hand-out latency side by side.
+    Watchers(watchers::WatchersArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -82,6 +86,7 @@ fn main() -> anyhow::Result<()> {
         Command::Chaos(a) => chaos::run(a),
         Command::Flaky(a) => flaky::run(a),
         Command::Reads(a) => tokio::runtime::Runtime::new()?.block_on(reads::run(a)),
+        Command::Watchers(a) => tokio::runtime::Runtime::new()?.block_on(watchers::run(a)),
     }
 }
 

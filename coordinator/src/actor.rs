@@ -44,6 +44,9 @@ pub struct Published {
     pub event: pb::run_event::Event,
     /// When it was published, for the event-stream lag.
     pub at: Instant,
+    /// The event as server-sent events show it (its name and JSON), made once for every
+    /// watcher that asks.
+    pub sse: std::sync::OnceLock<(&'static str, String)>,
 }
 
 impl Published {
@@ -209,9 +212,15 @@ fn run(mut core: Core, rx: mpsc::Receiver<Job>, tick: Duration, out: Outputs) {
         out.metrics.commit_seconds.observe(metrics::since(committing));
         let effects = core.take_effects();
         out.metrics.committed(&effects.events, &effects.counts);
-        if !effects.runs_changed.is_empty() || !effects.workers_changed.is_empty() {
+        if !effects.runs_changed.is_empty()
+            || !effects.workers_changed.is_empty()
+            || !effects.events.is_empty()
+        {
             let mut view = out.live.write().unwrap_or_else(|p| p.into_inner());
             core.refresh_live(&mut view, &effects.runs_changed, &effects.workers_changed);
+            // The events about to be published are numbered from here; only this thread
+            // numbers them.
+            view.seq = out.seq.load(Ordering::SeqCst) + effects.events.len() as u64;
         }
         for reply in replies.drain(..) {
             reply();
@@ -223,6 +232,7 @@ fn run(mut core: Core, rx: mpsc::Receiver<Job>, tick: Duration, out: Outputs) {
                 seq: n,
                 event,
                 at: Instant::now(),
+                sse: std::sync::OnceLock::new(),
             }));
         }
         if effects.work_added {

@@ -23,7 +23,7 @@ use crate::actor::Handle;
 use crate::model::Now;
 use crate::read::ReadSide;
 use crate::store::RunFilter;
-use crate::watch::{self, Seen};
+use crate::watch::{self, Followed, Seen};
 
 /// What the handlers share.
 #[derive(Debug, Clone)]
@@ -256,10 +256,21 @@ fn sse(stream: SseStream) -> Response {
 /// Server-sent events of one run: a snapshot, then its events, then `finished`.
 async fn run_events(State(app): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
     let id = RunId::parse_field("run id", &id)?;
-    let rx = watch::follow_run(&app.handle, id).await?;
+    let rx = watch::follow_run(&app.handle, &app.reads, id).await?;
     let stream = ReceiverStream::new(rx).map(|r| {
         Ok(match r {
-            Ok(ev) => match &ev.event {
+            // A published event is rendered once, for every watcher of it.
+            Ok(Followed::Shared(p)) => {
+                let (name, data) = p.sse.get_or_init(|| {
+                    let (name, data) = event_json(p.seq, &p.event);
+                    (name, data.to_string())
+                });
+                SseEvent::default()
+                    .event(*name)
+                    .id(p.seq.to_string())
+                    .data(data.as_str())
+            }
+            Ok(Followed::Own(ev)) => match &ev.event {
                 Some(e) => {
                     let (name, data) = event_json(ev.seq, e);
                     SseEvent::default()

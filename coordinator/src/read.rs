@@ -31,6 +31,10 @@ pub struct LiveRun {
 pub struct LiveView {
     pub runs: HashMap<RunId, LiveRun>,
     pub workers: BTreeMap<WorkerId, pb::WorkerInfo>,
+    /// The sequence number of the last event this view reflects: the events of the batch that
+    /// wrote it are published right after, so a watcher that subscribed before reading the
+    /// view receives every later one.
+    pub seq: u64,
 }
 
 /// The settings the read side needs to present what it reads.
@@ -172,6 +176,11 @@ impl ReadSide {
                 f(reads.as_ref(), &snapshot, cfg)
             })
             .await?
+    }
+
+    /// The live view, shared with the actor (watchers read their snapshots from it).
+    pub fn live(&self) -> &Arc<RwLock<LiveView>> {
+        &self.live
     }
 
     pub async fn get_run(&self, id: RunId, include_results: bool) -> Result<pb::GetRunResponse, Error> {

@@ -86,9 +86,9 @@ impl RunService for Services {
 
     async fn watch_run(&self, req: Request<pb::WatchRunRequest>) -> Result<Response<EventStream>, Status> {
         let id = run_id(&req.into_inner().run_id)?;
-        let rx = crate::watch::follow_run(&self.handle, id).await?;
+        let rx = crate::watch::follow_run(&self.handle, &self.reads, id).await?;
         let stream = tokio_stream::StreamExt::map(tokio_stream::wrappers::ReceiverStream::new(rx), |r| {
-            r.map_err(Status::from)
+            r.map(|f| f.to_wire()).map_err(Status::from)
         });
         Ok(Response::new(Box::pin(stream)))
     }

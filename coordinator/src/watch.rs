@@ -11,26 +11,94 @@
 use std::sync::Arc;
 
 use shardgate_common::{Error, RunId, RunStatus, pb};
-use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::broadcast;
+use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use tokio::sync::mpsc;
 use tracing::warn;
 
 use crate::actor::{Handle, Published};
 use crate::metrics;
+use crate::read::ReadSide;
 
 /// Events a watch buffers for its reader before it falls behind.
-pub const WATCH_BUFFER: usize = 256;
+pub const WATCH_BUFFER: usize = 1024;
+
+/// How long a watch gathers events before it sends them on together.
+pub const WATCH_TICK: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// The event stream as one watch reads it: in bursts. The first event after a quiet spell
+/// goes at once; then the watch drains what is waiting, and waits a tick before it looks
+/// again. So a watch wakes about ten times a second however busy the run, and its events
+/// leave together (a gRPC stream encodes a burst into one frame, an HTTP response into one
+/// write) instead of one by one: a hundred watchers of a busy run cost the coordinator little.
+struct Bursts {
+    rx: broadcast::Receiver<Arc<Published>>,
+    in_burst: bool,
+}
+
+impl Bursts {
+    fn new(rx: broadcast::Receiver<Arc<Published>>) -> Self {
+        Self { rx, in_burst: false }
+    }
+
+    async fn recv(&mut self) -> Result<Arc<Published>, RecvError> {
+        if self.in_burst {
+            match self.rx.try_recv() {
+                Ok(p) => return Ok(p),
+                Err(TryRecvError::Lagged(n)) => return Err(RecvError::Lagged(n)),
+                Err(TryRecvError::Closed) => return Err(RecvError::Closed),
+                Err(TryRecvError::Empty) => {
+                    self.in_burst = false;
+                    tokio::time::sleep(WATCH_TICK).await;
+                }
+            }
+        }
+        let next = self.rx.recv().await;
+        self.in_burst = true;
+        next
+    }
+}
+
+/// One event of a watch: shared with every other watcher (a published event), or its own (a
+/// snapshot taken for it).
+#[derive(Debug, Clone)]
+pub enum Followed {
+    Shared(Arc<Published>),
+    Own(Box<pb::RunEvent>),
+}
+
+impl Followed {
+    pub fn seq(&self) -> u64 {
+        match self {
+            Followed::Shared(p) => p.seq,
+            Followed::Own(e) => e.seq,
+        }
+    }
+
+    /// The event on the wire.
+    pub fn to_wire(&self) -> pb::RunEvent {
+        match self {
+            Followed::Shared(p) => pb::RunEvent {
+                seq: p.seq,
+                event: Some(p.event.clone()),
+            },
+            Followed::Own(e) => (**e).clone(),
+        }
+    }
+}
 
 /// Follows run `id`: a snapshot, its events, and its `finished` (the stream ends after it).
 pub async fn follow_run(
     handle: &Handle,
+    reads: &ReadSide,
     id: RunId,
-) -> Result<mpsc::Receiver<Result<pb::RunEvent, Error>>, Error> {
+) -> Result<mpsc::Receiver<Result<Followed, Error>>, Error> {
     // Subscribe before taking the snapshot: every event after the snapshot's sequence number
     // is then in the receiver, and those before it are skipped.
-    let mut rx = handle.subscribe();
-    let first = snapshot(handle, id).await?;
+    let mut rx = Bursts::new(handle.subscribe());
+    let first = snapshot(reads, id).await?;
     let handle = handle.clone();
+    let reads = reads.clone();
     let (tx, out) = mpsc::channel(WATCH_BUFFER);
     let wanted = id.to_string();
     tokio::spawn(async move {
@@ -55,8 +123,8 @@ pub async fn follow_run(
                 Err(RecvError::Lagged(n)) => {
                     warn!(run = %id, skipped = n, "watch fell behind; sending a new snapshot");
                     handle.metrics().watch_resynced();
-                    rx = handle.subscribe();
-                    match snapshot(&handle, id).await {
+                    rx = Bursts::new(handle.subscribe());
+                    match snapshot(&reads, id).await {
                         Ok((s, summary)) => {
                             seq = s;
                             if !send_snapshot(&tx, seq, summary).await {
@@ -91,7 +159,7 @@ pub enum Seen {
 
 /// Follows every run's events, with no snapshot (a page of runs reads its own).
 pub fn follow_all(handle: &Handle) -> mpsc::Receiver<Seen> {
-    let mut rx = handle.subscribe();
+    let mut rx = Bursts::new(handle.subscribe());
     let handle = handle.clone();
     let (tx, out) = mpsc::channel(WATCH_BUFFER);
     tokio::spawn(async move {
@@ -107,7 +175,7 @@ pub fn follow_all(handle: &Handle) -> mpsc::Receiver<Seen> {
                 }
                 Err(RecvError::Lagged(_)) => {
                     handle.metrics().watch_resynced();
-                    rx = handle.subscribe();
+                    rx = Bursts::new(handle.subscribe());
                     Seen::Resync
                 }
                 Err(RecvError::Closed) => return,
@@ -120,20 +188,15 @@ pub fn follow_all(handle: &Handle) -> mpsc::Receiver<Seen> {
     out
 }
 
-async fn send(handle: &Handle, tx: &mpsc::Sender<Result<pb::RunEvent, Error>>, p: &Published) -> bool {
+async fn send(handle: &Handle, tx: &mpsc::Sender<Result<Followed, Error>>, p: &Arc<Published>) -> bool {
     handle.metrics().event_lag_seconds.observe(metrics::since(p.at));
-    tx.send(Ok(pb::RunEvent {
-        seq: p.seq,
-        event: Some(p.event.clone()),
-    }))
-    .await
-    .is_ok()
+    tx.send(Ok(Followed::Shared(p.clone()))).await.is_ok()
 }
 
 /// Sends a snapshot, followed by `finished` when the run has ended. False when the stream is
 /// over.
 async fn send_snapshot(
-    tx: &mpsc::Sender<Result<pb::RunEvent, Error>>,
+    tx: &mpsc::Sender<Result<Followed, Error>>,
     seq: u64,
     summary: pb::RunSummary,
 ) -> bool {
@@ -145,10 +208,10 @@ async fn send_snapshot(
     }
     for event in events {
         if tx
-            .send(Ok(pb::RunEvent {
+            .send(Ok(Followed::Own(Box::new(pb::RunEvent {
                 seq,
                 event: Some(event),
-            }))
+            }))))
             .await
             .is_err()
         {
@@ -158,15 +221,19 @@ async fn send_snapshot(
     !ended
 }
 
-/// The run's summary with the sequence number of the last event it reflects.
-async fn snapshot(handle: &Handle, id: RunId) -> Result<(u64, pb::RunSummary), Error> {
-    let h = handle.clone();
-    // Runs on the actor thread: the events of earlier batches are published (`last_seq`) and
-    // those of earlier messages in this batch will be numbered next, so the sum is exactly the
-    // number of the last event this summary reflects.
-    handle
-        .call(move |core, _| Ok((h.last_seq() + core.pending_events() as u64, core.summary(id)?)))
-        .await
+/// The run's summary with the sequence number of the last event it reflects, read from the
+/// live view (an active run) or the store (an ended one), never from the scheduler: however
+/// many watchers start or fall behind, they cost it nothing. Call it after subscribing.
+async fn snapshot(reads: &ReadSide, id: RunId) -> Result<(u64, pb::RunSummary), Error> {
+    let (seq, live) = {
+        let view = reads.live().read().unwrap_or_else(|p| p.into_inner());
+        (view.seq, view.runs.get(&id).map(|r| r.summary.clone()))
+    };
+    match live {
+        Some(summary) => Ok((seq, summary)),
+        // Not active: ended (its stored summary is final) or unknown.
+        None => Ok((seq, reads.get_run(id, false).await?.run.unwrap_or_default())),
+    }
 }
 
 #[cfg(test)]
@@ -227,7 +294,15 @@ mod tests {
             .run_id
             .parse()
             .unwrap();
-        let mut rx = follow_run(&handle, run).await.unwrap();
+        let reader =
+            std::sync::Arc::new(crate::store::SqliteReader::open(&dir.path().join("db"), 1).unwrap());
+        let reads = ReadSide::new(
+            reader,
+            handle.live(),
+            crate::read::ReadConfig::from(&CoreConfig::default()),
+            1,
+        );
+        let mut rx = follow_run(&handle, &reads, run).await.unwrap();
         // The worker runs everything, one result per call, while the watcher reads nothing.
         let mut reported = 0;
         while reported < n {
@@ -263,7 +338,7 @@ mod tests {
         // Now it reads.
         let (mut snapshots, mut tally, mut finished) = (0, [0u32; 7], None);
         while let Some(ev) = rx.recv().await {
-            match ev.unwrap().event.unwrap() {
+            match ev.unwrap().to_wire().event.unwrap() {
                 pb::run_event::Event::Snapshot(s) => {
                     snapshots += 1;
                     let c = s.counts.unwrap();

@@ -1,0 +1,301 @@
+//! Watchers do not slow a run: the same run of `--tests` paced tests on `--workers` simulated
+//! workers, first with nobody watching, then with `--watchers` clients following it to its end
+//! (half over gRPC `WatchRun`, half over the HTTP server-sent events of
+//! `/api/runs/{id}/events`). One coordinator in this process (SQLite file store, gRPC and HTTP
+//! on loopback), as the binary runs it. It prints the makespan and AcquireShard p50/p99 of
+//! each, and the ratios (target ≤ 1.05).
+//!
+//! The watchers stand for dashboards on other machines: in this process they run on threads of
+//! their own at the lowest priority, so that they measure the coordinator, not this machine's
+//! cores shared with them.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use shardgate_common::pb;
+use shardgate_common::pb::run_service_client::RunServiceClient;
+use shardgate_common::pb::worker_service_client::WorkerServiceClient;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::mem::quantile;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct WatchersArgs {
+    /// Tests in the run.
+    #[arg(long, default_value_t = 50_000)]
+    pub tests: usize,
+    /// Simulated one-slot workers.
+    #[arg(long, default_value_t = 100)]
+    pub workers: usize,
+    /// Time each test takes on its worker, in milliseconds.
+    #[arg(long, default_value_t = 50)]
+    pub test_ms: u64,
+    /// Clients following the run (half gRPC, half server-sent events).
+    #[arg(long, default_value_t = 200)]
+    pub watchers: usize,
+    /// Which watchers: `both` (half gRPC, half SSE), `grpc` or `sse`.
+    #[arg(long, default_value = "both")]
+    pub kind: String,
+    /// Rounds of (alone, watched), after one warm-up run.
+    #[arg(long, default_value_t = 2)]
+    pub rounds: usize,
+}
+
+#[derive(Debug, Default)]
+struct Trial {
+    makespan: Duration,
+    acquire_ns: Vec<u64>,
+    events: u64,
+}
+
+pub async fn run(a: WatchersArgs) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let grpc = TcpListener::bind("127.0.0.1:0").await?;
+    let http = TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}", grpc.local_addr()?);
+    let http_addr = http.local_addr()?.to_string();
+    let stop_server = CancellationToken::new();
+    let config = shardgate_coordinator::Config::new(dir.path().join("watchers.db"));
+    let server = tokio::spawn(shardgate_coordinator::run(
+        config,
+        grpc,
+        Some(http),
+        stop_server.clone().cancelled_owned(),
+    ));
+    let mut channels = Vec::new();
+    for _ in 0..8 {
+        channels.push(
+            Endpoint::from_shared(url.clone())?
+                .tcp_nodelay(true)
+                .connect()
+                .await?,
+        );
+    }
+    let mut workers = Vec::new();
+    for i in 0..a.workers {
+        let ch = channels[i % channels.len()].clone();
+        let id = crate::load::register_exec_worker(&ch, &format!("watched-{i}")).await?;
+        workers.push((ch, id));
+    }
+    let watcher_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .on_thread_start(shardgate_coordinator::read::lower_priority)
+        .enable_all()
+        .build()?;
+    println!(
+        "watchers: a run of {} tests of {} ms on {} simulated workers, a coordinator with a SQLite file store",
+        a.tests, a.test_ms, a.workers
+    );
+    // A first run warms the store and the history (every trial runs the same suite, so each
+    // has the same duration history); then alone and watched alternate, so that drift on this
+    // machine weighs on both alike.
+    let warm = trial(&a, &channels[0], &workers, 0, &url, &http_addr, &watcher_rt).await?;
+    println!("  warm-up run: makespan {:.2} s", warm.makespan.as_secs_f64());
+    let (mut alone, mut watched) = (Trial::default(), Trial::default());
+    for round in 1..=a.rounds {
+        for (name, n, total) in [
+            ("nobody watching", 0, &mut alone),
+            ("watched", a.watchers, &mut watched),
+        ] {
+            let mut t = trial(&a, &channels[0], &workers, n, &url, &http_addr, &watcher_rt).await?;
+            println!(
+                "  round {round}, {name:<16} makespan {:>6.2} s   AcquireShard p50 {:>6.2} ms  p99 {:>6.2} ms   events delivered {}",
+                t.makespan.as_secs_f64(),
+                quantile(&mut t.acquire_ns, 0.5) as f64 / 1e6,
+                quantile(&mut t.acquire_ns, 0.99) as f64 / 1e6,
+                t.events
+            );
+            total.makespan += t.makespan;
+            total.acquire_ns.append(&mut t.acquire_ns);
+            total.events += t.events;
+        }
+    }
+    let p99 = |t: &mut Trial| quantile(&mut t.acquire_ns, 0.99).max(1) as f64;
+    println!(
+        "  over {} rounds, {} watchers ({} gRPC, {} SSE) ÷ nobody watching: makespan {:.3}×, AcquireShard p99 {:.3}× (target ≤ 1.05)",
+        a.rounds,
+        a.watchers,
+        a.watchers.div_ceil(2),
+        a.watchers / 2,
+        watched.makespan.as_secs_f64() / alone.makespan.as_secs_f64(),
+        p99(&mut watched) / p99(&mut alone)
+    );
+    watcher_rt.shutdown_background();
+    stop_server.cancel();
+    server.await??;
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn trial(
+    a: &WatchersArgs,
+    ch: &Channel,
+    workers: &[(Channel, String)],
+    watchers: usize,
+    url: &str,
+    http_addr: &str,
+    watcher_rt: &tokio::runtime::Runtime,
+) -> anyhow::Result<Trial> {
+    let mut rpc = RunServiceClient::new(ch.clone())
+        .max_encoding_message_size(usize::MAX)
+        .max_decoding_message_size(usize::MAX);
+    let tests: Vec<String> = (0..a.tests).map(|i| format!("t/{i:06}.sh")).collect();
+    let run_id = rpc
+        .submit_run(pb::SubmitRunRequest {
+            suite: "watchers".into(),
+            revision: "r".into(),
+            runner: "exec".into(),
+            tests,
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .run_id;
+    // The watchers connect before the first hand-out and follow the run to its end.
+    let events = Arc::new(AtomicU64::new(0));
+    let mut watching = tokio::task::JoinSet::new();
+    let mut watch_channels = Vec::new();
+    for _ in 0..watchers.clamp(1, 10) {
+        watch_channels.push(
+            watcher_rt
+                .spawn({
+                    let url = url.to_owned();
+                    async move { Endpoint::from_shared(url)?.connect().await }
+                })
+                .await??,
+        );
+    }
+    let mut grpc_seen = 0;
+    for i in 0..watchers {
+        let (run, events) = (run_id.clone(), events.clone());
+        let grpc = match a.kind.as_str() {
+            "grpc" => true,
+            "sse" => false,
+            _ => i % 2 == 0,
+        };
+        if grpc {
+            // Spread over the connections (10 watchers or so each, as dashboards on several
+            // machines would be).
+            let ch = watch_channels[grpc_seen % watch_channels.len()].clone();
+            grpc_seen += 1;
+            watching.spawn_on(grpc_watch(ch, run, events), watcher_rt.handle());
+        } else {
+            watching.spawn_on(sse_watch(http_addr.to_owned(), run, events), watcher_rt.handle());
+        }
+    }
+    let started = Instant::now();
+    let acquire_ns = Arc::new(Mutex::new(Vec::new()));
+    let mut tasks = tokio::task::JoinSet::new();
+    for (ch, id) in workers {
+        tasks.spawn(paced_worker(
+            ch.clone(),
+            id.clone(),
+            Duration::from_millis(a.test_ms),
+            acquire_ns.clone(),
+        ));
+    }
+    while let Some(r) = tasks.join_next().await {
+        r??;
+    }
+    let makespan = started.elapsed();
+    while let Some(r) = watching.join_next().await {
+        r??;
+    }
+    let acquire_ns = std::mem::take(&mut *acquire_ns.lock().await);
+    Ok(Trial {
+        makespan,
+        acquire_ns,
+        events: events.load(Ordering::Relaxed),
+    })
+}
+
+/// A one-slot worker: takes shards until none is left, each test taking `pace` (±50 %) and
+/// reported as it finishes, as a real worker does.
+async fn paced_worker(
+    ch: Channel,
+    worker_id: String,
+    pace: Duration,
+    acquire_ns: Arc<Mutex<Vec<u64>>>,
+) -> anyhow::Result<()> {
+    let mut client = WorkerServiceClient::new(ch);
+    loop {
+        let asked = Instant::now();
+        let shard = client
+            .acquire_shard(pb::AcquireShardRequest {
+                worker_id: worker_id.clone(),
+                wait_ms: 200,
+            })
+            .await?
+            .into_inner()
+            .shard;
+        let Some(shard) = shard else { return Ok(()) };
+        acquire_ns.lock().await.push(asked.elapsed().as_nanos() as u64);
+        for t in &shard.tests {
+            let f: f64 = rand::random_range(0.5..1.5);
+            tokio::time::sleep(pace.mul_f64(f)).await;
+            client
+                .report_results(pb::ReportResultsRequest {
+                    worker_id: worker_id.clone(),
+                    attempt_id: shard.attempt_id.clone(),
+                    results: vec![pb::TestResult {
+                        test_id: t.clone(),
+                        outcome: pb::Outcome::Passed as i32,
+                        duration_ms: pace.as_millis() as u64,
+                        ..Default::default()
+                    }],
+                })
+                .await?;
+        }
+        client
+            .finish_shard(pb::FinishShardRequest {
+                worker_id: worker_id.clone(),
+                attempt_id: shard.attempt_id.clone(),
+                error: String::new(),
+                draining: false,
+            })
+            .await?;
+    }
+}
+
+async fn grpc_watch(ch: Channel, run: String, events: Arc<AtomicU64>) -> anyhow::Result<()> {
+    let mut stream = RunServiceClient::new(ch)
+        .watch_run(pb::WatchRunRequest { run_id: run })
+        .await?
+        .into_inner();
+    while let Some(ev) = stream.message().await? {
+        events.fetch_add(1, Ordering::Relaxed);
+        if matches!(ev.event, Some(pb::run_event::Event::Finished(_))) {
+            break;
+        }
+    }
+    Ok(())
+}
+
+async fn sse_watch(addr: String, run: String, events: Arc<AtomicU64>) -> anyhow::Result<()> {
+    let mut s = tokio::net::TcpStream::connect(&addr).await?;
+    s.write_all(
+        format!("GET /api/runs/{run}/events HTTP/1.1\r\nHost: bench\r\nAccept: text/event-stream\r\n\r\n")
+            .as_bytes(),
+    )
+    .await?;
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut tail = String::new();
+    loop {
+        let n = s.read(&mut buf).await?;
+        anyhow::ensure!(n > 0, "the event stream closed before the run finished");
+        tail.push_str(&String::from_utf8_lossy(&buf[..n]));
+        let seen = tail.matches("\nevent: ").count() + usize::from(tail.starts_with("event: "));
+        events.fetch_add(seen as u64, Ordering::Relaxed);
+        if tail.contains("event: finished") {
+            return Ok(());
+        }
+        // Keep only the last partial line for the next read.
+        let keep = tail.rfind('\n').map_or(0, |i| i + 1);
+        tail.drain(..keep);
+    }
+}
