@@ -52,10 +52,14 @@ pub(crate) fn refused(what: &str, s: Status) -> anyhow::Error {
         Code::Unauthenticated => anyhow::anyhow!("{what}: not authenticated: {}", s.message()),
         Code::PermissionDenied => anyhow::anyhow!("{what}: permission denied: {}", s.message()),
         // An HTTP server answered without gRPC: most likely the coordinator's HTTP port.
-        _ if s.message().starts_with("grpc-status header missing") => anyhow::anyhow!(
-            "{what}: that address answers HTTP but not gRPC ({}): is it the coordinator's HTTP port (--http-addr)? Give its gRPC address (--grpc-addr, port 7070 by default)",
-            s.message()
-        ),
+        _ if s.message().starts_with("grpc-status header missing")
+            || s.message().starts_with("this is the coordinator's HTTP port") =>
+        {
+            anyhow::anyhow!(
+                "{what}: that address answers HTTP but not gRPC ({}): is it the coordinator's HTTP port (--http-addr)? Give its gRPC address (--grpc-addr, port 7070 by default)",
+                s.message()
+            )
+        }
         _ => anyhow::anyhow!("{what}: {}", s.message()),
     }
 }

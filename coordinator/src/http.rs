@@ -92,6 +92,34 @@ impl From<Error> for ApiError {
     }
 }
 
+/// A gRPC call sent to the HTTP port gets a gRPC answer that says so (any other answer reads
+/// as a garbled stream to a gRPC client).
+pub async fn refuse_grpc(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let grpc = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"));
+    if !grpc {
+        return next.run(req).await;
+    }
+    (
+        StatusCode::OK,
+        [
+            (header::CONTENT_TYPE, "application/grpc"),
+            (
+                header::HeaderName::from_static("grpc-status"),
+                "12", // UNIMPLEMENTED
+            ),
+            (
+                header::HeaderName::from_static("grpc-message"),
+                "this is the coordinator's HTTP port (--http-addr); gRPC is served on --grpc-addr",
+            ),
+        ],
+    )
+        .into_response()
+}
+
 async fn not_found(uri: Uri) -> ApiError {
     ApiError(Error::NotFound {
         what: "route",

@@ -322,9 +322,13 @@ async fn serve_all(
     let http_task = match http {
         Some(listener) => {
             info!(http = %listener.local_addr()?, "http serving");
-            let app = crate::http::router(handle.clone(), reads, stop_rx.clone()).layer(
-                axum::middleware::from_fn_with_state(config.auth.clone(), crate::auth::http_layer),
-            );
+            let app = crate::http::router(handle.clone(), reads, stop_rx.clone())
+                .layer(axum::middleware::from_fn_with_state(
+                    config.auth.clone(),
+                    crate::auth::http_layer,
+                ))
+                // Outermost: a gRPC call on this port is answered in gRPC, before any auth.
+                .layer(axum::middleware::from_fn(crate::http::refuse_grpc));
             Some(spawn_http(
                 listener,
                 app,
