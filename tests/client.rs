@@ -8,7 +8,7 @@ use std::io::Read;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use harness::{Cluster, suite, wait_for};
+use harness::{Cluster, free_port, suite, wait_for};
 
 /// The id of the cluster's only run, once it has one.
 fn the_run(cluster: &Cluster) -> String {
@@ -255,15 +255,6 @@ fn the_coordinator_listens_on_a_host_name_and_logs_plain_text_to_a_pipe() {
         !stderr.contains('\x1b'),
         "no colour codes in a log that is not a terminal: {stderr:?}"
     );
-}
-
-/// A free loopback port (bound and released).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 #[test]

@@ -13,7 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use fantoccini::{Client, ClientBuilder};
-use harness::{Cluster, script, wait_for};
+use harness::{Cluster, free_port, script, wait_for};
 use serde_json::json;
 
 /// A chromedriver on a free port, killed on drop.
@@ -32,14 +32,6 @@ impl Drop for Driver {
         );
         let _ = self.child.wait();
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn chromedriver() -> Driver {

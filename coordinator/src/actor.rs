@@ -13,8 +13,11 @@
 //! cannot be closed) the core's memory no longer matches the disk, so the process stops and a
 //! restart reloads the store (fail-stop).
 //!
-//! The actor only runs what changes state (and a watch's first snapshot, which must be exact);
-//! reads go to the read side (`read.rs`).
+//! Events go to the broadcast channel through a publisher thread, in order, so that the
+//! scheduler never waits on the channel's lock (which watchers on low-priority threads take).
+//!
+//! The actor only runs what changes state; reads, and watches' snapshots, go to the read side
+//! (`read.rs`, `watch.rs`).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
@@ -113,7 +116,8 @@ impl Handle {
         self.events.subscribe()
     }
 
-    /// The sequence number of the last published event.
+    /// The sequence number of the last event numbered (published, or on its way to the
+    /// broadcast channel through the publisher thread).
     pub fn last_seq(&self) -> u64 {
         self.seq.load(Ordering::SeqCst)
     }
@@ -147,10 +151,26 @@ pub fn spawn_with(core: Core, tick: Duration, event_buffer: usize) -> Handle {
         metrics: Arc::new(Metrics::new()),
     };
     let h = handle.clone();
+    // Events reach the broadcast channel through a thread of their own: the channel's lock is
+    // also taken by watchers, some on low-priority threads, and the scheduler must never wait
+    // for one of those to be scheduled again. It ends when the scheduler does.
+    let (publish, to_publish) = mpsc::channel::<Vec<Arc<Published>>>();
+    let events = h.events;
+    std::thread::Builder::new()
+        .name("shardgate-publish".into())
+        .spawn(move || {
+            for batch in to_publish {
+                for p in batch {
+                    // No subscriber is fine: nobody is watching.
+                    let _ = events.send(p);
+                }
+            }
+        })
+        .expect("failed to spawn the event publisher thread");
     // The thread holds only the parts it publishes to, not a sender, so dropping every handle
     // ends it.
     let out = Outputs {
-        events: h.events,
+        publish,
         work: h.work,
         seq: h.seq,
         deploys: h.deploys,
@@ -166,7 +186,8 @@ pub fn spawn_with(core: Core, tick: Duration, event_buffer: usize) -> Handle {
 
 /// Where the actor publishes what its batches produced.
 struct Outputs {
-    events: broadcast::Sender<Arc<Published>>,
+    /// To the publisher thread, in order.
+    publish: mpsc::Sender<Vec<Arc<Published>>>,
     work: Arc<Notify>,
     seq: Arc<AtomicU64>,
     deploys: Arc<Notify>,
@@ -225,15 +246,21 @@ fn run(mut core: Core, rx: mpsc::Receiver<Job>, tick: Duration, out: Outputs) {
         for reply in replies.drain(..) {
             reply();
         }
-        for event in effects.events {
-            let n = out.seq.fetch_add(1, Ordering::SeqCst) + 1;
-            // No subscriber is fine: nobody is watching.
-            let _ = out.events.send(Arc::new(Published {
-                seq: n,
-                event,
-                at: Instant::now(),
-                sse: std::sync::OnceLock::new(),
-            }));
+        if !effects.events.is_empty() {
+            let batch: Vec<_> = effects
+                .events
+                .into_iter()
+                .map(|event| {
+                    Arc::new(Published {
+                        seq: out.seq.fetch_add(1, Ordering::SeqCst) + 1,
+                        event,
+                        at: Instant::now(),
+                        sse: std::sync::OnceLock::new(),
+                    })
+                })
+                .collect();
+            // The publisher outlives the scheduler loop; a send fails only at exit.
+            let _ = out.publish.send(batch);
         }
         if effects.work_added {
             out.work.notify_waiters();

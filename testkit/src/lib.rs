@@ -9,6 +9,6 @@ pub mod cluster;
 pub mod proxy;
 
 pub use cluster::{
-    Cluster, ClusterBuilder, Ran, TOKENS, bin, bin_dir, client, coordinator_ready, http_get, http_get_with,
-    poll_until, script, suite, wait_for,
+    Cluster, ClusterBuilder, Ran, TOKENS, bin, bin_dir, client, coordinator_ready, free_port, http_get,
+    http_get_with, poll_until, script, suite, wait_for,
 };
