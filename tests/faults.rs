@@ -87,7 +87,7 @@ fn a_drained_worker_hands_its_running_tests_back_at_once() {
     assert_eq!(t["outcome"], "passed");
     assert_eq!(t["attempts"], 2);
     assert_ne!(t["worker"], cluster.worker_name(drained));
-    let workers = cluster.http_json("/api/workers").unwrap();
+    let workers = cluster.http_json("/api/workers?include_gone=true").unwrap();
     let gone = workers
         .as_array()
         .unwrap()

@@ -323,7 +323,10 @@ fn wait_progress(cluster: &Cluster, revision: &str, share: f64, deadline: Instan
         }
         let c = &run["counts"];
         let total = c["total"].as_u64().unwrap_or(0);
-        let open = c["queued"].as_u64().unwrap_or(0) + c["running"].as_u64().unwrap_or(0);
+        let open = ["queued", "running", "assigned"]
+            .iter()
+            .map(|k| c[*k].as_u64().unwrap_or(0))
+            .sum::<u64>();
         (total > 0 && (total - open) as f64 >= share * total as f64).then_some(true)
     })
     .unwrap_or(false)
@@ -331,7 +334,7 @@ fn wait_progress(cluster: &Cluster, revision: &str, share: f64, deadline: Instan
 
 /// The coordinator's view of the workers: (worker id, name, state, busy slots).
 fn workers(cluster: &Cluster) -> Vec<(String, String, String, u64)> {
-    let Some(v) = cluster.http_json("/api/workers") else {
+    let Some(v) = cluster.http_json("/api/workers?include_gone=true") else {
         return Vec::new();
     };
     v.as_array()
