@@ -117,12 +117,13 @@ async fn the_dashboard_follows_a_real_run_to_its_verdict_the_fleet_and_the_deplo
         .slots(2)
         .coordinator_args(&["--rollout-command", &hook])
         .start();
-    // 36 tests of 0.3–0.9 s over 6 slots: a few seconds, long enough to watch. One flakes
-    // (fails its first run, passes the retry), so the page shows a flaky test with its output.
+    // 36 tests of 1.0–1.6 s over 6 slots: about 8 s, long enough to watch the page refresh
+    // (at most once a second) several times. One flakes (fails its first run, passes the
+    // retry), so the page shows a flaky test with its output.
     let mut tests = Vec::new();
     for i in 0..36 {
         let id = format!("t/{i:03}.sh");
-        let sleep = format!("0.{}", 3 + (i * 7) % 7);
+        let sleep = format!("1.{}", (i * 3) % 7);
         script(&cluster.root, &id, &format!("echo test {i}\nsleep {sleep}"));
         tests.push(id);
     }
