@@ -49,7 +49,8 @@ trap cleanup EXIT
 
 # The client on the host.
 cargo build --quiet --locked --bin shardgate
-SHARDGATE=$ROOT/target/debug/shardgate
+SHARDGATE=${CARGO_TARGET_DIR:-$ROOT/target}/debug/shardgate
+[ -x "$SHARDGATE" ] || fail "the client was not built at $SHARDGATE"
 
 # 1. Base images: the registry's, or made here.
 BUILDER=rust:1.89-bookworm
@@ -103,9 +104,13 @@ done
 
 # 3. The compose file with tokens, a suite, and host ports of its own.
 mkdir -p "$WORK/secrets" "$WORK/examples" "$WORK/tests/t"
-secret_of() { "$SHARDGATE" token new --name "$1" --role "$2" >"$WORK/$1.out"; head -1 "$WORK/$1.out"; }
+secret_of() {
+    "$SHARDGATE" token new --name "$1" --role "$2" >"$WORK/$1.out" || fail "shardgate token new failed"
+    head -1 "$WORK/$1.out"
+}
 FLEET=$(secret_of fleet worker)
 CI=$(secret_of ci trigger)
+[ -n "$FLEET" ] && [ -n "$CI" ] || fail "no token secrets from shardgate token new"
 { tail -n +2 "$WORK/fleet.out"; echo; tail -n +2 "$WORK/ci.out"; } | grep -v '^#' >"$WORK/secrets/tokens.toml"
 printf '%s' "$FLEET" >"$WORK/secrets/fleet.token"
 chmod 0644 "$WORK/secrets/"*
