@@ -80,6 +80,10 @@ async fn shot(c: &Client, name: &str) {
     std::fs::write(screenshot_dir().join(format!("{name}.png")), png).unwrap();
 }
 
+/// The interval between two looks at the page in the loops that poll it under a deadline
+/// (`until`, and the run page's progress): never a wait for something to have happened.
+const POLL: Duration = Duration::from_millis(100);
+
 /// Evaluates `expr` in the page.
 async fn eval(c: &Client, expr: &str) -> serde_json::Value {
     c.execute(&format!("return ({expr});"), vec![]).await.unwrap()
@@ -103,7 +107,7 @@ async fn until(
             Instant::now() < deadline,
             "timed out waiting for {what}: last {v}"
         );
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(POLL).await;
     }
 }
 
@@ -204,7 +208,7 @@ async fn the_dashboard_follows_a_real_run_to_its_verdict_the_fleet_and_the_deplo
             Instant::now() < deadline,
             "the page never showed the verdict; saw {seen:?}"
         );
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(POLL).await;
     }
     // The final counts are on the page once it says passed.
     until(

@@ -79,6 +79,8 @@ async fn watch(
         }
         last_seq = last_seq.max(ev.seq);
         if !delay.is_zero() {
+            // The slow reader itself: it takes `delay` over each event (what the test is
+            // about), it does not wait for anything to happen.
             tokio::time::sleep(delay).await;
         }
     }
