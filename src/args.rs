@@ -47,9 +47,19 @@ pub struct CoordinatorArgs {
     /// Address for HTTP (`/healthz`, the JSON API).
     #[arg(long, env = "SHARDGATE_HTTP_ADDR", default_value = "127.0.0.1:7080", value_parser = listen_addr)]
     pub http_addr: SocketAddr,
-    /// SQLite database file; created if missing.
+    /// The database: a SQLite file (created if missing), or a PostgreSQL URL
+    /// (`postgres://user:password@host/db`), which several coordinators may share: one leads,
+    /// the others stand by.
     #[arg(long, env = "SHARDGATE_DB", default_value = "shardgate.db")]
     pub db: PathBuf,
+    /// The gRPC address other machines use to reach this coordinator (default: the bound
+    /// `--grpc-addr`). With a PostgreSQL database, standbys send callers there.
+    #[arg(long, env = "SHARDGATE_ADVERTISE_GRPC_ADDR", value_name = "HOST:PORT")]
+    pub advertise_grpc_addr: Option<String>,
+    /// The HTTP address other machines use to reach this coordinator (default: the bound
+    /// `--http-addr`).
+    #[arg(long, env = "SHARDGATE_ADVERTISE_HTTP_ADDR", value_name = "HOST:PORT")]
+    pub advertise_http_addr: Option<String>,
     /// Credentials: a TOML file with one `[tokens.NAME]` table per token (`role` and the
     /// `sha256` of its secret; see `shardgate token new`). Without it the coordinator serves
     /// loopback addresses only.

@@ -109,14 +109,22 @@ pub async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
             client_ca: args.client_ca.clone(),
         });
     }
-    // The database first: the addresses are printed only by a coordinator that holds it.
-    let opened = shardgate_coordinator::server::open(config)?;
     let grpc = TcpListener::bind(args.grpc_addr)
         .await
         .with_context(|| format!("failed to bind --grpc-addr {}", args.grpc_addr))?;
     let http = TcpListener::bind(args.http_addr)
         .await
         .with_context(|| format!("failed to bind --http-addr {}", args.http_addr))?;
+    config.advertise = (
+        args.advertise_grpc_addr
+            .clone()
+            .unwrap_or(grpc.local_addr()?.to_string()),
+        args.advertise_http_addr
+            .clone()
+            .unwrap_or(http.local_addr()?.to_string()),
+    );
+    // The database next: the addresses are printed only by a coordinator that holds it.
+    let opened = shardgate_coordinator::server::open(config)?;
     // Refused before it says it serves.
     opened.check_exposure(&[grpc.local_addr()?, http.local_addr()?])?;
     let ready = serde_json::json!({
@@ -234,6 +242,10 @@ impl std::error::Error for CheckFailed {}
 
 /// `shardgate-coordinator backup`: an online copy of the database.
 pub fn backup(args: &crate::args::BackupArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        !shardgate_coordinator::store::postgres::is_url(&args.db.to_string_lossy()),
+        "backup copies a SQLite file; back up a PostgreSQL database with PostgreSQL's own tools (pg_dump, or your provider's snapshots)"
+    );
     shardgate_coordinator::store::sqlite::backup(&args.db, &args.to)?;
     println!("backed up {} to {}", args.db.display(), args.to.display());
     Ok(())

@@ -15,7 +15,7 @@ use crate::core::Core;
 use crate::model::{CoreConfig, Now};
 use crate::read::{ReadConfig, ReadSide};
 use crate::service::Services;
-use crate::store::{Reads, SqliteReader, SqliteStore, StoreError};
+use crate::store::{Reads, SqliteReader, SqliteStore, Store, StoreError, postgres};
 
 /// Largest gRPC message accepted, so a whole large suite fits in one `SubmitRun`.
 pub use shardgate_common::limits::MAX_MESSAGE_BYTES;
@@ -43,6 +43,9 @@ pub struct Config {
     /// Events the coordinator's event stream holds for its slowest watcher; one that falls
     /// further behind gets a fresh snapshot instead.
     pub event_buffer: usize,
+    /// Where other machines reach this coordinator's gRPC and HTTP ports; a PostgreSQL store
+    /// records them with the lead, so that standbys can send callers to the leader.
+    pub advertise: (String, String),
 }
 
 /// The coordinator's TLS: its certificate chain and key (PEM), and for mTLS the CA workers'
@@ -113,6 +116,7 @@ impl Config {
             tls: None,
             connections: Default::default(),
             event_buffer: actor::EVENT_BUFFER,
+            advertise: (String::new(), String::new()),
         }
     }
 
@@ -170,18 +174,39 @@ impl std::fmt::Debug for Opened {
 
 /// Opens the database (refusing one another live coordinator holds) and loads the state.
 pub fn open(config: Config) -> Result<Opened, ServeError> {
-    let mut store = SqliteStore::open(&config.db)?;
-    store.checkpoint_in_background(&config.db, Duration::from_millis(500))?;
-    let store_reads: std::sync::Arc<dyn Reads + Send + Sync> =
-        std::sync::Arc::new(SqliteReader::open(&config.db, READ_CONCURRENCY)?);
+    let (store, store_reads) = open_store(&config)?;
     let mut core_config = config.core.clone();
     core_config.rollout_configured = config.rollout.is_configured();
-    let core = Core::open(core_config, store, Now::real())?;
+    let core = Core::open_boxed(core_config, store, Now::real())?;
     Ok(Opened {
         config,
         core,
         store_reads,
     })
+}
+
+/// The read side, shared by every request handler.
+type SharedReads = std::sync::Arc<dyn Reads + Send + Sync>;
+
+/// The writer and the read side of the database `config.db` names: a `postgres://` URL, or a
+/// SQLite file.
+fn open_store(config: &Config) -> Result<(Box<dyn Store>, SharedReads), ServeError> {
+    let db = config.db.to_string_lossy();
+    if postgres::is_url(&db) {
+        let me = postgres::Candidate {
+            grpc_addr: config.advertise.0.clone(),
+            http_addr: config.advertise.1.clone(),
+            exit_when_lost: true,
+            ..postgres::Candidate::this_process()
+        };
+        let store = postgres::PgStore::open(&db, &me)?;
+        let reads = postgres::PgReader::open(&db, READ_CONCURRENCY)?;
+        return Ok((Box::new(store), std::sync::Arc::new(reads)));
+    }
+    let mut store = SqliteStore::open(&config.db)?;
+    store.checkpoint_in_background(&config.db, Duration::from_millis(500))?;
+    let reads = SqliteReader::open(&config.db, READ_CONCURRENCY)?;
+    Ok((Box::new(store), std::sync::Arc::new(reads)))
 }
 
 /// Opens and serves until `shutdown` completes. `http` is optional: an embedded coordinator may

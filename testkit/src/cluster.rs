@@ -71,6 +71,22 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// Whether the tests run their coordinators on PostgreSQL (`SHARDGATE_TEST_STORE=postgres`)
+/// rather than on the embedded SQLite.
+pub fn on_postgres() -> bool {
+    std::env::var("SHARDGATE_TEST_STORE").is_ok_and(|s| s == "postgres")
+}
+
+/// The `--db` of a test's coordinator: a new database on the test process's PostgreSQL
+/// server when the tests run on it, else a SQLite file in `dir`.
+pub fn test_db(dir: &Path) -> PathBuf {
+    if on_postgres() {
+        PathBuf::from(crate::postgres::PgServer::shared().database())
+    } else {
+        dir.join("shardgate.db")
+    }
+}
+
 /// Writes an executable shell script at `root/rel`.
 pub fn script(root: &Path, rel: &str, body: &str) {
     let p = root.join(rel);
@@ -281,7 +297,7 @@ impl ClusterBuilder {
         let root = dir.path().join("suite");
         std::fs::create_dir(&root).unwrap();
         let mut c = Cluster {
-            db: dir.path().join("shardgate.db"),
+            db: test_db(dir.path()),
             root,
             coordinator: None,
             grpc_addr: String::new(),

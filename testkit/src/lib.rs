@@ -6,9 +6,10 @@
 pub mod certs;
 pub mod chaos;
 pub mod cluster;
+pub mod postgres;
 pub mod proxy;
 
 pub use cluster::{
     Cluster, ClusterBuilder, Ran, TOKENS, bin, bin_dir, client, coordinator_ready, free_port, http_get,
-    http_get_with, poll_until, script, suite, wait_for,
+    http_get_with, on_postgres, poll_until, script, suite, test_db, wait_for,
 };

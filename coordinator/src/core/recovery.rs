@@ -16,9 +16,14 @@ impl Core {
     /// Loads the store: known workers (as lost until they heartbeat) and every unfinished run,
     /// whose tests without a counted result go back to the queue.
     pub fn open(cfg: CoreConfig, store: impl Store + 'static, now: Now) -> Result<Self, Error> {
+        Self::open_boxed(cfg, Box::new(store), now)
+    }
+
+    /// [`Core::open`] on a store chosen at run time.
+    pub fn open_boxed(cfg: CoreConfig, store: Box<dyn Store>, now: Now) -> Result<Self, Error> {
         let mut core = Self {
             cfg,
-            store: Box::new(store),
+            store,
             runs: BTreeMap::new(),
             workers: HashMap::new(),
             attempts: HashMap::new(),

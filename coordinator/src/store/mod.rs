@@ -6,7 +6,11 @@
 //! message that fails rolls back alone. The read side ([`Reads`]) serves dashboards and lists
 //! from its own connections and sees only committed state.
 
+mod codec;
+#[cfg(test)]
+pub(crate) mod conformance;
 mod faulty;
+pub mod postgres;
 mod records;
 pub mod sqlite;
 
@@ -44,6 +48,17 @@ pub enum StoreError {
         "database '{path}' failed its integrity check ({detail}); restore it from a backup, or start on a new file"
     )]
     Damaged { path: String, detail: String },
+    #[error("PostgreSQL: {0}")]
+    Postgres(String),
+    #[error(
+        "this coordinator is no longer the leader of database '{db}': coordinator {holder} took over (epoch {newer}, ours {ours}); stopping so it alone writes"
+    )]
+    Fenced {
+        db: String,
+        holder: String,
+        ours: i64,
+        newer: i64,
+    },
     #[error("injected store fault on write {0}")]
     Injected(u32),
 }

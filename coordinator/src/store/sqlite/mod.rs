@@ -286,24 +286,7 @@ impl WithConn for SqliteStore {
     }
 }
 
-fn to_json<T: serde::Serialize>(v: &T) -> String {
-    serde_json::to_string(v).expect("plain data always serializes")
-}
-
-fn from_json<T: serde::de::DeserializeOwned>(table: &'static str, s: &str) -> StoreResult<T> {
-    serde_json::from_str(s).map_err(|e| StoreError::Corrupt {
-        table,
-        reason: format!("bad JSON {s:?}: {e}"),
-    })
-}
-
-/// A stored id or state in its text form.
-fn parse<T: std::str::FromStr>(table: &'static str, s: &str) -> StoreResult<T> {
-    s.parse().map_err(|_| StoreError::Corrupt {
-        table,
-        reason: format!("bad value '{s}'"),
-    })
-}
+use super::codec::{from_json, parse, to_json};
 
 #[cfg(test)]
 mod tests;

@@ -11,9 +11,10 @@ use shardgate_common::{Outcome, RunId, pb};
 
 use super::gate::query_deploys;
 use super::history::{FLAKINESS_COLUMNS, flakiness_row};
-use super::runs::{RUN_COLUMNS, parse_outcome, raw_run};
+use super::runs::{RUN_COLUMNS, raw_run};
 use super::{WithConn, open_err};
 use crate::scheduler::History;
+use crate::store::codec::parse_outcome;
 use crate::store::{
     DeployRow, FlakinessRow, OutcomeCounts, QuarantineRow, Reads, RunFilter, RunRow, StoreResult,
 };

@@ -4,6 +4,7 @@ use rusqlite::{OptionalExtension, params};
 use shardgate_common::{Outcome, RunId};
 
 use super::{SqliteStore, from_json, parse, to_json};
+use crate::store::codec::parse_outcome;
 use crate::store::{ResultRow, RetryState, RunRow, RunStore, StoreResult, StoredTest};
 
 /// The columns [`run_row`] reads, in order.
@@ -75,10 +76,6 @@ impl RawRun {
             shards: self.shards,
         })
     }
-}
-
-pub(super) fn parse_outcome(o: Option<String>) -> StoreResult<Option<Outcome>> {
-    o.map(|o| parse::<Outcome>("tests", &o)).transpose()
 }
 
 /// One counted result into the flakiness history: ?3 red, ?4 flaky, ?5 green (0/1), ?6 the

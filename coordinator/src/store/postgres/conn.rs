@@ -1,0 +1,270 @@
+//! One PostgreSQL session with its prepared statements, and what the store knows about its
+//! transaction: how deep the savepoints are and whether a statement failed inside one.
+//!
+//! The store is called from plain threads (the scheduler's) and from async tasks (the read
+//! side) alike, so it cannot use a client that runs its own runtime (`postgres` panics inside
+//! one). Sessions are `tokio-postgres` connections driven by one small runtime of the store's
+//! own; the calls wait on their answers with a plain executor, which works on any thread.
+
+use std::collections::HashMap;
+
+use futures_executor::block_on;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Client, Row, Statement};
+
+use crate::store::{StoreError, StoreResult};
+
+pub(crate) type Params<'a> = &'a [&'a (dyn ToSql + Sync)];
+
+/// A session and its statement cache.
+pub(crate) struct Conn {
+    client: Client,
+    statements: HashMap<String, Statement>,
+    /// Open transaction levels: 1 inside a batch, one more per savepoint.
+    pub(super) depth: usize,
+    /// The level at which a statement failed. PostgreSQL refuses every statement after a
+    /// failure until the savepoint it happened under is rolled back, and a `COMMIT` then
+    /// silently rolls back: the store refuses to commit instead.
+    pub(super) failed_at: Option<usize>,
+    /// The epoch every transaction of this session checks first (the writer's), and the
+    /// database as errors show it.
+    pub(super) fence: Option<(i64, String)>,
+}
+
+impl std::fmt::Debug for Conn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Conn")
+            .field("depth", &self.depth)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A PostgreSQL error with what the server said, not just "db error".
+pub(crate) fn pg_err(e: tokio_postgres::Error) -> StoreError {
+    let detail = match e.as_db_error() {
+        Some(db) => {
+            let mut s = format!("{} ({})", db.message(), db.code().code());
+            if let Some(d) = db.detail() {
+                s.push_str(": ");
+                s.push_str(d);
+            }
+            s
+        }
+        None if e.is_closed() => format!("the connection is closed: {e}"),
+        None => {
+            // The cause says what went wrong on the wire (refused, reset, timed out).
+            let mut s = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(c) = source {
+                s.push_str(": ");
+                s.push_str(&c.to_string());
+                source = c.source();
+            }
+            s
+        }
+    };
+    StoreError::Postgres(detail)
+}
+
+impl Conn {
+    pub(crate) fn new(client: Client) -> Self {
+        Self {
+            client,
+            statements: HashMap::new(),
+            depth: 0,
+            failed_at: None,
+            fence: None,
+        }
+    }
+
+    pub(crate) fn is_closed(&self) -> bool {
+        self.client.is_closed()
+    }
+
+    fn prepared(&mut self, sql: &str) -> Result<Statement, tokio_postgres::Error> {
+        if let Some(s) = self.statements.get(sql) {
+            return Ok(s.clone());
+        }
+        let s = block_on(self.client.prepare(sql))?;
+        self.statements.insert(sql.to_owned(), s.clone());
+        Ok(s)
+    }
+
+    fn noted<T>(&mut self, r: Result<T, tokio_postgres::Error>) -> StoreResult<T> {
+        r.map_err(|e| {
+            if self.depth > 0 && self.failed_at.is_none() {
+                self.failed_at = Some(self.depth);
+            }
+            pg_err(e)
+        })
+    }
+
+    /// Runs a statement; returns how many rows it changed.
+    pub(crate) fn execute(&mut self, sql: &str, params: Params<'_>) -> StoreResult<u64> {
+        let r = self
+            .prepared(sql)
+            .and_then(|s| block_on(self.client.execute(&s, params)));
+        self.noted(r)
+    }
+
+    pub(crate) fn query(&mut self, sql: &str, params: Params<'_>) -> StoreResult<Vec<Row>> {
+        let r = self
+            .prepared(sql)
+            .and_then(|s| block_on(self.client.query(&s, params)));
+        self.noted(r)
+    }
+
+    pub(crate) fn query_opt(&mut self, sql: &str, params: Params<'_>) -> StoreResult<Option<Row>> {
+        let r = self
+            .prepared(sql)
+            .and_then(|s| block_on(self.client.query_opt(&s, params)));
+        self.noted(r)
+    }
+
+    /// Statements without parameters, sent as one (transaction control, schema).
+    pub(crate) fn batch(&mut self, sql: &str) -> StoreResult<()> {
+        let r = block_on(self.client.batch_execute(sql));
+        self.noted(r)
+    }
+
+    /// Opens a transaction level: a transaction at the top, a savepoint inside one.
+    pub(crate) fn open_level(&mut self) -> StoreResult<()> {
+        if self.depth > 0 {
+            self.batch("SAVEPOINT level")?;
+            self.depth += 1;
+            return Ok(());
+        }
+        self.batch("BEGIN")?;
+        self.depth = 1;
+        if let Err(e) = self.check_fence() {
+            let _ = self.rollback_level();
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// The fence: the leader row stays locked for share until the transaction ends, so a
+    /// takeover (which updates the row) waits for it, and a transaction after a takeover sees
+    /// the newer epoch and is refused.
+    fn check_fence(&mut self) -> StoreResult<()> {
+        let Some((ours, db)) = self.fence.clone() else {
+            return Ok(());
+        };
+        let row = self.query_opt("SELECT epoch, holder FROM leader WHERE id = 1 FOR SHARE", &[])?;
+        let (epoch, holder): (i64, String) = match &row {
+            Some(r) => (get(r, 0)?, get(r, 1)?),
+            None => (0, String::new()),
+        };
+        if epoch == ours {
+            return Ok(());
+        }
+        Err(StoreError::Fenced {
+            db,
+            holder,
+            ours,
+            newer: epoch,
+        })
+    }
+
+    /// Runs one writing statement under the fence (see [`Conn::write`]).
+    pub(crate) fn write_execute(&mut self, sql: &str, params: Params<'_>) -> StoreResult<u64> {
+        self.write(|c| c.execute(sql, params))
+    }
+
+    /// Runs one writing statement that returns rows (`RETURNING`) under the fence.
+    pub(crate) fn write_query(&mut self, sql: &str, params: Params<'_>) -> StoreResult<Vec<Row>> {
+        self.write(|c| c.query(sql, params))
+    }
+
+    /// Runs a write: inside the batch when one is open, else in a transaction of its own, so
+    /// that no write escapes the fence.
+    pub(crate) fn write<T>(&mut self, f: impl FnOnce(&mut Self) -> StoreResult<T>) -> StoreResult<T> {
+        if self.depth > 0 { f(self) } else { self.atomic(f) }
+    }
+
+    /// Keeps the innermost level's writes (commits at the top).
+    pub(crate) fn close_level(&mut self) -> StoreResult<()> {
+        if let Some(at) = self.failed_at
+            && at >= self.depth
+        {
+            self.rollback_level()?;
+            return Err(StoreError::Postgres(
+                "a statement failed in this transaction; its writes were rolled back".into(),
+            ));
+        }
+        let sql = if self.depth == 1 {
+            "COMMIT"
+        } else {
+            "RELEASE level"
+        };
+        let r = self.batch(sql);
+        self.depth -= 1;
+        r
+    }
+
+    /// Undoes the innermost level's writes.
+    pub(crate) fn rollback_level(&mut self) -> StoreResult<()> {
+        let sql = if self.depth == 1 {
+            "ROLLBACK"
+        } else {
+            "ROLLBACK TO level; RELEASE level"
+        };
+        let level = self.depth;
+        // A failed rollback leaves the session unusable; the next commit fails and the
+        // coordinator stops.
+        let r = block_on(self.client.batch_execute(sql)).map_err(pg_err);
+        self.depth -= 1;
+        if r.is_ok() && self.failed_at.is_some_and(|at| at >= level) {
+            self.failed_at = None;
+        }
+        if self.depth == 0 {
+            self.failed_at = None;
+        }
+        r
+    }
+
+    /// Runs `f` in a level of its own: all of its writes or none.
+    pub(crate) fn atomic<T>(&mut self, f: impl FnOnce(&mut Self) -> StoreResult<T>) -> StoreResult<T> {
+        self.open_level()?;
+        match f(self) {
+            Ok(v) => {
+                self.close_level()?;
+                Ok(v)
+            }
+            Err(e) => {
+                let _ = self.rollback_level();
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Text PostgreSQL can store: it refuses the NUL character, which test output may hold.
+pub(crate) fn text(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.contains('\0') {
+        std::borrow::Cow::Owned(s.replace('\0', "\u{FFFD}"))
+    } else {
+        std::borrow::Cow::Borrowed(s)
+    }
+}
+
+/// A stored count or time, which PostgreSQL keeps as a signed 64-bit integer.
+pub(crate) fn int(row: &Row, i: usize) -> StoreResult<u64> {
+    let v: i64 = row.try_get(i).map_err(pg_err)?;
+    u64::try_from(v).map_err(|_| StoreError::Corrupt {
+        table: "(postgres)",
+        reason: format!("negative value {v} in column {i}"),
+    })
+}
+
+pub(crate) fn int32(row: &Row, i: usize) -> StoreResult<u32> {
+    let v = int(row, i)?;
+    u32::try_from(v).map_err(|_| StoreError::Corrupt {
+        table: "(postgres)",
+        reason: format!("value {v} too large in column {i}"),
+    })
+}
+
+pub(crate) fn get<'a, T: tokio_postgres::types::FromSql<'a>>(row: &'a Row, i: usize) -> StoreResult<T> {
+    row.try_get(i).map_err(pg_err)
+}
