@@ -174,7 +174,8 @@ pub struct WorkerArgs {
     /// Log lines as text, or as one JSON object per line (for log collectors).
     #[arg(long, env = "SHARDGATE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
-    /// The coordinator's gRPC URL.
+    /// The coordinator's gRPC URL; several, comma-separated, for coordinators that share a
+    /// PostgreSQL database (the worker follows the one that leads).
     #[arg(long, env = "SHARDGATE_COORDINATOR", default_value = "http://127.0.0.1:7070")]
     pub coordinator: String,
     #[command(flatten)]
@@ -455,7 +456,8 @@ pub struct QuarantineList {
 
 #[derive(Debug, Clone, Args)]
 pub struct Connection {
-    /// The coordinator's gRPC URL.
+    /// The coordinator's gRPC URL; several, comma-separated, for coordinators that share a
+    /// PostgreSQL database (calls go to the one that leads).
     #[arg(long, env = "SHARDGATE_COORDINATOR", default_value = "http://127.0.0.1:7070")]
     pub coordinator: String,
     #[command(flatten)]

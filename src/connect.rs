@@ -14,10 +14,66 @@ use crate::args::Connection;
 pub type Channel = AuthChannel;
 
 /// Connects to the coordinator `conn` names, with its credential.
+///
+/// Several comma-separated addresses are coordinators that share a PostgreSQL database: the
+/// channel connects to the first that answers and follows the one that leads.
 pub async fn connect(conn: &Connection) -> anyhow::Result<Channel> {
-    let endpoint = shardgate_common::tls::endpoint(&conn.coordinator, &conn.credential.tls())
-        .map_err(anyhow::Error::msg)?;
-    connect_endpoint(endpoint, &conn.coordinator, conn.credential.secret()?.as_deref()).await
+    let token = conn.credential.secret()?;
+    let urls: Vec<&str> = conn
+        .coordinator
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .collect();
+    let mut endpoints = Vec::new();
+    for url in &urls {
+        let endpoint =
+            shardgate_common::tls::endpoint(url, &conn.credential.tls()).map_err(anyhow::Error::msg)?;
+        endpoints.push((url.to_string(), endpoint));
+    }
+    if endpoints.len() <= 1 {
+        let (url, endpoint) = endpoints
+            .pop()
+            .ok_or_else(|| anyhow::anyhow!("--coordinator names no address"))?;
+        return connect_endpoint(endpoint, &url, token.as_deref()).await;
+    }
+    // The first that answers comes first; the others connect when calls move to them.
+    let mut channels = Vec::new();
+    let mut errors = Vec::new();
+    for (url, endpoint) in endpoints {
+        let endpoint = endpoint.connect_timeout(Duration::from_secs(5)).tcp_nodelay(true);
+        if channels.is_empty() {
+            match endpoint.connect().await {
+                Ok(ch) => channels.insert(0, (url, ch)),
+                Err(e) => {
+                    errors.push(format!("{url}: {e}"));
+                    channels.push((url, endpoint.connect_lazy()));
+                    continue;
+                }
+            }
+        } else {
+            channels.push((url, endpoint.connect_lazy()));
+        }
+    }
+    anyhow::ensure!(
+        errors.len() < urls.len(),
+        "failed to connect to any coordinator: {}",
+        errors.join("; ")
+    );
+    let channel = AuthChannel::following(channels, token.as_deref())
+        .map_err(|e| anyhow::anyhow!("invalid --token: {e}"))?;
+    // A standby answers UNAVAILABLE and names the leader, which the channel then follows: one
+    // cheap read per address finds it.
+    for _ in 0..urls.len() {
+        let asked = run_client(channel.clone())
+            .list_runs(shardgate_common::pb::ListRunsRequest { limit: 1 })
+            .await;
+        match asked {
+            Err(s) if s.code() == Code::Unavailable => continue,
+            _ => break,
+        }
+    }
+    Ok(channel)
 }
 
 /// Connects to a plaintext coordinator at `url` (the embedded one).

@@ -130,6 +130,7 @@ pub async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
     let ready = serde_json::json!({
         "grpc_addr": grpc.local_addr()?.to_string(),
         "http_addr": http.local_addr()?.to_string(),
+        "role": opened.role(),
     });
     let mut out = std::io::stdout().lock();
     writeln!(out, "{ready}")?;

@@ -18,6 +18,7 @@ pub mod server;
 pub mod service;
 #[cfg(test)]
 mod service_fuzz;
+pub mod standby;
 pub mod store;
 pub mod submit;
 pub mod watch;

@@ -156,41 +156,61 @@ pub enum ServeError {
     Reflection(#[from] tonic_reflection::server::Error),
 }
 
-/// A coordinator whose database is open (and held: one writer per database) and whose state
-/// is loaded, ready to serve.
+/// A coordinator whose database is open and whose state is loaded, ready to serve; or, on a
+/// PostgreSQL database another coordinator leads, a standby ready to wait for the lead.
 pub struct Opened {
     config: Config,
-    core: Core,
-    store_reads: std::sync::Arc<dyn Reads + Send + Sync>,
+    role: Role,
+}
+
+enum Role {
+    Leader {
+        core: Box<Core>,
+        store_reads: SharedReads,
+    },
+    Standby {
+        leader: postgres::Leader,
+    },
 }
 
 impl std::fmt::Debug for Opened {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Opened")
             .field("db", &self.config.db)
+            .field("role", &self.role())
             .finish_non_exhaustive()
     }
 }
 
-/// Opens the database (refusing one another live coordinator holds) and loads the state.
+/// Opens the database and loads the state. A SQLite file another live coordinator holds is
+/// refused; a PostgreSQL database another coordinator leads makes this one a standby.
 pub fn open(config: Config) -> Result<Opened, ServeError> {
-    let (store, store_reads) = open_store(&config)?;
+    let role = match open_store(&config)? {
+        Ok((store, store_reads)) => Role::Leader {
+            core: Box::new(load(&config, store)?),
+            store_reads,
+        },
+        Err(leader) => Role::Standby { leader },
+    };
+    Ok(Opened { config, role })
+}
+
+/// The scheduler's state, loaded from the store.
+fn load(config: &Config, store: Box<dyn Store>) -> Result<Core, ServeError> {
     let mut core_config = config.core.clone();
     core_config.rollout_configured = config.rollout.is_configured();
-    let core = Core::open_boxed(core_config, store, Now::real())?;
-    Ok(Opened {
-        config,
-        core,
-        store_reads,
-    })
+    Ok(Core::open_boxed(core_config, store, Now::real())?)
 }
 
 /// The read side, shared by every request handler.
 type SharedReads = std::sync::Arc<dyn Reads + Send + Sync>;
 
-/// The writer and the read side of the database `config.db` names: a `postgres://` URL, or a
-/// SQLite file.
-fn open_store(config: &Config) -> Result<(Box<dyn Store>, SharedReads), ServeError> {
+/// A database opened for writing, with its read side.
+type OpenStore = (Box<dyn Store>, SharedReads);
+
+/// The writer and the read side of the database `config.db` names (a `postgres://` URL, or a
+/// SQLite file), or the coordinator that leads a PostgreSQL database.
+fn open_store(config: &Config) -> Result<Result<OpenStore, postgres::Leader>, ServeError> {
     let db = config.db.to_string_lossy();
     if postgres::is_url(&db) {
         let me = postgres::Candidate {
@@ -199,14 +219,17 @@ fn open_store(config: &Config) -> Result<(Box<dyn Store>, SharedReads), ServeErr
             exit_when_lost: true,
             ..postgres::Candidate::this_process()
         };
-        let store = postgres::PgStore::open(&db, &me)?;
+        let store = match postgres::PgStore::try_open(&db, &me)? {
+            Ok(store) => store,
+            Err(leader) => return Ok(Err(leader)),
+        };
         let reads = postgres::PgReader::open(&db, READ_CONCURRENCY)?;
-        return Ok((Box::new(store), std::sync::Arc::new(reads)));
+        return Ok(Ok((Box::new(store), std::sync::Arc::new(reads))));
     }
     let mut store = SqliteStore::open(&config.db)?;
     store.checkpoint_in_background(&config.db, Duration::from_millis(500))?;
     let reads = SqliteReader::open(&config.db, READ_CONCURRENCY)?;
-    Ok((Box::new(store), std::sync::Arc::new(reads)))
+    Ok(Ok((Box::new(store), std::sync::Arc::new(reads))))
 }
 
 /// Opens and serves until `shutdown` completes. `http` is optional: an embedded coordinator may
@@ -226,25 +249,126 @@ impl Opened {
         self.config.check_exposure(addrs)
     }
 
-    /// Serves until `shutdown` completes.
+    /// `leader` or `standby`.
+    pub fn role(&self) -> &'static str {
+        match self.role {
+            Role::Leader { .. } => "leader",
+            Role::Standby { .. } => "standby",
+        }
+    }
+
+    /// Serves until `shutdown` completes: as the leader, or first as a standby until this
+    /// coordinator takes the lead.
     pub async fn serve(
         self,
         grpc: TcpListener,
         http: Option<TcpListener>,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServeError> {
-        let Opened {
-            config,
-            core,
-            store_reads,
-        } = self;
+        let (down_tx, down) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            shutdown.await;
+            let _ = down_tx.send(true);
+        });
+        let Opened { config, role } = self;
+        let (core, store_reads, grpc, http) = match role {
+            Role::Leader { core, store_reads } => (*core, store_reads, grpc, http),
+            Role::Standby { leader } => match stand_by(&config, leader, grpc, http, down.clone()).await? {
+                Some(promoted) => promoted,
+                None => return Ok(()),
+            },
+        };
         let read_config = ReadConfig::from(core.config());
         let handle = actor::spawn_with(core, config.tick, config.event_buffer);
         let reads = ReadSide::new(store_reads.clone(), handle.live(), read_config, READ_CONCURRENCY);
         tokio::spawn(crate::rollout::run(handle.clone(), config.rollout.clone()));
         let services = Services::new(handle.clone(), reads.clone(), store_reads);
+        let mut down = down;
+        let shutdown = async move {
+            let _ = down.wait_for(|d| *d).await;
+        };
         serve_all(config, handle, reads, services, grpc, http, shutdown).await
     }
+}
+
+/// What a standby that took the lead serves with: the state it loaded, its read side, and its
+/// listening sockets.
+type Promoted = (Core, SharedReads, TcpListener, Option<TcpListener>);
+
+/// Answers as a standby (see [`crate::standby`]) and asks for the lead every quarter of a
+/// lease, until it has it (then the state is loaded and the caller serves as the leader on
+/// the same sockets) or `down` says to stop (`None`).
+async fn stand_by(
+    config: &Config,
+    leader: postgres::Leader,
+    grpc: TcpListener,
+    http: Option<TcpListener>,
+    mut down: tokio::sync::watch::Receiver<bool>,
+) -> Result<Option<Promoted>, ServeError> {
+    info!(
+        leader = %leader.holder,
+        leader_grpc = %leader.grpc_addr,
+        epoch = leader.epoch,
+        "standing by: another coordinator leads the database"
+    );
+    let known = std::sync::Arc::new(std::sync::RwLock::new(leader));
+    let (grpc, grpc_standby) = crate::standby::share(grpc)?;
+    let (http, http_standby) = match http {
+        Some(h) => {
+            let (a, b) = crate::standby::share(h)?;
+            (Some(a), Some(b))
+        }
+        None => (None, None),
+    };
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let (grpc_app, http_app) = crate::standby::routers(known.clone(), config.tls.is_some());
+    let mut servers = vec![spawn_http(
+        grpc_standby,
+        grpc_app,
+        stop_rx.clone(),
+        config.tls.clone(),
+        config.connections,
+    )?];
+    if let Some(l) = http_standby {
+        servers.push(spawn_http(
+            l,
+            http_app,
+            stop_rx,
+            config.tls.clone(),
+            config.connections,
+        )?);
+    }
+    let every = postgres::Candidate::this_process().lease / 4;
+    let promoted = loop {
+        tokio::select! {
+            _ = down.wait_for(|d| *d) => break None,
+            _ = tokio::time::sleep(every) => {}
+        }
+        let cfg = config.clone();
+        let opened = tokio::task::spawn_blocking(move || {
+            Ok::<_, ServeError>(match open_store(&cfg)? {
+                Ok((store, reads)) => Ok((load(&cfg, store)?, reads)),
+                Err(leader) => Err(leader),
+            })
+        })
+        .await
+        .map_err(std::io::Error::other)?;
+        match opened {
+            Ok(Ok((core, reads))) => break Some((core, reads)),
+            Ok(Err(leader)) => *known.write().unwrap_or_else(|p| p.into_inner()) = leader,
+            // The database is out of reach: keep standing by and ask again.
+            Err(e) => tracing::warn!(error = %e, "a standby failed to ask for the lead"),
+        }
+    };
+    let _ = stop_tx.send(true);
+    for s in servers {
+        // The standby stops accepting at once; connections it still holds get a moment.
+        let _ = tokio::time::timeout(Duration::from_secs(5), s).await;
+    }
+    Ok(promoted.map(|(core, reads)| {
+        info!("took the lead: serving as the leader");
+        (core, reads, grpc, http)
+    }))
 }
 
 /// The standard gRPC health service (every shardgate service serving) and reflection, v1 and

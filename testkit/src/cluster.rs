@@ -172,6 +172,8 @@ pub fn client(args: &[&str]) -> Ran {
 }
 
 pub struct ClusterBuilder {
+    /// On a PostgreSQL database whatever `SHARDGATE_TEST_STORE` says.
+    postgres: bool,
     /// Runner profiles (TOML) every worker gets with `--runners`.
     runners: Option<String>,
     workers: usize,
@@ -200,6 +202,12 @@ pub const TOKENS: &[(&str, &str)] = &[
 impl ClusterBuilder {
     /// Credentials: the coordinator gets a tokens file with [`TOKENS`] (made with
     /// `shardgate token new`), the workers the `fleet` token, the cluster's client `ops`.
+    /// Runs the coordinator(s) on a new PostgreSQL database (standbys need one).
+    pub fn on_postgres(mut self) -> Self {
+        self.postgres = true;
+        self
+    }
+
     pub fn with_tokens(mut self) -> Self {
         self.tokens = true;
         self
@@ -297,7 +305,11 @@ impl ClusterBuilder {
         let root = dir.path().join("suite");
         std::fs::create_dir(&root).unwrap();
         let mut c = Cluster {
-            db: test_db(dir.path()),
+            db: if self.postgres {
+                PathBuf::from(crate::postgres::PgServer::shared().database())
+            } else {
+                test_db(dir.path())
+            },
             root,
             coordinator: None,
             grpc_addr: String::new(),
@@ -311,6 +323,7 @@ impl ClusterBuilder {
             worker_env: self.worker_env,
             coordinator_args: self.coordinator_args,
             client_token: secrets.get("ops").cloned(),
+            standbys: Vec::new(),
             secrets,
             certs,
             dir,
@@ -349,6 +362,8 @@ pub struct Cluster {
     pub secrets: std::collections::BTreeMap<String, String>,
     /// The token [`Cluster::client`] sends.
     client_token: Option<String>,
+    /// Other coordinators on the same database, with their ready lines.
+    standbys: Vec<(Child, serde_json::Value)>,
     /// The test certificates (with [`ClusterBuilder::with_tls`]).
     pub certs: Option<crate::certs::Certs>,
 }
@@ -364,6 +379,7 @@ struct WorkerProc {
 impl Cluster {
     pub fn builder() -> ClusterBuilder {
         ClusterBuilder {
+            postgres: false,
             runners: None,
             workers: 3,
             slots: 2,
@@ -379,7 +395,14 @@ impl Cluster {
 
     pub fn url(&self) -> String {
         let scheme = if self.certs.is_some() { "https" } else { "http" };
-        format!("{scheme}://{}", self.grpc_addr)
+        let mut url = format!("{scheme}://{}", self.grpc_addr);
+        for (_, ready) in &self.standbys {
+            url.push_str(&format!(
+                ",{scheme}://{}",
+                ready["grpc_addr"].as_str().unwrap_or_default()
+            ));
+        }
+        url
     }
 
     /// `--ca-cert FILE` when the cluster has TLS.
@@ -401,6 +424,30 @@ impl Cluster {
     /// Starts the coordinator on `grpc` (use the previous address to come back on the same
     /// port) and reads the addresses it prints once it listens.
     pub fn start_coordinator(&mut self, grpc: &str) {
+        let (child, ready) = self.spawn_coordinator(grpc, "coordinator");
+        self.grpc_addr = ready["grpc_addr"].as_str().unwrap().to_owned();
+        self.http_addr = ready["http_addr"].as_str().unwrap().to_owned();
+        self.coordinator = Some(child);
+    }
+
+    /// Starts another coordinator on the same database (PostgreSQL: it stands by while the
+    /// first leads). Workers and clients started after it are given both addresses. Returns
+    /// its ready line (addresses and role).
+    pub fn start_standby(&mut self) -> serde_json::Value {
+        let name = format!("standby-{}", self.standbys.len() + 1);
+        let (child, ready) = self.spawn_coordinator("127.0.0.1:0", &name);
+        self.standbys.push((child, ready.clone()));
+        ready
+    }
+
+    /// Kills standby `i` with SIGKILL.
+    pub fn kill_standby(&mut self, i: usize) {
+        let (c, _) = &mut self.standbys[i];
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+
+    fn spawn_coordinator(&self, grpc: &str, log: &str) -> (Child, serde_json::Value) {
         let mut child = Command::new(bin("shardgate-coordinator"))
             .args(["--grpc-addr", grpc, "--http-addr", "127.0.0.1:0"])
             .arg("--db")
@@ -410,7 +457,7 @@ impl Cluster {
             .env("SHARDGATE_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(self.log("coordinator"))
+            .stderr(self.log(log))
             .spawn()
             .expect("failed to start the coordinator");
         let mut line = String::new();
@@ -423,9 +470,7 @@ impl Cluster {
                 self.logs()
             )
         });
-        self.grpc_addr = ready["grpc_addr"].as_str().unwrap().to_owned();
-        self.http_addr = ready["http_addr"].as_str().unwrap().to_owned();
-        self.coordinator = Some(child);
+        (child, ready)
     }
 
     /// Waits up to `timeout` for the coordinator to exit by itself; its exit status.
@@ -691,6 +736,10 @@ impl Drop for Cluster {
             }
         }
         if let Some(c) = &mut self.coordinator {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for (c, _) in &mut self.standbys {
             let _ = c.kill();
             let _ = c.wait();
         }

@@ -30,7 +30,8 @@ const REPORT_RETRY_FOR: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// The coordinator's gRPC URL, e.g. `http://coordinator:7070`.
+    /// The coordinator's gRPC URL, e.g. `http://coordinator:7070`; several, comma-separated,
+    /// for coordinators that share a PostgreSQL database (calls go to the one that leads).
     pub coordinator: String,
     pub name: String,
     pub slots: u32,
@@ -193,25 +194,35 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     if cfg.runners.is_empty() {
         return Err(AgentError::NoRunners);
     }
-    let endpoint =
-        shardgate_common::tls::endpoint(&cfg.coordinator, &cfg.tls).map_err(|reason| AgentError::Url {
+    // Several addresses (`a,b,c`) are coordinators on one database: calls go to the leader.
+    let mut channels = Vec::new();
+    for url in cfg
+        .coordinator
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+    {
+        let endpoint = shardgate_common::tls::endpoint(url, &cfg.tls).map_err(|reason| AgentError::Url {
+            url: url.to_owned(),
+            reason,
+        })?;
+        // A partition is silence, not an error: HTTP/2 pings find a dead connection within a
+        // few seconds, and no call may wait forever (the longest is the acquire long-poll).
+        let channel = endpoint
+            .connect_timeout(Duration::from_secs(3))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(2))
+            .keep_alive_timeout(Duration::from_secs(3))
+            .keep_alive_while_idle(true)
+            .timeout(ACQUIRE_WAIT + Duration::from_secs(10))
+            .connect_lazy();
+        channels.push((url.to_owned(), channel));
+    }
+    let channel =
+        AuthChannel::following(channels, cfg.token.as_deref()).map_err(|reason| AgentError::Url {
             url: cfg.coordinator.clone(),
             reason,
         })?;
-    // A partition is silence, not an error: HTTP/2 pings find a dead connection within a few
-    // seconds, and no call may wait forever (the longest is the acquire long-poll).
-    let channel = endpoint
-        .connect_timeout(Duration::from_secs(3))
-        .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(2))
-        .keep_alive_timeout(Duration::from_secs(3))
-        .keep_alive_while_idle(true)
-        .timeout(ACQUIRE_WAIT + Duration::from_secs(10))
-        .connect_lazy();
-    let channel = AuthChannel::new(channel, cfg.token.as_deref()).map_err(|reason| AgentError::Url {
-        url: cfg.coordinator.clone(),
-        reason,
-    })?;
     let shared = Arc::new(Shared {
         client: WorkerServiceClient::new(channel),
         worker_id: RwLock::new(None),

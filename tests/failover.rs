@@ -1,0 +1,89 @@
+//! Coordinators that share a PostgreSQL database: one leads, the other stands by and sends
+//! callers to the leader; when the leader is killed with SIGKILL in the middle of a run, the
+//! standby takes the lead, resumes the run, and the run ends with the verdict a fault-free run
+//! gives, every test counted exactly once.
+
+mod harness;
+
+use std::collections::BTreeMap;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use harness::{Cluster, client, http_get, suite, wait_for};
+
+#[test]
+fn a_standby_takes_over_when_the_leader_is_killed_mid_run() {
+    let mut cluster = Cluster::builder().on_postgres().workers(0).slots(1).start();
+    let standby = cluster.start_standby();
+    assert_eq!(standby["role"], "standby", "{standby}");
+    let standby_grpc = format!("http://{}", standby["grpc_addr"].as_str().unwrap());
+    let standby_http = standby["http_addr"].as_str().unwrap().to_owned();
+
+    // A standby names the leader to callers, over gRPC and HTTP.
+    let asked = client(&["runs", "--coordinator", &standby_grpc]);
+    assert_ne!(asked.code, 0);
+    assert!(
+        asked.stderr.contains("standby") && asked.stderr.contains(&cluster.grpc_addr),
+        "{}",
+        asked.stderr
+    );
+    let (code, body) = http_get(&standby_http, "/readyz").unwrap();
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains(&cluster.grpc_addr), "{body}");
+    // A client given both addresses finds the leader, whichever comes first.
+    let both = format!("{standby_grpc},http://{}", cluster.grpc_addr);
+    let listed = client(&["runs", "--json", "--coordinator", &both]);
+    assert_eq!(listed.code, 0, "{}", listed.stderr);
+
+    for _ in 0..3 {
+        cluster.add_worker();
+    }
+    cluster.wait_for_live_workers(3);
+    let tests = suite(&cluster.root, 30, &[7], "0.3");
+    let follower = cluster.follow(&tests, &[], Stdio::piped());
+    wait_for("a few results before the crash", Duration::from_secs(60), || {
+        let runs = cluster.client(&["runs", "--json"]).json();
+        let run = runs.as_array()?.first()?.clone();
+        let c = &run["counts"];
+        (c["passed"].as_u64()? + c["failed"].as_u64()? >= 5).then_some(())
+    });
+    cluster.kill_coordinator();
+    let killed = Instant::now();
+    wait_for("the standby to take the lead", Duration::from_secs(30), || {
+        matches!(http_get(&standby_http, "/readyz"), Ok((200, _))).then_some(())
+    });
+    eprintln!(
+        "failover: the standby was ready {:?} after the kill",
+        killed.elapsed()
+    );
+
+    let out = follower.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "the verdict of the suite (one failing test): {stderr}\n{}",
+        cluster.logs()
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["verdict"], "failed");
+    let mut got = BTreeMap::new();
+    for t in report["tests"].as_array().unwrap() {
+        let prev = got.insert(
+            t["id"].as_str().unwrap().to_owned(),
+            t["outcome"].as_str().unwrap().to_owned(),
+        );
+        assert!(prev.is_none(), "{} counted twice", t["id"]);
+    }
+    assert_eq!(got.keys().cloned().collect::<Vec<_>>(), tests);
+    for (id, outcome) in &got {
+        let want = if id == "t/007.sh" { "failed" } else { "passed" };
+        assert_eq!(outcome, want, "{id}");
+    }
+    // The workers followed the new leader.
+    assert!(
+        cluster.worker_log_count("following the coordinator that leads") >= 1,
+        "{}",
+        cluster.logs()
+    );
+}
