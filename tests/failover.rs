@@ -9,6 +9,8 @@ use std::collections::BTreeMap;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use harness::postgres::PgServer;
+use harness::proxy::Proxy;
 use harness::{Cluster, client, http_get, suite, wait_for};
 
 #[test]
@@ -86,4 +88,66 @@ fn a_standby_takes_over_when_the_leader_is_killed_mid_run() {
         "{}",
         cluster.logs()
     );
+}
+
+/// The leader cut off from PostgreSQL (a black hole, not a refusal) cannot renew its lease:
+/// it stops by itself, the standby takes the lead once the lease has run out, and the run ends
+/// as a fault-free run does.
+#[test]
+fn a_leader_cut_off_from_postgres_steps_down_and_the_standby_finishes_the_run() {
+    let pg = PgServer::shared();
+    let direct = pg.database();
+    let name = direct.rsplit('/').next().unwrap().to_owned();
+    let proxy = Proxy::start(format!("127.0.0.1:{}", pg.port()).parse().unwrap()).unwrap();
+    let proxied = format!("postgres://postgres@{}/{name}", proxy.addr());
+    let mut cluster = Cluster::builder().db(&proxied).workers(0).slots(1).start();
+    cluster.db = direct.into();
+    let standby = cluster.start_standby();
+    assert_eq!(standby["role"], "standby", "{standby}");
+    let standby_http = standby["http_addr"].as_str().unwrap().to_owned();
+    for _ in 0..3 {
+        cluster.add_worker();
+    }
+    cluster.wait_for_live_workers(3);
+    let tests = suite(&cluster.root, 30, &[7], "0.3");
+    let follower = cluster.follow(&tests, &[], Stdio::piped());
+    wait_for("a few results before the cut", Duration::from_secs(60), || {
+        let runs = cluster.client(&["runs", "--json"]).json();
+        let run = runs.as_array()?.first()?.clone();
+        let c = &run["counts"];
+        (c["passed"].as_u64()? + c["failed"].as_u64()? >= 5).then_some(())
+    });
+    proxy.cut();
+    let cut = Instant::now();
+    let status = cluster
+        .wait_coordinator_exit(Duration::from_secs(60))
+        .expect("the cut-off leader stops by itself");
+    assert_eq!(status.code(), Some(70), "{}", cluster.logs());
+    wait_for("the standby to take the lead", Duration::from_secs(60), || {
+        matches!(http_get(&standby_http, "/readyz"), Ok((200, _))).then_some(())
+    });
+    eprintln!(
+        "failover: the standby was ready {:?} after the cut",
+        cut.elapsed()
+    );
+    assert!(
+        cluster.logs().contains("can no longer show it leads"),
+        "{}",
+        cluster.logs()
+    );
+
+    let out = follower.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}\n{}", cluster.logs());
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mut got = BTreeMap::new();
+    for t in report["tests"].as_array().unwrap() {
+        let prev = got.insert(
+            t["id"].as_str().unwrap().to_owned(),
+            t["outcome"].as_str().unwrap().to_owned(),
+        );
+        assert!(prev.is_none(), "{} counted twice", t["id"]);
+    }
+    assert_eq!(got.keys().cloned().collect::<Vec<_>>(), tests);
+    assert_eq!(got.values().filter(|o| *o == "failed").count(), 1);
 }

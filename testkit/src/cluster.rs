@@ -172,6 +172,8 @@ pub fn client(args: &[&str]) -> Ran {
 }
 
 pub struct ClusterBuilder {
+    /// The coordinator's `--db`, when the test chooses it.
+    db: Option<PathBuf>,
     /// On a PostgreSQL database whatever `SHARDGATE_TEST_STORE` says.
     postgres: bool,
     /// Runner profiles (TOML) every worker gets with `--runners`.
@@ -202,6 +204,12 @@ pub const TOKENS: &[(&str, &str)] = &[
 impl ClusterBuilder {
     /// Credentials: the coordinator gets a tokens file with [`TOKENS`] (made with
     /// `shardgate token new`), the workers the `fleet` token, the cluster's client `ops`.
+    /// Runs the coordinator on this `--db` (a PostgreSQL URL through a proxy, say).
+    pub fn db(mut self, db: &str) -> Self {
+        self.db = Some(PathBuf::from(db));
+        self
+    }
+
     /// Runs the coordinator(s) on a new PostgreSQL database (standbys need one).
     pub fn on_postgres(mut self) -> Self {
         self.postgres = true;
@@ -305,7 +313,9 @@ impl ClusterBuilder {
         let root = dir.path().join("suite");
         std::fs::create_dir(&root).unwrap();
         let mut c = Cluster {
-            db: if self.postgres {
+            db: if let Some(db) = self.db.clone() {
+                db
+            } else if self.postgres {
                 PathBuf::from(crate::postgres::PgServer::shared().database())
             } else {
                 test_db(dir.path())
@@ -379,6 +389,7 @@ struct WorkerProc {
 impl Cluster {
     pub fn builder() -> ClusterBuilder {
         ClusterBuilder {
+            db: None,
             postgres: false,
             runners: None,
             workers: 3,
