@@ -47,6 +47,21 @@ pub struct LoadArgs {
     /// How long one test takes in the paced phase, in milliseconds (each varies by ±50 %).
     #[arg(long, default_value_t = 500)]
     pub paced_test_ms: u64,
+    /// Also run every phase on PostgreSQL and print both stores side by side: a
+    /// `postgres://` URL of an empty database, or `auto` for a server of the bench's own
+    /// (Debian's binaries, a temporary directory, removed at the end).
+    #[arg(long, value_name = "URL")]
+    pub postgres: Option<String>,
+}
+
+/// One phase's numbers, for the side-by-side table.
+#[derive(Debug, Clone)]
+struct PhaseNumbers {
+    phase: &'static str,
+    results_per_s: f64,
+    acquire_p50_ms: f64,
+    acquire_p99_ms: f64,
+    report_p99_ms: f64,
 }
 
 #[derive(Default)]
@@ -61,10 +76,42 @@ struct Stats {
 
 pub async fn run(a: LoadArgs) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
+    let sqlite = run_on(&a, dir.path().join("load.db"), "a SQLite file store").await?;
+    let Some(pg) = &a.postgres else {
+        return Ok(());
+    };
+    let server = (pg == "auto").then(shardgate_testkit::postgres::PgServer::start);
+    let url = match &server {
+        Some(s) => s.database(),
+        None => pg.clone(),
+    };
+    println!();
+    let postgres = run_on(&a, std::path::PathBuf::from(&url), "a PostgreSQL store").await?;
+    println!("\nside by side (SQLite | PostgreSQL | ratio):");
+    for (s, p) in sqlite.iter().zip(&postgres) {
+        println!(
+            "  {:<9} results/s {:>7.0} | {:>7.0} | {:.2}×   AcquireShard p50 {:.2} | {:.2} ms   p99 {:.2} | {:.2} ms ({:.2}×)   ReportResults p99 {:.2} | {:.2} ms",
+            s.phase,
+            s.results_per_s,
+            p.results_per_s,
+            p.results_per_s / s.results_per_s,
+            s.acquire_p50_ms,
+            p.acquire_p50_ms,
+            s.acquire_p99_ms,
+            p.acquire_p99_ms,
+            p.acquire_p99_ms / s.acquire_p99_ms.max(0.001),
+            s.report_p99_ms,
+            p.report_p99_ms,
+        );
+    }
+    Ok(())
+}
+
+async fn run_on(a: &LoadArgs, db: std::path::PathBuf, store: &str) -> anyhow::Result<Vec<PhaseNumbers>> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let url = format!("http://{}", listener.local_addr()?);
     let stop_server = CancellationToken::new();
-    let config = shardgate_coordinator::Config::new(dir.path().join("load.db"));
+    let config = shardgate_coordinator::Config::new(db);
     let server = tokio::spawn(shardgate_coordinator::run(
         config,
         listener,
@@ -92,10 +139,11 @@ pub async fn run(a: LoadArgs) -> anyhow::Result<()> {
         .max_encoding_message_size(usize::MAX)
         .max_decoding_message_size(usize::MAX);
     println!(
-        "load: {} simulated workers on {} gRPC connections, a coordinator with a SQLite file store, {:?} per phase",
+        "load: {} simulated workers on {} gRPC connections, a coordinator with {store}, {:?} per phase",
         a.workers, a.connections, a.duration
     );
     let mut failures = Vec::new();
+    let mut numbers = Vec::new();
     for (phase, batch, test_ms) in [("saturated", a.batch, 0), ("paced", 1, a.paced_test_ms)] {
         if a.only.as_deref().is_some_and(|o| o != phase) {
             continue;
@@ -189,6 +237,13 @@ pub async fn run(a: LoadArgs) -> anyhow::Result<()> {
             quantile(&mut rep, 0.5) as f64 / 1e6,
             quantile(&mut rep, 0.99) as f64 / 1e6
         );
+        numbers.push(PhaseNumbers {
+            phase,
+            results_per_s: results as f64 / wall,
+            acquire_p50_ms: quantile(&mut acq, 0.5) as f64 / 1e6,
+            acquire_p99_ms: quantile(&mut acq, 0.99) as f64 / 1e6,
+            report_p99_ms: quantile(&mut rep, 0.99) as f64 / 1e6,
+        });
         if stored != results {
             failures.push(format!(
                 "{phase}: acknowledged {results} results but the store counts {stored}"
@@ -198,7 +253,7 @@ pub async fn run(a: LoadArgs) -> anyhow::Result<()> {
     stop_server.cancel();
     server.await??;
     anyhow::ensure!(failures.is_empty(), "{}", failures.join("; "));
-    Ok(())
+    Ok(numbers)
 }
 
 /// Registers a simulated one-slot worker offering the `exec` runner; its id.
