@@ -29,6 +29,10 @@ pub(crate) struct Conn {
     /// The epoch every transaction of this session checks first (the writer's), and the
     /// database as errors show it.
     pub(super) fence: Option<(i64, String)>,
+    /// Transaction control not sent yet (`BEGIN`, savepoints, their release or rollback): it
+    /// goes out in the same round trip as the next statement, and a savepoint that saw no
+    /// statement is never sent at all. A commit is sent at once.
+    pending: String,
 }
 
 impl std::fmt::Debug for Conn {
@@ -74,6 +78,7 @@ impl Conn {
             depth: 0,
             failed_at: None,
             fence: None,
+            pending: String::new(),
         }
     }
 
@@ -81,11 +86,29 @@ impl Conn {
         self.client.is_closed()
     }
 
+    /// Sends the pending transaction control, then the request `req` makes, pipelined: one
+    /// round trip for both.
+    fn send<'a, T, F>(&'a mut self, req: impl FnOnce(&'a Client) -> F) -> Result<T, tokio_postgres::Error>
+    where
+        F: std::future::Future<Output = Result<T, tokio_postgres::Error>> + 'a,
+    {
+        let control = std::mem::take(&mut self.pending);
+        let client = &self.client;
+        if control.is_empty() {
+            return block_on(req(client));
+        }
+        let (sent, r) = block_on(futures_util::future::join(
+            client.batch_execute(&control),
+            req(client),
+        ));
+        sent.and(r)
+    }
+
     fn prepared(&mut self, sql: &str) -> Result<Statement, tokio_postgres::Error> {
         if let Some(s) = self.statements.get(sql) {
             return Ok(s.clone());
         }
-        let s = block_on(self.client.prepare(sql))?;
+        let s = self.send(|c| c.prepare(sql))?;
         self.statements.insert(sql.to_owned(), s.clone());
         Ok(s)
     }
@@ -103,44 +126,96 @@ impl Conn {
     pub(crate) fn execute(&mut self, sql: &str, params: Params<'_>) -> StoreResult<u64> {
         let r = self
             .prepared(sql)
-            .and_then(|s| block_on(self.client.execute(&s, params)));
+            .and_then(|s| self.send(|c| async move { c.execute(&s, params).await }));
         self.noted(r)
     }
 
     pub(crate) fn query(&mut self, sql: &str, params: Params<'_>) -> StoreResult<Vec<Row>> {
         let r = self
             .prepared(sql)
-            .and_then(|s| block_on(self.client.query(&s, params)));
+            .and_then(|s| self.send(|c| async move { c.query(&s, params).await }));
         self.noted(r)
     }
 
     pub(crate) fn query_opt(&mut self, sql: &str, params: Params<'_>) -> StoreResult<Option<Row>> {
         let r = self
             .prepared(sql)
-            .and_then(|s| block_on(self.client.query_opt(&s, params)));
+            .and_then(|s| self.send(|c| async move { c.query_opt(&s, params).await }));
         self.noted(r)
     }
 
     /// Statements without parameters, sent as one (transaction control, schema).
     pub(crate) fn batch(&mut self, sql: &str) -> StoreResult<()> {
-        let r = block_on(self.client.batch_execute(sql));
+        let r = self.send(|c| c.batch_execute(sql));
         self.noted(r)
     }
 
     /// Opens a transaction level: a transaction at the top, a savepoint inside one.
     pub(crate) fn open_level(&mut self) -> StoreResult<()> {
         if self.depth > 0 {
-            self.batch("SAVEPOINT level")?;
+            self.pending.push_str(SAVEPOINT);
             self.depth += 1;
             return Ok(());
         }
-        self.batch("BEGIN")?;
+        self.pending.push_str("BEGIN;");
         self.depth = 1;
         if let Err(e) = self.check_fence() {
             let _ = self.rollback_level();
             return Err(e);
         }
         Ok(())
+    }
+
+    /// Keeps the innermost level's writes (commits at the top, at once).
+    pub(crate) fn close_level(&mut self) -> StoreResult<()> {
+        if let Some(at) = self.failed_at
+            && at >= self.depth
+        {
+            self.rollback_level()?;
+            return Err(StoreError::Postgres(
+                "a statement failed in this transaction; its writes were rolled back".into(),
+            ));
+        }
+        self.depth -= 1;
+        if self.depth == 0 {
+            return self.batch("COMMIT");
+        }
+        if !self.drop_empty_savepoint() {
+            self.pending.push_str("RELEASE level;");
+        }
+        Ok(())
+    }
+
+    /// Undoes the innermost level's writes.
+    pub(crate) fn rollback_level(&mut self) -> StoreResult<()> {
+        let level = self.depth;
+        self.depth -= 1;
+        let r = if self.depth == 0 {
+            // The session is clean again at once.
+            let r = self.send(|c| c.batch_execute("ROLLBACK")).map_err(pg_err);
+            self.pending.clear();
+            r
+        } else {
+            if !self.drop_empty_savepoint() {
+                self.pending.push_str("ROLLBACK TO level; RELEASE level;");
+            }
+            Ok(())
+        };
+        if self.failed_at.is_some_and(|at| at >= level) || self.depth == 0 {
+            self.failed_at = None;
+        }
+        r
+    }
+
+    /// Forgets the innermost savepoint if no statement ran since it was asked for (it was
+    /// never sent); whether it did.
+    fn drop_empty_savepoint(&mut self) -> bool {
+        if self.pending.ends_with(SAVEPOINT) {
+            self.pending.truncate(self.pending.len() - SAVEPOINT.len());
+            true
+        } else {
+            false
+        }
     }
 
     /// The fence: the leader row stays locked for share until the transaction ends, so a
@@ -182,47 +257,6 @@ impl Conn {
         if self.depth > 0 { f(self) } else { self.atomic(f) }
     }
 
-    /// Keeps the innermost level's writes (commits at the top).
-    pub(crate) fn close_level(&mut self) -> StoreResult<()> {
-        if let Some(at) = self.failed_at
-            && at >= self.depth
-        {
-            self.rollback_level()?;
-            return Err(StoreError::Postgres(
-                "a statement failed in this transaction; its writes were rolled back".into(),
-            ));
-        }
-        let sql = if self.depth == 1 {
-            "COMMIT"
-        } else {
-            "RELEASE level"
-        };
-        let r = self.batch(sql);
-        self.depth -= 1;
-        r
-    }
-
-    /// Undoes the innermost level's writes.
-    pub(crate) fn rollback_level(&mut self) -> StoreResult<()> {
-        let sql = if self.depth == 1 {
-            "ROLLBACK"
-        } else {
-            "ROLLBACK TO level; RELEASE level"
-        };
-        let level = self.depth;
-        // A failed rollback leaves the session unusable; the next commit fails and the
-        // coordinator stops.
-        let r = block_on(self.client.batch_execute(sql)).map_err(pg_err);
-        self.depth -= 1;
-        if r.is_ok() && self.failed_at.is_some_and(|at| at >= level) {
-            self.failed_at = None;
-        }
-        if self.depth == 0 {
-            self.failed_at = None;
-        }
-        r
-    }
-
     /// Runs `f` in a level of its own: all of its writes or none.
     pub(crate) fn atomic<T>(&mut self, f: impl FnOnce(&mut Self) -> StoreResult<T>) -> StoreResult<T> {
         self.open_level()?;
@@ -238,6 +272,8 @@ impl Conn {
         }
     }
 }
+
+const SAVEPOINT: &str = "SAVEPOINT level;";
 
 /// Text PostgreSQL can store: it refuses the NUL character, which test output may hold.
 pub(crate) fn text(s: &str) -> std::borrow::Cow<'_, str> {
