@@ -31,6 +31,11 @@ pub struct ChaosArgs {
     pub heartbeat: String,
     #[arg(long)]
     pub json: bool,
+    /// Two coordinators on one PostgreSQL database (a server of the bench's own), with the
+    /// leader killed, the leader cut off from the database and the standby killed among the
+    /// faults; prints the failover times too.
+    #[arg(long)]
+    pub failover: bool,
 }
 
 pub fn run(a: ChaosArgs) -> anyhow::Result<()> {
@@ -51,6 +56,7 @@ pub fn run(a: ChaosArgs) -> anyhow::Result<()> {
                 delay_reports: 0.05,
                 report_delay: "1s".into(),
                 run_deadline: Duration::from_secs(300),
+                failover: a.failover,
             };
             std::thread::spawn(move || campaign(&cfg))
         })
@@ -60,6 +66,7 @@ pub fn run(a: ChaosArgs) -> anyhow::Result<()> {
         all.merge(h.join().map_err(|_| anyhow::anyhow!("a campaign panicked"))?);
     }
     let q = |x: f64| all.requeue_quantile(x).map(|d| d.as_secs_f64());
+    let fq = |x: f64| all.failover_quantile(x).map(|d| d.as_secs_f64());
     let extra = all.extra_ms as f64 / all.work_ms.max(1) as f64;
     if a.json {
         println!(
@@ -75,6 +82,8 @@ pub fn run(a: ChaosArgs) -> anyhow::Result<()> {
                 "wrong_outcomes": all.wrong_outcomes,
                 "wrong_verdicts": all.wrong_verdicts,
                 "requeue_s": {"p50": q(0.5), "p95": q(0.95), "max": q(1.0), "n": all.requeue_times.len()},
+                "failover_s": {"p50": fq(0.5), "max": fq(1.0), "n": all.failover_times.len()},
+                "wrong_rollouts": all.wrong_rollouts,
                 "extra_work": extra,
                 "wall_s": all.wall.as_secs_f64(),
                 "skipped_faults": all.skipped_faults,
@@ -107,6 +116,11 @@ pub fn run(a: ChaosArgs) -> anyhow::Result<()> {
             ("results for tests that never ran", all.phantom_results, true),
             ("outcomes unlike a fault-free run", all.wrong_outcomes, true),
             ("verdicts unlike a fault-free run", all.wrong_verdicts, true),
+            (
+                "rollout hooks run twice, or for a red run",
+                all.wrong_rollouts,
+                true,
+            ),
         ] {
             let mark = if must_be_zero && v > 0 {
                 "  <-- must be 0"
@@ -123,6 +137,14 @@ pub fn run(a: ChaosArgs) -> anyhow::Result<()> {
             fmt(q(0.95)),
             fmt(q(1.0))
         );
+        if a.failover {
+            println!(
+                "leader killed/cut -> standby leads ({} failovers): p50 {}, max {} (target <= 15 s)",
+                all.failover_times.len(),
+                fmt(fq(0.5)),
+                fmt(fq(1.0))
+            );
+        }
         println!(
             "extra work: {:.1} % ({:.0} s re-run beyond a fault-free run's {:.0} s)",
             100.0 * extra,

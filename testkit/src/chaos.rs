@@ -16,7 +16,9 @@ use std::time::{Duration, Instant};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 
-use crate::cluster::{Cluster, bin, poll_until, script};
+use crate::cluster::{Cluster, bin, http_get, poll_until, script};
+use crate::postgres::PgServer;
+use crate::proxy::Proxy;
 
 #[derive(Debug, Clone)]
 pub struct ChaosConfig {
@@ -37,6 +39,11 @@ pub struct ChaosConfig {
     pub report_delay: String,
     /// A run that has not ended after this long is a failure of the campaign.
     pub run_deadline: Duration,
+    /// Two coordinators on one PostgreSQL database, each reaching it through a proxy of its
+    /// own; the faults are then the leader killed, the leader cut off from the database, the
+    /// standby killed, and workers killed. Every run asks for a rollout, and the checker also
+    /// asserts that each passed run's hook ran at most once (and no failed run's).
+    pub failover: bool,
 }
 
 impl ChaosConfig {
@@ -55,6 +62,16 @@ impl ChaosConfig {
             delay_reports: 0.1,
             report_delay: "500ms".into(),
             run_deadline: Duration::from_secs(120),
+            failover: false,
+        }
+    }
+
+    /// The quick campaign with standby coordinators on PostgreSQL (see `failover`).
+    pub fn quick_failover(seed: u64, runs: usize) -> Self {
+        Self {
+            failover: true,
+            run_deadline: Duration::from_secs(180),
+            ..Self::quick(seed, runs)
         }
     }
 }
@@ -79,6 +96,12 @@ pub struct ChaosReport {
     pub wrong_verdicts: u32,
     /// From a busy worker's death (or cut) to the coordinator taking its shards back.
     pub requeue_times: Vec<Duration>,
+    /// From the leader's death (or cut from the database) to the standby serving as leader.
+    pub failover_times: Vec<Duration>,
+    /// Passed runs whose rollout hook ran more than once, or failed runs whose hook ran.
+    pub wrong_rollouts: u32,
+    /// Rollout hooks that ran (failover campaigns).
+    pub rollouts: u32,
     /// Test time run beyond what a fault-free run needs, and the time a fault-free run needs.
     pub extra_ms: u64,
     pub work_ms: u64,
@@ -104,6 +127,9 @@ impl ChaosReport {
         self.wrong_outcomes += o.wrong_outcomes;
         self.wrong_verdicts += o.wrong_verdicts;
         self.requeue_times.extend(o.requeue_times);
+        self.failover_times.extend(o.failover_times);
+        self.wrong_rollouts += o.wrong_rollouts;
+        self.rollouts += o.rollouts;
         self.extra_ms += o.extra_ms;
         self.work_ms += o.work_ms;
         self.wall = self.wall.max(o.wall);
@@ -121,6 +147,7 @@ impl ChaosReport {
             && self.phantom_results == 0
             && self.wrong_outcomes == 0
             && self.wrong_verdicts == 0
+            && self.wrong_rollouts == 0
     }
 
     pub fn faults_total(&self) -> u32 {
@@ -129,11 +156,20 @@ impl ChaosReport {
 
     /// The `q` quantile of the requeue times.
     pub fn requeue_quantile(&self, q: f64) -> Option<Duration> {
-        let mut v = self.requeue_times.clone();
-        v.sort();
-        let i = ((v.len() as f64 - 1.0) * q).round() as usize;
-        v.get(i).copied()
+        quantile(&self.requeue_times, q)
     }
+
+    /// The `q` quantile of the failover times.
+    pub fn failover_quantile(&self, q: f64) -> Option<Duration> {
+        quantile(&self.failover_times, q)
+    }
+}
+
+fn quantile(v: &[Duration], q: f64) -> Option<Duration> {
+    let mut v = v.to_vec();
+    v.sort();
+    let i = ((v.len() as f64 - 1.0) * q).round() as usize;
+    v.get(i).copied()
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -141,6 +177,9 @@ enum Fault {
     KillWorker,
     Partition,
     RestartCoordinator,
+    KillLeader,
+    CutLeader,
+    KillStandby,
 }
 
 impl Fault {
@@ -149,6 +188,9 @@ impl Fault {
             Fault::KillWorker => "worker killed (SIGKILL)",
             Fault::Partition => "worker partitioned past its lease",
             Fault::RestartCoordinator => "coordinator killed (SIGKILL) and restarted",
+            Fault::KillLeader => "leader killed (SIGKILL), standby took over",
+            Fault::CutLeader => "leader cut off from PostgreSQL, standby took over",
+            Fault::KillStandby => "standby killed (SIGKILL) and restarted",
         }
     }
 }
@@ -165,23 +207,45 @@ struct Planned {
 /// Runs a campaign on a cluster of its own and returns what it saw.
 pub fn campaign(cfg: &ChaosConfig) -> ChaosReport {
     let started = Instant::now();
-    let mut cluster = Cluster::builder()
-        .workers(cfg.workers)
+    let mut builder = Cluster::builder()
+        .workers(if cfg.failover { 0 } else { cfg.workers })
         .slots(cfg.slots)
         .lease(&cfg.lease, &cfg.heartbeat)
-        .proxied()
         .worker_env(
             "SHARDGATE_FAULT_DUPLICATE_REPORTS",
             &cfg.duplicate_reports.to_string(),
         )
         .worker_env("SHARDGATE_FAULT_DELAY_REPORTS", &cfg.delay_reports.to_string())
-        .worker_env("SHARDGATE_FAULT_DELAY", &cfg.report_delay)
-        .start();
+        .worker_env("SHARDGATE_FAULT_DELAY", &cfg.report_delay);
+    let mut failover = None;
+    if cfg.failover {
+        let f = Failover::new();
+        let hook = f.hooks.display().to_string();
+        builder = builder.db(&f.urls[0]).coordinator_args(&[
+            "--rollout-command",
+            &serde_json::json!(["sh", "-c", format!("echo \"$RUN_ID\" >> '{hook}'")]).to_string(),
+        ]);
+        failover = Some(f);
+    } else {
+        builder = builder.proxied();
+    }
+    let mut cluster = builder.start();
+    if let Some(f) = &failover {
+        cluster.start_standby_on(Path::new(&f.urls[1]));
+        for _ in 0..cfg.workers {
+            cluster.add_worker();
+        }
+        cluster.wait_for_live_workers(cfg.workers);
+    }
+    let cluster = &mut cluster;
     let mut report = ChaosReport::default();
     for k in 0..cfg.runs {
         let mut rng = StdRng::seed_from_u64(cfg.seed.wrapping_mul(1_000_003).wrapping_add(k as u64));
-        one_run(&mut cluster, cfg, k, &mut rng, &mut report);
+        one_run(cluster, failover.as_ref(), cfg, k, &mut rng, &mut report);
         report.runs += 1;
+    }
+    if let Some(f) = &failover {
+        f.check_rollouts(&mut report);
     }
     report.wall = started.elapsed();
     for (needle, kind) in [
@@ -228,7 +292,14 @@ fn plan_suite(root: &Path, k: usize, cfg: &ChaosConfig, rng: &mut StdRng) -> Vec
         .collect()
 }
 
-fn one_run(cluster: &mut Cluster, cfg: &ChaosConfig, k: usize, rng: &mut StdRng, report: &mut ChaosReport) {
+fn one_run(
+    cluster: &mut Cluster,
+    failover: Option<&Failover>,
+    cfg: &ChaosConfig,
+    k: usize,
+    rng: &mut StdRng,
+    report: &mut ChaosReport,
+) {
     let tag = format!("seed {} run {k}", cfg.seed);
     let suite = plan_suite(&cluster.root, k, cfg, rng);
     let list = cluster.dir.path().join(format!("tests-{k}.txt"));
@@ -241,6 +312,11 @@ fn one_run(cluster: &mut Cluster, cfg: &ChaosConfig, k: usize, rng: &mut StdRng,
         .args(["--suite", "chaos", "--revision", &revision, "--json"])
         .args(["--reconnect-for", "120s", "--tests-file"])
         .arg(&list)
+        .args(if failover.is_some() {
+            &["--rollout"][..]
+        } else {
+            &[]
+        })
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(stderr)
@@ -253,12 +329,16 @@ fn one_run(cluster: &mut Cluster, cfg: &ChaosConfig, k: usize, rng: &mut StdRng,
     let mut worker_faults = 0;
     let mut plan = Vec::new();
     for _ in 0..n {
-        let f = match rng.random_range(0..10) {
-            0..=3 => Fault::KillWorker,
-            4..=6 => Fault::Partition,
-            _ => Fault::RestartCoordinator,
+        let f = match (failover.is_some(), rng.random_range(0..10)) {
+            (false, 0..=3) => Fault::KillWorker,
+            (false, 4..=6) => Fault::Partition,
+            (false, _) => Fault::RestartCoordinator,
+            (true, 0..=2) => Fault::KillWorker,
+            (true, 3..=5) => Fault::KillLeader,
+            (true, 6..=7) => Fault::CutLeader,
+            (true, _) => Fault::KillStandby,
         };
-        if f != Fault::RestartCoordinator {
+        if f == Fault::KillWorker || f == Fault::Partition {
             if worker_faults == 2 {
                 continue;
             }
@@ -271,6 +351,18 @@ fn one_run(cluster: &mut Cluster, cfg: &ChaosConfig, k: usize, rng: &mut StdRng,
     for (fault, at) in plan {
         if !wait_progress(cluster, &revision, at, deadline) {
             break;
+        }
+        if let Some(f) = failover
+            && matches!(fault, Fault::KillLeader | Fault::CutLeader | Fault::KillStandby)
+        {
+            match f.inject(cluster, fault) {
+                Ok(took) => {
+                    *report.faults.entry(fault.name()).or_default() += 1;
+                    report.failover_times.extend(took);
+                }
+                Err(e) => report.problems.push(format!("{tag}: {}: {e}", fault.name())),
+            }
+            continue;
         }
         match inject(cluster, fault, rng, deadline) {
             Ok(Some(requeue)) => {
@@ -297,6 +389,14 @@ fn one_run(cluster: &mut Cluster, cfg: &ChaosConfig, k: usize, rng: &mut StdRng,
         .unwrap()
         .read_to_string(&mut stdout)
         .unwrap();
+    if let Some(f) = failover
+        && let Ok(doc) = serde_json::from_str::<serde_json::Value>(&stdout)
+    {
+        f.verdicts.lock().unwrap().insert(
+            doc["run_id"].as_str().unwrap_or_default().to_owned(),
+            doc["verdict"].as_str().unwrap_or_default().to_owned(),
+        );
+    }
     check(&tag, &suite, status.code(), &stdout, report);
 }
 
@@ -367,7 +467,7 @@ fn inject(
     }
     // A busy, live worker whose process runs, so that the fault costs something.
     let by_name: HashMap<String, usize> = (0..cluster.worker_count())
-        .filter(|&i| cluster.worker_running(i) && !cluster.link(i).is_cut())
+        .filter(|&i| cluster.worker_running(i) && !cluster.is_cut(i))
         .map(|i| (cluster.worker_name(i).to_owned(), i))
         .collect();
     let live: Vec<(String, usize, u64)> = workers(cluster)
@@ -393,7 +493,7 @@ fn inject(
             cluster.start_worker(i);
         }
         Fault::Partition => cluster.link(i).cut(),
-        Fault::RestartCoordinator => unreachable!(),
+        _ => unreachable!("coordinator faults are injected elsewhere"),
     }
     // The coordinator takes the shards back when their lease expires.
     let requeued = poll_until(deadline, || {
@@ -409,6 +509,104 @@ fn inject(
     match requeued {
         Some(d) => Ok(Some(was_busy.then_some(d))),
         None => Err(format!("worker {id}'s shards were never taken back")),
+    }
+}
+
+/// Two coordinators on one PostgreSQL database, each through a proxy of its own, and the file
+/// their rollout hook writes each run id to.
+struct Failover {
+    urls: [String; 2],
+    proxies: [Proxy; 2],
+    hooks: PathBuf,
+    _dir: tempfile::TempDir,
+    /// The verdict of each run that asked for a rollout, by run id.
+    verdicts: std::sync::Mutex<BTreeMap<String, String>>,
+}
+
+impl Failover {
+    fn new() -> Self {
+        let pg = PgServer::shared();
+        let direct = pg.database();
+        let name = direct.rsplit('/').next().expect("a database name").to_owned();
+        let upstream: std::net::SocketAddr = format!("127.0.0.1:{}", pg.port()).parse().expect("an address");
+        let proxies = [
+            Proxy::start(upstream).expect("a proxy"),
+            Proxy::start(upstream).expect("a proxy"),
+        ];
+        let urls = [0, 1].map(|i| format!("postgres://postgres@{}/{name}", proxies[i].addr()));
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        Self {
+            urls,
+            proxies,
+            hooks: dir.path().join("rollouts.txt"),
+            _dir: dir,
+            verdicts: Default::default(),
+        }
+    }
+
+    /// The proxy the cluster's current leader reaches the database through.
+    fn leader_proxy(&self, cluster: &Cluster) -> usize {
+        self.urls
+            .iter()
+            .position(|u| Path::new(u) == cluster.db)
+            .expect("the leader's database URL is one of ours")
+    }
+
+    /// Injects a coordinator fault; returns the failover time when the lead changed hands.
+    fn inject(&self, cluster: &mut Cluster, fault: Fault) -> Result<Option<Duration>, String> {
+        let t0 = Instant::now();
+        match fault {
+            Fault::KillStandby => {
+                cluster.kill_standby(0);
+                let role = cluster.restart_standby(0);
+                return (role == "standby")
+                    .then_some(None)
+                    .ok_or_else(|| format!("the restarted standby came back as {role}"));
+            }
+            Fault::KillLeader => cluster.kill_coordinator(),
+            Fault::CutLeader => {
+                let p = self.leader_proxy(cluster);
+                self.proxies[p].cut();
+                let exited = cluster.wait_coordinator_exit(Duration::from_secs(60));
+                self.proxies[p].heal();
+                match exited.map(|s| s.code()) {
+                    Some(Some(70)) => {}
+                    other => return Err(format!("the cut-off leader did not stop with 70: {other:?}")),
+                }
+            }
+            _ => unreachable!("not a coordinator fault"),
+        }
+        let took = poll_until(t0 + Duration::from_secs(60), || {
+            matches!(http_get(cluster.standby_http(0), "/readyz"), Ok((200, _))).then(|| t0.elapsed())
+        })
+        .ok_or("the standby did not take the lead within 60 s")?;
+        cluster.take_over(0);
+        // The old leader comes back, as a supervisor would restart it, and stands by.
+        let role = cluster.restart_standby(0);
+        if role != "standby" {
+            return Err(format!("the old leader came back as {role}"));
+        }
+        Ok(Some(took))
+    }
+
+    /// Each passed run's hook ran at most once, and no failed run's.
+    fn check_rollouts(&self, report: &mut ChaosReport) {
+        let ran = std::fs::read_to_string(&self.hooks).unwrap_or_default();
+        let mut times: BTreeMap<&str, u32> = BTreeMap::new();
+        for id in ran.lines().filter(|l| !l.is_empty()) {
+            *times.entry(id).or_default() += 1;
+        }
+        let verdicts = self.verdicts.lock().unwrap();
+        report.rollouts += times.values().sum::<u32>();
+        for (id, n) in &times {
+            let verdict = verdicts.get(*id).map(String::as_str).unwrap_or("unknown");
+            if *n > 1 || verdict != "passed" {
+                report.wrong_rollouts += 1;
+                report
+                    .problems
+                    .push(format!("run {id} ({verdict}): its rollout hook ran {n} times"));
+            }
+        }
     }
 }
 

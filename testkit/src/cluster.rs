@@ -352,6 +352,16 @@ impl ClusterBuilder {
     }
 }
 
+/// Another coordinator on the cluster's database.
+struct StandbyProc {
+    child: Option<Child>,
+    grpc_addr: String,
+    http_addr: String,
+    db: PathBuf,
+    /// Its log's name.
+    name: String,
+}
+
 pub struct Cluster {
     pub dir: tempfile::TempDir,
     pub db: PathBuf,
@@ -373,7 +383,7 @@ pub struct Cluster {
     /// The token [`Cluster::client`] sends.
     client_token: Option<String>,
     /// Other coordinators on the same database, with their ready lines.
-    standbys: Vec<(Child, serde_json::Value)>,
+    standbys: Vec<StandbyProc>,
     /// The test certificates (with [`ClusterBuilder::with_tls`]).
     pub certs: Option<crate::certs::Certs>,
 }
@@ -407,11 +417,8 @@ impl Cluster {
     pub fn url(&self) -> String {
         let scheme = if self.certs.is_some() { "https" } else { "http" };
         let mut url = format!("{scheme}://{}", self.grpc_addr);
-        for (_, ready) in &self.standbys {
-            url.push_str(&format!(
-                ",{scheme}://{}",
-                ready["grpc_addr"].as_str().unwrap_or_default()
-            ));
+        for s in &self.standbys {
+            url.push_str(&format!(",{scheme}://{}", s.grpc_addr));
         }
         url
     }
@@ -435,7 +442,7 @@ impl Cluster {
     /// Starts the coordinator on `grpc` (use the previous address to come back on the same
     /// port) and reads the addresses it prints once it listens.
     pub fn start_coordinator(&mut self, grpc: &str) {
-        let (child, ready) = self.spawn_coordinator(grpc, "coordinator");
+        let (child, ready) = self.spawn_coordinator(grpc, &self.db, "coordinator");
         self.grpc_addr = ready["grpc_addr"].as_str().unwrap().to_owned();
         self.http_addr = ready["http_addr"].as_str().unwrap().to_owned();
         self.coordinator = Some(child);
@@ -445,24 +452,84 @@ impl Cluster {
     /// first leads). Workers and clients started after it are given both addresses. Returns
     /// its ready line (addresses and role).
     pub fn start_standby(&mut self) -> serde_json::Value {
+        let db = self.db.clone();
+        self.start_standby_on(&db)
+    }
+
+    /// The same, reaching the database by `db` (a URL through a proxy of its own, say).
+    pub fn start_standby_on(&mut self, db: &Path) -> serde_json::Value {
         let name = format!("standby-{}", self.standbys.len() + 1);
-        let (child, ready) = self.spawn_coordinator("127.0.0.1:0", &name);
-        self.standbys.push((child, ready.clone()));
+        let (child, ready) = self.spawn_coordinator("127.0.0.1:0", db, &name);
+        self.standbys.push(StandbyProc {
+            child: Some(child),
+            grpc_addr: ready["grpc_addr"].as_str().unwrap().to_owned(),
+            http_addr: ready["http_addr"].as_str().unwrap().to_owned(),
+            db: db.to_owned(),
+            name,
+        });
         ready
     }
 
-    /// Kills standby `i` with SIGKILL.
-    pub fn kill_standby(&mut self, i: usize) {
-        let (c, _) = &mut self.standbys[i];
-        let _ = c.kill();
-        let _ = c.wait();
+    /// How many other coordinators were started.
+    pub fn standby_count(&self) -> usize {
+        self.standbys.len()
     }
 
-    fn spawn_coordinator(&self, grpc: &str, log: &str) -> (Child, serde_json::Value) {
+    /// The HTTP address of other coordinator `i`.
+    pub fn standby_http(&self, i: usize) -> &str {
+        &self.standbys[i].http_addr
+    }
+
+    /// Kills other coordinator `i` with SIGKILL.
+    pub fn kill_standby(&mut self, i: usize) {
+        if let Some(mut c) = self.standbys[i].child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Waits up to `timeout` for other coordinator `i` to exit by itself; its exit status.
+    pub fn wait_standby_exit(&mut self, i: usize, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let c = self.standbys[i].child.as_mut()?;
+        let status = poll_until(Instant::now() + timeout, || c.try_wait().ok().flatten())?;
+        self.standbys[i].child = None;
+        Some(status)
+    }
+
+    /// Starts other coordinator `i` again (after it died) on its gRPC port and database; it
+    /// comes back as a standby when another leads. Returns its role.
+    pub fn restart_standby(&mut self, i: usize) -> String {
+        self.kill_standby(i);
+        let (addr, db, name) = {
+            let s = &self.standbys[i];
+            (s.grpc_addr.clone(), s.db.clone(), s.name.clone())
+        };
+        wait_for("the standby's port to be free", Duration::from_secs(10), || {
+            std::net::TcpListener::bind(&addr).ok().map(drop)
+        });
+        let (child, ready) = self.spawn_coordinator(&addr, &db, &name);
+        let s = &mut self.standbys[i];
+        s.child = Some(child);
+        s.http_addr = ready["http_addr"].as_str().unwrap().to_owned();
+        ready["role"].as_str().unwrap_or_default().to_owned()
+    }
+
+    /// Other coordinator `i` leads now: it becomes the cluster's coordinator (what `http_json`
+    /// and `client` ask first), and the former one (dead or alive) takes its place among the
+    /// others.
+    pub fn take_over(&mut self, i: usize) {
+        let s = &mut self.standbys[i];
+        std::mem::swap(&mut self.coordinator, &mut s.child);
+        std::mem::swap(&mut self.grpc_addr, &mut s.grpc_addr);
+        std::mem::swap(&mut self.http_addr, &mut s.http_addr);
+        std::mem::swap(&mut self.db, &mut s.db);
+    }
+
+    fn spawn_coordinator(&self, grpc: &str, db: &Path, log: &str) -> (Child, serde_json::Value) {
         let mut child = Command::new(bin("shardgate-coordinator"))
             .args(["--grpc-addr", grpc, "--http-addr", "127.0.0.1:0"])
             .arg("--db")
-            .arg(&self.db)
+            .arg(db)
             .args(["--lease", &self.lease, "--heartbeat", &self.heartbeat])
             .args(&self.coordinator_args)
             .env("SHARDGATE_LOG", "info")
@@ -605,6 +672,11 @@ impl Cluster {
             .proxy
             .as_ref()
             .expect("the cluster was built with proxied()")
+    }
+
+    /// Whether worker `i`'s link is cut (never, for a cluster without proxies).
+    pub fn is_cut(&self, i: usize) -> bool {
+        self.workers[i].proxy.as_ref().is_some_and(Proxy::is_cut)
     }
 
     pub fn wait_for_live_workers(&self, n: usize) {
@@ -750,7 +822,7 @@ impl Drop for Cluster {
             let _ = c.kill();
             let _ = c.wait();
         }
-        for (c, _) in &mut self.standbys {
+        for c in self.standbys.iter_mut().filter_map(|s| s.child.as_mut()) {
             let _ = c.kill();
             let _ = c.wait();
         }
