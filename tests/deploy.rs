@@ -134,6 +134,52 @@ fn the_kubernetes_coordinator_keeps_its_database_on_a_volume_behind_tls_and_toke
 }
 
 #[test]
+fn the_kubernetes_coordinators_on_postgres_stand_by_and_route_to_the_leader() {
+    let docs = docs("k8s/coordinator-ha.yaml");
+    let d = kind(&docs, "Deployment");
+    assert!(
+        d["spec"]["replicas"].as_i64().unwrap() >= 2,
+        "a leader and a standby"
+    );
+    let c = &d["spec"]["template"]["spec"]["containers"][0];
+    let db = c["env"]
+        .as_vec()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"].as_str() == Some("SHARDGATE_DB"))
+        .expect("SHARDGATE_DB is set");
+    assert_eq!(
+        db["valueFrom"]["secretKeyRef"]["name"].as_str(),
+        Some("shardgate-postgres"),
+        "the database URL (with its password) comes from a Secret"
+    );
+    // Ready only while leading, so the Service routes to the leader; alive as a standby too.
+    assert_eq!(c["readinessProbe"]["httpGet"]["path"].as_str(), Some("/readyz"));
+    assert_eq!(c["livenessProbe"]["httpGet"]["path"].as_str(), Some("/healthz"));
+    let args: Vec<&str> = c["args"]
+        .as_vec()
+        .unwrap()
+        .iter()
+        .filter_map(Yaml::as_str)
+        .collect();
+    for flag in [
+        "--tokens",
+        "--tls-cert",
+        "--tls-key",
+        "--advertise-grpc-addr",
+        "--advertise-http-addr",
+    ] {
+        assert!(args.contains(&flag), "{flag} in {args:?}");
+    }
+    assert!(
+        d["spec"]["volumeClaimTemplates"].is_badvalue(),
+        "no volume: the state is in PostgreSQL"
+    );
+    let service = kind(&docs, "Service");
+    assert_eq!(service["spec"]["ports"].as_vec().unwrap().len(), 2);
+}
+
+#[test]
 fn the_autoscaler_scales_the_worker_deployment_on_the_queue_metric() {
     let docs = docs("k8s/autoscaler.yaml");
     let so = kind(&docs, "ScaledObject");
