@@ -3,7 +3,7 @@
 //! makes. After each failure the caller got an error; the message left no event; memory, the
 //! store and the core's invariants are as before the message; memory equals that of a core
 //! reopened from the same database; and the same message sent again (a worker's retry)
-//! succeeds on the same core.
+//! succeeds on the same core. Every scenario runs on SQLite and on PostgreSQL.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -13,6 +13,8 @@ use shardgate_common::{AttemptId, Error, Outcome, RunId, WorkerId, pb};
 use super::Core;
 use super::tests::{result, submit_req as req};
 use crate::model::{CoreConfig, Now};
+use crate::store::conformance::Postgres;
+use crate::store::postgres::PgStore;
 use crate::store::{FaultHandle, FaultyStore, SqliteStore, Store};
 
 /// Everything the store holds that a message may write, to compare before and after.
@@ -49,7 +51,7 @@ fn store_fingerprint(store: &dyn Store) -> String {
 struct World {
     core: Core,
     faults: FaultHandle,
-    db: PathBuf,
+    db: Db,
     now: Now,
     workers: Vec<WorkerId>,
     runs: Vec<RunId>,
@@ -68,15 +70,43 @@ fn config() -> CoreConfig {
     }
 }
 
-fn open(db: &Path, now: Now) -> (Core, FaultHandle) {
-    let (store, faults) = FaultyStore::new(SqliteStore::open(db).unwrap());
-    (Core::open(config(), store, now).unwrap(), faults)
+/// Where a world's database is.
+#[derive(Debug, Clone)]
+enum Db {
+    Sqlite(PathBuf),
+    Postgres(String),
+}
+
+/// The stores every scenario runs on.
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Sqlite,
+    Postgres,
+}
+
+const KINDS: [Kind; 2] = [Kind::Sqlite, Kind::Postgres];
+
+fn open(db: &Db, now: Now) -> (Core, FaultHandle) {
+    match db {
+        Db::Sqlite(path) => {
+            let (store, faults) = FaultyStore::new(SqliteStore::open(path).unwrap());
+            (Core::open(config(), store, now).unwrap(), faults)
+        }
+        Db::Postgres(url) => {
+            let (store, faults) =
+                FaultyStore::new(PgStore::open(url, &Postgres::candidate("faults")).unwrap());
+            (Core::open(config(), store, now).unwrap(), faults)
+        }
+    }
 }
 
 impl World {
-    fn new() -> Self {
+    fn new(kind: Kind) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let db = dir.path().join("db.sqlite");
+        let db = match kind {
+            Kind::Sqlite => Db::Sqlite(dir.path().join("db.sqlite")),
+            Kind::Postgres => Db::Postgres(Postgres::new().url),
+        };
         let now = Now::real();
         let (core, faults) = open(&db, now);
         let mut w = Self {
@@ -151,8 +181,21 @@ type Message = fn(&mut World) -> Result<(), Error>;
 /// Runs `message` after `setup` with each of its writes failing in turn, and checks that every
 /// failure left nothing behind. Returns how many writes the message makes when nothing fails.
 fn every_write_fails_alone(name: &str, setup: Setup, message: Message, multi: bool) -> u32 {
+    let mut writes = Vec::new();
+    for kind in KINDS {
+        writes.push(every_write_fails_alone_on(kind, name, setup, message, multi));
+    }
+    assert!(
+        writes.windows(2).all(|w| w[0] == w[1]),
+        "{name}: the stores make different numbers of writes: {writes:?}"
+    );
+    writes[0]
+}
+
+fn every_write_fails_alone_on(kind: Kind, name: &str, setup: Setup, message: Message, multi: bool) -> u32 {
+    let name = &format!("{name} ({kind:?})");
     for n in 1.. {
-        let mut w = World::new();
+        let mut w = World::new(kind);
         setup(&mut w);
         w.core.take_effects();
         let memory = w.core.durable_view();
@@ -190,7 +233,7 @@ fn every_write_fails_alone(name: &str, setup: Setup, message: Message, multi: bo
         w.core.check_invariants();
 
         // Memory after a failure is what a restart would load.
-        let mut w = World::new();
+        let mut w = World::new(kind);
         setup(&mut w);
         w.faults.arm(n);
         let _ = message(&mut w);
