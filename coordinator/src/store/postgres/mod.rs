@@ -216,7 +216,7 @@ impl PgStore {
     pub fn try_open(url: &str, me: &Candidate) -> StoreResult<Result<Self, Leader>> {
         let shown = redact(url);
         let mut conn = connect(url, &shown, "shardgate writer")?;
-        schema::migrate(&mut conn, &shown)?;
+        schema::migrate(&mut conn, &shown, schema::Upto::Base)?;
         // A batch stuck on a connection that went silent must not hold the leader row (and so
         // a takeover) for longer than a lease.
         conn.batch(&format!(
@@ -237,7 +237,9 @@ impl PgStore {
             return Ok(Err(leader_of(&mut conn)?.expect("a row refused our takeover")));
         };
         let epoch: i64 = get(&row, 0)?;
+        // The schema's later versions are the leader's to apply, under its fence.
         conn.fence = Some((epoch, shown.clone()));
+        schema::migrate(&mut conn, &shown, schema::Upto::Latest)?;
         tracing::info!(db = %shown, epoch, holder = %me.holder, "took the lead of the database");
         let lease = Arc::new(Lease {
             epoch,

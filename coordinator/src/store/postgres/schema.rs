@@ -148,8 +148,20 @@ CREATE TABLE leader (
 );
 "#;
 
-/// Brings the database to [`SCHEMA_VERSION`], refusing one that is newer.
-pub(crate) fn migrate(conn: &mut Conn, shown: &str) -> StoreResult<()> {
+/// How far [`migrate`] goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Upto {
+    /// Refuse a newer schema, create the first version on an empty database, change nothing
+    /// else: what any coordinator may do before it leads (a standby must not migrate the
+    /// schema under a leader of an older version).
+    Base,
+    /// Every migration: the leader's, once it leads.
+    Latest,
+}
+
+/// Brings the database to [`SCHEMA_VERSION`] (or only to its first version, see [`Upto`]),
+/// refusing one that is newer than this coordinator knows.
+pub(crate) fn migrate(conn: &mut Conn, shown: &str, upto: Upto) -> StoreResult<()> {
     let open_err = |e: StoreError| StoreError::Open {
         path: shown.to_owned(),
         reason: e.to_string(),
@@ -173,6 +185,9 @@ pub(crate) fn migrate(conn: &mut Conn, shown: &str) -> StoreResult<()> {
             c.batch(SCHEMA)?;
             c.execute("INSERT INTO shardgate_schema (version) VALUES (1)", &[])?;
             at = 1;
+        }
+        if upto == Upto::Base || at == SCHEMA_VERSION {
+            return Ok(());
         }
         for m in MIGRATIONS.iter().skip(at as usize - 1) {
             c.batch(m)?;
