@@ -26,6 +26,14 @@ fn duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("'{s}' is not a duration like 10s or 500ms: {e}"))
 }
 
+/// A duration, or `off` (zero).
+fn grace(s: &str) -> Result<Duration, String> {
+    if s.eq_ignore_ascii_case("off") {
+        return Ok(Duration::ZERO);
+    }
+    duration(s)
+}
+
 /// `shardgate-coordinator`: serves the run, worker and dashboard APIs.
 #[derive(Debug, Parser)]
 #[command(
@@ -127,6 +135,11 @@ pub struct CoordinatorTuning {
     /// How often workers heartbeat.
     #[arg(long, env = "SHARDGATE_HEARTBEAT", default_value = "2s", value_parser = duration)]
     pub heartbeat: Duration,
+    /// A worker whose connection closes (its process died) and that does not call again within
+    /// this long loses its shards at once instead of at the end of the lease; `off` leaves it to
+    /// the lease (for workers behind a proxy that shares one connection among several).
+    #[arg(long, env = "SHARDGATE_DISCONNECT_GRACE", default_value = "1s", value_parser = grace)]
+    pub disconnect_grace: Duration,
     /// How many different workers a test may lose (or twice as many hand-outs on fewer
     /// workers) before it is reported as an infrastructure error; also how many shards in a
     /// row a runner may fail the same way before the run stops as errored.

@@ -85,6 +85,7 @@ pub async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
         "--event-buffer must be at least 16"
     );
     config.event_buffer = args.tuning.event_buffer;
+    config.disconnect_grace = Some(args.tuning.disconnect_grace).filter(|g| !g.is_zero());
     if let Some(path) = &args.tokens {
         let tokens = shardgate_coordinator::auth::Tokens::load(path)?;
         tracing::info!(tokens = tokens.len(), "credentials required");

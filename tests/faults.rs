@@ -1,5 +1,5 @@
 //! Worker faults one at a time, on real processes: a drained worker hands its tests back at
-//! once; a worker cut off past its lease loses its shard, has its late results refused and then
+//! once; a killed worker's tests come back when its connection closes, not after its lease; a worker cut off past its lease loses its shard, has its late results refused and then
 //! takes new work; a test that kills its worker is tried on a few different workers and then
 //! reported as an infrastructure error while the rest of the run passes.
 
@@ -95,6 +95,45 @@ fn a_drained_worker_hands_its_running_tests_back_at_once() {
         .find(|w| w["name"] == cluster.worker_name(drained))
         .unwrap();
     assert_eq!(gone["state"], "gone", "it deregistered: {workers}");
+}
+
+#[test]
+fn a_killed_workers_shard_comes_back_when_its_connection_closes_not_after_its_lease() {
+    // A 30 s lease: only the closed connection, not the lease, can requeue the test in time.
+    let mut cluster = Cluster::builder().workers(2).slots(1).lease("30s", "1s").start();
+    let marker = slow_first_time(&cluster, "t/slow.sh");
+    let run = follow(&cluster, &["t/slow.sh"]);
+    let pid: u32 = wait_for("the slow test to start", Duration::from_secs(30), || {
+        std::fs::read_to_string(&marker).ok()?.trim().parse().ok()
+    });
+    let killed = worker_with_pid(&cluster, pid);
+    let name = cluster.worker_name(killed).to_owned();
+    let t0 = std::time::Instant::now();
+    cluster.kill_worker(killed);
+    wait_for(
+        "the killed worker's shard to be taken back",
+        Duration::from_secs(15),
+        || {
+            let workers = cluster.http_json("/api/workers")?;
+            workers
+                .as_array()?
+                .iter()
+                .any(|w| w["name"] == name.as_str() && w["busy_slots"] == 0 && w["state"] == "lost")
+                .then_some(())
+        },
+    );
+    eprintln!("requeued {:?} after the kill", t0.elapsed());
+
+    let (code, report) = verdict(&cluster, run, Duration::from_secs(20));
+    assert_eq!(code, 0, "{report}");
+    let t = result(&report, "t/slow.sh");
+    assert_eq!((&t["outcome"], &t["attempts"]), (&"passed".into(), &2.into()));
+    assert_ne!(t["worker"], name.as_str());
+    assert!(
+        cluster.logs().contains("worker disconnected"),
+        "{}",
+        cluster.logs()
+    );
 }
 
 #[test]

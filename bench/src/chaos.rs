@@ -82,6 +82,11 @@ pub fn run(a: ChaosArgs) -> anyhow::Result<()> {
                 "wrong_outcomes": all.wrong_outcomes,
                 "wrong_verdicts": all.wrong_verdicts,
                 "requeue_s": {"p50": q(0.5), "p95": q(0.95), "max": q(1.0), "n": all.requeue_times.len()},
+                "requeue_by_fault_s": all.requeue_by.iter().map(|(k, v)| (k.to_string(), serde_json::json!({
+                    "p50": all.requeue_quantile_of(k, 0.5).map(|d| d.as_secs_f64()),
+                    "max": all.requeue_quantile_of(k, 1.0).map(|d| d.as_secs_f64()),
+                    "n": v.len(),
+                }))).collect::<serde_json::Map<_, _>>(),
                 "failover_s": {"p50": fq(0.5), "max": fq(1.0), "n": all.failover_times.len()},
                 "wrong_rollouts": all.wrong_rollouts,
                 "extra_work": extra,
@@ -137,6 +142,14 @@ pub fn run(a: ChaosArgs) -> anyhow::Result<()> {
             fmt(q(0.95)),
             fmt(q(1.0))
         );
+        for (fault, times) in &all.requeue_by {
+            println!(
+                "  after {fault}: p50 {}, max {} ({} busy workers)",
+                fmt(all.requeue_quantile_of(fault, 0.5).map(|d| d.as_secs_f64())),
+                fmt(all.requeue_quantile_of(fault, 1.0).map(|d| d.as_secs_f64())),
+                times.len()
+            );
+        }
         if a.failover {
             println!(
                 "leader killed/cut -> standby leads ({} failovers): p50 {}, max {} (target <= 15 s)",

@@ -148,14 +148,20 @@ impl axum::serve::Listener for HttpListener {
 
 /// Accepted connections, at most `limits.max` open at once, with Nagle's algorithm off (a
 /// reply written in more than one piece would otherwise wait for the client's delayed ACK).
+///
+/// With `closed`, each connection's peer address is sent there when the connection ends.
 pub fn incoming(
     listener: TcpListener,
     limits: ConnLimits,
+    closed: Option<tokio::sync::mpsc::UnboundedSender<std::net::SocketAddr>>,
 ) -> impl tokio_stream::Stream<Item = io::Result<Limited>> {
     let (tx, rx) = tokio::sync::mpsc::channel(16);
     let permits = Arc::new(Semaphore::new(limits.max));
     tokio::spawn(accept_loop(listener, permits, move |stream, permit| {
-        let conn = Limited::new(stream, permit, limits.idle);
+        let mut conn = Limited::new(stream, permit, limits.idle);
+        if let (Some(closed), Ok(peer)) = (&closed, conn.io.peer_addr()) {
+            conn.on_close = Some((peer, closed.clone()));
+        }
         // The server takes connections as fast as they come; a full channel is a stopped one.
         match tx.try_send(Ok(conn)) {
             Ok(()) => true,
@@ -182,6 +188,19 @@ pub struct Limited<T = TcpStream> {
     /// read and write (the runtime's timer is shared with everything else).
     last: std::time::Instant,
     deadline: Pin<Box<Sleep>>,
+    /// Told the peer's address when the connection ends.
+    on_close: Option<(
+        std::net::SocketAddr,
+        tokio::sync::mpsc::UnboundedSender<std::net::SocketAddr>,
+    )>,
+}
+
+impl<T> Drop for Limited<T> {
+    fn drop(&mut self) {
+        if let Some((peer, tx)) = self.on_close.take() {
+            let _ = tx.send(peer);
+        }
+    }
 }
 
 impl<T> Limited<T> {
@@ -192,6 +211,7 @@ impl<T> Limited<T> {
             idle,
             last: std::time::Instant::now(),
             deadline: Box::pin(tokio::time::sleep(idle)),
+            on_close: None,
         }
     }
 

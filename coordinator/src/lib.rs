@@ -8,6 +8,7 @@ pub mod auth;
 pub mod conn;
 pub mod core;
 pub mod http;
+pub mod liveness;
 pub mod metrics;
 pub mod model;
 pub mod policy;

@@ -46,6 +46,10 @@ pub struct Config {
     /// Where other machines reach this coordinator's gRPC and HTTP ports; a PostgreSQL store
     /// records them with the lead, so that standbys can send callers to the leader.
     pub advertise: (String, String),
+    /// How long a worker whose connection closed has to call again before its attempts end
+    /// (its process died); `None` leaves it to the lease (workers behind a proxy that shares
+    /// connections).
+    pub disconnect_grace: Option<Duration>,
 }
 
 /// The coordinator's TLS: its certificate chain and key (PEM), and for mTLS the CA workers'
@@ -117,6 +121,7 @@ impl Config {
             connections: Default::default(),
             event_buffer: actor::EVENT_BUFFER,
             advertise: (String::new(), String::new()),
+            disconnect_grace: Some(Duration::from_secs(1)),
         }
     }
 
@@ -489,6 +494,11 @@ async fn serve_all(
         None => None,
     };
 
+    // A worker whose connection closes and that does not call again within the grace lost
+    // its process: its attempts end then, not at the end of the lease.
+    let disconnects = config
+        .disconnect_grace
+        .map(|grace| crate::liveness::spawn(handle.clone(), services.peers(), grace));
     let require_worker_certs = config.tls.as_ref().is_some_and(|t| t.client_ca.is_some());
     grpc_builder(&config)?
         .layer(AuthLayer::new(config.auth.clone()).require_worker_certs(require_worker_certs))
@@ -508,7 +518,10 @@ async fn serve_all(
             services.clone(),
         ))
         .add_service(pb::gate_service_server::GateServiceServer::new(services))
-        .serve_with_incoming_shutdown(crate::conn::incoming(grpc, config.connections), stopped(stop_rx))
+        .serve_with_incoming_shutdown(
+            crate::conn::incoming(grpc, config.connections, disconnects),
+            stopped(stop_rx),
+        )
         .await?;
     if let Some(t) = http_task {
         t.await.map_err(std::io::Error::other)??;

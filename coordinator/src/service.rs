@@ -27,6 +27,8 @@ pub struct Services {
     reads: ReadSide,
     /// The store's read connections, for planning large submissions off the actor.
     store: std::sync::Arc<dyn Reads + Send + Sync>,
+    /// Which connection each worker last called on (see `liveness`).
+    peers: std::sync::Arc<crate::liveness::Peers>,
 }
 
 impl std::fmt::Debug for dyn Reads + Send + Sync {
@@ -37,7 +39,17 @@ impl std::fmt::Debug for dyn Reads + Send + Sync {
 
 impl Services {
     pub fn new(handle: Handle, reads: ReadSide, store: std::sync::Arc<dyn Reads + Send + Sync>) -> Self {
-        Self { handle, reads, store }
+        Self {
+            handle,
+            reads,
+            store,
+            peers: Default::default(),
+        }
+    }
+
+    /// The record of which connection each worker called on.
+    pub fn peers(&self) -> std::sync::Arc<crate::liveness::Peers> {
+        self.peers.clone()
     }
 }
 
@@ -124,12 +136,16 @@ impl WorkerService for Services {
         req: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterResponse>, Status> {
         let who = caller(&req);
+        let peer = req.remote_addr();
         let req = req.into_inner();
-        Ok(Response::new(
-            self.handle
-                .call(move |core, now| core.register_as(req, &who, now))
-                .await?,
-        ))
+        let resp = self
+            .handle
+            .call(move |core, now| core.register_as(req, &who, now))
+            .await?;
+        if let Ok(w) = resp.worker_id.parse() {
+            self.peers.seen(peer, w);
+        }
+        Ok(Response::new(resp))
     }
 
     async fn heartbeat(
@@ -137,8 +153,10 @@ impl WorkerService for Services {
         req: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
         let who = caller(&req);
+        let peer = req.remote_addr();
         let req = req.into_inner();
         let w = worker_id(&req.worker_id)?;
+        self.peers.seen(peer, w);
         Ok(Response::new(
             self.handle
                 .call(move |core, now| {
@@ -157,8 +175,10 @@ impl WorkerService for Services {
         req: Request<pb::AcquireShardRequest>,
     ) -> Result<Response<pb::AcquireShardResponse>, Status> {
         let who = caller(&req);
+        let peer = req.remote_addr();
         let req = req.into_inner();
         let w = worker_id(&req.worker_id)?;
+        self.peers.seen(peer, w);
         self.handle
             .call({
                 let who = who.clone();
@@ -193,8 +213,10 @@ impl WorkerService for Services {
         req: Request<pb::ReportResultsRequest>,
     ) -> Result<Response<pb::ReportResultsResponse>, Status> {
         let who = caller(&req);
+        let peer = req.remote_addr();
         let req = req.into_inner();
         let w = worker_id(&req.worker_id)?;
+        self.peers.seen(peer, w);
         let a = attempt_id(&req.attempt_id)?;
         let arrived = std::time::Instant::now();
         let resp = self
@@ -216,8 +238,10 @@ impl WorkerService for Services {
         req: Request<pb::ReportDiscoveryRequest>,
     ) -> Result<Response<pb::ReportDiscoveryResponse>, Status> {
         let who = caller(&req);
+        let peer = req.remote_addr();
         let req = req.into_inner();
         let w = worker_id(&req.worker_id)?;
+        self.peers.seen(peer, w);
         let a = attempt_id(&req.attempt_id)?;
         self.handle
             .call(move |core, now| {
@@ -233,8 +257,10 @@ impl WorkerService for Services {
         req: Request<pb::FinishShardRequest>,
     ) -> Result<Response<pb::FinishShardResponse>, Status> {
         let who = caller(&req);
+        let peer = req.remote_addr();
         let req = req.into_inner();
         let w = worker_id(&req.worker_id)?;
+        self.peers.seen(peer, w);
         let a = attempt_id(&req.attempt_id)?;
         Ok(Response::new(
             self.handle

@@ -96,6 +96,8 @@ pub struct ChaosReport {
     pub wrong_verdicts: u32,
     /// From a busy worker's death (or cut) to the coordinator taking its shards back.
     pub requeue_times: Vec<Duration>,
+    /// The same, by fault (a killed worker's connection closes; a cut one waits for its lease).
+    pub requeue_by: BTreeMap<&'static str, Vec<Duration>>,
     /// From the leader's death (or cut from the database) to the standby serving as leader.
     pub failover_times: Vec<Duration>,
     /// Passed runs whose rollout hook ran more than once, or failed runs whose hook ran.
@@ -127,6 +129,9 @@ impl ChaosReport {
         self.wrong_outcomes += o.wrong_outcomes;
         self.wrong_verdicts += o.wrong_verdicts;
         self.requeue_times.extend(o.requeue_times);
+        for (k, v) in o.requeue_by {
+            self.requeue_by.entry(k).or_default().extend(v);
+        }
         self.failover_times.extend(o.failover_times);
         self.wrong_rollouts += o.wrong_rollouts;
         self.rollouts += o.rollouts;
@@ -157,6 +162,11 @@ impl ChaosReport {
     /// The `q` quantile of the requeue times.
     pub fn requeue_quantile(&self, q: f64) -> Option<Duration> {
         quantile(&self.requeue_times, q)
+    }
+
+    /// The `q` quantile of the requeue times after `fault` (its name).
+    pub fn requeue_quantile_of(&self, fault: &str, q: f64) -> Option<Duration> {
+        quantile(self.requeue_by.get(fault).map_or(&[][..], Vec::as_slice), q)
     }
 
     /// The `q` quantile of the failover times.
@@ -368,6 +378,7 @@ fn one_run(
             Ok(Some(requeue)) => {
                 *report.faults.entry(fault.name()).or_default() += 1;
                 report.requeue_times.extend(requeue);
+                report.requeue_by.entry(fault.name()).or_default().extend(requeue);
             }
             Ok(None) => report.skipped_faults += 1,
             Err(e) => report.problems.push(format!("{tag}: {}: {e}", fault.name())),

@@ -352,6 +352,7 @@ impl Core {
         } else {
             match plan.reason {
                 RequeueReason::LeaseExpired(_) => "lease expired",
+                RequeueReason::ConnectionClosed(_) => "disconnected",
                 RequeueReason::NoResult(_) => "no result",
                 RequeueReason::RunnerError { .. } => "runner error",
                 RequeueReason::Deregistered(_) => "drained",

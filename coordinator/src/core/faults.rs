@@ -442,6 +442,20 @@ fn a_deregistration_is_all_or_nothing() {
 }
 
 #[test]
+fn a_disconnection_is_all_or_nothing() {
+    every_write_fails_alone(
+        "connection closed",
+        |w| {
+            w.submit(req(&["a", "b", "c"]));
+            w.acquire(0);
+            w.acquire(0);
+        },
+        |w| w.core.connection_closed(w.workers[0], w.now),
+        false,
+    );
+}
+
+#[test]
 fn a_lease_expiry_that_gives_up_and_concludes_leaves_memory_as_a_restart_would() {
     // Expiries are messages of their own: a failed one leaves the others done.
     every_write_fails_alone(

@@ -310,6 +310,44 @@ impl Core {
         })
     }
 
+    /// A worker's connection closed and it did not call again (see `liveness`): it is lost
+    /// and its attempts end now, their tests going back as after a lease expiry (and held
+    /// against them the same way). A worker that left or is unknown is left alone.
+    pub fn connection_closed(&mut self, worker: WorkerId, now: Now) -> Result<(), Error> {
+        let Some(w) = self.workers.get(&worker) else {
+            return Ok(());
+        };
+        if w.row.state == WorkerState::Gone {
+            return Ok(());
+        }
+        let name = self.worker_name(worker);
+        warn!(worker = %worker, name = %name, attempts = w.attempts.len(), "worker disconnected; its attempts end now");
+        self.atomically(|c| {
+            let w = &c.workers[&worker];
+            let mut row = w.row.clone();
+            row.state = WorkerState::Lost;
+            let mut ids: Vec<AttemptId> = w.attempts.iter().copied().collect();
+            ids.sort();
+            let reason = RequeueReason::ConnectionClosed(name);
+            let plans = ids
+                .into_iter()
+                .map(|a| c.decide_end_attempt(a, &reason, now))
+                .collect::<Result<Vec<_>, _>>()?;
+            c.store.upsert_worker(&row)?;
+            for p in &plans {
+                c.write_end_attempt(p)?;
+            }
+            let w = c.workers.get_mut(&worker).expect("checked above");
+            w.row = row;
+            c.fleet_version += 1;
+            c.effects.workers_changed.insert(worker);
+            for p in plans {
+                c.apply_end_attempt(p);
+            }
+            Ok(())
+        })
+    }
+
     /// Marks live workers that fell silent for a lease as lost, each in its own message.
     pub(crate) fn mark_silent_workers_lost(&mut self, now: Now) -> Result<(), Error> {
         let lease = self.cfg.lease;

@@ -338,8 +338,13 @@ impl WorkerEntry {
 #[derive(Debug, Clone)]
 pub(crate) enum RequeueReason {
     LeaseExpired(String),
+    /// The worker's connection closed and it did not call again: its process died.
+    ConnectionClosed(String),
     NoResult(String),
-    RunnerError { worker: String, error: String },
+    RunnerError {
+        worker: String,
+        error: String,
+    },
     Deregistered(String),
 }
 
@@ -347,6 +352,7 @@ impl RequeueReason {
     pub fn describe(&self) -> String {
         match self {
             RequeueReason::LeaseExpired(w) => format!("lease expired on worker {w}"),
+            RequeueReason::ConnectionClosed(w) => format!("worker {w} disconnected"),
             RequeueReason::NoResult(w) => format!("worker {w} finished the shard without a result"),
             RequeueReason::RunnerError { error, .. } => format!("runner failed: {error}"),
             RequeueReason::Deregistered(w) => format!("worker {w} left"),
@@ -359,6 +365,7 @@ impl RequeueReason {
         match self {
             RequeueReason::Deregistered(_) => None,
             RequeueReason::LeaseExpired(w)
+            | RequeueReason::ConnectionClosed(w)
             | RequeueReason::NoResult(w)
             | RequeueReason::RunnerError { worker: w, .. } => Some(w),
         }
