@@ -378,7 +378,9 @@ fn one_run(
             Ok(Some(requeue)) => {
                 *report.faults.entry(fault.name()).or_default() += 1;
                 report.requeue_times.extend(requeue);
-                report.requeue_by.entry(fault.name()).or_default().extend(requeue);
+                if let Some(d) = requeue {
+                    report.requeue_by.entry(fault.name()).or_default().push(d);
+                }
             }
             Ok(None) => report.skipped_faults += 1,
             Err(e) => report.problems.push(format!("{tag}: {}: {e}", fault.name())),

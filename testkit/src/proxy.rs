@@ -195,7 +195,12 @@ fn spawn_pump(mut from: TcpStream, to: Option<TcpStream>, state: Arc<State>, epo
             }
         }
         let _ = from.shutdown(Shutdown::Both);
-        if let Some(t) = to {
+        // A close does not cross a partition either: the other end learns of it only at the
+        // heal, when every connection that lived through the cut is closed.
+        let cut = state.cut.load(Ordering::SeqCst) || state.epoch.load(Ordering::SeqCst) != epoch;
+        if let Some(t) = to
+            && !cut
+        {
             let _ = t.shutdown(Shutdown::Both);
         }
     });
