@@ -311,8 +311,9 @@ pub const EXIT_CODES: &str = "Exit codes: 0 the gate passed; 1 the gate failed (
 pub enum Command {
     /// Submit a run to a coordinator and follow it to its verdict.
     Run(RunArgs),
-    /// Run a coordinator and N workers in this process against a local exec root.
-    Local(LocalArgs),
+    /// Run a coordinator and N workers in this process: an exec root, a pytest, Cargo or Go
+    /// project, or a runner profile.
+    Local(Box<LocalArgs>),
     /// Follow a submitted run to its verdict.
     Watch(RunRef),
     /// Show a run and its results.
@@ -554,6 +555,28 @@ pub struct TestSource {
     pub discover: bool,
 }
 
+/// Where `shardgate local`'s tests come from: like [`TestSource`], but a runner that lists its
+/// own tests (every kind but `exec`) discovers them when neither is given.
+#[derive(Debug, Clone, Args)]
+#[group(required = false, multiple = false)]
+pub struct LocalTestSource {
+    /// File with one test id per line ('#' starts a comment line).
+    #[arg(long, env = "SHARDGATE_TESTS_FILE")]
+    pub tests_file: Option<PathBuf>,
+    /// Let a worker list the suite's tests (the default for runners other than `exec`).
+    #[arg(long, env = "SHARDGATE_DISCOVER")]
+    pub discover: bool,
+}
+
+impl LocalTestSource {
+    pub fn to_source(&self) -> TestSource {
+        TestSource {
+            tests_file: self.tests_file.clone(),
+            discover: self.discover,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct SubmitOptions {
     /// Suite name (duration and flakiness history are kept per suite).
@@ -635,6 +658,7 @@ pub struct RunArgs {
 }
 
 #[derive(Debug, Args)]
+#[command(group = clap::ArgGroup::new("suite_kind").required(true).multiple(false))]
 pub struct LocalArgs {
     /// Workers to start.
     #[arg(long, env = "SHARDGATE_WORKERS", default_value_t = 4)]
@@ -642,14 +666,33 @@ pub struct LocalArgs {
     /// Slots of each worker.
     #[arg(long, env = "SHARDGATE_SLOTS", default_value_t = 1)]
     pub slots: u32,
-    /// Root directory of the exec runner.
-    #[arg(long, env = "SHARDGATE_EXEC_ROOT")]
-    pub exec_root: PathBuf,
+    /// Root directory of the exec runner (each test an executable under it).
+    #[arg(long, env = "SHARDGATE_EXEC_ROOT", group = "suite_kind")]
+    pub exec_root: Option<PathBuf>,
+    /// Runner profiles (the workers' `--runners` TOML); the run uses `--runner`.
+    #[arg(long, value_name = "FILE", group = "suite_kind")]
+    pub runners: Option<PathBuf>,
+    /// Which profile of `--runners` runs the suite (default: the only one).
+    #[arg(long, value_name = "NAME", requires = "runners")]
+    pub runner: Option<String>,
+    /// A pytest project: its rootdir (pytest must be installed). Tests are discovered unless
+    /// `--tests-file` names them.
+    #[arg(long, value_name = "DIR", group = "suite_kind")]
+    pub pytest: Option<PathBuf>,
+    /// A Rust workspace run with `cargo test` (test binaries built once, tests sharded).
+    #[arg(long, value_name = "DIR", group = "suite_kind")]
+    pub cargo_test: Option<PathBuf>,
+    /// A Rust workspace run with `cargo nextest` (cargo-nextest must be installed).
+    #[arg(long, value_name = "DIR", group = "suite_kind")]
+    pub nextest: Option<PathBuf>,
+    /// A Go module run with `go test`.
+    #[arg(long, value_name = "DIR", group = "suite_kind")]
+    pub go_test: Option<PathBuf>,
     /// Keep the database here instead of in a temporary directory.
     #[arg(long, env = "SHARDGATE_DB")]
     pub db: Option<PathBuf>,
     #[command(flatten)]
-    pub source: TestSource,
+    pub source: LocalTestSource,
     #[command(flatten)]
     pub submit: SubmitOptions,
     #[command(flatten)]

@@ -6,7 +6,7 @@ use crate::{client, gate, local};
 pub async fn main(cli: Cli) -> anyhow::Result<u8> {
     match cli.command {
         Command::Run(a) => client::run(a).await,
-        Command::Local(a) => local::run(a).await,
+        Command::Local(a) => local::run(*a).await,
         Command::Watch(r) => client::watch(r).await,
         Command::Status(r) => client::status(r).await,
         Command::Cancel(c) => client::cancel(c).await,

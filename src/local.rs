@@ -9,8 +9,7 @@ use anyhow::{Context, bail};
 use shardgate_common::labels::Labels;
 use shardgate_common::pb;
 use shardgate_common::pb::dashboard_service_client::DashboardServiceClient;
-use shardgate_worker::runners::ExecRunner;
-use shardgate_worker::runners::Runner;
+use shardgate_worker::runners::{ExecRunner, Runner, Runners};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -21,8 +20,17 @@ use crate::{connect, submit};
 pub async fn run(a: LocalArgs) -> anyhow::Result<u8> {
     anyhow::ensure!(a.workers >= 1, "--workers must be at least 1");
     anyhow::ensure!(a.slots >= 1, "--slots must be at least 1");
-    let exec = ExecRunner::new(&a.exec_root, MAX_OUTPUT_BYTES).context("invalid --exec-root")?;
-    let req = submit::submit_request("exec", &a.source, &a.submit)?;
+    let (runner, runners, lists_tests) = local_runners(&a)?;
+    let mut source = a.source.to_source();
+    if source.tests_file.is_none() && !source.discover {
+        // A runner that lists its own tests does so when none were named.
+        anyhow::ensure!(
+            lists_tests,
+            "name the tests: --tests-file FILE, or --discover to have a worker list them"
+        );
+        source.discover = true;
+    }
+    let req = submit::submit_request(&runner, &source, &a.submit)?;
 
     let tmp = tempfile::tempdir().context("failed to create a temporary directory")?;
     let db = a.db.clone().unwrap_or_else(|| tmp.path().join("shardgate.db"));
@@ -53,7 +61,7 @@ pub async fn run(a: LocalArgs) -> anyhow::Result<u8> {
             name: format!("local-{}", i + 1),
             slots: a.slots,
             labels: Labels::new(),
-            runners: BTreeMap::from([("exec".to_owned(), Runner::Exec(exec.clone()))]),
+            runners: runners.clone(),
             drain_grace: Duration::from_secs(5),
             start_check: false,
             health: None,
@@ -92,6 +100,57 @@ pub async fn run(a: LocalArgs) -> anyhow::Result<u8> {
         _ => {}
     }
     result
+}
+
+/// The runner the run uses, the runners every local worker offers, and whether the run
+/// discovers its tests when none are named (every kind but `exec`, whose tests are files).
+fn local_runners(a: &LocalArgs) -> anyhow::Result<(String, Runners, bool)> {
+    if let Some(root) = &a.exec_root {
+        let exec = ExecRunner::new(root, MAX_OUTPUT_BYTES).context("invalid --exec-root")?;
+        let runners = BTreeMap::from([("exec".to_owned(), Runner::Exec(exec))]);
+        return Ok(("exec".into(), runners, false));
+    }
+    if let Some(path) = &a.runners {
+        let runners = shardgate_worker::profile::load(path, MAX_OUTPUT_BYTES)?;
+        let name = match &a.runner {
+            Some(n) if runners.contains_key(n) => n.clone(),
+            Some(n) => bail!(
+                "--runner '{n}' is not a profile of {} (it has: {})",
+                path.display(),
+                runners.keys().cloned().collect::<Vec<_>>().join(", ")
+            ),
+            None if runners.len() == 1 => runners.keys().next().expect("one").clone(),
+            None => bail!(
+                "{} has several profiles ({}); choose one with --runner",
+                path.display(),
+                runners.keys().cloned().collect::<Vec<_>>().join(", ")
+            ),
+        };
+        let discover = !matches!(runners.get(&name), Some(Runner::Exec(_)));
+        return Ok((name, runners, discover));
+    }
+    let (kind, flag, dir) = [
+        ("pytest", "--pytest", &a.pytest),
+        ("cargo-test", "--cargo-test", &a.cargo_test),
+        ("nextest", "--nextest", &a.nextest),
+        ("go-test", "--go-test", &a.go_test),
+    ]
+    .into_iter()
+    .find_map(|(kind, flag, dir)| dir.as_ref().map(|d| (kind, flag, d)))
+    .context("name the suite: --exec-root, --runners, --pytest, --cargo-test, --nextest or --go-test")?;
+    let workdir = std::fs::canonicalize(dir).with_context(|| format!("{flag} {}", dir.display()))?;
+    anyhow::ensure!(workdir.is_dir(), "{flag} {} is not a directory", dir.display());
+    // The same profile a worker's runners file would hold, so it is checked the same way.
+    let mut profile = toml::Table::new();
+    profile.insert("kind".into(), kind.into());
+    profile.insert("workdir".into(), workdir.display().to_string().into());
+    let mut table = toml::Table::new();
+    table.insert(kind.into(), profile.into());
+    let mut file = toml::Table::new();
+    file.insert("runners".into(), table.into());
+    let runners = shardgate_worker::profile::parse(&toml::to_string(&file)?, MAX_OUTPUT_BYTES)
+        .with_context(|| format!("{flag} {}", dir.display()))?;
+    Ok((kind.into(), runners, true))
 }
 
 /// Waits until `n` workers are registered and live.

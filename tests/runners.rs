@@ -171,6 +171,40 @@ fn a_pypi_projects_pytest_suite_sharded_over_four_workers_matches_a_direct_run()
     assert!(report["shards"].as_u64().unwrap() >= 4, "{}", report["shards"]);
 }
 
+#[test]
+fn shardgate_local_runs_the_pypi_projects_suite_with_pytest_and_no_profile() {
+    require_pytest();
+    let dir = project_dir();
+    let direct = direct_pytest(&dir);
+    // No runner file, no coordinator, no workers to start: one command, as a newcomer types it.
+    let r = harness::client(&[
+        "local",
+        "--pytest",
+        dir.to_str().unwrap(),
+        "--workers",
+        "2",
+        "--json",
+    ]);
+    let report = r.json();
+    let mut ours = BTreeMap::new();
+    for t in report["tests"].as_array().unwrap() {
+        let id = t["id"].as_str().unwrap().to_owned();
+        let prev = ours.insert(id.clone(), t["outcome"].as_str().unwrap_or("none").to_owned());
+        assert!(prev.is_none(), "{id} reported twice");
+    }
+    assert_eq!(
+        ours.keys().collect::<Vec<_>>(),
+        direct.keys().collect::<Vec<_>>(),
+        "discovered the same tests as the direct run: {}",
+        r.stderr
+    );
+    for (id, status) in &direct {
+        assert_eq!(ours[id], expected_outcome(status), "{id}: pytest said {status}");
+    }
+    let has_failure = direct.values().any(|s| s == "FAILED");
+    assert_eq!(r.code, if has_failure { 1 } else { 0 }, "{}", r.stderr);
+}
+
 /// The Rust crate: strsim 0.11.1 (96 tests, no dependencies), from the local cargo registry,
 /// where building this workspace puts it (clap depends on it).
 const CRATE: &str = "strsim-0.11.1";
