@@ -198,6 +198,8 @@ struct Outputs {
 fn run(mut core: Core, rx: mpsc::Receiver<Job>, tick: Duration, out: Outputs) {
     let mut next_tick = Instant::now() + tick;
     let mut replies: Vec<Reply> = Vec::with_capacity(MAX_BATCH);
+    // Whether a run's shard list in the live view waits for its next rebuild.
+    let mut stale_shards = false;
     loop {
         let wait = next_tick.saturating_duration_since(Instant::now());
         let first = match rx.recv_timeout(wait) {
@@ -238,10 +240,17 @@ fn run(mut core: Core, rx: mpsc::Receiver<Job>, tick: Duration, out: Outputs) {
             || !effects.events.is_empty()
         {
             let mut view = out.live.write().unwrap_or_else(|p| p.into_inner());
-            core.refresh_live(&mut view, &effects.runs_changed, &effects.workers_changed);
+            stale_shards |= core.refresh_live(&mut view, &effects.runs_changed, &effects.workers_changed);
+            if stale_shards {
+                stale_shards = core.refresh_stale_shards(&mut view);
+            }
             // The events about to be published are numbered from here; only this thread
             // numbers them.
             view.seq = out.seq.load(Ordering::SeqCst) + effects.events.len() as u64;
+        } else if stale_shards {
+            // A shard list left behind by a busy moment catches up once it is due.
+            let mut view = out.live.write().unwrap_or_else(|p| p.into_inner());
+            stale_shards = core.refresh_stale_shards(&mut view);
         }
         for reply in replies.drain(..) {
             reply();

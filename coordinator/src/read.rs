@@ -23,8 +23,17 @@ use crate::store::{Reads, RunFilter, summary_of};
 #[derive(Debug, Clone)]
 pub struct LiveRun {
     pub summary: pb::RunSummary,
+    /// The run's running shards, rebuilt at most every [`SHARDS_REFRESH`] (a fleet of
+    /// thousands of workers holds thousands of them, and reports arrive every millisecond).
     pub shards: Vec<pb::ShardProgress>,
+    /// When `shards` was built.
+    pub shards_at: Option<std::time::Instant>,
+    /// Whether the run changed since `shards` was built.
+    pub shards_stale: bool,
 }
+
+/// How stale a run's shard list in the live view may get; its counts are always current.
+pub const SHARDS_REFRESH: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// The live state only memory knows, copied out by the actor after each commit.
 #[derive(Debug, Clone, Default)]

@@ -8,7 +8,7 @@ use shardgate_common::AttemptId;
 
 use super::Core;
 use super::state::{Attempt, RunState};
-use crate::read::{LiveRun, LiveView};
+use crate::read::{LiveRun, LiveView, SHARDS_REFRESH};
 use crate::store::summary_of;
 
 impl Core {
@@ -74,6 +74,8 @@ impl Core {
         LiveRun {
             summary: r.summary(),
             shards,
+            shards_at: Some(std::time::Instant::now()),
+            shards_stale: false,
         }
     }
 
@@ -89,18 +91,49 @@ impl Core {
         view
     }
 
-    /// Copies what changed into `view`: changed runs (dropped once ended) and workers.
+    /// Rebuilds the shard lists that [`Core::refresh_live`] left stale and that are due; whether
+    /// some are still stale (the actor asks again at its next turn).
+    pub fn refresh_stale_shards(&self, view: &mut LiveView) -> bool {
+        let mut stale = false;
+        for (id, live) in view.runs.iter_mut() {
+            if !live.shards_stale {
+                continue;
+            }
+            match self.runs.get(id) {
+                Some(r) if live.shards_at.is_none_or(|t| t.elapsed() >= SHARDS_REFRESH) => {
+                    *live = self.live_run(r);
+                }
+                Some(_) => stale = true,
+                None => live.shards_stale = false,
+            }
+        }
+        stale
+    }
+
+    /// Copies what changed into `view`: changed runs (dropped once ended) and workers. A run's
+    /// counts are always copied; its shard list at most every [`SHARDS_REFRESH`]. Returns
+    /// whether a shard list was left stale.
     pub fn refresh_live(
         &self,
         view: &mut LiveView,
         runs: &std::collections::HashSet<RunId>,
         workers: &std::collections::HashSet<shardgate_common::WorkerId>,
-    ) {
+    ) -> bool {
+        let mut stale = false;
         for id in runs {
             match self.runs.get(id) {
-                Some(r) => {
-                    view.runs.insert(*id, self.live_run(r));
-                }
+                // The counts at once; the shard list when it is due (building it walks every
+                // live attempt).
+                Some(r) => match view.runs.get_mut(id) {
+                    Some(live) if live.shards_at.is_some_and(|t| t.elapsed() < SHARDS_REFRESH) => {
+                        live.summary = r.summary();
+                        live.shards_stale = true;
+                        stale = true;
+                    }
+                    _ => {
+                        view.runs.insert(*id, self.live_run(r));
+                    }
+                },
                 None => {
                     view.runs.remove(id);
                 }
@@ -116,5 +149,6 @@ impl Core {
                 }
             }
         }
+        stale
     }
 }

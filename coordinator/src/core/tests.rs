@@ -1170,3 +1170,38 @@ fn a_requester_past_its_share_of_runs_or_open_tests_is_refused() {
     core.submit(submit_req(&["g"]), now)
         .expect("a run ended: room again");
 }
+
+#[test]
+fn the_live_views_counts_are_always_current_and_its_shard_list_catches_up_when_due() {
+    let (mut core, now) = core();
+    let w1 = register(&mut core, "w1", 1, &[], now);
+    let w2 = register(&mut core, "w2", 1, &[], now);
+    let run = submit(&mut core, &["a", "b", "c", "d"], now);
+    let mut view = core.live_view();
+    assert!(view.runs[&run].shards.is_empty());
+    let changed: std::collections::HashSet<RunId> = [run].into();
+    let none = std::collections::HashSet::new();
+    // A hand-out right after the list was built: the counts follow at once, the list waits.
+    core.acquire(w1, now).unwrap().expect("work");
+    assert!(
+        core.refresh_live(&mut view, &changed, &none),
+        "the shard list is left stale"
+    );
+    assert_eq!(
+        view.runs[&run].summary.counts.unwrap().queued,
+        core.summary(run).unwrap().counts.unwrap().queued
+    );
+    assert!(view.runs[&run].shards.is_empty());
+    assert!(core.refresh_stale_shards(&mut view), "not due yet");
+    // Once due, it is rebuilt, whether or not the run changed again.
+    view.runs.get_mut(&run).unwrap().shards_at =
+        Some(std::time::Instant::now() - crate::read::SHARDS_REFRESH);
+    assert!(!core.refresh_stale_shards(&mut view));
+    assert_eq!(view.runs[&run].shards.len(), 1);
+    // A change when the list is due rebuilds it directly.
+    core.acquire(w2, now).unwrap().expect("work");
+    view.runs.get_mut(&run).unwrap().shards_at =
+        Some(std::time::Instant::now() - crate::read::SHARDS_REFRESH);
+    assert!(!core.refresh_live(&mut view, &changed, &none));
+    assert_eq!(view.runs[&run].shards.len(), 2);
+}
