@@ -220,12 +220,23 @@ fn a_rogue_worker_can_neither_take_a_name_nor_report_into_another_workers_attemp
         let mut dash = pb::dashboard_service_client::DashboardServiceClient::new(
             AuthChannel::new(ch, Some(&cluster.secrets["board"])).unwrap(),
         );
-        let progress = dash
-            .run_progress(pb::RunProgressRequest::default())
-            .await
-            .unwrap()
-            .into_inner();
-        let attempt = progress.shards[0].attempt_id.clone();
+        // The live shard list follows a hand-out within a quarter of a second.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let attempt = loop {
+            let progress = dash
+                .run_progress(pb::RunProgressRequest::default())
+                .await
+                .unwrap()
+                .into_inner();
+            if let Some(s) = progress.shards.first() {
+                break s.attempt_id.clone();
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no shard in the run's progress"
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        };
         let passed = vec![pb::TestResult {
             test_id: "t/broken.sh".into(),
             outcome: pb::Outcome::Passed as i32,
