@@ -217,26 +217,23 @@ fn a_rogue_worker_can_neither_take_a_name_nor_report_into_another_workers_attemp
             .connect()
             .await
             .unwrap();
-        let mut dash = pb::dashboard_service_client::DashboardServiceClient::new(
+        let dash = pb::dashboard_service_client::DashboardServiceClient::new(
             AuthChannel::new(ch, Some(&cluster.secrets["board"])).unwrap(),
         );
         // The live shard list follows a hand-out within a quarter of a second.
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        let attempt = loop {
-            let progress = dash
-                .run_progress(pb::RunProgressRequest::default())
-                .await
-                .unwrap()
-                .into_inner();
-            if let Some(s) = progress.shards.first() {
-                break s.attempt_id.clone();
+        let attempt = harness::poll_until_async(std::time::Instant::now() + Duration::from_secs(10), || {
+            let mut dash = dash.clone();
+            async move {
+                let progress = dash
+                    .run_progress(pb::RunProgressRequest::default())
+                    .await
+                    .unwrap()
+                    .into_inner();
+                progress.shards.first().map(|s| s.attempt_id.clone())
             }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "no shard in the run's progress"
-            );
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        };
+        })
+        .await
+        .expect("a shard in the run's progress");
         let passed = vec![pb::TestResult {
             test_id: "t/broken.sh".into(),
             outcome: pb::Outcome::Passed as i32,

@@ -13,7 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use fantoccini::{Client, ClientBuilder};
-use harness::{Cluster, free_port, script, wait_for};
+use harness::{Cluster, free_port, poll_until_async, script, wait_for};
 use serde_json::json;
 
 /// A chromedriver on a free port, killed on drop.
@@ -80,10 +80,6 @@ async fn shot(c: &Client, name: &str) {
     std::fs::write(screenshot_dir().join(format!("{name}.png")), png).unwrap();
 }
 
-/// The interval between two looks at the page in the loops that poll it under a deadline
-/// (`until`, and the run page's progress): never a wait for something to have happened.
-const POLL: Duration = Duration::from_millis(100);
-
 /// Evaluates `expr` in the page.
 async fn eval(c: &Client, expr: &str) -> serde_json::Value {
     c.execute(&format!("return ({expr});"), vec![]).await.unwrap()
@@ -97,18 +93,19 @@ async fn until(
     expr: &str,
     ok: impl Fn(&serde_json::Value) -> bool,
 ) {
-    let deadline = Instant::now() + timeout;
-    loop {
+    let last = std::cell::RefCell::new(serde_json::Value::Null);
+    let met = poll_until_async(Instant::now() + timeout, || async {
         let v = eval(c, expr).await;
-        if ok(&v) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}: last {v}"
-        );
-        tokio::time::sleep(POLL).await;
-    }
+        let met = ok(&v).then_some(());
+        *last.borrow_mut() = v;
+        met
+    })
+    .await;
+    assert!(
+        met.is_some(),
+        "timed out waiting for {what}: last {}",
+        last.borrow()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -177,10 +174,9 @@ async fn the_dashboard_follows_a_real_run_to_its_verdict_the_fleet_and_the_deplo
 
     // Progress advances on the page, to the verdict, without a reload.
     let total = tests.len() as u64;
-    let mut seen = std::collections::BTreeSet::new();
-    let mut mid_shot = false;
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
+    let seen = std::cell::RefCell::new(std::collections::BTreeSet::new());
+    let mid_shot = std::cell::Cell::new(false);
+    let passed = poll_until_async(Instant::now() + Duration::from_secs(90), || async {
         let state = eval(
             &c,
             "[document.getElementById('done') && document.getElementById('done').textContent, document.querySelector('.runhead') && document.querySelector('.runhead').dataset.status]",
@@ -191,25 +187,24 @@ async fn the_dashboard_follows_a_real_run_to_its_verdict_the_fleet_and_the_deplo
         if let Some((d, t)) = done.split_once('/') {
             let (d, t): (u64, u64) = (d.parse().unwrap(), t.parse().unwrap());
             assert!(t == 0 || t == total, "total shown as {t}");
-            seen.insert(d);
-            if !mid_shot && d > 0 && d < total {
+            seen.borrow_mut().insert(d);
+            if !mid_shot.get() && d > 0 && d < total {
                 shot(&c, "run-in-progress").await;
-                mid_shot = true;
+                mid_shot.set(true);
             }
-        }
-        if status == "passed" {
-            break;
         }
         assert!(
             !["failed", "errored", "cancelled"].contains(&status.as_str()),
             "the run ended {status}"
         );
-        assert!(
-            Instant::now() < deadline,
-            "the page never showed the verdict; saw {seen:?}"
-        );
-        tokio::time::sleep(POLL).await;
-    }
+        (status == "passed").then_some(())
+    })
+    .await;
+    let seen = seen.into_inner();
+    assert!(
+        passed.is_some(),
+        "the page never showed the verdict; saw {seen:?}"
+    );
     // The final counts are on the page once it says passed.
     until(
         &c,

@@ -42,8 +42,12 @@ pub fn bin(name: &str) -> PathBuf {
     p
 }
 
+/// How long the harness lets pass between two looks at a predicate.
+const POLL_INTERVAL: Duration = Duration::from_millis(25);
+
 /// Polls `f` until it returns `Some`, or `None` once `deadline` has passed. The one place the
-/// harness waits: a predicate polled under a deadline, never a fixed sleep.
+/// harness waits (with [`poll_until_async`]): a predicate polled under a deadline, never a
+/// fixed sleep.
 pub fn poll_until<T>(deadline: Instant, mut f: impl FnMut() -> Option<T>) -> Option<T> {
     loop {
         if let Some(v) = f() {
@@ -52,7 +56,24 @@ pub fn poll_until<T>(deadline: Instant, mut f: impl FnMut() -> Option<T>) -> Opt
         if Instant::now() >= deadline {
             return None;
         }
-        std::thread::sleep(Duration::from_millis(25));
+        std::thread::sleep(POLL_INTERVAL);
+    }
+}
+
+/// [`poll_until`] for a predicate that is itself async (a gRPC call, a browser query); it
+/// yields to the runtime between looks.
+pub async fn poll_until_async<T, F: std::future::Future<Output = Option<T>>>(
+    deadline: Instant,
+    mut f: impl FnMut() -> F,
+) -> Option<T> {
+    loop {
+        if let Some(v) = f().await {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(POLL_INTERVAL).await;
     }
 }
 
