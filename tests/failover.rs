@@ -5,7 +5,6 @@
 
 mod harness;
 
-use std::collections::BTreeMap;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -69,14 +68,7 @@ fn a_standby_takes_over_when_the_leader_is_killed_mid_run() {
     );
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["verdict"], "failed");
-    let mut got = BTreeMap::new();
-    for t in report["tests"].as_array().unwrap() {
-        let prev = got.insert(
-            t["id"].as_str().unwrap().to_owned(),
-            t["outcome"].as_str().unwrap().to_owned(),
-        );
-        assert!(prev.is_none(), "{} counted twice", t["id"]);
-    }
+    let got = harness::outcomes_once(&report);
     assert_eq!(got.keys().cloned().collect::<Vec<_>>(), tests);
     for (id, outcome) in &got {
         let want = if id == "t/007.sh" { "failed" } else { "passed" };
@@ -140,14 +132,7 @@ fn a_leader_cut_off_from_postgres_steps_down_and_the_standby_finishes_the_run() 
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}\n{}", cluster.logs());
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let mut got = BTreeMap::new();
-    for t in report["tests"].as_array().unwrap() {
-        let prev = got.insert(
-            t["id"].as_str().unwrap().to_owned(),
-            t["outcome"].as_str().unwrap().to_owned(),
-        );
-        assert!(prev.is_none(), "{} counted twice", t["id"]);
-    }
+    let got = harness::outcomes_once(&report);
     assert_eq!(got.keys().cloned().collect::<Vec<_>>(), tests);
     assert_eq!(got.values().filter(|o| *o == "failed").count(), 1);
 }

@@ -5,7 +5,6 @@
 
 mod harness;
 
-use std::collections::BTreeMap;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -35,14 +34,7 @@ fn a_coordinator_killed_mid_run_is_not_a_build_failure() {
     assert!(stderr.contains("reconnected to the coordinator"), "{stderr}");
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["verdict"], "failed");
-    let mut got = BTreeMap::new();
-    for t in report["tests"].as_array().unwrap() {
-        let prev = got.insert(
-            t["id"].as_str().unwrap().to_owned(),
-            t["outcome"].as_str().unwrap().to_owned(),
-        );
-        assert!(prev.is_none(), "{} counted twice", t["id"]);
-    }
+    let got = harness::outcomes_once(&report);
     assert_eq!(got.keys().cloned().collect::<Vec<_>>(), tests);
     for (id, outcome) in &got {
         assert_eq!(

@@ -118,19 +118,13 @@ fn run_discovered(
         "--json",
     ]);
     let report = r.json();
-    let tests = report["tests"].as_array().unwrap_or_else(|| {
-        panic!(
-            "no tests in the report: {report}\n{}\n{}",
-            r.stderr,
-            cluster.logs()
-        )
-    });
-    let mut ours = BTreeMap::new();
-    for t in tests {
-        let id = t["id"].as_str().unwrap().to_owned();
-        let prev = ours.insert(id.clone(), t["outcome"].as_str().unwrap_or("none").to_owned());
-        assert!(prev.is_none(), "{id} reported twice");
-    }
+    assert!(
+        report["tests"].is_array(),
+        "no tests in the report: {report}\n{}\n{}",
+        r.stderr,
+        cluster.logs()
+    );
+    let ours = harness::outcomes_once(&report);
     (r, report, ours)
 }
 
@@ -186,12 +180,7 @@ fn shardgate_local_runs_the_pypi_projects_suite_with_pytest_and_no_profile() {
         "--json",
     ]);
     let report = r.json();
-    let mut ours = BTreeMap::new();
-    for t in report["tests"].as_array().unwrap() {
-        let id = t["id"].as_str().unwrap().to_owned();
-        let prev = ours.insert(id.clone(), t["outcome"].as_str().unwrap_or("none").to_owned());
-        assert!(prev.is_none(), "{id} reported twice");
-    }
+    let ours = harness::outcomes_once(&report);
     assert_eq!(
         ours.keys().collect::<Vec<_>>(),
         direct.keys().collect::<Vec<_>>(),

@@ -146,12 +146,6 @@ impl AuthChannel {
             header: auth_header(token)?,
         })
     }
-
-    /// The address calls go to now.
-    pub fn current(&self) -> &str {
-        let i = self.targets.current.load(std::sync::atomic::Ordering::SeqCst);
-        &self.targets.channels[i].0
-    }
 }
 
 type ChannelResponse =

@@ -155,6 +155,21 @@ pub fn http_get_with(addr: &str, path: &str, token: Option<&str>) -> std::io::Re
     Ok((code, body))
 }
 
+/// Each test's outcome in a `shardgate run --json` report (`"none"` for a test without one),
+/// asserting that no test is reported twice.
+pub fn outcomes_once(report: &serde_json::Value) -> std::collections::BTreeMap<String, String> {
+    let tests = report["tests"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no tests in the report: {report}"));
+    let mut got = std::collections::BTreeMap::new();
+    for t in tests {
+        let id = t["id"].as_str().expect("a test id").to_owned();
+        let prev = got.insert(id.clone(), t["outcome"].as_str().unwrap_or("none").to_owned());
+        assert!(prev.is_none(), "{id} counted twice");
+    }
+    got
+}
+
 /// The result of one client invocation.
 #[derive(Debug)]
 pub struct Ran {
@@ -491,11 +506,6 @@ impl Cluster {
         ready
     }
 
-    /// How many other coordinators were started.
-    pub fn standby_count(&self) -> usize {
-        self.standbys.len()
-    }
-
     /// The HTTP address of other coordinator `i`.
     pub fn standby_http(&self, i: usize) -> &str {
         &self.standbys[i].http_addr
@@ -507,14 +517,6 @@ impl Cluster {
             let _ = c.kill();
             let _ = c.wait();
         }
-    }
-
-    /// Waits up to `timeout` for other coordinator `i` to exit by itself; its exit status.
-    pub fn wait_standby_exit(&mut self, i: usize, timeout: Duration) -> Option<std::process::ExitStatus> {
-        let c = self.standbys[i].child.as_mut()?;
-        let status = poll_until(Instant::now() + timeout, || c.try_wait().ok().flatten())?;
-        self.standbys[i].child = None;
-        Some(status)
     }
 
     /// Starts other coordinator `i` again (after it died) on its gRPC port and database; it

@@ -11,5 +11,6 @@ pub mod proxy;
 
 pub use cluster::{
     Cluster, ClusterBuilder, Ran, TOKENS, bin, bin_dir, client, coordinator_ready, free_port, http_get,
-    http_get_with, on_postgres, poll_until, poll_until_async, script, suite, test_db, wait_for,
+    http_get_with, on_postgres, outcomes_once, poll_until, poll_until_async, script, suite, test_db,
+    wait_for,
 };

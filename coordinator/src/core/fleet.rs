@@ -279,32 +279,12 @@ impl Core {
     /// them. The attempts end independently (a hand-back counts nothing), so every decision is
     /// taken first, then written, then applied.
     pub fn deregister(&mut self, worker: WorkerId, now: Now) -> Result<(), Error> {
+        let name = self.worker_name(worker);
         self.atomically(|c| {
-            let w = c
-                .workers
-                .get(&worker)
-                .ok_or_else(|| Error::not_found("worker", worker))?;
-            let mut row = w.row.clone();
-            row.state = WorkerState::Gone;
-            row.last_seen_ms = now.ms;
-            let mut ids: Vec<AttemptId> = w.attempts.iter().copied().collect();
-            ids.sort();
-            let reason = RequeueReason::Deregistered(row.name.clone());
-            let plans = ids
-                .into_iter()
-                .map(|a| c.decide_end_attempt(a, &reason, now))
-                .collect::<Result<Vec<_>, _>>()?;
-            c.store.upsert_worker(&row)?;
-            for p in &plans {
-                c.write_end_attempt(p)?;
+            if !c.workers.contains_key(&worker) {
+                return Err(Error::not_found("worker", worker));
             }
-            let w = c.workers.get_mut(&worker).expect("checked above");
-            w.row = row;
-            c.fleet_version += 1;
-            c.effects.workers_changed.insert(worker);
-            for p in plans {
-                c.apply_end_attempt(p);
-            }
+            c.end_worker(worker, WorkerState::Gone, &RequeueReason::Deregistered(name), now)?;
             info!(worker = %worker, name = %c.worker_name(worker), "worker deregistered");
             Ok(())
         })
@@ -323,29 +303,49 @@ impl Core {
         let name = self.worker_name(worker);
         warn!(worker = %worker, name = %name, attempts = w.attempts.len(), "worker disconnected; its attempts end now");
         self.atomically(|c| {
-            let w = &c.workers[&worker];
-            let mut row = w.row.clone();
-            row.state = WorkerState::Lost;
-            let mut ids: Vec<AttemptId> = w.attempts.iter().copied().collect();
-            ids.sort();
-            let reason = RequeueReason::ConnectionClosed(name);
-            let plans = ids
-                .into_iter()
-                .map(|a| c.decide_end_attempt(a, &reason, now))
-                .collect::<Result<Vec<_>, _>>()?;
-            c.store.upsert_worker(&row)?;
-            for p in &plans {
-                c.write_end_attempt(p)?;
-            }
-            let w = c.workers.get_mut(&worker).expect("checked above");
-            w.row = row;
-            c.fleet_version += 1;
-            c.effects.workers_changed.insert(worker);
-            for p in plans {
-                c.apply_end_attempt(p);
-            }
-            Ok(())
+            c.end_worker(
+                worker,
+                WorkerState::Lost,
+                &RequeueReason::ConnectionClosed(name),
+                now,
+            )
         })
+    }
+
+    /// Moves a known worker to `state` and ends every attempt it holds for `reason`. The
+    /// attempts end independently, so every decision is taken first, then written, then
+    /// applied. Runs inside the caller's message.
+    fn end_worker(
+        &mut self,
+        worker: WorkerId,
+        state: WorkerState,
+        reason: &RequeueReason,
+        now: Now,
+    ) -> Result<(), Error> {
+        let w = &self.workers[&worker];
+        let mut row = w.row.clone();
+        row.state = state;
+        if state == WorkerState::Gone {
+            row.last_seen_ms = now.ms;
+        }
+        let mut ids: Vec<AttemptId> = w.attempts.iter().copied().collect();
+        ids.sort();
+        let plans = ids
+            .into_iter()
+            .map(|a| self.decide_end_attempt(a, reason, now))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.store.upsert_worker(&row)?;
+        for p in &plans {
+            self.write_end_attempt(p)?;
+        }
+        let w = self.workers.get_mut(&worker).expect("checked by the caller");
+        w.row = row;
+        self.fleet_version += 1;
+        self.effects.workers_changed.insert(worker);
+        for p in plans {
+            self.apply_end_attempt(p);
+        }
+        Ok(())
     }
 
     /// Marks live workers that fell silent for a lease as lost, each in its own message.

@@ -300,10 +300,12 @@ fn runs_with_counts(
         args,
     )?;
     let mut out: Vec<(RunRow, OutcomeCounts)> = Vec::new();
+    let mut last: Option<&str> = None;
     for r in &rows {
         let id: &str = get(r, 0)?;
-        if out.last().is_none_or(|(last, _)| last.id.to_string() != id) {
+        if last != Some(id) {
             out.push((run_row(r)?, OutcomeCounts::default()));
+            last = Some(id);
         }
         let counts = &mut out.last_mut().expect("pushed above").1;
         counts.add(parse_outcome(get(r, 15)?)?, int32(r, 16)?);
