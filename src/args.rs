@@ -688,7 +688,9 @@ pub struct LocalArgs {
     /// A Go module run with `go test`.
     #[arg(long, value_name = "DIR", group = "suite_kind")]
     pub go_test: Option<PathBuf>,
-    /// Keep the database here instead of in a temporary directory.
+    /// The database (the history that schedules the next run, records, quarantine). Default:
+    /// `.shardgate/local.db` in the project's directory (`--exec-root`, `--pytest`, ... DIR;
+    /// the current directory with `--runners`).
     #[arg(long, env = "SHARDGATE_DB")]
     pub db: Option<PathBuf>,
     #[command(flatten)]

@@ -33,7 +33,13 @@ pub async fn run(a: LocalArgs) -> anyhow::Result<u8> {
     let req = submit::submit_request(&runner, &source, &a.submit)?;
 
     let tmp = tempfile::tempdir().context("failed to create a temporary directory")?;
-    let db = a.db.clone().unwrap_or_else(|| tmp.path().join("shardgate.db"));
+    let db = match &a.db {
+        Some(db) => db.clone(),
+        None => history_db(&a).unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "the history is not kept this time (give --db FILE to keep it)");
+            tmp.path().join("shardgate.db")
+        }),
+    };
     let mut config = shardgate_coordinator::Config::new(db);
     config.core = core_config(&a.tuning)?;
     let listener = TcpListener::bind("127.0.0.1:0")
@@ -151,6 +157,25 @@ fn local_runners(a: &LocalArgs) -> anyhow::Result<(String, Runners, bool)> {
     let runners = shardgate_worker::profile::parse(&toml::to_string(&file)?, MAX_OUTPUT_BYTES)
         .with_context(|| format!("{flag} {}", dir.display()))?;
     Ok((kind.into(), runners, true))
+}
+
+/// Where a local run keeps its history unless `--db` says: `.shardgate/local.db` in the
+/// project's directory (the current directory for `--runners`), beside a `.gitignore` that
+/// keeps it out of version control, as pytest does with `.pytest_cache`. So the second run of
+/// a project is scheduled by the first one's measured durations.
+fn history_db(a: &LocalArgs) -> anyhow::Result<std::path::PathBuf> {
+    let project = [&a.exec_root, &a.pytest, &a.cargo_test, &a.nextest, &a.go_test]
+        .into_iter()
+        .find_map(|d| d.clone())
+        .map_or_else(std::env::current_dir, Ok)?;
+    let dir = project.join(".shardgate");
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let ignore = dir.join(".gitignore");
+    if !ignore.exists() {
+        std::fs::write(&ignore, "# created by shardgate local\n*\n")
+            .with_context(|| format!("cannot write {}", ignore.display()))?;
+    }
+    Ok(dir.join("local.db"))
 }
 
 /// Waits until `n` workers are registered and live.

@@ -308,10 +308,31 @@ fn cancel_stops_a_run_on_its_workers_within_seconds() {
 
 #[test]
 fn local_mode_runs_the_demo_suite() {
-    let demo = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/demo");
+    // A copy: a local run keeps its history in the project's directory.
+    let tmp = tempfile::tempdir().unwrap();
+    let status = std::process::Command::new("cp")
+        .arg("-r")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/demo"))
+        .arg(tmp.path())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let demo = &tmp.path().join("demo").display().to_string();
     let r = client(&["local", "--workers", "4", "--exec-root", demo, "--discover"]);
     assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
     assert!(r.stdout.contains(": PASSED: 21 tests"), "{}", r.stdout);
+    let history = tmp.path().join("demo/.shardgate");
+    assert!(
+        history.join("local.db").is_file(),
+        "the history is kept in the project"
+    );
+    assert_eq!(
+        std::fs::read_to_string(history.join(".gitignore"))
+            .unwrap()
+            .lines()
+            .last(),
+        Some("*")
+    );
     let out = std::process::Command::new(harness::bin("shardgate"))
         .args([
             "local",
@@ -330,6 +351,11 @@ fn local_mode_runs_the_demo_suite() {
     let got = outcomes(&report);
     assert_eq!(got["unit/checkout_totals.sh"], "failed");
     assert_eq!(got.values().filter(|o| *o == "passed").count(), 20);
+    // Every test's duration is in the project's history for the next run to be planned by.
+    use shardgate_coordinator::store::{Reads, SqliteStore};
+    let store = SqliteStore::open(&history.join("local.db")).unwrap();
+    let known = store.history(report["suite"].as_str().unwrap()).unwrap();
+    assert_eq!(known.len(), 21, "{known:?}");
 }
 
 #[test]

@@ -27,7 +27,23 @@ pub struct RealArgs {
     pub seconds: f64,
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// How durations relate to the suite's layout: `files` (tests of one directory resemble
+    /// each other, and the two long tests sit in the slowest one, listed last), `scattered`
+    /// (durations independent of the layout, a long test listed last: nothing can tell it is
+    /// long before it runs), or `both`, one after the other.
+    #[arg(long, value_enum, default_value_t = Layout::Both)]
+    pub shape: Layout,
 }
+
+#[derive(Debug, Clone, Copy, PartialEq, clap::ValueEnum)]
+pub enum Layout {
+    Files,
+    Scattered,
+    Both,
+}
+
+/// Tests per directory in the `files` layout.
+const PER_FILE: usize = 15;
 
 /// The directory that holds this binary and its siblings (`cargo build --release` builds all).
 fn bin_dir() -> anyhow::Result<PathBuf> {
@@ -55,18 +71,35 @@ impl Drop for Procs {
     }
 }
 
+/// A standard normal sample (Box–Muller).
+fn normal(rng: &mut StdRng) -> f64 {
+    let u1: f64 = rng.random::<f64>().max(1e-12);
+    let u2: f64 = rng.random();
+    (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+}
+
 /// Writes the suite; returns its ids and the total of its sleeps in seconds.
-fn write_suite(root: &Path, a: &RealArgs) -> anyhow::Result<(Vec<String>, f64)> {
+fn write_suite(root: &Path, a: &RealArgs, layout: Layout) -> anyhow::Result<(Vec<String>, f64)> {
     let mut rng = StdRng::seed_from_u64(a.seed);
+    let files = a.tests.div_ceil(PER_FILE);
+    // Per-directory factors, the slowest directory last (`files` only).
+    let mut factor: Vec<f64> = match layout {
+        Layout::Files => (0..files).map(|_| 0.6 * normal(&mut rng)).collect(),
+        _ => vec![0.0; files],
+    };
+    let slowest = factor.iter().copied().fold(f64::MIN, f64::max);
+    if let Some(last) = factor.iter().position(|&f| f == slowest) {
+        factor.swap(last, files - 1);
+    }
     // Log-normal (σ = 1) with two long tests, scaled to about `seconds` per slot in total.
     let mut d: Vec<f64> = (0..a.tests)
-        .map(|_| {
-            let u1: f64 = rng.random::<f64>().max(1e-12);
-            let u2: f64 = rng.random();
+        .map(|i| {
+            let z = match layout {
+                Layout::Files => factor[i / PER_FILE] + 0.8 * normal(&mut rng),
+                _ => normal(&mut rng),
+            };
             // Capped at 2.5 σ, so the lower bound is the work per slot rather than one test.
-            ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos())
-                .min(2.5)
-                .exp()
+            z.min(2.5).exp()
         })
         .collect();
     let scale = a.seconds * a.workers as f64 * 0.9 / d.iter().sum::<f64>();
@@ -76,10 +109,16 @@ fn write_suite(root: &Path, a: &RealArgs) -> anyhow::Result<(Vec<String>, f64)> 
     // Two long tests at 40 % of the target run time, placed late in the list.
     let n = d.len();
     d[n - 1] = a.seconds * 0.4;
-    d[n / 2] = a.seconds * 0.4;
+    match layout {
+        Layout::Files => d[n - 2] = a.seconds * 0.4,
+        _ => d[n / 2] = a.seconds * 0.4,
+    }
     let mut ids = Vec::new();
     for (i, secs) in d.iter().enumerate() {
-        let id = format!("group{:02}/t{i:04}.sh", i % 17);
+        let id = match layout {
+            Layout::Files => format!("dir{:02}/t{i:04}.sh", i / PER_FILE),
+            _ => format!("group{:02}/t{i:04}.sh", i % 17),
+        };
         let p = root.join(&id);
         std::fs::create_dir_all(p.parent().unwrap())?;
         std::fs::write(&p, format!("#!/bin/sh\nsleep {secs:.3}\n"))?;
@@ -101,9 +140,17 @@ pub fn run(a: RealArgs) -> anyhow::Result<()> {
     }
     let dir = tempfile::tempdir()?;
     let root = dir.path().join("suite");
-    let (ids, nominal) = write_suite(&root, &a)?;
-    let list = dir.path().join("tests.txt");
-    std::fs::write(&list, ids.join("\n"))?;
+    let layouts = match a.shape {
+        Layout::Both => vec![Layout::Files, Layout::Scattered],
+        one => vec![one],
+    };
+    let mut suites = Vec::new();
+    for &layout in &layouts {
+        let (ids, nominal) = write_suite(&root, &a, layout)?;
+        let list = dir.path().join(format!("tests-{layout:?}.txt"));
+        std::fs::write(&list, ids.join("\n"))?;
+        suites.push((layout, list, nominal));
+    }
 
     let log = |name: &str| std::fs::File::create(dir.path().join(name));
     let mut coordinator = Command::new(bins.join("shardgate-coordinator"))
@@ -157,10 +204,29 @@ pub fn run(a: RealArgs) -> anyhow::Result<()> {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    println!(
-        "real: {} worker processes (1 slot each), {} sleep-based exec tests ({:.0} s of sleep in all), one coordinator process",
-        a.workers, a.tests, nominal
-    );
+    for (layout, list, nominal) in &suites {
+        println!(
+            "real, {} layout: {} worker processes (1 slot each), {} sleep-based exec tests ({:.0} s of sleep in all), one coordinator process",
+            format!("{layout:?}").to_lowercase(),
+            a.workers,
+            a.tests,
+            nominal
+        );
+        run_twice(&bins, &url, pid, &format!("real-{layout:?}"), list, a.workers)?;
+    }
+    Ok(())
+}
+
+/// Runs the suite in `list` twice, the first time with no history, and prints each run's
+/// makespan against its lower bound.
+fn run_twice(
+    bins: &Path,
+    url: &str,
+    pid: u32,
+    suite: &str,
+    list: &Path,
+    workers: usize,
+) -> anyhow::Result<()> {
     println!(
         "  {:<28} {:>10} {:>10} {:>8} {:>9} {:>14}",
         "run", "makespan", "LB", "÷ LB", "hand-outs", "coord. CPU"
@@ -171,15 +237,15 @@ pub fn run(a: RealArgs) -> anyhow::Result<()> {
             .args([
                 "run",
                 "--coordinator",
-                &url,
+                url,
                 "--runner",
                 "exec",
                 "--suite",
-                "real",
+                suite,
                 "--json",
                 "--tests-file",
             ])
-            .arg(&list)
+            .arg(list)
             .stderr(Stdio::null())
             .output()?;
         let report: serde_json::Value = serde_json::from_slice(&out.stdout).context("run printed no JSON")?;
@@ -192,7 +258,7 @@ pub fn run(a: RealArgs) -> anyhow::Result<()> {
             .iter()
             .map(|t| t["duration_ms"].as_f64().unwrap_or(0.0))
             .collect();
-        let lb = (durations.iter().sum::<f64>() / a.workers as f64)
+        let lb = (durations.iter().sum::<f64>() / workers as f64)
             .max(durations.iter().copied().fold(0.0, f64::max));
         let makespan = report["makespan_ms"].as_f64().unwrap_or(0.0);
         let handouts = report["shards"].as_u64().unwrap_or(0);

@@ -110,6 +110,13 @@ fn prefix(id: &str) -> &str {
     &id[..cut]
 }
 
+/// Added to the order key of a test that failed recently, under fail-first: ahead of
+/// everything that did not, still longest first among them.
+const FAIL_FIRST_KEY: f64 = 1e12;
+/// Added to the order key of a probe (see [`Learning`]): ahead of every other test but the
+/// recent failures under fail-first.
+const PROBE_KEY: f64 = 1e10;
+
 /// Plans every test of a run from the suite's history.
 pub fn estimate(
     ids: &[String],
@@ -117,40 +124,77 @@ pub fn estimate(
     opts: PlanOptions,
     now_ms: u64,
 ) -> Vec<Plan> {
+    plan(ids, history, opts, now_ms).0
+}
+
+/// Plans every test of a run from the suite's history, and sets up what the run will learn
+/// about its tests with no history (empty when every test has some).
+pub fn plan(
+    ids: &[String],
+    history: &HashMap<String, History>,
+    opts: PlanOptions,
+    now_ms: u64,
+) -> (Vec<Plan>, Learning) {
     let known: Vec<Option<&History>> = ids
         .iter()
         .map(|id| history.get(id).filter(|h| h.known()))
         .collect();
-    let mut by_prefix: HashMap<&str, (f64, u32)> = HashMap::new();
+    // Every test's prefix group; a group's stat starts from the history of its known tests.
+    let mut group_index: HashMap<&str, u32> = HashMap::new();
+    let mut group_of = Vec::with_capacity(ids.len());
+    let mut groups: Vec<GroupStat> = Vec::new();
     let mut all: Vec<f64> = Vec::new();
     for (id, h) in ids.iter().zip(&known) {
+        let g = *group_index.entry(prefix(id)).or_insert_with(|| {
+            groups.push(GroupStat::default());
+            (groups.len() - 1) as u32
+        });
+        group_of.push(g);
         if let Some(h) = h {
-            let e = by_prefix.entry(prefix(id)).or_default();
-            e.0 += h.estimate_ms;
-            e.1 += 1;
+            groups[g as usize].add(h.estimate_ms);
             all.push(h.estimate_ms);
         }
     }
-    let (mean, high) = if all.is_empty() {
-        (DEFAULT_ESTIMATE_MS, DEFAULT_ESTIMATE_MS)
+    let high = if all.is_empty() {
+        DEFAULT_ESTIMATE_MS
     } else {
         all.sort_by(f64::total_cmp);
-        let mean = all.iter().sum::<f64>() / all.len() as f64;
-        let high = all[((all.len() - 1) as f64 * COLD_QUANTILE).round() as usize];
-        (mean, high)
+        all[((all.len() - 1) as f64 * COLD_QUANTILE).round() as usize]
     };
-    ids.iter()
+    let mut learning = Learning {
+        known_high: (!all.is_empty()).then_some(high),
+        all: GroupStat {
+            sum: all.iter().sum(),
+            n: all.len() as u32,
+            seen: 0,
+        },
+        probe_of: vec![u32::MAX; groups.len()],
+        groups,
+        group_of,
+        observed: 0,
+        next_replan: 1,
+        active: false,
+    };
+    let plans = ids
+        .iter()
         .zip(&known)
-        .map(|(id, h)| {
-            let cold = h.is_none();
-            let (estimate_ms, mut key) = match h {
-                Some(h) => (h.estimate_ms, h.estimate_ms),
+        .enumerate()
+        .map(|(i, (id, h))| {
+            let mut p = match h {
+                Some(h) => Plan {
+                    estimate_ms: h.estimate_ms,
+                    key: h.estimate_ms,
+                    cold: false,
+                },
                 None => {
-                    let est = match by_prefix.get(prefix(id)) {
-                        Some(&(sum, n)) => sum / n as f64,
-                        None => mean,
-                    };
-                    (est, est.max(high))
+                    learning.active = true;
+                    let g = learning.group_of[i] as usize;
+                    // The first test of a group that nothing is known of goes out first: what
+                    // it takes tells the run what its siblings may take.
+                    if learning.groups[g].n == 0 && learning.probe_of[g] == u32::MAX {
+                        learning.probe_of[g] = i as u32;
+                    }
+                    learning.cold_plan(i as u32, high)
                 }
             };
             if opts.fail_first
@@ -158,16 +202,144 @@ pub fn estimate(
                 && h.last_failed_ms > 0
                 && now_ms.saturating_sub(h.last_failed_ms) < RECENT_FAILURE_MS
             {
-                // Ahead of everything that did not fail recently, still longest first.
-                key += 1e12;
+                p.key += FAIL_FIRST_KEY;
             }
-            Plan {
-                estimate_ms,
-                key,
-                cold,
-            }
+            p
         })
-        .collect()
+        .collect();
+    if !learning.active {
+        learning = Learning::default();
+    }
+    (plans, learning)
+}
+
+/// Durations seen in one prefix group (or the whole run): from history at first, then from
+/// the run's own results.
+#[derive(Debug, Clone, Copy, Default)]
+struct GroupStat {
+    sum: f64,
+    n: u32,
+    /// Of `n`, the results of this run.
+    seen: u32,
+}
+
+impl GroupStat {
+    fn add(&mut self, ms: f64) {
+        self.sum += ms;
+        self.n += 1;
+    }
+
+    fn mean(&self) -> Option<f64> {
+        (self.n > 0).then(|| self.sum / f64::from(self.n))
+    }
+}
+
+/// What a run learns from its own results about its tests with no history (issue 15).
+///
+/// A test with no history is estimated from its prefix group (the tests of its file or
+/// directory), else from the whole run, else [`DEFAULT_ESTIMATE_MS`]; the groups start from the
+/// history of their known tests and take in every result of a test that had none. The first
+/// test of each group nothing is known of is a *probe*: it goes out before everything else but
+/// the recent failures under fail-first, so every group is measured early. A group not measured
+/// in this run yet is sorted as if long (as [`estimate`] sorts every cold test); once it is, its
+/// tests sort by what it measured, so a slow file's tests go out early and a fast file's late.
+///
+/// Re-planning the queue is O(waiting tests), so it is done when the results taken in have
+/// grown by a quarter since the last time: O(log n) times over a run.
+#[derive(Debug, Default)]
+pub struct Learning {
+    group_of: Vec<u32>,
+    groups: Vec<GroupStat>,
+    /// Each group's probe, `u32::MAX` for none.
+    probe_of: Vec<u32>,
+    all: GroupStat,
+    /// The sort floor of history-known tests ([`COLD_QUANTILE`]), if any test was known.
+    known_high: Option<f64>,
+    observed: u32,
+    next_replan: u32,
+    /// Some test had no history and the queue may still hold it.
+    active: bool,
+}
+
+impl Learning {
+    /// Takes in the result of test `idx`, which had no history when the run was planned.
+    /// Returns whether the queue is due for [`RunQueue::replan`].
+    pub fn observe(&mut self, idx: u32, duration_ms: u64) -> bool {
+        if !self.active {
+            return false;
+        }
+        let ms = duration_ms as f64;
+        let g = &mut self.groups[self.group_of[idx as usize] as usize];
+        g.add(ms);
+        g.seen += 1;
+        self.all.add(ms);
+        self.all.seen += 1;
+        self.observed += 1;
+        self.observed >= self.next_replan
+    }
+
+    /// The plan of cold test `idx` from what is known now; `high` is the floor of the sort key
+    /// of a test whose group was not measured in this run.
+    fn cold_plan(&self, idx: u32, high: f64) -> Plan {
+        let g = self.group_of[idx as usize] as usize;
+        let stat = self.groups[g];
+        let run_mean = self.all.mean().unwrap_or(DEFAULT_ESTIMATE_MS);
+        let group_mean = stat.mean().unwrap_or(run_mean);
+        let estimate_ms = group_mean;
+        // A group not measured in this run sorts ahead of the longest measured one.
+        let mut key = if stat.seen == 0 {
+            group_mean.max(high) + 1.0
+        } else {
+            group_mean
+        };
+        if self.probe_of[g] == idx && stat.n == 0 {
+            key += PROBE_KEY;
+        }
+        Plan {
+            estimate_ms,
+            key,
+            cold: true,
+        }
+    }
+
+    /// The sort floor of a group not measured in this run: the longest that is known, from
+    /// history or from this run's groups.
+    fn high(&self) -> f64 {
+        let seen = self
+            .groups
+            .iter()
+            .filter(|g| g.seen > 0)
+            .filter_map(GroupStat::mean)
+            .fold(0.0, f64::max);
+        match self.known_high {
+            Some(h) => h.max(seen),
+            None if seen > 0.0 => seen,
+            None => DEFAULT_ESTIMATE_MS,
+        }
+    }
+
+    /// Re-plans the waiting tests that had no history; `plans` is the run's plan per test and
+    /// is updated with the queue. A test out on a worker keeps the plan it was handed out with
+    /// (the run's accounting of running work subtracts exactly that).
+    pub fn replan(&mut self, queue: &mut RunQueue, mut set: impl FnMut(u32, Plan)) {
+        self.next_replan = self.observed + (self.observed / 4).max(1);
+        let high = self.high();
+        let mut any = false;
+        queue.replan(|idx, old| {
+            if !old.cold {
+                return None;
+            }
+            any = true;
+            let mut p = self.cold_plan(idx, high);
+            if old.key >= FAIL_FIRST_KEY {
+                p.key += FAIL_FIRST_KEY;
+            }
+            set(idx, p);
+            Some(p)
+        });
+        // Nothing cold waits any more: a lost test goes back with the plan it had.
+        self.active = any;
+    }
 }
 
 /// What the queue needs to know about the fleet when it forms a shard.
@@ -217,6 +389,11 @@ impl Eq for Entry {}
 pub struct RunQueue {
     items: BinaryHeap<Entry>,
     queued_ms: f64,
+    /// Waiting tests with no history.
+    cold: usize,
+    /// No test of the run has history: its guesses come from its own first results, which are
+    /// its quickest tests, so they are batched by count too (see [`RunQueue::next_shard`]).
+    count_guesses: bool,
 }
 
 impl RunQueue {
@@ -233,16 +410,22 @@ impl RunQueue {
             })
             .collect();
         let queued_ms = items.iter().map(|e| e.estimate_ms).sum();
+        let cold = items.iter().filter(|e| e.cold).count();
         items.shrink_to_fit();
         Self {
             items: BinaryHeap::from(items),
             queued_ms,
+            cold,
+            count_guesses: plans.iter().all(|p| p.cold),
         }
     }
 
     /// A queue of `plans` for the given test indexes only (a resumed run).
     pub fn with(plans: &[Plan], idxs: impl IntoIterator<Item = u32>) -> Self {
-        let mut q = Self::default();
+        let mut q = Self {
+            count_guesses: plans.iter().all(|p| p.cold),
+            ..Self::default()
+        };
         for i in idxs {
             q.push(i, plans[i as usize]);
         }
@@ -277,6 +460,29 @@ impl RunQueue {
         };
         self.items.push(e);
         self.queued_ms += plan.estimate_ms;
+        self.cold += usize::from(plan.cold);
+    }
+
+    /// Re-plans the waiting tests: `f` gives a test's new plan, or `None` to keep it.
+    /// O(waiting tests).
+    pub fn replan(&mut self, mut f: impl FnMut(u32, Plan) -> Option<Plan>) {
+        let mut items = std::mem::take(&mut self.items).into_vec();
+        let (mut queued_ms, mut cold) = (0.0, 0);
+        for e in &mut items {
+            let old = Plan {
+                estimate_ms: e.estimate_ms,
+                key: e.key,
+                cold: e.cold,
+            };
+            if let Some(p) = f(e.idx, old) {
+                (e.key, e.estimate_ms, e.cold) = (p.key, p.estimate_ms, p.cold);
+            }
+            queued_ms += e.estimate_ms;
+            cold += usize::from(e.cold);
+        }
+        self.items = BinaryHeap::from(items);
+        self.queued_ms = queued_ms;
+        self.cold = cold;
     }
 
     /// Takes the next shard: test indexes in the order they should run.
@@ -291,11 +497,20 @@ impl RunQueue {
             return out;
         }
         let target = target_ms(per_slot, ctx.overhead_ms, head.cold);
+        // In a run with no history at all, guesses are also batched by count, at most a third
+        // of each slot's share of them: the estimates learnt from the run's first results are
+        // too short (its first results are its quickest tests), and a long test hidden among
+        // them must not take a slot's whole share with it.
+        let most = if head.cold && self.count_guesses {
+            (self.cold + out.len()).div_ceil(3 * slots as usize).max(1)
+        } else {
+            usize::MAX
+        };
         let mut sum = head.estimate_ms;
         while let Some(next) = self.items.peek() {
             // Guesses and known durations are batched apart: a shard sized for known tests must
             // not carry a cold test that may be a giant.
-            if sum + next.estimate_ms > target || next.cold != head.cold {
+            if sum + next.estimate_ms > target || next.cold != head.cold || out.len() >= most {
                 break;
             }
             sum += next.estimate_ms;
@@ -307,6 +522,7 @@ impl RunQueue {
     fn pop(&mut self) -> u32 {
         let e = self.items.pop().expect("checked non-empty");
         self.queued_ms -= e.estimate_ms;
+        self.cold -= usize::from(e.cold);
         if self.items.is_empty() {
             // Keep the float sum from drifting once the queue is empty.
             self.queued_ms = 0.0;
@@ -386,10 +602,77 @@ mod tests {
         let p = estimate(&ids, &hist, PlanOptions::default(), 0);
         assert_eq!(p[3].estimate_ms, 200.0, "mean of its siblings a/x and a/y");
         assert_eq!(p[4].estimate_ms, 1800.0, "no siblings: the suite's mean");
-        assert_eq!(p[3].key, 5000.0, "sorted as at least the suite's p99");
+        assert_eq!(p[3].key, 5001.0, "sorted ahead of the suite's p99.9");
         assert_eq!(p[0].key, 100.0);
         let none = estimate(&ids, &HashMap::new(), PlanOptions::default(), 0);
         assert!(none.iter().all(|p| p.estimate_ms == DEFAULT_ESTIMATE_MS));
+    }
+
+    #[test]
+    fn a_run_without_history_probes_each_group_and_learns_from_its_results() {
+        // 20 fast tests listed first, then 5 slow ones in a directory of their own.
+        let ids: Vec<String> = (0..20)
+            .map(|i| format!("fast/t{i}"))
+            .chain((0..5).map(|i| format!("slow/t{i}")))
+            .collect();
+        let (mut plans, mut learning) = plan(&ids, &HashMap::new(), PlanOptions::default(), 0);
+        assert!(
+            plans
+                .iter()
+                .all(|p| p.cold && p.estimate_ms == DEFAULT_ESTIMATE_MS)
+        );
+        let mut q = RunQueue::new(&plans);
+        // Many slots: every shard is one test.
+        assert_eq!(q.next_shard(ctx(100)), vec![0], "the fast group's probe");
+        assert_eq!(
+            q.next_shard(ctx(100)),
+            vec![20],
+            "the slow group's probe, though listed last"
+        );
+        let mut observe = |idx: u32, ms: u64, q: &mut RunQueue, plans: &mut Vec<Plan>| {
+            if learning.observe(idx, ms) {
+                learning.replan(q, |i, p| plans[i as usize] = p);
+            }
+        };
+        observe(0, 100, &mut q, &mut plans);
+        // The slow group is not measured yet: its tests sort as if long, so ahead of the fast
+        // ones, and are estimated at the run's mean so far.
+        assert_eq!(plans[21].estimate_ms, 100.0);
+        assert!(plans[21].key > plans[1].key);
+        observe(20, 10_000, &mut q, &mut plans);
+        assert_eq!((plans[1].estimate_ms, plans[21].estimate_ms), (100.0, 10_000.0));
+        assert!((q.queued_ms() - (4.0 * 10_000.0 + 19.0 * 100.0)).abs() < 1e-6);
+        for expected in 21..25 {
+            assert_eq!(q.next_shard(ctx(100)), vec![expected], "the slow tests go next");
+        }
+        assert_eq!(q.next_shard(ctx(100)), vec![1]);
+    }
+
+    #[test]
+    fn known_tests_keep_their_plan_and_a_run_with_full_history_learns_nothing() {
+        let ids: Vec<String> = ["a/x", "a/new"].map(String::from).to_vec();
+        let known = |ms| History {
+            estimate_ms: ms,
+            samples: 3,
+            last_failed_ms: 0,
+        };
+        let hist: HashMap<String, History> = [("a/x".to_owned(), known(300.0))].into();
+        let (plans, mut learning) = plan(&ids, &hist, PlanOptions::default(), 0);
+        assert_eq!((plans[0].cold, plans[1].cold), (false, true));
+        assert_eq!(plans[1].estimate_ms, 300.0, "from its known sibling");
+        let mut q = RunQueue::new(&plans);
+        assert!(learning.observe(1, 900));
+        let mut changed = Vec::new();
+        learning.replan(&mut q, |i, p| changed.push((i, p.estimate_ms)));
+        assert_eq!(
+            changed,
+            vec![(1, 600.0)],
+            "the sibling's 300 and the run's own 900"
+        );
+        let full: HashMap<String, History> =
+            [("a/x".to_owned(), known(300.0)), ("a/new".to_owned(), known(1.0))].into();
+        let (_, mut none) = plan(&ids, &full, PlanOptions::default(), 0);
+        assert!(!none.observe(0, 5), "nothing to learn");
     }
 
     #[test]

@@ -120,7 +120,7 @@ impl Core {
         };
         let stored = self.store.tests(row.id)?;
         let ids: Vec<String> = stored.iter().map(|t| t.test_id.clone()).collect();
-        let mut tests = self.plan(&row.suite, ids, row.policy, now)?;
+        let (mut tests, learning) = self.plan(&row.suite, ids, row.policy, now)?;
         let plans = super::runs::plans_of(&tests);
         let mut state = RunState::new(row, kind, Vec::new(), RunQueue::new(&[]));
         for (t, s) in tests.iter_mut().zip(stored) {
@@ -143,6 +143,7 @@ impl Core {
         state.queue = RunQueue::with(&plans, open);
         state.solo = solo;
         state.tests = tests;
+        state.learning = learning;
         for (a, pending) in restored {
             self.install_attempt(&mut state, a, pending, now);
         }

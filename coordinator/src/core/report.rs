@@ -305,6 +305,9 @@ impl Core {
             run.release(r.idx);
             run.tests[r.idx as usize].hist = r.history;
             run.count(r.idx, r.outcome);
+            if matches!(r.outcome, Outcome::Passed | Outcome::Flaky) {
+                run.learn(r.idx, r.duration_ms);
+            }
             let t = &run.tests[r.idx as usize];
             let result = pb::TestResult {
                 test_id: t.id.clone(),

@@ -10,7 +10,7 @@ use super::state::{AttemptKind, RunState, TestSlot};
 use crate::auth::Identity;
 use crate::model::{Now, Policy};
 use crate::policy;
-use crate::scheduler::{self, Plan, PlanOptions, RunQueue};
+use crate::scheduler::{self, Learning, Plan, PlanOptions, RunQueue};
 use crate::store::{DeployRow, DeployState, Reads, RunRow};
 
 /// How long a flake counts as a flaky history: 30 days.
@@ -30,6 +30,7 @@ pub struct PreparedRun {
 pub struct PlannedTests {
     pub(crate) tests: Vec<TestSlot>,
     pub(crate) queue: RunQueue,
+    pub(crate) learning: Learning,
 }
 
 impl PlannedTests {
@@ -43,28 +44,30 @@ impl PlannedTests {
         policy: Policy,
         now: Now,
     ) -> Result<Self, Error> {
-        let tests = plan_tests(reads, suite, ids, policy, now)?;
+        let (tests, learning) = plan_tests(reads, suite, ids, policy, now)?;
         Ok(Self {
             queue: RunQueue::new(&plans_of(&tests)),
             tests,
+            learning,
         })
     }
 }
 
-/// Each test of `ids` with its plan and its retries, from the suite's history in `reads`.
+/// Each test of `ids` with its plan and its retries, from the suite's history in `reads`, and
+/// what the run is to learn about the tests with none.
 fn plan_tests(
     reads: &dyn Reads,
     suite: &str,
     ids: Vec<String>,
     policy: Policy,
     now: Now,
-) -> Result<Vec<TestSlot>, Error> {
+) -> Result<(Vec<TestSlot>, Learning), Error> {
     if ids.is_empty() {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), Learning::default()));
     }
     let history = reads.history(suite)?;
     let flaky = reads.flaky_tests(suite, now.ms.saturating_sub(FLAKY_MEMORY_MS))?;
-    let plans: Vec<Plan> = scheduler::estimate(
+    let (plans, learning) = scheduler::plan(
         &ids,
         &history,
         PlanOptions {
@@ -72,7 +75,7 @@ fn plan_tests(
         },
         now.ms,
     );
-    Ok(ids
+    let tests = ids
         .into_iter()
         .zip(plans)
         .map(|(id, p)| {
@@ -81,7 +84,8 @@ fn plan_tests(
             t.retries = policy.retries_for(flaky.contains(&t.id));
             t
         })
-        .collect())
+        .collect();
+    Ok((tests, learning))
 }
 
 pub(crate) fn plans_of(tests: &[TestSlot]) -> Vec<Plan> {
@@ -104,7 +108,7 @@ impl Core {
         ids: Vec<String>,
         policy: Policy,
         now: Now,
-    ) -> Result<Vec<TestSlot>, Error> {
+    ) -> Result<(Vec<TestSlot>, Learning), Error> {
         plan_tests(self.store.as_ref(), suite, ids, policy, now)
     }
 
@@ -286,13 +290,18 @@ impl Core {
             c.store.unstage_run(run.row.id)?;
             let quarantined = c.store.mark_quarantined(run.row.id, &run.row.suite)?;
             // Applied only now that every write succeeded.
-            let PlannedTests { mut tests, queue } = planned;
+            let PlannedTests {
+                mut tests,
+                queue,
+                learning,
+            } = planned;
             for i in quarantined {
                 if let Some(t) = tests.get_mut(i as usize) {
                     t.quarantined = true;
                 }
             }
-            let state = RunState::new(run.row, run.kind, tests, queue);
+            let mut state = RunState::new(run.row, run.kind, tests, queue);
+            state.learning = learning;
             let summary = state.summary();
             info!(run = %state.row.id, suite = %state.row.suite, tests = state.tests.len(), "run submitted");
             c.effects.runs_changed.insert(state.row.id);
@@ -427,6 +436,7 @@ impl Core {
         let PlannedTests {
             tests: mut slots,
             queue,
+            learning,
         } = PlannedTests::plan(self.store.as_ref(), &suite, tests, policy, now)?;
         // Apply.
         self.forget_attempt(attempt_id);
@@ -436,6 +446,7 @@ impl Core {
         let run = self.runs.get_mut(&run_id).expect("checked above");
         run.queue = queue;
         run.tests = slots;
+        run.learning = learning;
         info!(run = %run_id, tests = run.tests.len(), worker = %worker_name, "tests discovered");
         self.effects
             .events

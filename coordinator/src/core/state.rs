@@ -8,7 +8,7 @@ use shardgate_common::labels;
 use shardgate_common::{AttemptId, Outcome, RunId, RunnerKind, ShardId, WorkerId, pb};
 
 use crate::model::CoreConfig;
-use crate::scheduler::{History, Plan, RunQueue};
+use crate::scheduler::{History, Learning, Plan, RunQueue};
 use crate::store::{RetryState, RunRow, Store, WorkerRow, WorkerState, summary_of};
 
 /// A test of an active run, as the scheduler tracks it.
@@ -60,6 +60,8 @@ pub(crate) struct RunState {
     pub kind: RunnerKind,
     pub tests: Vec<TestSlot>,
     pub queue: RunQueue,
+    /// What the run learns from its own results about its tests with no history.
+    pub learning: Learning,
     /// Tests handed out one at a time, preferably to a worker they have not failed or been
     /// lost on (see [`TestSlot::runs_alone`]), oldest first. They go before the queue.
     pub solo: Vec<u32>,
@@ -130,6 +132,7 @@ impl RunState {
             kind,
             tests,
             queue,
+            learning: Learning::default(),
             solo: Vec::new(),
             running_ms: 0.0,
             fleet_slots: None,
@@ -168,6 +171,17 @@ impl RunState {
     pub fn reds(&self, outcome: Outcome) -> u32 {
         let i = outcome.to_wire() as usize;
         self.done[i] - self.done_quarantined[i]
+    }
+
+    /// Takes in the passing result of test `idx` for the run's estimates of its tests with no
+    /// history, and re-plans the queue when that is due.
+    pub fn learn(&mut self, idx: u32, duration_ms: u64) {
+        if !self.tests[idx as usize].plan.cold || !self.learning.observe(idx, duration_ms) {
+            return;
+        }
+        let tests = &mut self.tests;
+        self.learning
+            .replan(&mut self.queue, |i, p| tests[i as usize].plan = p);
     }
 
     /// The test is no longer out on a worker.
