@@ -926,3 +926,68 @@ fn a_cargo_test_shard_stopped_at_its_limit_names_the_test_that_hung() {
     assert_eq!(outcome("hangs").as_deref(), Some("timed_out"), "{report}");
     assert_eq!(r.code, 1, "{}", r.stderr);
 }
+
+/// A pytest suite of 60 quick tests in 4 files whose every pytest session leaves a line in
+/// `$SESSIONS`, and one test that fails on its first run only.
+fn sessions_project(dir: &Path) {
+    let mut files: Vec<(String, String)> = vec![(
+        "conftest.py".into(),
+        "import os\n\ndef pytest_configure(config):\n    with open(os.environ['SESSIONS'], 'a') as f:\n        f.write('session %d listing=%s warm=%s\\n' % (os.getpid(), config.option.collectonly, config.getoption('shardgate_serve', None)))\n".into(),
+    )];
+    for f in 0..4 {
+        let mut body = String::from("import os\n\n");
+        for t in 0..15 {
+            body.push_str(&format!("def test_{t}():\n    assert {t} + 1 > {t}\n\n"));
+        }
+        if f == 3 {
+            body.push_str(
+                "def test_flaky():\n    m = os.environ['SESSIONS'] + '.flaked'\n    if not os.path.exists(m):\n        open(m, 'w').close()\n        assert False, 'first run fails'\n",
+            );
+        }
+        files.push((format!("tests/test_f{f}.py"), body));
+    }
+    let refs: Vec<(&str, &str)> = files.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+    write_tree(dir, &refs);
+}
+
+#[test]
+fn pytest_shards_run_in_one_warm_pytest_per_slot_and_a_retry_gets_a_fresh_one() {
+    require_pytest();
+    for warm in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        sessions_project(dir.path());
+        let sessions = dir.path().join("sessions.txt");
+        let profile = format!(
+            "[runners.pytest]\nkind = \"pytest\"\nworkdir = \"{}\"\nenv = {{ PYTHONDONTWRITEBYTECODE = \"1\", SESSIONS = \"{}\", SHARDGATE_PYTEST_WARM = \"{}\" }}\n",
+            dir.path().display(),
+            sessions.display(),
+            if warm { "1" } else { "0" }
+        );
+        let cluster = Cluster::builder().workers(2).slots(1).runners(&profile).start();
+        let (r, report, ours) = run_discovered(&cluster, "pytest", "warm");
+        assert_eq!(r.code, 0, "{}\n{report}", r.stderr);
+        assert_eq!(ours.len(), 61, "{report}");
+        assert_eq!(ours["tests/test_f3.py::test_flaky"], "flaky");
+        assert!(ours.values().filter(|o| *o == "passed").count() == 60);
+        let shards = report["shards"].as_u64().unwrap();
+        // Sessions that ran tests (the workers' start-up checks only list them).
+        let log = std::fs::read_to_string(&sessions).unwrap();
+        let started = log.lines().filter(|l| l.contains("listing=False")).count() as u64;
+        if warm {
+            // The listing's pytest serves one slot's shards, one more serves the other slot's,
+            // and the retry of the flaky test, if its worker ran it already, a fresh one.
+            assert!(shards >= 5, "enough shards to tell: {shards}");
+            assert!(
+                started <= 3,
+                "{started} pytest sessions for {shards} shards:\n{log}\n{}",
+                cluster.logs()
+            );
+        } else {
+            assert_eq!(
+                started,
+                shards - 1,
+                "one pytest per shard but the listing's:\n{log}"
+            );
+        }
+    }
+}

@@ -15,6 +15,7 @@ mod chaos;
 mod flaky;
 mod load;
 mod mem;
+mod peers;
 mod reads;
 mod real;
 mod sim;
@@ -48,6 +49,8 @@ enum Command {
     /// A 50,000-test run alone, then followed by 200 watchers (gRPC and server-sent events):
     /// makespan and hand-out latency side by side.
     Watchers(watchers::WatchersArgs),
+    /// `shardgate local` against `pytest -n N` and `cargo nextest run -j N`: first and later runs.
+    Peers(peers::PeersArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -87,6 +90,7 @@ fn main() -> anyhow::Result<()> {
         Command::Flaky(a) => flaky::run(a),
         Command::Reads(a) => tokio::runtime::Runtime::new()?.block_on(reads::run(a)),
         Command::Watchers(a) => tokio::runtime::Runtime::new()?.block_on(watchers::run(a)),
+        Command::Peers(a) => peers::run(a),
     }
 }
 

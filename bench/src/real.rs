@@ -46,7 +46,7 @@ pub enum Layout {
 const PER_FILE: usize = 15;
 
 /// The directory that holds this binary and its siblings (`cargo build --release` builds all).
-fn bin_dir() -> anyhow::Result<PathBuf> {
+pub(crate) fn bin_dir() -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
     Ok(exe.parent().context("binary has no directory")?.to_owned())
 }

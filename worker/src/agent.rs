@@ -459,7 +459,7 @@ async fn run_shard(shared: &Shared, worker: WorkerId, shard: pb::Shard) {
     let error = match shared.cfg.runners.get(&shard.runner) {
         None => format!("worker {} has no runner '{}'", shared.cfg.name, shard.runner),
         Some(runner) if shard.kind == pb::ShardKind::Discover as i32 => {
-            let (tests, error) = match runner.discover(&shard.revision).await {
+            let (tests, error) = match runner.discover_for_run(&shard.revision).await {
                 Ok(t) => (t, String::new()),
                 Err(e) => (Vec::new(), e.to_string()),
             };

@@ -99,6 +99,8 @@ pub struct CommandRunner {
     tool: &'static dyn Tool,
     /// Setup outcome per revision: run once per worker per revision.
     setups: std::sync::Arc<Mutex<HashMap<String, Result<(), RunnerError>>>>,
+    /// pytest's warm processes (see `pytest_warm.rs`); empty for other tools.
+    pub(super) warm: std::sync::Arc<super::pytest_warm::WarmPool>,
 }
 
 impl CommandRunner {
@@ -109,6 +111,7 @@ impl CommandRunner {
             cfg,
             tool,
             setups: Default::default(),
+            warm: Default::default(),
         }
     }
 
@@ -185,10 +188,20 @@ impl CommandRunner {
         result
     }
 
-    /// Lists the suite's tests with the profile's list command.
-    pub async fn discover(&self, revision: &str) -> Result<Vec<String>, RunnerError> {
+    /// Lists the suite's tests with the profile's list command (pytest with its default
+    /// commands: from a warm pytest, kept to serve the run's shards, when `keep_warm`).
+    pub async fn discover(&self, revision: &str, keep_warm: bool) -> Result<Vec<String>, RunnerError> {
         let cancel = CancellationToken::new();
         self.setup(revision, &cancel).await?;
+        let limit = self.cfg.shard_timeout.unwrap_or(Duration::from_secs(3600));
+        if keep_warm
+            && self.cfg.kind == RunnerKind::Pytest
+            && self.cfg.list == Some(super::pytest::list())
+            && super::pytest_warm::enabled(self)
+            && let Some(ids) = super::pytest_warm::discover(self, revision, limit).await
+        {
+            return Ok(ids);
+        }
         let Some(list) = &self.cfg.list else {
             return Err(RunnerError::Unsupported(format!(
                 "runner '{}' has no list command: give the tests explicitly",
@@ -203,7 +216,6 @@ impl CommandRunner {
         cmd.stdin(std::process::Stdio::null())
             .kill_on_drop(true)
             .process_group(0);
-        let limit = self.cfg.shard_timeout.unwrap_or(Duration::from_secs(3600));
         let out = match tokio::time::timeout(limit, cmd.output()).await {
             Ok(Ok(out)) => out,
             Ok(Err(e)) => {

@@ -17,6 +17,7 @@ mod go_test;
 mod junit;
 mod nextest;
 mod pytest;
+mod pytest_warm;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -151,8 +152,18 @@ impl Runner {
 
     /// The suite's tests at `revision`, in a stable order.
     pub async fn discover(&self, revision: &str) -> Result<Vec<String>, RunnerError> {
+        self.discover_for(revision, false).await
+    }
+
+    /// The suite's tests for a run's discovery shard: as [`Runner::discover`], but a runner
+    /// that keeps warm processes (pytest) lists from one that then serves the run's shards.
+    pub async fn discover_for_run(&self, revision: &str) -> Result<Vec<String>, RunnerError> {
+        self.discover_for(revision, true).await
+    }
+
+    async fn discover_for(&self, revision: &str, keep_warm: bool) -> Result<Vec<String>, RunnerError> {
         match self {
-            Runner::Command(c) => c.discover(revision).await,
+            Runner::Command(c) => c.discover(revision, keep_warm).await,
             Runner::Exec(r) => {
                 let r = r.clone();
                 tokio::task::spawn_blocking(move || r.discover())

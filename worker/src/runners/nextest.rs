@@ -71,11 +71,13 @@ const PROFILE: &str = "shardgate";
 
 /// shardgate's profile: every test of the shard runs (no fail-fast), once (shardgate retries,
 /// so the project's own `retries` must not multiply with them and turn a failure into a pass
-/// nobody sees), stopped at the run's test timeout (a `test timeout` failure in the JUnit file,
-/// read as `timed_out`), results to `junit`.
+/// nobody sees), one at a time (a slot runs one test: the worker's slots are its parallelism,
+/// and a shard's wall time minus its tests' is then the hand-out's cost), stopped at the run's
+/// test timeout (a `test timeout` failure in the JUnit file, read as `timed_out`), results to
+/// `junit`.
 fn profile(junit: &str, test_timeout: std::time::Duration) -> String {
     format!(
-        "[profile.{PROFILE}]\nfail-fast = false\nretries = 0\nslow-timeout = {{ period = \"{}ms\", terminate-after = 1 }}\n[profile.{PROFILE}.junit]\npath = {}\n",
+        "[profile.{PROFILE}]\nfail-fast = false\nretries = 0\ntest-threads = 1\nslow-timeout = {{ period = \"{}ms\", terminate-after = 1 }}\n[profile.{PROFILE}.junit]\npath = {}\n",
         test_timeout.as_millis().max(1),
         toml_string(junit)
     )

@@ -15,6 +15,7 @@ use shardgate_common::Outcome;
 use tokio_util::sync::CancellationToken;
 
 use super::batch::{CommandRunner, IdFormat, Shard, deliver, tail};
+use super::pytest_warm as warm;
 use super::{BoxFuture, Commands, RunnerError, TestRun, Tool, ToolSpec};
 use crate::junit::Case;
 use crate::process::{self, Ending};
@@ -24,7 +25,7 @@ const PLUGIN: &str = include_str!("shardgate_pytest.py");
 /// The plugin's module name.
 const PLUGIN_MODULE: &str = "shardgate_pytest";
 /// The events file in a scratch directory.
-const EVENTS: &str = "events.jsonl";
+pub(super) const EVENTS: &str = "events.jsonl";
 /// How often a running shard's events are read to time its tests.
 const POLL: Duration = Duration::from_millis(100);
 /// The most output kept for one test.
@@ -79,14 +80,14 @@ impl Tool for Pytest {
 }
 
 /// pytest's default listing command.
-fn list() -> Vec<String> {
+pub(super) fn list() -> Vec<String> {
     ["python3", "-m", "pytest", "--collect-only", "-q"]
         .map(String::from)
         .to_vec()
 }
 
 /// pytest's default run command: JUnit with the file recorded, read when the plugin is absent.
-fn run() -> Vec<String> {
+pub(super) fn run() -> Vec<String> {
     [
         "python3",
         "-m",
@@ -105,7 +106,7 @@ fn run() -> Vec<String> {
 /// first on `PYTHONPATH`, `-p shardgate_pytest` and a cache directory of the command's own
 /// (so the project's `--ff` or `--lf` work and its tree is left alone) added to
 /// `PYTEST_ADDOPTS`, and where the events go.
-fn plugin_environment(scratch: &Path, base: &BTreeMap<String, String>) -> Vec<(String, String)> {
+pub(super) fn plugin_environment(scratch: &Path, base: &BTreeMap<String, String>) -> Vec<(String, String)> {
     if std::fs::write(scratch.join(format!("{PLUGIN_MODULE}.py")), PLUGIN).is_err() {
         // Without the plugin the JUnit file is read, as for any run command.
         return Vec::new();
@@ -147,9 +148,13 @@ fn shell_quote(s: &str) -> String {
 
 /// One line the plugin wrote.
 #[derive(Debug, Clone, Default, Deserialize)]
-struct Event {
-    e: String,
-    id: String,
+pub(super) struct Event {
+    pub e: String,
+    #[serde(default)]
+    pub id: String,
+    /// `ready`: how many tests a warm pytest collected.
+    #[serde(default)]
+    pub count: u64,
     #[serde(default)]
     when: String,
     #[serde(default)]
@@ -263,7 +268,7 @@ async fn watch_for_hung_test(events: &Path, timeout: Duration) -> String {
 }
 
 /// The events in the complete lines of `path` after byte `offset`, moving `offset` past them.
-fn read_new_events(path: &Path, offset: &mut usize) -> Vec<Event> {
+pub(super) fn read_new_events(path: &Path, offset: &mut usize) -> Vec<Event> {
     use std::io::{Read, Seek, SeekFrom};
     let mut buf = Vec::new();
     let read = std::fs::File::open(path).and_then(|mut f| {
@@ -289,6 +294,30 @@ async fn run_shard(runner: &CommandRunner, shard: Shard<'_>) -> Result<(), Runne
     let deadline = Instant::now() + shard.limit;
     let mut remaining: Vec<String> = shard.tests.to_vec();
     let mut results: HashMap<String, TestRun> = HashMap::new();
+    if warm::enabled(runner)
+        && let Some(ran) = warm::run(runner, &shard, deadline).await
+    {
+        if shard.cancel.is_cancelled() {
+            return Ok(());
+        }
+        results.extend(results_of(&ran.events));
+        let finished = process::Finished {
+            ending: Ending::Exited(0),
+            duration: Duration::ZERO,
+            output: ran.output,
+            limit: Some(shard.limit),
+        };
+        if let Some(id) = &ran.hung {
+            results.insert(
+                id.clone(),
+                timed_out(id, shard.test_timeout, &ran.events, &finished),
+            );
+        }
+        remaining.retain(|t| !results.contains_key(t));
+        if remaining.is_empty() || Instant::now() >= deadline {
+            return finish(runner, shard, results, &finished).await;
+        }
+    }
     loop {
         let scratch = tempfile::tempdir()
             .map_err(|e| RunnerError::Local(format!("failed to create a scratch directory: {e}")))?;

@@ -18,6 +18,7 @@ use std::process::Stdio;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::batch::{CommandRunner, Shard, tail};
@@ -93,7 +94,7 @@ pub async fn run(runner: &CommandRunner, shard: &Shard<'_>, deadline: Instant) -
         None if pool.failed.lock().expect("warm pool lock").as_deref() == Some(shard.revision) => {
             return None;
         }
-        None => match start(runner, shard, deadline).await {
+        None => match start(runner, shard.revision, shard.cancel, deadline).await {
             Some(w) => w,
             None => {
                 if !shard.cancel.is_cancelled() {
@@ -148,11 +149,7 @@ pub async fn run(runner: &CommandRunner, shard: &Shard<'_>, deadline: Instant) -
         if hung.is_some() || shard.cancel.is_cancelled() || Instant::now() >= deadline {
             let _ = w.child.kill().await;
             let output = log_tail(&w);
-            return Some(Ran {
-                events,
-                hung,
-                output,
-            });
+            return Some(Ran { events, hung, output });
         }
         if let Ok(Some(status)) = w.child.try_wait() {
             // It died in the middle of the shard (a test that ends the interpreter): what it
@@ -169,13 +166,46 @@ pub async fn run(runner: &CommandRunner, shard: &Shard<'_>, deadline: Instant) -
     }
 }
 
-/// Starts a warm pytest for the shard's revision and waits until it has collected the suite.
-async fn start(runner: &CommandRunner, shard: &Shard<'_>, deadline: Instant) -> Option<Warm> {
+/// Lists the suite by starting a warm pytest, which then waits in the pool for the run's first
+/// shard (so the suite is collected once for both). `None` when it would not start.
+pub async fn discover(runner: &CommandRunner, revision: &str, limit: Duration) -> Option<Vec<String>> {
+    let cancel = CancellationToken::new();
+    let Some(mut w) = start(runner, revision, &cancel, Instant::now() + limit).await else {
+        *runner.warm.failed.lock().expect("warm pool lock") = Some(revision.to_owned());
+        return None;
+    };
+    let mut offset = 0;
+    let ids: Vec<String> = read_new_events(&w.scratch.path().join(EVENTS), &mut offset)
+        .into_iter()
+        .take_while(|e| e.e != "ready")
+        .filter(|e| e.e == "collected")
+        .map(|e| e.id)
+        .collect();
+    w.offset = offset.max(w.offset);
+    runner.warm.put(w);
+    Some(ids)
+}
+
+/// Starts a warm pytest for `revision` and waits until it has collected the suite.
+async fn start(
+    runner: &CommandRunner,
+    revision: &str,
+    cancel: &CancellationToken,
+    deadline: Instant,
+) -> Option<Warm> {
     let scratch = tempfile::tempdir().ok()?;
-    let argv: Vec<String> = ["python3", "-m", "pytest", "-p", "no:xdist", "-q", "--shardgate-serve"]
-        .map(String::from)
-        .to_vec();
-    let mut cmd = runner.command(&argv, &[], "", shard.revision);
+    let argv: Vec<String> = [
+        "python3",
+        "-m",
+        "pytest",
+        "-p",
+        "no:xdist",
+        "-q",
+        "--shardgate-serve",
+    ]
+    .map(String::from)
+    .to_vec();
+    let mut cmd = runner.command(&argv, &[], "", revision);
     let log = std::fs::File::create(scratch.path().join(LOG)).ok()?;
     let commands: PathBuf = scratch.path().join(COMMANDS);
     std::fs::File::create(&commands).ok()?;
@@ -200,7 +230,7 @@ async fn start(runner: &CommandRunner, shard: &Shard<'_>, deadline: Instant) -> 
     let mut w = Warm {
         child,
         scratch,
-        revision: shard.revision.to_owned(),
+        revision: revision.to_owned(),
         shards: 0,
         offset: 0,
         idle_since: Instant::now(),
@@ -224,7 +254,7 @@ async fn start(runner: &CommandRunner, shard: &Shard<'_>, deadline: Instant) -> 
             debug!(%status, output = %log_tail(&w), "a warm pytest did not start; shards run the ordinary way");
             return None;
         }
-        if shard.cancel.is_cancelled() || Instant::now() >= deadline {
+        if cancel.is_cancelled() || Instant::now() >= deadline {
             return None;
         }
         tokio::time::sleep(POLL).await;

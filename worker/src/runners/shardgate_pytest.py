@@ -4,7 +4,7 @@ The worker loads it with `-p shardgate_pytest` (through PYTEST_ADDOPTS, so a pro
 command loads it too) and reads the events it appends, one JSON object per line, to the file
 named by SHARDGATE_PYTEST_EVENTS:
 
-  {"e": "collected", "id": ...}                  each item, under --collect-only
+  {"e": "collected", "id": ...}                  each item, under --collect-only (and serving)
   {"e": "start", "id": ...}                      a test begins
   {"e": "report", "id": ..., "when": ..., ...}   each phase's report
   {"e": "finish", "id": ...}                     a test ended
@@ -12,10 +12,20 @@ named by SHARDGATE_PYTEST_EVENTS:
 Node ids come from pytest itself, whatever the project's addopts (-q, -v, -ra), junit_family or
 inheritance; the worker times each started test against the run's test timeout from these
 events. Under pytest-xdist only the controller writes (it receives every worker's reports).
+
+With --shardgate-serve, pytest stays up as a warm runner for one worker slot: it collects the
+suite once, says {"e": "ready", "count": N}, then runs shards as the worker appends them to the
+file named by SHARDGATE_PYTEST_COMMANDS, one JSON object a line ({"shard": K, "ids": [...]}),
+ending each with {"e": "done", "shard": K}. A node id it did not collect, or one it already ran
+(a retry gets a fresh pytest), is {"e": "skip", "id": ...}: the worker runs those the ordinary
+way. It exits when its worker is gone or after a while with nothing to do.
 """
 
 import json
 import os
+import time
+
+import pytest
 
 _out = None
 _enabled = True
@@ -41,7 +51,7 @@ def pytest_configure(config):
 
 
 def pytest_collection_finish(session):
-    if session.config.option.collectonly:
+    if session.config.option.collectonly or session.config.getoption("shardgate_serve", False):
         for item in session.items:
             _emit({"e": "collected", "id": item.nodeid})
 
@@ -73,3 +83,68 @@ def pytest_runtest_logreport(report):
 
 def pytest_runtest_logfinish(nodeid, location):
     _emit({"e": "finish", "id": nodeid})
+
+
+# How long a warm pytest waits for its next shard before it exits, and how often it looks.
+_SERVE_IDLE_S = 120.0
+_SERVE_POLL_S = 0.003
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--shardgate-serve",
+        action="store_true",
+        default=False,
+        help="shardgate: run shards appended to $SHARDGATE_PYTEST_COMMANDS in this session",
+    )
+
+
+def _commands(path, parent):
+    """Yields each command appended to `path`, until the worker is gone or none comes."""
+    offset = 0
+    pending = b""
+    idle_since = time.monotonic()
+    while True:
+        try:
+            with open(path, "rb") as f:
+                f.seek(offset)
+                chunk = f.read()
+        except OSError:
+            chunk = b""
+        offset += len(chunk)
+        pending += chunk
+        *lines, pending = pending.split(b"\n")
+        for line in lines:
+            if line.strip():
+                yield json.loads(line)
+        if lines:
+            idle_since = time.monotonic()
+        elif os.getppid() != parent or time.monotonic() - idle_since > _SERVE_IDLE_S:
+            return
+        else:
+            time.sleep(_SERVE_POLL_S)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtestloop(session):
+    if not session.config.getoption("shardgate_serve", False):
+        return None
+    items = {item.nodeid: item for item in session.items}
+    ran = set()
+    _emit({"e": "ready", "count": len(items)})
+    path = os.environ["SHARDGATE_PYTEST_COMMANDS"]
+    for command in _commands(path, os.getppid()):
+        todo = []
+        for nodeid in command["ids"]:
+            item = items.get(nodeid)
+            if item is None or nodeid in ran:
+                _emit({"e": "skip", "id": nodeid})
+            else:
+                ran.add(nodeid)
+                todo.append(item)
+        for i, item in enumerate(todo):
+            nextitem = todo[i + 1] if i + 1 < len(todo) else None
+            # A shard runs to its end whatever the project's -x or --maxfail say.
+            item.config.hook.pytest_runtest_protocol(item=item, nextitem=nextitem)
+        _emit({"e": "done", "shard": command["shard"]})
+    return True

@@ -1,0 +1,230 @@
+//! `shardgate local` against the tools people already have, on the same machine and slots:
+//! a PyPI project's suite under `pytest -n N` (pytest-xdist) and a crates.io crate's suite under
+//! `cargo nextest run -j N`, each against `shardgate local --pytest DIR` / `--nextest DIR` with
+//! N workers of one slot: its first run (no history) and the runs after it. Wall time of the
+//! whole command, as a user waits for it; the peers are timed before and after shardgate's
+//! runs and their mean is the reference.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct PeersArgs {
+    /// Slots: pytest-xdist's and nextest's `-j`, and `shardgate local --workers` (1 slot each).
+    #[arg(long, default_value_t = 2)]
+    pub slots: usize,
+    /// The PyPI project whose sdist's suite runs under pytest (`""` to skip).
+    #[arg(long, default_value = "more-itertools==11.2.1")]
+    pub pypi: String,
+    /// The crate (`name-version`, from this machine's cargo registry or fetched with cargo)
+    /// whose suite runs under nextest (`""` to skip).
+    #[arg(long, default_value = "itertools-0.15.0")]
+    pub krate: String,
+    /// shardgate runs after the first one.
+    #[arg(long, default_value_t = 2)]
+    pub later: usize,
+}
+
+/// Wall time of `cmd` in seconds; fails when it fails.
+fn timed(cmd: &mut Command, what: &str) -> anyhow::Result<f64> {
+    let t = Instant::now();
+    let out = cmd.output().with_context(|| format!("could not start {what}"))?;
+    let s = t.elapsed().as_secs_f64();
+    if !out.status.success() {
+        bail!(
+            "{what} failed ({}):\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(s)
+}
+
+fn shardgate_local(bins: &Path, kind: &str, dir: &Path, slots: usize, db: &Path) -> Command {
+    let mut c = Command::new(bins.join("shardgate"));
+    c.arg("local")
+        .arg(format!("--{kind}"))
+        .arg(dir)
+        .args(["--workers", &slots.to_string(), "--json", "--db"])
+        .arg(db);
+    c
+}
+
+/// Times the peer, then shardgate's first and later runs, then the peer again; prints a row
+/// per run with its ratio to the peer.
+fn compare(
+    a: &PeersArgs,
+    bins: &Path,
+    title: &str,
+    peer: &mut dyn FnMut() -> anyhow::Result<f64>,
+    kind: &str,
+    dir: &Path,
+) -> anyhow::Result<()> {
+    let db = tempfile::tempdir()?;
+    let db = db.path().join("history.db");
+    let before = peer()?;
+    let mut ours = Vec::new();
+    for i in 0..=a.later {
+        let label = if i == 0 {
+            "shardgate local, first run".to_owned()
+        } else {
+            format!("shardgate local, run {}", i + 1)
+        };
+        let s = timed(&mut shardgate_local(bins, kind, dir, a.slots, &db), &label)?;
+        ours.push((label, s));
+    }
+    let after = peer()?;
+    let reference = (before + after) / 2.0;
+    println!("\n{title}, {} slots", a.slots);
+    println!("  {:<34} {:>9} {:>9}", "command", "wall", "÷ peer");
+    println!(
+        "  {:<34} {:>7.2} s {:>8.3}×   ({before:.2} s before, {after:.2} s after)",
+        "peer (mean)", reference, 1.0
+    );
+    for (label, s) in ours {
+        println!("  {label:<34} {s:>7.2} s {:>8.3}×", s / reference);
+    }
+    Ok(())
+}
+
+/// Downloads and unpacks `spec`'s sdist into `dir`; returns the project's directory.
+fn pypi_project(spec: &str, dir: &Path) -> anyhow::Result<PathBuf> {
+    timed(
+        Command::new("python3")
+            .args([
+                "-m",
+                "pip",
+                "download",
+                "--quiet",
+                "--no-deps",
+                "--no-binary",
+                ":all:",
+                spec,
+                "-d",
+            ])
+            .arg(dir),
+        "pip download",
+    )?;
+    let sdist = std::fs::read_dir(dir)?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| p.to_string_lossy().ends_with(".tar.gz"))
+        .context("pip downloaded no sdist")?;
+    timed(
+        Command::new("tar").arg("xzf").arg(&sdist).arg("-C").arg(dir),
+        "tar",
+    )?;
+    std::fs::read_dir(dir)?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| p.is_dir())
+        .context("the sdist holds no directory")
+}
+
+/// A copy of crate `name_version` from cargo's registry (fetched with cargo if missing).
+fn crate_project(name_version: &str, dir: &Path) -> anyhow::Result<PathBuf> {
+    let home = std::env::var("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|_| std::env::var("HOME").map(|h| Path::new(&h).join(".cargo")))?;
+    let find = || -> Option<PathBuf> {
+        std::fs::read_dir(home.join("registry/src"))
+            .ok()?
+            .filter_map(Result::ok)
+            .map(|e| e.path().join(name_version))
+            .find(|p| p.is_dir())
+    };
+    let src = match find() {
+        Some(p) => p,
+        None => {
+            // A throwaway package that depends on it makes cargo fetch it.
+            let (name, version) = name_version.rsplit_once('-').context("--krate is name-version")?;
+            let pkg = dir.join("fetch");
+            std::fs::create_dir_all(pkg.join("src"))?;
+            std::fs::write(pkg.join("src/lib.rs"), "")?;
+            std::fs::write(
+                pkg.join("Cargo.toml"),
+                format!(
+                    "[package]\nname = \"fetch\"\nversion = \"0.0.0\"\nedition = \"2021\"\n[dependencies]\n{name} = \"={version}\"\n[workspace]\n"
+                ),
+            )?;
+            timed(
+                Command::new("cargo").arg("fetch").current_dir(&pkg),
+                "cargo fetch",
+            )?;
+            find().context("cargo fetched the crate, but it is not in the registry")?
+        }
+    };
+    let dst = dir.join(name_version);
+    timed(Command::new("cp").arg("-r").arg(&src).arg(&dst), "cp")?;
+    Ok(dst)
+}
+
+pub fn run(a: PeersArgs) -> anyhow::Result<()> {
+    let bins = crate::real::bin_dir()?;
+    anyhow::ensure!(
+        bins.join("shardgate").exists(),
+        "shardgate not found next to this binary: run `cargo build --release` first"
+    );
+    let work = tempfile::tempdir()?;
+    let slots = a.slots.to_string();
+    if !a.pypi.is_empty() {
+        timed(
+            Command::new("python3").args(["-c", "import pytest, xdist"]),
+            "pytest and pytest-xdist (python3 -m pip install pytest pytest-xdist)",
+        )?;
+        let dir = pypi_project(&a.pypi, &work.path().join("pypi"))?;
+        let mut xdist = || {
+            timed(
+                Command::new("python3")
+                    .args(["-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", &slots])
+                    .current_dir(&dir),
+                "pytest -n",
+            )
+        };
+        compare(
+            &a,
+            &bins,
+            &format!(
+                "{} under pytest: `pytest -n {slots}` (pytest-xdist) as the peer",
+                a.pypi
+            ),
+            &mut xdist,
+            "pytest",
+            &dir,
+        )?;
+    }
+    if !a.krate.is_empty() {
+        let dir = crate_project(&a.krate, work.path())?;
+        // Both measure running the tests, not building them.
+        timed(
+            Command::new("cargo")
+                .args(["nextest", "run", "--no-run"])
+                .current_dir(&dir),
+            "cargo nextest run --no-run (cargo install cargo-nextest)",
+        )?;
+        let mut nextest = || {
+            timed(
+                Command::new("cargo")
+                    .args(["nextest", "run", "-j", &slots])
+                    .current_dir(&dir),
+                "cargo nextest run",
+            )
+        };
+        compare(
+            &a,
+            &bins,
+            &format!(
+                "{} under nextest: `cargo nextest run -j {slots}` as the peer",
+                a.krate
+            ),
+            &mut nextest,
+            "nextest",
+            &dir,
+        )?;
+    }
+    Ok(())
+}
