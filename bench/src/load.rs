@@ -52,6 +52,10 @@ pub struct LoadArgs {
     /// (Debian's binaries, a temporary directory, removed at the end).
     #[arg(long, value_name = "URL")]
     pub postgres: Option<String>,
+    /// Each simulated worker heartbeats this often (±10 %), naming its attempt, as real
+    /// workers do every 2 s; 0 for none.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub heartbeat: Duration,
 }
 
 /// One phase's numbers, for the side-by-side table.
@@ -129,18 +133,24 @@ async fn run_on(a: &LoadArgs, db: std::path::PathBuf, store: &str) -> anyhow::Re
         );
     }
     // Register every worker before the run exists, so every one of them competes for it.
+    let rss_before = crate::mem::rss_bytes();
     let mut workers = Vec::with_capacity(a.workers);
     for i in 0..a.workers {
         let ch = channels[i % channels.len()].clone();
         let id = register_exec_worker(&ch, &format!("load-{i}")).await?;
         workers.push((ch, id));
     }
+    let per_worker = crate::mem::rss_bytes().saturating_sub(rss_before) as f64 / a.workers.max(1) as f64;
     let mut runs = RunServiceClient::new(channels[0].clone())
         .max_encoding_message_size(usize::MAX)
         .max_decoding_message_size(usize::MAX);
     println!(
-        "load: {} simulated workers on {} gRPC connections, a coordinator with {store}, {:?} per phase",
-        a.workers, a.connections, a.duration
+        "load: {} simulated workers on {} gRPC connections, a coordinator with {store}, {:?} per phase, heartbeats every {:?}",
+        a.workers, a.connections, a.duration, a.heartbeat
+    );
+    println!(
+        "  memory                 {:.1} KiB of RSS per registered worker (the coordinator's state and the simulated worker's own, in this one process)",
+        per_worker / 1024.0
     );
     let mut failures = Vec::new();
     let mut numbers = Vec::new();
@@ -175,7 +185,20 @@ async fn run_on(a: &LoadArgs, db: std::path::PathBuf, store: &str) -> anyhow::Re
             let (ch, worker_id) = (ch.clone(), worker_id.clone());
             let (stats, done) = (stats.clone(), done.clone());
             let pace = Duration::from_millis(test_ms);
-            tasks.spawn(async move { worker(ch, worker_id, batch, pace, deadline, stats, done).await });
+            let (attempt_tx, attempt_rx) = tokio::sync::watch::channel(String::new());
+            if !a.heartbeat.is_zero() {
+                tasks.spawn(heartbeats(
+                    ch.clone(),
+                    worker_id.clone(),
+                    a.heartbeat,
+                    attempt_rx,
+                    deadline,
+                    done.clone(),
+                ));
+            }
+            tasks.spawn(async move {
+                worker(ch, worker_id, batch, pace, deadline, stats, done, attempt_tx).await
+            });
         }
         while let Some(r) = tasks.join_next().await {
             r??;
@@ -273,6 +296,37 @@ pub async fn register_exec_worker(ch: &Channel, name: &str) -> anyhow::Result<St
         .worker_id)
 }
 
+/// A simulated worker's heartbeats, naming the attempt it runs, until the phase ends.
+async fn heartbeats(
+    ch: Channel,
+    worker_id: String,
+    every: Duration,
+    attempt: tokio::sync::watch::Receiver<String>,
+    deadline: tokio::time::Instant,
+    done: Arc<AtomicBool>,
+) -> anyhow::Result<()> {
+    let mut client = WorkerServiceClient::new(ch);
+    // Spread over the interval, as workers started at different times are.
+    tokio::time::sleep(every.mul_f64(rand::random_range(0.0..1.0))).await;
+    while tokio::time::Instant::now() < deadline && !done.load(Ordering::Relaxed) {
+        let current = attempt.borrow().clone();
+        client
+            .heartbeat(pb::HeartbeatRequest {
+                worker_id: worker_id.clone(),
+                attempt_ids: if current.is_empty() { vec![] } else { vec![current] },
+                ..Default::default()
+            })
+            .await?;
+        // In short steps, so the phase does not wait for a heartbeat after the run drained.
+        let next = tokio::time::Instant::now() + every.mul_f64(rand::random_range(0.9..1.1));
+        while tokio::time::Instant::now() < next.min(deadline) && !done.load(Ordering::Relaxed) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn worker(
     ch: Channel,
     worker_id: String,
@@ -281,6 +335,7 @@ async fn worker(
     deadline: tokio::time::Instant,
     stats: Arc<Stats>,
     done: Arc<AtomicBool>,
+    attempt: tokio::sync::watch::Sender<String>,
 ) -> anyhow::Result<()> {
     let mut client = WorkerServiceClient::new(ch);
     let mut first = true;
@@ -306,6 +361,7 @@ async fn worker(
             stats.acquire_ns.lock().await.push(took);
         }
         stats.handouts.fetch_add(1, Ordering::Relaxed);
+        attempt.send_replace(shard.attempt_id.clone());
         for chunk in shard.tests.chunks(batch) {
             if tokio::time::Instant::now() >= deadline {
                 break;

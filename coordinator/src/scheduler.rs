@@ -5,10 +5,12 @@
 //! - [`History`] is a test's duration estimate, kept per (suite, test id) and updated from every
 //!   result: an exponentially weighted mean of passing runs whose samples are clamped to a band
 //!   around the current estimate, so one slow outlier moves it only a little.
-//! - [`estimate`] gives every test of a run an estimate, including tests with no history (cold
+//! - [`plan`] gives every test of a run an estimate, including tests with no history (cold
 //!   start): the mean of known tests that share its path prefix, else the suite's mean. Cold
 //!   tests are *sorted* as if they were long (at least the suite's 99th percentile), so they go
 //!   out early, when a surprise giant among them can still be absorbed.
+//! - [`Learning`] is what a run learns about those tests from its own results: per prefix
+//!   group, with a probe of every group first, re-planning the waiting ones as results come.
 //! - [`RunQueue`] holds a run's waiting tests, longest (sort key) first, and forms each shard on
 //!   demand: a test whose estimate is a large part of the work left per slot goes out alone;
 //!   otherwise tests are batched up to a target that balances the per-shard overhead against the
@@ -116,16 +118,6 @@ const FAIL_FIRST_KEY: f64 = 1e12;
 /// Added to the order key of a probe (see [`Learning`]): ahead of every other test but the
 /// recent failures under fail-first.
 const PROBE_KEY: f64 = 1e10;
-
-/// Plans every test of a run from the suite's history.
-pub fn estimate(
-    ids: &[String],
-    history: &HashMap<String, History>,
-    opts: PlanOptions,
-    now_ms: u64,
-) -> Vec<Plan> {
-    plan(ids, history, opts, now_ms).0
-}
 
 /// Plans every test of a run from the suite's history, and sets up what the run will learn
 /// about its tests with no history (empty when every test has some).
@@ -241,7 +233,7 @@ impl GroupStat {
 /// history of their known tests and take in every result of a test that had none. The first
 /// test of each group nothing is known of is a *probe*: it goes out before everything else but
 /// the recent failures under fail-first, so every group is measured early. A group not measured
-/// in this run yet is sorted as if long (as [`estimate`] sorts every cold test); once it is, its
+/// in this run yet is sorted as if long (as [`plan`] sorts every cold test); once it is, its
 /// tests sort by what it measured, so a slow file's tests go out early and a fast file's late.
 ///
 /// Re-planning the queue is O(waiting tests), so it is done when the results taken in have
@@ -599,12 +591,12 @@ mod tests {
                 },
             );
         }
-        let p = estimate(&ids, &hist, PlanOptions::default(), 0);
+        let p = plan(&ids, &hist, PlanOptions::default(), 0).0;
         assert_eq!(p[3].estimate_ms, 200.0, "mean of its siblings a/x and a/y");
         assert_eq!(p[4].estimate_ms, 1800.0, "no siblings: the suite's mean");
         assert_eq!(p[3].key, 5001.0, "sorted ahead of the suite's p99.9");
         assert_eq!(p[0].key, 100.0);
-        let none = estimate(&ids, &HashMap::new(), PlanOptions::default(), 0);
+        let none = plan(&ids, &HashMap::new(), PlanOptions::default(), 0).0;
         assert!(none.iter().all(|p| p.estimate_ms == DEFAULT_ESTIMATE_MS));
     }
 
@@ -695,7 +687,7 @@ mod tests {
                 last_failed_ms: 50,
             },
         );
-        let p = estimate(&ids, &hist, PlanOptions { fail_first: true }, 100);
+        let p = plan(&ids, &hist, PlanOptions { fail_first: true }, 100).0;
         let mut q = RunQueue::new(&p);
         assert_eq!(q.next_shard(ctx(1)), vec![1]);
     }
