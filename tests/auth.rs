@@ -78,6 +78,14 @@ fn each_role_is_refused_the_calls_of_the_others_over_grpc_and_http() {
     assert_eq!(report["requested_by"], "ci");
     let run_id = report["run_id"].as_str().unwrap().to_owned();
     assert_eq!(cluster.client_as("board", &["status", &run_id, "--json"]).code, 0);
+    // Watching is reading (WatchRun has a handler of its own, behind the same check).
+    refused(&cluster.client_as("", &["watch", &run_id]), "no token watches");
+    refused(
+        &cluster.client_as("fleet", &["watch", &run_id]),
+        "a worker token watches",
+    );
+    let watched = cluster.client_as("board", &["watch", &run_id, "--json"]);
+    assert_eq!(watched.code, 0, "{}", watched.stderr);
 
     // Quarantine is the admin's, recorded under its name.
     let add = [

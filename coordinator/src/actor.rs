@@ -50,9 +50,23 @@ pub struct Published {
     /// The event as server-sent events show it (its name and JSON), made once for every
     /// watcher that asks.
     pub sse: std::sync::OnceLock<(&'static str, String)>,
+    /// The event as a `RunEvent` message's bytes, made once for every gRPC watcher.
+    pub wire: std::sync::OnceLock<bytes::Bytes>,
 }
 
 impl Published {
+    /// The event as a `RunEvent` message's bytes (encoded by the first watcher that asks).
+    pub fn wire(&self) -> &bytes::Bytes {
+        self.wire.get_or_init(|| {
+            use prost::Message;
+            let e = pb::RunEvent {
+                seq: self.seq,
+                event: Some(self.event.clone()),
+            };
+            bytes::Bytes::from(e.encode_to_vec())
+        })
+    }
+
     /// The run the event is about.
     pub fn run_id(&self) -> &str {
         use pb::run_event::Event;
@@ -265,6 +279,7 @@ fn run(mut core: Core, rx: mpsc::Receiver<Job>, tick: Duration, out: Outputs) {
                         event,
                         at: Instant::now(),
                         sse: std::sync::OnceLock::new(),
+                        wire: std::sync::OnceLock::new(),
                     })
                 })
                 .collect();

@@ -23,6 +23,7 @@ pub mod standby;
 pub mod store;
 pub mod submit;
 pub mod watch;
+pub mod watch_grpc;
 pub mod web;
 
 pub use model::CoreConfig;

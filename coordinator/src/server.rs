@@ -505,11 +505,12 @@ async fn serve_all(
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(
+        .add_service(crate::watch_grpc::RunServiceWithWatch::new(
             pb::run_service_server::RunServiceServer::new(services.clone())
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
-        )
+            services.clone(),
+        ))
         .add_service(
             pb::worker_service_server::WorkerServiceServer::new(services.clone())
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),

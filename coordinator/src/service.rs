@@ -51,6 +51,16 @@ impl Services {
     pub fn peers(&self) -> std::sync::Arc<crate::liveness::Peers> {
         self.peers.clone()
     }
+
+    /// What a `WatchRun` call follows (see `watch::follow_run`).
+    pub async fn follow_run(
+        &self,
+        req: Request<pb::WatchRunRequest>,
+    ) -> Result<tokio::sync::mpsc::Receiver<Result<crate::watch::Followed, shardgate_common::Error>>, Status>
+    {
+        let id = run_id(&req.into_inner().run_id)?;
+        Ok(crate::watch::follow_run(&self.handle, &self.reads, id).await?)
+    }
 }
 
 fn run_id(s: &str) -> Result<RunId, Status> {
@@ -96,9 +106,10 @@ impl RunService for Services {
 
     type WatchRunStream = EventStream;
 
+    /// The coordinator answers `WatchRun` with pre-encoded events (`watch_grpc.rs`); this is
+    /// the same stream for a server made of the generated service alone.
     async fn watch_run(&self, req: Request<pb::WatchRunRequest>) -> Result<Response<EventStream>, Status> {
-        let id = run_id(&req.into_inner().run_id)?;
-        let rx = crate::watch::follow_run(&self.handle, &self.reads, id).await?;
+        let rx = self.follow_run(req).await?;
         let stream = tokio_stream::StreamExt::map(tokio_stream::wrappers::ReceiverStream::new(rx), |r| {
             r.map(|f| f.to_wire()).map_err(Status::from)
         });
