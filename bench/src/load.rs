@@ -114,12 +114,14 @@ pub async fn run(a: LoadArgs) -> anyhow::Result<()> {
 async fn run_on(a: &LoadArgs, db: std::path::PathBuf, store: &str) -> anyhow::Result<Vec<PhaseNumbers>> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let url = format!("http://{}", listener.local_addr()?);
+    let http = TcpListener::bind("127.0.0.1:0").await?;
+    let http_addr = http.local_addr()?.to_string();
     let stop_server = CancellationToken::new();
     let config = shardgate_coordinator::Config::new(db);
     let server = tokio::spawn(shardgate_coordinator::run(
         config,
         listener,
-        None,
+        Some(http),
         stop_server.clone().cancelled_owned(),
     ));
 
@@ -200,6 +202,15 @@ async fn run_on(a: &LoadArgs, db: std::path::PathBuf, store: &str) -> anyhow::Re
                 worker(ch, worker_id, batch, pace, deadline, stats, done, attempt_tx).await
             });
         }
+        // The coordinator's own histogram from the end of the start-up burst on, as the
+        // latencies below count the hand-outs after each worker's first.
+        while stats.first_acquire_ns.lock().await.len() < a.workers
+            && tokio::time::Instant::now() < deadline
+            && !done.load(Ordering::Relaxed)
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let handouts_before = handout_histogram(&http_addr).await?;
         while let Some(r) = tasks.join_next().await {
             r??;
         }
@@ -249,6 +260,13 @@ async fn run_on(a: &LoadArgs, db: std::path::PathBuf, store: &str) -> anyhow::Re
             quantile(&mut acq, 0.99) as f64 / 1e6,
             acq.len()
         );
+        let server_p99 = handout_histogram(&http_addr)
+            .await?
+            .p99_bound_since(&handouts_before);
+        println!(
+            "  AcquireShard p99 in the coordinator (its own hand-out histogram, from the call's arrival to its reply, this phase's hand-outs): at most {:.1} ms",
+            server_p99 * 1e3
+        );
         println!(
             "  start-up burst         {} workers asking at once: all served within {:.0} ms (p50 {:.0} ms)",
             burst.len(),
@@ -277,6 +295,49 @@ async fn run_on(a: &LoadArgs, db: std::path::PathBuf, store: &str) -> anyhow::Re
     server.await??;
     anyhow::ensure!(failures.is_empty(), "{}", failures.join("; "));
     Ok(numbers)
+}
+
+/// The coordinator's hand-out latency histogram as `/metrics` shows it: cumulative counts
+/// per upper bound (seconds), smallest bound first.
+#[derive(Debug, Default)]
+struct Histogram(Vec<(f64, f64)>);
+
+impl Histogram {
+    /// The smallest bucket bound under which 99 % of the observations made since `before` fall.
+    fn p99_bound_since(&self, before: &Histogram) -> f64 {
+        let counts: Vec<(f64, f64)> = self
+            .0
+            .iter()
+            .map(|&(le, n)| (le, n - before.0.iter().find(|b| b.0 == le).map_or(0.0, |b| b.1)))
+            .collect();
+        let total = counts.last().map_or(0.0, |c| c.1);
+        counts
+            .iter()
+            .find(|c| c.1 >= 0.99 * total)
+            .map_or(f64::INFINITY, |c| c.0)
+    }
+}
+
+async fn handout_histogram(http_addr: &str) -> anyhow::Result<Histogram> {
+    let (code, body) = crate::reads::http_get(http_addr, "/metrics").await?;
+    anyhow::ensure!(code == 200, "GET /metrics answered {code}");
+    let text = String::from_utf8_lossy(&body);
+    let mut buckets: Vec<(f64, f64)> = text
+        .lines()
+        .filter(|l| l.starts_with("shardgate_handout_latency_seconds_bucket{"))
+        .filter_map(|l| {
+            let le = l.split("le=\"").nth(1)?.split('"').next()?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            Some((le, l.rsplit(' ').next()?.parse().ok()?))
+        })
+        .collect();
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    anyhow::ensure!(!buckets.is_empty(), "no hand-out histogram in /metrics");
+    Ok(Histogram(buckets))
 }
 
 /// Registers a simulated one-slot worker offering the `exec` runner; its id.

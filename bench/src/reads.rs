@@ -98,7 +98,7 @@ pub async fn run(a: ReadsArgs) -> anyhow::Result<()> {
     anyhow::ensure!(code == 200, "GET /api/runs/{big} answered {code}");
     println!(
         "  GET /api/runs/{{id}} of it: {:.1} MB of JSON",
-        bytes as f64 / 1e6
+        bytes.len() as f64 / 1e6
     );
 
     // The run hand-outs come from in every phase.
@@ -355,8 +355,8 @@ async fn drive(
     Ok(())
 }
 
-/// `GET path` over HTTP/1.1; the status code and how many bytes the response had.
-async fn http_get(addr: &str, path: &str) -> anyhow::Result<(u16, usize)> {
+/// `GET path` over HTTP/1.1; the status code and the whole response, head included.
+pub(crate) async fn http_get(addr: &str, path: &str) -> anyhow::Result<(u16, Vec<u8>)> {
     let mut s = tokio::net::TcpStream::connect(addr).await?;
     s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())
         .await?;
@@ -368,5 +368,5 @@ async fn http_get(addr: &str, path: &str) -> anyhow::Result<(u16, usize)> {
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
-    Ok((code, buf.len()))
+    Ok((code, buf))
 }

@@ -116,12 +116,15 @@ pub async fn run(a: WatchersArgs) -> anyhow::Result<()> {
         }
     }
     let p99 = |t: &mut Trial| quantile(&mut t.acquire_ns, 0.99).max(1) as f64;
+    let (grpc, sse) = match a.kind.as_str() {
+        "grpc" => (a.watchers, 0),
+        "sse" => (0, a.watchers),
+        _ => (a.watchers.div_ceil(2), a.watchers / 2),
+    };
     println!(
-        "  over {} rounds, {} watchers ({} gRPC, {} SSE) ÷ nobody watching: makespan {:.3}×, AcquireShard p99 {:.3}× (target ≤ 1.05)",
+        "  over {} rounds, {} watchers ({grpc} gRPC, {sse} SSE) ÷ nobody watching: makespan {:.3}×, AcquireShard p99 {:.3}× (target ≤ 1.05)",
         a.rounds,
         a.watchers,
-        a.watchers.div_ceil(2),
-        a.watchers / 2,
         watched.makespan.as_secs_f64() / alone.makespan.as_secs_f64(),
         p99(&mut watched) / p99(&mut alone)
     );

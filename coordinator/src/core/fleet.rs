@@ -160,33 +160,54 @@ impl Core {
         attempts: &[String],
         now: Now,
     ) -> Result<pb::HeartbeatResponse, Error> {
-        self.atomically(|c| {
-            let Some(w) = c.workers.get(&worker) else {
-                return Ok(pb::HeartbeatResponse {
-                    cancel_attempt_ids: Vec::new(),
-                    reregister: true,
-                });
-            };
-            if w.row.state == WorkerState::Gone {
-                return Ok(pb::HeartbeatResponse {
-                    cancel_attempt_ids: attempts.to_vec(),
-                    reregister: true,
-                });
+        // Only a lost worker's heartbeat writes (it is live again); the others change memory
+        // alone and need no savepoint: thousands of workers send one every 2 s.
+        let writes = self
+            .workers
+            .get(&worker)
+            .is_some_and(|w| w.row.state == WorkerState::Lost);
+        if writes {
+            self.atomically(|c| c.heartbeat_inner(worker, attempts, now))
+        } else {
+            self.heartbeat_inner(worker, attempts, now)
+        }
+    }
+
+    fn heartbeat_inner(
+        &mut self,
+        worker: WorkerId,
+        attempts: &[String],
+        now: Now,
+    ) -> Result<pb::HeartbeatResponse, Error> {
+        let Some(w) = self.workers.get(&worker) else {
+            return Ok(pb::HeartbeatResponse {
+                cancel_attempt_ids: Vec::new(),
+                reregister: true,
+            });
+        };
+        if w.row.state == WorkerState::Gone {
+            return Ok(pb::HeartbeatResponse {
+                cancel_attempt_ids: attempts.to_vec(),
+                reregister: true,
+            });
+        }
+        let revived = self.write_touch(worker, now)?;
+        self.apply_touch(worker, revived, now);
+        let lease = self.cfg.lease;
+        let mut cancel = Vec::new();
+        for a in attempts {
+            match a
+                .parse::<AttemptId>()
+                .ok()
+                .and_then(|id| self.attempts.get_mut(&id))
+            {
+                Some(att) if att.worker == worker => att.lease_until = now.at + lease,
+                _ => cancel.push(a.clone()),
             }
-            let revived = c.write_touch(worker, now)?;
-            c.apply_touch(worker, revived, now);
-            let lease = c.cfg.lease;
-            let mut cancel = Vec::new();
-            for a in attempts {
-                match a.parse::<AttemptId>().ok().and_then(|id| c.attempts.get_mut(&id)) {
-                    Some(att) if att.worker == worker => att.lease_until = now.at + lease,
-                    _ => cancel.push(a.clone()),
-                }
-            }
-            Ok(pb::HeartbeatResponse {
-                cancel_attempt_ids: cancel,
-                reregister: false,
-            })
+        }
+        Ok(pb::HeartbeatResponse {
+            cancel_attempt_ids: cancel,
+            reregister: false,
         })
     }
 
