@@ -991,3 +991,46 @@ fn pytest_shards_run_in_one_warm_pytest_per_slot_and_a_retry_gets_a_fresh_one() 
         }
     }
 }
+
+#[test]
+fn a_warm_pytest_never_serves_the_next_run_so_edited_code_is_not_missed() {
+    require_pytest();
+    let dir = tempfile::tempdir().unwrap();
+    let write = |body: &str| {
+        let tests: String = (0..6)
+            .map(|i| format!("def test_{i}():\n    assert {body}\n\n"))
+            .collect();
+        write_tree(dir.path(), &[("tests/test_edit.py", &tests)]);
+    };
+    write("True");
+    let profile = format!(
+        "[runners.pytest]\nkind = \"pytest\"\nworkdir = \"{}\"\nenv = {{ PYTHONDONTWRITEBYTECODE = \"1\" }}\n",
+        dir.path().display()
+    );
+    // Two workers: the run ends on one of them, and the other's pytest is left idle.
+    let cluster = Cluster::builder().workers(2).slots(1).runners(&profile).start();
+    let (r, report, _) = run_discovered(&cluster, "pytest", "edited");
+    assert_eq!(r.code, 0, "{report}");
+    // The same revision (nobody checks out anything), the code edited in place, and the
+    // tests named (no listing, which would start a fresh pytest anyway).
+    write("False");
+    let list = dir.path().join("tests.txt");
+    let ids: Vec<String> = (0..6).map(|i| format!("tests/test_edit.py::test_{i}")).collect();
+    std::fs::write(&list, ids.join("\n")).unwrap();
+    let r = cluster.client(&[
+        "run",
+        "--runner",
+        "pytest",
+        "--suite",
+        "edited",
+        "--json",
+        "--tests-file",
+        list.to_str().unwrap(),
+    ]);
+    let ours = harness::outcomes_once(&r.json());
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(
+        ours.len() == 6 && ours.values().all(|o| o == "failed"),
+        "{ours:?}"
+    );
+}

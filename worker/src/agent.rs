@@ -459,7 +459,7 @@ async fn run_shard(shared: &Shared, worker: WorkerId, shard: pb::Shard) {
     let error = match shared.cfg.runners.get(&shard.runner) {
         None => format!("worker {} has no runner '{}'", shared.cfg.name, shard.runner),
         Some(runner) if shard.kind == pb::ShardKind::Discover as i32 => {
-            let (tests, error) = match runner.discover_for_run(&shard.revision).await {
+            let (tests, error) = match runner.discover_for_run(&shard.revision, &shard.run_id).await {
                 Ok(t) => (t, String::new()),
                 Err(e) => (Vec::new(), e.to_string()),
             };
@@ -493,7 +493,7 @@ async fn run_shard(shared: &Shared, worker: WorkerId, shard: pb::Shard) {
             );
             let (tx, rx) = mpsc::channel(64);
             let reporter = report_loop(shared, worker, attempt, token.clone(), rx);
-            let running = runner.run_shard(&shard.tests, &shard.revision, timeout, &token, tx);
+            let running = runner.run_shard(&shard.tests, &shard.revision, &shard.run_id, timeout, &token, tx);
             let (ran, ()) = tokio::join!(running, reporter);
             if shared.kill.is_cancelled() {
                 "worker shutting down".to_owned()

@@ -135,7 +135,7 @@ async fn run_check(
     let (tx, mut rx) = mpsc::channel::<(String, TestRun)>(sample.len() + 1);
     let cancel = CancellationToken::new();
     let ran = runner
-        .run_shard(&sample, revision, test_timeout, &cancel, tx)
+        .run_shard(&sample, revision, "", test_timeout, &cancel, tx)
         .await;
     let mut results = Vec::new();
     while let Some(r) = rx.recv().await {

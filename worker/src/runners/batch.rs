@@ -75,6 +75,8 @@ pub struct Config {
 pub struct Shard<'a> {
     pub tests: &'a [String],
     pub revision: &'a str,
+    /// The run the shard is of (empty outside a run: a runner check).
+    pub run: &'a str,
     pub cancel: &'a CancellationToken,
     pub results: mpsc::Sender<(String, TestRun)>,
     /// The run's per-test timeout, which a tool holds inside the batch where it can.
@@ -189,16 +191,16 @@ impl CommandRunner {
     }
 
     /// Lists the suite's tests with the profile's list command (pytest with its default
-    /// commands: from a warm pytest, kept to serve the run's shards, when `keep_warm`).
-    pub async fn discover(&self, revision: &str, keep_warm: bool) -> Result<Vec<String>, RunnerError> {
+    /// commands, for a run: from a warm pytest, kept to serve the run's shards).
+    pub async fn discover(&self, revision: &str, for_run: Option<&str>) -> Result<Vec<String>, RunnerError> {
         let cancel = CancellationToken::new();
         self.setup(revision, &cancel).await?;
         let limit = self.cfg.shard_timeout.unwrap_or(Duration::from_secs(3600));
-        if keep_warm
+        if let Some(run) = for_run
             && self.cfg.kind == RunnerKind::Pytest
             && self.cfg.list == Some(super::pytest::list())
             && super::pytest_warm::enabled(self)
-            && let Some(ids) = super::pytest_warm::discover(self, revision, limit).await
+            && let Some(ids) = super::pytest_warm::discover(self, revision, run, limit).await
         {
             return Ok(ids);
         }
@@ -250,6 +252,7 @@ impl CommandRunner {
         &self,
         tests: &[String],
         revision: &str,
+        run: &str,
         test_timeout: Duration,
         cancel: &CancellationToken,
         results: mpsc::Sender<(String, TestRun)>,
@@ -265,6 +268,7 @@ impl CommandRunner {
         let shard = Shard {
             tests,
             revision,
+            run,
             cancel,
             results,
             test_timeout,
@@ -524,6 +528,7 @@ mod tests {
             .run_shard(
                 &tests,
                 revision,
+                "",
                 Duration::from_secs(60),
                 &CancellationToken::new(),
                 tx,

@@ -152,18 +152,18 @@ impl Runner {
 
     /// The suite's tests at `revision`, in a stable order.
     pub async fn discover(&self, revision: &str) -> Result<Vec<String>, RunnerError> {
-        self.discover_for(revision, false).await
+        self.discover_for(revision, None).await
     }
 
     /// The suite's tests for a run's discovery shard: as [`Runner::discover`], but a runner
     /// that keeps warm processes (pytest) lists from one that then serves the run's shards.
-    pub async fn discover_for_run(&self, revision: &str) -> Result<Vec<String>, RunnerError> {
-        self.discover_for(revision, true).await
+    pub async fn discover_for_run(&self, revision: &str, run: &str) -> Result<Vec<String>, RunnerError> {
+        self.discover_for(revision, Some(run)).await
     }
 
-    async fn discover_for(&self, revision: &str, keep_warm: bool) -> Result<Vec<String>, RunnerError> {
+    async fn discover_for(&self, revision: &str, run: Option<&str>) -> Result<Vec<String>, RunnerError> {
         match self {
-            Runner::Command(c) => c.discover(revision, keep_warm).await,
+            Runner::Command(c) => c.discover(revision, run).await,
             Runner::Exec(r) => {
                 let r = r.clone();
                 tokio::task::spawn_blocking(move || r.discover())
@@ -181,12 +181,16 @@ impl Runner {
         &self,
         tests: &[String],
         revision: &str,
+        run: &str,
         test_timeout: Duration,
         cancel: &CancellationToken,
         results: mpsc::Sender<(String, TestRun)>,
     ) -> Result<(), RunnerError> {
         match self {
-            Runner::Command(c) => c.run_shard(tests, revision, test_timeout, cancel, results).await,
+            Runner::Command(c) => {
+                c.run_shard(tests, revision, run, test_timeout, cancel, results)
+                    .await
+            }
             Runner::Exec(r) => {
                 for id in tests {
                     if cancel.is_cancelled() {

@@ -7,9 +7,10 @@
 //!
 //! Used when the profile keeps pytest's default run command (a custom one may not start
 //! pytest at all) and `SHARDGATE_PYTEST_WARM` is not `0` in the profile's or the worker's
-//! environment. A warm pytest serves one revision; it is stopped when a shard of another
-//! revision comes, when it has been idle for [`IDLE`], when a test in it runs past the test
-//! timeout, and when the worker ends (it also exits by itself once its worker is gone).
+//! environment. A warm pytest serves one run (so a change to the code between two runs of the
+//! same revision, as on a laptop, is never missed); it is stopped when a shard of another run
+//! comes, when it has been idle for [`IDLE`], when a test in it runs past the test timeout,
+//! and when the worker ends (it also exits by itself once its worker is gone).
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -37,7 +38,7 @@ const LOG: &str = "serve.log";
 #[derive(Debug, Default)]
 pub struct WarmPool {
     idle: Mutex<Vec<Warm>>,
-    /// The revision a warm pytest would not start for: its shards run the ordinary way.
+    /// The run a warm pytest would not start for: its shards run the ordinary way.
     failed: Mutex<Option<String>>,
 }
 
@@ -45,7 +46,8 @@ pub struct WarmPool {
 struct Warm {
     child: tokio::process::Child,
     scratch: tempfile::TempDir,
-    revision: String,
+    /// The revision and run it serves.
+    serves: (String, String),
     /// Shards sent so far, the number of the next one.
     shards: u64,
     /// How far the events file has been read.
@@ -54,11 +56,11 @@ struct Warm {
 }
 
 impl WarmPool {
-    /// An idle warm pytest for `revision`; stops the ones of other revisions and the ones
-    /// idle too long.
-    fn take(&self, revision: &str) -> Option<Warm> {
+    /// An idle warm pytest for `revision` and `run`; stops the ones of other runs and the
+    /// ones idle too long.
+    fn take(&self, revision: &str, run: &str) -> Option<Warm> {
         let mut idle = self.idle.lock().expect("warm pool lock");
-        idle.retain(|w| w.revision == revision && w.idle_since.elapsed() < IDLE);
+        idle.retain(|w| w.serves.0 == revision && w.serves.1 == run && w.idle_since.elapsed() < IDLE);
         idle.pop()
     }
 
@@ -89,16 +91,16 @@ pub struct Ran {
 /// or it died before the shard ended: the caller runs the tests the ordinary way.
 pub async fn run(runner: &CommandRunner, shard: &Shard<'_>, deadline: Instant) -> Option<Ran> {
     let pool = &runner.warm;
-    let mut w = match pool.take(shard.revision) {
+    let mut w = match pool.take(shard.revision, shard.run) {
         Some(w) => w,
-        None if pool.failed.lock().expect("warm pool lock").as_deref() == Some(shard.revision) => {
+        None if pool.failed.lock().expect("warm pool lock").as_deref() == Some(shard.run) => {
             return None;
         }
-        None => match start(runner, shard.revision, shard.cancel, deadline).await {
+        None => match start(runner, shard.revision, shard.run, shard.cancel, deadline).await {
             Some(w) => w,
             None => {
                 if !shard.cancel.is_cancelled() {
-                    *pool.failed.lock().expect("warm pool lock") = Some(shard.revision.to_owned());
+                    *pool.failed.lock().expect("warm pool lock") = Some(shard.run.to_owned());
                 }
                 return None;
             }
@@ -168,10 +170,15 @@ pub async fn run(runner: &CommandRunner, shard: &Shard<'_>, deadline: Instant) -
 
 /// Lists the suite by starting a warm pytest, which then waits in the pool for the run's first
 /// shard (so the suite is collected once for both). `None` when it would not start.
-pub async fn discover(runner: &CommandRunner, revision: &str, limit: Duration) -> Option<Vec<String>> {
+pub async fn discover(
+    runner: &CommandRunner,
+    revision: &str,
+    run: &str,
+    limit: Duration,
+) -> Option<Vec<String>> {
     let cancel = CancellationToken::new();
-    let Some(mut w) = start(runner, revision, &cancel, Instant::now() + limit).await else {
-        *runner.warm.failed.lock().expect("warm pool lock") = Some(revision.to_owned());
+    let Some(mut w) = start(runner, revision, run, &cancel, Instant::now() + limit).await else {
+        *runner.warm.failed.lock().expect("warm pool lock") = Some(run.to_owned());
         return None;
     };
     let mut offset = 0;
@@ -186,10 +193,11 @@ pub async fn discover(runner: &CommandRunner, revision: &str, limit: Duration) -
     Some(ids)
 }
 
-/// Starts a warm pytest for `revision` and waits until it has collected the suite.
+/// Starts a warm pytest for `revision` and `run` and waits until it has collected the suite.
 async fn start(
     runner: &CommandRunner,
     revision: &str,
+    run: &str,
     cancel: &CancellationToken,
     deadline: Instant,
 ) -> Option<Warm> {
@@ -230,7 +238,7 @@ async fn start(
     let mut w = Warm {
         child,
         scratch,
-        revision: revision.to_owned(),
+        serves: (revision.to_owned(), run.to_owned()),
         shards: 0,
         offset: 0,
         idle_since: Instant::now(),
