@@ -1034,3 +1034,53 @@ fn a_warm_pytest_never_serves_the_next_run_so_edited_code_is_not_missed() {
         "{ours:?}"
     );
 }
+
+#[test]
+fn nextest_builds_once_per_run_so_edited_code_is_not_missed() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |body: &str| {
+        let tests: String = (0..6)
+            .map(|i| format!("    #[test]\n    fn t{i}() {{ assert!({body}); }}\n"))
+            .collect();
+        write_tree(
+            dir.path(),
+            &[
+                (
+                    "Cargo.toml",
+                    "[package]\nname = \"edited\"\nversion = \"0.1.0\"\nedition = \"2021\"\n\n[workspace]\n",
+                ),
+                ("src/lib.rs", &format!("#[cfg(test)]\nmod tests {{\n{tests}}}\n")),
+            ],
+        );
+    };
+    write("true");
+    let profile = format!(
+        "[runners.nextest]\nkind = \"nextest\"\nworkdir = \"{}\"\n",
+        dir.path().display()
+    );
+    let cluster = Cluster::builder().workers(2).slots(1).runners(&profile).start();
+    let (r, report, ours) = run_discovered(&cluster, "nextest", "edited");
+    assert_eq!(r.code, 0, "{report}");
+    assert_eq!(ours.len(), 6, "{ours:?}");
+    // The same revision, the code edited in place, the tests named (no listing, which would
+    // build): the next run's shards must not run the binaries the first run built.
+    write("false");
+    let list = dir.path().join("tests.txt");
+    std::fs::write(&list, ours.keys().cloned().collect::<Vec<_>>().join("\n")).unwrap();
+    let r = cluster.client(&[
+        "run",
+        "--runner",
+        "nextest",
+        "--suite",
+        "edited",
+        "--json",
+        "--tests-file",
+        list.to_str().unwrap(),
+    ]);
+    let ours = harness::outcomes_once(&r.json());
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(
+        ours.len() == 6 && ours.values().all(|o| o == "failed"),
+        "{ours:?}"
+    );
+}

@@ -103,6 +103,9 @@ pub struct CommandRunner {
     setups: std::sync::Arc<Mutex<HashMap<String, Result<(), RunnerError>>>>,
     /// pytest's warm processes (see `pytest_warm.rs`); empty for other tools.
     pub(super) warm: std::sync::Arc<super::pytest_warm::WarmPool>,
+    /// nextest: the run whose build is recorded, and where (see `nextest.rs`).
+    pub(super) nextest_build:
+        std::sync::Arc<Mutex<Option<(String, Option<std::sync::Arc<tempfile::TempDir>>)>>>,
 }
 
 impl CommandRunner {
@@ -114,6 +117,7 @@ impl CommandRunner {
             tool,
             setups: Default::default(),
             warm: Default::default(),
+            nextest_build: Default::default(),
         }
     }
 

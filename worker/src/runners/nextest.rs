@@ -51,8 +51,18 @@ async fn run_shard(runner: &CommandRunner, shard: Shard<'_>) -> Result<(), Runne
         })
         .collect::<Vec<_>>()
         .join(" | ");
+    let mut argv = run();
+    let reuse = build_once(runner, &shard).await;
+    if let Some(r) = &reuse {
+        argv.extend([
+            "--binaries-metadata".to_owned(),
+            r.path().join(BINARIES).display().to_string(),
+            "--cargo-metadata".to_owned(),
+            r.path().join(CARGO).display().to_string(),
+        ]);
+    }
     let cmd = runner.command_with(
-        &run(),
+        &argv,
         &[],
         &[
             ("{toolconfig}", &toolconfig.display().to_string()),
@@ -64,6 +74,68 @@ async fn run_shard(runner: &CommandRunner, shard: Shard<'_>) -> Result<(), Runne
     let ran = runner.run_junit(cmd, junit_path, None, shard).await;
     drop(dir);
     ran
+}
+
+/// The build's metadata files, in the directory [`build_once`] keeps them.
+const BINARIES: &str = "binaries.json";
+const CARGO: &str = "cargo.json";
+
+/// One build per run: the first shard of a run on this worker builds the test binaries and
+/// records where they are (`cargo nextest list --list-type binaries-only`, `cargo metadata`);
+/// the run's later shards hand both to nextest (`--binaries-metadata`, `--cargo-metadata`), so
+/// they skip cargo's build check and cost about a third of the time. A new run builds again
+/// (code edited between two runs of one revision is never missed); a failure to record either
+/// leaves every shard building as before.
+async fn build_once(runner: &CommandRunner, shard: &Shard<'_>) -> Option<std::sync::Arc<tempfile::TempDir>> {
+    if shard.run.is_empty() {
+        return None;
+    }
+    let mut built = runner.nextest_build.lock().await;
+    if let Some((run, dir)) = &*built
+        && run == shard.run
+    {
+        return dir.clone();
+    }
+    let dir = record_build(runner, shard).await.map(std::sync::Arc::new);
+    *built = Some((shard.run.to_owned(), dir.clone()));
+    dir
+}
+
+async fn record_build(runner: &CommandRunner, shard: &Shard<'_>) -> Option<tempfile::TempDir> {
+    let dir = tempfile::tempdir().ok()?;
+    for (argv, file) in [
+        (
+            vec![
+                "cargo",
+                "nextest",
+                "list",
+                "--list-type",
+                "binaries-only",
+                "--message-format",
+                "json",
+            ],
+            BINARIES,
+        ),
+        (vec!["cargo", "metadata", "--format-version", "1"], CARGO),
+    ] {
+        let argv: Vec<String> = argv.into_iter().map(String::from).collect();
+        let mut cmd = runner.command(&argv, &[], "", shard.revision);
+        cmd.stdin(std::process::Stdio::null()).kill_on_drop(true);
+        let out = tokio::select! {
+            out = cmd.output() => out.ok()?,
+            () = shard.cancel.cancelled() => return None,
+        };
+        if !out.status.success() || out.stdout.is_empty() {
+            tracing::warn!(
+                command = %argv.join(" "),
+                status = %out.status,
+                "could not record the build for the run's shards; each shard builds"
+            );
+            return None;
+        }
+        std::fs::write(dir.path().join(file), &out.stdout).ok()?;
+    }
+    Some(dir)
 }
 
 /// The nextest profile shardgate adds through its tool config file.
