@@ -104,9 +104,11 @@ pub struct CommandRunner {
     /// pytest's warm processes (see `pytest_warm.rs`); empty for other tools.
     pub(super) warm: std::sync::Arc<super::pytest_warm::WarmPool>,
     /// nextest: the run whose build is recorded, and where (see `nextest.rs`).
-    pub(super) nextest_build:
-        std::sync::Arc<Mutex<Option<(String, Option<std::sync::Arc<tempfile::TempDir>>)>>>,
+    pub(super) nextest_build: std::sync::Arc<Mutex<Option<RecordedBuild>>>,
 }
+
+/// A run's id and the directory that holds its recorded build, if recording it worked.
+pub(super) type RecordedBuild = (String, Option<std::sync::Arc<tempfile::TempDir>>);
 
 impl CommandRunner {
     /// A batch runner; `cfg.kind` must be a batch tool's (not `exec`).
