@@ -1014,13 +1014,18 @@ fn a_warm_pytest_never_serves_the_next_run_so_edited_code_is_not_missed() {
     // The same revision (nobody checks out anything), the code edited in place, and the
     // tests named (no listing, which would start a fresh pytest anyway).
     write("False");
-    let list = dir.path().join("tests.txt");
     let ids: Vec<String> = (0..6).map(|i| format!("tests/test_edit.py::test_{i}")).collect();
+    all_fail_by_name(&cluster, "pytest", &ids, dir.path());
+}
+
+/// Runs `ids` by name (no listing) on `runner` and checks that every one of them failed.
+fn all_fail_by_name(cluster: &Cluster, runner: &str, ids: &[String], dir: &Path) {
+    let list = dir.join("tests.txt");
     std::fs::write(&list, ids.join("\n")).unwrap();
     let r = cluster.client(&[
         "run",
         "--runner",
-        "pytest",
+        runner,
         "--suite",
         "edited",
         "--json",
@@ -1030,7 +1035,7 @@ fn a_warm_pytest_never_serves_the_next_run_so_edited_code_is_not_missed() {
     let ours = harness::outcomes_once(&r.json());
     assert_eq!(r.code, 1, "{}", r.stderr);
     assert!(
-        ours.len() == 6 && ours.values().all(|o| o == "failed"),
+        ours.len() == ids.len() && ours.values().all(|o| o == "failed"),
         "{ours:?}"
     );
 }
@@ -1065,22 +1070,6 @@ fn nextest_builds_once_per_run_so_edited_code_is_not_missed() {
     // The same revision, the code edited in place, the tests named (no listing, which would
     // build): the next run's shards must not run the binaries the first run built.
     write("false");
-    let list = dir.path().join("tests.txt");
-    std::fs::write(&list, ours.keys().cloned().collect::<Vec<_>>().join("\n")).unwrap();
-    let r = cluster.client(&[
-        "run",
-        "--runner",
-        "nextest",
-        "--suite",
-        "edited",
-        "--json",
-        "--tests-file",
-        list.to_str().unwrap(),
-    ]);
-    let ours = harness::outcomes_once(&r.json());
-    assert_eq!(r.code, 1, "{}", r.stderr);
-    assert!(
-        ours.len() == 6 && ours.values().all(|o| o == "failed"),
-        "{ours:?}"
-    );
+    let ids: Vec<String> = ours.keys().cloned().collect();
+    all_fail_by_name(&cluster, "nextest", &ids, dir.path());
 }
