@@ -11,8 +11,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use rand::SeedableRng;
 use rand::rngs::StdRng;
-use rand::{RngExt, SeedableRng};
+
+use crate::workload::normal;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct RealArgs {
@@ -69,13 +71,6 @@ impl Drop for Procs {
             let _ = c.wait();
         }
     }
-}
-
-/// A standard normal sample (Box–Muller).
-fn normal(rng: &mut StdRng) -> f64 {
-    let u1: f64 = rng.random::<f64>().max(1e-12);
-    let u2: f64 = rng.random();
-    (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
 }
 
 /// Writes the suite; returns its ids and the total of its sleeps in seconds.

@@ -163,7 +163,6 @@ pub fn plan(
         probe_of: vec![u32::MAX; groups.len()],
         groups,
         group_of,
-        observed: 0,
         next_replan: 1,
         active: false,
     };
@@ -211,7 +210,7 @@ pub fn plan(
 struct GroupStat {
     sum: f64,
     n: u32,
-    /// Of `n`, the results of this run.
+    /// Of `n`, the results of this run (for the whole run: every result taken in).
     seen: u32,
 }
 
@@ -247,7 +246,7 @@ pub struct Learning {
     all: GroupStat,
     /// The sort floor of history-known tests ([`COLD_QUANTILE`]), if any test was known.
     known_high: Option<f64>,
-    observed: u32,
+    /// How many results taken in make the queue due for its next re-plan.
     next_replan: u32,
     /// Some test had no history and the queue may still hold it.
     active: bool,
@@ -266,8 +265,7 @@ impl Learning {
         g.seen += 1;
         self.all.add(ms);
         self.all.seen += 1;
-        self.observed += 1;
-        self.observed >= self.next_replan
+        self.all.seen >= self.next_replan
     }
 
     /// The plan of cold test `idx` from what is known now; `high` is the floor of the sort key
@@ -276,13 +274,12 @@ impl Learning {
         let g = self.group_of[idx as usize] as usize;
         let stat = self.groups[g];
         let run_mean = self.all.mean().unwrap_or(DEFAULT_ESTIMATE_MS);
-        let group_mean = stat.mean().unwrap_or(run_mean);
-        let estimate_ms = group_mean;
+        let estimate_ms = stat.mean().unwrap_or(run_mean);
         // A group not measured in this run sorts ahead of the longest measured one.
         let mut key = if stat.seen == 0 {
-            group_mean.max(high) + 1.0
+            estimate_ms.max(high) + 1.0
         } else {
-            group_mean
+            estimate_ms
         };
         if self.probe_of[g] == idx && stat.n == 0 {
             key += PROBE_KEY;
@@ -314,7 +311,8 @@ impl Learning {
     /// is updated with the queue. A test out on a worker keeps the plan it was handed out with
     /// (the run's accounting of running work subtracts exactly that).
     pub fn replan(&mut self, queue: &mut RunQueue, mut set: impl FnMut(u32, Plan)) {
-        self.next_replan = self.observed + (self.observed / 4).max(1);
+        let taken = self.all.seen;
+        self.next_replan = taken + (taken / 4).max(1);
         let high = self.high();
         let mut any = false;
         queue.replan(|idx, old| {

@@ -7,6 +7,7 @@ use shardgate_common::{Error, Outcome, RunId};
 use tracing::{info, warn};
 
 use super::Core;
+use super::runs::PlannedTests;
 use super::state::{Attempt, Effects, RunState, TestSlot, WorkerEntry};
 use crate::model::{CoreConfig, Now};
 use crate::scheduler::RunQueue;
@@ -122,7 +123,7 @@ impl Core {
         let ids: Vec<String> = stored.iter().map(|t| t.test_id.clone()).collect();
         let (mut tests, learning) = self.plan(&row.suite, ids, row.policy, now)?;
         let plans = super::runs::plans_of(&tests);
-        let mut state = RunState::new(row, kind, Vec::new(), RunQueue::new(&[]));
+        let mut state = RunState::new(row, kind, PlannedTests::default());
         for (t, s) in tests.iter_mut().zip(stored) {
             t.retry = s.retry;
             t.quarantined = s.quarantined;
@@ -140,10 +141,12 @@ impl Core {
         let (solo, open): (Vec<u32>, Vec<u32>) = open.partition(|&i| tests[i as usize].runs_alone());
         let discovering = restored.iter().any(|(a, _)| a.discover);
         state.discover_pending = state.row.discover && tests.is_empty() && !discovering;
-        state.queue = RunQueue::with(&plans, open);
+        state.take_plan(PlannedTests {
+            queue: RunQueue::with(&plans, open),
+            tests,
+            learning,
+        });
         state.solo = solo;
-        state.tests = tests;
-        state.learning = learning;
         for (a, pending) in restored {
             self.install_attempt(&mut state, a, pending, now);
         }

@@ -26,7 +26,7 @@ pub struct PreparedRun {
 }
 
 /// A run's tests with their plans, built off the scheduler thread for large runs.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct PlannedTests {
     pub(crate) tests: Vec<TestSlot>,
     pub(crate) queue: RunQueue,
@@ -50,6 +50,15 @@ impl PlannedTests {
             tests,
             learning,
         })
+    }
+
+    /// Marks the tests at `idxs` as quarantined in the suite.
+    pub(crate) fn quarantine(&mut self, idxs: &[u32]) {
+        for &i in idxs {
+            if let Some(t) = self.tests.get_mut(i as usize) {
+                t.quarantined = true;
+            }
+        }
     }
 }
 
@@ -290,18 +299,9 @@ impl Core {
             c.store.unstage_run(run.row.id)?;
             let quarantined = c.store.mark_quarantined(run.row.id, &run.row.suite)?;
             // Applied only now that every write succeeded.
-            let PlannedTests {
-                mut tests,
-                queue,
-                learning,
-            } = planned;
-            for i in quarantined {
-                if let Some(t) = tests.get_mut(i as usize) {
-                    t.quarantined = true;
-                }
-            }
-            let mut state = RunState::new(run.row, run.kind, tests, queue);
-            state.learning = learning;
+            let mut planned = planned;
+            planned.quarantine(&quarantined);
+            let state = RunState::new(run.row, run.kind, planned);
             let summary = state.summary();
             info!(run = %state.row.id, suite = %state.row.suite, tests = state.tests.len(), "run submitted");
             c.effects.runs_changed.insert(state.row.id);
@@ -433,20 +433,12 @@ impl Core {
         self.write_attempt_gone(attempt_id, "finished", now.ms)?;
         self.store.add_tests(run_id, 0, &tests)?;
         let quarantined = self.store.mark_quarantined(run_id, &suite)?;
-        let PlannedTests {
-            tests: mut slots,
-            queue,
-            learning,
-        } = PlannedTests::plan(self.store.as_ref(), &suite, tests, policy, now)?;
+        let mut planned = PlannedTests::plan(self.store.as_ref(), &suite, tests, policy, now)?;
         // Apply.
         self.forget_attempt(attempt_id);
-        for i in quarantined {
-            slots[i as usize].quarantined = true;
-        }
+        planned.quarantine(&quarantined);
         let run = self.runs.get_mut(&run_id).expect("checked above");
-        run.queue = queue;
-        run.tests = slots;
-        run.learning = learning;
+        run.take_plan(planned);
         info!(run = %run_id, tests = run.tests.len(), worker = %worker_name, "tests discovered");
         self.effects
             .events

@@ -7,6 +7,7 @@ use std::time::Instant;
 use shardgate_common::labels;
 use shardgate_common::{AttemptId, Outcome, RunId, RunnerKind, ShardId, WorkerId, pb};
 
+use super::runs::PlannedTests;
 use crate::model::CoreConfig;
 use crate::scheduler::{History, Learning, Plan, RunQueue};
 use crate::store::{RetryState, RunRow, Store, WorkerRow, WorkerState, summary_of};
@@ -125,14 +126,19 @@ impl RunState {
     }
 
     /// A run with its planned tests, nothing counted or handed out yet.
-    pub fn new(row: RunRow, kind: RunnerKind, tests: Vec<TestSlot>, queue: RunQueue) -> Self {
+    pub fn new(row: RunRow, kind: RunnerKind, planned: PlannedTests) -> Self {
+        let PlannedTests {
+            tests,
+            queue,
+            learning,
+        } = planned;
         Self {
             discover_pending: row.discover && tests.is_empty(),
             row,
             kind,
             tests,
             queue,
-            learning: Learning::default(),
+            learning,
             solo: Vec::new(),
             running_ms: 0.0,
             fleet_slots: None,
@@ -171,6 +177,14 @@ impl RunState {
     pub fn reds(&self, outcome: Outcome) -> u32 {
         let i = outcome.to_wire() as usize;
         self.done[i] - self.done_quarantined[i]
+    }
+
+    /// Its tests, their queue and what it learns about them: planned anew (after its
+    /// discovery, or when a restart resumes it).
+    pub fn take_plan(&mut self, planned: PlannedTests) {
+        self.tests = planned.tests;
+        self.queue = planned.queue;
+        self.learning = planned.learning;
     }
 
     /// Takes in the passing result of test `idx` for the run's estimates of its tests with no
