@@ -196,17 +196,14 @@ impl CommandRunner {
         result
     }
 
-    /// Lists the suite's tests with the profile's list command (pytest with its default
-    /// commands, for a run: from a warm pytest, kept to serve the run's shards).
+    /// Lists the suite's tests with the profile's list command, or for a run in the tool's own
+    /// way where it has one (see [`super::Tool::list_for_run`]).
     pub async fn discover(&self, revision: &str, for_run: Option<&str>) -> Result<Vec<String>, RunnerError> {
         let cancel = CancellationToken::new();
         self.setup(revision, &cancel).await?;
         let limit = self.cfg.shard_timeout.unwrap_or(Duration::from_secs(3600));
         if let Some(run) = for_run
-            && self.cfg.kind == RunnerKind::Pytest
-            && self.cfg.list == Some(super::pytest::list())
-            && super::pytest_warm::enabled(self)
-            && let Some(ids) = super::pytest_warm::discover(self, revision, run, limit).await
+            && let Some(ids) = self.tool.list_for_run(self, revision, run, limit).await
         {
             return Ok(ids);
         }

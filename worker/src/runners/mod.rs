@@ -112,6 +112,18 @@ pub trait Tool: Sync + std::fmt::Debug {
         self.parse_listing(stdout)
     }
 
+    /// Lists the suite for run `run` in a way of the tool's own, or `None` for the profile's
+    /// list command (the default). pytest lists from a warm pytest that then serves the run.
+    fn list_for_run<'a>(
+        &'a self,
+        _runner: &'a CommandRunner,
+        _revision: &'a str,
+        _run: &'a str,
+        _limit: std::time::Duration,
+    ) -> BoxFuture<'a, Option<Vec<String>>> {
+        Box::pin(async { None })
+    }
+
     /// Runs one shard after the setup, sending one result per requested test. By default: the
     /// profile's run command, results read from the JUnit XML it writes.
     fn run_shard<'a>(

@@ -70,6 +70,22 @@ impl Tool for Pytest {
             .collect()
     }
 
+    /// With its default commands, from a warm pytest that then serves the run's shards.
+    fn list_for_run<'a>(
+        &'a self,
+        runner: &'a CommandRunner,
+        revision: &'a str,
+        run: &'a str,
+        limit: Duration,
+    ) -> BoxFuture<'a, Option<Vec<String>>> {
+        Box::pin(async move {
+            if runner.config().list != Some(list()) || !warm::enabled(runner) {
+                return None;
+            }
+            warm::discover(runner, revision, run, limit).await
+        })
+    }
+
     fn run_shard<'a>(
         &'a self,
         runner: &'a CommandRunner,
@@ -80,7 +96,7 @@ impl Tool for Pytest {
 }
 
 /// pytest's default listing command.
-pub(super) fn list() -> Vec<String> {
+fn list() -> Vec<String> {
     ["python3", "-m", "pytest", "--collect-only", "-q"]
         .map(String::from)
         .to_vec()
@@ -246,24 +262,44 @@ fn results_of(events: &[Event]) -> HashMap<String, TestRun> {
 /// reads only the complete lines appended since the last one, so a large shard's file is not
 /// read over and over.
 async fn watch_for_hung_test(events: &Path, timeout: Duration) -> String {
-    let mut started: HashMap<String, Instant> = HashMap::new();
+    let mut running = Running::default();
     let mut offset = 0usize;
     loop {
         tokio::time::sleep(POLL).await;
         for e in read_new_events(events, &mut offset) {
-            match e.e.as_str() {
-                "start" => {
-                    started.insert(e.id, Instant::now());
-                }
-                "finish" => {
-                    started.remove(&e.id);
-                }
-                _ => {}
+            running.note(&e);
+        }
+        if let Some(id) = running.past(timeout) {
+            return id;
+        }
+    }
+}
+
+/// The tests a pytest started and has not finished, with when each started: what the
+/// per-test timeout watches.
+#[derive(Debug, Default)]
+pub(super) struct Running(HashMap<String, Instant>);
+
+impl Running {
+    /// Takes in one of the plugin's events.
+    pub(super) fn note(&mut self, e: &Event) {
+        match e.e.as_str() {
+            "start" => {
+                self.0.insert(e.id.clone(), Instant::now());
             }
+            "finish" => {
+                self.0.remove(&e.id);
+            }
+            _ => {}
         }
-        if let Some((id, _)) = started.iter().find(|(_, t)| t.elapsed() > timeout) {
-            return id.clone();
-        }
+    }
+
+    /// A test that has been running longer than `timeout`.
+    pub(super) fn past(&self, timeout: Duration) -> Option<String> {
+        self.0
+            .iter()
+            .find(|(_, t)| t.elapsed() > timeout)
+            .map(|(id, _)| id.clone())
     }
 }
 
@@ -300,20 +336,20 @@ async fn run_shard(runner: &CommandRunner, shard: Shard<'_>) -> Result<(), Runne
         if shard.cancel.is_cancelled() {
             return Ok(());
         }
-        results.extend(results_of(&ran.events));
         let finished = process::Finished {
             ending: Ending::Exited(0),
             duration: Duration::ZERO,
             output: ran.output,
             limit: Some(shard.limit),
         };
-        if let Some(id) = &ran.hung {
-            results.insert(
-                id.clone(),
-                timed_out(id, shard.test_timeout, &ran.events, &finished),
-            );
-        }
-        remaining.retain(|t| !results.contains_key(t));
+        take_in(
+            &mut results,
+            &mut remaining,
+            &ran.events,
+            ran.hung.as_deref(),
+            &shard,
+            &finished,
+        );
         if remaining.is_empty() || Instant::now() >= deadline {
             return finish(runner, shard, results, &finished).await;
         }
@@ -342,15 +378,35 @@ async fn run_shard(runner: &CommandRunner, shard: Shard<'_>) -> Result<(), Runne
             drop(scratch);
             return run_from_junit(runner, shard, remaining, results, finished, &junit_path).await;
         }
-        results.extend(results_of(&events));
-        if let Some(id) = &hung {
-            results.insert(id.clone(), timed_out(id, shard.test_timeout, &events, &finished));
-        }
-        remaining.retain(|t| !results.contains_key(t));
+        take_in(
+            &mut results,
+            &mut remaining,
+            &events,
+            hung.as_deref(),
+            &shard,
+            &finished,
+        );
         if hung.is_none() || remaining.is_empty() || Instant::now() >= deadline {
             return finish(runner, shard, results, &finished).await;
         }
     }
+}
+
+/// Takes in what one pytest did: the results its events give, and the test it was stopped
+/// for, `timed_out`; `remaining` keeps the shard's tests still without a result.
+fn take_in(
+    results: &mut HashMap<String, TestRun>,
+    remaining: &mut Vec<String>,
+    events: &[Event],
+    hung: Option<&str>,
+    shard: &Shard<'_>,
+    finished: &process::Finished,
+) {
+    results.extend(results_of(events));
+    if let Some(id) = hung {
+        results.insert(id.to_owned(), timed_out(id, shard.test_timeout, events, finished));
+    }
+    remaining.retain(|t| !results.contains_key(t));
 }
 
 /// Runs `cmd` while watching its events for a test past `test_timeout`; returns how it ended

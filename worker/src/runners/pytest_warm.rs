@@ -12,7 +12,6 @@
 //! comes, when it has been idle for [`IDLE`], when a test in it runs past the test timeout,
 //! and when the worker ends (it also exits by itself once its worker is gone).
 
-use std::collections::HashMap;
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -23,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::batch::{CommandRunner, Shard, tail};
-use super::pytest::{EVENTS, Event, plugin_environment, read_new_events};
+use super::pytest::{EVENTS, Event, Running, plugin_environment, read_new_events};
 
 /// How often a warm pytest's events are read.
 const POLL: Duration = Duration::from_millis(3);
@@ -88,23 +87,17 @@ pub struct Ran {
 }
 
 /// Runs `shard` in a warm pytest, started if none is idle. `None` when none could be started
-/// or it died before the shard ended: the caller runs the tests the ordinary way.
+/// or the shard could not be sent: the caller runs the tests the ordinary way, as it does the
+/// ones a warm pytest leaves without a result.
 pub async fn run(runner: &CommandRunner, shard: &Shard<'_>, deadline: Instant) -> Option<Ran> {
     let pool = &runner.warm;
     let mut w = match pool.take(shard.revision, shard.run) {
         Some(w) => w,
-        None if pool.failed.lock().expect("warm pool lock").as_deref() == Some(shard.run) => {
-            return None;
+        None => {
+            start(runner, shard.revision, shard.run, shard.cancel, deadline)
+                .await?
+                .0
         }
-        None => match start(runner, shard.revision, shard.run, shard.cancel, deadline).await {
-            Some(w) => w,
-            None => {
-                if !shard.cancel.is_cancelled() {
-                    *pool.failed.lock().expect("warm pool lock") = Some(shard.run.to_owned());
-                }
-                return None;
-            }
-        },
     };
     let n = w.shards;
     w.shards += 1;
@@ -120,20 +113,12 @@ pub async fn run(runner: &CommandRunner, shard: &Shard<'_>, deadline: Instant) -
     }
     let events_path = w.scratch.path().join(EVENTS);
     let mut events = Vec::new();
-    let mut started: HashMap<String, Instant> = HashMap::new();
+    let mut running = Running::default();
     loop {
         let mut done = false;
         for e in read_new_events(&events_path, &mut w.offset) {
-            match e.e.as_str() {
-                "start" => {
-                    started.insert(e.id.clone(), Instant::now());
-                }
-                "finish" => {
-                    started.remove(&e.id);
-                }
-                "done" => done = true,
-                _ => {}
-            }
+            running.note(&e);
+            done |= e.e == "done";
             events.push(e);
         }
         if done {
@@ -144,10 +129,7 @@ pub async fn run(runner: &CommandRunner, shard: &Shard<'_>, deadline: Instant) -
                 output: String::new(),
             });
         }
-        let hung = started
-            .iter()
-            .find(|(_, t)| t.elapsed() > shard.test_timeout)
-            .map(|(id, _)| id.clone());
+        let hung = running.past(shard.test_timeout);
         if hung.is_some() || shard.cancel.is_cancelled() || Instant::now() >= deadline {
             let _ = w.child.kill().await;
             let output = log_tail(&w);
@@ -177,30 +159,39 @@ pub async fn discover(
     limit: Duration,
 ) -> Option<Vec<String>> {
     let cancel = CancellationToken::new();
-    let Some(mut w) = start(runner, revision, run, &cancel, Instant::now() + limit).await else {
-        *runner.warm.failed.lock().expect("warm pool lock") = Some(run.to_owned());
-        return None;
-    };
-    let mut offset = 0;
-    let ids: Vec<String> = read_new_events(&w.scratch.path().join(EVENTS), &mut offset)
-        .into_iter()
-        .take_while(|e| e.e != "ready")
-        .filter(|e| e.e == "collected")
-        .map(|e| e.id)
-        .collect();
-    w.offset = offset.max(w.offset);
+    let (w, ids) = start(runner, revision, run, &cancel, Instant::now() + limit).await?;
     runner.warm.put(w);
     Some(ids)
 }
 
-/// Starts a warm pytest for `revision` and `run` and waits until it has collected the suite.
+/// Starts a warm pytest for `revision` and `run`, waits until it has collected the suite, and
+/// returns it with what it collected. A run a warm pytest would not start for is remembered:
+/// its later shards run the ordinary way without trying again.
 async fn start(
     runner: &CommandRunner,
     revision: &str,
     run: &str,
     cancel: &CancellationToken,
     deadline: Instant,
-) -> Option<Warm> {
+) -> Option<(Warm, Vec<String>)> {
+    let failed = &runner.warm.failed;
+    if failed.lock().expect("warm pool lock").as_deref() == Some(run) {
+        return None;
+    }
+    let started = launch(runner, revision, run, cancel, deadline).await;
+    if started.is_none() && !cancel.is_cancelled() {
+        *failed.lock().expect("warm pool lock") = Some(run.to_owned());
+    }
+    started
+}
+
+async fn launch(
+    runner: &CommandRunner,
+    revision: &str,
+    run: &str,
+    cancel: &CancellationToken,
+    deadline: Instant,
+) -> Option<(Warm, Vec<String>)> {
     let scratch = tempfile::tempdir().ok()?;
     let argv: Vec<String> = [
         "python3",
@@ -244,18 +235,22 @@ async fn start(
         idle_since: Instant::now(),
     };
     let events_path = w.scratch.path().join(EVENTS);
+    let mut collected = Vec::new();
     loop {
-        if let Some(ready) = read_new_events(&events_path, &mut w.offset)
-            .into_iter()
-            .find(|e| e.e == "ready")
-        {
-            info!(
-                runner = %runner.config().name,
-                tests = ready.count,
-                ms = started.elapsed().as_millis() as u64,
-                "warm pytest ready"
-            );
-            return Some(w);
+        for e in read_new_events(&events_path, &mut w.offset) {
+            match e.e.as_str() {
+                "collected" => collected.push(e.id),
+                "ready" => {
+                    info!(
+                        runner = %runner.config().name,
+                        tests = e.count,
+                        ms = started.elapsed().as_millis() as u64,
+                        "warm pytest ready"
+                    );
+                    return Some((w, collected));
+                }
+                _ => {}
+            }
         }
         if let Ok(Some(status)) = w.child.try_wait() {
             // Typically the project's addopts need a plugin this mode turns off (xdist's -n).
