@@ -36,35 +36,10 @@ fn project_dir() -> PathBuf {
         return dir;
     }
     std::fs::create_dir_all(&cache).unwrap();
-    let dl = tempfile::tempdir_in(&cache).unwrap();
-    let status = Command::new("python3")
-        .args([
-            "-m",
-            "pip",
-            "download",
-            "--quiet",
-            "--no-deps",
-            "--no-binary",
-            ":all:",
-            "-d",
-        ])
-        .arg(dl.path())
-        .arg(format!("{PROJECT}=={VERSION}"))
-        .status()
-        .unwrap();
-    assert!(status.success(), "pip download {PROJECT}=={VERSION} failed");
-    let tarball = dl.path().join(format!("{PROJECT}-{VERSION}.tar.gz"));
     let unpack = tempfile::tempdir_in(&cache).unwrap();
-    let status = Command::new("tar")
-        .arg("xzf")
-        .arg(&tarball)
-        .arg("-C")
-        .arg(unpack.path())
-        .status()
-        .unwrap();
-    assert!(status.success(), "failed to unpack {}", tarball.display());
+    let project = shardgate_testkit::pypi::sdist(&format!("{PROJECT}=={VERSION}"), unpack.path()).unwrap();
     // Publish atomically so concurrent test binaries never see half a directory.
-    let _ = std::fs::rename(unpack.path().join(format!("{PROJECT}-{VERSION}")), &dir);
+    let _ = std::fs::rename(project, &dir);
     dir
 }
 

@@ -91,40 +91,6 @@ fn compare(
     Ok(())
 }
 
-/// Downloads and unpacks `spec`'s sdist into `dir`; returns the project's directory.
-fn pypi_project(spec: &str, dir: &Path) -> anyhow::Result<PathBuf> {
-    timed(
-        Command::new("python3")
-            .args([
-                "-m",
-                "pip",
-                "download",
-                "--quiet",
-                "--no-deps",
-                "--no-binary",
-                ":all:",
-                spec,
-                "-d",
-            ])
-            .arg(dir),
-        "pip download",
-    )?;
-    let sdist = std::fs::read_dir(dir)?
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .find(|p| p.to_string_lossy().ends_with(".tar.gz"))
-        .context("pip downloaded no sdist")?;
-    timed(
-        Command::new("tar").arg("xzf").arg(&sdist).arg("-C").arg(dir),
-        "tar",
-    )?;
-    std::fs::read_dir(dir)?
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .find(|p| p.is_dir())
-        .context("the sdist holds no directory")
-}
-
 /// A copy of crate `name_version` from cargo's registry (fetched with cargo if missing).
 fn crate_project(name_version: &str, dir: &Path) -> anyhow::Result<PathBuf> {
     let home = std::env::var("CARGO_HOME")
@@ -176,7 +142,8 @@ pub fn run(a: PeersArgs) -> anyhow::Result<()> {
             Command::new("python3").args(["-c", "import pytest, xdist"]),
             "pytest and pytest-xdist (python3 -m pip install pytest pytest-xdist)",
         )?;
-        let dir = pypi_project(&a.pypi, &work.path().join("pypi"))?;
+        let dir =
+            shardgate_testkit::pypi::sdist(&a.pypi, &work.path().join("pypi")).map_err(anyhow::Error::msg)?;
         let mut xdist = || {
             timed(
                 Command::new("python3")

@@ -8,6 +8,7 @@ pub mod chaos;
 pub mod cluster;
 pub mod postgres;
 pub mod proxy;
+pub mod pypi;
 
 pub use cluster::{
     Cluster, ClusterBuilder, Ran, TOKENS, bin, bin_dir, client, coordinator_ready, free_port, http_get,
