@@ -401,6 +401,9 @@ pub struct DeploysArgs {
     /// Show at most this many deploys.
     #[arg(long, default_value_t = 20)]
     pub limit: u32,
+    /// Show only the deploy of this run.
+    #[arg(long, value_name = "RUN_ID")]
+    pub run: Option<String>,
     #[command(flatten)]
     pub output: Output,
 }

@@ -154,7 +154,10 @@ pub async fn quarantine(q: QuarantineCommand) -> anyhow::Result<u8> {
 pub async fn deploys(a: DeploysArgs) -> anyhow::Result<u8> {
     let mut client = GateServiceClient::new(connect(&a.conn).await?);
     let log = client
-        .list_deploys(pb::ListDeploysRequest { limit: a.limit })
+        .list_deploys(pb::ListDeploysRequest {
+            limit: a.limit,
+            run_id: a.run.clone().unwrap_or_default(),
+        })
         .await
         .map_err(|s| refused("failed to list deploys", s))?
         .into_inner();
@@ -193,6 +196,9 @@ pub async fn deploys(a: DeploysArgs) -> anyhow::Result<u8> {
             d.authors.join(","),
             d.run_id
         );
+    }
+    if let (Some(run), true) = (&a.run, log.deploys.is_empty()) {
+        println!("run {run} made no deploy");
     }
     Ok(exit::PASSED)
 }

@@ -164,7 +164,12 @@ async fn wait_for_deploy(
     let mut gate = shardgate_common::pb::gate_service_client::GateServiceClient::new(ch);
     let mut lost_since: Option<tokio::time::Instant> = None;
     loop {
-        match gate.list_deploys(pb::ListDeploysRequest { limit: 1000 }).await {
+        // Asks for this run's deploy; a coordinator that predates `run_id` sends its log.
+        let ask = pb::ListDeploysRequest {
+            limit: 1000,
+            run_id: run_id.to_owned(),
+        };
+        match gate.list_deploys(ask).await {
             Ok(log) => {
                 lost_since = None;
                 let d = log

@@ -214,6 +214,22 @@ async fn the_dashboard_follows_a_real_run_to_its_verdict_the_fleet_and_the_deplo
         |v| v.as_str() == Some(&format!("{total}/{total}")),
     )
     .await;
+    // The run's deploy shows on its page and follows the hook to its end, without a reload
+    // (the run's own events ended with the verdict).
+    until(
+        &c,
+        "the run's deploy to succeed on its page",
+        Duration::from_secs(30),
+        "(document.querySelector('p.deploy') || {dataset: {}}).dataset.state || ''",
+        |v| v.as_str() == Some("succeeded"),
+    )
+    .await;
+    let deploy = eval(&c, "document.querySelector('p.deploy').textContent").await;
+    assert!(deploy.as_str().unwrap().contains("dana"), "{deploy}");
+    assert_eq!(
+        eval(&c, "document.querySelector('p.deploy a').getAttribute('href')").await,
+        json!("/deploys")
+    );
     let partial: Vec<_> = seen.iter().filter(|d| **d > 0 && **d < total).collect();
     assert!(
         partial.len() >= 2,

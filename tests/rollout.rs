@@ -95,6 +95,44 @@ fn the_hook_runs_once_per_passed_run_that_asked_for_it() {
         "{}",
         text.stdout
     );
+
+    // Each run finds its own deploy: by the client, over HTTP, and in its progress.
+    let mine = cluster
+        .client(&["deploys", "--json", "--run", &run(&first)])
+        .json();
+    let mine = mine["deploys"].as_array().unwrap();
+    assert_eq!(mine.len(), 1, "{mine:?}");
+    assert_eq!(mine[0]["run_id"], run(&first).as_str());
+    assert_eq!(mine[0]["authors"], serde_json::json!(["ann", "bob"]));
+    let none = cluster.client(&["deploys", "--run", &run(&no_rollout)]);
+    assert!(
+        none.stdout
+            .contains(&format!("run {} made no deploy", run(&no_rollout))),
+        "{}",
+        none.stdout
+    );
+    let get = |path: &str| {
+        let (code, body) = harness::http_get(&cluster.http_addr, path).unwrap();
+        (code, serde_json::from_str::<serde_json::Value>(&body).unwrap())
+    };
+    let (code, over_http) = get(&format!("/api/deploys?run={}", run(&second)));
+    assert_eq!(code, 200);
+    assert_eq!(
+        over_http["deploys"][0]["run_id"],
+        run(&second).as_str(),
+        "{over_http}"
+    );
+    assert_eq!(over_http["deploys"].as_array().unwrap().len(), 1);
+    let (code, bad) = get("/api/deploys?run=not-a-run");
+    assert_eq!(code, 400, "{bad}");
+    assert!(bad["error"].as_str().unwrap_or_default().contains("run"), "{bad}");
+    let (_, progress) = get(&format!("/api/runs/{}/progress", run(&second)));
+    assert_eq!(progress["deploy"]["state"], "succeeded", "{progress}");
+    let (_, progress) = get(&format!("/api/runs/{}/progress", run(&failed)));
+    assert!(
+        progress["deploy"].is_null(),
+        "a red run deploys nothing: {progress}"
+    );
 }
 
 #[test]

@@ -242,11 +242,12 @@ async fn run_progress(
     Path(id): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let id = RunId::parse_field("run id", &id)?;
-    let p = app.reads.progress(Some(id), true).await?;
+    let (p, deploy) = app.reads.progress_and_deploy(id).await?;
     let run = p.runs.first().map(|r| RunReport::new(r, &[]));
     Ok(Json(serde_json::json!({
         "run": run,
         "shards": p.shards.iter().map(shard_json).collect::<Vec<_>>(),
+        "deploy": deploy.as_ref().map(deploy_json),
     })))
 }
 
@@ -425,16 +426,27 @@ pub fn deploy_json(d: &pb::Deploy) -> serde_json::Value {
 }
 
 #[derive(Deserialize)]
-struct LimitQuery {
+struct DeploysQuery {
     limit: Option<u32>,
+    /// Only the deploy of this run.
+    run: Option<String>,
 }
 
-/// The deploy board's data: the last deploy, how many today and this week, the log.
+/// The deploy board's data: the last deploy, how many today and this week, the log (or only
+/// the deploy of `?run=`).
 async fn list_deploys(
     State(app): State<AppState>,
-    Query(q): Query<LimitQuery>,
+    Query(q): Query<DeploysQuery>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let d = app.reads.list_deploys(q.limit.unwrap_or(20), Now::real()).await?;
+    let run = q
+        .run
+        .as_deref()
+        .map(|r| RunId::parse_field("run", r))
+        .transpose()?;
+    let d = app
+        .reads
+        .list_deploys(q.limit.unwrap_or(20), run, Now::real())
+        .await?;
     Ok(Json(serde_json::json!({
         "last_started_at_ms": d.last_started_at_ms,
         "last_requested_by": d.last_requested_by,

@@ -252,6 +252,7 @@ impl ReadSide {
                 run: p.runs.into_iter().next().unwrap_or_default(),
                 shards: p.shards,
                 notable: r.notable_results(id, limit)?,
+                deploy: r.deploy_of_run(id)?.map(|d| d.to_wire()),
             })
         })
         .await
@@ -297,8 +298,28 @@ impl ReadSide {
         self.read(move |r, _, _| list_quarantine(r, &suite)).await
     }
 
-    pub async fn list_deploys(&self, limit: u32, now: Now) -> Result<pb::ListDeploysResponse, Error> {
-        self.read(move |r, _, _| list_deploys(r, limit, now)).await
+    /// The deploy log (only the deploy of `run` when given) and how often deploys happen.
+    pub async fn list_deploys(
+        &self,
+        limit: u32,
+        run: Option<RunId>,
+        now: Now,
+    ) -> Result<pb::ListDeploysResponse, Error> {
+        self.read(move |r, _, _| list_deploys(r, limit, run, now)).await
+    }
+
+    /// A run's progress with its shards, and its deploy.
+    pub async fn progress_and_deploy(
+        &self,
+        run: RunId,
+    ) -> Result<(pb::RunProgressResponse, Option<pb::Deploy>), Error> {
+        self.read(move |r, live, _| {
+            Ok((
+                progress(r, live, Some(run), true)?,
+                r.deploy_of_run(run)?.map(|d| d.to_wire()),
+            ))
+        })
+        .await
     }
 }
 
@@ -308,6 +329,8 @@ pub struct RunPage {
     pub run: pb::RunSummary,
     pub shards: Vec<pb::ShardProgress>,
     pub notable: Vec<pb::TestResult>,
+    /// The deploy its passing made, if any.
+    pub deploy: Option<pb::Deploy>,
 }
 
 /// The live view as one read sees it.
@@ -467,8 +490,13 @@ pub fn list_quarantine(reads: &dyn Reads, suite: &str) -> Result<Vec<pb::Quarant
         .collect())
 }
 
-/// The deploy log and how often deploys happen.
-pub fn list_deploys(reads: &dyn Reads, limit: u32, now: Now) -> Result<pb::ListDeploysResponse, Error> {
+/// The deploy log (only the deploy of `run` when given) and how often deploys happen.
+pub fn list_deploys(
+    reads: &dyn Reads,
+    limit: u32,
+    run: Option<RunId>,
+    now: Now,
+) -> Result<pb::ListDeploysResponse, Error> {
     let limit = if limit == 0 { 20 } else { limit.min(10_000) };
     const DAY_MS: u64 = 24 * 3600 * 1000;
     let last = reads.last_started_deploy()?;
@@ -477,6 +505,13 @@ pub fn list_deploys(reads: &dyn Reads, limit: u32, now: Now) -> Result<pb::ListD
         last_requested_by: last.map(|d| d.requested_by).unwrap_or_default(),
         last_day: reads.deploys_since(now.ms.saturating_sub(DAY_MS))?,
         last_week: reads.deploys_since(now.ms.saturating_sub(7 * DAY_MS))?,
-        deploys: reads.deploys(limit)?.into_iter().map(|d| d.to_wire()).collect(),
+        deploys: match run {
+            Some(run) => reads
+                .deploy_of_run(run)?
+                .into_iter()
+                .map(|d| d.to_wire())
+                .collect(),
+            None => reads.deploys(limit)?.into_iter().map(|d| d.to_wire()).collect(),
+        },
     })
 }

@@ -367,9 +367,14 @@ impl GateService for Services {
         &self,
         req: Request<pb::ListDeploysRequest>,
     ) -> Result<Response<pb::ListDeploysResponse>, Status> {
-        let limit = req.into_inner().limit;
+        let req = req.into_inner();
+        let run = (!req.run_id.is_empty())
+            .then(|| RunId::parse_field("run_id", &req.run_id))
+            .transpose()?;
         Ok(Response::new(
-            self.reads.list_deploys(limit, crate::model::Now::real()).await?,
+            self.reads
+                .list_deploys(req.limit, run, crate::model::Now::real())
+                .await?,
         ))
     }
 

@@ -10,7 +10,8 @@ use crate::model::Policy;
 use crate::scheduler::History;
 use crate::store::postgres::{Candidate, PgReader, PgStore};
 use crate::store::{
-    FlakinessRow, Reads, ResultRow, RunRow, SqliteReader, SqliteStore, Store, StoreError, StoreResult,
+    DeployRow, DeployState, FlakinessRow, Reads, ResultRow, RunRow, SqliteReader, SqliteStore, Store,
+    StoreError, StoreResult,
 };
 
 /// One database, opened as often as a test asks (a reopen sees what was committed).
@@ -285,6 +286,48 @@ fn a_page_of_runs_comes_with_counts_from_one_query_and_readers_see_commits(db: &
     assert_eq!(reader.runs_page(10).unwrap().len(), 4);
 }
 
+fn a_run_finds_its_own_deploy_and_sees_it_move(db: &dyn Backend) {
+    let mut s = db.open();
+    let reader = db.reader();
+    let (deployed, other) = (run_row(), run_row());
+    for r in [&deployed, &other] {
+        s.insert_run(r, &["t".into()], false).unwrap();
+    }
+    for (i, run) in [other.id, deployed.id].into_iter().enumerate() {
+        s.insert_deploy(&DeployRow {
+            id: format!("d{i}"),
+            run_id: run,
+            suite: "unit".into(),
+            revision: "abc".into(),
+            requested_by: "ci".into(),
+            authors: vec!["ann".into()],
+            created_ms: 5 + i as u64,
+            started_ms: 0,
+            finished_ms: 0,
+            state: DeployState::Pending,
+            detail: String::new(),
+        })
+        .unwrap();
+    }
+    let d = reader.deploy_of_run(deployed.id).unwrap().expect("its deploy");
+    assert_eq!((d.id.as_str(), d.run_id), ("d1", deployed.id));
+    assert!(
+        s.update_deploy("d1", DeployState::Pending, DeployState::Running, 7, "")
+            .unwrap()
+    );
+    assert_eq!(
+        reader
+            .deploy_of_run(deployed.id)
+            .unwrap()
+            .map(|d| (d.state, d.started_ms)),
+        Some((DeployState::Running, 7))
+    );
+    assert!(
+        reader.deploy_of_run(RunId::new()).unwrap().is_none(),
+        "a run without a deploy"
+    );
+}
+
 fn a_second_writer_on_the_same_database_is_refused(db: &dyn Backend) {
     let _first = db.open();
     let Err(err) = db.try_open() else {
@@ -313,4 +356,5 @@ on_every_store!(
     a_staged_run_is_invisible_until_unstaged_and_deleted_by_the_next_start,
     a_page_of_runs_comes_with_counts_from_one_query_and_readers_see_commits,
     a_second_writer_on_the_same_database_is_refused,
+    a_run_finds_its_own_deploy_and_sees_it_move,
 );

@@ -228,6 +228,9 @@ impl<S: Reads> Reads for FaultyStore<S> {
     fn deploys(&self, limit: u32) -> StoreResult<Vec<DeployRow>> {
         self.inner.deploys(limit)
     }
+    fn deploy_of_run(&self, run: RunId) -> StoreResult<Option<DeployRow>> {
+        self.inner.deploy_of_run(run)
+    }
     fn last_started_deploy(&self) -> StoreResult<Option<DeployRow>> {
         self.inner.last_started_deploy()
     }

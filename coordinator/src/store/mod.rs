@@ -193,6 +193,8 @@ pub trait Reads {
     fn notable_results(&self, run: RunId, limit: u32) -> StoreResult<Vec<pb::TestResult>>;
     /// The deploy log, newest first.
     fn deploys(&self, limit: u32) -> StoreResult<Vec<DeployRow>>;
+    /// The deploy of `run`, if its passing made one (a run has at most one).
+    fn deploy_of_run(&self, run: RunId) -> StoreResult<Option<DeployRow>>;
     /// The deploy that started last.
     fn last_started_deploy(&self) -> StoreResult<Option<DeployRow>>;
     /// How many deploys started at or after `since_ms`.

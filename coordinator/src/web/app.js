@@ -49,6 +49,7 @@
           if (open.indexOf(c.textContent) >= 0) c.closest("details").open = true;
         });
         tick();
+        follow();
       })
       .catch(function () {})
       .then(function () { inflight = false; });
@@ -68,6 +69,14 @@
       if (/\/api\/runs\//.test(url)) { es.close(); body.classList.remove("connected"); }
     });
   }
+  // Part of a page that changes without events (a run's deploy after its verdict) asks to be
+  // re-read while it does.
+  function follow() {
+    var again = main.querySelector("[data-poll]");
+    if (again) setTimeout(refresh, Number(again.dataset.poll));
+  }
+  follow();
+
   var poll = Number(body.dataset.poll || 0);
   if (poll > 0) {
     body.classList.add("connected");

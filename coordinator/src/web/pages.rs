@@ -53,6 +53,34 @@ fn pill(state: &str) -> String {
     )
 }
 
+/// A run's deploy on its page: its state, when, how long, a link to the board. While the
+/// deploy is pending or running the page asks to be re-read (`data-poll`): the run's own event
+/// stream has ended with its verdict.
+fn deploy_line(d: &pb::Deploy, now: u64) -> String {
+    let when = match (d.started_at_ms, d.finished_at_ms) {
+        (0, _) => format!("queued {}", ago(d.created_at_ms, now)),
+        (s, 0) => format!("started {}", ago(s, now)),
+        (s, f) => format!("started {} · took {}", ago(s, now), duration(f.saturating_sub(s))),
+    };
+    let live = matches!(d.state.as_str(), "pending" | "running");
+    let authors = if d.authors.is_empty() {
+        String::new()
+    } else {
+        format!(" with <b>{}</b>", esc(&d.authors.join(", ")))
+    };
+    format!(
+        r#"<p class="deploy" data-state="{state}"{poll}>Deploy {pill} · {when} · by <b>{who}</b>{authors} · <a href="/deploys">deploy board</a>{detail}</p>"#,
+        state = esc(&d.state),
+        poll = if live { r#" data-poll="2000""# } else { "" },
+        pill = pill(&d.state),
+        who = esc(&d.requested_by),
+        detail = match d.detail.lines().next() {
+            Some(l) if !l.is_empty() => format!("<br><small>{}</small>", esc(l)),
+            _ => String::new(),
+        },
+    )
+}
+
 fn counts(s: &pb::RunSummary) -> pb::RunCounts {
     s.counts.unwrap_or_default()
 }
@@ -107,7 +135,7 @@ pub async fn runs(
     };
     let runs = app.reads.search_runs(filter.clone()).await?;
     let fleet = app.reads.list_workers(false).await?;
-    let deploys = app.reads.list_deploys(1, Now::real()).await?;
+    let deploys = app.reads.list_deploys(1, None, Now::real()).await?;
     let now = Now::real().ms;
     let mut h = String::new();
     // The strip: what is going on right now.
@@ -278,8 +306,9 @@ pub async fn run(
         r#"<section class="runhead" data-status="{status}">
 <div class="title"><h1>{suite} <code>{rev}</code></h1>{pill}</div>
 <p class="meta">run <code>{id}</code> · by <b>{who}</b> · runner <b>{runner}</b>{labels} · submitted {submitted}</p>
-{message}
+{message}{deploy}
 </section>"#,
+        deploy = p.deploy.as_ref().map(|d| deploy_line(d, now)).unwrap_or_default(),
         status = st.as_str(),
         suite = esc(&r.suite),
         rev = esc(&r.revision),
@@ -588,7 +617,7 @@ pub async fn fleet(
 /// The deploy board, after Flickr's: the last deploy and how long ago, by whom with which
 /// authors, deploys today and this week, and the log.
 pub async fn deploys(State(app): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
-    let d = app.reads.list_deploys(50, Now::real()).await?;
+    let d = app.reads.list_deploys(50, None, Now::real()).await?;
     let now = Now::real().ms;
     let mut h = String::new();
     let last = d.deploys.iter().find(|x| x.started_at_ms > 0);

@@ -112,6 +112,9 @@ macro_rules! pg_reads {
                     )
                 })
             }
+            fn deploy_of_run(&self, run: RunId) -> StoreResult<Option<DeployRow>> {
+                self.with_conn(|c| Ok(query_deploys(c, "WHERE run_id = $1", &[&run.to_string()])?.pop()))
+            }
             fn last_started_deploy(&self) -> StoreResult<Option<DeployRow>> {
                 self.with_conn(|c| {
                     Ok(query_deploys(

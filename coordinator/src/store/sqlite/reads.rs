@@ -175,6 +175,10 @@ impl<T: WithConn> Reads for T {
         self.with_conn(|c| query_deploys(c, "ORDER BY created_ms DESC, id DESC LIMIT ?1", [limit]))
     }
 
+    fn deploy_of_run(&self, run: RunId) -> StoreResult<Option<DeployRow>> {
+        self.with_conn(|c| Ok(query_deploys(c, "WHERE run_id = ?1", [run.to_string()])?.pop()))
+    }
+
     fn last_started_deploy(&self) -> StoreResult<Option<DeployRow>> {
         self.with_conn(|c| {
             Ok(query_deploys(
