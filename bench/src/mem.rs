@@ -1,4 +1,4 @@
-//! Memory readings of this process, from `/proc/self/status`.
+//! Memory and CPU readings of this process, from `/proc/self`.
 
 fn status_kb(field: &str) -> u64 {
     std::fs::read_to_string("/proc/self/status")
@@ -20,6 +20,34 @@ pub fn rss_bytes() -> u64 {
 /// Peak resident memory so far, in bytes.
 pub fn peak_rss_bytes() -> u64 {
     status_kb("VmHWM:") * 1024
+}
+
+/// CPU time (user and system, in seconds) from a `stat` line: fields 14 and 15, counted
+/// after the command name, which is in parentheses and may hold spaces.
+fn stat_cpu_s(stat: &str) -> f64 {
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return 0.0;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    // `rest` starts at field 3 (state); utime is field 14, stime 15; 100 ticks a second.
+    (ticks(11) + ticks(12)) as f64 / 100.0
+}
+
+/// CPU time this process has used, in seconds, less that of its live threads named `except`
+/// (threads that ended still count).
+pub fn cpu_s_except(except: &str) -> f64 {
+    let all = std::fs::read_to_string("/proc/self/stat").map_or(0.0, |s| stat_cpu_s(&s));
+    let mut theirs = 0.0;
+    if let Ok(tasks) = std::fs::read_dir("/proc/self/task") {
+        for t in tasks.flatten() {
+            let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+            if comm.trim_end().starts_with(except) {
+                theirs += std::fs::read_to_string(t.path().join("stat")).map_or(0.0, |s| stat_cpu_s(&s));
+            }
+        }
+    }
+    all - theirs
 }
 
 /// The `p`-quantile (0..=1) of `values`, which it sorts.

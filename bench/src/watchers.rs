@@ -68,6 +68,9 @@ fn idle_priority() {
 #[derive(Debug, Default)]
 struct Trial {
     makespan: Duration,
+    /// CPU seconds of this process but the watchers' own threads: the coordinator and the
+    /// simulated workers (the same in every trial).
+    cpu_s: f64,
     acquire_ns: Vec<u64>,
     events: u64,
 }
@@ -136,13 +139,15 @@ pub async fn run(a: WatchersArgs) -> anyhow::Result<()> {
             let mut t = trial(&a, &channels[0], &workers, n, &url, &http_addr, &watcher_rt).await?;
             round_p99[k].push(quantile(&mut t.acquire_ns, 0.99) as f64 / 1e6);
             println!(
-                "  round {round}, {name:<16} makespan {:>6.2} s   AcquireShard p50 {:>6.2} ms  p99 {:>6.2} ms   events delivered {}",
+                "  round {round}, {name:<16} makespan {:>6.2} s   AcquireShard p50 {:>6.2} ms  p99 {:>6.2} ms   CPU {:>5.2} s   events delivered {}",
                 t.makespan.as_secs_f64(),
                 quantile(&mut t.acquire_ns, 0.5) as f64 / 1e6,
                 quantile(&mut t.acquire_ns, 0.99) as f64 / 1e6,
+                t.cpu_s,
                 t.events
             );
             total.makespan += t.makespan;
+            total.cpu_s += t.cpu_s;
             total.acquire_ns.append(&mut t.acquire_ns);
             total.events += t.events;
         }
@@ -170,6 +175,13 @@ pub async fn run(a: WatchersArgs) -> anyhow::Result<()> {
         .zip(&round_p99[1])
         .filter(|(a, w)| w > a)
         .count();
+    println!(
+        "  CPU of the coordinator and the simulated workers (the watchers' own threads not counted): {:.2} s a run watched, {:.2} s alone: serving {} watchers cost {:.2} s of CPU a run",
+        watched.cpu_s / a.rounds as f64,
+        alone.cpu_s / a.rounds as f64,
+        a.watchers,
+        (watched.cpu_s - alone.cpu_s) / a.rounds as f64
+    );
     println!(
         "  per round, AcquireShard p99: nobody watching {}, watched {}; watched above its round's unwatched in {higher} of {} rounds",
         span(&round_p99[0]),
@@ -240,6 +252,7 @@ async fn trial(
         }
     }
     let started = Instant::now();
+    let cpu_before = crate::mem::cpu_s_except("watcher");
     let acquire_ns = Arc::new(Mutex::new(Vec::new()));
     let mut tasks = tokio::task::JoinSet::new();
     for (ch, id) in workers {
@@ -257,9 +270,11 @@ async fn trial(
     while let Some(r) = watching.join_next().await {
         r??;
     }
+    let cpu_s = crate::mem::cpu_s_except("watcher") - cpu_before;
     let acquire_ns = std::mem::take(&mut *acquire_ns.lock().await);
     Ok(Trial {
         makespan,
+        cpu_s,
         acquire_ns,
         events: events.load(Ordering::Relaxed),
     })

@@ -47,9 +47,11 @@ pub struct Published {
     pub event: pb::run_event::Event,
     /// When it was published, for the event-stream lag.
     pub at: Instant,
-    /// The event as server-sent events show it (its name and JSON), made once for every
+    /// The event as a run's server-sent events show it (its whole frame), made once for every
     /// watcher that asks.
-    pub sse: std::sync::OnceLock<(&'static str, String)>,
+    pub sse: std::sync::OnceLock<bytes::Bytes>,
+    /// The event as the light stream of every run shows it (its whole frame), made once.
+    pub sse_light: std::sync::OnceLock<bytes::Bytes>,
     /// The event as a `RunEvent` message's bytes, made once for every gRPC watcher.
     pub wire: std::sync::OnceLock<bytes::Bytes>,
 }
@@ -279,6 +281,7 @@ fn run(mut core: Core, rx: mpsc::Receiver<Job>, tick: Duration, out: Outputs) {
                         event,
                         at: Instant::now(),
                         sse: std::sync::OnceLock::new(),
+                        sse_light: std::sync::OnceLock::new(),
                         wire: std::sync::OnceLock::new(),
                     })
                 })

@@ -9,10 +9,10 @@ use std::time::Duration;
 
 use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, Uri, header};
-use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
+use bytes::{BufMut, Bytes, BytesMut};
 use serde::Deserialize;
 use shardgate_common::report::RunReport;
 use shardgate_common::{Error, RunId, RunStatus, pb};
@@ -274,11 +274,55 @@ fn run_json(seq: u64, s: &pb::RunSummary) -> serde_json::Value {
     serde_json::json!({ "seq": seq, "run": RunReport::new(s, &[]) })
 }
 
-type SseStream = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<SseEvent, Infallible>> + Send>>;
+/// One server-sent event, framed: `event`, `id` when given, one `data` line per line of
+/// `data`, and the blank line that ends it.
+pub fn sse_frame(name: &str, id: Option<u64>, data: &str) -> Bytes {
+    let mut f = BytesMut::with_capacity(data.len() + name.len() + 32);
+    f.put_slice(b"event: ");
+    f.put_slice(name.as_bytes());
+    f.put_u8(b'\n');
+    if let Some(id) = id {
+        f.put_slice(format!("id: {id}\n").as_bytes());
+    }
+    for line in data.split('\n') {
+        f.put_slice(b"data: ");
+        f.put_slice(line.trim_end_matches('\r').as_bytes());
+        f.put_u8(b'\n');
+    }
+    f.put_u8(b'\n');
+    f.freeze()
+}
 
-fn sse(stream: SseStream) -> Response {
-    Sse::new(stream)
-        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+/// What an event stream sends when it has been quiet this long, so that proxies keep it open.
+const SSE_KEEP_ALIVE: Duration = Duration::from_secs(15);
+
+/// A `text/event-stream` response of pre-framed events. The frames waiting when the stream is
+/// polled leave together, as one chunk (a burst of a watch is one write, not one per event);
+/// a comment goes out after a quiet [`SSE_KEEP_ALIVE`].
+fn sse<S>(frames: S) -> Response
+where
+    S: tokio_stream::Stream<Item = Bytes> + Send + 'static,
+{
+    let chunks = futures_util::StreamExt::ready_chunks(frames, 512)
+        .map(|frames| match <[Bytes; 1]>::try_from(frames) {
+            Ok([one]) => one,
+            Err(many) => {
+                let mut chunk = BytesMut::with_capacity(many.iter().map(Bytes::len).sum());
+                for f in &many {
+                    chunk.put_slice(f);
+                }
+                chunk.freeze()
+            }
+        })
+        .timeout(SSE_KEEP_ALIVE)
+        .map(|chunk| Ok::<_, Infallible>(chunk.unwrap_or_else(|_| Bytes::from_static(b": keep-alive\n\n"))));
+    (
+        [
+            (header::CONTENT_TYPE, "text/event-stream"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        axum::body::Body::from_stream(chunks),
+    )
         .into_response()
 }
 
@@ -286,44 +330,39 @@ fn sse(stream: SseStream) -> Response {
 async fn run_events(State(app): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
     let id = RunId::parse_field("run id", &id)?;
     let rx = watch::follow_run(&app.handle, &app.reads, id).await?;
-    let stream = ReceiverStream::new(rx).map(|r| {
-        Ok(match r {
-            // A published event is rendered once, for every watcher of it.
-            Ok(Followed::Shared(p)) => {
-                let (name, data) = p.sse.get_or_init(|| {
-                    let (name, data) = event_json(p.seq, &p.event);
-                    (name, data.to_string())
-                });
-                SseEvent::default()
-                    .event(*name)
-                    .id(p.seq.to_string())
-                    .data(data.as_str())
+    let frames = ReceiverStream::new(rx).map(|r| match r {
+        // A published event is framed once, for every watcher of it.
+        Ok(Followed::Shared(p)) => p
+            .sse
+            .get_or_init(|| {
+                let (name, data) = event_json(p.seq, &p.event);
+                sse_frame(name, Some(p.seq), &data.to_string())
+            })
+            .clone(),
+        Ok(Followed::Own(ev)) => match &ev.event {
+            Some(e) => {
+                let (name, data) = event_json(ev.seq, e);
+                sse_frame(name, Some(ev.seq), &data.to_string())
             }
-            Ok(Followed::Own(ev)) => match &ev.event {
-                Some(e) => {
-                    let (name, data) = event_json(ev.seq, e);
-                    SseEvent::default()
-                        .event(name)
-                        .id(ev.seq.to_string())
-                        .data(data.to_string())
-                }
-                None => SseEvent::default().comment("empty"),
-            },
-            Err(e) => SseEvent::default()
-                .event("error")
-                .data(serde_json::json!({ "error": e.to_string() }).to_string()),
-        })
+            None => Bytes::from_static(b": empty\n\n"),
+        },
+        Err(e) => sse_frame(
+            "error",
+            None,
+            &serde_json::json!({ "error": e.to_string() }).to_string(),
+        ),
     });
-    Ok(sse(Box::pin(stream)))
+    Ok(sse(frames))
 }
 
 /// Server-sent events of every run, light: each event names its run and carries its counts
 /// (no output); `resync` when the watcher fell behind and should read afresh.
 async fn all_events(State(app): State<AppState>) -> Response {
     let rx = watch::follow_all(&app.handle);
-    let stream = ReceiverStream::new(rx).map(|seen| {
-        Ok(match seen {
-            Seen::Event(p) => {
+    let frames = ReceiverStream::new(rx).map(|seen| match seen {
+        Seen::Event(p) => p
+            .sse_light
+            .get_or_init(|| {
                 use pb::run_event::Event;
                 let (name, counts, status) = match &p.event {
                     Event::TestFinished(t) => ("test_finished", t.counts, None),
@@ -337,15 +376,12 @@ async fn all_events(State(app): State<AppState>) -> Response {
                     "status": status.and_then(RunStatus::from_wire),
                     "counts": counts.as_ref().map(shardgate_common::report::Counts::from),
                 });
-                SseEvent::default()
-                    .event(name)
-                    .id(p.seq.to_string())
-                    .data(data.to_string())
-            }
-            Seen::Resync => SseEvent::default().event("resync").data("{}"),
-        })
+                sse_frame(name, Some(p.seq), &data.to_string())
+            })
+            .clone(),
+        Seen::Resync => sse_frame("resync", None, "{}"),
     });
-    sse(Box::pin(stream))
+    sse(frames)
 }
 
 #[derive(Deserialize)]
@@ -454,4 +490,40 @@ async fn list_deploys(
         "last_week": d.last_week,
         "deploys": d.deploys.iter().map(deploy_json).collect::<Vec<_>>(),
     })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_event_frame_has_its_name_id_one_data_line_per_line_and_a_blank_line() {
+        assert_eq!(
+            &sse_frame("progress", Some(7), r#"{"seq":7}"#)[..],
+            b"event: progress\nid: 7\ndata: {\"seq\":7}\n\n"
+        );
+        // A line break in the data would end the field: each line is a `data` line of its
+        // own, which a reader joins back with line breaks.
+        assert_eq!(
+            &sse_frame("error", None, "a\r\nb")[..],
+            b"event: error\ndata: a\ndata: b\n\n"
+        );
+    }
+
+    #[tokio::test]
+    async fn frames_waiting_together_leave_as_one_chunk_in_order() {
+        use http_body_util::BodyExt;
+        let frames: Vec<Bytes> = (0..3)
+            .map(|i| sse_frame("test_finished", Some(i), "{}"))
+            .collect();
+        let resp = sse(tokio_stream::iter(frames.clone()));
+        assert_eq!(resp.headers()[header::CONTENT_TYPE], "text/event-stream");
+        let mut body = resp.into_body();
+        let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(first, frames.concat(), "one chunk, in order");
+        assert!(
+            body.frame().await.is_none(),
+            "and the stream ends with its events"
+        );
+    }
 }
