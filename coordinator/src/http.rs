@@ -331,21 +331,10 @@ async fn run_events(State(app): State<AppState>, Path(id): Path<String>) -> Resu
     let id = RunId::parse_field("run id", &id)?;
     let rx = watch::follow_run(&app.handle, &app.reads, id).await?;
     let frames = ReceiverStream::new(rx).map(|r| match r {
-        // A published event is framed once, for every watcher of it.
-        Ok(Followed::Shared(p)) => p
-            .sse
-            .get_or_init(|| {
-                let (name, data) = event_json(p.seq, &p.event);
-                sse_frame(name, Some(p.seq), &data.to_string())
-            })
-            .clone(),
-        Ok(Followed::Own(ev)) => match &ev.event {
-            Some(e) => {
-                let (name, data) = event_json(ev.seq, e);
-                sse_frame(name, Some(ev.seq), &data.to_string())
-            }
-            None => Bytes::from_static(b": empty\n\n"),
-        },
+        Ok(burst) => {
+            let frames: Vec<Bytes> = burst.iter().map(followed_frame).collect();
+            frames.concat().into()
+        }
         Err(e) => sse_frame(
             "error",
             None,
@@ -353,6 +342,26 @@ async fn run_events(State(app): State<AppState>, Path(id): Path<String>) -> Resu
         ),
     });
     Ok(sse(frames))
+}
+
+/// A followed event's frame: a published event's is made once, for every watcher of it.
+fn followed_frame(f: &Followed) -> Bytes {
+    match f {
+        Followed::Shared(p) => p
+            .sse
+            .get_or_init(|| {
+                let (name, data) = event_json(p.seq, &p.event);
+                sse_frame(name, Some(p.seq), &data.to_string())
+            })
+            .clone(),
+        Followed::Own(ev) => match &ev.event {
+            Some(e) => {
+                let (name, data) = event_json(ev.seq, e);
+                sse_frame(name, Some(ev.seq), &data.to_string())
+            }
+            None => Bytes::from_static(b": empty\n\n"),
+        },
+    }
 }
 
 /// Server-sent events of every run, light: each event names its run and carries its counts

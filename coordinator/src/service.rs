@@ -56,7 +56,7 @@ impl Services {
     pub async fn follow_run(
         &self,
         req: Request<pb::WatchRunRequest>,
-    ) -> Result<tokio::sync::mpsc::Receiver<Result<crate::watch::Followed, shardgate_common::Error>>, Status>
+    ) -> Result<tokio::sync::mpsc::Receiver<Result<crate::watch::Burst, shardgate_common::Error>>, Status>
     {
         let id = run_id(&req.into_inner().run_id)?;
         Ok(crate::watch::follow_run(&self.handle, &self.reads, id).await?)
@@ -110,9 +110,13 @@ impl RunService for Services {
     /// the same stream for a server made of the generated service alone.
     async fn watch_run(&self, req: Request<pb::WatchRunRequest>) -> Result<Response<EventStream>, Status> {
         let rx = self.follow_run(req).await?;
-        let stream = tokio_stream::StreamExt::map(tokio_stream::wrappers::ReceiverStream::new(rx), |r| {
-            r.map(|f| f.to_wire()).map_err(Status::from)
-        });
+        let stream =
+            futures_util::StreamExt::flat_map(tokio_stream::wrappers::ReceiverStream::new(rx), |r| {
+                futures_util::stream::iter(match r {
+                    Ok(burst) => burst.iter().map(|f| Ok(f.to_wire())).collect(),
+                    Err(e) => vec![Err(Status::from(e))],
+                })
+            });
         Ok(Response::new(Box::pin(stream)))
     }
 

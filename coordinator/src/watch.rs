@@ -20,44 +20,68 @@ use crate::actor::{Handle, Published};
 use crate::metrics;
 use crate::read::ReadSide;
 
-/// Events a watch buffers for its reader before it falls behind.
-pub const WATCH_BUFFER: usize = 1024;
+/// Bursts a watch buffers for its reader before it falls behind.
+pub const WATCH_BUFFER: usize = 64;
+
+/// At most this many events leave in one burst.
+const BURST_MAX: usize = 1024;
 
 /// How long a watch gathers events before it sends them on together.
 pub const WATCH_TICK: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// The event stream as one watch reads it: in bursts. The first event after a quiet spell
-/// goes at once; then the watch drains what is waiting, and waits a tick before it looks
-/// again. So a watch wakes about ten times a second however busy the run, and its events
-/// leave together (a gRPC stream encodes a burst into one frame, an HTTP response into one
-/// write) instead of one by one: a hundred watchers of a busy run cost the coordinator little.
+/// goes at once, with whatever is already waiting behind it; then the watch waits a tick
+/// before it looks again. So a watch wakes about ten times a second however busy the run, and
+/// a burst goes to its reader as one message (a gRPC stream encodes it into one frame, an HTTP
+/// response into one write) instead of event by event: a hundred watchers of a busy run cost
+/// the coordinator little.
 struct Bursts {
     rx: broadcast::Receiver<Arc<Published>>,
-    in_burst: bool,
+    /// A burst went out: wait a tick before the next.
+    sent: bool,
+    /// What ended the last burst early (the watch fell behind, the stream closed), for the
+    /// next call.
+    ended: Option<RecvError>,
 }
 
 impl Bursts {
     fn new(rx: broadcast::Receiver<Arc<Published>>) -> Self {
-        Self { rx, in_burst: false }
+        Self {
+            rx,
+            sent: false,
+            ended: None,
+        }
     }
 
-    async fn recv(&mut self) -> Result<Arc<Published>, RecvError> {
-        if self.in_burst {
+    async fn next(&mut self) -> Result<Vec<Arc<Published>>, RecvError> {
+        if let Some(e) = self.ended.take() {
+            return Err(e);
+        }
+        if self.sent {
+            tokio::time::sleep(WATCH_TICK).await;
+        }
+        let mut burst = vec![self.rx.recv().await?];
+        self.sent = true;
+        while burst.len() < BURST_MAX {
             match self.rx.try_recv() {
-                Ok(p) => return Ok(p),
-                Err(TryRecvError::Lagged(n)) => return Err(RecvError::Lagged(n)),
-                Err(TryRecvError::Closed) => return Err(RecvError::Closed),
-                Err(TryRecvError::Empty) => {
-                    self.in_burst = false;
-                    tokio::time::sleep(WATCH_TICK).await;
+                Ok(p) => burst.push(p),
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Lagged(n)) => {
+                    self.ended = Some(RecvError::Lagged(n));
+                    break;
+                }
+                Err(TryRecvError::Closed) => {
+                    self.ended = Some(RecvError::Closed);
+                    break;
                 }
             }
         }
-        let next = self.rx.recv().await;
-        self.in_burst = true;
-        next
+        Ok(burst)
     }
 }
+
+/// What a run's watch sends its reader: the events of one burst, in order.
+pub type Burst = Vec<Followed>;
 
 /// One event of a watch: shared with every other watcher (a published event), or its own (a
 /// snapshot taken for it).
@@ -87,12 +111,13 @@ impl Followed {
     }
 }
 
-/// Follows run `id`: a snapshot, its events, and its `finished` (the stream ends after it).
+/// Follows run `id`: a snapshot, its events, and its `finished` (the stream ends after it),
+/// in bursts.
 pub async fn follow_run(
     handle: &Handle,
     reads: &ReadSide,
     id: RunId,
-) -> Result<mpsc::Receiver<Result<Followed, Error>>, Error> {
+) -> Result<mpsc::Receiver<Result<Burst, Error>>, Error> {
     // Subscribe before taking the snapshot: every event after the snapshot's sequence number
     // is then in the receiver, and those before it are skipped.
     let mut rx = Bursts::new(handle.subscribe());
@@ -109,14 +134,22 @@ pub async fn follow_run(
             return;
         }
         loop {
-            match rx.recv().await {
-                Ok(p) => {
-                    if p.seq <= seq || p.run_id() != wanted {
-                        continue;
+            match rx.next().await {
+                Ok(burst) => {
+                    let mut out = Vec::with_capacity(burst.len());
+                    let mut end = false;
+                    for p in burst {
+                        if p.seq <= seq || p.run_id() != wanted {
+                            continue;
+                        }
+                        seq = p.seq;
+                        end = matches!(p.event, pb::run_event::Event::Finished(_));
+                        out.push(Followed::Shared(p));
+                        if end {
+                            break;
+                        }
                     }
-                    seq = p.seq;
-                    let end = matches!(p.event, pb::run_event::Event::Finished(_));
-                    if !send(&handle, &tx, &p).await || end {
+                    if !out.is_empty() && (!send(&handle, &tx, out).await || end) {
                         return;
                     }
                 }
@@ -165,60 +198,58 @@ pub fn follow_all(handle: &Handle) -> mpsc::Receiver<Seen> {
     tokio::spawn(async move {
         let _watching = handle.metrics().watching();
         loop {
-            let seen = match rx.recv().await {
-                Ok(p) => {
+            let seen = match rx.next().await {
+                Ok(burst) => {
                     handle
                         .metrics()
                         .event_lag_seconds
-                        .observe(p.at.elapsed().as_secs_f64());
-                    Seen::Event(p)
+                        .observe(metrics::since(burst[0].at));
+                    burst.into_iter().map(Seen::Event).collect()
                 }
                 Err(RecvError::Lagged(_)) => {
                     handle.metrics().watch_resynced();
                     rx = Bursts::new(handle.subscribe());
-                    Seen::Resync
+                    vec![Seen::Resync]
                 }
                 Err(RecvError::Closed) => return,
             };
-            if tx.send(seen).await.is_err() {
-                return;
+            for s in seen {
+                if tx.send(s).await.is_err() {
+                    return;
+                }
             }
         }
     });
     out
 }
 
-async fn send(handle: &Handle, tx: &mpsc::Sender<Result<Followed, Error>>, p: &Arc<Published>) -> bool {
-    handle.metrics().event_lag_seconds.observe(metrics::since(p.at));
-    tx.send(Ok(Followed::Shared(p.clone()))).await.is_ok()
+/// Sends a burst of published events; the lag observed is its first (oldest) event's.
+async fn send(handle: &Handle, tx: &mpsc::Sender<Result<Burst, Error>>, burst: Burst) -> bool {
+    if let Some(Followed::Shared(p)) = burst.first() {
+        handle.metrics().event_lag_seconds.observe(metrics::since(p.at));
+    }
+    tx.send(Ok(burst)).await.is_ok()
 }
 
 /// Sends a snapshot, followed by `finished` when the run has ended. False when the stream is
 /// over.
-async fn send_snapshot(
-    tx: &mpsc::Sender<Result<Followed, Error>>,
-    seq: u64,
-    summary: pb::RunSummary,
-) -> bool {
+async fn send_snapshot(tx: &mpsc::Sender<Result<Burst, Error>>, seq: u64, summary: pb::RunSummary) -> bool {
     use pb::run_event::Event;
     let ended = RunStatus::from_wire(summary.status).is_some_and(RunStatus::is_terminal);
     let mut events = vec![Event::Snapshot(summary.clone())];
     if ended {
         events.push(Event::Finished(summary));
     }
-    for event in events {
-        if tx
-            .send(Ok(Followed::Own(Box::new(pb::RunEvent {
+    let burst = events
+        .into_iter()
+        .map(|event| {
+            Followed::Own(Box::new(pb::RunEvent {
                 seq,
                 event: Some(event),
-            }))))
-            .await
-            .is_err()
-        {
-            return false;
-        }
-    }
-    !ended
+            }))
+        })
+        .collect();
+    tx.send(Ok(burst)).await.is_ok() && !ended
 }
 
 /// The run's summary with the sequence number of the last event it reflects, read from the
@@ -337,8 +368,12 @@ mod tests {
         }
         // Now it reads.
         let (mut snapshots, mut tally, mut finished) = (0, [0u32; 7], None);
-        while let Some(ev) = rx.recv().await {
-            match ev.unwrap().to_wire().event.unwrap() {
+        let mut events = Vec::new();
+        while let Some(burst) = rx.recv().await {
+            events.extend(burst.unwrap());
+        }
+        for ev in events {
+            match ev.to_wire().event.unwrap() {
                 pb::run_event::Event::Snapshot(s) => {
                     snapshots += 1;
                     let c = s.counts.unwrap();

@@ -79,9 +79,14 @@ impl ServerStreamingService<pb::WatchRunRequest> for Watch {
         let services = self.0.clone();
         Box::pin(async move {
             let rx = services.follow_run(request).await?;
-            let stream = tokio_stream::StreamExt::map(tokio_stream::wrappers::ReceiverStream::new(rx), |r| {
-                r.map(|f| encoded(&f)).map_err(Status::from)
-            });
+            // A burst's messages are ready together, so tonic encodes them into one frame.
+            let stream =
+                futures_util::StreamExt::flat_map(tokio_stream::wrappers::ReceiverStream::new(rx), |r| {
+                    futures_util::stream::iter(match r {
+                        Ok(burst) => burst.iter().map(|f| Ok(encoded(f))).collect(),
+                        Err(e) => vec![Err(Status::from(e))],
+                    })
+                });
             Ok(Response::new(Box::pin(stream) as WatchStream))
         })
     }
