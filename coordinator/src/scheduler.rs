@@ -486,7 +486,15 @@ impl RunQueue {
         if head.estimate_ms >= per_slot / 2.0 {
             return out;
         }
-        let target = target_ms(per_slot, ctx.overhead_ms, head.cold);
+        // Fail-first tests are there for an early red signal, so they are spread over more,
+        // smaller shards (a third of the share per slot, as every shard was before) and
+        // batched apart from the rest.
+        let failing_first = head.key >= FAIL_FIRST_KEY;
+        let target = if failing_first {
+            target_ms(per_slot, ctx.overhead_ms, head.cold).min(per_slot / 3.0)
+        } else {
+            target_ms(per_slot, ctx.overhead_ms, head.cold)
+        };
         // In a run with no history at all, guesses are also batched by count, at most a third
         // of each slot's share of them: the estimates learnt from the run's first results are
         // too short (its first results are its quickest tests), and a long test hidden among
@@ -500,7 +508,11 @@ impl RunQueue {
         while let Some(next) = self.items.peek() {
             // Guesses and known durations are batched apart: a shard sized for known tests must
             // not carry a cold test that may be a giant.
-            if sum + next.estimate_ms > target || next.cold != head.cold || out.len() >= most {
+            if sum + next.estimate_ms > target
+                || next.cold != head.cold
+                || (next.key >= FAIL_FIRST_KEY) != failing_first
+                || out.len() >= most
+            {
                 break;
             }
             sum += next.estimate_ms;
@@ -523,19 +535,23 @@ impl RunQueue {
 
 /// How much estimated work to put in one shard when `per_slot` is left per slot.
 ///
-/// A third of what is left per slot: early shards are large (few hand-outs, little overhead)
-/// and they shrink geometrically, so every slot runs out of work at about the same time. Never
-/// below two hand-outs' worth of overhead. Tests with no history are batched more finely,
-/// balancing overhead against the imbalance an unknown giant among them would cause
-/// (`sqrt(2 · overhead · work per slot)`).
+/// Half of what is left per slot: early shards are large (few hand-outs, little overhead) and
+/// they shrink geometrically, so every slot runs out of work at about the same time (shards
+/// are handed out on demand, so a slot whose shard ran long simply takes less after it). Never
+/// below two hand-outs' worth of overhead. In `shardgate-bench sim` (30 % estimate noise) a
+/// half beat the third used before on every sweep point (IMVU shape 1.014× against 1.019×,
+/// a third fewer hand-outs); two-thirds did a little better still (1.011×) and the whole
+/// share fell off a cliff (1.08–1.14×), so a half keeps a margin for estimates that are off
+/// together. Tests with no history are batched more finely: at most a third of the share,
+/// and no more than balances overhead against the imbalance an unknown giant among them
+/// would cause (`sqrt(2 · overhead · work per slot)`).
 pub fn target_ms(per_slot: f64, overhead_ms: f64, cold: bool) -> f64 {
     let o = overhead_ms.max(MIN_OVERHEAD_MS);
     let floor = 2.0 * o;
-    let t = per_slot / 3.0;
     if cold {
-        t.min((2.0 * o * per_slot).sqrt()).max(floor)
+        (per_slot / 3.0).min((2.0 * o * per_slot).sqrt()).max(floor)
     } else {
-        t.max(floor)
+        (per_slot / 2.0).max(floor)
     }
 }
 
@@ -702,11 +718,40 @@ mod tests {
         while !q.is_empty() {
             last = q.next_shard(ctx(4)).len();
         }
-        assert_eq!(
-            first, 33,
-            "early shards hold a third of the work per slot (100 s / 3)"
-        );
+        assert_eq!(first, 50, "early shards hold half the work per slot (100 s / 2)");
         assert_eq!(last, 1, "the last shards are single tests");
+    }
+
+    #[test]
+    fn fail_first_tests_go_out_in_smaller_shards_of_their_own() {
+        // 10 tests that failed lately and 90 that did not, 1 s each, on 2 slots: 50 s a slot.
+        let ids: Vec<String> = (0..100).map(|i| format!("t{i:03}")).collect();
+        let hist: HashMap<String, History> = ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| {
+                let h = History {
+                    estimate_ms: 1000.0,
+                    samples: 3,
+                    last_failed_ms: if i < 10 { 50 } else { 0 },
+                };
+                (id.clone(), h)
+            })
+            .collect();
+        let plans = plan(&ids, &hist, PlanOptions { fail_first: true }, 100).0;
+        let mut q = RunQueue::new(&plans);
+        let first = q.next_shard(ctx(2));
+        assert_eq!(
+            first.len(),
+            10,
+            "every recent failure, and nothing else: {first:?}"
+        );
+        assert!(first.iter().all(|&i| i < 10), "{first:?}");
+        // The rest: half of the 45 s left per slot.
+        assert_eq!(q.next_shard(ctx(2)).len(), 22);
+        // Without fail-first the first shard is half a slot's share.
+        let plans = plan(&ids, &hist, PlanOptions { fail_first: false }, 100).0;
+        assert_eq!(RunQueue::new(&plans).next_shard(ctx(2)).len(), 25);
     }
 
     #[test]
@@ -728,8 +773,8 @@ mod tests {
 
     #[test]
     fn the_target_shrinks_with_the_work_left_and_cold_tests_go_in_small_batches() {
-        // 440 s per slot: a third of it, or for guesses sqrt(2 · 0.5 s · 440 s) ≈ 21 s.
-        assert_eq!(target_ms(440_000.0, 500.0, false), 440_000.0 / 3.0);
+        // 440 s per slot: half of it, or for guesses sqrt(2 · 0.5 s · 440 s) ≈ 21 s.
+        assert_eq!(target_ms(440_000.0, 500.0, false), 440_000.0 / 2.0);
         let cold = target_ms(440_000.0, 500.0, true);
         assert!((20_000.0..22_000.0).contains(&cold), "{cold}");
         // Never below two hand-outs' worth of overhead.
