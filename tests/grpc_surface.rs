@@ -163,3 +163,30 @@ async fn a_watch_of_a_finished_run_begins_with_its_snapshot() {
     }
     assert_eq!(kinds, ["snapshot 2", "finished 2"]);
 }
+
+#[tokio::test]
+async fn the_deploy_log_of_one_run_names_a_bad_run_id() {
+    use shardgate_common::pb::gate_service_client::GateServiceClient;
+    let cluster = Cluster::builder().workers(1).slots(1).start();
+    let mut gate = GateServiceClient::connect(cluster.url()).await.unwrap();
+    let status = gate
+        .list_deploys(pb::ListDeploysRequest {
+            limit: 5,
+            run_id: "not-a-run".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("run_id"), "{status:?}");
+    // A well-formed id of a run that made no deploy: an empty list, the log's counts as ever.
+    let none = gate
+        .list_deploys(pb::ListDeploysRequest {
+            limit: 5,
+            run_id: shardgate_common::RunId::new().to_string(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(none.deploys.is_empty());
+    assert_eq!((none.last_day, none.last_week), (0, 0));
+}

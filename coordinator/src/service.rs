@@ -110,14 +110,10 @@ impl RunService for Services {
     /// the same stream for a server made of the generated service alone.
     async fn watch_run(&self, req: Request<pb::WatchRunRequest>) -> Result<Response<EventStream>, Status> {
         let rx = self.follow_run(req).await?;
-        let stream =
-            futures_util::StreamExt::flat_map(tokio_stream::wrappers::ReceiverStream::new(rx), |r| {
-                futures_util::stream::iter(match r {
-                    Ok(burst) => burst.iter().map(|f| Ok(f.to_wire())).collect(),
-                    Err(e) => vec![Err(Status::from(e))],
-                })
-            });
-        Ok(Response::new(Box::pin(stream)))
+        Ok(Response::new(Box::pin(crate::watch::messages(
+            rx,
+            crate::watch::Followed::to_wire,
+        ))))
     }
 
     async fn cancel_run(

@@ -83,6 +83,20 @@ impl Bursts {
 /// What a run's watch sends its reader: the events of one burst, in order.
 pub type Burst = Vec<Followed>;
 
+/// A run's watch as gRPC messages, each event made by `f`, a burst's all ready at once (so
+/// tonic encodes them into one frame); an error is the stream's last item.
+pub fn messages<T: Send + 'static>(
+    rx: mpsc::Receiver<Result<Burst, Error>>,
+    f: fn(&Followed) -> T,
+) -> impl tokio_stream::Stream<Item = Result<T, tonic::Status>> + Send {
+    futures_util::StreamExt::flat_map(tokio_stream::wrappers::ReceiverStream::new(rx), move |r| {
+        futures_util::stream::iter(match r {
+            Ok(burst) => burst.iter().map(|e| Ok(f(e))).collect(),
+            Err(e) => vec![Err(tonic::Status::from(e))],
+        })
+    })
+}
+
 /// One event of a watch: shared with every other watcher (a published event), or its own (a
 /// snapshot taken for it).
 #[derive(Debug, Clone)]

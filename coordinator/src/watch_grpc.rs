@@ -79,15 +79,9 @@ impl ServerStreamingService<pb::WatchRunRequest> for Watch {
         let services = self.0.clone();
         Box::pin(async move {
             let rx = services.follow_run(request).await?;
-            // A burst's messages are ready together, so tonic encodes them into one frame.
-            let stream =
-                futures_util::StreamExt::flat_map(tokio_stream::wrappers::ReceiverStream::new(rx), |r| {
-                    futures_util::stream::iter(match r {
-                        Ok(burst) => burst.iter().map(|f| Ok(encoded(f))).collect(),
-                        Err(e) => vec![Err(Status::from(e))],
-                    })
-                });
-            Ok(Response::new(Box::pin(stream) as WatchStream))
+            Ok(Response::new(
+                Box::pin(crate::watch::messages(rx, encoded)) as WatchStream
+            ))
         })
     }
 }
