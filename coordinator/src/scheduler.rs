@@ -486,15 +486,16 @@ impl RunQueue {
         if head.estimate_ms >= per_slot / 2.0 {
             return out;
         }
-        // Fail-first tests are there for an early red signal, so they are spread over more,
-        // smaller shards (a third of the share per slot, as every shard was before) and
-        // batched apart from the rest.
+        // Fail-first tests are batched apart from the rest (and sized by [`Batch::FailingFirst`]).
         let failing_first = head.key >= FAIL_FIRST_KEY;
-        let target = if failing_first {
-            target_ms(per_slot, ctx.overhead_ms, head.cold).min(per_slot / 3.0)
+        let batch = if head.cold {
+            Batch::Cold
+        } else if failing_first {
+            Batch::FailingFirst
         } else {
-            target_ms(per_slot, ctx.overhead_ms, head.cold)
+            Batch::Known
         };
+        let target = target_ms(per_slot, ctx.overhead_ms, batch);
         // In a run with no history at all, guesses are also batched by count, at most a third
         // of each slot's share of them: the estimates learnt from the run's first results are
         // too short (its first results are its quickest tests), and a long test hidden among
@@ -533,7 +534,19 @@ impl RunQueue {
     }
 }
 
-/// How much estimated work to put in one shard when `per_slot` is left per slot.
+/// What a shard is made of, which sets how large it may be (see [`target_ms`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Batch {
+    /// Tests with history.
+    Known,
+    /// Tests with history that failed lately, under fail-first: there for an early red
+    /// signal, so spread over more, smaller shards (a third of the share per slot).
+    FailingFirst,
+    /// Tests with no history (guesses).
+    Cold,
+}
+
+/// How much estimated work to put in one shard of `batch` when `per_slot` is left per slot.
 ///
 /// Half of what is left per slot: early shards are large (few hand-outs, little overhead) and
 /// they shrink geometrically, so every slot runs out of work at about the same time (shards
@@ -545,14 +558,14 @@ impl RunQueue {
 /// together. Tests with no history are batched more finely: at most a third of the share,
 /// and no more than balances overhead against the imbalance an unknown giant among them
 /// would cause (`sqrt(2 · overhead · work per slot)`).
-pub fn target_ms(per_slot: f64, overhead_ms: f64, cold: bool) -> f64 {
+pub fn target_ms(per_slot: f64, overhead_ms: f64, batch: Batch) -> f64 {
     let o = overhead_ms.max(MIN_OVERHEAD_MS);
-    let floor = 2.0 * o;
-    if cold {
-        (per_slot / 3.0).min((2.0 * o * per_slot).sqrt()).max(floor)
-    } else {
-        (per_slot / 2.0).max(floor)
-    }
+    let t = match batch {
+        Batch::Known => per_slot / 2.0,
+        Batch::FailingFirst => per_slot / 3.0,
+        Batch::Cold => (per_slot / 3.0).min((2.0 * o * per_slot).sqrt()),
+    };
+    t.max(2.0 * o)
 }
 
 #[cfg(test)]
@@ -774,11 +787,11 @@ mod tests {
     #[test]
     fn the_target_shrinks_with_the_work_left_and_cold_tests_go_in_small_batches() {
         // 440 s per slot: half of it, or for guesses sqrt(2 · 0.5 s · 440 s) ≈ 21 s.
-        assert_eq!(target_ms(440_000.0, 500.0, false), 440_000.0 / 2.0);
-        let cold = target_ms(440_000.0, 500.0, true);
+        assert_eq!(target_ms(440_000.0, 500.0, Batch::Known), 440_000.0 / 2.0);
+        let cold = target_ms(440_000.0, 500.0, Batch::Cold);
         assert!((20_000.0..22_000.0).contains(&cold), "{cold}");
         // Never below two hand-outs' worth of overhead.
-        assert_eq!(target_ms(600.0, 500.0, false), 1000.0);
-        assert_eq!(target_ms(600.0, 500.0, true), 1000.0);
+        assert_eq!(target_ms(600.0, 500.0, Batch::Known), 1000.0);
+        assert_eq!(target_ms(600.0, 500.0, Batch::Cold), 1000.0);
     }
 }
