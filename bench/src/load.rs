@@ -322,21 +322,19 @@ async fn handout_histogram(http_addr: &str) -> anyhow::Result<Histogram> {
     let (code, body) = crate::reads::http_get(http_addr, "/metrics").await?;
     anyhow::ensure!(code == 200, "GET /metrics answered {code}");
     let text = String::from_utf8_lossy(&body);
-    let mut buckets: Vec<(f64, f64)> = text
-        .lines()
-        .filter(|l| l.starts_with("shardgate_handout_latency_seconds_bucket{"))
-        .filter_map(|l| {
-            let le = l.split("le=\"").nth(1)?.split('"').next()?;
-            let le = if le == "+Inf" {
-                f64::INFINITY
-            } else {
-                le.parse().ok()?
-            };
-            Some((le, l.rsplit(' ').next()?.parse().ok()?))
+    // The response's head ends at the first blank line.
+    let text = text.split_once("\r\n\r\n").map_or(&*text, |(_, b)| b);
+    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned())))?;
+    let mut buckets: Vec<(f64, f64)> = scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == "shardgate_handout_latency_seconds")
+        .find_map(|s| match &s.value {
+            prometheus_parse::Value::Histogram(h) => Some(h.iter().map(|b| (b.less_than, b.count)).collect()),
+            _ => None,
         })
-        .collect();
+        .ok_or_else(|| anyhow::anyhow!("no hand-out histogram in /metrics"))?;
     buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
-    anyhow::ensure!(!buckets.is_empty(), "no hand-out histogram in /metrics");
     Ok(Histogram(buckets))
 }
 
