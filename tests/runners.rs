@@ -1015,6 +1015,43 @@ fn all_fail_by_name(cluster: &Cluster, runner: &str, ids: &[String], dir: &Path)
     );
 }
 
+/// After a run's first shard, a worker starts nextest without cargo (`cargo-nextest nextest
+/// run`, in the environment cargo gives its subcommands): the tests of every shard still see
+/// what `cargo nextest run` gives them, `CARGO` first (trybuild and its like start cargo
+/// from it).
+#[test]
+fn nextest_started_without_cargo_still_gives_the_tests_cargos_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let tests: String = (0..12)
+        .map(|i| {
+            format!(
+                "    #[test]\n    fn t{i}() {{\n        let cargo = std::env::var_os(\"CARGO\").expect(\"CARGO is set\");\n        assert!(std::path::Path::new(&cargo).is_file(), \"{{cargo:?}}\");\n        assert_eq!(std::env::var(\"NEXTEST\").as_deref(), Ok(\"1\"));\n    }}\n"
+            )
+        })
+        .collect();
+    write_tree(
+        dir.path(),
+        &[
+            (
+                "Cargo.toml",
+                "[package]\nname = \"cargoenv\"\nversion = \"0.1.0\"\nedition = \"2021\"\n\n[workspace]\n",
+            ),
+            ("src/lib.rs", &format!("#[cfg(test)]\nmod tests {{\n{tests}}}\n")),
+        ],
+    );
+    let profile = format!(
+        "[runners.nextest]\nkind = \"nextest\"\nworkdir = \"{}\"\n",
+        dir.path().display()
+    );
+    // One slot: every shard after the first is a later shard of the run on the same worker.
+    let cluster = Cluster::builder().workers(1).slots(1).runners(&profile).start();
+    let (r, report, ours) = run_discovered(&cluster, "nextest", "cargoenv");
+    assert_eq!(r.code, 0, "{report}");
+    assert_eq!(ours.len(), 12, "{ours:?}");
+    assert!(ours.values().all(|o| o == "passed"), "{ours:?}");
+    assert!(report["shards"].as_u64().unwrap() >= 3, "{}", report["shards"]);
+}
+
 #[test]
 fn nextest_builds_once_per_run_so_edited_code_is_not_missed() {
     let dir = tempfile::tempdir().unwrap();

@@ -2,8 +2,8 @@
 //! a PyPI project's suite under `pytest -n N` (pytest-xdist) and a crates.io crate's suite under
 //! `cargo nextest run -j N`, each against `shardgate local --pytest DIR` / `--nextest DIR` with
 //! N workers of one slot: its first run (no history) and the runs after it. Wall time of the
-//! whole command, as a user waits for it; the peers are timed before and after shardgate's
-//! runs and their mean is the reference.
+//! whole command, as a user waits for it; each of shardgate's runs is read against the peer
+//! runs just before and after it, and `--repeats` repeats the whole sequence.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -26,6 +26,10 @@ pub struct PeersArgs {
     /// shardgate runs after the first one.
     #[arg(long, default_value_t = 2)]
     pub later: usize,
+    /// Times the whole sequence (a fresh history, the first run, the later runs) is repeated;
+    /// the medians and ranges over the repeats are printed.
+    #[arg(long, default_value_t = 1)]
+    pub repeats: usize,
 }
 
 /// Wall time of `cmd` in seconds; fails when it fails.
@@ -54,8 +58,11 @@ fn shardgate_local(bins: &Path, kind: &str, dir: &Path, slots: usize, db: &Path)
     c
 }
 
-/// Times the peer, then shardgate's first and later runs, then the peer again; prints a row
-/// per run with its ratio to the peer.
+/// Times shardgate's first and later runs, each between two runs of the peer, `--repeats`
+/// times over (each repeat from a fresh history); prints a row per run: its median wall time
+/// and its median ratio to the mean of the two peer runs around it, with the ratios' range.
+/// A peer run beside each of ours, rather than one before and one after them all, keeps this
+/// machine's drift (it moves by ±5 % over a minute) out of the ratios.
 fn compare(
     a: &PeersArgs,
     bins: &Path,
@@ -64,29 +71,63 @@ fn compare(
     kind: &str,
     dir: &Path,
 ) -> anyhow::Result<()> {
-    let db = tempfile::tempdir()?;
-    let db = db.path().join("history.db");
-    let before = peer()?;
-    let mut ours = Vec::new();
-    for i in 0..=a.later {
-        let label = if i == 0 {
+    let label = |i: usize| {
+        if i == 0 {
             "shardgate local, first run".to_owned()
         } else {
             format!("shardgate local, run {}", i + 1)
-        };
-        let s = timed(&mut shardgate_local(bins, kind, dir, a.slots, &db), &label)?;
-        ours.push((label, s));
+        }
+    };
+    let mut peers = Vec::new();
+    // Per run of the sequence: (wall, ratio) in each repeat.
+    let mut ours: Vec<Vec<(f64, f64)>> = vec![Vec::new(); a.later + 1];
+    for _ in 0..a.repeats.max(1) {
+        let history = tempfile::tempdir()?;
+        let db = history.path().join("history.db");
+        let mut before = peer()?;
+        peers.push(before);
+        for (i, runs) in ours.iter_mut().enumerate() {
+            let s = timed(&mut shardgate_local(bins, kind, dir, a.slots, &db), &label(i))?;
+            let after = peer()?;
+            peers.push(after);
+            runs.push((s, s / ((before + after) / 2.0)));
+            before = after;
+        }
     }
-    let after = peer()?;
-    let reference = (before + after) / 2.0;
-    println!("\n{title}, {} slots", a.slots);
-    println!("  {:<34} {:>9} {:>9}", "command", "wall", "÷ peer");
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        let n = v.len();
+        (v[(n - 1) / 2] + v[n / 2]) / 2.0
+    };
+    let range = |v: &[f64]| {
+        let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        (lo, hi)
+    };
+    let repeats = a.repeats.max(1);
     println!(
-        "  {:<34} {:>7.2} s {:>8.3}×   ({before:.2} s before, {after:.2} s after)",
-        "peer (mean)", reference, 1.0
+        "\n{title}, {} slots, {repeats} repeat{}",
+        a.slots,
+        if repeats == 1 { "" } else { "s" }
     );
-    for (label, s) in ours {
-        println!("  {label:<34} {s:>7.2} s {:>8.3}×", s / reference);
+    println!("  {:<34} {:>9} {:>9}", "command (median)", "wall", "÷ peer");
+    let (lo, hi) = range(&peers);
+    println!(
+        "  {:<34} {:>7.2} s {:>8.3}×   ({} runs, {lo:.2}–{hi:.2} s)",
+        "peer",
+        median(peers.clone()),
+        1.0,
+        peers.len()
+    );
+    for (i, runs) in ours.into_iter().enumerate() {
+        let ratios: Vec<f64> = runs.iter().map(|r| r.1).collect();
+        let (lo, hi) = range(&ratios);
+        println!(
+            "  {:<34} {:>7.2} s {:>8.3}×   (÷ the peer runs beside it: {lo:.3}–{hi:.3}×)",
+            label(i),
+            median(runs.iter().map(|r| r.0).collect()),
+            median(ratios),
+        );
     }
     Ok(())
 }

@@ -107,8 +107,8 @@ pub struct CommandRunner {
     pub(super) nextest_build: std::sync::Arc<Mutex<Option<RecordedBuild>>>,
 }
 
-/// A run's id and the directory that holds its recorded build, if recording it worked.
-pub(super) type RecordedBuild = (String, Option<std::sync::Arc<tempfile::TempDir>>);
+/// A run's id and its recorded build, if recording it worked.
+pub(super) type RecordedBuild = (String, Option<std::sync::Arc<super::nextest::Recorded>>);
 
 impl CommandRunner {
     /// A batch runner; `cfg.kind` must be a batch tool's (not `exec`).

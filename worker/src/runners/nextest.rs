@@ -56,12 +56,17 @@ async fn run_shard(runner: &CommandRunner, shard: Shard<'_>) -> Result<(), Runne
     if let Some(r) = &reuse {
         argv.extend([
             "--binaries-metadata".to_owned(),
-            r.path().join(BINARIES).display().to_string(),
+            r.dir.path().join(BINARIES).display().to_string(),
             "--cargo-metadata".to_owned(),
-            r.path().join(CARGO).display().to_string(),
+            r.dir.path().join(CARGO).display().to_string(),
         ]);
+        if let Some(direct) = &r.direct {
+            // `cargo nextest …` is `cargo-nextest nextest …` in the environment cargo gives
+            // its subcommands.
+            argv[0] = direct.program.display().to_string();
+        }
     }
-    let cmd = runner.command_with(
+    let mut cmd = runner.command_with(
         &argv,
         &[],
         &[
@@ -71,6 +76,9 @@ async fn run_shard(runner: &CommandRunner, shard: Shard<'_>) -> Result<(), Runne
             ("{revision}", revision),
         ],
     );
+    if let Some(direct) = reuse.as_ref().and_then(|r| r.direct.as_ref()) {
+        cmd.envs(direct.env.iter().map(|(k, v)| (k, v)));
+    }
     let ran = runner.run_junit(cmd, junit_path, None, shard).await;
     drop(dir);
     ran
@@ -80,62 +88,204 @@ async fn run_shard(runner: &CommandRunner, shard: Shard<'_>) -> Result<(), Runne
 const BINARIES: &str = "binaries.json";
 const CARGO: &str = "cargo.json";
 
+/// A run's build as this worker recorded it, for the run's later shards.
+#[derive(Debug)]
+pub(crate) struct Recorded {
+    /// Holds [`BINARIES`] and [`CARGO`].
+    dir: tempfile::TempDir,
+    /// How to start nextest without cargo, if that could be found out.
+    direct: Option<Direct>,
+}
+
+/// nextest started as cargo starts it (`cargo-nextest nextest …`), without cargo's own start
+/// each time (about 30 ms, half of what a one-test shard costs on top of its test).
+#[derive(Debug, PartialEq)]
+struct Direct {
+    /// The `cargo-nextest` cargo would run.
+    program: std::path::PathBuf,
+    /// What cargo (and rustup's proxy, when cargo is one) adds to the environment of its
+    /// subcommands: `CARGO`, which nextest hands on to the tests as `cargo test` does,
+    /// `RUSTUP_TOOLCHAIN`, the toolchain's library path...
+    env: Vec<(std::ffi::OsString, std::ffi::OsString)>,
+}
+
 /// One build per run: the first shard of a run on this worker builds the test binaries and
 /// records where they are (`cargo nextest list --list-type binaries-only`, `cargo metadata`);
 /// the run's later shards hand both to nextest (`--binaries-metadata`, `--cargo-metadata`), so
 /// they skip cargo's build check and cost about a third of the time. A new run builds again
 /// (code edited between two runs of one revision is never missed); a failure to record either
-/// leaves every shard building as before.
-async fn build_once(runner: &CommandRunner, shard: &Shard<'_>) -> Option<std::sync::Arc<tempfile::TempDir>> {
+/// leaves every shard building as before. Beside them it records the environment cargo gives
+/// its subcommands, so that the later shards start nextest directly, as cargo would, without
+/// starting cargo first; if that cannot be found out, they go through cargo.
+async fn build_once(runner: &CommandRunner, shard: &Shard<'_>) -> Option<std::sync::Arc<Recorded>> {
     if shard.run.is_empty() {
         return None;
     }
     let mut built = runner.nextest_build.lock().await;
-    if let Some((run, dir)) = &*built
+    if let Some((run, recorded)) = &*built
         && run == shard.run
     {
-        return dir.clone();
+        return recorded.clone();
     }
-    let dir = record_build(runner, shard).await.map(std::sync::Arc::new);
-    *built = Some((shard.run.to_owned(), dir.clone()));
-    dir
+    let recorded = record_build(runner, shard).await.map(std::sync::Arc::new);
+    *built = Some((shard.run.to_owned(), recorded.clone()));
+    recorded
 }
 
-async fn record_build(runner: &CommandRunner, shard: &Shard<'_>) -> Option<tempfile::TempDir> {
+async fn record_build(runner: &CommandRunner, shard: &Shard<'_>) -> Option<Recorded> {
     let dir = tempfile::tempdir().ok()?;
-    for (argv, file) in [
-        (
-            vec![
+    let record = |argv: &[&str], file: &'static str| {
+        let argv: Vec<String> = argv.iter().map(|a| (*a).to_owned()).collect();
+        let path = dir.path().join(file);
+        async move {
+            let out = output(runner, shard, &argv, None).await?;
+            if !out.status.success() || out.stdout.is_empty() {
+                tracing::warn!(
+                    command = %argv.join(" "),
+                    status = %out.status,
+                    "could not record the build for the run's shards; each shard builds"
+                );
+                return None;
+            }
+            std::fs::write(path, &out.stdout).ok()
+        }
+    };
+    // The three side by side: cargo's build check, cargo's metadata, cargo's environment.
+    let (binaries, metadata, direct) = tokio::join!(
+        record(
+            &[
                 "cargo",
                 "nextest",
                 "list",
                 "--list-type",
                 "binaries-only",
                 "--message-format",
-                "json",
+                "json"
             ],
             BINARIES,
         ),
-        (vec!["cargo", "metadata", "--format-version", "1"], CARGO),
-    ] {
-        let argv: Vec<String> = argv.into_iter().map(String::from).collect();
-        let mut cmd = runner.command(&argv, &[], "", shard.revision);
-        cmd.stdin(std::process::Stdio::null()).kill_on_drop(true);
-        let out = tokio::select! {
-            out = cmd.output() => out.ok()?,
-            () = shard.cancel.cancelled() => return None,
-        };
-        if !out.status.success() || out.stdout.is_empty() {
-            tracing::warn!(
-                command = %argv.join(" "),
-                status = %out.status,
-                "could not record the build for the run's shards; each shard builds"
-            );
-            return None;
-        }
-        std::fs::write(dir.path().join(file), &out.stdout).ok()?;
+        record(&["cargo", "metadata", "--format-version", "1"], CARGO),
+        direct(runner, shard),
+    );
+    binaries?;
+    metadata?;
+    Some(Recorded { dir, direct })
+}
+
+/// Runs `argv` for `shard` (its revision, the profile's workdir and environment), with `path`
+/// put first on the search path; its output, or none if it could not run or the shard was
+/// cancelled.
+async fn output(
+    runner: &CommandRunner,
+    shard: &Shard<'_>,
+    argv: &[String],
+    path: Option<&std::path::Path>,
+) -> Option<std::process::Output> {
+    let mut cmd = runner.command(argv, &[], "", shard.revision);
+    cmd.stdin(std::process::Stdio::null()).kill_on_drop(true);
+    if let Some(dir) = path {
+        let rest = runner_env(runner, "PATH").unwrap_or_default();
+        let mut paths = vec![dir.to_path_buf()];
+        paths.extend(std::env::split_paths(&rest));
+        cmd.env("PATH", std::env::join_paths(paths).ok()?);
     }
-    Some(dir)
+    tokio::select! {
+        out = cmd.output() => out.ok(),
+        () = shard.cancel.cancelled() => None,
+    }
+}
+
+/// `name` in the environment the runner's commands start with: the profile's, else this
+/// process's.
+fn runner_env(runner: &CommandRunner, name: &str) -> Option<std::ffi::OsString> {
+    runner
+        .cfg
+        .env
+        .get(name)
+        .map(std::ffi::OsString::from)
+        .or_else(|| std::env::var_os(name))
+}
+
+/// A cargo subcommand of our own (a script in a fresh directory put first on the search path)
+/// prints the environment cargo gives it; [`Direct`] is what that adds to the runner's own.
+async fn direct(runner: &CommandRunner, shard: &Shard<'_>) -> Option<Direct> {
+    use std::os::unix::fs::PermissionsExt;
+    const NAME: &str = "shardgate-env";
+    let bin = tempfile::tempdir().ok()?;
+    let script = bin.path().join(format!("cargo-{NAME}"));
+    std::fs::write(&script, "#!/bin/sh\nexec env -0\n").ok()?;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).ok()?;
+    let argv = ["cargo".to_owned(), NAME.to_owned()];
+    let out = output(runner, shard, &argv, Some(bin.path())).await?;
+    if !out.status.success() {
+        return None;
+    }
+    let given = parse_env0(&out.stdout);
+    let env = cargo_additions(&given, |k| runner_env(runner, k), bin.path());
+    let lookup = |k: &str| given.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+    let program = find_subcommand("cargo-nextest", lookup("CARGO_HOME"), lookup("PATH"), bin.path())?;
+    Some(Direct { program, env })
+}
+
+/// `env -0`'s output as pairs.
+fn parse_env0(out: &[u8]) -> Vec<(std::ffi::OsString, std::ffi::OsString)> {
+    use std::os::unix::ffi::OsStrExt;
+    out.split(|b| *b == 0)
+        .filter_map(|kv| {
+            let eq = kv.iter().position(|b| *b == b'=')?;
+            Some((
+                std::ffi::OsStr::from_bytes(&kv[..eq]).to_owned(),
+                std::ffi::OsStr::from_bytes(&kv[eq + 1..]).to_owned(),
+            ))
+        })
+        .collect()
+}
+
+/// What cargo set or changed in `given` against `before`: not the shell's `_`, not a
+/// jobserver's file descriptors (valid only in that one child), and the search path without
+/// our own `script_dir` (unchanged otherwise, so left alone).
+fn cargo_additions(
+    given: &[(std::ffi::OsString, std::ffi::OsString)],
+    before: impl Fn(&str) -> Option<std::ffi::OsString>,
+    script_dir: &std::path::Path,
+) -> Vec<(std::ffi::OsString, std::ffi::OsString)> {
+    const SKIP: [&str; 4] = ["_", "MAKEFLAGS", "MFLAGS", "CARGO_MAKEFLAGS"];
+    given
+        .iter()
+        .filter_map(|(k, v)| {
+            let name = k.to_str()?;
+            if SKIP.contains(&name) {
+                return None;
+            }
+            let v = if name == "PATH" {
+                let kept: Vec<_> = std::env::split_paths(v).filter(|p| p != script_dir).collect();
+                std::env::join_paths(kept).ok()?
+            } else {
+                v.clone()
+            };
+            (before(name).as_ref() != Some(&v)).then(|| (k.clone(), v))
+        })
+        .collect()
+}
+
+/// Where cargo finds subcommand `name`: `$CARGO_HOME/bin`, then the search path (without our
+/// own `script_dir`).
+fn find_subcommand(
+    name: &str,
+    cargo_home: Option<std::ffi::OsString>,
+    path: Option<std::ffi::OsString>,
+    script_dir: &std::path::Path,
+) -> Option<std::path::PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let home = cargo_home.map(|h| std::path::PathBuf::from(h).join("bin"));
+    let dirs = path
+        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .unwrap_or_default();
+    home.into_iter()
+        .chain(dirs)
+        .filter(|d| d != script_dir)
+        .map(|d| d.join(name))
+        .find(|p| std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0))
 }
 
 /// The nextest profile shardgate adds through its tool config file.
@@ -194,4 +344,84 @@ fn run() -> Vec<String> {
     ]
     .map(String::from)
     .to_vec()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::ffi::OsString;
+
+    use super::*;
+
+    fn pairs(v: &[(&str, &str)]) -> Vec<(OsString, OsString)> {
+        v.iter().map(|(k, v)| ((*k).into(), (*v).into())).collect()
+    }
+
+    #[test]
+    fn what_cargo_adds_is_what_it_set_or_changed_without_our_script_or_a_jobserver() {
+        let given = parse_env0(
+            b"HOME=/root\0CARGO=/tc/bin/cargo\0PATH=/tmp/us:/usr/bin\0_=/usr/bin/cargo\0CARGO_MAKEFLAGS=-j --jobserver-fds=3,4\0RUSTUP_TOOLCHAIN=stable\0EMPTY=\0LINE=a=b\nc\0",
+        );
+        assert_eq!(given.len(), 8, "{given:?}");
+        let before = |k: &str| match k {
+            "HOME" => Some("/root".into()),
+            "PATH" => Some("/usr/bin".into()),
+            "RUSTUP_TOOLCHAIN" => Some("nightly".into()),
+            _ => None,
+        };
+        assert_eq!(
+            cargo_additions(&given, before, std::path::Path::new("/tmp/us")),
+            pairs(&[
+                ("CARGO", "/tc/bin/cargo"),
+                ("RUSTUP_TOOLCHAIN", "stable"),
+                ("EMPTY", ""),
+                ("LINE", "a=b\nc")
+            ])
+        );
+        // A search path cargo did change (rustup prepends the toolchain's) is kept, ours removed.
+        let given = pairs(&[("PATH", "/tmp/us:/tc/bin:/usr/bin")]);
+        assert_eq!(
+            cargo_additions(&given, before, std::path::Path::new("/tmp/us")),
+            pairs(&[("PATH", "/tc/bin:/usr/bin")])
+        );
+    }
+
+    #[test]
+    fn the_subcommand_is_found_where_cargo_looks_cargo_home_first() {
+        use std::os::unix::fs::PermissionsExt;
+        let root = tempfile::tempdir().unwrap();
+        let make = |dir: &str, exec: bool| {
+            let d = root.path().join(dir);
+            std::fs::create_dir_all(&d).unwrap();
+            let f = d.join("cargo-nextest");
+            std::fs::write(&f, "").unwrap();
+            let mode = if exec { 0o755 } else { 0o644 };
+            std::fs::set_permissions(&f, std::fs::Permissions::from_mode(mode)).unwrap();
+            f
+        };
+        let home_bin = make("home/bin", true);
+        let on_path = make("path", true);
+        let not_exec = make("plain", false);
+        let path =
+            |dirs: &[&str]| Some(std::env::join_paths(dirs.iter().map(|d| root.path().join(d))).unwrap());
+        let home = Some(root.path().join("home").into_os_string());
+        let ours = root.path().join("ours");
+        assert_eq!(
+            find_subcommand("cargo-nextest", home.clone(), path(&["path"]), &ours),
+            Some(home_bin)
+        );
+        assert_eq!(
+            find_subcommand("cargo-nextest", None, path(&["plain", "path"]), &ours),
+            Some(on_path.clone())
+        );
+        assert_eq!(
+            find_subcommand("cargo-nextest", None, path(&["plain"]), &ours),
+            None
+        );
+        // Our own script directory is never where it comes from.
+        assert_eq!(
+            find_subcommand("cargo-nextest", None, path(&["path"]), &root.path().join("path")),
+            None
+        );
+        drop(not_exec);
+    }
 }
