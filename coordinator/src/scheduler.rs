@@ -101,14 +101,18 @@ pub struct PlanOptions {
     pub fail_first: bool,
 }
 
-/// The prefix a test shares with its siblings: everything before the last `::` or `/`.
+/// The prefix a test shares with its siblings: everything before the last `::`, `/` or space
+/// outside a parametrised test's parameters. So a pytest test's class or module
+/// (`tests/test_x.py::TestY`, whatever its `[...]` holds), a nextest or `go test` test's binary
+/// or package and module (`itertools::quick` of `itertools::quick size_hint`, not the crate
+/// name its binary id begins with), an executable's directory.
 fn prefix(id: &str) -> &str {
-    let cut = match (id.rfind("::"), id.rfind('/')) {
-        (Some(a), Some(b)) => a.max(b),
-        (Some(a), None) => a,
-        (None, Some(b)) => b,
-        (None, None) => 0,
-    };
+    let head = id.find('[').map_or(id, |b| &id[..b]);
+    let cut = [head.rfind("::"), head.rfind('/'), head.rfind(' ')]
+        .into_iter()
+        .flatten()
+        .max()
+        .unwrap_or(0);
     &id[..cut]
 }
 
@@ -602,6 +606,25 @@ mod tests {
         let h = h.update(Outcome::TimedOut, 60_000, 4);
         assert_eq!(h.estimate_ms, 60_000.0);
         assert_eq!(h.update(Outcome::InfraError, 1, 5), h);
+    }
+
+    #[test]
+    fn a_tests_group_is_its_class_module_binary_or_directory() {
+        for (id, group) in [
+            ("tests/test_x.py::TestY::test_z", "tests/test_x.py::TestY"),
+            ("tests/test_x.py::test_z", "tests/test_x.py"),
+            // Parameters are not a place, whatever they hold.
+            ("tests/test_x.py::test_z[a::b/c d]", "tests/test_x.py"),
+            // nextest: the test binary, not the crate name its id begins with.
+            ("itertools::quick size_hint", "itertools::quick"),
+            ("itertools adaptors::tests::merge", "itertools adaptors::tests"),
+            ("mycrate::bin/tool parse::empty", "mycrate::bin/tool parse"),
+            ("example.com/pkg/util TestParse", "example.com/pkg/util"),
+            ("suite/dir/test_a.sh", "suite/dir"),
+            ("lonely", ""),
+        ] {
+            assert_eq!(prefix(id), group, "{id}");
+        }
     }
 
     #[test]
