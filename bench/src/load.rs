@@ -299,17 +299,57 @@ async fn run_on(a: &LoadArgs, db: std::path::PathBuf, store: &str) -> anyhow::Re
 
 /// The coordinator's hand-out latency histogram as `/metrics` shows it: cumulative counts
 /// per upper bound (seconds), smallest bound first.
-#[derive(Debug, Default)]
-struct Histogram(Vec<(f64, f64)>);
+#[derive(Debug, Default, Clone)]
+pub(crate) struct Histogram(Vec<(f64, f64)>);
 
 impl Histogram {
+    /// The observations made since `before`.
+    pub(crate) fn since(&self, before: &Histogram) -> Histogram {
+        Histogram(
+            self.0
+                .iter()
+                .map(|&(le, n)| (le, n - before.0.iter().find(|b| b.0 == le).map_or(0.0, |b| b.1)))
+                .collect(),
+        )
+    }
+
+    /// Both sets of observations (the same buckets).
+    pub(crate) fn add(&mut self, other: &Histogram) {
+        if self.0.is_empty() {
+            self.0 = other.0.clone();
+            return;
+        }
+        for (mine, theirs) in self.0.iter_mut().zip(&other.0) {
+            mine.1 += theirs.1;
+        }
+    }
+
+    /// The `q` quantile, interpolated linearly within its bucket as Prometheus'
+    /// `histogram_quantile` does (the buckets grow by 2.5×, so this is an estimate).
+    pub(crate) fn quantile(&self, q: f64) -> f64 {
+        let total = self.0.last().map_or(0.0, |c| c.1);
+        let rank = q * total;
+        let mut below = (0.0, 0.0);
+        for &(le, n) in &self.0 {
+            if n >= rank {
+                if le.is_infinite() {
+                    return below.0;
+                }
+                let share = if n > below.1 {
+                    (rank - below.1) / (n - below.1)
+                } else {
+                    1.0
+                };
+                return below.0 + (le - below.0) * share;
+            }
+            below = (le, n);
+        }
+        f64::NAN
+    }
+
     /// The smallest bucket bound under which 99 % of the observations made since `before` fall.
     fn p99_bound_since(&self, before: &Histogram) -> f64 {
-        let counts: Vec<(f64, f64)> = self
-            .0
-            .iter()
-            .map(|&(le, n)| (le, n - before.0.iter().find(|b| b.0 == le).map_or(0.0, |b| b.1)))
-            .collect();
+        let counts = self.since(before).0;
         let total = counts.last().map_or(0.0, |c| c.1);
         counts
             .iter()
@@ -318,7 +358,7 @@ impl Histogram {
     }
 }
 
-async fn handout_histogram(http_addr: &str) -> anyhow::Result<Histogram> {
+pub(crate) async fn handout_histogram(http_addr: &str) -> anyhow::Result<Histogram> {
     let (code, body) = crate::reads::http_get(http_addr, "/metrics").await?;
     anyhow::ensure!(code == 200, "GET /metrics answered {code}");
     let text = String::from_utf8_lossy(&body);
@@ -465,4 +505,33 @@ async fn worker(
             .await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Histogram;
+
+    #[test]
+    fn a_quantile_is_interpolated_within_its_bucket_and_since_subtracts_the_earlier_counts() {
+        let inf = f64::INFINITY;
+        let before = Histogram(vec![(0.001, 10.0), (0.0025, 10.0), (0.00625, 10.0), (inf, 10.0)]);
+        let now = Histogram(vec![
+            (0.001, 10.0),
+            (0.0025, 60.0),
+            (0.00625, 110.0),
+            (inf, 110.0),
+        ]);
+        let h = now.since(&before);
+        assert_eq!(
+            h.0,
+            vec![(0.001, 0.0), (0.0025, 50.0), (0.00625, 100.0), (inf, 100.0)]
+        );
+        assert!((h.quantile(0.5) - 0.0025).abs() < 1e-12);
+        assert!((h.quantile(0.75) - 0.004375).abs() < 1e-12);
+        let mut both = h.clone();
+        both.add(&h);
+        assert!((both.quantile(0.75) - 0.004375).abs() < 1e-12);
+        assert_eq!(both.0[3].1, 200.0);
+        assert_eq!(now.p99_bound_since(&before), 0.00625);
+    }
 }
