@@ -1015,10 +1015,10 @@ fn all_fail_by_name(cluster: &Cluster, runner: &str, ids: &[String], dir: &Path)
     );
 }
 
-/// After a run's first shard, a worker starts nextest without cargo (`cargo-nextest nextest
-/// run`, in the environment cargo gives its subcommands): the tests of every shard still see
-/// what `cargo nextest run` gives them, `CARGO` first (trybuild and its like start cargo
-/// from it).
+/// Once a worker has recorded a run's build, it starts nextest without cargo (`cargo-nextest
+/// nextest run`, in the environment cargo gives its subcommands): the tests of every shard
+/// still see what `cargo nextest run` gives them, `CARGO` first (trybuild and its like start
+/// cargo from it).
 #[test]
 fn nextest_started_without_cargo_still_gives_the_tests_cargos_environment() {
     let dir = tempfile::tempdir().unwrap();
@@ -1043,7 +1043,7 @@ fn nextest_started_without_cargo_still_gives_the_tests_cargos_environment() {
         "[runners.nextest]\nkind = \"nextest\"\nworkdir = \"{}\"\n",
         dir.path().display()
     );
-    // One slot: every shard after the first is a later shard of the run on the same worker.
+    // One slot: every shard of the run goes to the one worker, which records the build once.
     let cluster = Cluster::builder().workers(1).slots(1).runners(&profile).start();
     let (r, report, ours) = run_discovered(&cluster, "nextest", "cargoenv");
     assert_eq!(r.code, 0, "{report}");

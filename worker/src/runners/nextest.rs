@@ -111,11 +111,11 @@ struct Direct {
 
 /// One build per run: the first shard of a run on this worker builds the test binaries and
 /// records where they are (`cargo nextest list --list-type binaries-only`, `cargo metadata`);
-/// the run's later shards hand both to nextest (`--binaries-metadata`, `--cargo-metadata`), so
-/// they skip cargo's build check and cost about a third of the time. A new run builds again
+/// then it and the run's later shards hand both to nextest (`--binaries-metadata`,
+/// `--cargo-metadata`), so they skip cargo's build check and cost about a third of the time. A new run builds again
 /// (code edited between two runs of one revision is never missed); a failure to record either
 /// leaves every shard building as before. Beside them it records the environment cargo gives
-/// its subcommands, so that the later shards start nextest directly, as cargo would, without
+/// its subcommands, so that those shards start nextest directly, as cargo would, without
 /// starting cargo first; if that cannot be found out, they go through cargo.
 async fn build_once(runner: &CommandRunner, shard: &Shard<'_>) -> Option<std::sync::Arc<Recorded>> {
     if shard.run.is_empty() {
