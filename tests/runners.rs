@@ -254,10 +254,7 @@ fn a_rust_crates_suite_under_nextest_sharded_over_three_workers_matches_a_direct
         direct.len()
     );
 
-    let profile = format!(
-        "[runners.nextest]\nkind = \"nextest\"\nworkdir = \"{}\"\n",
-        dir.display()
-    );
+    let profile = nextest_profile(&dir);
     let cluster = Cluster::builder().workers(3).slots(1).runners(&profile).start();
     let (r, report, ours) = run_discovered(&cluster, "nextest", "strsim");
     assert_eq!(ours.keys().collect::<Vec<_>>(), direct.keys().collect::<Vec<_>>());
@@ -318,10 +315,7 @@ fn the_nextest_runner_reads_its_results_whatever_the_target_directory() {
     // runner looked: every test became an infrastructure error.
     let dir = crate_dir();
     let target = tempfile::tempdir().unwrap();
-    let profile = format!(
-        "[runners.nextest]\nkind = \"nextest\"\nworkdir = \"{}\"\n",
-        dir.display()
-    );
+    let profile = nextest_profile(&dir);
     let cluster = Cluster::builder()
         .workers(1)
         .slots(1)
@@ -1015,6 +1009,31 @@ fn all_fail_by_name(cluster: &Cluster, runner: &str, ids: &[String], dir: &Path)
     );
 }
 
+/// Writes crate `name` into `dir` (a workspace of its own) whose library holds `tests`, the
+/// body of its `#[cfg(test)] mod tests`.
+fn unit_test_crate(dir: &Path, name: &str, tests: &str) {
+    write_tree(
+        dir,
+        &[
+            (
+                "Cargo.toml",
+                &format!(
+                    "[package]\nname = \"{name}\"\nversion = \"0.1.0\"\nedition = \"2021\"\n\n[workspace]\n"
+                ),
+            ),
+            ("src/lib.rs", &format!("#[cfg(test)]\nmod tests {{\n{tests}}}\n")),
+        ],
+    );
+}
+
+/// A runners file with one nextest profile, `nextest`, for the crate in `dir`.
+fn nextest_profile(dir: &Path) -> String {
+    format!(
+        "[runners.nextest]\nkind = \"nextest\"\nworkdir = \"{}\"\n",
+        dir.display()
+    )
+}
+
 /// Once a worker has recorded a run's build, it starts nextest without cargo (`cargo-nextest
 /// nextest run`, in the environment cargo gives its subcommands): the tests of every shard
 /// still see what `cargo nextest run` gives them, `CARGO` first (trybuild and its like start
@@ -1029,20 +1048,8 @@ fn nextest_started_without_cargo_still_gives_the_tests_cargos_environment() {
             )
         })
         .collect();
-    write_tree(
-        dir.path(),
-        &[
-            (
-                "Cargo.toml",
-                "[package]\nname = \"cargoenv\"\nversion = \"0.1.0\"\nedition = \"2021\"\n\n[workspace]\n",
-            ),
-            ("src/lib.rs", &format!("#[cfg(test)]\nmod tests {{\n{tests}}}\n")),
-        ],
-    );
-    let profile = format!(
-        "[runners.nextest]\nkind = \"nextest\"\nworkdir = \"{}\"\n",
-        dir.path().display()
-    );
+    unit_test_crate(dir.path(), "cargoenv", &tests);
+    let profile = nextest_profile(dir.path());
     // One slot: every shard of the run goes to the one worker, which records the build once.
     let cluster = Cluster::builder().workers(1).slots(1).runners(&profile).start();
     let (r, report, ours) = run_discovered(&cluster, "nextest", "cargoenv");
@@ -1059,22 +1066,10 @@ fn nextest_builds_once_per_run_so_edited_code_is_not_missed() {
         let tests: String = (0..6)
             .map(|i| format!("    #[test]\n    fn t{i}() {{ assert!({body}); }}\n"))
             .collect();
-        write_tree(
-            dir.path(),
-            &[
-                (
-                    "Cargo.toml",
-                    "[package]\nname = \"edited\"\nversion = \"0.1.0\"\nedition = \"2021\"\n\n[workspace]\n",
-                ),
-                ("src/lib.rs", &format!("#[cfg(test)]\nmod tests {{\n{tests}}}\n")),
-            ],
-        );
+        unit_test_crate(dir.path(), "edited", &tests);
     };
     write("true");
-    let profile = format!(
-        "[runners.nextest]\nkind = \"nextest\"\nworkdir = \"{}\"\n",
-        dir.path().display()
-    );
+    let profile = nextest_profile(dir.path());
     let cluster = Cluster::builder().workers(2).slots(1).runners(&profile).start();
     let (r, report, ours) = run_discovered(&cluster, "nextest", "edited");
     assert_eq!(r.code, 0, "{report}");

@@ -51,6 +51,16 @@ pub fn cpu_s_except(except: &str) -> f64 {
 }
 
 /// The `p`-quantile (0..=1) of `values`, which it sorts.
+/// The median of `values` (the mean of the middle two for an even count); NaN for none.
+pub fn median(mut values: Vec<f64>) -> f64 {
+    if values.is_empty() {
+        return f64::NAN;
+    }
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    (values[(n - 1) / 2] + values[n / 2]) / 2.0
+}
+
 pub fn quantile(values: &mut [u64], p: f64) -> u64 {
     if values.is_empty() {
         return 0;

@@ -94,11 +94,6 @@ fn compare(
             before = after;
         }
     }
-    let median = |mut v: Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        let n = v.len();
-        (v[(n - 1) / 2] + v[n / 2]) / 2.0
-    };
     let range = |v: &[f64]| {
         let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
         let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
@@ -115,7 +110,7 @@ fn compare(
     println!(
         "  {:<34} {:>7.2} s {:>8.3}×   ({} runs, {lo:.2}–{hi:.2} s)",
         "peer",
-        median(peers.clone()),
+        crate::mem::median(peers.clone()),
         1.0,
         peers.len()
     );
@@ -125,8 +120,8 @@ fn compare(
         println!(
             "  {:<34} {:>7.2} s {:>8.3}×   (÷ the peer runs beside it: {lo:.3}–{hi:.3}×)",
             label(i),
-            median(runs.iter().map(|r| r.0).collect()),
-            median(ratios),
+            crate::mem::median(runs.iter().map(|r| r.0).collect()),
+            crate::mem::median(ratios),
         );
     }
     Ok(())

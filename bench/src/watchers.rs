@@ -204,12 +204,8 @@ pub async fn run(a: WatchersArgs) -> anyhow::Result<()> {
     );
     // One bad round (a stall of this VM's disk or CPU) sets a pooled p99; the median of the
     // rounds' own ratios is what most rounds saw.
-    let median_ratio = |p: &[Vec<f64>; 2]| {
-        let mut r: Vec<f64> = p[1].iter().zip(&p[0]).map(|(w, a)| w / a).collect();
-        r.sort_by(f64::total_cmp);
-        let n = r.len();
-        (r[(n - 1) / 2] + r[n / 2]) / 2.0
-    };
+    let median_ratio =
+        |p: &[Vec<f64>; 2]| crate::mem::median(p[1].iter().zip(&p[0]).map(|(w, a)| w / a).collect());
     println!(
         "  median over the rounds of watched ÷ unwatched AcquireShard p99: {:.3}× as the workers see it, {:.3}× in the coordinator",
         median_ratio(&round_p99),
