@@ -20,6 +20,20 @@ impl Tool for Nextest {
         })
     }
 
+    /// Lists with the profile's command, as by default; beside it, records the run's build
+    /// for its shards on this worker (see [`build_once`]), so that their first one does not wait
+    /// for cargo's build check a second time.
+    fn list_for_run<'a>(
+        &'a self,
+        runner: &'a CommandRunner,
+        revision: &'a str,
+        run: &'a str,
+        _limit: std::time::Duration,
+    ) -> BoxFuture<'a, Option<Vec<String>>> {
+        record_in_background(runner, revision, run);
+        Box::pin(async { None })
+    }
+
     fn run_shard<'a>(
         &'a self,
         runner: &'a CommandRunner,
@@ -127,18 +141,45 @@ async fn build_once(runner: &CommandRunner, shard: &Shard<'_>) -> Option<std::sy
     {
         return recorded.clone();
     }
-    let recorded = record_build(runner, shard).await.map(std::sync::Arc::new);
+    let recorded = record_build(runner, shard.revision, shard.cancel)
+        .await
+        .map(std::sync::Arc::new);
     *built = Some((shard.run.to_owned(), recorded.clone()));
     recorded
 }
 
-async fn record_build(runner: &CommandRunner, shard: &Shard<'_>) -> Option<Recorded> {
+/// Starts recording `run`'s build while the run's tests are being listed, unless a recording
+/// is under way or done for it. The record is held locked from now on, so a shard that comes
+/// first waits for this recording rather than making its own.
+fn record_in_background(runner: &CommandRunner, revision: &str, run: &str) {
+    let Ok(mut built) = runner.nextest_build.clone().try_lock_owned() else {
+        return;
+    };
+    if built.as_ref().is_some_and(|(r, _)| r == run) {
+        return;
+    }
+    let (runner, revision, run) = (runner.clone(), revision.to_owned(), run.to_owned());
+    tokio::spawn(async move {
+        // Nothing cancels it: it ends with its commands, which die with the worker.
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let recorded = record_build(&runner, &revision, &cancel)
+            .await
+            .map(std::sync::Arc::new);
+        *built = Some((run, recorded));
+    });
+}
+
+async fn record_build(
+    runner: &CommandRunner,
+    revision: &str,
+    cancel: &tokio_util::sync::CancellationToken,
+) -> Option<Recorded> {
     let dir = tempfile::tempdir().ok()?;
     let record = |argv: &[&str], file: &'static str| {
         let argv: Vec<String> = argv.iter().map(|a| (*a).to_owned()).collect();
         let path = dir.path().join(file);
         async move {
-            let out = output(runner, shard, &argv, None).await?;
+            let out = output(runner, revision, cancel, &argv, None).await?;
             if !out.status.success() || out.stdout.is_empty() {
                 tracing::warn!(
                     command = %argv.join(" "),
@@ -165,23 +206,23 @@ async fn record_build(runner: &CommandRunner, shard: &Shard<'_>) -> Option<Recor
             BINARIES,
         ),
         record(&["cargo", "metadata", "--format-version", "1"], CARGO),
-        direct(runner, shard),
+        direct(runner, revision, cancel),
     );
     binaries?;
     metadata?;
     Some(Recorded { dir, direct })
 }
 
-/// Runs `argv` for `shard` (its revision, the profile's workdir and environment), with `path`
-/// put first on the search path; its output, or none if it could not run or the shard was
-/// cancelled.
+/// Runs `argv` for `revision` (in the profile's workdir and environment), with `path` put
+/// first on the search path; its output, or none if it could not run or was cancelled.
 async fn output(
     runner: &CommandRunner,
-    shard: &Shard<'_>,
+    revision: &str,
+    cancel: &tokio_util::sync::CancellationToken,
     argv: &[String],
     path: Option<&std::path::Path>,
 ) -> Option<std::process::Output> {
-    let mut cmd = runner.command(argv, &[], "", shard.revision);
+    let mut cmd = runner.command(argv, &[], "", revision);
     cmd.stdin(std::process::Stdio::null()).kill_on_drop(true);
     if let Some(dir) = path {
         let rest = runner_env(runner, "PATH").unwrap_or_default();
@@ -191,7 +232,7 @@ async fn output(
     }
     tokio::select! {
         out = cmd.output() => out.ok(),
-        () = shard.cancel.cancelled() => None,
+        () = cancel.cancelled() => None,
     }
 }
 
@@ -208,7 +249,11 @@ fn runner_env(runner: &CommandRunner, name: &str) -> Option<std::ffi::OsString> 
 
 /// A cargo subcommand of our own (a script in a fresh directory put first on the search path)
 /// prints the environment cargo gives it; [`Direct`] is what that adds to the runner's own.
-async fn direct(runner: &CommandRunner, shard: &Shard<'_>) -> Option<Direct> {
+async fn direct(
+    runner: &CommandRunner,
+    revision: &str,
+    cancel: &tokio_util::sync::CancellationToken,
+) -> Option<Direct> {
     use std::os::unix::fs::PermissionsExt;
     const NAME: &str = "shardgate-env";
     let bin = tempfile::tempdir().ok()?;
@@ -216,7 +261,7 @@ async fn direct(runner: &CommandRunner, shard: &Shard<'_>) -> Option<Direct> {
     std::fs::write(&script, "#!/bin/sh\nexec env -0\n").ok()?;
     std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).ok()?;
     let argv = ["cargo".to_owned(), NAME.to_owned()];
-    let out = output(runner, shard, &argv, Some(bin.path())).await?;
+    let out = output(runner, revision, cancel, &argv, Some(bin.path())).await?;
     if !out.status.success() {
         return None;
     }
