@@ -122,6 +122,25 @@ const FAIL_FIRST_KEY: f64 = 1e12;
 /// Added to the order key of a probe (see [`Learning`]): ahead of every other test but the
 /// recent failures under fail-first.
 const PROBE_KEY: f64 = 1e10;
+/// Added to a probe's key per rank it is ahead of the last possible one, so that the groups'
+/// first probes go out before any group's second.
+const PROBE_RANK_KEY: f64 = 1e9;
+/// A result at least this many times its group's mean so far (and at least [`SURPRISE_MS`])
+/// re-plans the run's queue at once (see [`Learning::observe`]).
+const SURPRISE_FACTOR: f64 = 4.0;
+const SURPRISE_MS: f64 = 100.0;
+/// Waiting tests a surprise may re-sort per result taken in since the last re-plan.
+const REPLAN_BUDGET: usize = 64;
+/// The most probes a group has.
+const MAX_PROBES: u8 = 8;
+/// [`Learning::probe_rank`] of a test that is not a probe.
+const NOT_PROBE: u8 = u8::MAX;
+
+/// How many of a group's `cold` tests with no history are probes: the square root, so a
+/// bigger group is sampled more, but never most of it.
+fn probes(cold: u32) -> u8 {
+    (f64::from(cold).sqrt().ceil() as u8).min(MAX_PROBES)
+}
 
 /// Plans every test of a run from the suite's history, and sets up what the run will learn
 /// about its tests with no history (empty when every test has some).
@@ -139,16 +158,20 @@ pub fn plan(
     let mut group_index: HashMap<&str, u32> = HashMap::new();
     let mut group_of = Vec::with_capacity(ids.len());
     let mut groups: Vec<GroupStat> = Vec::new();
+    let mut cold_in: Vec<u32> = Vec::new();
     let mut all: Vec<f64> = Vec::new();
     for (id, h) in ids.iter().zip(&known) {
         let g = *group_index.entry(prefix(id)).or_insert_with(|| {
             groups.push(GroupStat::default());
+            cold_in.push(0);
             (groups.len() - 1) as u32
         });
         group_of.push(g);
         if let Some(h) = h {
             groups[g as usize].add(h.estimate_ms);
             all.push(h.estimate_ms);
+        } else {
+            cold_in[g as usize] += 1;
         }
     }
     let high = if all.is_empty() {
@@ -164,12 +187,16 @@ pub fn plan(
             n: all.len() as u32,
             seen: 0,
         },
-        probe_of: vec![u32::MAX; groups.len()],
+        probes_of: cold_in.iter().map(|&n| probes(n)).collect(),
+        probe_rank: Vec::new(),
         groups,
         group_of,
         next_replan: 1,
+        replanned_at: (0, ids.len()),
         active: false,
     };
+    // Probes so far per group, while planning.
+    let mut given = vec![0u8; learning.groups.len()];
     let plans = ids
         .iter()
         .zip(&known)
@@ -184,10 +211,14 @@ pub fn plan(
                 None => {
                     learning.active = true;
                     let g = learning.group_of[i] as usize;
-                    // The first test of a group that nothing is known of goes out first: what
-                    // it takes tells the run what its siblings may take.
-                    if learning.groups[g].n == 0 && learning.probe_of[g] == u32::MAX {
-                        learning.probe_of[g] = i as u32;
+                    // The first tests of a group that nothing is known of go out first: what
+                    // they take tells the run what their siblings may take.
+                    if learning.groups[g].n == 0 && given[g] < learning.probes_of[g] {
+                        if learning.probe_rank.is_empty() {
+                            learning.probe_rank = vec![NOT_PROBE; ids.len()];
+                        }
+                        learning.probe_rank[i] = given[g];
+                        given[g] += 1;
                     }
                     learning.cold_plan(i as u32, high)
                 }
@@ -234,24 +265,36 @@ impl GroupStat {
 /// A test with no history is estimated from its prefix group (the tests of its file or
 /// directory), else from the whole run, else [`DEFAULT_ESTIMATE_MS`]; the groups start from the
 /// history of their known tests and take in every result of a test that had none. The first
-/// test of each group nothing is known of is a *probe*: it goes out before everything else but
-/// the recent failures under fail-first, so every group is measured early. A group not measured
-/// in this run yet is sorted as if long (as [`plan`] sorts every cold test); once it is, its
-/// tests sort by what it measured, so a slow file's tests go out early and a fast file's late.
+/// tests of each group nothing is known of are *probes* (the square root of its size, at most
+/// [`MAX_PROBES`]): they go out before everything else but the recent failures under
+/// fail-first, every group's first probe before any group's second, so every group is measured
+/// early and a slow test listed behind a quick sibling is looked for early too (a group
+/// measured slower than the run's mean stops probing: its tests go out early anyway). A group
+/// not measured in this run yet is sorted as if long (as [`plan`] sorts every cold test); once
+/// it is, its tests sort by what it measured, so a slow file's tests go out early and a fast
+/// file's late.
 ///
 /// Re-planning the queue is O(waiting tests), so it is done when the results taken in have
-/// grown by a quarter since the last time: O(log n) times over a run.
+/// grown by a quarter since the last time: O(log n) times over a run; and at once when a result
+/// is [`SURPRISE_FACTOR`] times its group's mean, if the results since the last re-plan pay
+/// for it ([`REPLAN_BUDGET`] waiting tests each).
 #[derive(Debug, Default)]
 pub struct Learning {
     group_of: Vec<u32>,
     groups: Vec<GroupStat>,
-    /// Each group's probe, `u32::MAX` for none.
-    probe_of: Vec<u32>,
+    /// How many probes each group has ([`probes`] of its tests with no history; none when it
+    /// has a test with history).
+    probes_of: Vec<u8>,
+    /// Each test's rank among its group's probes, [`NOT_PROBE`] for none; empty when no test
+    /// is a probe.
+    probe_rank: Vec<u8>,
     all: GroupStat,
     /// The sort floor of history-known tests ([`COLD_QUANTILE`]), if any test was known.
     known_high: Option<f64>,
     /// How many results taken in make the queue due for its next re-plan.
     next_replan: u32,
+    /// Results taken in, and tests waiting, at the last re-plan.
+    replanned_at: (u32, usize),
     /// Some test had no history and the queue may still hold it.
     active: bool,
 }
@@ -265,11 +308,17 @@ impl Learning {
         }
         let ms = duration_ms as f64;
         let g = &mut self.groups[self.group_of[idx as usize] as usize];
+        let surprise = g.mean().is_some_and(|m| ms >= SURPRISE_FACTOR * m.max(1.0)) && ms >= SURPRISE_MS;
         g.add(ms);
         g.seen += 1;
         self.all.add(ms);
         self.all.seen += 1;
-        self.all.seen >= self.next_replan
+        // A test far slower than its group was thought to be re-plans at once (its siblings may
+        // be as slow, and waiting for the next quarter could send them out last), as long as
+        // re-plans stay amortised: a few dozen waiting tests re-sorted per result taken in.
+        let (at, waiting) = self.replanned_at;
+        let affordable = (self.all.seen - at) as usize * REPLAN_BUDGET >= waiting;
+        self.all.seen >= self.next_replan || (surprise && affordable)
     }
 
     /// The plan of cold test `idx` from what is known now; `high` is the floor of the sort key
@@ -285,8 +334,15 @@ impl Learning {
         } else {
             estimate_ms
         };
-        if self.probe_of[g] == idx && stat.n == 0 {
-            key += PROBE_KEY;
+        let rank = self.probe_rank.get(idx as usize).copied().unwrap_or(NOT_PROBE);
+        // A group's later probes look for a slow test among siblings that look quick: once
+        // the group is measured slower than the run's mean, its tests go out early by that
+        // anyway, and probing on would only hold them behind every quick group's probes.
+        if rank != NOT_PROBE
+            && stat.seen < u32::from(self.probes_of[g])
+            && (rank == 0 || stat.seen == 0 || estimate_ms <= run_mean)
+        {
+            key += PROBE_KEY + f64::from(MAX_PROBES - rank) * PROBE_RANK_KEY;
         }
         Plan {
             estimate_ms,
@@ -317,6 +373,7 @@ impl Learning {
     pub fn replan(&mut self, queue: &mut RunQueue, mut set: impl FnMut(u32, Plan)) {
         let taken = self.all.seen;
         self.next_replan = taken + (taken / 4).max(1);
+        self.replanned_at = (taken, queue.len());
         let high = self.high();
         let mut any = false;
         queue.replan(|idx, old| {
@@ -505,7 +562,9 @@ impl RunQueue {
         // too short (its first results are its quickest tests), and a long test hidden among
         // them must not take a slot's whole share with it.
         let most = if head.cold && self.count_guesses {
-            (self.cold + out.len()).div_ceil(3 * slots as usize).max(1)
+            (self.cold + out.len())
+                .div_ceil(cold_shares(ctx.overhead_ms) * slots as usize)
+                .max(1)
         } else {
             usize::MAX
         };
@@ -536,6 +595,15 @@ impl RunQueue {
         }
         e.idx
     }
+}
+
+/// Into how many shards at least, per slot, a run with no history cuts its tests by count
+/// (see [`RunQueue::next_shard`]): three at [`MIN_OVERHEAD_MS`] a shard or more, more as
+/// shards cost less (the square root, as [`target_ms`] balances a shard's cost against the
+/// imbalance a long test in it may cause), at most twelve.
+fn cold_shares(overhead_ms: f64) -> usize {
+    let o = overhead_ms.max(1.0);
+    (3.0 * (MIN_OVERHEAD_MS / o).sqrt()).clamp(3.0, 12.0).round() as usize
 }
 
 /// What a shard is made of, which sets how large it may be (see [`target_ms`]).
@@ -684,10 +752,55 @@ mod tests {
         observe(20, 10_000, &mut q, &mut plans);
         assert_eq!((plans[1].estimate_ms, plans[21].estimate_ms), (100.0, 10_000.0));
         assert!((q.queued_ms() - (4.0 * 10_000.0 + 19.0 * 100.0)).abs() < 1e-6);
+        // A group of 20 has five probes (the square root), one of 5 three; the slow group,
+        // measured slower than the run's mean, is sampled by its own tests instead.
+        for expected in 1..5 {
+            assert_eq!(
+                q.next_shard(ctx(100)),
+                vec![expected],
+                "the quick group's other probes: cheap, and where a slow test would hide"
+            );
+        }
         for expected in 21..25 {
             assert_eq!(q.next_shard(ctx(100)), vec![expected], "the slow tests go next");
         }
-        assert_eq!(q.next_shard(ctx(100)), vec![1]);
+        assert_eq!(q.next_shard(ctx(100)), vec![5]);
+    }
+
+    #[test]
+    fn a_slow_test_among_quick_probes_replans_at_once_and_brings_its_siblings_forward() {
+        // Ten quick groups of four tests; the last group hides a slow test behind a quick one.
+        let ids: Vec<String> = (0..10)
+            .flat_map(|g| (0..4).map(move |t| format!("g{g}/t{t}")))
+            .collect();
+        let (mut plans, mut learning) = plan(&ids, &HashMap::new(), PlanOptions::default(), 0);
+        let mut q = RunQueue::new(&plans);
+        let mut observe = |idx: u32, ms: u64, q: &mut RunQueue, plans: &mut Vec<Plan>| {
+            if learning.observe(idx, ms) {
+                learning.replan(q, |i, p| plans[i as usize] = p);
+                return true;
+            }
+            false
+        };
+        // Every group's first probe, then every group's second.
+        let firsts: Vec<u32> = (0..10).map(|_| q.next_shard(ctx(100))[0]).collect();
+        assert_eq!(firsts, (0..10).map(|g| g * 4).collect::<Vec<u32>>());
+        for &i in &firsts {
+            observe(i, 10, &mut q, &mut plans);
+        }
+        let seconds: Vec<u32> = (0..10).map(|_| q.next_shard(ctx(100))[0]).collect();
+        assert_eq!(seconds, (0..10).map(|g| g * 4 + 1).collect::<Vec<u32>>());
+        for &i in &seconds[..9] {
+            observe(i, 10, &mut q, &mut plans);
+        }
+        // 20 results in, the next quarter is due at 25: the slow one re-plans by itself.
+        assert!(observe(37, 5_000, &mut q, &mut plans), "a surprise re-plans");
+        assert!(plans[38].estimate_ms > 2_000.0);
+        let next = q.next_shard(ctx(100));
+        assert!(
+            next == vec![38] || next == vec![39],
+            "its siblings go first: {next:?}"
+        );
     }
 
     #[test]
