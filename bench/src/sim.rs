@@ -201,6 +201,9 @@ pub fn drive_core(
         push(&mut events, 0.0, Ev::Free { slot: s });
     }
     let mut attempt_of: Vec<Option<AttemptId>> = vec![None; slots];
+    // Slots that asked and got nothing: a worker asks again, so they ask again when a shard
+    // ends or a test fails (which may free work for them: a retry that must go elsewhere).
+    let mut idle: Vec<usize> = Vec::new();
     let mut busy = vec![0.0; slots];
     let mut handouts = 0;
     let mut first_failure: Option<f64> = None;
@@ -222,6 +225,7 @@ pub fn drive_core(
                 }
                 let asked = std::time::Instant::now();
                 let Some(shard) = core.acquire(workers[slot], at(t))? else {
+                    idle.push(slot);
                     continue;
                 };
                 acquire_ns.push(asked.elapsed().as_nanos() as u64);
@@ -276,6 +280,11 @@ pub fn drive_core(
                 core.report(workers[slot], a, vec![r], at(t))?;
                 if last {
                     push(&mut events, t, Ev::Free { slot });
+                }
+                if last || w.failing[test] {
+                    for s in idle.drain(..) {
+                        push(&mut events, t, Ev::Free { slot: s });
+                    }
                 }
             }
         }
