@@ -124,38 +124,11 @@ pub fn slot_order<Id: Ord + Copy>(priority: i32, live_attempts: u32, id: Id) -> 
     (std::cmp::Reverse(priority), live_attempts, id)
 }
 
-/// A runner's per-shard overhead, measured: the (lower) median of the last [`Overhead::KEEP`] whole
-/// shards' wall time minus their tests' own time. A median, because the samples are mostly
-/// alike with rare outliers that say nothing of the next shard (a slot's warm pytest starting,
-/// about 600 ms, among shards that cost it 5 ms); the configured initial overhead is a guess
-/// used only until the first shard is measured.
-#[derive(Debug, Clone, Default)]
-pub struct Overhead {
-    samples: std::collections::VecDeque<f64>,
-}
-
-impl Overhead {
-    const KEEP: usize = 9;
-
-    /// Takes in one more whole shard.
-    pub fn add(&mut self, shard_wall_ms: u64, tests_ms: u64) {
-        if self.samples.len() == Self::KEEP {
-            self.samples.pop_front();
-        }
-        self.samples
-            .push_back(shard_wall_ms.saturating_sub(tests_ms) as f64);
-    }
-
-    /// The estimate, `None` before any shard.
-    pub fn ms(&self) -> Option<f64> {
-        let mut v: Vec<f64> = self.samples.iter().copied().collect();
-        if v.is_empty() {
-            return None;
-        }
-        v.sort_by(f64::total_cmp);
-        // The lower median: of two samples, the cheaper (the other is as likely a start).
-        Some(v[(v.len() - 1) / 2])
-    }
+/// The per-shard overhead estimate after one more whole shard: an exponentially weighted mean
+/// of wall time minus the tests' own time.
+pub fn next_overhead(current_ms: f64, shard_wall_ms: u64, tests_ms: u64) -> f64 {
+    let sample = shard_wall_ms.saturating_sub(tests_ms) as f64;
+    current_ms + 0.2 * (sample - current_ms)
 }
 
 /// A test's flaky results over its counted runs.
@@ -306,30 +279,13 @@ mod tests {
     }
 
     #[test]
-    fn the_overhead_is_the_median_of_the_last_shards() {
-        let mut o = Overhead::default();
-        assert_eq!(o.ms(), None, "nothing measured: the configured guess applies");
-        o.add(1600, 100);
-        assert_eq!(o.ms(), Some(1500.0), "the first shard sets it outright");
-        o.add(100, 200);
+    fn the_overhead_moves_a_fifth_of_the_way_to_each_sample() {
+        assert_eq!(next_overhead(500.0, 1600, 100), 700.0);
         assert_eq!(
-            o.ms(),
-            Some(0.0),
-            "a negative sample counts as 0; the lower median"
+            next_overhead(500.0, 100, 200),
+            400.0,
+            "a negative sample counts as 0"
         );
-        for _ in 0..5 {
-            o.add(15, 10);
-        }
-        o.add(610, 10);
-        assert_eq!(
-            o.ms(),
-            Some(5.0),
-            "one warm start among cheap shards moves nothing"
-        );
-        for _ in 0..9 {
-            o.add(300, 100);
-        }
-        assert_eq!(o.ms(), Some(200.0), "only the last nine count");
     }
 
     #[test]

@@ -562,9 +562,7 @@ impl RunQueue {
         // too short (its first results are its quickest tests), and a long test hidden among
         // them must not take a slot's whole share with it.
         let most = if head.cold && self.count_guesses {
-            (self.cold + out.len())
-                .div_ceil(cold_shares(ctx.overhead_ms) * slots as usize)
-                .max(1)
+            (self.cold + out.len()).div_ceil(3 * slots as usize).max(1)
         } else {
             usize::MAX
         };
@@ -595,15 +593,6 @@ impl RunQueue {
         }
         e.idx
     }
-}
-
-/// Into how many shards at least, per slot, a run with no history cuts its tests by count
-/// (see [`RunQueue::next_shard`]): three at [`MIN_OVERHEAD_MS`] a shard or more, more as
-/// shards cost less (the square root, as [`target_ms`] balances a shard's cost against the
-/// imbalance a long test in it may cause), at most twelve.
-fn cold_shares(overhead_ms: f64) -> usize {
-    let o = overhead_ms.max(1.0);
-    (3.0 * (MIN_OVERHEAD_MS / o).sqrt()).clamp(3.0, 12.0).round() as usize
 }
 
 /// What a shard is made of, which sets how large it may be (see [`target_ms`]).

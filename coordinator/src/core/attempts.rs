@@ -145,10 +145,9 @@ impl Core {
                     r.excluded.insert(worker);
                 }
                 if whole {
-                    c.overhead_ms
-                        .entry(r.row.runner.clone())
-                        .or_default()
-                        .add(wall, tests_ms);
+                    let initial = c.cfg.initial_overhead.as_millis() as f64;
+                    let o = c.overhead_ms.entry(r.row.runner.clone()).or_insert(initial);
+                    *o = policy::next_overhead(*o, wall, tests_ms);
                 }
             }
             let requeued = c.apply_end_attempt(plan);

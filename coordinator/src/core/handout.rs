@@ -201,7 +201,7 @@ impl Core {
     fn overhead(&self, runner: &str) -> f64 {
         self.overhead_ms
             .get(runner)
-            .and_then(crate::policy::Overhead::ms)
+            .copied()
             .unwrap_or(self.cfg.initial_overhead.as_millis() as f64)
     }
 

@@ -428,9 +428,8 @@ pub struct Core {
     pub(crate) known_runners: BTreeMap<String, RunnerKind>,
     /// Per runner name, the label sets of the workers that ever offered it.
     pub(crate) known_labels: BTreeMap<String, std::collections::BTreeSet<labels::Labels>>,
-    /// Measured cost of one hand-out per runner: wall time of a shard minus its tests;
-    /// absent (the configured initial overhead) until a whole shard of the runner ended.
-    pub(crate) overhead_ms: HashMap<String, crate::policy::Overhead>,
+    /// Measured cost of one hand-out per runner (ms): wall time of a shard minus its tests.
+    pub(crate) overhead_ms: HashMap<String, f64>,
     /// Changes whenever a worker comes, goes, is lost or revives.
     pub(crate) fleet_version: u64,
     /// When old runs' output was last pruned (`keep_output`).
