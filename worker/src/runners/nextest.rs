@@ -2,7 +2,7 @@
 //! selected exactly by a filterset and run with shardgate's profile from a tool config file
 //! (JUnit to the shard's own file, no retries of nextest's own, the run's test timeout).
 
-use super::batch::{CommandRunner, IdFormat, Shard};
+use super::batch::{CommandRunner, IdFormat, RecordedBuild, Shard};
 use super::{BoxFuture, Commands, RunnerError, Tool, ToolSpec};
 
 #[derive(Debug)]
@@ -136,15 +136,26 @@ async fn build_once(runner: &CommandRunner, shard: &Shard<'_>) -> Option<std::sy
         return None;
     }
     let mut built = runner.nextest_build.lock().await;
-    if let Some((run, recorded)) = &*built
-        && run == shard.run
+    fill(&mut built, runner, shard.revision, shard.run, shard.cancel).await
+}
+
+/// `built` for `run`: as it is if it already holds `run`'s record, else recorded now.
+async fn fill(
+    built: &mut Option<RecordedBuild>,
+    runner: &CommandRunner,
+    revision: &str,
+    run: &str,
+    cancel: &tokio_util::sync::CancellationToken,
+) -> Option<std::sync::Arc<Recorded>> {
+    if let Some((r, recorded)) = &*built
+        && r == run
     {
         return recorded.clone();
     }
-    let recorded = record_build(runner, shard.revision, shard.cancel)
+    let recorded = record_build(runner, revision, cancel)
         .await
         .map(std::sync::Arc::new);
-    *built = Some((shard.run.to_owned(), recorded.clone()));
+    *built = Some((run.to_owned(), recorded.clone()));
     recorded
 }
 
@@ -155,17 +166,11 @@ fn record_in_background(runner: &CommandRunner, revision: &str, run: &str) {
     let Ok(mut built) = runner.nextest_build.clone().try_lock_owned() else {
         return;
     };
-    if built.as_ref().is_some_and(|(r, _)| r == run) {
-        return;
-    }
     let (runner, revision, run) = (runner.clone(), revision.to_owned(), run.to_owned());
     tokio::spawn(async move {
         // Nothing cancels it: it ends with its commands, which die with the worker.
         let cancel = tokio_util::sync::CancellationToken::new();
-        let recorded = record_build(&runner, &revision, &cancel)
-            .await
-            .map(std::sync::Arc::new);
-        *built = Some((run, recorded));
+        fill(&mut built, &runner, &revision, &run, &cancel).await;
     });
 }
 
