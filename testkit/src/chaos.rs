@@ -249,9 +249,12 @@ pub fn campaign(cfg: &ChaosConfig) -> ChaosReport {
     }
     let cluster = &mut cluster;
     let mut report = ChaosReport::default();
+    // Faults a run ended before are injected in the next one instead: on a loaded machine a
+    // run can finish early, and the campaign still injects what its seed planned.
+    let mut carried = Vec::new();
     for k in 0..cfg.runs {
         let mut rng = StdRng::seed_from_u64(cfg.seed.wrapping_mul(1_000_003).wrapping_add(k as u64));
-        one_run(cluster, failover.as_ref(), cfg, k, &mut rng, &mut report);
+        carried = one_run(cluster, failover.as_ref(), cfg, k, &mut rng, carried, &mut report);
         report.runs += 1;
     }
     if let Some(f) = &failover {
@@ -308,8 +311,9 @@ fn one_run(
     cfg: &ChaosConfig,
     k: usize,
     rng: &mut StdRng,
+    carried: Vec<Fault>,
     report: &mut ChaosReport,
-) {
+) -> Vec<Fault> {
     let tag = format!("seed {} run {k}", cfg.seed);
     let suite = plan_suite(&cluster.root, k, cfg, rng);
     let list = cluster.dir.path().join(format!("tests-{k}.txt"));
@@ -333,23 +337,32 @@ fn one_run(
         .spawn()
         .expect("failed to start the client");
 
-    // One to three faults, at most two of which take a worker away, each once a random share
-    // of the run is done.
+    // One to three faults, at most two of which take a worker away (the rest carry on to the
+    // next run), each once a random share of the run is done; then those carried over.
     let n = rng.random_range(1..=3);
     let mut worker_faults = 0;
     let mut plan = Vec::new();
-    for _ in 0..n {
-        let f = match (failover.is_some(), rng.random_range(0..10)) {
-            (false, 0..=3) => Fault::KillWorker,
-            (false, 4..=6) => Fault::Partition,
-            (false, _) => Fault::RestartCoordinator,
-            (true, 0..=2) => Fault::KillWorker,
-            (true, 3..=5) => Fault::KillLeader,
-            (true, 6..=7) => Fault::CutLeader,
-            (true, _) => Fault::KillStandby,
+    let mut left = Vec::new();
+    let mut carried = carried.into_iter();
+    for i in 0.. {
+        let f = if i < n {
+            match (failover.is_some(), rng.random_range(0..10)) {
+                (false, 0..=3) => Fault::KillWorker,
+                (false, 4..=6) => Fault::Partition,
+                (false, _) => Fault::RestartCoordinator,
+                (true, 0..=2) => Fault::KillWorker,
+                (true, 3..=5) => Fault::KillLeader,
+                (true, 6..=7) => Fault::CutLeader,
+                (true, _) => Fault::KillStandby,
+            }
+        } else if let Some(f) = carried.next() {
+            f
+        } else {
+            break;
         };
         if f == Fault::KillWorker || f == Fault::Partition {
             if worker_faults == 2 {
+                left.push(f);
                 continue;
             }
             worker_faults += 1;
@@ -358,8 +371,11 @@ fn one_run(
     }
     plan.sort_by(|a, b| a.1.total_cmp(&b.1));
     let deadline = Instant::now() + cfg.run_deadline;
-    for (fault, at) in plan {
+    let mut plan = plan.into_iter();
+    while let Some((fault, at)) = plan.next() {
         if !wait_progress(cluster, &revision, at, deadline) {
+            left.push(fault);
+            left.extend(plan.map(|(f, _)| f));
             break;
         }
         if let Some(f) = failover
@@ -392,7 +408,7 @@ fn one_run(
             "{tag}: the run did not end within {:?}",
             cfg.run_deadline
         ));
-        return;
+        return left;
     };
     let mut stdout = String::new();
     use std::io::Read;
@@ -411,6 +427,7 @@ fn one_run(
         );
     }
     check(&tag, &suite, status.code(), &stdout, report);
+    left
 }
 
 fn kill(c: &mut Child) {

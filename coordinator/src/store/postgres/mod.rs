@@ -179,15 +179,27 @@ impl Drop for PgStore {
 }
 
 /// Takes the lead when the lease ran out, or when the session that held it is gone.
+///
+/// The times are the server's clock when the row is written (`clock_timestamp()`), not when
+/// the statement began (`now()`): a takeover can wait on the row for as long as the old
+/// leader's last batch holds it (until the server times that session out, a lease), and a
+/// lease counted from before that wait would be over, or nearly, when it is granted.
 const TAKE_LEAD: &str = "
 INSERT INTO leader AS l (id, epoch, holder, grpc_addr, http_addr, since, expires_at, backend_pid)
-VALUES (1, 1, $1, $2, $3, now(), now() + $4::bigint * interval '1 millisecond', pg_backend_pid())
+VALUES (1, 1, $1, $2, $3, clock_timestamp(),
+        clock_timestamp() + $4::bigint * interval '1 millisecond', pg_backend_pid())
 ON CONFLICT (id) DO UPDATE SET epoch = l.epoch + 1, holder = EXCLUDED.holder,
-    grpc_addr = EXCLUDED.grpc_addr, http_addr = EXCLUDED.http_addr, since = now(),
-    expires_at = EXCLUDED.expires_at, backend_pid = EXCLUDED.backend_pid
-WHERE l.expires_at < now()
+    grpc_addr = EXCLUDED.grpc_addr, http_addr = EXCLUDED.http_addr, since = clock_timestamp(),
+    expires_at = clock_timestamp() + $4::bigint * interval '1 millisecond',
+    backend_pid = EXCLUDED.backend_pid
+WHERE l.expires_at < clock_timestamp()
    OR NOT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = l.backend_pid)
 RETURNING epoch";
+
+/// Extends the lease of epoch `$1` by `$2` milliseconds from the server's clock now.
+const RENEW: &str = "
+UPDATE leader SET expires_at = clock_timestamp() + $2::bigint * interval '1 millisecond'
+WHERE id = 1 AND epoch = $1 RETURNING epoch";
 
 impl PgStore {
     /// Connects to the database at `url`, brings its schema up to date and takes the lead, or
@@ -223,7 +235,6 @@ impl PgStore {
             "SET idle_in_transaction_session_timeout = {}",
             me.lease.as_millis().max(1000)
         ))?;
-        let sent = Instant::now();
         let took = conn.query_opt(
             TAKE_LEAD,
             &[
@@ -237,6 +248,11 @@ impl PgStore {
             return Ok(Err(leader_of(&mut conn)?.expect("a row refused our takeover")));
         };
         let epoch: i64 = get(&row, 0)?;
+        // The lease runs from when the row was written, which can be long after the takeover
+        // was sent (it waits on the row); this process counts it from a renewal sent now, so
+        // that its own count never ends after the server's.
+        let sent = Instant::now();
+        conn.query_opt(RENEW, &[&epoch, &(me.lease.as_millis() as i64)])?;
         // The schema's later versions are the leader's to apply, under its fence.
         conn.fence = Some((epoch, shown.clone()));
         schema::migrate(&mut conn, &shown, schema::Upto::Latest)?;
@@ -346,11 +362,7 @@ fn spawn_renewer(
                     break;
                 }
                 let sent = Instant::now();
-                match conn.query_opt(
-                    "UPDATE leader SET expires_at = now() + $2::bigint * interval '1 millisecond'
-                     WHERE id = 1 AND epoch = $1 RETURNING epoch",
-                    &[&renewing.epoch, &lease_ms],
-                ) {
+                match conn.query_opt(RENEW, &[&renewing.epoch, &lease_ms]) {
                     Ok(Some(_)) => *renewing.renewed.lock().unwrap_or_else(|p| p.into_inner()) = sent,
                     Ok(None) => {
                         let who = leader_of(&mut conn)

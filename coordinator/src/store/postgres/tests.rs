@@ -145,6 +145,46 @@ fn the_lead_is_free_at_once_when_the_leaders_session_ends() {
     );
 }
 
+/// A standby whose takeover waited on the row for a leader that vanished mid-batch (its
+/// session ends when the server times it out, a lease later) still gets a whole lease,
+/// counted from when it took the lead, not from when it asked: else it stops before its
+/// first renewal and the lead changes hands twice.
+#[test]
+fn a_takeover_that_waited_for_a_dead_batch_gets_a_whole_lease() {
+    let db = Postgres::new();
+    let mut a = PgStore::open(&db.url, &Postgres::candidate("a")).unwrap();
+    a.stop_renewing();
+    // The leader is cut off with a batch open: the leader row stays locked for share.
+    a.begin_batch().unwrap();
+    a.insert_run(&run_row(), &["t".into()], false).unwrap();
+    let url = db.url.clone();
+    let taking = std::thread::spawn(move || PgStore::open(&url, &Postgres::candidate("b")));
+    let mut watch = admin(&db.url);
+    let lease = Postgres::candidate("b").lease;
+    // The takeover waits on the row until the server ends the dead leader's session: its
+    // idle-in-transaction timeout, a lease.
+    wait_for("the takeover to wait on the row", Duration::from_secs(20), || {
+        let n = watch.count(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE application_name = 'shardgate writer' AND datname = current_database() AND wait_event_type = 'Lock'",
+        );
+        (n == 1).then_some(())
+    });
+    let b = taking.join().unwrap().unwrap();
+    assert_eq!(b.epoch(), 2);
+    let left_ms =
+        watch.count("SELECT (extract(epoch FROM expires_at - clock_timestamp()) * 1000)::bigint FROM leader");
+    assert!(
+        left_ms > lease.as_millis() as i64 / 2,
+        "the new leader's lease has {left_ms} ms left of {lease:?}"
+    );
+    let since = b.lease.renewed.lock().unwrap().elapsed();
+    assert!(
+        since < lease / 2,
+        "its own count of the lease started {since:?} ago"
+    );
+}
+
 #[test]
 fn a_lost_connection_fails_the_commit_and_keeps_nothing() {
     let db = Postgres::new();
