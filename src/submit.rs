@@ -88,7 +88,7 @@ pub async fn submit_and_follow(
         }
     }
     progress.finish();
-    let mut report = fetch_report(&mut client, &resp.run_id).await?;
+    let mut report = fetch_report_through_outages(&mut client, &resp.run_id, reconnect_for).await?;
     let mut code = exit_code(report.status);
     if wait_rollout && report.status == RunStatus::Passed {
         progress.note("gate passed; waiting for the rollout");
@@ -274,14 +274,36 @@ fn emit(report: &RunReport, out: &RunOutput) -> anyhow::Result<()> {
 }
 
 async fn fetch_report(client: &mut RunServiceClient<Channel>, run_id: &str) -> anyhow::Result<RunReport> {
-    let resp = client
-        .get_run(pb::GetRunRequest {
+    fetch_report_through_outages(client, run_id, Duration::ZERO).await
+}
+
+/// The same, asking again through an outage of up to `reconnect_for` (a coordinator that
+/// restarts or fails over just as the run ends).
+async fn fetch_report_through_outages(
+    client: &mut RunServiceClient<Channel>,
+    run_id: &str,
+    reconnect_for: Duration,
+) -> anyhow::Result<RunReport> {
+    let mut lost_since: Option<tokio::time::Instant> = None;
+    let mut delay = Duration::from_millis(200);
+    let resp = loop {
+        let req = pb::GetRunRequest {
             run_id: run_id.to_owned(),
             include_results: true,
-        })
-        .await
-        .map_err(|s| refused("failed to get the run", s))?
-        .into_inner();
+        };
+        match client.get_run(req).await {
+            Ok(resp) => break resp.into_inner(),
+            Err(s) if is_transient(&s) => {
+                let since = *lost_since.get_or_insert_with(tokio::time::Instant::now);
+                if since.elapsed() >= reconnect_for {
+                    return Err(refused("failed to get the run", s));
+                }
+            }
+            Err(s) => return Err(refused("failed to get the run", s)),
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(3));
+    };
     let run = resp.run.context("the coordinator sent a run without a summary")?;
     Ok(RunReport::new(&run, &resp.results))
 }

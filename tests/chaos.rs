@@ -36,7 +36,7 @@ fn no_infrastructure_fault_loses_or_double_counts_a_result() {
         report.problems.join("\n"),
         report.logs.join("\n")
     );
-    assert_eq!(report.runs, 6);
+    assert!(report.runs >= 6, "{} runs", report.runs);
     // The campaign did inject faults of every kind (a checker that saw none proves nothing).
     for kind in [
         "worker killed (SIGKILL)",
@@ -76,7 +76,7 @@ fn no_failover_loses_or_double_counts_a_result_or_rolls_out_twice() {
         report.problems.join("\n"),
         report.logs.join("\n")
     );
-    assert_eq!(report.runs, 6);
+    assert!(report.runs >= 6, "{} runs", report.runs);
     assert!(
         !report.failover_times.is_empty(),
         "no failover happened: {:?}",

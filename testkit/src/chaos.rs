@@ -23,6 +23,7 @@ use crate::proxy::Proxy;
 #[derive(Debug, Clone)]
 pub struct ChaosConfig {
     pub seed: u64,
+    /// Runs in the campaign, and up to two more when faults are left over (see [`campaign`]).
     pub runs: usize,
     pub workers: usize,
     pub slots: u32,
@@ -110,7 +111,8 @@ pub struct ChaosReport {
     pub wall: Duration,
     /// One line per problem, naming the seed and run.
     pub problems: Vec<String>,
-    /// Faults that found nothing to hit (no live worker at that moment), so were not injected.
+    /// Faults that found nothing to hit (no live worker at that moment), so were not injected
+    /// then (the next run tries them again).
     pub skipped_faults: u32,
     /// The processes' logs of a campaign that found problems.
     pub logs: Vec<String>,
@@ -249,10 +251,14 @@ pub fn campaign(cfg: &ChaosConfig) -> ChaosReport {
     }
     let cluster = &mut cluster;
     let mut report = ChaosReport::default();
-    // Faults a run ended before are injected in the next one instead: on a loaded machine a
+    // Faults a run ended before (or that found nothing to hit) are injected in the next one
+    // instead, with up to two runs more for those the last one left: on a loaded machine a
     // run can finish early, and the campaign still injects what its seed planned.
     let mut carried = Vec::new();
-    for k in 0..cfg.runs {
+    for k in 0..cfg.runs + 2 {
+        if k >= cfg.runs && carried.is_empty() {
+            break;
+        }
         let mut rng = StdRng::seed_from_u64(cfg.seed.wrapping_mul(1_000_003).wrapping_add(k as u64));
         carried = one_run(cluster, failover.as_ref(), cfg, k, &mut rng, carried, &mut report);
         report.runs += 1;
@@ -398,7 +404,11 @@ fn one_run(
                     report.requeue_by.entry(fault.name()).or_default().push(d);
                 }
             }
-            Ok(None) => report.skipped_faults += 1,
+            Ok(None) => {
+                // Nothing to hit (every worker down or not yet back): tried again next run.
+                report.skipped_faults += 1;
+                left.push(fault);
+            }
             Err(e) => report.problems.push(format!("{tag}: {}: {e}", fault.name())),
         }
     }
