@@ -55,8 +55,10 @@ impl ChaosConfig {
             runs,
             workers: 4,
             slots: 2,
-            tests: 24,
-            test_ms: (50, 300),
+            // Runs of about a second and a half on 8 slots: long enough for a fault to land
+            // at its share of the run on a loaded machine.
+            tests: 32,
+            test_ms: (100, 500),
             lease: "3s".into(),
             heartbeat: "300ms".into(),
             duplicate_reports: 0.2,
