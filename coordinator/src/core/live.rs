@@ -53,13 +53,17 @@ impl Core {
             },
             ended_at_ms: ended_ms,
             state: state.to_owned(),
-            estimated_ms: a
-                .pending
-                .iter()
-                .filter_map(|&i| test(i))
-                .map(|t| t.plan.estimate_ms)
-                .sum::<f64>()
-                .round() as u64,
+            // While it runs, what is left of it; once it ended, the whole shard's.
+            estimated_ms: if ended_ms == 0 {
+                a.pending
+                    .iter()
+                    .filter_map(|&i| test(i))
+                    .map(|t| t.plan.estimate_ms)
+                    .sum::<f64>()
+                    .round() as u64
+            } else {
+                a.estimate_ms.round() as u64
+            },
         }
     }
 

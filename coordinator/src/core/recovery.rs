@@ -211,8 +211,14 @@ impl Core {
             w.attempts.insert(a.id);
         }
         let lease_until = now.at + self.cfg.lease;
+        let estimate_ms = a
+            .tests
+            .iter()
+            .filter_map(|&i| state.tests.get(i as usize))
+            .map(|t| t.plan.estimate_ms)
+            .sum();
         self.attempts
-            .insert(a.id, Attempt::from_row(&a, pending, lease_until));
+            .insert(a.id, Attempt::from_row(&a, pending, lease_until, estimate_ms));
     }
 }
 

@@ -279,14 +279,22 @@ pub(crate) struct Attempt {
     pub total: u32,
     /// Sum of the durations reported so far, to measure the per-shard overhead.
     pub reported_ms: u64,
+    /// The estimated work of the whole shard when it was handed out (its timeline entry keeps
+    /// it once the attempt ends).
+    pub estimate_ms: f64,
     pub lease_until: Instant,
     pub started_ms: u64,
 }
 
 impl Attempt {
     /// A live attempt from its stored row, holding `pending` of its tests, its lease running
-    /// until `lease_until`.
-    pub fn from_row(a: &crate::store::AttemptRow, pending: Vec<u32>, lease_until: Instant) -> Self {
+    /// until `lease_until`; `estimate_ms` is the whole shard's estimated work.
+    pub fn from_row(
+        a: &crate::store::AttemptRow,
+        pending: Vec<u32>,
+        lease_until: Instant,
+        estimate_ms: f64,
+    ) -> Self {
         Self {
             shard: a.shard,
             run: a.run,
@@ -299,6 +307,7 @@ impl Attempt {
             total: a.tests.len() as u32,
             pending,
             reported_ms: 0,
+            estimate_ms,
             lease_until,
             started_ms: a.started_ms,
         }

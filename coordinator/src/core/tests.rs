@@ -1205,3 +1205,20 @@ fn the_live_views_counts_are_always_current_and_its_shard_list_catches_up_when_d
     assert!(!core.refresh_live(&mut view, &changed, &none));
     assert_eq!(view.runs[&run].shards.len(), 2);
 }
+
+#[test]
+fn an_ended_shard_keeps_its_whole_estimate_in_the_timeline() {
+    let (mut core, now) = core();
+    let w = register(&mut core, "w1", 1, &[], now);
+    let tests: Vec<String> = (0..20).map(|i| format!("t{i}")).collect();
+    let refs: Vec<&str> = tests.iter().map(String::as_str).collect();
+    let run = submit(&mut core, &refs, now);
+    assert!(drain(&mut core, w, now, |_| Outcome::Passed) > 1);
+    let log = crate::store::Reads::shard_log(&*core.store, run).unwrap();
+    assert!(log.len() > 1, "{log:?}");
+    for s in &log {
+        assert!(s.ended_at_ms > 0 && s.tests > 0, "{s:?}");
+        // Every test of the shard had a guess: the entry shows their sum, not what was left.
+        assert!(s.estimated_ms > 0, "an ended shard shows no estimate: {s:?}");
+    }
+}
