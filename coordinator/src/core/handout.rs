@@ -178,11 +178,7 @@ impl Core {
         self.effects.runs_changed.insert(a.run);
         self.effects.workers_changed.insert(a.worker);
         let pending = a.tests.clone();
-        let estimate_ms = a
-            .tests
-            .iter()
-            .map(|&i| run.tests[i as usize].plan.estimate_ms)
-            .sum();
+        let estimate_ms = run.estimate_ms(&a.tests);
         self.attempts
             .insert(a.id, Attempt::from_row(&a, pending, now.at + lease, estimate_ms));
         self.workers

@@ -55,15 +55,11 @@ impl Core {
             state: state.to_owned(),
             // While it runs, what is left of it; once it ended, the whole shard's.
             estimated_ms: if ended_ms == 0 {
-                a.pending
-                    .iter()
-                    .filter_map(|&i| test(i))
-                    .map(|t| t.plan.estimate_ms)
-                    .sum::<f64>()
-                    .round() as u64
+                run.map_or(0.0, |r| r.estimate_ms(&a.pending))
             } else {
-                a.estimate_ms.round() as u64
-            },
+                a.estimate_ms
+            }
+            .round() as u64,
         }
     }
 

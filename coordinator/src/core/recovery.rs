@@ -202,21 +202,13 @@ impl Core {
     /// Makes a restored attempt live again, its lease starting now.
     fn install_attempt(&mut self, state: &mut RunState, a: AttemptRow, pending: Vec<u32>, now: Now) {
         state.running += pending.len() as u32;
-        state.running_ms += pending
-            .iter()
-            .map(|&i| state.tests[i as usize].plan.estimate_ms)
-            .sum::<f64>();
+        state.running_ms += state.estimate_ms(&pending);
         state.live_attempts += 1;
         if let Some(w) = self.workers.get_mut(&a.worker) {
             w.attempts.insert(a.id);
         }
         let lease_until = now.at + self.cfg.lease;
-        let estimate_ms = a
-            .tests
-            .iter()
-            .filter_map(|&i| state.tests.get(i as usize))
-            .map(|t| t.plan.estimate_ms)
-            .sum();
+        let estimate_ms = state.estimate_ms(&a.tests);
         self.attempts
             .insert(a.id, Attempt::from_row(&a, pending, lease_until, estimate_ms));
     }

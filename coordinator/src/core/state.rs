@@ -117,6 +117,14 @@ impl Tally {
 }
 
 impl RunState {
+    /// The estimated work of tests `idx` of this run.
+    pub fn estimate_ms(&self, idx: &[u32]) -> f64 {
+        idx.iter()
+            .filter_map(|&i| self.tests.get(i as usize))
+            .map(|t| t.plan.estimate_ms)
+            .sum()
+    }
+
     /// What is counted now.
     pub fn tally(&self) -> Tally {
         Tally {
