@@ -190,3 +190,50 @@ async fn the_deploy_log_of_one_run_names_a_bad_run_id() {
     assert!(none.deploys.is_empty());
     assert_eq!((none.last_day, none.last_week), (0, 0));
 }
+
+/// `WatchRun` is answered outside tonic's generated service (pre-framed bursts on the watch
+/// threads): its errors still reach a client as gRPC statuses that name the problem.
+#[tokio::test]
+async fn a_watch_of_an_unknown_or_malformed_run_is_a_clear_status() {
+    let cluster = Cluster::builder().workers(0).start();
+    let mut client = RunServiceClient::connect(cluster.url()).await.unwrap();
+    let unknown = uuid::Uuid::new_v4().to_string();
+    let status = client
+        .watch_run(pb::WatchRunRequest {
+            run_id: unknown.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::NotFound, "{status:?}");
+    assert!(status.message().contains(&unknown), "{status:?}");
+    let status = client
+        .watch_run(pb::WatchRunRequest {
+            run_id: "not-a-run".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("run_id"), "{status:?}");
+    // A request that is not a WatchRunRequest at all.
+    let ch = tonic::transport::Endpoint::from_shared(cluster.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut grpc = tonic::client::Grpc::new(ch);
+    grpc.ready().await.unwrap();
+    let codec = tonic_prost::ProstCodec::<RawSubmit, pb::RunEvent>::default();
+    let path = http::uri::PathAndQuery::from_static("/shardgate.v1.RunService/WatchRun");
+    let status = grpc
+        .server_streaming(
+            tonic::Request::new(RawSubmit {
+                suite: vec![0xff, 0xfe, b'x'],
+            }),
+            path,
+            codec,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("WatchRunRequest"), "{status:?}");
+}

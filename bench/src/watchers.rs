@@ -5,6 +5,13 @@
 //! on loopback), as the binary runs it. It prints the makespan and AcquireShard p50/p99 of
 //! each, and the ratios (target ≤ 1.05).
 //!
+//! The hand-out latency is read in the run's steady state: every hand-out but each worker's
+//! first. The first ones are the opening wave, every worker asking in the same millisecond: a
+//! hundred calls served in one or two batches, the last of them waiting for all the others. In a
+//! later run (sized shards, ~950 hand-outs in all) that wave is a tenth of the hand-outs, so a
+//! p99 over everything is the wave's own length, not the latency of a hand-out. The wave is
+//! printed on its own: the time until the last worker had its first shard.
+//!
 //! The watchers stand for dashboards on other machines: in this process they run on threads of
 //! their own, by default under Linux's `SCHED_IDLE` policy (they run when nothing else wants
 //! the cores), so that the ratio measures what serving them costs the coordinator, not this
@@ -14,7 +21,7 @@
 //! snapshot), as a slow dashboard would be; the events delivered are printed.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use shardgate_common::pb;
@@ -72,9 +79,12 @@ struct Trial {
     /// CPU seconds of this process but the watchers' own threads: the coordinator and the
     /// simulated workers (the same in every trial).
     cpu_s: f64,
+    /// Every hand-out's latency but each worker's first, as the worker saw it.
     acquire_ns: Vec<u64>,
+    /// The opening wave: from the run's start until the last worker had its first shard.
+    opening: Duration,
     /// The coordinator's own hand-out histogram over the trial (from each call's arrival to
-    /// its reply, without the simulated workers' side of the connection).
+    /// its reply, without the simulated workers' side of the connection), after the opening wave.
     served: Histogram,
     events: u64,
 }
@@ -124,8 +134,8 @@ pub async fn run(a: WatchersArgs) -> anyhow::Result<()> {
         a.tests, a.test_ms, a.workers, a.watcher_priority
     );
     // A first run warms the store and the history (every trial runs the same suite, so each
-    // has the same duration history); then alone and watched alternate, so that drift on this
-    // machine weighs on both alike.
+    // has the same duration history); then alone and watched alternate (ABBA), so that drift
+    // on this machine weighs on both alike.
     let warm = trial(&a, &channels[0], &workers, 0, &url, &http_addr, &watcher_rt).await?;
     println!("  warm-up run: makespan {:.2} s", warm.makespan.as_secs_f64());
     let (mut alone, mut watched) = (Trial::default(), Trial::default());
@@ -133,28 +143,36 @@ pub async fn run(a: WatchersArgs) -> anyhow::Result<()> {
     // own noise, against which the watched rounds are read.
     let mut round_p99: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
     let mut round_served: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    let mut round_opening: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
     for round in 1..=a.rounds {
-        for (k, (name, n, total)) in [
-            ("nobody watching", 0, &mut alone),
-            ("watched", a.watchers, &mut watched),
-        ]
-        .into_iter()
-        .enumerate()
-        {
+        let mut order = [
+            (0, "nobody watching", 0, &mut alone),
+            (1, "watched", a.watchers, &mut watched),
+        ];
+        // Alone first in odd rounds, watched first in even ones: a drift of this machine
+        // within a round weighs on both alike.
+        if round % 2 == 0 {
+            order.reverse();
+        }
+        for (k, name, n, total) in order {
             let mut t = trial(&a, &channels[0], &workers, n, &url, &http_addr, &watcher_rt).await?;
             round_p99[k].push(quantile(&mut t.acquire_ns, 0.99) as f64 / 1e6);
             round_served[k].push(t.served.quantile(0.99) * 1e3);
+            round_opening[k].push(t.opening.as_secs_f64() * 1e3);
             println!(
-                "  round {round}, {name:<16} makespan {:>6.2} s   AcquireShard p50 {:>6.2} ms  p99 {:>6.2} ms (in the coordinator ≈ {:>5.2} ms)   CPU {:>5.2} s   events delivered {}",
+                "  round {round}, {name:<16} makespan {:>6.2} s   AcquireShard p50 {:>5.2} ms  p99 {:>6.2} ms (in the coordinator ≈ {:>5.2} ms) over {} hand-outs   opening wave {:>5.1} ms   CPU {:>5.2} s   events delivered {}",
                 t.makespan.as_secs_f64(),
                 quantile(&mut t.acquire_ns, 0.5) as f64 / 1e6,
                 quantile(&mut t.acquire_ns, 0.99) as f64 / 1e6,
                 t.served.quantile(0.99) * 1e3,
+                t.acquire_ns.len(),
+                t.opening.as_secs_f64() * 1e3,
                 t.cpu_s,
                 t.events
             );
             total.served.add(&t.served);
             total.makespan += t.makespan;
+            total.opening += t.opening;
             total.cpu_s += t.cpu_s;
             total.acquire_ns.append(&mut t.acquire_ns);
             total.events += t.events;
@@ -167,11 +185,12 @@ pub async fn run(a: WatchersArgs) -> anyhow::Result<()> {
         _ => (a.watchers.div_ceil(2), a.watchers / 2),
     };
     println!(
-        "  over {} rounds, {} watchers ({grpc} gRPC, {sse} SSE) ÷ nobody watching: makespan {:.3}×, AcquireShard p99 {:.3}× (target ≤ 1.05)",
+        "  over {} rounds, {} watchers ({grpc} gRPC, {sse} SSE) ÷ nobody watching: makespan {:.3}×, AcquireShard p99 {:.3}× (target ≤ 1.05), opening wave {:.3}×",
         a.rounds,
         a.watchers,
         watched.makespan.as_secs_f64() / alone.makespan.as_secs_f64(),
-        p99(&mut watched) / p99(&mut alone)
+        p99(&mut watched) / p99(&mut alone),
+        watched.opening.as_secs_f64() / alone.opening.as_secs_f64()
     );
     println!(
         "  AcquireShard p99 in the coordinator (its own histogram, from a call's arrival to its reply, interpolated within buckets that grow by 2.5×): {:.2} ms watched, {:.2} ms alone: {:.3}×",
@@ -201,6 +220,12 @@ pub async fn run(a: WatchersArgs) -> anyhow::Result<()> {
         span(&round_p99[0]),
         span(&round_p99[1]),
         a.rounds
+    );
+    println!(
+        "  per round, the opening wave ({} workers asking at once): nobody watching {}, watched {}",
+        a.workers,
+        span(&round_opening[0]),
+        span(&round_opening[1])
     );
     // One bad round (a stall of this VM's disk or CPU) sets a pooled p99; the median of the
     // rounds' own ratios is what most rounds saw.
@@ -274,10 +299,13 @@ async fn trial(
             watching.spawn_on(sse_watch(http_addr.to_owned(), run, events), watcher_rt.handle());
         }
     }
-    let served_before = handout_histogram(http_addr).await?;
     let started = Instant::now();
     let cpu_before = crate::mem::cpu_s_except("watcher");
     let acquire_ns = Arc::new(Mutex::new(Vec::new()));
+    let opened = Arc::new(Opening {
+        expected: workers.len(),
+        ..Default::default()
+    });
     let mut tasks = tokio::task::JoinSet::new();
     for (ch, id) in workers {
         tasks.spawn(paced_worker(
@@ -285,8 +313,14 @@ async fn trial(
             id.clone(),
             Duration::from_millis(a.test_ms),
             acquire_ns.clone(),
+            opened.clone(),
         ));
     }
+    // The coordinator's histogram is read from the end of the opening wave (a hand-out or two
+    // that overlap it are counted: negligible against ~900).
+    opened.all.notified().await;
+    let opening = started.elapsed();
+    let served_before = handout_histogram(http_addr).await?;
     while let Some(r) = tasks.join_next().await {
         r??;
     }
@@ -301,9 +335,27 @@ async fn trial(
         makespan,
         cpu_s,
         acquire_ns,
+        opening,
         served,
         events: events.load(Ordering::Relaxed),
     })
+}
+
+/// The opening wave: how many workers have had an answer to their first `AcquireShard`.
+#[derive(Debug, Default)]
+struct Opening {
+    expected: usize,
+    answered: AtomicUsize,
+    /// Told once every worker had its answer.
+    all: tokio::sync::Notify,
+}
+
+impl Opening {
+    fn one_more(&self) {
+        if self.answered.fetch_add(1, Ordering::SeqCst) + 1 == self.expected {
+            self.all.notify_one();
+        }
+    }
 }
 
 /// A one-slot worker: takes shards until none is left, each test taking `pace` (±50 %) and
@@ -313,8 +365,10 @@ async fn paced_worker(
     worker_id: String,
     pace: Duration,
     acquire_ns: Arc<Mutex<Vec<u64>>>,
+    opened: Arc<Opening>,
 ) -> anyhow::Result<()> {
     let mut client = WorkerServiceClient::new(ch);
+    let mut first = true;
     loop {
         let asked = Instant::now();
         let shard = client
@@ -325,8 +379,12 @@ async fn paced_worker(
             .await?
             .into_inner()
             .shard;
+        if std::mem::take(&mut first) {
+            opened.one_more();
+        } else if shard.is_some() {
+            acquire_ns.lock().await.push(asked.elapsed().as_nanos() as u64);
+        }
         let Some(shard) = shard else { return Ok(()) };
-        acquire_ns.lock().await.push(asked.elapsed().as_nanos() as u64);
         for t in &shard.tests {
             let f: f64 = rand::random_range(0.5..1.5);
             tokio::time::sleep(pace.mul_f64(f)).await;

@@ -500,6 +500,7 @@ async fn serve_all(
         .disconnect_grace
         .map(|grace| crate::liveness::spawn(handle.clone(), services.peers(), grace));
     let require_worker_certs = config.tls.as_ref().is_some_and(|t| t.client_ca.is_some());
+    let watches = WatchThreads::start()?;
     grpc_builder(&config)?
         .layer(AuthLayer::new(config.auth.clone()).require_worker_certs(require_worker_certs))
         .add_service(health_service)
@@ -510,6 +511,7 @@ async fn serve_all(
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
             services.clone(),
+            watches.handle(),
         ))
         .add_service(
             pb::worker_service_server::WorkerServiceServer::new(services.clone())
@@ -529,6 +531,41 @@ async fn serve_all(
     }
     info!("coordinator stopped");
     Ok(())
+}
+
+/// The threads gRPC watches run on (`watch_grpc.rs`): a runtime of their own at the lowest
+/// CPU priority, so that following a busy run for a hundred dashboards takes no turn from the
+/// workers' calls. Stopped without waiting when the server ends (its tasks are watches, which
+/// end with their connections).
+struct WatchThreads(Option<tokio::runtime::Runtime>);
+
+impl WatchThreads {
+    fn start() -> std::io::Result<Self> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("shardgate-watch")
+            .on_thread_start(crate::read::lower_priority)
+            .enable_all()
+            .build()?;
+        Ok(Self(Some(rt)))
+    }
+
+    fn handle(&self) -> tokio::runtime::Handle {
+        self.0
+            .as_ref()
+            .expect("the watch threads run until dropped")
+            .handle()
+            .clone()
+    }
+}
+
+impl Drop for WatchThreads {
+    fn drop(&mut self) {
+        // A runtime dropped inside another one's task must not wait for its threads.
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
 }
 
 /// Serves HTTP on a runtime of its own, whose threads run at the lowest CPU priority: the

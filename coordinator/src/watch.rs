@@ -32,8 +32,8 @@ pub const WATCH_TICK: std::time::Duration = std::time::Duration::from_millis(100
 /// The event stream as one watch reads it: in bursts. The first event after a quiet spell
 /// goes at once, with whatever is already waiting behind it; then the watch waits a tick
 /// before it looks again. So a watch wakes about ten times a second however busy the run, and
-/// a burst goes to its reader as one message (a gRPC stream encodes it into one frame, an HTTP
-/// response into one write) instead of event by event: a hundred watchers of a busy run cost
+/// a burst goes to its reader as one message (a gRPC `WatchRun` writes it as one chunk of
+/// framed messages, an HTTP response as one write) instead of event by event: a hundred watchers of a busy run cost
 /// the coordinator little.
 struct Bursts {
     rx: broadcast::Receiver<Arc<Published>>,
@@ -83,8 +83,9 @@ impl Bursts {
 /// What a run's watch sends its reader: the events of one burst, in order.
 pub type Burst = Vec<Followed>;
 
-/// A run's watch as gRPC messages, each event made by `f`, a burst's all ready at once (so
-/// tonic encodes them into one frame); an error is the stream's last item.
+/// A run's watch as gRPC messages, each event made by `f`; an error is the stream's last item.
+/// (For the generated service's `watch_run`, a server made of it alone; the coordinator
+/// answers `WatchRun` in `watch_grpc.rs`.)
 pub fn messages<T: Send + 'static>(
     rx: mpsc::Receiver<Result<Burst, Error>>,
     f: fn(&Followed) -> T,
