@@ -103,14 +103,18 @@ pub async fn run(a: WatchersArgs) -> anyhow::Result<()> {
         Some(http),
         stop_server.clone().cancelled_owned(),
     ));
+    // The simulated workers (their tasks and their connections' own) run on threads of their
+    // own, as workers on other machines would: the coordinator's runtime serves only the
+    // coordinator, and a hand-out's latency is the coordinator's plus the client's turn.
+    let sim_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("sim-worker")
+        .enable_all()
+        .build()?;
     let mut channels = Vec::new();
     for _ in 0..8 {
-        channels.push(
-            Endpoint::from_shared(url.clone())?
-                .tcp_nodelay(true)
-                .connect()
-                .await?,
-        );
+        let endpoint = Endpoint::from_shared(url.clone())?.tcp_nodelay(true);
+        channels.push(sim_rt.spawn(async move { endpoint.connect().await }).await??);
     }
     let mut workers = Vec::new();
     for i in 0..a.workers {
@@ -136,7 +140,8 @@ pub async fn run(a: WatchersArgs) -> anyhow::Result<()> {
     // A first run warms the store and the history (every trial runs the same suite, so each
     // has the same duration history); then alone and watched alternate (ABBA), so that drift
     // on this machine weighs on both alike.
-    let warm = trial(&a, &channels[0], &workers, 0, &url, &http_addr, &watcher_rt).await?;
+    let rts = (&watcher_rt, &sim_rt);
+    let warm = trial(&a, &channels[0], &workers, 0, &url, &http_addr, rts).await?;
     println!("  warm-up run: makespan {:.2} s", warm.makespan.as_secs_f64());
     let (mut alone, mut watched) = (Trial::default(), Trial::default());
     // Each round's p99, alone and watched: the spread of the unwatched rounds is this machine's
@@ -155,7 +160,7 @@ pub async fn run(a: WatchersArgs) -> anyhow::Result<()> {
             order.reverse();
         }
         for (k, name, n, total) in order {
-            let mut t = trial(&a, &channels[0], &workers, n, &url, &http_addr, &watcher_rt).await?;
+            let mut t = trial(&a, &channels[0], &workers, n, &url, &http_addr, rts).await?;
             round_p99[k].push(quantile(&mut t.acquire_ns, 0.99) as f64 / 1e6);
             round_served[k].push(t.served.quantile(0.99) * 1e3);
             round_opening[k].push(t.opening.as_secs_f64() * 1e3);
@@ -237,6 +242,7 @@ pub async fn run(a: WatchersArgs) -> anyhow::Result<()> {
         median_ratio(&round_served)
     );
     watcher_rt.shutdown_background();
+    sim_rt.shutdown_background();
     stop_server.cancel();
     server.await??;
     Ok(())
@@ -250,7 +256,7 @@ async fn trial(
     watchers: usize,
     url: &str,
     http_addr: &str,
-    watcher_rt: &tokio::runtime::Runtime,
+    (watcher_rt, sim_rt): (&tokio::runtime::Runtime, &tokio::runtime::Runtime),
 ) -> anyhow::Result<Trial> {
     let mut rpc = RunServiceClient::new(ch.clone())
         .max_encoding_message_size(usize::MAX)
@@ -267,7 +273,8 @@ async fn trial(
         .await?
         .into_inner()
         .run_id;
-    // The watchers connect before the first hand-out and follow the run to its end.
+    // The watchers connect, and have their snapshot, before the first hand-out, and follow the
+    // run to its end.
     let events = Arc::new(AtomicU64::new(0));
     let mut watching = tokio::task::JoinSet::new();
     let mut watch_channels = Vec::new();
@@ -281,6 +288,12 @@ async fn trial(
                 .await??,
         );
     }
+    // Each watcher says when it has its snapshot: the run starts once every one has, so that
+    // the watches' start (a snapshot each, read by the read side) is not part of the run.
+    let ready = Arc::new(Opening {
+        expected: watchers,
+        ..Default::default()
+    });
     let mut grpc_seen = 0;
     for i in 0..watchers {
         let (run, events) = (run_id.clone(), events.clone());
@@ -294,10 +307,18 @@ async fn trial(
             // machines would be).
             let ch = watch_channels[grpc_seen % watch_channels.len()].clone();
             grpc_seen += 1;
-            watching.spawn_on(grpc_watch(ch, run, events), watcher_rt.handle());
+            watching.spawn_on(grpc_watch(ch, run, events, ready.clone()), watcher_rt.handle());
         } else {
-            watching.spawn_on(sse_watch(http_addr.to_owned(), run, events), watcher_rt.handle());
+            watching.spawn_on(
+                sse_watch(http_addr.to_owned(), run, events, ready.clone()),
+                watcher_rt.handle(),
+            );
         }
+    }
+    if watchers > 0 {
+        tokio::time::timeout(Duration::from_secs(60), ready.all.notified())
+            .await
+            .map_err(|_| anyhow::anyhow!("the watchers did not all have their snapshot within 60 s"))?;
     }
     let started = Instant::now();
     let cpu_before = crate::mem::cpu_s_except("watcher");
@@ -308,13 +329,16 @@ async fn trial(
     });
     let mut tasks = tokio::task::JoinSet::new();
     for (ch, id) in workers {
-        tasks.spawn(paced_worker(
-            ch.clone(),
-            id.clone(),
-            Duration::from_millis(a.test_ms),
-            acquire_ns.clone(),
-            opened.clone(),
-        ));
+        tasks.spawn_on(
+            paced_worker(
+                ch.clone(),
+                id.clone(),
+                Duration::from_millis(a.test_ms),
+                acquire_ns.clone(),
+                opened.clone(),
+            ),
+            sim_rt.handle(),
+        );
     }
     // The coordinator's histogram is read from the end of the opening wave (a hand-out or two
     // that overlap it are counted: negligible against ~900).
@@ -412,13 +436,22 @@ async fn paced_worker(
     }
 }
 
-async fn grpc_watch(ch: Channel, run: String, events: Arc<AtomicU64>) -> anyhow::Result<()> {
+async fn grpc_watch(
+    ch: Channel,
+    run: String,
+    events: Arc<AtomicU64>,
+    ready: Arc<Opening>,
+) -> anyhow::Result<()> {
     let mut stream = RunServiceClient::new(ch)
         .watch_run(pb::WatchRunRequest { run_id: run })
         .await?
         .into_inner();
+    let mut first = true;
     while let Some(ev) = stream.message().await? {
         events.fetch_add(1, Ordering::Relaxed);
+        if std::mem::take(&mut first) {
+            ready.one_more();
+        }
         if matches!(ev.event, Some(pb::run_event::Event::Finished(_))) {
             break;
         }
@@ -426,7 +459,12 @@ async fn grpc_watch(ch: Channel, run: String, events: Arc<AtomicU64>) -> anyhow:
     Ok(())
 }
 
-async fn sse_watch(addr: String, run: String, events: Arc<AtomicU64>) -> anyhow::Result<()> {
+async fn sse_watch(
+    addr: String,
+    run: String,
+    events: Arc<AtomicU64>,
+    ready: Arc<Opening>,
+) -> anyhow::Result<()> {
     let mut s = tokio::net::TcpStream::connect(&addr).await?;
     s.write_all(
         format!("GET /api/runs/{run}/events HTTP/1.1\r\nHost: bench\r\nAccept: text/event-stream\r\n\r\n")
@@ -435,12 +473,16 @@ async fn sse_watch(addr: String, run: String, events: Arc<AtomicU64>) -> anyhow:
     .await?;
     let mut buf = vec![0u8; 64 * 1024];
     let mut tail = String::new();
+    let mut first = true;
     loop {
         let n = s.read(&mut buf).await?;
         anyhow::ensure!(n > 0, "the event stream closed before the run finished");
         tail.push_str(&String::from_utf8_lossy(&buf[..n]));
         let seen = tail.matches("\nevent: ").count() + usize::from(tail.starts_with("event: "));
         events.fetch_add(seen as u64, Ordering::Relaxed);
+        if seen > 0 && std::mem::take(&mut first) {
+            ready.one_more();
+        }
         if tail.contains("event: finished") {
             return Ok(());
         }
