@@ -110,18 +110,24 @@ struct RawSubmit {
     suite: Vec<u8>,
 }
 
+/// A gRPC client for hand-made requests (a `RawSubmit` where a method expects its own message).
+async fn raw_client(cluster: &Cluster) -> tonic::client::Grpc<tonic::transport::Channel> {
+    let ch = tonic::transport::Endpoint::from_shared(cluster.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut grpc = tonic::client::Grpc::new(ch);
+    grpc.ready().await.unwrap();
+    grpc
+}
+
 #[test]
 fn invalid_utf8_in_a_request_is_an_invalid_argument_not_an_internal_error() {
     let cluster = Cluster::builder().workers(0).start();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let status = rt.block_on(async {
-        let ch = tonic::transport::Endpoint::from_shared(cluster.url())
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
-        let mut grpc = tonic::client::Grpc::new(ch);
-        grpc.ready().await.unwrap();
+        let mut grpc = raw_client(&cluster).await;
         let codec = tonic_prost::ProstCodec::<RawSubmit, shardgate_common::pb::SubmitRunResponse>::default();
         let path = http::uri::PathAndQuery::from_static("/shardgate.v1.RunService/SubmitRun");
         grpc.unary(
@@ -215,13 +221,7 @@ async fn a_watch_of_an_unknown_or_malformed_run_is_a_clear_status() {
     assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
     assert!(status.message().contains("run_id"), "{status:?}");
     // A request that is not a WatchRunRequest at all.
-    let ch = tonic::transport::Endpoint::from_shared(cluster.url())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut grpc = tonic::client::Grpc::new(ch);
-    grpc.ready().await.unwrap();
+    let mut grpc = raw_client(&cluster).await;
     let codec = tonic_prost::ProstCodec::<RawSubmit, pb::RunEvent>::default();
     let path = http::uri::PathAndQuery::from_static("/shardgate.v1.RunService/WatchRun");
     let status = grpc

@@ -290,7 +290,7 @@ async fn trial(
     }
     // Each watcher says when it has its snapshot: the run starts once every one has, so that
     // the watches' start (a snapshot each, read by the read side) is not part of the run.
-    let ready = Arc::new(Opening {
+    let ready = Arc::new(AllIn {
         expected: watchers,
         ..Default::default()
     });
@@ -323,7 +323,7 @@ async fn trial(
     let started = Instant::now();
     let cpu_before = crate::mem::cpu_s_except("watcher");
     let acquire_ns = Arc::new(Mutex::new(Vec::new()));
-    let opened = Arc::new(Opening {
+    let opened = Arc::new(AllIn {
         expected: workers.len(),
         ..Default::default()
     });
@@ -365,16 +365,17 @@ async fn trial(
     })
 }
 
-/// The opening wave: how many workers have had an answer to their first `AcquireShard`.
+/// Counts `expected` parties in (the workers' answers to their first `AcquireShard`, the
+/// watchers' snapshots) and tells whoever waits once all are.
 #[derive(Debug, Default)]
-struct Opening {
+struct AllIn {
     expected: usize,
     answered: AtomicUsize,
-    /// Told once every worker had its answer.
+    /// Told once every party is in.
     all: tokio::sync::Notify,
 }
 
-impl Opening {
+impl AllIn {
     fn one_more(&self) {
         if self.answered.fetch_add(1, Ordering::SeqCst) + 1 == self.expected {
             self.all.notify_one();
@@ -389,7 +390,7 @@ async fn paced_worker(
     worker_id: String,
     pace: Duration,
     acquire_ns: Arc<Mutex<Vec<u64>>>,
-    opened: Arc<Opening>,
+    opened: Arc<AllIn>,
 ) -> anyhow::Result<()> {
     let mut client = WorkerServiceClient::new(ch);
     let mut first = true;
@@ -440,7 +441,7 @@ async fn grpc_watch(
     ch: Channel,
     run: String,
     events: Arc<AtomicU64>,
-    ready: Arc<Opening>,
+    ready: Arc<AllIn>,
 ) -> anyhow::Result<()> {
     let mut stream = RunServiceClient::new(ch)
         .watch_run(pb::WatchRunRequest { run_id: run })
@@ -463,7 +464,7 @@ async fn sse_watch(
     addr: String,
     run: String,
     events: Arc<AtomicU64>,
-    ready: Arc<Opening>,
+    ready: Arc<AllIn>,
 ) -> anyhow::Result<()> {
     let mut s = tokio::net::TcpStream::connect(&addr).await?;
     s.write_all(

@@ -541,13 +541,7 @@ struct WatchThreads(Option<tokio::runtime::Runtime>);
 
 impl WatchThreads {
     fn start() -> std::io::Result<Self> {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("shardgate-watch")
-            .on_thread_start(crate::read::lower_priority)
-            .enable_all()
-            .build()?;
-        Ok(Self(Some(rt)))
+        Ok(Self(Some(low_priority_runtime("shardgate-watch")?)))
     }
 
     fn handle(&self) -> tokio::runtime::Handle {
@@ -568,6 +562,17 @@ impl Drop for WatchThreads {
     }
 }
 
+/// A runtime of two threads named `name` at the lowest CPU priority, for work that must not
+/// take the CPU from the workers' calls and the scheduler (HTTP, gRPC watches).
+fn low_priority_runtime(name: &str) -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name(name)
+        .on_thread_start(crate::read::lower_priority)
+        .enable_all()
+        .build()
+}
+
 /// Serves HTTP on a runtime of its own, whose threads run at the lowest CPU priority: the
 /// dashboard and the JSON API are reads, and a storm of them must not take the CPU from the
 /// workers' RPCs and the scheduler.
@@ -585,23 +590,17 @@ fn spawn_http(
         .name("shardgate-http".into())
         .spawn(move || {
             crate::read::lower_priority();
-            let served = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .thread_name("shardgate-http")
-                .on_thread_start(crate::read::lower_priority)
-                .enable_all()
-                .build()
-                .and_then(|rt| {
-                    rt.block_on(async move {
-                        let listener = TcpListener::from_std(listener)?;
-                        let listener = crate::conn::HttpListener::new(listener, limits, acceptor)?;
-                        axum::serve(listener, app)
-                            .with_graceful_shutdown(async move {
-                                let _ = stop.wait_for(|s| *s).await;
-                            })
-                            .await
-                    })
-                });
+            let served = low_priority_runtime("shardgate-http").and_then(|rt| {
+                rt.block_on(async move {
+                    let listener = TcpListener::from_std(listener)?;
+                    let listener = crate::conn::HttpListener::new(listener, limits, acceptor)?;
+                    axum::serve(listener, app)
+                        .with_graceful_shutdown(async move {
+                            let _ = stop.wait_for(|s| *s).await;
+                        })
+                        .await
+                })
+            });
             let _ = done.send(served);
         })?;
     Ok(result)
