@@ -55,6 +55,11 @@ pub struct CoordinatorArgs {
     /// Address for HTTP (`/healthz`, the JSON API).
     #[arg(long, env = "SHARDGATE_HTTP_ADDR", default_value = "127.0.0.1:7080", value_parser = listen_addr)]
     pub http_addr: SocketAddr,
+    /// A second gRPC address for dashboards and other watchers (every service but the
+    /// workers'), served on threads of its own at the lowest CPU priority, so that following
+    /// busy runs never slows the workers' calls. Off by default.
+    #[arg(long, env = "SHARDGATE_WATCH_ADDR", value_parser = listen_addr, value_name = "HOST:PORT")]
+    pub watch_addr: Option<SocketAddr>,
     /// The database: a SQLite file (created if missing), or a PostgreSQL URL
     /// (`postgres://user:password@host/db`), which several coordinators may share: one leads,
     /// the others stand by.

@@ -116,6 +116,14 @@ pub async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
     let http = TcpListener::bind(args.http_addr)
         .await
         .with_context(|| format!("failed to bind --http-addr {}", args.http_addr))?;
+    let watch = match args.watch_addr {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("failed to bind --watch-addr {addr}"))?,
+        ),
+        None => None,
+    };
     config.advertise = (
         args.advertise_grpc_addr
             .clone()
@@ -127,17 +135,27 @@ pub async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
     // The database next: the addresses are printed only by a coordinator that holds it.
     let opened = shardgate_coordinator::server::open(config)?;
     // Refused before it says it serves.
-    opened.check_exposure(&[grpc.local_addr()?, http.local_addr()?])?;
-    let ready = serde_json::json!({
+    let mut addrs = vec![grpc.local_addr()?, http.local_addr()?];
+    addrs.extend(watch.as_ref().map(TcpListener::local_addr).transpose()?);
+    opened.check_exposure(&addrs)?;
+    let mut ready = serde_json::json!({
         "grpc_addr": grpc.local_addr()?.to_string(),
         "http_addr": http.local_addr()?.to_string(),
         "role": opened.role(),
     });
+    if let Some(w) = &watch {
+        ready["watch_addr"] = w.local_addr()?.to_string().into();
+    }
     let mut out = std::io::stdout().lock();
     writeln!(out, "{ready}")?;
     out.flush()?;
     drop(out);
-    opened.serve(grpc, Some(http), util::shutdown_signal()).await?;
+    let listeners = shardgate_coordinator::Listeners {
+        grpc,
+        http: Some(http),
+        watch,
+    };
+    opened.serve_on(listeners, util::shutdown_signal()).await?;
     Ok(())
 }
 

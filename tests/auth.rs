@@ -173,6 +173,101 @@ fn a_trigger_cancels_only_its_own_runs_and_the_cancel_names_who() {
     assert_eq!(report["message"], "cancelled: by ci: superseded");
 }
 
+/// The watch port (`--watch-addr`) serves readers with the credentials the gRPC port asks for,
+/// and refuses every worker call with a status that says where workers connect.
+#[test]
+fn the_watch_port_serves_readers_with_the_same_credentials_and_no_worker_calls() {
+    let cluster = Cluster::builder()
+        .workers(1)
+        .slots(2)
+        .with_tokens()
+        .coordinator_args(&["--watch-addr", "127.0.0.1:0"])
+        .start();
+    let watch_port = cluster
+        .watch_addr
+        .clone()
+        .expect("the ready line names the watch port");
+    let watch_url = format!("http://{watch_port}");
+    let tests = suite(&cluster.root, 3, &[], "0");
+    let file = cluster.dir.path().join("tests.txt");
+    std::fs::write(&file, tests.join("\n")).unwrap();
+    let on_watch_port = |token: &str, args: &[&str]| {
+        let mut argv = args.to_vec();
+        argv.extend(["--coordinator", &watch_url]);
+        if !token.is_empty() {
+            argv.extend(["--token", token]);
+        }
+        client(&argv)
+    };
+    // A run submitted on the watch port (the run service is there too) and followed there.
+    let ran = on_watch_port(
+        &cluster.secrets["ci"],
+        &[
+            "run",
+            "--runner",
+            "exec",
+            "--suite",
+            "it",
+            "--revision",
+            "r1",
+            "--json",
+            "--tests-file",
+            file.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(ran.code, 0, "{}", ran.stderr);
+    let report = ran.json();
+    assert_eq!(report["verdict"], "passed");
+    assert_eq!(report["requested_by"], "ci");
+    let run_id = report["run_id"].as_str().unwrap();
+    let watched = on_watch_port(&cluster.secrets["board"], &["watch", run_id, "--json"]);
+    assert_eq!(watched.code, 0, "{}", watched.stderr);
+    assert!(watched.stdout.contains("passed"), "{}", watched.stdout);
+    refused(
+        &on_watch_port("", &["watch", run_id]),
+        "no token watches on the watch port",
+    );
+    refused(
+        &on_watch_port(&cluster.secrets["fleet"], &["watch", run_id]),
+        "a worker token watches on the watch port",
+    );
+    refused(
+        &on_watch_port(
+            &cluster.secrets["board"],
+            &[
+                "run",
+                "--runner",
+                "exec",
+                "--suite",
+                "it",
+                "--revision",
+                "r2",
+                "--tests-file",
+                file.to_str().unwrap(),
+            ],
+        ),
+        "a viewer submits on the watch port",
+    );
+
+    // A worker's calls are not served there, whatever its credential, and it is told why.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let ch = tonic::transport::Endpoint::from_shared(watch_url.clone())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut worker =
+            WorkerServiceClient::new(AuthChannel::new(ch, Some(&cluster.secrets["fleet"])).unwrap());
+        let e = worker.register(register_req("w9")).await.unwrap_err();
+        assert_eq!(e.code(), Code::Unimplemented, "{e:?}");
+        assert!(e.message().contains("--grpc-addr"), "{e:?}");
+    });
+    // Nothing of it reached the fleet: one worker, the cluster's own.
+    let fleet = cluster.client(&["workers", "--json"]).json();
+    assert_eq!(fleet.as_array().map(Vec::len), Some(1), "{fleet}");
+}
+
 async fn worker_client(cluster: &Cluster, token: Option<&str>) -> WorkerServiceClient<AuthChannel> {
     let ch = tonic::transport::Endpoint::from_shared(cluster.url())
         .unwrap()

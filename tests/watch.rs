@@ -177,3 +177,72 @@ async fn a_watcher_that_never_reads_holds_up_nothing_and_a_slow_one_catches_up()
     assert_eq!(w.tallied, done(&fin), "after {} snapshots", w.snapshots);
     drop(stuck_sse);
 }
+
+/// A coordinator that stops ends its watches (gRPC `WatchRun` on both of its gRPC ports, the
+/// HTTP events) with a status that says so, instead of waiting for their runs to end; its
+/// watchers then follow it to its next start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_coordinator_ends_its_watches_instead_of_waiting_for_them() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut cluster = Cluster::builder()
+        .workers(1)
+        .slots(1)
+        .coordinator_args(&["--watch-addr", "127.0.0.1:0"])
+        .start();
+    harness::script(&cluster.root, "t/long.sh", "sleep 60");
+    let run = detach(&cluster, &["t/long.sh".to_owned()], &[]);
+    let mut streams = Vec::new();
+    for addr in [cluster.grpc_addr.clone(), cluster.watch_addr.clone().unwrap()] {
+        let mut client = RunServiceClient::connect(format!("http://{addr}")).await.unwrap();
+        let mut stream = client
+            .watch_run(pb::WatchRunRequest { run_id: run.clone() })
+            .await
+            .unwrap()
+            .into_inner();
+        let first = stream.message().await.unwrap().unwrap();
+        assert!(
+            matches!(first.event, Some(pb::run_event::Event::Snapshot(_))),
+            "{first:?}"
+        );
+        streams.push(stream);
+    }
+    let mut sse = tokio::net::TcpStream::connect(&cluster.http_addr).await.unwrap();
+    sse.write_all(format!("GET /api/runs/{run}/events HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut body = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&body).contains("event: snapshot") {
+        let n = sse.read(&mut buf).await.unwrap();
+        assert!(n > 0, "the event stream closed before its snapshot");
+        body.extend_from_slice(&buf[..n]);
+    }
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(cluster.coordinator_pid().unwrap() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    // The run goes on for a minute: a coordinator that waited for its watches would still be up.
+    let status = cluster
+        .wait_coordinator_exit(Duration::from_secs(20))
+        .expect("the coordinator stops with watches open");
+    assert!(status.success(), "{status:?}");
+    for mut stream in streams {
+        let ended = loop {
+            match stream.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => panic!("the watch ended as if its run had finished"),
+                Err(status) => break status,
+            }
+        };
+        assert_eq!(ended.code(), tonic::Code::Unavailable, "{ended:?}");
+        assert!(ended.message().contains("shutting down"), "{ended:?}");
+    }
+    sse.read_to_end(&mut body).await.unwrap();
+    let body = String::from_utf8_lossy(&body);
+    assert!(
+        body.contains("event: error") && body.contains("shutting down"),
+        "{body}"
+    );
+}

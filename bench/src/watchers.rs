@@ -59,6 +59,10 @@ pub struct WatchersArgs {
     /// The watchers' threads: `idle` (Linux `SCHED_IDLE`), `low` (nice 19) or `normal`.
     #[arg(long, default_value = "idle", value_parser = ["idle", "low", "normal"])]
     pub watcher_priority: String,
+    /// Where the gRPC watchers connect: the coordinator's watch port (`--watch-addr`, served
+    /// on threads of its own at the lowest priority) or its main gRPC port, beside the workers.
+    #[arg(long, default_value = "watch", value_parser = ["watch", "main"])]
+    pub grpc_port: String,
 }
 
 /// Puts the calling thread under `SCHED_IDLE`: it runs only when no other thread wants a core.
@@ -93,14 +97,23 @@ pub async fn run(a: WatchersArgs) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let grpc = TcpListener::bind("127.0.0.1:0").await?;
     let http = TcpListener::bind("127.0.0.1:0").await?;
+    let watch = TcpListener::bind("127.0.0.1:0").await?;
     let url = format!("http://{}", grpc.local_addr()?);
     let http_addr = http.local_addr()?.to_string();
+    let watch_url = match a.grpc_port.as_str() {
+        "main" => url.clone(),
+        _ => format!("http://{}", watch.local_addr()?),
+    };
     let stop_server = CancellationToken::new();
     let config = shardgate_coordinator::Config::new(dir.path().join("watchers.db"));
-    let server = tokio::spawn(shardgate_coordinator::run(
-        config,
+    let listeners = shardgate_coordinator::Listeners {
         grpc,
-        Some(http),
+        http: Some(http),
+        watch: Some(watch),
+    };
+    let server = tokio::spawn(shardgate_coordinator::run_on(
+        config,
+        listeners,
         stop_server.clone().cancelled_owned(),
     ));
     // The simulated workers (their tasks and their connections' own) run on threads of their
@@ -134,14 +147,14 @@ pub async fn run(a: WatchersArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     println!(
-        "watchers: a run of {} tests of {} ms on {} simulated workers, a coordinator with a SQLite file store; watcher threads at {} priority",
-        a.tests, a.test_ms, a.workers, a.watcher_priority
+        "watchers: a run of {} tests of {} ms on {} simulated workers, a coordinator with a SQLite file store; watcher threads at {} priority; gRPC watchers on the {} port",
+        a.tests, a.test_ms, a.workers, a.watcher_priority, a.grpc_port
     );
     // A first run warms the store and the history (every trial runs the same suite, so each
     // has the same duration history); then alone and watched alternate (ABBA), so that drift
     // on this machine weighs on both alike.
     let rts = (&watcher_rt, &sim_rt);
-    let warm = trial(&a, &channels[0], &workers, 0, &url, &http_addr, rts).await?;
+    let warm = trial(&a, &channels[0], &workers, 0, &watch_url, &http_addr, rts).await?;
     println!("  warm-up run: makespan {:.2} s", warm.makespan.as_secs_f64());
     let (mut alone, mut watched) = (Trial::default(), Trial::default());
     // Each round's p99, alone and watched: the spread of the unwatched rounds is this machine's
@@ -160,7 +173,7 @@ pub async fn run(a: WatchersArgs) -> anyhow::Result<()> {
             order.reverse();
         }
         for (k, name, n, total) in order {
-            let mut t = trial(&a, &channels[0], &workers, n, &url, &http_addr, rts).await?;
+            let mut t = trial(&a, &channels[0], &workers, n, &watch_url, &http_addr, rts).await?;
             round_p99[k].push(quantile(&mut t.acquire_ns, 0.99) as f64 / 1e6);
             round_served[k].push(t.served.quantile(0.99) * 1e3);
             round_opening[k].push(t.opening.as_secs_f64() * 1e3);
@@ -254,7 +267,7 @@ async fn trial(
     ch: &Channel,
     workers: &[(Channel, String)],
     watchers: usize,
-    url: &str,
+    watch_url: &str,
     http_addr: &str,
     (watcher_rt, sim_rt): (&tokio::runtime::Runtime, &tokio::runtime::Runtime),
 ) -> anyhow::Result<Trial> {
@@ -282,7 +295,7 @@ async fn trial(
         watch_channels.push(
             watcher_rt
                 .spawn({
-                    let url = url.to_owned();
+                    let url = watch_url.to_owned();
                     async move { Endpoint::from_shared(url)?.connect().await }
                 })
                 .await??,

@@ -89,9 +89,23 @@ pub struct Handle {
     deploys: Arc<Notify>,
     live: Arc<RwLock<LiveView>>,
     metrics: Arc<Metrics>,
+    /// Cancelled when the coordinator stops serving: every watch ends then.
+    closing: tokio_util::sync::CancellationToken,
 }
 
 impl Handle {
+    /// Ends every watch (each gets `UNAVAILABLE`, the coordinator is shutting down) and every
+    /// watch that starts from now on: a server stopping gracefully waits for its open calls,
+    /// and a watch of a run would otherwise hold it until the run ends.
+    pub fn close_watches(&self) {
+        self.closing.cancel();
+    }
+
+    /// Completes once [`Handle::close_watches`] was called.
+    pub fn watches_closed(&self) -> tokio_util::sync::WaitForCancellationFutureOwned {
+        self.closing.clone().cancelled_owned()
+    }
+
     /// The coordinator's metrics.
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
@@ -165,6 +179,7 @@ pub fn spawn_with(core: Core, tick: Duration, event_buffer: usize) -> Handle {
         deploys: Arc::new(Notify::new()),
         live: Arc::new(RwLock::new(core.live_view())),
         metrics: Arc::new(Metrics::new()),
+        closing: Default::default(),
     };
     let h = handle.clone();
     // Events reach the broadcast channel through a thread of their own: the channel's lock is

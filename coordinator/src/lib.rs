@@ -27,4 +27,4 @@ pub mod watch_grpc;
 pub mod web;
 
 pub use model::CoreConfig;
-pub use server::{Config, run};
+pub use server::{Config, Listeners, run, run_on};

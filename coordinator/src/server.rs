@@ -237,6 +237,39 @@ fn open_store(config: &Config) -> Result<Result<OpenStore, postgres::Leader>, Se
     Ok(Ok((Box::new(store), std::sync::Arc::new(reads))))
 }
 
+/// The sockets a coordinator serves on, bound by its caller.
+#[derive(Debug)]
+pub struct Listeners {
+    /// gRPC: the workers' calls and every other service.
+    pub grpc: TcpListener,
+    /// HTTP: the dashboard and the JSON API. Optional: an embedded coordinator may skip it.
+    pub http: Option<TcpListener>,
+    /// gRPC for watchers and readers: every service but the workers', served on threads of
+    /// their own at the lowest CPU priority, so that dashboards following a busy run take no
+    /// turn from the workers' calls. (A connection is served by the threads that accepted it,
+    /// so one port cannot keep the two apart.)
+    pub watch: Option<TcpListener>,
+}
+
+impl Listeners {
+    /// The gRPC port, and HTTP if given; no watch port.
+    pub fn new(grpc: TcpListener, http: Option<TcpListener>) -> Self {
+        Self {
+            grpc,
+            http,
+            watch: None,
+        }
+    }
+
+    fn addrs(&self) -> std::io::Result<Vec<std::net::SocketAddr>> {
+        std::iter::once(&self.grpc)
+            .chain(&self.http)
+            .chain(&self.watch)
+            .map(TcpListener::local_addr)
+            .collect()
+    }
+}
+
 /// Opens and serves until `shutdown` completes. `http` is optional: an embedded coordinator may
 /// skip it.
 pub async fn run(
@@ -245,7 +278,16 @@ pub async fn run(
     http: Option<TcpListener>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
-    open(config)?.serve(grpc, http, shutdown).await
+    run_on(config, Listeners::new(grpc, http), shutdown).await
+}
+
+/// [`run`], on every socket `listeners` holds (the watch port too).
+pub async fn run_on(
+    config: Config,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    open(config)?.serve_on(listeners, shutdown).await
 }
 
 impl Opened {
@@ -270,15 +312,24 @@ impl Opened {
         http: Option<TcpListener>,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServeError> {
+        self.serve_on(Listeners::new(grpc, http), shutdown).await
+    }
+
+    /// [`Opened::serve`], on every socket `listeners` holds (the watch port too).
+    pub async fn serve_on(
+        self,
+        listeners: Listeners,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServeError> {
         let (down_tx, down) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {
             shutdown.await;
             let _ = down_tx.send(true);
         });
         let Opened { config, role } = self;
-        let (core, store_reads, grpc, http) = match role {
-            Role::Leader { core, store_reads } => (*core, store_reads, grpc, http),
-            Role::Standby { leader } => match stand_by(&config, leader, grpc, http, down.clone()).await? {
+        let (core, store_reads, listeners) = match role {
+            Role::Leader { core, store_reads } => (*core, store_reads, listeners),
+            Role::Standby { leader } => match stand_by(&config, leader, listeners, down.clone()).await? {
                 Some(promoted) => promoted,
                 None => return Ok(()),
             },
@@ -292,13 +343,13 @@ impl Opened {
         let shutdown = async move {
             let _ = down.wait_for(|d| *d).await;
         };
-        serve_all(config, handle, reads, services, grpc, http, shutdown).await
+        serve_all(config, handle, reads, services, listeners, shutdown).await
     }
 }
 
 /// What a standby that took the lead serves with: the state it loaded, its read side, and its
 /// listening sockets.
-type Promoted = (Core, SharedReads, TcpListener, Option<TcpListener>);
+type Promoted = (Core, SharedReads, Listeners);
 
 /// Answers as a standby (see [`crate::standby`]) and asks for the lead every quarter of a
 /// lease, until it has it (then the state is loaded and the caller serves as the leader on
@@ -306,8 +357,7 @@ type Promoted = (Core, SharedReads, TcpListener, Option<TcpListener>);
 async fn stand_by(
     config: &Config,
     leader: postgres::Leader,
-    grpc: TcpListener,
-    http: Option<TcpListener>,
+    listeners: Listeners,
     mut down: tokio::sync::watch::Receiver<bool>,
 ) -> Result<Option<Promoted>, ServeError> {
     info!(
@@ -317,31 +367,31 @@ async fn stand_by(
         "standing by: another coordinator leads the database"
     );
     let known = std::sync::Arc::new(std::sync::RwLock::new(leader));
-    let (grpc, grpc_standby) = crate::standby::share(grpc)?;
-    let (http, http_standby) = match http {
-        Some(h) => {
-            let (a, b) = crate::standby::share(h)?;
-            (Some(a), Some(b))
-        }
-        None => (None, None),
+    let share = |l: Option<TcpListener>| -> std::io::Result<_> {
+        Ok(l.map(crate::standby::share).transpose()?.unzip())
     };
+    let (grpc, grpc_standby) = crate::standby::share(listeners.grpc)?;
+    let (http, http_standby) = share(listeners.http)?;
+    let (watch, watch_standby) = share(listeners.watch)?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let (grpc_app, http_app) = crate::standby::routers(known.clone(), config.tls.is_some());
-    let mut servers = vec![spawn_http(
-        grpc_standby,
-        grpc_app,
-        stop_rx.clone(),
-        config.tls.clone(),
-        config.connections,
-    )?];
-    if let Some(l) = http_standby {
-        servers.push(spawn_http(
-            l,
-            http_app,
-            stop_rx,
-            config.tls.clone(),
-            config.connections,
-        )?);
+    // The watch port answers as the gRPC port does: the leader is elsewhere.
+    let apps = [
+        (Some(grpc_standby), grpc_app.clone()),
+        (http_standby, http_app),
+        (watch_standby, grpc_app),
+    ];
+    let mut servers = Vec::new();
+    for (l, app) in apps {
+        if let Some(l) = l {
+            servers.push(spawn_http(
+                l,
+                app,
+                stop_rx.clone(),
+                config.tls.clone(),
+                config.connections,
+            )?);
+        }
     }
     let every = postgres::Candidate::this_process().lease / 4;
     let promoted = loop {
@@ -372,7 +422,7 @@ async fn stand_by(
     }
     Ok(promoted.map(|(core, reads)| {
         info!("took the lead: serving as the leader");
-        (core, reads, grpc, http)
+        (core, reads, Listeners { grpc, http, watch })
     }))
 }
 
@@ -431,23 +481,68 @@ fn grpc_builder(config: &Config) -> Result<tonic::transport::Server, ServeError>
     Ok(builder)
 }
 
+/// The gRPC services one port serves, behind the auth layer: every service, or without the
+/// workers' (`workers: false`, the watch port). `WatchRun`'s watches run on `watches`.
+fn grpc_router<H, R1, R2>(
+    config: &Config,
+    services: &Services,
+    (health, reflection_v1, reflection_v1alpha): (
+        tonic_health::pb::health_server::HealthServer<H>,
+        tonic_reflection::server::v1::ServerReflectionServer<R1>,
+        tonic_reflection::server::v1alpha::ServerReflectionServer<R2>,
+    ),
+    watches: tokio::runtime::Handle,
+    workers: bool,
+) -> Result<GrpcRouter, ServeError>
+where
+    H: tonic_health::pb::health_server::Health,
+    R1: tonic_reflection::server::v1::ServerReflection,
+    R2: tonic_reflection::server::v1alpha::ServerReflection,
+{
+    let require_worker_certs = config.tls.as_ref().is_some_and(|t| t.client_ca.is_some());
+    let router = grpc_builder(config)?
+        .layer(AuthLayer::new(config.auth.clone()).require_worker_certs(require_worker_certs))
+        .add_service(health)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(crate::watch_grpc::RunServiceWithWatch::new(
+            pb::run_service_server::RunServiceServer::new(services.clone())
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            services.clone(),
+            watches,
+        ))
+        .add_service(pb::dashboard_service_server::DashboardServiceServer::new(
+            services.clone(),
+        ))
+        .add_service(pb::gate_service_server::GateServiceServer::new(services.clone()));
+    Ok(if workers {
+        router.add_service(
+            pb::worker_service_server::WorkerServiceServer::new(services.clone())
+                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+        )
+    } else {
+        router.add_service(crate::watch_grpc::NoWorkersHere)
+    })
+}
+
+type GrpcRouter =
+    tonic::transport::server::Router<tower::layer::util::Stack<AuthLayer, tower::layer::util::Identity>>;
+
 async fn serve_all(
     config: Config,
     handle: actor::Handle,
     reads: ReadSide,
     services: Services,
-    grpc: TcpListener,
-    http: Option<TcpListener>,
+    listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
-    let mut addrs = vec![grpc.local_addr()?];
-    if let Some(h) = &http {
-        addrs.push(h.local_addr()?);
-    }
-    config.check_exposure(&addrs)?;
+    config.check_exposure(&listeners.addrs()?)?;
+    let Listeners { grpc, http, watch } = listeners;
     let (health_reporter, health_service, reflection_v1, reflection_v1alpha) =
         health_and_reflection().await?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let closing = handle.clone();
     tokio::spawn(async move {
         shutdown.await;
         // Not serving from the first moment of the drain: load balancers stop sending.
@@ -466,6 +561,9 @@ async fn serve_all(
         health_reporter
             .set_not_serving::<pb::gate_service_server::GateServiceServer<Services>>()
             .await;
+        // Watches end now (their callers follow the coordinator to its next start), or the
+        // servers would wait for them until their runs end.
+        closing.close_watches();
         let _ = stop_tx.send(true);
     });
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
@@ -499,33 +597,47 @@ async fn serve_all(
     let disconnects = config
         .disconnect_grace
         .map(|grace| crate::liveness::spawn(handle.clone(), services.peers(), grace));
-    let require_worker_certs = config.tls.as_ref().is_some_and(|t| t.client_ca.is_some());
     let watches = WatchThreads::start()?;
-    grpc_builder(&config)?
-        .layer(AuthLayer::new(config.auth.clone()).require_worker_certs(require_worker_certs))
-        .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .add_service(crate::watch_grpc::RunServiceWithWatch::new(
-            pb::run_service_server::RunServiceServer::new(services.clone())
-                .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(MAX_MESSAGE_BYTES),
-            services.clone(),
+    let router = |workers: bool| {
+        grpc_router(
+            &config,
+            &services,
+            (
+                health_service.clone(),
+                reflection_v1.clone(),
+                reflection_v1alpha.clone(),
+            ),
             watches.handle(),
-        ))
-        .add_service(
-            pb::worker_service_server::WorkerServiceServer::new(services.clone())
-                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+            workers,
         )
-        .add_service(pb::dashboard_service_server::DashboardServiceServer::new(
-            services.clone(),
-        ))
-        .add_service(pb::gate_service_server::GateServiceServer::new(services))
+    };
+    // The watch port: its connections, and so every byte written to its watchers, are served
+    // on the watch threads.
+    let watch_task = match watch {
+        Some(listener) => {
+            info!(watch = %listener.local_addr()?, "gRPC watch port serving");
+            let router = router(false)?;
+            let listener = listener.into_std()?;
+            let (limits, stop) = (config.connections, stopped(stop_rx.clone()));
+            Some(watches.handle().spawn(async move {
+                let listener = TcpListener::from_std(listener)?;
+                router
+                    .serve_with_incoming_shutdown(crate::conn::incoming(listener, limits, None), stop)
+                    .await
+                    .map_err(ServeError::from)
+            }))
+        }
+        None => None,
+    };
+    router(true)?
         .serve_with_incoming_shutdown(
             crate::conn::incoming(grpc, config.connections, disconnects),
             stopped(stop_rx),
         )
         .await?;
+    if let Some(t) = watch_task {
+        t.await.map_err(std::io::Error::other)??;
+    }
     if let Some(t) = http_task {
         t.await.map_err(std::io::Error::other)??;
     }

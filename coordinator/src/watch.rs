@@ -37,6 +37,8 @@ pub const WATCH_TICK: std::time::Duration = std::time::Duration::from_millis(100
 /// the coordinator little.
 struct Bursts {
     rx: broadcast::Receiver<Arc<Published>>,
+    /// Completes when the coordinator stops serving: the stream is closed then.
+    closing: std::pin::Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
     /// A burst went out: wait a tick before the next.
     sent: bool,
     /// What ended the last burst early (the watch fell behind, the stream closed), for the
@@ -45,9 +47,10 @@ struct Bursts {
 }
 
 impl Bursts {
-    fn new(rx: broadcast::Receiver<Arc<Published>>) -> Self {
+    fn new(handle: &Handle) -> Self {
         Self {
-            rx,
+            rx: handle.subscribe(),
+            closing: Box::pin(handle.watches_closed()),
             sent: false,
             ended: None,
         }
@@ -58,9 +61,18 @@ impl Bursts {
             return Err(e);
         }
         if self.sent {
-            tokio::time::sleep(WATCH_TICK).await;
+            tokio::select! {
+                _ = tokio::time::sleep(WATCH_TICK) => {}
+                _ = &mut self.closing => return Err(RecvError::Closed),
+            }
         }
-        let mut burst = vec![self.rx.recv().await?];
+        let first = tokio::select! {
+            // Closing wins over waiting events: a stopping server waits for nobody.
+            biased;
+            _ = &mut self.closing => return Err(RecvError::Closed),
+            p = self.rx.recv() => p?,
+        };
+        let mut burst = vec![first];
         self.sent = true;
         while burst.len() < BURST_MAX {
             match self.rx.try_recv() {
@@ -135,7 +147,7 @@ pub async fn follow_run(
 ) -> Result<mpsc::Receiver<Result<Burst, Error>>, Error> {
     // Subscribe before taking the snapshot: every event after the snapshot's sequence number
     // is then in the receiver, and those before it are skipped.
-    let mut rx = Bursts::new(handle.subscribe());
+    let mut rx = Bursts::new(handle);
     let first = snapshot(reads, id).await?;
     let handle = handle.clone();
     let reads = reads.clone();
@@ -171,7 +183,7 @@ pub async fn follow_run(
                 Err(RecvError::Lagged(n)) => {
                     warn!(run = %id, skipped = n, "watch fell behind; sending a new snapshot");
                     handle.metrics().watch_resynced();
-                    rx = Bursts::new(handle.subscribe());
+                    rx = Bursts::new(&handle);
                     match snapshot(&reads, id).await {
                         Ok((s, summary)) => {
                             seq = s;
@@ -207,7 +219,7 @@ pub enum Seen {
 
 /// Follows every run's events, with no snapshot (a page of runs reads its own).
 pub fn follow_all(handle: &Handle) -> mpsc::Receiver<Seen> {
-    let mut rx = Bursts::new(handle.subscribe());
+    let mut rx = Bursts::new(handle);
     let handle = handle.clone();
     let (tx, out) = mpsc::channel(WATCH_BUFFER);
     tokio::spawn(async move {
@@ -223,7 +235,7 @@ pub fn follow_all(handle: &Handle) -> mpsc::Receiver<Seen> {
                 }
                 Err(RecvError::Lagged(_)) => {
                     handle.metrics().watch_resynced();
-                    rx = Bursts::new(handle.subscribe());
+                    rx = Bursts::new(&handle);
                     vec![Seen::Resync]
                 }
                 Err(RecvError::Closed) => return,

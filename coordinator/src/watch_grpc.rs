@@ -206,6 +206,34 @@ fn encoded(f: &Followed) -> Bytes {
     }
 }
 
+/// The worker service on the watch port: every call is refused with a status that says where
+/// workers connect. (A worker's connection is how its death is noticed, and its calls must not
+/// wait behind watchers on low-priority threads.)
+#[derive(Debug, Clone, Copy)]
+pub struct NoWorkersHere;
+
+impl NamedService for NoWorkersHere {
+    const NAME: &'static str =
+        <pb::worker_service_server::WorkerServiceServer<Services> as NamedService>::NAME;
+}
+
+impl<B> tower::Service<http::Request<B>> for NoWorkersHere {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = std::future::Ready<Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _req: http::Request<B>) -> Self::Future {
+        std::future::ready(Ok(Status::unimplemented(
+            "this is the coordinator's watch port (--watch-addr), for dashboards and other watchers: workers connect to its gRPC address (--grpc-addr)",
+        )
+        .into_http()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

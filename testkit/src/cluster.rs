@@ -360,6 +360,7 @@ impl ClusterBuilder {
             coordinator: None,
             grpc_addr: String::new(),
             http_addr: String::new(),
+            watch_addr: None,
             workers: Vec::new(),
             lease: self.lease,
             heartbeat: self.heartbeat,
@@ -406,6 +407,8 @@ pub struct Cluster {
     coordinator: Option<Child>,
     pub grpc_addr: String,
     pub http_addr: String,
+    /// The gRPC watch port, when the coordinator was given `--watch-addr`.
+    pub watch_addr: Option<String>,
     workers: Vec<WorkerProc>,
     lease: String,
     heartbeat: String,
@@ -481,6 +484,7 @@ impl Cluster {
         let (child, ready) = self.spawn_coordinator(grpc, &self.db, "coordinator");
         self.grpc_addr = ready["grpc_addr"].as_str().unwrap().to_owned();
         self.http_addr = ready["http_addr"].as_str().unwrap().to_owned();
+        self.watch_addr = ready["watch_addr"].as_str().map(str::to_owned);
         self.coordinator = Some(child);
     }
 
