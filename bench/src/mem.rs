@@ -38,16 +38,22 @@ fn stat_cpu_s(stat: &str) -> f64 {
 /// (threads that ended still count).
 pub fn cpu_s_except(except: &str) -> f64 {
     let all = std::fs::read_to_string("/proc/self/stat").map_or(0.0, |s| stat_cpu_s(&s));
+    all - cpu_s_of(&[except])
+}
+
+/// CPU time, in seconds, of this process's live threads whose names begin with one of
+/// `prefixes`.
+pub fn cpu_s_of(prefixes: &[&str]) -> f64 {
     let mut theirs = 0.0;
     if let Ok(tasks) = std::fs::read_dir("/proc/self/task") {
         for t in tasks.flatten() {
             let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
-            if comm.trim_end().starts_with(except) {
+            if prefixes.iter().any(|p| comm.trim_end().starts_with(p)) {
                 theirs += std::fs::read_to_string(t.path().join("stat")).map_or(0.0, |s| stat_cpu_s(&s));
             }
         }
     }
-    all - theirs
+    theirs
 }
 
 /// The `p`-quantile (0..=1) of `values`, which it sorts.

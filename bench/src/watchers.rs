@@ -65,24 +65,14 @@ pub struct WatchersArgs {
     pub grpc_port: String,
 }
 
-/// Puts the calling thread under `SCHED_IDLE`: it runs only when no other thread wants a core.
-fn idle_priority() {
-    use thread_priority::{
-        NormalThreadSchedulePolicy, ThreadPriority, ThreadSchedulePolicy, set_thread_priority_and_policy,
-        thread_native_id,
-    };
-    let idle = ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Idle);
-    if let Err(e) = set_thread_priority_and_policy(thread_native_id(), ThreadPriority::Min, idle) {
-        eprintln!("failed to put a watcher thread under SCHED_IDLE: {e:?}");
-    }
-}
-
 #[derive(Debug, Default)]
 struct Trial {
     makespan: Duration,
     /// CPU seconds of this process but the watchers' own threads: the coordinator and the
     /// simulated workers (the same in every trial).
     cpu_s: f64,
+    /// Of it, the coordinator's threads at the lowest priority (HTTP, gRPC watch port).
+    low_cpu_s: f64,
     /// Every hand-out's latency but each worker's first, as the worker saw it.
     acquire_ns: Vec<u64>,
     /// The opening wave: from the run's start until the last worker had its first shard.
@@ -136,7 +126,7 @@ pub async fn run(a: WatchersArgs) -> anyhow::Result<()> {
         workers.push((ch, id));
     }
     let priority: fn() = match a.watcher_priority.as_str() {
-        "idle" => idle_priority,
+        "idle" => shardgate_coordinator::read::idle_priority,
         "low" => shardgate_coordinator::read::lower_priority,
         _ => || {},
     };
@@ -192,6 +182,7 @@ pub async fn run(a: WatchersArgs) -> anyhow::Result<()> {
             total.makespan += t.makespan;
             total.opening += t.opening;
             total.cpu_s += t.cpu_s;
+            total.low_cpu_s += t.low_cpu_s;
             total.acquire_ns.append(&mut t.acquire_ns);
             total.events += t.events;
         }
@@ -233,6 +224,14 @@ pub async fn run(a: WatchersArgs) -> anyhow::Result<()> {
         a.watchers,
         (watched.cpu_s - alone.cpu_s) / a.rounds as f64
     );
+    let normal = |t: &Trial| (t.cpu_s - t.low_cpu_s) / a.rounds as f64;
+    println!(
+        "    of which on the coordinator's lowest-priority threads (HTTP, watch port) {:.2} s, and on all other threads {:.2} s ({:.2} s watched, {:.2} s alone)",
+        (watched.low_cpu_s - alone.low_cpu_s) / a.rounds as f64,
+        normal(&watched) - normal(&alone),
+        normal(&watched),
+        normal(&alone)
+    );
     println!(
         "  per round, AcquireShard p99: nobody watching {}, watched {}; watched above its round's unwatched in {higher} of {} rounds",
         span(&round_p99[0]),
@@ -260,6 +259,9 @@ pub async fn run(a: WatchersArgs) -> anyhow::Result<()> {
     server.await??;
     Ok(())
 }
+
+/// The coordinator's threads at the lowest CPU priority that serve watchers.
+const LOW_PRIORITY_THREADS: &[&str] = &["shardgate-http", "shardgate-watch"];
 
 #[allow(clippy::too_many_arguments)]
 async fn trial(
@@ -335,6 +337,7 @@ async fn trial(
     }
     let started = Instant::now();
     let cpu_before = crate::mem::cpu_s_except("watcher");
+    let low_before = crate::mem::cpu_s_of(LOW_PRIORITY_THREADS);
     let acquire_ns = Arc::new(Mutex::new(Vec::new()));
     let opened = Arc::new(AllIn {
         expected: workers.len(),
@@ -366,11 +369,13 @@ async fn trial(
         r??;
     }
     let cpu_s = crate::mem::cpu_s_except("watcher") - cpu_before;
+    let low_cpu_s = crate::mem::cpu_s_of(LOW_PRIORITY_THREADS) - low_before;
     let served = handout_histogram(http_addr).await?.since(&served_before);
     let acquire_ns = std::mem::take(&mut *acquire_ns.lock().await);
     Ok(Trial {
         makespan,
         cpu_s,
+        low_cpu_s,
         acquire_ns,
         opening,
         served,

@@ -128,6 +128,26 @@ pub fn lower_priority() {
     }
 }
 
+/// Gives the calling thread the least claim on the CPU there is: Linux's `SCHED_IDLE` (nice 19
+/// where that is refused, or on other systems). Beside a smaller share than nice 19, a thread
+/// under `SCHED_IDLE` gives up its core the moment a normal thread wakes, where a nice-19
+/// thread may first finish its slice (a millisecond or more on a busy machine): for threads
+/// that write to many watchers, whose turn must never come before a worker's call.
+pub fn idle_priority() {
+    #[cfg(target_os = "linux")]
+    {
+        use thread_priority::{
+            NormalThreadSchedulePolicy, ThreadPriority, ThreadSchedulePolicy, set_thread_priority_and_policy,
+            thread_native_id,
+        };
+        let idle = ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Idle);
+        if set_thread_priority_and_policy(thread_native_id(), ThreadPriority::Min, idle).is_ok() {
+            return;
+        }
+    }
+    lower_priority();
+}
+
 /// The read side of one coordinator.
 #[derive(Clone)]
 pub struct ReadSide {

@@ -680,7 +680,7 @@ fn low_priority_runtime(name: &str) -> std::io::Result<tokio::runtime::Runtime> 
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name(name)
-        .on_thread_start(crate::read::lower_priority)
+        .on_thread_start(crate::read::idle_priority)
         .enable_all()
         .build()
 }
@@ -701,7 +701,7 @@ fn spawn_http(
     std::thread::Builder::new()
         .name("shardgate-http".into())
         .spawn(move || {
-            crate::read::lower_priority();
+            crate::read::idle_priority();
             let served = low_priority_runtime("shardgate-http").and_then(|rt| {
                 rt.block_on(async move {
                     let listener = TcpListener::from_std(listener)?;
