@@ -1,8 +1,9 @@
 //! Watchers do not slow a run: the same run of `--tests` paced tests on `--workers` simulated
 //! workers, first with nobody watching, then with `--watchers` clients following it to its end
-//! (half over gRPC `WatchRun`, half over the HTTP server-sent events of
-//! `/api/runs/{id}/events`). One coordinator in this process (SQLite file store, gRPC and HTTP
-//! on loopback), as the binary runs it. It prints the makespan and AcquireShard p50/p99 of
+//! (half over gRPC `WatchRun` on the coordinator's watch port, `--grpc-port main` for its main
+//! gRPC port, half over the HTTP server-sent events of `/api/runs/{id}/events`). One
+//! coordinator in this process (SQLite file store, gRPC, the watch port and HTTP on loopback),
+//! as the binary runs it. It prints the makespan and AcquireShard p50/p99 of
 //! each, and the ratios (target ≤ 1.05).
 //!
 //! The hand-out latency is read in the run's steady state: every hand-out but each worker's
