@@ -155,6 +155,49 @@ async fn interrupted(
     }
 }
 
+/// An outage of the coordinator as a client that asks again sees it: when it began, and the
+/// pause before the next try (200 ms, doubling up to 3 s). One that lasts `limit` is given up
+/// on (at once, with a zero limit).
+#[derive(Debug)]
+struct Outage {
+    limit: Duration,
+    since: Option<tokio::time::Instant>,
+    delay: Duration,
+}
+
+impl Outage {
+    const FIRST_PAUSE: Duration = Duration::from_millis(200);
+    const LONGEST_PAUSE: Duration = Duration::from_secs(3);
+
+    fn new(limit: Duration) -> Self {
+        Self {
+            limit,
+            since: None,
+            delay: Self::FIRST_PAUSE,
+        }
+    }
+
+    /// The coordinator answered: true when that ends an outage.
+    fn ended(&mut self) -> bool {
+        self.delay = Self::FIRST_PAUSE;
+        self.since.take().is_some()
+    }
+
+    /// The coordinator did not answer: `None` once the outage has lasted its limit (give up),
+    /// else whether this try began it.
+    fn lost(&mut self) -> Option<bool> {
+        let began = self.since.is_none();
+        let since = *self.since.get_or_insert_with(tokio::time::Instant::now);
+        (since.elapsed() < self.limit).then_some(began)
+    }
+
+    /// Waits before the next try, longer each time.
+    async fn pause(&mut self) {
+        tokio::time::sleep(self.delay).await;
+        self.delay = (self.delay * 2).min(Self::LONGEST_PAUSE);
+    }
+}
+
 /// Polls the deploy log until the deploy of `run_id` has ended.
 async fn wait_for_deploy(
     ch: Channel,
@@ -162,7 +205,7 @@ async fn wait_for_deploy(
     reconnect_for: Duration,
 ) -> anyhow::Result<shardgate_common::report::DeployReport> {
     let mut gate = shardgate_common::pb::gate_service_client::GateServiceClient::new(ch);
-    let mut lost_since: Option<tokio::time::Instant> = None;
+    let mut outage = Outage::new(reconnect_for);
     loop {
         // Asks for this run's deploy; a coordinator that predates `run_id` sends its log.
         let ask = pb::ListDeploysRequest {
@@ -171,7 +214,7 @@ async fn wait_for_deploy(
         };
         match gate.list_deploys(ask).await {
             Ok(log) => {
-                lost_since = None;
+                outage.ended();
                 let d = log
                     .into_inner()
                     .deploys
@@ -189,13 +232,13 @@ async fn wait_for_deploy(
                 }
             }
             Err(s) if is_transient(&s) => {
-                let since = *lost_since.get_or_insert_with(tokio::time::Instant::now);
-                if since.elapsed() > reconnect_for {
+                if outage.lost().is_none() {
                     return Err(refused("lost the coordinator while waiting for the rollout", s));
                 }
             }
             Err(s) => return Err(refused("failed to follow the rollout", s)),
         }
+        // The deploy log is polled at the same pace through an outage.
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
@@ -207,8 +250,7 @@ pub async fn follow(
     reconnect_for: Duration,
     progress: &mut Progress,
 ) -> anyhow::Result<pb::RunSummary> {
-    let mut lost_since: Option<tokio::time::Instant> = None;
-    let mut delay = Duration::from_millis(200);
+    let mut outage = Outage::new(reconnect_for);
     loop {
         let req = pb::WatchRunRequest {
             run_id: run_id.to_owned(),
@@ -219,9 +261,8 @@ pub async fn follow(
                 loop {
                     match stream.message().await {
                         Ok(Some(ev)) => {
-                            if lost_since.take().is_some() {
+                            if outage.ended() {
                                 progress.note("reconnected to the coordinator");
-                                delay = Duration::from_millis(200);
                             }
                             progress.event(&ev);
                             if let Some(pb::run_event::Event::Finished(s)) = ev.event {
@@ -237,17 +278,14 @@ pub async fn follow(
             Err(s) if is_transient(&s) => {}
             Err(s) => return Err(refused("failed to follow the run", s)),
         }
-        let since = *lost_since.get_or_insert_with(|| {
-            progress.note("lost the coordinator; reconnecting");
-            tokio::time::Instant::now()
-        });
-        if since.elapsed() > reconnect_for {
-            bail!(
+        match outage.lost() {
+            Some(true) => progress.note("lost the coordinator; reconnecting"),
+            Some(false) => {}
+            None => bail!(
                 "the coordinator was unreachable for longer than --reconnect-for ({reconnect_for:?}); run {run_id} may still be going"
-            );
+            ),
         }
-        tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(Duration::from_secs(3));
+        outage.pause().await;
     }
 }
 
@@ -284,8 +322,7 @@ async fn fetch_report_through_outages(
     run_id: &str,
     reconnect_for: Duration,
 ) -> anyhow::Result<RunReport> {
-    let mut lost_since: Option<tokio::time::Instant> = None;
-    let mut delay = Duration::from_millis(200);
+    let mut outage = Outage::new(reconnect_for);
     let resp = loop {
         let req = pb::GetRunRequest {
             run_id: run_id.to_owned(),
@@ -294,15 +331,13 @@ async fn fetch_report_through_outages(
         match client.get_run(req).await {
             Ok(resp) => break resp.into_inner(),
             Err(s) if is_transient(&s) => {
-                let since = *lost_since.get_or_insert_with(tokio::time::Instant::now);
-                if since.elapsed() >= reconnect_for {
+                if outage.lost().is_none() {
                     return Err(refused("failed to get the run", s));
                 }
             }
             Err(s) => return Err(refused("failed to get the run", s)),
         }
-        tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(Duration::from_secs(3));
+        outage.pause().await;
     };
     let run = resp.run.context("the coordinator sent a run without a summary")?;
     Ok(RunReport::new(&run, &resp.results))
@@ -313,5 +348,37 @@ pub fn exit_code(status: RunStatus) -> u8 {
         RunStatus::Passed => exit::PASSED,
         RunStatus::Failed | RunStatus::Cancelled => exit::FAILED,
         RunStatus::Errored | RunStatus::Queued | RunStatus::Running => exit::ERROR,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn an_outage_backs_off_and_is_given_up_after_its_limit() {
+        let mut outage = Outage::new(Duration::from_secs(5));
+        assert_eq!(outage.lost(), Some(true), "the first failed try begins it");
+        let started = tokio::time::Instant::now();
+        let mut pauses = Vec::new();
+        while outage.lost().is_some() {
+            let before = tokio::time::Instant::now();
+            outage.pause().await;
+            pauses.push(before.elapsed().as_millis());
+        }
+        assert_eq!(pauses, [200, 400, 800, 1600, 3000], "doubling up to 3 s");
+        assert!(started.elapsed() >= Duration::from_secs(5));
+        // An answer ends it, and the next outage starts from the first pause again.
+        assert!(outage.ended());
+        assert!(!outage.ended(), "no outage to end");
+        assert_eq!(outage.lost(), Some(true));
+        let before = tokio::time::Instant::now();
+        outage.pause().await;
+        assert_eq!(before.elapsed(), Duration::from_millis(200));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_zero_limit_gives_up_at_the_first_failure() {
+        assert_eq!(Outage::new(Duration::ZERO).lost(), None);
     }
 }
