@@ -179,15 +179,18 @@ async fn a_watcher_that_never_reads_holds_up_nothing_and_a_slow_one_catches_up()
 }
 
 /// A coordinator that stops ends its watches (gRPC `WatchRun` on both of its gRPC ports, the
-/// HTTP events) with a status that says so, instead of waiting for their runs to end; its
-/// watchers then follow it to its next start.
+/// HTTP events) with a status that says so, instead of waiting for their runs to end (its
+/// watchers then follow it to its next start), and the long poll of its idle slot too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopping_coordinator_ends_its_watches_instead_of_waiting_for_them() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // Without the disconnect grace, and with a long lease: the busy worker's test, requeued
+    // when its connection closes or its lease ends, would end the idle worker's poll by itself.
     let mut cluster = Cluster::builder()
         .workers(1)
         .slots(1)
-        .coordinator_args(&["--watch-addr", "127.0.0.1:0"])
+        .lease("30s", "2s")
+        .coordinator_args(&["--watch-addr", "127.0.0.1:0", "--disconnect-grace", "off"])
         .start();
     harness::script(&cluster.root, "t/long.sh", "sleep 60");
     let run = detach(&cluster, &["t/long.sh".to_owned()], &[]);
@@ -218,15 +221,19 @@ async fn a_stopping_coordinator_ends_its_watches_instead_of_waiting_for_them() {
         body.extend_from_slice(&buf[..n]);
     }
 
+    // A second worker, idle: it waits in `AcquireShard` from its registration, 10 s at a time.
+    cluster.add_worker();
+    cluster.wait_for_live_workers(2);
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(cluster.coordinator_pid().unwrap() as i32),
         nix::sys::signal::Signal::SIGTERM,
     )
     .unwrap();
-    // The run goes on for a minute: a coordinator that waited for its watches would still be up.
+    // The run goes on for a minute and the idle worker's poll for 9 s or more: a coordinator
+    // that waited for either would still be up.
     let status = cluster
-        .wait_coordinator_exit(Duration::from_secs(20))
-        .expect("the coordinator stops with watches open");
+        .wait_coordinator_exit(Duration::from_secs(5))
+        .expect("the coordinator stops with watches and a long poll open");
     assert!(status.success(), "{status:?}");
     for mut stream in streams {
         let ended = loop {

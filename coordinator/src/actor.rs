@@ -89,20 +89,21 @@ pub struct Handle {
     deploys: Arc<Notify>,
     live: Arc<RwLock<LiveView>>,
     metrics: Arc<Metrics>,
-    /// Cancelled when the coordinator stops serving: every watch ends then.
+    /// Cancelled when the coordinator begins to stop: every wait on it ends then.
     closing: tokio_util::sync::CancellationToken,
 }
 
 impl Handle {
-    /// Ends every watch (each gets `UNAVAILABLE`, the coordinator is shutting down) and every
-    /// watch that starts from now on: a server stopping gracefully waits for its open calls,
-    /// and a watch of a run would otherwise hold it until the run ends.
-    pub fn close_watches(&self) {
+    /// Ends every call that waits on the coordinator, now and from now on: watches and
+    /// `AcquireShard` long polls get `UNAVAILABLE`, the coordinator is shutting down. A server
+    /// stopping gracefully waits for its open calls, and a watch of a run would otherwise hold
+    /// it until the run ends, an idle worker's long poll for up to its wait.
+    pub fn begin_shutdown(&self) {
         self.closing.cancel();
     }
 
-    /// Completes once [`Handle::close_watches`] was called.
-    pub fn watches_closed(&self) -> tokio_util::sync::WaitForCancellationFutureOwned {
+    /// Completes once [`Handle::begin_shutdown`] was called.
+    pub fn shutting_down(&self) -> tokio_util::sync::WaitForCancellationFutureOwned {
         self.closing.clone().cancelled_owned()
     }
 

@@ -561,9 +561,9 @@ async fn serve_all(
         health_reporter
             .set_not_serving::<pb::gate_service_server::GateServiceServer<Services>>()
             .await;
-        // Watches end now (their callers follow the coordinator to its next start), or the
-        // servers would wait for them until their runs end.
-        closing.close_watches();
+        // Watches and long polls end now (their callers follow the coordinator to its next
+        // start), or the servers would wait for them: a watch until its run ends.
+        closing.begin_shutdown();
         let _ = stop_tx.send(true);
     });
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {

@@ -215,6 +215,9 @@ impl WorkerService for Services {
                 _ = tokio::time::sleep_until(deadline) => {
                     return Ok(Response::new(pb::AcquireShardResponse { shard: None }));
                 }
+                _ = self.handle.shutting_down() => {
+                    return Err(Status::unavailable("the coordinator is shutting down"));
+                }
             }
         }
     }

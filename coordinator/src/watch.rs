@@ -50,7 +50,7 @@ impl Bursts {
     fn new(handle: &Handle) -> Self {
         Self {
             rx: handle.subscribe(),
-            closing: Box::pin(handle.watches_closed()),
+            closing: Box::pin(handle.shutting_down()),
             sent: false,
             ended: None,
         }
