@@ -258,10 +258,28 @@ fn the_watch_port_serves_readers_with_the_same_credentials_and_no_worker_calls()
             .await
             .unwrap();
         let mut worker =
-            WorkerServiceClient::new(AuthChannel::new(ch, Some(&cluster.secrets["fleet"])).unwrap());
+            WorkerServiceClient::new(AuthChannel::new(ch.clone(), Some(&cluster.secrets["fleet"])).unwrap());
         let e = worker.register(register_req("w9")).await.unwrap_err();
         assert_eq!(e.code(), Code::Unimplemented, "{e:?}");
         assert!(e.message().contains("--grpc-addr"), "{e:?}");
+        // Its health (open, as on the gRPC port) names what it serves, and only that.
+        let mut health = tonic_health::pb::health_client::HealthClient::new(ch);
+        let status = |service: &str| tonic_health::pb::HealthCheckRequest {
+            service: service.into(),
+        };
+        for service in ["", "shardgate.v1.RunService", "shardgate.v1.DashboardService"] {
+            let r = health.check(status(service)).await.unwrap().into_inner();
+            assert_eq!(
+                r.status,
+                tonic_health::pb::health_check_response::ServingStatus::Serving as i32,
+                "{service:?}"
+            );
+        }
+        let e = health
+            .check(status("shardgate.v1.WorkerService"))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::NotFound, "{e:?}");
     });
     // Nothing of it reached the fleet: one worker, the cluster's own.
     let fleet = cluster.client(&["workers", "--json"]).json();

@@ -64,6 +64,8 @@ async fn watch(
                 // A fresh start: the snapshot is the truth as of its sequence number.
                 seen.snapshots += 1;
                 seen.tallied = done(&s.counts.unwrap());
+                // Whoever waits for this watch to begin: it has.
+                results_seen.send_modify(|_| {});
             }
             pb::run_event::Event::TestFinished(t) => {
                 assert!(ev.seq > last_seq, "events in order: {} after {last_seq}", ev.seq);
@@ -98,12 +100,28 @@ fn detach(cluster: &Cluster, tests: &[String], extra: &[&str]) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_watcher_joining_mid_run_ends_with_the_same_counts_as_one_from_the_start() {
     let cluster = Cluster::builder().workers(2).slots(2).start();
-    // 60 short tests, two of which fail (and are retried once before they count).
-    let tests = harness::suite(&cluster.root, 60, &[7, 41], "0.05");
+    // 60 short tests, two of which fail (and are retried once before they count). Each waits
+    // (30 s at most) for A's watch to begin, so that A sees every result however slowly this
+    // machine starts it.
+    let go = cluster.dir.path().join("go");
+    let tests: Vec<String> = (0..60)
+        .map(|i| {
+            let id = format!("t/{i:03}.sh");
+            let exit = u8::from([7, 41].contains(&i));
+            let wait = format!(
+                "n=0; while [ ! -e {} ] && [ $n -lt 3000 ]; do sleep 0.01; n=$((n+1)); done",
+                go.display()
+            );
+            harness::script(&cluster.root, &id, &format!("{wait}\nsleep 0.05\nexit {exit}"));
+            id
+        })
+        .collect();
     let run = detach(&cluster, &tests, &["--retries", "1"]);
     let (tx_a, _) = tokio::sync::watch::channel(0);
     let mut a_progress = tx_a.subscribe();
     let from_start = tokio::spawn(watch(cluster.url(), run.clone(), Duration::ZERO, tx_a));
+    a_progress.changed().await.expect("A's snapshot");
+    std::fs::write(&go, "").unwrap();
     // B joins once A has seen a quarter of the results.
     a_progress.wait_for(|n| *n >= 15).await.unwrap();
     let (tx_b, _) = tokio::sync::watch::channel(0);
@@ -178,6 +196,9 @@ async fn a_watcher_that_never_reads_holds_up_nothing_and_a_slow_one_catches_up()
     drop(stuck_sse);
 }
 
+const SERVING: i32 = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
+const NOT_SERVING: i32 = tonic_health::pb::health_check_response::ServingStatus::NotServing as i32;
+
 /// A coordinator that stops ends its watches (gRPC `WatchRun` on both of its gRPC ports, the
 /// HTTP events) with a status that says so, instead of waiting for their runs to end (its
 /// watchers then follow it to its next start), and the long poll of its idle slot too.
@@ -208,6 +229,26 @@ async fn a_stopping_coordinator_ends_its_watches_instead_of_waiting_for_them() {
             "{first:?}"
         );
         streams.push(stream);
+    }
+    // Health watches too (a load balancer's), on both gRPC ports: they see NOT_SERVING first.
+    let mut health = Vec::new();
+    for addr in [cluster.grpc_addr.clone(), cluster.watch_addr.clone().unwrap()] {
+        let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut client = tonic_health::pb::health_client::HealthClient::new(ch);
+        let mut stream = client
+            .watch(tonic_health::pb::HealthCheckRequest {
+                service: "shardgate.v1.RunService".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let first = stream.message().await.unwrap().unwrap();
+        assert_eq!(first.status, SERVING, "{addr}");
+        health.push(stream);
     }
     let mut sse = tokio::net::TcpStream::connect(&cluster.http_addr).await.unwrap();
     sse.write_all(format!("GET /api/runs/{run}/events HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes())
@@ -245,6 +286,17 @@ async fn a_stopping_coordinator_ends_its_watches_instead_of_waiting_for_them() {
         };
         assert_eq!(ended.code(), tonic::Code::Unavailable, "{ended:?}");
         assert!(ended.message().contains("shutting down"), "{ended:?}");
+    }
+    for mut stream in health {
+        let mut seen = Vec::new();
+        while let Ok(Some(m)) = stream.message().await {
+            seen.push(m.status);
+        }
+        assert_eq!(
+            seen,
+            [NOT_SERVING],
+            "what a health watch saw after the stop began"
+        );
     }
     sse.read_to_end(&mut body).await.unwrap();
     let body = String::from_utf8_lossy(&body);

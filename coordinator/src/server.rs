@@ -426,12 +426,57 @@ async fn stand_by(
     }))
 }
 
-/// The standard gRPC health service (every shardgate service serving) and reflection, v1 and
-/// v1alpha (Python's grpcio-reflection speaks only the latter).
-async fn health_and_reflection() -> Result<
+/// One gRPC port's standard health service: every shardgate service the port serves (the
+/// workers' too when `workers`), serving until [`set_health`] says otherwise.
+async fn health(
+    workers: bool,
+) -> (
+    tonic_health::server::HealthReporter,
+    tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
+) {
+    let (reporter, service) = tonic_health::server::health_reporter();
+    set_health(&reporter, workers, tonic_health::ServingStatus::Serving).await;
+    (reporter, service)
+}
+
+/// What a port's health reports on: the whole server ("") and each shardgate service it serves.
+fn health_names(workers: bool) -> Vec<&'static str> {
+    use tonic::server::NamedService;
+    let mut names = vec![
+        "",
+        <pb::run_service_server::RunServiceServer<Services> as NamedService>::NAME,
+        <pb::dashboard_service_server::DashboardServiceServer<Services> as NamedService>::NAME,
+        <pb::gate_service_server::GateServiceServer<Services> as NamedService>::NAME,
+    ];
+    if workers {
+        names.push(<pb::worker_service_server::WorkerServiceServer<Services> as NamedService>::NAME);
+    }
+    names
+}
+
+async fn set_health(
+    reporter: &tonic_health::server::HealthReporter,
+    workers: bool,
+    status: tonic_health::ServingStatus,
+) {
+    for name in health_names(workers) {
+        reporter.set_service_status(name, status).await;
+    }
+}
+
+/// NOT_SERVING, then every health watch ends (each has seen NOT_SERVING first): a server
+/// stopping gracefully waits for open calls, and a load balancer's health watch would hold it
+/// for good. A check after that finds no status: the server is going away.
+async fn stop_health(mut reporter: tonic_health::server::HealthReporter, workers: bool) {
+    set_health(&reporter, workers, tonic_health::ServingStatus::NotServing).await;
+    for name in health_names(workers) {
+        reporter.clear_service_status(name).await;
+    }
+}
+
+/// gRPC reflection, v1 and v1alpha (Python's grpcio-reflection speaks only the latter).
+fn reflection() -> Result<
     (
-        tonic_health::server::HealthReporter,
-        tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
         tonic_reflection::server::v1::ServerReflectionServer<
             impl tonic_reflection::server::v1::ServerReflection,
         >,
@@ -441,19 +486,6 @@ async fn health_and_reflection() -> Result<
     ),
     ServeError,
 > {
-    let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    health_reporter
-        .set_serving::<pb::run_service_server::RunServiceServer<Services>>()
-        .await;
-    health_reporter
-        .set_serving::<pb::worker_service_server::WorkerServiceServer<Services>>()
-        .await;
-    health_reporter
-        .set_serving::<pb::dashboard_service_server::DashboardServiceServer<Services>>()
-        .await;
-    health_reporter
-        .set_serving::<pb::gate_service_server::GateServiceServer<Services>>()
-        .await;
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -463,7 +495,7 @@ async fn health_and_reflection() -> Result<
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
 
-    Ok((health_reporter, health_service, reflection_v1, reflection_v1alpha))
+    Ok((reflection_v1, reflection_v1alpha))
 }
 
 /// The gRPC server's settings: keep-alive pings and TLS.
@@ -539,28 +571,17 @@ async fn serve_all(
 ) -> Result<(), ServeError> {
     config.check_exposure(&listeners.addrs()?)?;
     let Listeners { grpc, http, watch } = listeners;
-    let (health_reporter, health_service, reflection_v1, reflection_v1alpha) =
-        health_and_reflection().await?;
+    let (reflection_v1, reflection_v1alpha) = reflection()?;
+    // Each gRPC port has its own health: the watch port does not serve the workers' service.
+    let (health_reporter, health_service) = health(true).await;
+    let (watch_health_reporter, watch_health_service) = health(false).await;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let closing = handle.clone();
     tokio::spawn(async move {
         shutdown.await;
         // Not serving from the first moment of the drain: load balancers stop sending.
-        health_reporter
-            .set_service_status("", tonic_health::ServingStatus::NotServing)
-            .await;
-        health_reporter
-            .set_not_serving::<pb::run_service_server::RunServiceServer<Services>>()
-            .await;
-        health_reporter
-            .set_not_serving::<pb::worker_service_server::WorkerServiceServer<Services>>()
-            .await;
-        health_reporter
-            .set_not_serving::<pb::dashboard_service_server::DashboardServiceServer<Services>>()
-            .await;
-        health_reporter
-            .set_not_serving::<pb::gate_service_server::GateServiceServer<Services>>()
-            .await;
+        stop_health(health_reporter, true).await;
+        stop_health(watch_health_reporter, false).await;
         // Watches and long polls end now (their callers follow the coordinator to its next
         // start), or the servers would wait for them: a watch until its run ends.
         closing.begin_shutdown();
@@ -598,15 +619,11 @@ async fn serve_all(
         .disconnect_grace
         .map(|grace| crate::liveness::spawn(handle.clone(), services.peers(), grace));
     let watches = WatchThreads::start()?;
-    let router = |workers: bool| {
+    let router = |health, workers: bool| {
         grpc_router(
             &config,
             &services,
-            (
-                health_service.clone(),
-                reflection_v1.clone(),
-                reflection_v1alpha.clone(),
-            ),
+            (health, reflection_v1.clone(), reflection_v1alpha.clone()),
             watches.handle(),
             workers,
         )
@@ -616,7 +633,7 @@ async fn serve_all(
     let watch_task = match watch {
         Some(listener) => {
             info!(watch = %listener.local_addr()?, "gRPC watch port serving");
-            let router = router(false)?;
+            let router = router(watch_health_service, false)?;
             let listener = listener.into_std()?;
             let (limits, stop) = (config.connections, stopped(stop_rx.clone()));
             Some(watches.handle().spawn(async move {
@@ -629,7 +646,7 @@ async fn serve_all(
         }
         None => None,
     };
-    router(true)?
+    router(health_service, true)?
         .serve_with_incoming_shutdown(
             crate::conn::incoming(grpc, config.connections, disconnects),
             stopped(stop_rx),
