@@ -74,6 +74,13 @@ pub fn rollout_config(a: &RolloutArgs) -> anyhow::Result<RolloutConfig> {
     Ok(cfg)
 }
 
+/// Binds the address `flag` gave; an error names the flag.
+async fn bind(flag: &str, addr: std::net::SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("failed to bind {flag} {addr}"))
+}
+
 /// Serves until SIGTERM or SIGINT. Prints one JSON line with the bound addresses on stdout once
 /// listening, so scripts and tests that ask for port 0 learn the ports.
 pub async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
@@ -110,18 +117,10 @@ pub async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
             client_ca: args.client_ca.clone(),
         });
     }
-    let grpc = TcpListener::bind(args.grpc_addr)
-        .await
-        .with_context(|| format!("failed to bind --grpc-addr {}", args.grpc_addr))?;
-    let http = TcpListener::bind(args.http_addr)
-        .await
-        .with_context(|| format!("failed to bind --http-addr {}", args.http_addr))?;
+    let grpc = bind("--grpc-addr", args.grpc_addr).await?;
+    let http = bind("--http-addr", args.http_addr).await?;
     let watch = match args.watch_addr {
-        Some(addr) => Some(
-            TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("failed to bind --watch-addr {addr}"))?,
-        ),
+        Some(addr) => Some(bind("--watch-addr", addr).await?),
         None => None,
     };
     config.advertise = (

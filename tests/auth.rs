@@ -189,8 +189,8 @@ fn the_watch_port_serves_readers_with_the_same_credentials_and_no_worker_calls()
         .expect("the ready line names the watch port");
     let watch_url = format!("http://{watch_port}");
     let tests = suite(&cluster.root, 3, &[], "0");
-    let file = cluster.dir.path().join("tests.txt");
-    std::fs::write(&file, tests.join("\n")).unwrap();
+    let run_args = cluster.run_args(&tests, &[]);
+    let run_args: Vec<&str> = run_args.iter().map(String::as_str).collect();
     let on_watch_port = |token: &str, args: &[&str]| {
         let mut argv = args.to_vec();
         argv.extend(["--coordinator", &watch_url]);
@@ -200,21 +200,7 @@ fn the_watch_port_serves_readers_with_the_same_credentials_and_no_worker_calls()
         client(&argv)
     };
     // A run submitted on the watch port (the run service is there too) and followed there.
-    let ran = on_watch_port(
-        &cluster.secrets["ci"],
-        &[
-            "run",
-            "--runner",
-            "exec",
-            "--suite",
-            "it",
-            "--revision",
-            "r1",
-            "--json",
-            "--tests-file",
-            file.to_str().unwrap(),
-        ],
-    );
+    let ran = on_watch_port(&cluster.secrets["ci"], &run_args);
     assert_eq!(ran.code, 0, "{}", ran.stderr);
     let report = ran.json();
     assert_eq!(report["verdict"], "passed");
@@ -232,20 +218,7 @@ fn the_watch_port_serves_readers_with_the_same_credentials_and_no_worker_calls()
         "a worker token watches on the watch port",
     );
     refused(
-        &on_watch_port(
-            &cluster.secrets["board"],
-            &[
-                "run",
-                "--runner",
-                "exec",
-                "--suite",
-                "it",
-                "--revision",
-                "r2",
-                "--tests-file",
-                file.to_str().unwrap(),
-            ],
-        ),
+        &on_watch_port(&cluster.secrets["board"], &run_args),
         "a viewer submits on the watch port",
     );
 

@@ -60,17 +60,19 @@ impl Bursts {
         if let Some(e) = self.ended.take() {
             return Err(e);
         }
-        if self.sent {
-            tokio::select! {
-                _ = tokio::time::sleep(WATCH_TICK) => {}
-                _ = &mut self.closing => return Err(RecvError::Closed),
-            }
-        }
+        let Self {
+            rx, closing, sent, ..
+        } = self;
         let first = tokio::select! {
-            // Closing wins over waiting events: a stopping server waits for nobody.
+            // Closing wins over the tick and waiting events: a stopping server waits for nobody.
             biased;
-            _ = &mut self.closing => return Err(RecvError::Closed),
-            p = self.rx.recv() => p?,
+            _ = closing => return Err(RecvError::Closed),
+            p = async {
+                if *sent {
+                    tokio::time::sleep(WATCH_TICK).await;
+                }
+                rx.recv().await
+            } => p?,
         };
         let mut burst = vec![first];
         self.sent = true;

@@ -745,8 +745,9 @@ impl Cluster {
         client(&all)
     }
 
-    /// `run` of the exec runner on `tests` (written to a fresh file) with `--json`, then `extra`.
-    fn run_args(&self, tests: &[String], extra: &[&str]) -> Vec<String> {
+    /// `run` of the exec runner on `tests` (written to a fresh file) with `--json`, then `extra`
+    /// (without `--coordinator`, for a client pointed elsewhere).
+    pub fn run_args(&self, tests: &[String], extra: &[&str]) -> Vec<String> {
         let file = self
             .dir
             .path()
