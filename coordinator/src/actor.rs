@@ -91,6 +91,9 @@ pub struct Handle {
     metrics: Arc<Metrics>,
     /// Cancelled when the coordinator begins to stop: every wait on it ends then.
     closing: tokio_util::sync::CancellationToken,
+    /// Counts the runs that ended, bumped once their `finished` events are on the event
+    /// stream (see [`Handle::run_ends`]).
+    ends: tokio::sync::watch::Receiver<u64>,
 }
 
 impl Handle {
@@ -147,6 +150,12 @@ impl Handle {
         self.events.subscribe()
     }
 
+    /// Changes each time a run ends, after its `finished` event is on the event stream, so a
+    /// watch that waits between bursts can send a verdict without waiting.
+    pub fn run_ends(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.ends.clone()
+    }
+
     /// The sequence number of the last event numbered (published, or on its way to the
     /// broadcast channel through the publisher thread).
     pub fn last_seq(&self) -> u64 {
@@ -172,6 +181,7 @@ pub fn spawn(core: Core, tick: Duration) -> Handle {
 pub fn spawn_with(core: Core, tick: Duration, event_buffer: usize) -> Handle {
     let (tx, rx) = mpsc::channel::<Job>();
     let (events, _) = broadcast::channel(event_buffer.max(1));
+    let (ended, ends) = tokio::sync::watch::channel(0u64);
     let handle = Handle {
         tx,
         events,
@@ -181,6 +191,7 @@ pub fn spawn_with(core: Core, tick: Duration, event_buffer: usize) -> Handle {
         live: Arc::new(RwLock::new(core.live_view())),
         metrics: Arc::new(Metrics::new()),
         closing: Default::default(),
+        ends,
     };
     let h = handle.clone();
     // Events reach the broadcast channel through a thread of their own: the channel's lock is
@@ -192,9 +203,14 @@ pub fn spawn_with(core: Core, tick: Duration, event_buffer: usize) -> Handle {
         .name("shardgate-publish".into())
         .spawn(move || {
             for batch in to_publish {
+                let mut finished = false;
                 for p in batch {
+                    finished |= matches!(p.event, pb::run_event::Event::Finished(_));
                     // No subscriber is fine: nobody is watching.
                     let _ = events.send(p);
+                }
+                if finished {
+                    ended.send_modify(|n| *n += 1);
                 }
             }
         })

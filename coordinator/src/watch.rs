@@ -34,11 +34,14 @@ pub const WATCH_TICK: std::time::Duration = std::time::Duration::from_millis(100
 /// before it looks again. So a watch wakes about ten times a second however busy the run, and
 /// a burst goes to its reader as one message (a gRPC `WatchRun` writes it as one chunk of
 /// framed messages, an HTTP response as one write) instead of event by event: a hundred watchers of a busy run cost
-/// the coordinator little.
+/// the coordinator little. A run's end cuts the tick short: whoever waits for a verdict (a
+/// build trigger, `shardgate run`, `shardgate local`) gets it as it is published.
 struct Bursts {
     rx: broadcast::Receiver<Arc<Published>>,
     /// Completes when the coordinator stops serving: the stream is closed then.
     closing: std::pin::Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
+    /// Changes when a run ends ([`Handle::run_ends`]).
+    ends: tokio::sync::watch::Receiver<u64>,
     /// A burst went out: wait a tick before the next.
     sent: bool,
     /// What ended the last burst early (the watch fell behind, the stream closed), for the
@@ -48,9 +51,18 @@ struct Bursts {
 
 impl Bursts {
     fn new(handle: &Handle) -> Self {
+        Self::with(handle.subscribe(), handle.shutting_down(), handle.run_ends())
+    }
+
+    fn with(
+        rx: broadcast::Receiver<Arc<Published>>,
+        closing: tokio_util::sync::WaitForCancellationFutureOwned,
+        ends: tokio::sync::watch::Receiver<u64>,
+    ) -> Self {
         Self {
-            rx: handle.subscribe(),
-            closing: Box::pin(handle.shutting_down()),
+            rx,
+            closing: Box::pin(closing),
+            ends,
             sent: false,
             ended: None,
         }
@@ -61,7 +73,11 @@ impl Bursts {
             return Err(e);
         }
         let Self {
-            rx, closing, sent, ..
+            rx,
+            closing,
+            ends,
+            sent,
+            ..
         } = self;
         let first = tokio::select! {
             // Closing wins over the tick and waiting events: a stopping server waits for nobody.
@@ -69,11 +85,18 @@ impl Bursts {
             _ = closing => return Err(RecvError::Closed),
             p = async {
                 if *sent {
-                    tokio::time::sleep(WATCH_TICK).await;
+                    tokio::select! {
+                        () = tokio::time::sleep(WATCH_TICK) => {}
+                        // A run ended since the last burst was gathered: its `finished` is
+                        // on the stream already.
+                        Ok(()) = ends.changed() => {}
+                    }
                 }
                 rx.recv().await
             } => p?,
         };
+        // Every run's end counted from here on is after what this burst gathers, or in it.
+        self.ends.borrow_and_update();
         let mut burst = vec![first];
         self.sent = true;
         while burst.len() < BURST_MAX {
@@ -304,6 +327,67 @@ mod tests {
     use crate::core::Core;
     use crate::model::{CoreConfig, Now};
     use crate::store::SqliteStore;
+
+    fn published(seq: u64, event: pb::run_event::Event) -> Arc<Published> {
+        Arc::new(Published {
+            seq,
+            event,
+            at: std::time::Instant::now(),
+            sse: Default::default(),
+            sse_light: Default::default(),
+            wire: Default::default(),
+        })
+    }
+
+    /// After a burst a watch waits a tick before it looks again, unless a run ended: its
+    /// `finished` goes at once (time is paused: a tick waited for would show on the clock).
+    #[tokio::test(start_paused = true)]
+    async fn a_runs_end_goes_out_without_waiting_for_the_tick() {
+        let (tx, rx) = broadcast::channel(16);
+        let (ended, ends) = tokio::sync::watch::channel(0u64);
+        let closing = tokio_util::sync::CancellationToken::new();
+        let mut bursts = Bursts::with(rx, closing.clone().cancelled_owned(), ends);
+        let summary = || pb::RunSummary {
+            run_id: "r".into(),
+            ..Default::default()
+        };
+        tx.send(published(1, pb::run_event::Event::Progress(summary())))
+            .unwrap();
+        assert_eq!(bursts.next().await.unwrap().len(), 1);
+        let start = tokio::time::Instant::now();
+
+        // Progress waits for the tick.
+        tx.send(published(2, pb::run_event::Event::Progress(summary())))
+            .unwrap();
+        assert_eq!(bursts.next().await.unwrap()[0].seq, 2);
+        assert_eq!(start.elapsed(), WATCH_TICK);
+
+        // A run's end, published as the actor's publisher publishes it (the event, then the
+        // count), does not.
+        let start = tokio::time::Instant::now();
+        tx.send(published(3, pb::run_event::Event::Finished(summary())))
+            .unwrap();
+        ended.send_modify(|n| *n += 1);
+        assert_eq!(bursts.next().await.unwrap()[0].seq, 3);
+        assert_eq!(start.elapsed(), std::time::Duration::ZERO);
+
+        // The events behind a run's end go with it; that end, once gathered in a burst,
+        // does not cut the next tick short.
+        let start = tokio::time::Instant::now();
+        tx.send(published(4, pb::run_event::Event::Finished(summary())))
+            .unwrap();
+        ended.send_modify(|n| *n += 1);
+        tx.send(published(5, pb::run_event::Event::Progress(summary())))
+            .unwrap();
+        let burst = bursts.next().await.unwrap();
+        assert_eq!(burst.iter().map(|p| p.seq).collect::<Vec<_>>(), [4, 5]);
+        assert_eq!(start.elapsed(), std::time::Duration::ZERO);
+        let start = tokio::time::Instant::now();
+        tx.send(published(6, pb::run_event::Event::Progress(summary())))
+            .unwrap();
+        assert_eq!(bursts.next().await.unwrap()[0].seq, 6);
+        assert_eq!(start.elapsed(), WATCH_TICK);
+    }
 
     /// A watcher that does not read while a run produces far more events than the stream
     /// holds is not waited for; when it reads again it gets a fresh snapshot, and the snapshot
