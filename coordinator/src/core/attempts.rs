@@ -454,6 +454,7 @@ impl Core {
         }
         if let Some(r) = self.runs.get_mut(&a.run) {
             r.live_attempts -= 1;
+            r.outstanding.remove(a.due_ms, id);
             self.effects.runs_changed.insert(a.run);
         }
         Some(a)

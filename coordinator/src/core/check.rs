@@ -37,6 +37,16 @@ impl Core {
     /// in its run's queue exactly once or held by exactly one live attempt, and the counts
     /// match. Panics with what is wrong.
     pub fn check_invariants(&self) {
+        for (run_id, run) in &self.runs {
+            for (due, held) in run.outstanding.iter() {
+                assert!(
+                    self.attempts
+                        .get(held)
+                        .is_some_and(|h| h.run == *run_id && h.due_ms == *due),
+                    "the run's outstanding work holds an attempt that is not live in it"
+                );
+            }
+        }
         for (id, a) in &self.attempts {
             let run = self.runs.get(&a.run).expect("a live attempt's run is active");
             let w = self

@@ -41,7 +41,7 @@ impl Core {
         let overhead_ms = self.overhead(&self.runs[&run_id].row.runner);
         let solo = self.solo_for(&self.runs[&run_id], worker);
         // Take the shard's tests from the queue; put them back if a write fails.
-        let (kind, tests) = self.take_shard(run_id, solo, fleet_slots, overhead_ms);
+        let (kind, tests) = self.take_shard(run_id, solo, fleet_slots, overhead_ms, now.ms);
         let run = &self.runs[&run_id];
         let attempt = AttemptRow {
             id: AttemptId::new(),
@@ -68,17 +68,18 @@ impl Core {
             return Err(e);
         }
         self.apply_touch(worker, revived, now);
-        Ok(Some(self.apply_handout(attempt, kind, started, now)))
+        Ok(Some(self.apply_handout(attempt, kind, started, overhead_ms, now)))
     }
 
     /// Takes a shard's tests from `run_id`'s queue: its discovery, the solo test at `solo`, or
-    /// a batch sized for the work left.
+    /// a batch sized for the work left at `now_ms`.
     fn take_shard(
         &mut self,
         run_id: RunId,
         solo: Option<usize>,
         slots: usize,
         overhead_ms: f64,
+        now_ms: u64,
     ) -> (AttemptKind, Vec<u32>) {
         let run = self.runs.get_mut(&run_id).expect("picked from the map");
         if run.discover_pending {
@@ -90,7 +91,9 @@ impl Core {
         }
         let ctx = ShardContext {
             slots,
-            running_ms: run.running_ms,
+            // What the shards out on workers have left: the estimates of their tests without
+            // a result, but no more than their time to their due ends.
+            running_ms: run.running_ms.min(run.outstanding.left_ms(now_ms)),
             overhead_ms,
         };
         (AttemptKind::Run, run.queue.next_shard(ctx))
@@ -134,6 +137,7 @@ impl Core {
         a: AttemptRow,
         kind: AttemptKind,
         started: Option<crate::store::RunRow>,
+        overhead_ms: f64,
         now: Now,
     ) -> pb::Shard {
         let lease = self.cfg.lease;
@@ -179,8 +183,9 @@ impl Core {
         self.effects.workers_changed.insert(a.worker);
         let pending = a.tests.clone();
         let estimate_ms = run.estimate_ms(&a.tests);
-        self.attempts
-            .insert(a.id, Attempt::from_row(&a, pending, now.at + lease, estimate_ms));
+        let attempt = Attempt::from_row(&a, pending, now.at + lease, estimate_ms, overhead_ms);
+        run.outstanding.add(attempt.due_ms, a.id);
+        self.attempts.insert(a.id, attempt);
         self.workers
             .get_mut(&a.worker)
             .expect("checked by the caller")
@@ -199,7 +204,7 @@ impl Core {
     }
 
     /// The measured cost of one hand-out for `runner`, in milliseconds.
-    fn overhead(&self, runner: &str) -> f64 {
+    pub(crate) fn overhead(&self, runner: &str) -> f64 {
         self.overhead_ms
             .get(runner)
             .copied()

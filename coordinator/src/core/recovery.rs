@@ -209,8 +209,10 @@ impl Core {
         }
         let lease_until = now.at + self.cfg.lease;
         let estimate_ms = state.estimate_ms(&a.tests);
-        self.attempts
-            .insert(a.id, Attempt::from_row(&a, pending, lease_until, estimate_ms));
+        let overhead_ms = self.overhead(&state.row.runner);
+        let attempt = Attempt::from_row(&a, pending, lease_until, estimate_ms, overhead_ms);
+        state.outstanding.add(attempt.due_ms, a.id);
+        self.attempts.insert(a.id, attempt);
     }
 }
 

@@ -9,7 +9,7 @@ use shardgate_common::{AttemptId, Outcome, RunId, RunnerKind, ShardId, WorkerId,
 
 use super::runs::PlannedTests;
 use crate::model::CoreConfig;
-use crate::scheduler::{History, Learning, Plan, RunQueue};
+use crate::scheduler::{History, Learning, Outstanding, Plan, RunQueue};
 use crate::store::{RetryState, RunRow, Store, WorkerRow, WorkerState, summary_of};
 
 /// A test of an active run, as the scheduler tracks it.
@@ -68,6 +68,8 @@ pub(crate) struct RunState {
     pub solo: Vec<u32>,
     /// Estimated work of the tests out on workers now.
     pub running_ms: f64,
+    /// The live attempts by when each is due to end ([`Attempt::due_ms`]).
+    pub outstanding: Outstanding<AttemptId>,
     /// Slots that may take this run, as of a fleet version.
     pub fleet_slots: Option<(u64, usize)>,
     /// A discovery attempt must be handed out before the run has tests.
@@ -149,6 +151,7 @@ impl RunState {
             learning,
             solo: Vec::new(),
             running_ms: 0.0,
+            outstanding: Outstanding::default(),
             fleet_slots: None,
             discover_handouts: 0,
             done: [0; 7],
@@ -292,16 +295,20 @@ pub(crate) struct Attempt {
     pub estimate_ms: f64,
     pub lease_until: Instant,
     pub started_ms: u64,
+    /// When it is due to end: its start, the per-shard overhead, its estimated work.
+    pub due_ms: u64,
 }
 
 impl Attempt {
     /// A live attempt from its stored row, holding `pending` of its tests, its lease running
-    /// until `lease_until`; `estimate_ms` is the whole shard's estimated work.
+    /// until `lease_until`; `estimate_ms` is the whole shard's estimated work, `overhead_ms`
+    /// what a shard of its runner costs besides.
     pub fn from_row(
         a: &crate::store::AttemptRow,
         pending: Vec<u32>,
         lease_until: Instant,
         estimate_ms: f64,
+        overhead_ms: f64,
     ) -> Self {
         Self {
             shard: a.shard,
@@ -318,6 +325,7 @@ impl Attempt {
             estimate_ms,
             lease_until,
             started_ms: a.started_ms,
+            due_ms: a.started_ms + (overhead_ms + estimate_ms).max(0.0) as u64,
         }
     }
 }

@@ -15,15 +15,19 @@
 //!   demand: a test whose estimate is a large part of the work left per slot goes out alone;
 //!   otherwise tests are batched up to a target that balances the per-shard overhead against the
 //!   imbalance a coarse shard causes at the end (`sqrt(2 · overhead · work per slot)`), capped at
-//!   a third of the work left per slot, so shards shrink as the run drains.
+//!   a third of the work left per slot, so shards shrink as the run drains. The work left
+//!   counts, of each shard out on a worker, only what is left until it is due to end
+//!   ([`Outstanding`]).
 
 use serde::{Deserialize, Serialize};
 use shardgate_common::Outcome;
 
 mod learning;
+mod outstanding;
 mod queue;
 
 pub use learning::{Learning, plan};
+pub use outstanding::Outstanding;
 pub use queue::{Batch, RunQueue, ShardContext, target_ms};
 
 /// Weight of a new sample in the duration estimate.

@@ -220,20 +220,22 @@ pub enum Batch {
 
 /// How much estimated work to put in one shard of `batch` when `per_slot` is left per slot.
 ///
-/// Half of what is left per slot: early shards are large (few hand-outs, little overhead) and
-/// they shrink geometrically, so every slot runs out of work at about the same time (shards
-/// are handed out on demand, so a slot whose shard ran long simply takes less after it). Never
-/// below two hand-outs' worth of overhead. In `shardgate-bench sim` (30 % estimate noise) a
-/// half beat the third used before on every sweep point (IMVU shape 1.014× against 1.019×,
-/// a third fewer hand-outs); two-thirds did a little better still (1.011×) and the whole
-/// share fell off a cliff (1.08–1.14×), so a half keeps a margin for estimates that are off
-/// together. Tests with no history are batched more finely: at most a third of the share,
-/// and no more than balances overhead against the imbalance an unknown giant among them
-/// would cause (`sqrt(2 · overhead · work per slot)`).
+/// Two-thirds of what is left per slot: early shards are large (few hand-outs, little
+/// overhead) and they shrink geometrically, so every slot runs out of work at about the same
+/// time (shards are handed out on demand, so a slot whose shard ran long simply takes less
+/// after it). Never below two hand-outs' worth of overhead. What is left per slot counts, of
+/// each running shard, only its time to its due end ([`super::Outstanding`]); while it counted
+/// the whole estimate of every test without a result, a half did best in `shardgate-bench
+/// sim` (30 % estimate noise; a third: 1.019×, a half: 1.014× on the IMVU shape, two-thirds
+/// 1.011× but worse at 64 slots, the whole share 1.08–1.14×). Counting what is left, two-thirds
+/// gives 1.010–1.011× over three seeds with a quarter fewer hand-outs, and at 64 slots 1.069×
+/// against 1.088×. Tests with no history are batched more finely: at most a third of the
+/// share, and no more than balances overhead against the imbalance an unknown giant among
+/// them would cause (`sqrt(2 · overhead · work per slot)`).
 pub fn target_ms(per_slot: f64, overhead_ms: f64, batch: Batch) -> f64 {
     let o = overhead_ms.max(MIN_OVERHEAD_MS);
     let t = match batch {
-        Batch::Known => per_slot / 2.0,
+        Batch::Known => per_slot * 2.0 / 3.0,
         Batch::FailingFirst => per_slot / 3.0,
         Batch::Cold => (per_slot / 3.0).min((2.0 * o * per_slot).sqrt()),
     };
@@ -260,7 +262,10 @@ mod tests {
         while !q.is_empty() {
             last = q.next_shard(ctx(4)).len();
         }
-        assert_eq!(first, 50, "early shards hold half the work per slot (100 s / 2)");
+        assert_eq!(
+            first, 66,
+            "early shards hold two-thirds of the work per slot (100 s · 2/3)"
+        );
         assert_eq!(last, 1, "the last shards are single tests");
     }
 
@@ -289,11 +294,11 @@ mod tests {
             "every recent failure, and nothing else: {first:?}"
         );
         assert!(first.iter().all(|&i| i < 10), "{first:?}");
-        // The rest: half of the 45 s left per slot.
-        assert_eq!(q.next_shard(ctx(2)).len(), 22);
-        // Without fail-first the first shard is half a slot's share.
+        // The rest: two-thirds of the 45 s left per slot.
+        assert_eq!(q.next_shard(ctx(2)).len(), 30);
+        // Without fail-first the first shard is two-thirds of a slot's share.
         let plans = plan(&ids, &hist, PlanOptions { fail_first: false }, 100).0;
-        assert_eq!(RunQueue::new(&plans).next_shard(ctx(2)).len(), 25);
+        assert_eq!(RunQueue::new(&plans).next_shard(ctx(2)).len(), 33);
     }
 
     #[test]
@@ -315,8 +320,8 @@ mod tests {
 
     #[test]
     fn the_target_shrinks_with_the_work_left_and_cold_tests_go_in_small_batches() {
-        // 440 s per slot: half of it, or for guesses sqrt(2 · 0.5 s · 440 s) ≈ 21 s.
-        assert_eq!(target_ms(440_000.0, 500.0, Batch::Known), 440_000.0 / 2.0);
+        // 440 s per slot: two-thirds of it, or for guesses sqrt(2 · 0.5 s · 440 s) ≈ 21 s.
+        assert_eq!(target_ms(440_000.0, 500.0, Batch::Known), 440_000.0 * 2.0 / 3.0);
         let cold = target_ms(440_000.0, 500.0, Batch::Cold);
         assert!((20_000.0..22_000.0).contains(&cold), "{cold}");
         // Never below two hand-outs' worth of overhead.
