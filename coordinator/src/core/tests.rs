@@ -1222,3 +1222,52 @@ fn an_ended_shard_keeps_its_whole_estimate_in_the_timeline() {
         assert!(s.estimated_ms > 0, "an ended shard shows no estimate: {s:?}");
     }
 }
+
+/// The shard worker `b` gets of a run of 40 one-second tests (known from a first run), asked
+/// `after_ms` after worker `a` took its shard, whose results come only at its end (as nextest's
+/// and JUnit runners' do); and the size of `a`'s shard.
+fn second_shard_after(after_ms: u64) -> (usize, usize) {
+    let (mut core, now) = core();
+    let a = register(&mut core, "a", 1, &[], now);
+    let b = register(&mut core, "b", 1, &[], now);
+    let tests: Vec<String> = (0..40).map(|i| format!("t{i}")).collect();
+    let refs: Vec<&str> = tests.iter().map(String::as_str).collect();
+    let second = |r: &str| pb::TestResult {
+        duration_ms: 1000,
+        ..result(r, Outcome::Passed)
+    };
+    submit(&mut core, &refs, now);
+    while let Some(shard) = core.acquire(a, now).unwrap() {
+        let attempt: AttemptId = shard.attempt_id.parse().unwrap();
+        let results = shard.tests.iter().map(|t| second(t)).collect();
+        core.report(a, attempt, results, now).unwrap();
+        core.finish(a, attempt, "", false, now).unwrap();
+    }
+    submit(&mut core, &refs, now);
+    let first = core.acquire(a, now).unwrap().unwrap().tests.len();
+    let later = Now {
+        at: now.at + Duration::from_millis(after_ms),
+        ms: now.ms + after_ms,
+    };
+    let next = core.acquire(b, later).unwrap().unwrap().tests.len();
+    core.check_invariants();
+    (first, next)
+}
+
+#[test]
+fn a_running_shard_counts_only_what_it_has_left_when_the_next_is_sized() {
+    // Asked at once, the second worker's share is as large as the first's.
+    let (first, at_once) = second_shard_after(0);
+    assert!(first > 1, "{first}");
+    assert_eq!(at_once, first);
+    // Asked when the first shard is a second from its due end, the work left per slot is the
+    // queue's and that second, not the first shard's whole estimate: a smaller shard, so the
+    // two slots end together.
+    let (first, late) = second_shard_after(first as u64 * 1000 - 1000);
+    let left_per_slot = ((40 - first) as f64 * 1000.0 + 1000.0) / 2.0;
+    assert!(late < at_once, "{late} against {at_once}");
+    assert!(
+        (late as f64 * 1000.0) <= left_per_slot,
+        "{late} s of tests for {left_per_slot} ms per slot"
+    );
+}
