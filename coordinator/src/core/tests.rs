@@ -77,11 +77,21 @@ fn status(core: &Core, run: RunId) -> RunStatus {
 
 /// Runs every shard `worker` gets to completion with `outcome_of` deciding each test.
 fn drain(core: &mut Core, worker: WorkerId, now: Now, outcome_of: impl Fn(&str) -> Outcome) -> usize {
+    drain_with(core, worker, now, |t| result(t, outcome_of(t)))
+}
+
+/// Runs every shard `worker` gets to completion, reporting `result_of` each test; the shards.
+fn drain_with(
+    core: &mut Core,
+    worker: WorkerId,
+    now: Now,
+    mut result_of: impl FnMut(&str) -> pb::TestResult,
+) -> usize {
     let mut shards = 0;
     while let Some(shard) = core.acquire(worker, now).unwrap() {
         shards += 1;
         let attempt: AttemptId = shard.attempt_id.parse().unwrap();
-        let results = shard.tests.iter().map(|t| result(t, outcome_of(t))).collect();
+        let results = shard.tests.iter().map(|t| result_of(t)).collect();
         core.report(worker, attempt, results, now).unwrap();
         core.finish(worker, attempt, "", false, now).unwrap();
     }
@@ -781,20 +791,11 @@ fn submit_with(core: &mut Core, tests: &[&str], policy: pb::RunPolicy, now: Now)
 /// Runs shards on `w` with `outcome_of(test, attempt number)` until nothing is left.
 fn drain_attempts(core: &mut Core, w: WorkerId, now: Now, outcome_of: impl Fn(&str, u32) -> Outcome) {
     let mut seen: std::collections::HashMap<String, u32> = Default::default();
-    while let Some(shard) = core.acquire(w, now).unwrap() {
-        let a: AttemptId = shard.attempt_id.parse().unwrap();
-        let results = shard
-            .tests
-            .iter()
-            .map(|t| {
-                let n = seen.entry(t.clone()).or_default();
-                *n += 1;
-                result(t, outcome_of(t, *n))
-            })
-            .collect();
-        core.report(w, a, results, now).unwrap();
-        core.finish(w, a, "", false, now).unwrap();
-    }
+    drain_with(core, w, now, |t| {
+        let n = seen.entry(t.to_owned()).or_default();
+        *n += 1;
+        result(t, outcome_of(t, *n))
+    });
 }
 
 #[test]
@@ -1232,17 +1233,11 @@ fn second_shard_after(after_ms: u64) -> (usize, usize) {
     let b = register(&mut core, "b", 1, &[], now);
     let tests: Vec<String> = (0..40).map(|i| format!("t{i}")).collect();
     let refs: Vec<&str> = tests.iter().map(String::as_str).collect();
-    let second = |r: &str| pb::TestResult {
-        duration_ms: 1000,
-        ..result(r, Outcome::Passed)
-    };
     submit(&mut core, &refs, now);
-    while let Some(shard) = core.acquire(a, now).unwrap() {
-        let attempt: AttemptId = shard.attempt_id.parse().unwrap();
-        let results = shard.tests.iter().map(|t| second(t)).collect();
-        core.report(a, attempt, results, now).unwrap();
-        core.finish(a, attempt, "", false, now).unwrap();
-    }
+    drain_with(&mut core, a, now, |t| pb::TestResult {
+        duration_ms: 1000,
+        ..result(t, Outcome::Passed)
+    });
     submit(&mut core, &refs, now);
     let first = core.acquire(a, now).unwrap().unwrap().tests.len();
     let later = Now {

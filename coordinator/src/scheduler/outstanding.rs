@@ -55,11 +55,6 @@ impl<K: Ord + Copy> Outstanding<K> {
         (self.sum_due - n * u128::from(now_ms)) as f64
     }
 
-    /// Whether attempt `id` is held, due at `due_ms` (false once it is past due and was read).
-    pub fn holds(&self, due_ms: u64, id: K) -> bool {
-        self.due.contains(&(due_ms, id))
-    }
-
     /// The attempts held, with when each is due.
     pub fn iter(&self) -> impl Iterator<Item = &(u64, K)> {
         self.due.iter()
@@ -80,7 +75,7 @@ mod tests {
         assert_eq!(o.left_ms(900), 100.0 + 600.0);
         // One past due counts nothing, and leaves.
         assert_eq!(o.left_ms(1_200), 300.0);
-        assert!(!o.holds(1_000, 'a'));
+        assert!(!o.iter().any(|&(_, id)| id == 'a'));
         // Its removal later changes nothing.
         o.remove(1_000, 'a');
         assert_eq!(o.left_ms(1_200), 300.0);
