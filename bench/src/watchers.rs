@@ -51,8 +51,11 @@ pub struct WatchersArgs {
     /// Clients following the run (half gRPC, half server-sent events).
     #[arg(long, default_value_t = 200)]
     pub watchers: usize,
-    /// Which watchers: `both` (half gRPC, half SSE), `grpc` or `sse`.
-    #[arg(long, default_value = "both")]
+    /// Which watchers: `both` (half gRPC, half SSE), `grpc`, `sse`, or `relay`: the control
+    /// for what this machine's loopback costs, one SSE watcher whose bytes are copied, as they
+    /// come, to `--watchers` − 1 plain TCP connections over loopback (the same traffic through
+    /// the kernel, with the coordinator serving one watcher).
+    #[arg(long, default_value = "both", value_parser = ["both", "grpc", "sse", "relay"])]
     pub kind: String,
     /// Rounds of (alone, watched), after one warm-up run.
     #[arg(long, default_value_t = 2)]
@@ -189,15 +192,23 @@ pub async fn run(a: WatchersArgs) -> anyhow::Result<()> {
         }
     }
     let p99 = |t: &mut Trial| quantile(&mut t.acquire_ns, 0.99).max(1) as f64;
-    let (grpc, sse) = match a.kind.as_str() {
-        "grpc" => (a.watchers, 0),
-        "sse" => (0, a.watchers),
-        _ => (a.watchers.div_ceil(2), a.watchers / 2),
+    let who = match a.kind.as_str() {
+        "grpc" => format!("{} watchers (gRPC)", a.watchers),
+        "sse" => format!("{} watchers (SSE)", a.watchers),
+        "relay" => format!(
+            "1 SSE watcher relayed to {} loopback readers (the control)",
+            a.watchers.saturating_sub(1)
+        ),
+        _ => format!(
+            "{} watchers ({} gRPC, {} SSE)",
+            a.watchers,
+            a.watchers.div_ceil(2),
+            a.watchers / 2
+        ),
     };
     println!(
-        "  over {} rounds, {} watchers ({grpc} gRPC, {sse} SSE) ÷ nobody watching: makespan {:.3}×, AcquireShard p99 {:.3}× (target ≤ 1.05), opening wave {:.3}×",
+        "  over {} rounds, {who} ÷ nobody watching: makespan {:.3}×, AcquireShard p99 {:.3}× (target ≤ 1.05), opening wave {:.3}×",
         a.rounds,
-        a.watchers,
         watched.makespan.as_secs_f64() / alone.makespan.as_secs_f64(),
         p99(&mut watched) / p99(&mut alone),
         watched.opening.as_secs_f64() / alone.opening.as_secs_f64()
@@ -311,7 +322,27 @@ async fn trial(
         ..Default::default()
     });
     let mut grpc_seen = 0;
+    if a.kind == "relay" && watchers > 0 {
+        let sinks = watcher_rt.spawn(loopback_readers(watchers - 1)).await??;
+        // The readers are connected: each is in; the SSE watcher tells of itself.
+        for _ in &sinks {
+            ready.one_more();
+        }
+        watching.spawn_on(
+            sse_watch(
+                http_addr.to_owned(),
+                run_id.clone(),
+                events.clone(),
+                ready.clone(),
+                sinks,
+            ),
+            watcher_rt.handle(),
+        );
+    }
     for i in 0..watchers {
+        if a.kind == "relay" {
+            break;
+        }
         let (run, events) = (run_id.clone(), events.clone());
         let grpc = match a.kind.as_str() {
             "grpc" => true,
@@ -326,7 +357,7 @@ async fn trial(
             watching.spawn_on(grpc_watch(ch, run, events, ready.clone()), watcher_rt.handle());
         } else {
             watching.spawn_on(
-                sse_watch(http_addr.to_owned(), run, events, ready.clone()),
+                sse_watch(http_addr.to_owned(), run, events, ready.clone(), Vec::new()),
                 watcher_rt.handle(),
             );
         }
@@ -479,11 +510,32 @@ async fn grpc_watch(
     Ok(())
 }
 
+/// `n` plain TCP connections over loopback, each read to its end and thrown away by a task on
+/// this runtime: the writing halves are returned.
+async fn loopback_readers(n: usize) -> anyhow::Result<Vec<tokio::net::TcpStream>> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let to = listener.local_addr()?;
+    let mut sinks = Vec::with_capacity(n);
+    for _ in 0..n {
+        let (sink, (mut source, _)) =
+            tokio::try_join!(tokio::net::TcpStream::connect(to), listener.accept())?;
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 64 * 1024];
+            while matches!(source.read(&mut buf).await, Ok(k) if k > 0) {}
+        });
+        sinks.push(sink);
+    }
+    Ok(sinks)
+}
+
+/// Follows the run's server-sent events to its end; each chunk read also goes on to every
+/// one of `relay` (`--kind relay`), and its events are counted as delivered there too.
 async fn sse_watch(
     addr: String,
     run: String,
     events: Arc<AtomicU64>,
     ready: Arc<AllIn>,
+    mut relay: Vec<tokio::net::TcpStream>,
 ) -> anyhow::Result<()> {
     let mut s = tokio::net::TcpStream::connect(&addr).await?;
     s.write_all(
@@ -497,9 +549,12 @@ async fn sse_watch(
     loop {
         let n = s.read(&mut buf).await?;
         anyhow::ensure!(n > 0, "the event stream closed before the run finished");
+        for sink in &mut relay {
+            sink.write_all(&buf[..n]).await?;
+        }
         tail.push_str(&String::from_utf8_lossy(&buf[..n]));
         let seen = tail.matches("\nevent: ").count() + usize::from(tail.starts_with("event: "));
-        events.fetch_add(seen as u64, Ordering::Relaxed);
+        events.fetch_add((seen * (1 + relay.len())) as u64, Ordering::Relaxed);
         if seen > 0 && std::mem::take(&mut first) {
             ready.one_more();
         }
