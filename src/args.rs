@@ -60,6 +60,11 @@ pub struct CoordinatorArgs {
     /// busy runs never slows the workers' calls. Off by default.
     #[arg(long, env = "SHARDGATE_WATCH_ADDR", value_parser = listen_addr, value_name = "HOST:PORT")]
     pub watch_addr: Option<SocketAddr>,
+    /// An OpenTelemetry collector's OTLP/gRPC URL (`http://collector:4317`): every run is sent
+    /// as a trace whose id is the run's id, with a span per shard attempt and per test result.
+    /// Off by default.
+    #[arg(long, env = "SHARDGATE_OTLP_ENDPOINT", value_name = "URL")]
+    pub otlp_endpoint: Option<String>,
     /// The database: a SQLite file (created if missing), or a PostgreSQL URL
     /// (`postgres://user:password@host/db`), which several coordinators may share: one leads,
     /// the others stand by.

@@ -93,6 +93,11 @@ pub async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
     );
     config.event_buffer = args.tuning.event_buffer;
     config.disconnect_grace = Some(args.tuning.disconnect_grace).filter(|g| !g.is_zero());
+    if let Some(url) = &args.otlp_endpoint {
+        shardgate_coordinator::otlp::check_endpoint(url).map_err(anyhow::Error::msg)?;
+        tracing::info!(endpoint = %url, "sending each run's trace to the OTLP collector");
+        config.otlp_endpoint = Some(url.clone());
+    }
     if let Some(path) = &args.tokens {
         let tokens = shardgate_coordinator::auth::Tokens::load(path)?;
         tracing::info!(tokens = tokens.len(), "credentials required");

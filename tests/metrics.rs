@@ -1,6 +1,6 @@
 //! `/metrics` read by a Prometheus text-format parser after known runs: the counts must be
 //! those of the runs, and the autoscaler's metric (named in `deploy/k8s/autoscaler.yaml`) must
-//! be there.
+//! be there. A run's trace, as an OTLP collector receives it (`--otlp-endpoint`).
 
 mod harness;
 
@@ -115,4 +115,162 @@ fn queue_depth_counts_what_waits_for_a_slot() {
         value(&s, "shardgate_queue_depth", &[("runner", "exec")]),
         Some(0.0)
     );
+}
+
+/// What the test's OTLP collector received.
+type Received = std::sync::Arc<std::sync::Mutex<Vec<otlp::trace::v1::Span>>>;
+
+use opentelemetry_proto::tonic as otlp;
+
+/// A collector that keeps every span it is sent.
+struct Collector(Received);
+
+#[tonic::async_trait]
+impl otlp::collector::trace::v1::trace_service_server::TraceService for Collector {
+    async fn export(
+        &self,
+        req: tonic::Request<otlp::collector::trace::v1::ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<otlp::collector::trace::v1::ExportTraceServiceResponse>, tonic::Status> {
+        let mut got = self.0.lock().unwrap();
+        for rs in req.into_inner().resource_spans {
+            let service = rs
+                .resource
+                .iter()
+                .flat_map(|r| &r.attributes)
+                .find(|kv| kv.key == "service.name")
+                .and_then(|kv| kv.value.clone());
+            assert!(
+                format!("{service:?}").contains("shardgate-coordinator"),
+                "{service:?}"
+            );
+            got.extend(rs.scope_spans.into_iter().flat_map(|s| s.spans));
+        }
+        Ok(tonic::Response::new(Default::default()))
+    }
+}
+
+/// Starts a collector on a port of its own, on a runtime of its own; its URL and what it
+/// received.
+fn collector() -> (String, Received) {
+    let received = Received::default();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let service = otlp::collector::trace::v1::trace_service_server::TraceServiceServer::new(Collector(
+        received.clone(),
+    ));
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
+                .await
+                .unwrap();
+        });
+    });
+    (url, received)
+}
+
+fn attr(s: &otlp::trace::v1::Span, key: &str) -> Option<String> {
+    use otlp::common::v1::any_value::Value;
+    s.attributes
+        .iter()
+        .find(|kv| kv.key == key)
+        .and_then(|kv| kv.value.clone()?.value)
+        .map(|v| match v {
+            Value::StringValue(s) => s,
+            Value::IntValue(i) => i.to_string(),
+            Value::BoolValue(b) => b.to_string(),
+            other => format!("{other:?}"),
+        })
+}
+
+#[test]
+fn a_run_is_sent_to_the_otlp_collector_as_one_trace_of_shards_and_tests() {
+    let (url, received) = collector();
+    let cluster = Cluster::builder()
+        .workers(2)
+        .slots(2)
+        .coordinator_args(&["--otlp-endpoint", &url])
+        .start();
+    let tests = harness::suite(&cluster.root, 8, &[3], "0");
+    let ran = cluster.run_tests(&tests, &["--retries", "0"]);
+    assert_eq!(ran.code, 1, "one test fails: {ran:?}");
+    let run_id: uuid::Uuid = ran.json()["run_id"].as_str().unwrap().parse().unwrap();
+    let trace_id = run_id.as_bytes().to_vec();
+
+    // The run's span goes last (it ends with the verdict), after its shards and tests.
+    let spans = wait_for(
+        "the run's span at the collector",
+        std::time::Duration::from_secs(20),
+        || {
+            let got = received.lock().unwrap();
+            got.iter().any(|s| s.name == "run it").then(|| got.clone())
+        },
+    );
+    assert!(
+        spans.iter().all(|s| s.trace_id == trace_id),
+        "every span is in the run's trace, whose id is the run's id"
+    );
+    let of =
+        |name: &str| -> Vec<&otlp::trace::v1::Span> { spans.iter().filter(|s| s.name == name).collect() };
+    let run = of("run it");
+    assert_eq!(run.len(), 1, "one run span");
+    let run = run[0];
+    assert!(run.parent_span_id.is_empty(), "the run is the trace's root");
+    let status = run.status.clone().unwrap();
+    assert_eq!(
+        (status.code, status.message.as_str()),
+        (2, "failed"),
+        "ERROR, failed"
+    );
+    assert_eq!(attr(run, "shardgate.tests.passed").as_deref(), Some("7"));
+    assert_eq!(attr(run, "shardgate.tests.failed").as_deref(), Some("1"));
+    assert_eq!(attr(run, "shardgate.run.status").as_deref(), Some("failed"));
+    assert!(run.end_time_unix_nano > run.start_time_unix_nano);
+
+    let shards = of("shard");
+    assert!(!shards.is_empty());
+    assert!(shards.iter().all(|s| s.parent_span_id == run.span_id));
+    assert!(
+        shards
+            .iter()
+            .all(|s| s.start_time_unix_nano >= run.start_time_unix_nano
+                && s.end_time_unix_nano <= run.end_time_unix_nano),
+        "shards lie within the run"
+    );
+    let shard_ids: std::collections::HashSet<_> = shards.iter().map(|s| s.span_id.clone()).collect();
+    assert_eq!(shard_ids.len(), shards.len(), "one span per attempt");
+    let done: u32 = shards
+        .iter()
+        .map(|s| attr(s, "shardgate.shard.done").unwrap().parse::<u32>().unwrap())
+        .sum();
+    let states: Vec<_> = shards
+        .iter()
+        .map(|s| {
+            (
+                attr(s, "shardgate.shard.tests"),
+                attr(s, "shardgate.shard.done"),
+                attr(s, "shardgate.shard.state"),
+            )
+        })
+        .collect();
+    assert_eq!(done, 8, "the attempts' results add up to the run's: {states:?}");
+
+    // One span per test, named by its id, under the attempt that ran it.
+    let mut names: Vec<&str> = spans
+        .iter()
+        .filter(|s| shard_ids.contains(&s.parent_span_id))
+        .map(|s| s.name.as_str())
+        .collect();
+    names.sort_unstable();
+    let mut want: Vec<&str> = tests.iter().map(String::as_str).collect();
+    want.sort_unstable();
+    assert_eq!(names, want, "each test once");
+    let failed = spans.iter().find(|s| s.name == tests[3]).unwrap();
+    assert_eq!(attr(failed, "shardgate.test.outcome").as_deref(), Some("failed"));
+    assert_eq!(failed.status.as_ref().map(|s| s.code), Some(2));
+    assert_eq!(spans.len(), 1 + shards.len() + 8, "nothing else: {spans:#?}");
 }

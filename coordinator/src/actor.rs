@@ -94,9 +94,18 @@ pub struct Handle {
     /// Counts the runs that ended, bumped once their `finished` events are on the event
     /// stream (see [`Handle::run_ends`]).
     ends: tokio::sync::watch::Receiver<u64>,
+    /// The trace exporter, when an OTLP endpoint is configured.
+    tracer: Option<crate::otlp::Tracer>,
 }
 
 impl Handle {
+    /// Sends the spans still queued for the trace collector, waiting at most `limit`.
+    pub async fn flush_traces(&self, limit: Duration) {
+        if let Some(t) = &self.tracer {
+            t.flush(limit).await;
+        }
+    }
+
     /// Ends every call that waits on the coordinator, now and from now on: watches and
     /// `AcquireShard` long polls get `UNAVAILABLE`, the coordinator is shutting down. A server
     /// stopping gracefully waits for its open calls, and a watch of a run would otherwise hold
@@ -179,6 +188,22 @@ pub fn spawn(core: Core, tick: Duration) -> Handle {
 
 /// [`spawn`] with an event stream that holds `event_buffer` events for its slowest watcher.
 pub fn spawn_with(core: Core, tick: Duration, event_buffer: usize) -> Handle {
+    spawn_traced(core, tick, event_buffer, None).expect("no endpoint to check")
+}
+
+/// [`spawn_with`], exporting each run's trace to the OTLP/gRPC collector at `otlp` (see
+/// [`crate::otlp`]; the core must have been opened with `CoreConfig::trace`). Needs a Tokio
+/// runtime, on which the exporter runs.
+pub fn spawn_traced(
+    core: Core,
+    tick: Duration,
+    event_buffer: usize,
+    otlp: Option<&str>,
+) -> Result<Handle, String> {
+    let metrics = Arc::new(Metrics::new());
+    let tracer = otlp
+        .map(|url| crate::otlp::Tracer::start(url, metrics.trace_spans_dropped.clone()))
+        .transpose()?;
     let (tx, rx) = mpsc::channel::<Job>();
     let (events, _) = broadcast::channel(event_buffer.max(1));
     let (ended, ends) = tokio::sync::watch::channel(0u64);
@@ -189,9 +214,10 @@ pub fn spawn_with(core: Core, tick: Duration, event_buffer: usize) -> Handle {
         seq: Arc::new(AtomicU64::new(0)),
         deploys: Arc::new(Notify::new()),
         live: Arc::new(RwLock::new(core.live_view())),
-        metrics: Arc::new(Metrics::new()),
+        metrics,
         closing: Default::default(),
         ends,
+        tracer,
     };
     let h = handle.clone();
     // Events reach the broadcast channel through a thread of their own: the channel's lock is
@@ -224,12 +250,13 @@ pub fn spawn_with(core: Core, tick: Duration, event_buffer: usize) -> Handle {
         deploys: h.deploys,
         live: h.live,
         metrics: h.metrics,
+        trace: h.tracer,
     };
     std::thread::Builder::new()
         .name("shardgate-scheduler".into())
         .spawn(move || run(core, rx, tick, out))
         .expect("failed to spawn the scheduler thread");
-    handle
+    Ok(handle)
 }
 
 /// Where the actor publishes what its batches produced.
@@ -241,6 +268,7 @@ struct Outputs {
     deploys: Arc<Notify>,
     live: Arc<RwLock<LiveView>>,
     metrics: Arc<Metrics>,
+    trace: Option<crate::otlp::Tracer>,
 }
 
 fn run(mut core: Core, rx: mpsc::Receiver<Job>, tick: Duration, out: Outputs) {
@@ -281,8 +309,18 @@ fn run(mut core: Core, rx: mpsc::Receiver<Job>, tick: Duration, out: Outputs) {
             fail_stop(&e.to_string());
         }
         out.metrics.commit_seconds.observe(metrics::since(committing));
-        let effects = core.take_effects();
+        let mut effects = core.take_effects();
         out.metrics.committed(&effects.events, &effects.counts);
+        if let Some(t) = &out.trace {
+            let mut traced = std::mem::take(&mut effects.traced);
+            traced.extend(effects.events.iter().filter_map(|e| match e {
+                pb::run_event::Event::Finished(s) => Some(crate::otlp::Traced::Run(s.clone())),
+                _ => None,
+            }));
+            if !traced.is_empty() {
+                t.send(traced);
+            }
+        }
         if !effects.runs_changed.is_empty()
             || !effects.workers_changed.is_empty()
             || !effects.events.is_empty()

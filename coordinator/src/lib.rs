@@ -11,6 +11,7 @@ pub mod http;
 pub mod liveness;
 pub mod metrics;
 pub mod model;
+pub mod otlp;
 pub mod policy;
 pub mod read;
 pub mod rollout;

@@ -46,6 +46,8 @@ pub struct Metrics {
     retries: Counter,
     rollouts: Family<Labels, Counter>,
     watch_resyncs: Counter,
+    /// Spans the trace exporter dropped because its collector did not keep up.
+    pub trace_spans_dropped: Counter,
     pub handout_seconds: Histogram,
     pub report_seconds: Histogram,
     pub commit_seconds: Histogram,
@@ -78,6 +80,7 @@ impl Metrics {
             retries: Counter::default(),
             rollouts: Family::default(),
             watch_resyncs: Counter::default(),
+            trace_spans_dropped: Counter::default(),
             handout_seconds: latency(),
             report_seconds: latency(),
             commit_seconds: latency(),
@@ -118,6 +121,11 @@ impl Metrics {
             "watch_resyncs",
             "Watchers that fell behind the event stream and were sent a fresh snapshot",
             m.watch_resyncs.clone(),
+        );
+        r.register(
+            "trace_spans_dropped",
+            "Spans of run traces dropped because the OTLP collector (--otlp-endpoint) did not keep up",
+            m.trace_spans_dropped.clone(),
         );
         r.register_with_unit(
             "handout_latency",

@@ -39,6 +39,9 @@ pub struct CoreConfig {
     pub queue_timeout: Duration,
     /// How long the captured output of a finished run's tests is kept; forever when `None`.
     pub keep_output: Option<Duration>,
+    /// Hand what committed batches produced to the trace exporter ([`crate::otlp`]): set when
+    /// an OTLP endpoint is configured.
+    pub trace: bool,
 }
 
 impl Default for CoreConfig {
@@ -60,6 +63,7 @@ impl Default for CoreConfig {
             max_open_tests_per_requester: 4_000_000,
             queue_timeout: Duration::from_secs(600),
             keep_output: None,
+            trace: false,
         }
     }
 }

@@ -50,6 +50,9 @@ pub struct Config {
     /// (its process died); `None` leaves it to the lease (workers behind a proxy that shares
     /// connections).
     pub disconnect_grace: Option<Duration>,
+    /// An OTLP/gRPC collector (`http://collector:4317`) that gets a trace of every run (see
+    /// [`crate::otlp`]); none by default.
+    pub otlp_endpoint: Option<String>,
 }
 
 /// The coordinator's TLS: its certificate chain and key (PEM), and for mTLS the CA workers'
@@ -122,6 +125,7 @@ impl Config {
             event_buffer: actor::EVENT_BUFFER,
             advertise: (String::new(), String::new()),
             disconnect_grace: Some(Duration::from_secs(1)),
+            otlp_endpoint: None,
         }
     }
 
@@ -204,6 +208,7 @@ pub fn open(config: Config) -> Result<Opened, ServeError> {
 fn load(config: &Config, store: Box<dyn Store>) -> Result<Core, ServeError> {
     let mut core_config = config.core.clone();
     core_config.rollout_configured = config.rollout.is_configured();
+    core_config.trace = config.otlp_endpoint.is_some();
     Ok(Core::open_boxed(core_config, store, Now::real())?)
 }
 
@@ -335,7 +340,13 @@ impl Opened {
             },
         };
         let read_config = ReadConfig::from(core.config());
-        let handle = actor::spawn_with(core, config.tick, config.event_buffer);
+        let handle = actor::spawn_traced(
+            core,
+            config.tick,
+            config.event_buffer,
+            config.otlp_endpoint.as_deref(),
+        )
+        .map_err(std::io::Error::other)?;
         let reads = ReadSide::new(store_reads.clone(), handle.live(), read_config, READ_CONCURRENCY);
         tokio::spawn(crate::rollout::run(handle.clone(), config.rollout.clone()));
         let services = Services::new(handle.clone(), reads.clone(), store_reads);
@@ -577,6 +588,7 @@ async fn serve_all(
     let (watch_health_reporter, watch_health_service) = health(false).await;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let closing = handle.clone();
+    let handle_for_traces = handle.clone();
     tokio::spawn(async move {
         shutdown.await;
         // Not serving from the first moment of the drain: load balancers stop sending.
@@ -658,6 +670,7 @@ async fn serve_all(
     if let Some(t) = http_task {
         t.await.map_err(std::io::Error::other)??;
     }
+    handle_for_traces.flush_traces(Duration::from_secs(5)).await;
     info!("coordinator stopped");
     Ok(())
 }

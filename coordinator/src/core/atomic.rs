@@ -27,6 +27,7 @@ impl Core {
     pub fn atomically<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T, Error>) -> Result<T, Error> {
         let events = self.effects.events.len();
         let counts = self.effects.counts.len();
+        let traced = self.effects.traced.len();
         self.store.savepoint()?;
         match f(self) {
             Ok(v) => {
@@ -42,6 +43,7 @@ impl Core {
                 }
                 self.effects.events.truncate(events);
                 self.effects.counts.truncate(counts);
+                self.effects.traced.truncate(traced);
                 Err(e)
             }
         }

@@ -2,6 +2,8 @@
 //! lease. Its tests without a result go back to the queue, or are given up when they keep
 //! losing their workers. Each end is one message shaped decide → write → apply.
 
+use std::collections::HashSet;
+
 use shardgate_common::{AttemptId, Error, Outcome, RunId, RunStatus, WorkerId, labels, pb};
 use tracing::{info, warn};
 
@@ -435,9 +437,25 @@ impl Core {
         state: &'static str,
         now_ms: u64,
     ) -> Result<(), Error> {
+        self.write_attempt_gone_after(id, state, now_ms, &HashSet::new())
+    }
+
+    /// [`Core::write_attempt_gone`] with the tests in `counted` done: their results are
+    /// counted by the same message, which applies them after this write.
+    pub(crate) fn write_attempt_gone_after(
+        &mut self,
+        id: AttemptId,
+        state: &'static str,
+        now_ms: u64,
+        counted: &HashSet<u32>,
+    ) -> Result<(), Error> {
         if let Some(a) = self.attempts.get(&id) {
-            let entry = self.shard_progress(id, a, state, now_ms.max(a.started_ms));
+            let mut entry = self.shard_progress(id, a, state, now_ms.max(a.started_ms));
+            entry.done += a.pending.iter().filter(|i| counted.contains(i)).count() as u32;
             self.store.log_shard(&entry)?;
+            if self.cfg.trace {
+                self.effects.traced.push(crate::otlp::Traced::Shard(entry));
+            }
         }
         self.store.delete_attempt(id)?;
         self.effects

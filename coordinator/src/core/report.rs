@@ -73,7 +73,8 @@ impl Core {
                 c.store.add_quarantine(q)?;
             }
             if let Some(e) = &plan.ending {
-                c.write_end(e)?;
+                let counted: HashSet<u32> = plan.rows.iter().map(|r| r.idx).collect();
+                c.write_end_after(e, &counted)?;
             }
             // Apply.
             c.apply_touch(worker, revived, now);
@@ -319,6 +320,14 @@ impl Core {
                 detail: r.detail.clone(),
                 quarantined: t.quarantined,
             };
+            if self.cfg.trace {
+                self.effects.traced.push(crate::otlp::Traced::Test {
+                    run: run_id,
+                    attempt: attempt_id,
+                    at_ms: now.ms,
+                    result: result.clone(),
+                });
+            }
             self.effects
                 .events
                 .push(pb::run_event::Event::TestFinished(pb::TestFinished {

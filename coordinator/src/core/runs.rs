@@ -1,6 +1,8 @@
 //! Runs: submission (whole, or staged in parts for large runs), cancellation, discovery, and
 //! the end of a run (its verdict, its deploy, its live attempts dropped).
 
+use std::collections::HashSet;
+
 use shardgate_common::labels;
 use shardgate_common::{Error, RunId, RunStatus, RunnerKind, pb, validate};
 use tracing::{info, warn};
@@ -511,18 +513,22 @@ impl Core {
 
     /// Writes a run's end: its status, its deploy, and the removal of its live attempts.
     pub(crate) fn write_end(&mut self, ending: &Ending) -> Result<(), Error> {
+        self.write_end_after(ending, &HashSet::new())
+    }
+
+    /// [`Core::write_end`] of a run that ends on results of the same message, not applied
+    /// yet: `counted`, the indexes of the tests they count, are done in its attempts' timeline
+    /// entries.
+    pub(crate) fn write_end_after(&mut self, ending: &Ending, counted: &HashSet<u32>) -> Result<(), Error> {
         self.store.update_run_status(&ending.row)?;
         if let Some(d) = &ending.deploy {
             self.store.insert_deploy(d)?;
         }
         for id in self.attempts_of(ending.run) {
             // An attempt whose every test has its result only had its finish call to make.
-            let state = if self.attempts[&id].pending.is_empty() {
-                "finished"
-            } else {
-                "run ended"
-            };
-            self.write_attempt_gone(id, state, ending.row.finished_ms)?;
+            let left = self.attempts[&id].pending.iter().any(|i| !counted.contains(i));
+            let state = if left { "run ended" } else { "finished" };
+            self.write_attempt_gone_after(id, state, ending.row.finished_ms, counted)?;
         }
         Ok(())
     }

@@ -440,6 +440,8 @@ pub struct Effects {
     pub workers_changed: HashSet<WorkerId>,
     /// What the metrics count (kept, like events, only when the message succeeds).
     pub counts: Vec<crate::metrics::CoreCount>,
+    /// Results and attempt ends for the trace exporter; only with `CoreConfig::trace`.
+    pub traced: Vec<crate::otlp::Traced>,
 }
 
 pub struct Core {

@@ -1208,7 +1208,7 @@ fn the_live_views_counts_are_always_current_and_its_shard_list_catches_up_when_d
 }
 
 #[test]
-fn an_ended_shard_keeps_its_whole_estimate_in_the_timeline() {
+fn an_ended_shard_keeps_its_whole_estimate_and_its_results_in_the_timeline() {
     let (mut core, now) = core();
     let w = register(&mut core, "w1", 1, &[], now);
     let tests: Vec<String> = (0..20).map(|i| format!("t{i}")).collect();
@@ -1221,6 +1221,9 @@ fn an_ended_shard_keeps_its_whole_estimate_in_the_timeline() {
         assert!(s.ended_at_ms > 0 && s.tests > 0, "{s:?}");
         // Every test of the shard had a guess: the entry shows their sum, not what was left.
         assert!(s.estimated_ms > 0, "an ended shard shows no estimate: {s:?}");
+        // The last shard's last result ends the run in the same message: that shard still
+        // finished every test it had.
+        assert_eq!((s.done, s.state.as_str()), (s.tests, "finished"), "{s:?}");
     }
 }
 
