@@ -63,8 +63,17 @@ pub struct CoordinatorArgs {
     /// An OpenTelemetry collector's OTLP/gRPC URL (`http://collector:4317`): every run is sent
     /// as a trace whose id is the run's id, with a span per shard attempt and per test result.
     /// Off by default.
+    /// `https://` for TLS, with the public web roots or `--otlp-ca-cert`.
     #[arg(long, env = "SHARDGATE_OTLP_ENDPOINT", value_name = "URL")]
     pub otlp_endpoint: Option<String>,
+    /// The CA (PEM) an `https://` --otlp-endpoint's certificate must chain to.
+    #[arg(
+        long,
+        env = "SHARDGATE_OTLP_CA_CERT",
+        value_name = "FILE",
+        requires = "otlp_endpoint"
+    )]
+    pub otlp_ca_cert: Option<PathBuf>,
     /// The database: a SQLite file (created if missing), or a PostgreSQL URL
     /// (`postgres://user:password@host/db`), which several coordinators may share: one leads,
     /// the others stand by.

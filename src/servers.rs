@@ -94,9 +94,13 @@ pub async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
     config.event_buffer = args.tuning.event_buffer;
     config.disconnect_grace = Some(args.tuning.disconnect_grace).filter(|g| !g.is_zero());
     if let Some(url) = &args.otlp_endpoint {
-        shardgate_coordinator::otlp::check_endpoint(url).map_err(anyhow::Error::msg)?;
+        let otlp = shardgate_coordinator::otlp::OtlpConfig {
+            endpoint: url.clone(),
+            ca_cert: args.otlp_ca_cert.clone(),
+        };
+        otlp.check().map_err(anyhow::Error::msg)?;
         tracing::info!(endpoint = %url, "sending each run's trace to the OTLP collector");
-        config.otlp_endpoint = Some(url.clone());
+        config.otlp = Some(otlp);
     }
     if let Some(path) = &args.tokens {
         let tokens = shardgate_coordinator::auth::Tokens::load(path)?;

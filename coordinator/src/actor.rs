@@ -198,11 +198,11 @@ pub fn spawn_traced(
     core: Core,
     tick: Duration,
     event_buffer: usize,
-    otlp: Option<&str>,
+    otlp: Option<&crate::otlp::OtlpConfig>,
 ) -> Result<Handle, String> {
     let metrics = Arc::new(Metrics::new());
     let tracer = otlp
-        .map(|url| crate::otlp::Tracer::start(url, metrics.trace_spans_dropped.clone()))
+        .map(|to| crate::otlp::Tracer::start(to, metrics.trace_spans_dropped.clone()))
         .transpose()?;
     let (tx, rx) = mpsc::channel::<Job>();
     let (events, _) = broadcast::channel(event_buffer.max(1));

@@ -67,17 +67,17 @@ pub struct Tracer {
 }
 
 impl Tracer {
-    /// Starts exporting to the OTLP/gRPC `endpoint` (`http://collector:4317`) on the current
-    /// runtime. The collector need not be up: the connection is made when spans are sent, and
-    /// again after a failure.
+    /// Starts exporting to the collector `to` names, on the current runtime. The collector
+    /// need not be up: the connection is made when spans are sent, and again after a failure.
     /// Spans dropped are counted in `dropped`.
-    pub fn start(endpoint: &str, dropped: Counter) -> Result<Self, String> {
-        let channel = check_endpoint(endpoint)?
+    pub fn start(to: &OtlpConfig, dropped: Counter) -> Result<Self, String> {
+        let channel = to
+            .check()?
             .connect_timeout(Duration::from_secs(5))
             .timeout(EXPORT_TIMEOUT)
             .connect_lazy();
         let (tx, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(export(TraceServiceClient::new(channel), rx, endpoint.to_owned()));
+        tokio::spawn(export(TraceServiceClient::new(channel), rx, to.endpoint.clone()));
         Ok(Self { tx, dropped })
     }
 
@@ -114,20 +114,49 @@ impl Tracer {
     }
 }
 
-/// The collector's endpoint, or an error that names what is wrong with `url`.
-pub fn check_endpoint(url: &str) -> Result<tonic::transport::Endpoint, String> {
-    if url.starts_with("https://") {
-        return Err(format!(
-            "--otlp-endpoint '{url}': TLS to the collector is not supported; point it at a collector agent beside the coordinator over http://HOST:4317"
-        ));
+/// Where the spans go.
+#[derive(Debug, Clone)]
+pub struct OtlpConfig {
+    /// The collector's OTLP/gRPC URL: `http://HOST:4317`, or `https://` for TLS.
+    pub endpoint: String,
+    /// For TLS, the CA the collector's certificate must chain to (PEM); the public web roots
+    /// when `None`.
+    pub ca_cert: Option<std::path::PathBuf>,
+}
+
+impl OtlpConfig {
+    /// The collector's endpoint, or an error that names what is wrong with the settings.
+    pub fn check(&self) -> Result<tonic::transport::Endpoint, String> {
+        let url = self.endpoint.as_str();
+        let https = url.starts_with("https://");
+        if !https && !url.starts_with("http://") {
+            return Err(format!(
+                "--otlp-endpoint '{url}' needs a scheme: http://HOST:4317, or https:// for TLS"
+            ));
+        }
+        let endpoint = tonic::transport::Endpoint::from_shared(url.to_owned())
+            .map_err(|e| format!("--otlp-endpoint '{url}' is not a URL: {e}"))?;
+        if !https {
+            if self.ca_cert.is_some() {
+                return Err(format!(
+                    "--otlp-ca-cert is for a collector over TLS: use an https:// --otlp-endpoint, not '{url}'"
+                ));
+            }
+            return Ok(endpoint);
+        }
+        let tls = tonic::transport::ClientTlsConfig::new();
+        let tls = match &self.ca_cert {
+            Some(p) => {
+                let pem = std::fs::read(p)
+                    .map_err(|e| format!("failed to read --otlp-ca-cert '{}': {e}", p.display()))?;
+                tls.ca_certificate(tonic::transport::Certificate::from_pem(pem))
+            }
+            None => tls.with_webpki_roots(),
+        };
+        endpoint
+            .tls_config(tls)
+            .map_err(|e| format!("invalid TLS settings for --otlp-endpoint '{url}': {e}"))
     }
-    if !url.starts_with("http://") {
-        return Err(format!(
-            "--otlp-endpoint '{url}' needs a scheme: http://HOST:4317"
-        ));
-    }
-    tonic::transport::Endpoint::from_shared(url.to_owned())
-        .map_err(|e| format!("--otlp-endpoint '{url}' is not a URL: {e}"))
 }
 
 /// Gathers spans into requests and sends them, until every [`Tracer`] is gone.
@@ -532,7 +561,12 @@ mod tests {
             .local_addr()
             .unwrap()
             .port();
-        let tracer = Tracer::start(&format!("http://127.0.0.1:{port}"), Counter::default()).unwrap();
+        let to = |endpoint: &str, ca_cert: Option<&str>| OtlpConfig {
+            endpoint: endpoint.to_owned(),
+            ca_cert: ca_cert.map(Into::into),
+        };
+        let tracer =
+            Tracer::start(&to(&format!("http://127.0.0.1:{port}"), None), Counter::default()).unwrap();
         let run = RunId::new();
         let summary = pb::RunSummary {
             run_id: run.to_string(),
@@ -542,15 +576,18 @@ mod tests {
         tracer.send(vec![Traced::Run(summary); QUEUE + 100]);
         assert!(started.elapsed() < Duration::from_secs(5));
         assert!(tracer.dropped() >= 100, "{}", tracer.dropped());
+        // Bad settings are named; TLS to a collector with public roots or a CA of its own.
         assert!(
-            Tracer::start("collector:4317", Counter::default())
+            Tracer::start(&to("collector:4317", None), Counter::default())
                 .unwrap_err()
                 .contains("needs a scheme")
         );
-        assert!(
-            check_endpoint("https://collector:4317")
-                .unwrap_err()
-                .contains("TLS")
-        );
+        assert!(to("https://collector:4317", None).check().is_ok());
+        let err = to("http://collector:4317", Some("/ca.pem")).check().unwrap_err();
+        assert!(err.contains("https://"), "{err}");
+        let err = to("https://collector:4317", Some("/nonexistent/ca.pem"))
+            .check()
+            .unwrap_err();
+        assert!(err.contains("--otlp-ca-cert '/nonexistent/ca.pem'"), "{err}");
     }
 }

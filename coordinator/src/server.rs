@@ -50,9 +50,9 @@ pub struct Config {
     /// (its process died); `None` leaves it to the lease (workers behind a proxy that shares
     /// connections).
     pub disconnect_grace: Option<Duration>,
-    /// An OTLP/gRPC collector (`http://collector:4317`) that gets a trace of every run (see
-    /// [`crate::otlp`]); none by default.
-    pub otlp_endpoint: Option<String>,
+    /// An OTLP/gRPC collector that gets a trace of every run (see [`crate::otlp`]); none by
+    /// default.
+    pub otlp: Option<crate::otlp::OtlpConfig>,
 }
 
 /// The coordinator's TLS: its certificate chain and key (PEM), and for mTLS the CA workers'
@@ -125,7 +125,7 @@ impl Config {
             event_buffer: actor::EVENT_BUFFER,
             advertise: (String::new(), String::new()),
             disconnect_grace: Some(Duration::from_secs(1)),
-            otlp_endpoint: None,
+            otlp: None,
         }
     }
 
@@ -208,7 +208,7 @@ pub fn open(config: Config) -> Result<Opened, ServeError> {
 fn load(config: &Config, store: Box<dyn Store>) -> Result<Core, ServeError> {
     let mut core_config = config.core.clone();
     core_config.rollout_configured = config.rollout.is_configured();
-    core_config.trace = config.otlp_endpoint.is_some();
+    core_config.trace = config.otlp.is_some();
     Ok(Core::open_boxed(core_config, store, Now::real())?)
 }
 
@@ -340,13 +340,8 @@ impl Opened {
             },
         };
         let read_config = ReadConfig::from(core.config());
-        let handle = actor::spawn_traced(
-            core,
-            config.tick,
-            config.event_buffer,
-            config.otlp_endpoint.as_deref(),
-        )
-        .map_err(std::io::Error::other)?;
+        let handle = actor::spawn_traced(core, config.tick, config.event_buffer, config.otlp.as_ref())
+            .map_err(std::io::Error::other)?;
         let reads = ReadSide::new(store_reads.clone(), handle.live(), read_config, READ_CONCURRENCY);
         tokio::spawn(crate::rollout::run(handle.clone(), config.rollout.clone()));
         let services = Services::new(handle.clone(), reads.clone(), store_reads);
