@@ -16,7 +16,9 @@
 //! The watchers stand for dashboards on other machines: in this process they run on threads of
 //! their own, by default under Linux's `SCHED_IDLE` policy (they run when nothing else wants
 //! the cores), so that the ratio measures what serving them costs the coordinator, not this
-//! machine's two cores shared with 200 clients decoding every event. `--watcher-priority low`
+//! machine's two cores shared with 200 clients decoding every event; for the same reason they
+//! read each event only as far as counting it takes (`--decode` makes the gRPC ones decode
+//! every event, as an application would). `--watcher-priority low`
 //! runs them at nice 19 instead, `normal` as any thread: both measure the machine as much as
 //! the coordinator. A watcher that falls behind is resynchronised by the coordinator (a fresh
 //! snapshot), as a slow dashboard would be; the events delivered are printed.
@@ -63,6 +65,11 @@ pub struct WatchersArgs {
     /// The watchers' threads: `idle` (Linux `SCHED_IDLE`), `low` (nice 19) or `normal`.
     #[arg(long, default_value = "idle", value_parser = ["idle", "low", "normal"])]
     pub watcher_priority: String,
+    /// The gRPC watchers decode every event, as an application would; by default they read
+    /// each only as far as counting it takes (its sequence number and whether it ends the run),
+    /// as the SSE watchers do.
+    #[arg(long)]
+    pub decode: bool,
     /// Where the gRPC watchers connect: the coordinator's watch port (`--watch-addr`, served
     /// on threads of its own at the lowest priority) or its main gRPC port, beside the workers.
     #[arg(long, default_value = "watch", value_parser = ["watch", "main"])]
@@ -141,8 +148,17 @@ pub async fn run(a: WatchersArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     println!(
-        "watchers: a run of {} tests of {} ms on {} simulated workers, a coordinator with a SQLite file store; watcher threads at {} priority; gRPC watchers on the {} port",
-        a.tests, a.test_ms, a.workers, a.watcher_priority, a.grpc_port
+        "watchers: a run of {} tests of {} ms on {} simulated workers, a coordinator with a SQLite file store; watcher threads at {} priority; gRPC watchers on the {} port, {}",
+        a.tests,
+        a.test_ms,
+        a.workers,
+        a.watcher_priority,
+        a.grpc_port,
+        if a.decode {
+            "decoding every event"
+        } else {
+            "counting events without decoding them"
+        }
     );
     // A first run warms the store and the history (every trial runs the same suite, so each
     // has the same duration history); then alone and watched alternate (ABBA), so that drift
@@ -354,7 +370,10 @@ async fn trial(
             // machines would be).
             let ch = watch_channels[grpc_seen % watch_channels.len()].clone();
             grpc_seen += 1;
-            watching.spawn_on(grpc_watch(ch, run, events, ready.clone()), watcher_rt.handle());
+            watching.spawn_on(
+                grpc_watch(ch, run, events, ready.clone(), a.decode),
+                watcher_rt.handle(),
+            );
         } else {
             watching.spawn_on(
                 sse_watch(http_addr.to_owned(), run, events, ready.clone(), Vec::new()),
@@ -487,23 +506,56 @@ async fn paced_worker(
     }
 }
 
+/// A `RunEvent` as a watcher that only counts events reads it: its sequence number and
+/// whether it is the run's `finished`; the other fields are skipped, not decoded.
+#[derive(Clone, PartialEq, prost::Message)]
+struct Counted {
+    #[prost(uint64, tag = "1")]
+    seq: u64,
+    #[prost(bytes = "bytes", optional, tag = "4")]
+    finished: Option<bytes::Bytes>,
+}
+
+/// Follows the run over gRPC `WatchRun` to its `finished`. Either as an application would,
+/// decoding every event (`--decode`), or, by default, reading each one only as far as it takes
+/// to count it (as the SSE watchers do): the watchers stand for dashboards on other machines,
+/// and what this process spends decoding 10 million events is this machine's cores taken
+/// from the coordinator, not a cost of serving them.
 async fn grpc_watch(
     ch: Channel,
     run: String,
     events: Arc<AtomicU64>,
     ready: Arc<AllIn>,
+    decode: bool,
 ) -> anyhow::Result<()> {
-    let mut stream = RunServiceClient::new(ch)
-        .watch_run(pb::WatchRunRequest { run_id: run })
-        .await?
-        .into_inner();
+    let request = pb::WatchRunRequest { run_id: run };
     let mut first = true;
-    while let Some(ev) = stream.message().await? {
+    let mut seen = |finished: bool| {
         events.fetch_add(1, Ordering::Relaxed);
         if std::mem::take(&mut first) {
             ready.one_more();
         }
-        if matches!(ev.event, Some(pb::run_event::Event::Finished(_))) {
+        finished
+    };
+    if decode {
+        let mut stream = RunServiceClient::new(ch).watch_run(request).await?.into_inner();
+        while let Some(ev) = stream.message().await? {
+            if seen(matches!(ev.event, Some(pb::run_event::Event::Finished(_)))) {
+                break;
+            }
+        }
+        return Ok(());
+    }
+    let mut grpc = tonic::client::Grpc::new(ch);
+    grpc.ready().await?;
+    let codec = tonic_prost::ProstCodec::<pb::WatchRunRequest, Counted>::default();
+    let path = http::uri::PathAndQuery::from_static("/shardgate.v1.RunService/WatchRun");
+    let mut stream = grpc
+        .server_streaming(tonic::Request::new(request), path, codec)
+        .await?
+        .into_inner();
+    while let Some(ev) = stream.message().await? {
+        if seen(ev.finished.is_some()) {
             break;
         }
     }
