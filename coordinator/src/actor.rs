@@ -192,8 +192,7 @@ pub fn spawn_with(core: Core, tick: Duration, event_buffer: usize) -> Handle {
 }
 
 /// [`spawn_with`], exporting each run's trace to the OTLP/gRPC collector at `otlp` (see
-/// [`crate::otlp`]; the core must have been opened with `CoreConfig::trace`). Needs a Tokio
-/// runtime, on which the exporter runs.
+/// [`crate::otlp`]; the core must have been opened with `CoreConfig::trace`).
 pub fn spawn_traced(
     core: Core,
     tick: Duration,
