@@ -74,6 +74,10 @@ pub struct CoordinatorArgs {
         requires = "otlp_endpoint"
     )]
     pub otlp_ca_cert: Option<PathBuf>,
+    /// Which test results get a span in a run's trace: `all`, `failed` (results that are not
+    /// green; the run's and shards' spans still count everything) or `none`.
+    #[arg(long, env = "SHARDGATE_OTLP_TEST_SPANS", default_value = "all", value_parser = ["all", "failed", "none"], requires = "otlp_endpoint")]
+    pub otlp_test_spans: String,
     /// The database: a SQLite file (created if missing), or a PostgreSQL URL
     /// (`postgres://user:password@host/db`), which several coordinators may share: one leads,
     /// the others stand by.

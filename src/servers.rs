@@ -97,6 +97,7 @@ pub async fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
         let otlp = shardgate_coordinator::otlp::OtlpConfig {
             endpoint: url.clone(),
             ca_cert: args.otlp_ca_cert.clone(),
+            test_spans: args.otlp_test_spans.parse().map_err(anyhow::Error::msg)?,
         };
         otlp.check().map_err(anyhow::Error::msg)?;
         tracing::info!(endpoint = %url, "sending each run's trace to the OTLP collector");

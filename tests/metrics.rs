@@ -187,20 +187,22 @@ fn attr(s: &otlp::trace::v1::Span, key: &str) -> Option<String> {
         })
 }
 
-#[test]
-fn a_run_is_sent_to_the_otlp_collector_as_one_trace_of_shards_and_tests() {
+/// A red run of 8 tests (the fourth fails) on a coordinator that sends its traces to a
+/// collector of the test's, with `args`: the run's trace id, its tests, and every span the
+/// collector received once it had the run's.
+fn traced_run(args: &[&str]) -> (Vec<u8>, Vec<String>, Vec<otlp::trace::v1::Span>) {
     let (url, received) = collector();
+    let mut coordinator_args = vec!["--otlp-endpoint", &url];
+    coordinator_args.extend_from_slice(args);
     let cluster = Cluster::builder()
         .workers(2)
         .slots(2)
-        .coordinator_args(&["--otlp-endpoint", &url])
+        .coordinator_args(&coordinator_args)
         .start();
     let tests = harness::suite(&cluster.root, 8, &[3], "0");
     let ran = cluster.run_tests(&tests, &["--retries", "0"]);
     assert_eq!(ran.code, 1, "one test fails: {ran:?}");
     let run_id: uuid::Uuid = ran.json()["run_id"].as_str().unwrap().parse().unwrap();
-    let trace_id = run_id.as_bytes().to_vec();
-
     // The run's span goes last (it ends with the verdict), after its shards and tests.
     let spans = wait_for(
         "the run's span at the collector",
@@ -210,6 +212,21 @@ fn a_run_is_sent_to_the_otlp_collector_as_one_trace_of_shards_and_tests() {
             got.iter().any(|s| s.name == "run it").then(|| got.clone())
         },
     );
+    (run_id.as_bytes().to_vec(), tests, spans)
+}
+
+/// The sum of the shard spans' `done`.
+fn done_in_shards(spans: &[otlp::trace::v1::Span]) -> u32 {
+    spans
+        .iter()
+        .filter(|s| s.name == "shard")
+        .map(|s| attr(s, "shardgate.shard.done").unwrap().parse::<u32>().unwrap())
+        .sum()
+}
+
+#[test]
+fn a_run_is_sent_to_the_otlp_collector_as_one_trace_of_shards_and_tests() {
+    let (trace_id, tests, spans) = traced_run(&[]);
     assert!(
         spans.iter().all(|s| s.trace_id == trace_id),
         "every span is in the run's trace, whose id is the run's id"
@@ -243,10 +260,7 @@ fn a_run_is_sent_to_the_otlp_collector_as_one_trace_of_shards_and_tests() {
     );
     let shard_ids: std::collections::HashSet<_> = shards.iter().map(|s| s.span_id.clone()).collect();
     assert_eq!(shard_ids.len(), shards.len(), "one span per attempt");
-    let done: u32 = shards
-        .iter()
-        .map(|s| attr(s, "shardgate.shard.done").unwrap().parse::<u32>().unwrap())
-        .sum();
+    let done = done_in_shards(&spans);
     let states: Vec<_> = shards
         .iter()
         .map(|s| {
@@ -273,4 +287,20 @@ fn a_run_is_sent_to_the_otlp_collector_as_one_trace_of_shards_and_tests() {
     assert_eq!(attr(failed, "shardgate.test.outcome").as_deref(), Some("failed"));
     assert_eq!(failed.status.as_ref().map(|s| s.code), Some(2));
     assert_eq!(spans.len(), 1 + shards.len() + 8, "nothing else: {spans:#?}");
+}
+
+#[test]
+fn only_results_that_are_not_green_get_spans_with_otlp_test_spans_failed() {
+    let (trace_id, tests, spans) = traced_run(&["--otlp-test-spans", "failed"]);
+    assert!(spans.iter().all(|s| s.trace_id == trace_id));
+    let test_spans: Vec<&str> = spans
+        .iter()
+        .filter(|s| s.name != "shard" && s.name != "run it")
+        .map(|s| s.name.as_str())
+        .collect();
+    assert_eq!(test_spans, [tests[3].as_str()], "the failure alone");
+    // The run's and shards' spans still count every result.
+    assert_eq!(done_in_shards(&spans), 8);
+    let run = spans.iter().find(|s| s.name == "run it").unwrap();
+    assert_eq!(attr(run, "shardgate.tests.passed").as_deref(), Some("7"));
 }

@@ -65,6 +65,7 @@ enum Item {
 pub struct Tracer {
     tx: mpsc::Sender<Item>,
     dropped: Counter,
+    test_spans: TestSpans,
 }
 
 impl Tracer {
@@ -99,7 +100,11 @@ impl Tracer {
                 });
             })
             .map_err(|e| format!("failed to start the trace exporter's thread: {e}"))?;
-        Ok(Self { tx, dropped })
+        Ok(Self {
+            tx,
+            dropped,
+            test_spans: to.test_spans,
+        })
     }
 
     /// Spans dropped so far because the queue was full.
@@ -109,7 +114,7 @@ impl Tracer {
 
     /// Queues the spans of what a commit produced.
     pub fn send(&self, items: Vec<Traced>) {
-        for t in items {
+        for t in items.into_iter().filter(|t| self.test_spans.keeps(t)) {
             if let Err(mpsc::error::TrySendError::Full(_)) = self.tx.try_send(Item::Traced(Box::new(t)))
                 && self.dropped.inc() == 0
             {
@@ -143,6 +148,47 @@ pub struct OtlpConfig {
     /// For TLS, the CA the collector's certificate must chain to (PEM); the public web roots
     /// when `None`.
     pub ca_cert: Option<std::path::PathBuf>,
+    /// Which counted results get a span of their own.
+    pub test_spans: TestSpans,
+}
+
+/// Which test results get a span (`--otlp-test-spans`): a suite of 50,000 tests makes a trace
+/// of 50,000 spans, more than some trace stores keep.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum TestSpans {
+    /// Every counted result.
+    #[default]
+    All,
+    /// Results that are not green (failed, timed out, infra error): the run's and shards'
+    /// spans still show everything else.
+    Failed,
+    /// None: a trace of the run and its shards only.
+    None,
+}
+
+impl std::str::FromStr for TestSpans {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "all" => Ok(Self::All),
+            "failed" => Ok(Self::Failed),
+            "none" => Ok(Self::None),
+            other => Err(format!("--otlp-test-spans is all, failed or none, not '{other}'")),
+        }
+    }
+}
+
+impl TestSpans {
+    /// Whether `t` is sent.
+    pub fn keeps(self, t: &Traced) -> bool {
+        match (self, t) {
+            (Self::All, _) | (_, Traced::Run(_) | Traced::Shard(_)) => true,
+            (Self::None, Traced::Test { .. }) => false,
+            (Self::Failed, Traced::Test { result, .. }) => {
+                !Outcome::from_wire(result.outcome).is_some_and(Outcome::is_green)
+            }
+        }
+    }
 }
 
 impl OtlpConfig {
@@ -574,6 +620,43 @@ mod tests {
     }
 
     #[test]
+    fn test_spans_can_be_limited_to_results_that_are_not_green() {
+        let test = |outcome: Outcome| Traced::Test {
+            run: RunId::new(),
+            attempt: AttemptId::new(),
+            at_ms: 1,
+            result: pb::TestResult {
+                outcome: outcome.to_wire(),
+                ..Default::default()
+            },
+        };
+        let shard = Traced::Shard(pb::ShardProgress::default());
+        let run = Traced::Run(pb::RunSummary::default());
+        let kept = |which: TestSpans| -> Vec<bool> {
+            [
+                Outcome::Passed,
+                Outcome::Flaky,
+                Outcome::Failed,
+                Outcome::TimedOut,
+            ]
+            .map(|o| which.keeps(&test(o)))
+            .to_vec()
+        };
+        assert_eq!(kept("all".parse().unwrap()), [true; 4]);
+        assert_eq!(kept("failed".parse().unwrap()), [false, false, true, true]);
+        assert_eq!(kept("none".parse().unwrap()), [false; 4]);
+        for which in [TestSpans::All, TestSpans::Failed, TestSpans::None] {
+            assert!(which.keeps(&shard) && which.keeps(&run), "{which:?}");
+        }
+        assert!(
+            "some"
+                .parse::<TestSpans>()
+                .unwrap_err()
+                .contains("all, failed or none")
+        );
+    }
+
+    #[test]
     fn a_collector_that_hangs_costs_the_scheduler_nothing_and_drops_are_counted() {
         // A collector that takes the connection and never answers: the exporter holds one
         // request's spans while it waits, the queue fills behind it, and `send` never waits.
@@ -582,6 +665,7 @@ mod tests {
         let to = |endpoint: &str, ca_cert: Option<&str>| OtlpConfig {
             endpoint: endpoint.to_owned(),
             ca_cert: ca_cert.map(Into::into),
+            test_spans: TestSpans::All,
         };
         let tracer =
             Tracer::start(&to(&format!("http://127.0.0.1:{port}"), None), Counter::default()).unwrap();
