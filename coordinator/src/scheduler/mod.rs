@@ -17,7 +17,9 @@
 //!   imbalance a coarse shard causes at the end (`sqrt(2 · overhead · work per slot)`), capped at
 //!   a third of the work left per slot, so shards shrink as the run drains. The work left
 //!   counts, of each shard out on a worker, only what is left until it is due to end
-//!   ([`Outstanding`]).
+//!   ([`Outstanding`]). For a runner that pays a start-up cost per unit a shard touches
+//!   (nextest, per test binary), a shard is filled with its first test's unit first
+//!   ([`RunQueue::next_shard_by`]).
 
 use serde::{Deserialize, Serialize};
 use shardgate_common::Outcome;

@@ -4,6 +4,10 @@ use std::collections::BinaryHeap;
 
 use super::{FAIL_FIRST_KEY, MIN_OVERHEAD_MS, Plan};
 
+/// How many tests of other units a shard formed with affinity (see [`RunQueue::next_shard_by`])
+/// may pass over, looking for its own unit's.
+pub const AFFINITY_LOOKAHEAD: usize = 512;
+
 /// What the queue needs to know about the fleet when it forms a shard.
 #[derive(Debug, Clone, Copy)]
 pub struct ShardContext {
@@ -149,6 +153,15 @@ impl RunQueue {
 
     /// Takes the next shard: test indexes in the order they should run.
     pub fn next_shard(&mut self, ctx: ShardContext) -> Vec<u32> {
+        self.next_shard_by(ctx, None::<fn(u32) -> u64>)
+    }
+
+    /// [`RunQueue::next_shard`] for a runner that pays a start-up cost per unit a shard
+    /// touches (nextest lists each test binary a shard has tests in, ~5 ms each): `unit` names
+    /// a test's unit. Among the next [`AFFINITY_LOOKAHEAD`] tests in order, those of the
+    /// shard's first test's unit fill it first, the others (in order) only after them; so a
+    /// shard touches as few units as the order allows, and its size is as without.
+    pub fn next_shard_by(&mut self, ctx: ShardContext, unit: Option<impl Fn(u32) -> u64>) -> Vec<u32> {
         let Some(head) = self.items.peek().copied() else {
             return Vec::new();
         };
@@ -156,6 +169,7 @@ impl RunQueue {
         let per_slot = (self.queued_ms() + ctx.running_ms.max(0.0)) / slots;
         let mut out = vec![self.pop()];
         if head.estimate_ms >= per_slot / 2.0 {
+            self.settle();
             return out;
         }
         // Fail-first tests are batched apart from the rest (and sized by [`Batch::FailingFirst`]).
@@ -178,30 +192,75 @@ impl RunQueue {
             usize::MAX
         };
         let mut sum = head.estimate_ms;
-        while let Some(next) = self.items.peek() {
-            // Guesses and known durations are batched apart: a shard sized for known tests must
-            // not carry a cold test that may be a giant.
-            if sum + next.estimate_ms > target
-                || next.cold != head.cold
-                || (next.key >= FAIL_FIRST_KEY) != failing_first
-                || out.len() >= most
-            {
+        // Guesses and known durations are batched apart: a shard sized for known tests must
+        // not carry a cold test that may be a giant.
+        let fits = |sum: f64, next: &Entry, taken: usize| {
+            sum + next.estimate_ms <= target
+                && next.cold == head.cold
+                && (next.key >= FAIL_FIRST_KEY) == failing_first
+                && taken < most
+        };
+        // Tests of other units passed over, in order: they go in after the head's unit's, or
+        // back to the queue.
+        let mut aside: Vec<Entry> = Vec::new();
+        if let Some(unit) = &unit {
+            let first = unit(head.idx);
+            while let Some(next) = self.items.peek().copied() {
+                if !fits(sum, &next, out.len()) {
+                    break;
+                }
+                if unit(next.idx) == first {
+                    sum += next.estimate_ms;
+                    out.push(self.pop());
+                } else if aside.len() < AFFINITY_LOOKAHEAD {
+                    aside.push(self.items.pop().expect("peeked"));
+                } else {
+                    break;
+                }
+            }
+        }
+        let mut aside = aside.into_iter().peekable();
+        loop {
+            // The order resumes with what was passed over, then the queue.
+            let from_aside = aside.peek().is_some();
+            let Some(next) = aside.peek().copied().or_else(|| self.items.peek().copied()) else {
+                break;
+            };
+            if !fits(sum, &next, out.len()) {
                 break;
             }
             sum += next.estimate_ms;
-            out.push(self.pop());
+            if from_aside {
+                aside.next();
+                self.taken(&next);
+                out.push(next.idx);
+            } else {
+                out.push(self.pop());
+            }
         }
+        // What was passed over and not taken goes back where it was.
+        self.items.extend(aside);
+        self.settle();
         out
+    }
+
+    /// Accounts for `e`, taken out of the queue.
+    fn taken(&mut self, e: &Entry) {
+        self.queued_ms -= e.estimate_ms;
+        self.cold -= usize::from(e.cold);
+    }
+
+    /// Keeps the float sum from drifting once the queue is empty (every test passed over is
+    /// back in it).
+    fn settle(&mut self) {
+        if self.items.is_empty() {
+            self.queued_ms = 0.0;
+        }
     }
 
     fn pop(&mut self) -> u32 {
         let e = self.items.pop().expect("checked non-empty");
-        self.queued_ms -= e.estimate_ms;
-        self.cold -= usize::from(e.cold);
-        if self.items.is_empty() {
-            // Keep the float sum from drifting once the queue is empty.
-            self.queued_ms = 0.0;
-        }
+        self.taken(&e);
         e.idx
     }
 }
@@ -299,6 +358,40 @@ mod tests {
         // Without fail-first the first shard is two-thirds of a slot's share.
         let plans = plan(&ids, &hist, PlanOptions { fail_first: false }, 100).0;
         assert_eq!(RunQueue::new(&plans).next_shard(ctx(2)).len(), 33);
+    }
+
+    #[test]
+    fn with_affinity_a_shard_takes_its_first_tests_unit_first_and_keeps_its_size() {
+        // 60 tests of 1 s in three units, interleaved (a, b, c, a, b, c...), one giant first.
+        let mut est = vec![50_000.0];
+        est.extend(std::iter::repeat_n(1000.0, 60));
+        let unit = |i: u32| u64::from(i % 3);
+        let mut with = RunQueue::new(&plans(&est));
+        let mut without = RunQueue::new(&plans(&est));
+        let mut taken = Vec::new();
+        while !with.is_empty() {
+            let a = with.next_shard_by(ctx(2), Some(unit));
+            let b = without.next_shard(ctx(2));
+            assert_eq!(a.len(), b.len(), "the same sizes: {a:?} against {b:?}");
+            let units: std::collections::BTreeSet<u64> = a.iter().map(|&i| unit(i)).collect();
+            // A shard of up to 20 tests finds them all in its first test's unit.
+            if a.len() <= 20 {
+                assert_eq!(units.len(), 1, "one unit: {a:?}");
+            }
+            let left: f64 = (0..est.len() as u32)
+                .filter(|i| !taken.contains(i) && !a.contains(i))
+                .map(|i| est[i as usize])
+                .sum();
+            assert!(
+                (with.queued_ms() - left).abs() < 1e-6,
+                "{} against {left}",
+                with.queued_ms()
+            );
+            taken.extend(a);
+        }
+        taken.sort_unstable();
+        assert_eq!(taken, (0..61).collect::<Vec<u32>>(), "every test once");
+        assert!(without.is_empty());
     }
 
     #[test]
