@@ -1269,3 +1269,25 @@ fn a_running_shard_counts_only_what_it_has_left_when_the_next_is_sized() {
         "{late} s of tests for {left_per_slot} ms per slot"
     );
 }
+
+#[test]
+fn shards_are_filled_by_the_unit_a_runner_starts_per_shard() {
+    use super::handout::start_unit;
+    use shardgate_common::RunnerKind;
+    assert_eq!(
+        start_unit(RunnerKind::Nextest, "itertools::quick size_hint"),
+        Some("itertools::quick")
+    );
+    assert_eq!(
+        start_unit(RunnerKind::GoTest, "example.com/m/pkg TestA"),
+        Some("example.com/m/pkg")
+    );
+    for kind in [
+        RunnerKind::Exec,
+        RunnerKind::Pytest,
+        RunnerKind::Junit,
+        RunnerKind::CargoTest,
+    ] {
+        assert_eq!(start_unit(kind, "a b"), None, "{kind:?}");
+    }
+}
