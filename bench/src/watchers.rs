@@ -338,7 +338,9 @@ async fn trial(
         ..Default::default()
     });
     let mut grpc_seen = 0;
-    if a.kind == "relay" && watchers > 0 {
+    // The relay stands for all the watchers; the other kinds are a watcher each.
+    let relay = a.kind == "relay";
+    if relay && watchers > 0 {
         let sinks = watcher_rt.spawn(loopback_readers(watchers - 1)).await??;
         // The readers are connected: each is in; the SSE watcher tells of itself.
         for _ in &sinks {
@@ -355,10 +357,7 @@ async fn trial(
             watcher_rt.handle(),
         );
     }
-    for i in 0..watchers {
-        if a.kind == "relay" {
-            break;
-        }
+    for i in 0..if relay { 0 } else { watchers } {
         let (run, events) = (run_id.clone(), events.clone());
         let grpc = match a.kind.as_str() {
             "grpc" => true,

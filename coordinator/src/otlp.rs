@@ -314,7 +314,7 @@ fn request(spans: Vec<Span>) -> ExportTraceServiceRequest {
 }
 
 /// A run's trace id: the run id's 128 bits.
-pub fn trace_id(run: &RunId) -> Vec<u8> {
+fn trace_id(run: &RunId) -> Vec<u8> {
     run.as_uuid().as_bytes().to_vec()
 }
 
@@ -330,12 +330,12 @@ fn span_id_of(id: uuid::Uuid) -> Vec<u8> {
 }
 
 /// The run span's id.
-pub fn run_span_id(run: &RunId) -> Vec<u8> {
+fn run_span_id(run: &RunId) -> Vec<u8> {
     span_id_of(run.as_uuid())
 }
 
 /// An attempt's shard span's id.
-pub fn shard_span_id(attempt: &AttemptId) -> Vec<u8> {
+fn shard_span_id(attempt: &AttemptId) -> Vec<u8> {
     span_id_of(attempt.as_uuid())
 }
 
@@ -476,18 +476,10 @@ fn run_span(r: pb::RunSummary) -> Span {
     )
 }
 
-/// How an attempt ended, when that means something went wrong on the worker's side.
-fn shard_failed(state: &str) -> bool {
-    matches!(
-        state,
-        "lease expired" | "disconnected" | "runner error" | "no result"
-    )
-}
-
 fn shard_span(s: pb::ShardProgress) -> Span {
     let run: RunId = s.run_id.parse().unwrap_or_default();
     let attempt: AttemptId = s.attempt_id.parse().unwrap_or_default();
-    let status = if shard_failed(&s.state) {
+    let status = if crate::core::ended_in_failure(&s.state) {
         status(status::StatusCode::Error, s.state.clone())
     } else {
         None

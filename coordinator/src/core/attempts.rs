@@ -88,6 +88,16 @@ fn lose(
     })
 }
 
+/// Whether an attempt's end, as the shard log names it, means its worker or its runner failed
+/// it (the names [`Core::write_end_attempt`] gives; "finished", "drained" and "run ended" do
+/// not).
+pub(crate) fn ended_in_failure(state: &str) -> bool {
+    matches!(
+        state,
+        "lease expired" | "disconnected" | "no result" | "runner error"
+    )
+}
+
 impl Core {
     pub(crate) fn live_attempt(&self, worker: WorkerId, attempt: AttemptId) -> Result<&Attempt, Error> {
         match self.attempts.get(&attempt) {
@@ -348,6 +358,8 @@ impl Core {
         Ok(plan)
     }
 
+    /// Writes an attempt's end, named in the shard log "finished" when every test it held has
+    /// its result, else by why it ended (see [`ended_in_failure`]).
     pub(crate) fn write_end_attempt(&mut self, plan: &EndPlan) -> Result<(), Error> {
         let state = if plan.pending.is_empty() {
             "finished"

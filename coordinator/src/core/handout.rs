@@ -11,17 +11,17 @@ use crate::scheduler::ShardContext;
 use crate::store::{AttemptRow, WorkerState};
 
 /// What a runner of `kind` starts once per shard for each of, when that is what a shard
-/// mostly costs: the part of test `id` that names it, or `None` for runners that start once
-/// per shard whatever it holds.
+/// mostly costs: the function that takes the part of a test id naming it, or `None` for
+/// runners that start once per shard whatever it holds.
 ///
 /// - nextest lists every test binary its shard has tests in before it runs one (about 4.6 ms a
 ///   binary, measured on itertools: 13 quick tests of one binary 66 ms, a quick test from each
 ///   of 13 binaries 121 ms): the binary id, before the space.
 /// - go test runs one `go test` per package of the shard: the package, before the last space.
-pub(crate) fn start_unit(kind: RunnerKind, id: &str) -> Option<&str> {
+pub(crate) fn start_unit(kind: RunnerKind) -> Option<fn(&str) -> &str> {
     match kind {
-        RunnerKind::Nextest => Some(id.split_once(' ').map_or(id, |(binary, _)| binary)),
-        RunnerKind::GoTest => Some(id.rsplit_once(' ').map_or(id, |(package, _)| package)),
+        RunnerKind::Nextest => Some(|id| id.split_once(' ').map_or(id, |(binary, _)| binary)),
+        RunnerKind::GoTest => Some(|id| id.rsplit_once(' ').map_or(id, |(package, _)| package)),
         RunnerKind::Exec | RunnerKind::Pytest | RunnerKind::Junit | RunnerKind::CargoTest => None,
     }
 }
@@ -114,13 +114,8 @@ impl Core {
         };
         // Runners that start something per unit a shard touches get shards filled by unit
         // first (see [`start_unit`]).
-        let (tests, kind) = (&run.tests, run.kind);
-        let unit = start_unit(kind, "").is_some().then_some(|i: u32| {
-            let unit = start_unit(kind, &tests[i as usize].id).unwrap_or_default();
-            let mut h = std::collections::hash_map::DefaultHasher::new();
-            std::hash::Hash::hash(unit, &mut h);
-            std::hash::Hasher::finish(&h)
-        });
+        let tests = &run.tests;
+        let unit = start_unit(run.kind).map(|unit| move |i: u32| unit(&tests[i as usize].id));
         (AttemptKind::Run, run.queue.next_shard_by(ctx, unit))
     }
 

@@ -28,6 +28,7 @@ mod report;
 mod runs;
 mod state;
 
+pub(crate) use attempts::ended_in_failure;
 pub use recovery::{DurableTest, DurableView};
 pub use runs::{PlannedTests, PreparedRun};
 pub use state::{Core, Effects};

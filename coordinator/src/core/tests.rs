@@ -1272,8 +1272,8 @@ fn a_running_shard_counts_only_what_it_has_left_when_the_next_is_sized() {
 
 #[test]
 fn shards_are_filled_by_the_unit_a_runner_starts_per_shard() {
-    use super::handout::start_unit;
     use shardgate_common::RunnerKind;
+    let start_unit = |kind, id| super::handout::start_unit(kind).map(|unit| unit(id));
     assert_eq!(
         start_unit(RunnerKind::Nextest, "itertools::quick size_hint"),
         Some("itertools::quick")

@@ -153,7 +153,7 @@ impl RunQueue {
 
     /// Takes the next shard: test indexes in the order they should run.
     pub fn next_shard(&mut self, ctx: ShardContext) -> Vec<u32> {
-        self.next_shard_by(ctx, None::<fn(u32) -> u64>)
+        self.next_shard_by(ctx, None::<fn(u32)>)
     }
 
     /// [`RunQueue::next_shard`] for a runner that pays a start-up cost per unit a shard
@@ -161,7 +161,11 @@ impl RunQueue {
     /// a test's unit. Among the next [`AFFINITY_LOOKAHEAD`] tests in order, those of the
     /// shard's first test's unit fill it first, the others (in order) only after them; so a
     /// shard touches as few units as the order allows, and its size is as without.
-    pub fn next_shard_by(&mut self, ctx: ShardContext, unit: Option<impl Fn(u32) -> u64>) -> Vec<u32> {
+    pub fn next_shard_by<U: PartialEq>(
+        &mut self,
+        ctx: ShardContext,
+        unit: Option<impl Fn(u32) -> U>,
+    ) -> Vec<u32> {
         let Some(head) = self.items.peek().copied() else {
             return Vec::new();
         };
