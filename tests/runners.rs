@@ -1080,3 +1080,90 @@ fn nextest_builds_once_per_run_so_edited_code_is_not_missed() {
     let ids: Vec<String> = ours.keys().cloned().collect();
     all_fail_by_name(&cluster, "nextest", &ids, dir.path());
 }
+
+/// A test body that writes what it was started with (its arguments, directory, environment
+/// and the name of the process that started it) to `seen/<test name>.<pid>` in the crate.
+const DUMP: &str = "        let mut s = format!(\"args={:?}\\ncwd={}\\n\", std::env::args().skip(1).collect::<Vec<_>>(), std::env::current_dir().unwrap().display());\n        let mut env: Vec<_> = std::env::vars().collect();\n        env.sort();\n        for (k, v) in env { s += &format!(\"env {k}={v:?}\\n\"); }\n        let stat = std::fs::read_to_string(\"/proc/self/stat\").unwrap();\n        let ppid = stat.rsplit(')').next().unwrap().split_whitespace().nth(1).unwrap().to_owned();\n        let parent = std::fs::read_to_string(format!(\"/proc/{ppid}/comm\")).unwrap();\n        s += &format!(\"parent={}\\n\", parent.trim());\n        let dir = std::path::Path::new(env!(\"CARGO_MANIFEST_DIR\")).join(\"seen\");\n        std::fs::create_dir_all(&dir).unwrap();\n        let name = std::env::var(\"NEXTEST_TEST_NAME\").unwrap();\n        std::fs::write(dir.join(format!(\"{name}.{}\", std::process::id())), s).unwrap();\n";
+
+/// What the tests of a run wrote with [`DUMP`], by test name; emptied for the next run.
+fn take_seen(dir: &Path) -> BTreeMap<String, String> {
+    let seen = dir.join("seen");
+    let mut got = BTreeMap::new();
+    for e in std::fs::read_dir(&seen).unwrap() {
+        let p = e.unwrap().path();
+        let name = p.file_name().unwrap().to_string_lossy();
+        let test = name.split('.').next().unwrap().to_owned();
+        assert!(got.insert(test.clone(), std::fs::read_to_string(&p).unwrap()).is_none(), "{test} ran twice");
+    }
+    std::fs::remove_dir_all(&seen).unwrap();
+    got
+}
+
+/// nextest's tests started by the worker from its record of how nextest starts each binary
+/// (`nextest_direct.rs`) see exactly what nextest gives them, and end exactly as under nextest:
+/// a failure, an abort and a hang are the same results whichever starts them.
+#[test]
+fn nextest_tests_started_without_nextest_see_what_nextest_gives_them_and_end_the_same() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut tests: String = (0..6)
+        .map(|i| format!("    #[test]\n    fn t{i}() {{\n{DUMP}    }}\n"))
+        .collect();
+    tests += "    #[test]\n    fn fails() { assert_eq!(1 + 1, 3); }\n";
+    tests += "    #[test]\n    fn aborts() { std::process::abort(); }\n";
+    tests += "    #[test]\n    fn hangs() { if std::env::var_os(\"HANG\").is_some() { std::thread::sleep(std::time::Duration::from_secs(600)); } }\n";
+    // Output that looks like libtest's from a test that then fails.
+    tests += "    #[test]\n    fn says_it_passed() { println!(\"test result: ok. 1 passed; 0 failed;\"); panic!(\"no\"); }\n";
+    unit_test_crate(dir.path(), "started", &tests);
+    let profiles = format!(
+        "[runners.direct]\nkind = \"nextest\"\nworkdir = \"{0}\"\nenv = {{ HANG = \"1\" }}\n\n[runners.nextest]\nkind = \"nextest\"\nworkdir = \"{0}\"\nenv = {{ HANG = \"1\", SHARDGATE_NEXTEST_DIRECT = \"0\" }}\n",
+        dir.path().display()
+    );
+    let cluster = Cluster::builder().workers(1).slots(1).runners(&profiles).start();
+    let run = |runner: &str| {
+        let r = cluster.client(&[
+            "run", "--runner", runner, "--suite", "started", "--discover", "--test-timeout", "3s",
+            "--retries", "0", "--json",
+        ]);
+        let ours = harness::outcomes_once(&r.json());
+        assert_eq!(r.code, 1, "{}\n{}", r.stderr, cluster.logs());
+        (ours, take_seen(dir.path()))
+    };
+    let (direct, seen_direct) = run("direct");
+    let (nextest, seen_nextest) = run("nextest");
+    let outcome = |name: &str| nextest[&format!("started tests::{name}")].as_str();
+    assert_eq!(
+        (outcome("t0"), outcome("fails"), outcome("aborts"), outcome("hangs"), outcome("says_it_passed")),
+        ("passed", "failed", "failed", "timed_out", "failed"),
+        "{nextest:?}"
+    );
+    assert_eq!(direct, nextest, "the same outcomes whichever starts the tests");
+    assert_eq!(seen_direct.len(), 6, "{seen_direct:?}");
+    assert_eq!(seen_direct.keys().collect::<Vec<_>>(), seen_nextest.keys().collect::<Vec<_>>());
+    // Two runs of nextest differ in their run id, and the second profile names its switch.
+    let comparable = |s: &str| -> String {
+        s.lines()
+            .filter(|l| {
+                !["env NEXTEST_RUN_ID=", "env NEXTEST_ATTEMPT_ID=", "env SHARDGATE_NEXTEST_DIRECT=", "parent="]
+                    .iter()
+                    .any(|p| l.starts_with(p))
+            })
+            .map(|l| format!("{l}\n"))
+            .collect()
+    };
+    for (name, d) in &seen_direct {
+        let n = &seen_nextest[name];
+        assert!(d.contains("\nparent=shardgate-work"), "{name} was not started by the worker:\n{d}");
+        assert!(n.contains("\nparent=cargo-nextest"), "{name} was not started by nextest:\n{n}");
+        let (d, n) = (comparable(d), comparable(n));
+        let only = |a: &str, b: &str| -> Vec<String> {
+            a.lines().filter(|l| !b.lines().any(|m| m == *l)).map(str::to_owned).collect()
+        };
+        assert_eq!(
+            (only(&d, &n), only(&n, &d)),
+            (vec![], vec![]),
+            "{name}: what only the worker's start gave, and only nextest's"
+        );
+        let id = |s: &str| s.lines().find(|l| l.starts_with("env NEXTEST_ATTEMPT_ID=")).map(|l| l.split_once(':').map(|(_, r)| r.to_owned()));
+        assert_eq!(id(&seen_direct[name]), id(&seen_nextest[name]), "{name}: the attempt id past the run id");
+    }
+}

@@ -6,8 +6,14 @@ use clap::{CommandFactory, Parser};
 use shardgate::args::WorkerArgs;
 use shardgate::{servers, util};
 
+fn main() -> ExitCode {
+    // nextest may start this program as its target runner (see `nextest_direct.rs`).
+    shardgate_worker::runners::record_start_if_asked();
+    run()
+}
+
 #[tokio::main]
-async fn main() -> ExitCode {
+async fn run() -> ExitCode {
     util::exit_quietly_on_closed_output();
     let argv =
         match shardgate::config::with_config_file(&WorkerArgs::command(), std::env::args_os().collect()) {

@@ -6,8 +6,14 @@ use clap::Parser;
 use shardgate::args::Cli;
 use shardgate::{exit, util};
 
+fn main() -> ExitCode {
+    // nextest may start this program as its target runner (see `nextest_direct.rs`).
+    shardgate_worker::runners::record_start_if_asked();
+    run()
+}
+
 #[tokio::main]
-async fn main() -> ExitCode {
+async fn run() -> ExitCode {
     util::exit_quietly_on_closed_output();
     let cli = Cli::parse();
     util::init_logging("warn", cli.log_format);

@@ -16,6 +16,7 @@ pub mod exec;
 mod go_test;
 mod junit;
 mod nextest;
+mod nextest_direct;
 mod pytest;
 mod pytest_warm;
 
@@ -26,6 +27,7 @@ use std::time::Duration;
 
 pub use batch::{CommandRunner, Config, IdFormat};
 pub use exec::ExecRunner;
+pub use nextest_direct::record_start_if_asked;
 use shardgate_common::{Outcome, RunnerKind};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;

@@ -44,6 +44,19 @@ impl Tool for Nextest {
 }
 
 async fn run_shard(runner: &CommandRunner, shard: Shard<'_>) -> Result<(), RunnerError> {
+    let reuse = build_once(runner, &shard).await;
+    // What the run's record covers starts without nextest; the rest goes through it.
+    let left;
+    let shard = match reuse.as_ref().and_then(|r| r.launches.as_ref()) {
+        Some(launches) => {
+            left = super::nextest_direct::run(runner, launches, &shard).await;
+            if left.is_empty() {
+                return Ok(());
+            }
+            Shard { tests: &left, ..shard }
+        }
+        None => shard,
+    };
     let dir = tempfile::tempdir()
         .map_err(|e| RunnerError::Local(format!("failed to create a directory for JUnit: {e}")))?;
     let (tests, revision) = (shard.tests, shard.revision);
@@ -66,7 +79,6 @@ async fn run_shard(runner: &CommandRunner, shard: Shard<'_>) -> Result<(), Runne
         .collect::<Vec<_>>()
         .join(" | ");
     let mut argv = run();
-    let reuse = build_once(runner, &shard).await;
     if let Some(r) = &reuse {
         argv.extend([
             "--binaries-metadata".to_owned(),
@@ -109,6 +121,9 @@ pub(crate) struct Recorded {
     dir: tempfile::TempDir,
     /// How to start nextest without cargo, if that could be found out.
     direct: Option<Direct>,
+    /// How nextest starts each test binary, for tests started without nextest (see
+    /// `nextest_direct.rs`), if that could be recorded and may be used.
+    launches: Option<super::nextest_direct::Launches>,
 }
 
 /// nextest started as cargo starts it (`cargo-nextest nextest …`), without cargo's own start
@@ -215,7 +230,64 @@ async fn record_build(
     );
     binaries?;
     metadata?;
-    Some(Recorded { dir, direct })
+    let launches = record_launches(runner, revision, cancel, dir.path(), direct.as_ref()).await;
+    Some(Recorded {
+        dir,
+        direct,
+        launches,
+    })
+}
+
+/// Lists the suite with nextest, reusing the recorded build, under shardgate's profile, and
+/// records how nextest starts each test binary (see `nextest_direct.rs`); `None` when that
+/// may not be used here or could not be recorded.
+async fn record_launches(
+    runner: &CommandRunner,
+    revision: &str,
+    cancel: &tokio_util::sync::CancellationToken,
+    dir: &std::path::Path,
+    direct: Option<&Direct>,
+) -> Option<super::nextest_direct::Launches> {
+    let cargo_env = direct.map(|d| d.env.as_slice()).unwrap_or_default();
+    if let Some(why) = super::nextest_direct::refusal(runner, cargo_env) {
+        tracing::info!(runner = %runner.cfg.name, why, "every test starts through nextest");
+        return None;
+    }
+    let binaries = std::fs::read_to_string(dir.join(BINARIES)).ok()?;
+    let host = super::nextest_direct::host_triple(&binaries)?;
+    let toolconfig = dir.join("list.toml");
+    let junit = dir.join("list-junit.xml").display().to_string();
+    std::fs::write(&toolconfig, profile(&junit, std::time::Duration::from_secs(3600))).ok()?;
+    let mut argv: Vec<String> = [
+        "cargo",
+        "nextest",
+        "list",
+        "--tool-config-file",
+        "shardgate:{toolconfig}",
+        "--profile",
+        PROFILE,
+        "-T",
+        "oneline",
+        "--binaries-metadata",
+    ]
+    .map(String::from)
+    .to_vec();
+    argv.push(dir.join(BINARIES).display().to_string());
+    argv.push("--cargo-metadata".into());
+    argv.push(dir.join(CARGO).display().to_string());
+    if let Some(d) = direct {
+        argv[0] = d.program.display().to_string();
+    }
+    let mut cmd = runner.command_with(
+        &argv,
+        &[],
+        &[
+            ("{toolconfig}", &toolconfig.display().to_string()),
+            ("{revision}", revision),
+        ],
+    );
+    cmd.envs(cargo_env.iter().map(|(k, v)| (k, v)));
+    super::nextest_direct::record(runner, cmd, &host, cancel).await
 }
 
 /// Runs `argv` for `revision` (in the profile's workdir and environment), with `path` put
@@ -243,7 +315,7 @@ async fn output(
 
 /// `name` in the environment the runner's commands start with: the profile's, else this
 /// process's.
-fn runner_env(runner: &CommandRunner, name: &str) -> Option<std::ffi::OsString> {
+pub(super) fn runner_env(runner: &CommandRunner, name: &str) -> Option<std::ffi::OsString> {
     runner
         .cfg
         .env
@@ -278,7 +350,7 @@ async fn direct(
 }
 
 /// `env -0`'s output as pairs.
-fn parse_env0(out: &[u8]) -> Vec<(std::ffi::OsString, std::ffi::OsString)> {
+pub(super) fn parse_env0(out: &[u8]) -> Vec<(std::ffi::OsString, std::ffi::OsString)> {
     use std::os::unix::ffi::OsStrExt;
     out.split(|b| *b == 0)
         .filter_map(|kv| {
