@@ -76,14 +76,19 @@ fn expected_outcome(status: &str) -> &'static str {
     }
 }
 
-/// Runs a suite discovered by `runner` over the cluster; returns the client's result, its JSON
-/// report and each test's outcome, checking no test is reported twice.
-fn run_discovered(
-    cluster: &Cluster,
-    runner: &str,
-    suite: &str,
-) -> (harness::Ran, serde_json::Value, BTreeMap<String, String>) {
-    let r = cluster.client(&[
+/// Runs a suite discovered by `runner` with a 3 s test timeout and no retries.
+fn run_strictly(cluster: &Cluster, runner: &str, suite: &str) -> harness::Ran {
+    run_with(
+        cluster,
+        runner,
+        suite,
+        &["--test-timeout", "3s", "--retries", "0"],
+    )
+}
+
+/// `shardgate run --json` of a suite discovered by `runner`, with `extra` flags.
+fn run_with(cluster: &Cluster, runner: &str, suite: &str, extra: &[&str]) -> harness::Ran {
+    let mut args = vec![
         "run",
         "--runner",
         runner,
@@ -91,7 +96,19 @@ fn run_discovered(
         suite,
         "--discover",
         "--json",
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    cluster.client(&args)
+}
+
+/// Runs a suite discovered by `runner` over the cluster; returns the client's result, its JSON
+/// report and each test's outcome, checking no test is reported twice.
+fn run_discovered(
+    cluster: &Cluster,
+    runner: &str,
+    suite: &str,
+) -> (harness::Ran, serde_json::Value, BTreeMap<String, String>) {
+    let r = run_with(cluster, runner, suite, &[]);
     let report = r.json();
     assert!(
         report["tests"].is_array(),
@@ -399,19 +416,7 @@ fn a_pytest_project_with_its_own_addopts_layout_and_odd_ids_matches_a_direct_run
         dir.path().display()
     );
     let cluster = Cluster::builder().workers(2).slots(1).runners(&profile).start();
-    let r = cluster.client(&[
-        "run",
-        "--runner",
-        "pytest",
-        "--suite",
-        "setups",
-        "--discover",
-        "--test-timeout",
-        "3s",
-        "--retries",
-        "0",
-        "--json",
-    ]);
+    let r = run_strictly(&cluster, "pytest", "setups");
     let report = r.json();
     let tests = report["tests"]
         .as_array()
@@ -560,19 +565,7 @@ fn nextest_holds_the_test_timeout_and_the_projects_retries_do_not_hide_a_failure
         dir.path().display()
     );
     let cluster = Cluster::builder().workers(1).slots(1).runners(&profile).start();
-    let r = cluster.client(&[
-        "run",
-        "--runner",
-        "nextest",
-        "--suite",
-        "nx",
-        "--discover",
-        "--test-timeout",
-        "3s",
-        "--retries",
-        "0",
-        "--json",
-    ]);
+    let r = run_strictly(&cluster, "nextest", "nx");
     let report = r.json();
     let outcome = |name: &str| {
         report["tests"]
@@ -1093,7 +1086,11 @@ fn take_seen(dir: &Path) -> BTreeMap<String, String> {
         let p = e.unwrap().path();
         let name = p.file_name().unwrap().to_string_lossy();
         let test = name.split('.').next().unwrap().to_owned();
-        assert!(got.insert(test.clone(), std::fs::read_to_string(&p).unwrap()).is_none(), "{test} ran twice");
+        assert!(
+            got.insert(test.clone(), std::fs::read_to_string(&p).unwrap())
+                .is_none(),
+            "{test} ran twice"
+        );
     }
     std::fs::remove_dir_all(&seen).unwrap();
     got
@@ -1120,10 +1117,7 @@ fn nextest_tests_started_without_nextest_see_what_nextest_gives_them_and_end_the
     );
     let cluster = Cluster::builder().workers(1).slots(1).runners(&profiles).start();
     let run = |runner: &str| {
-        let r = cluster.client(&[
-            "run", "--runner", runner, "--suite", "started", "--discover", "--test-timeout", "3s",
-            "--retries", "0", "--json",
-        ]);
+        let r = run_strictly(&cluster, runner, "started");
         let ours = harness::outcomes_once(&r.json());
         assert_eq!(r.code, 1, "{}\n{}", r.stderr, cluster.logs());
         (ours, take_seen(dir.path()))
@@ -1132,38 +1126,69 @@ fn nextest_tests_started_without_nextest_see_what_nextest_gives_them_and_end_the
     let (nextest, seen_nextest) = run("nextest");
     let outcome = |name: &str| nextest[&format!("started tests::{name}")].as_str();
     assert_eq!(
-        (outcome("t0"), outcome("fails"), outcome("aborts"), outcome("hangs"), outcome("says_it_passed")),
+        (
+            outcome("t0"),
+            outcome("fails"),
+            outcome("aborts"),
+            outcome("hangs"),
+            outcome("says_it_passed")
+        ),
         ("passed", "failed", "failed", "timed_out", "failed"),
         "{nextest:?}"
     );
     assert_eq!(direct, nextest, "the same outcomes whichever starts the tests");
     assert_eq!(seen_direct.len(), 6, "{seen_direct:?}");
-    assert_eq!(seen_direct.keys().collect::<Vec<_>>(), seen_nextest.keys().collect::<Vec<_>>());
+    assert_eq!(
+        seen_direct.keys().collect::<Vec<_>>(),
+        seen_nextest.keys().collect::<Vec<_>>()
+    );
     // Two runs of nextest differ in their run id, and the second profile names its switch.
     let comparable = |s: &str| -> String {
         s.lines()
             .filter(|l| {
-                !["env NEXTEST_RUN_ID=", "env NEXTEST_ATTEMPT_ID=", "env SHARDGATE_NEXTEST_DIRECT=", "parent="]
-                    .iter()
-                    .any(|p| l.starts_with(p))
+                ![
+                    "env NEXTEST_RUN_ID=",
+                    "env NEXTEST_ATTEMPT_ID=",
+                    "env SHARDGATE_NEXTEST_DIRECT=",
+                    "parent=",
+                ]
+                .iter()
+                .any(|p| l.starts_with(p))
             })
             .map(|l| format!("{l}\n"))
             .collect()
     };
     for (name, d) in &seen_direct {
         let n = &seen_nextest[name];
-        assert!(d.contains("\nparent=shardgate-work"), "{name} was not started by the worker:\n{d}");
-        assert!(n.contains("\nparent=cargo-nextest"), "{name} was not started by nextest:\n{n}");
+        assert!(
+            d.contains("\nparent=shardgate-work"),
+            "{name} was not started by the worker:\n{d}"
+        );
+        assert!(
+            n.contains("\nparent=cargo-nextest"),
+            "{name} was not started by nextest:\n{n}"
+        );
         let (d, n) = (comparable(d), comparable(n));
         let only = |a: &str, b: &str| -> Vec<String> {
-            a.lines().filter(|l| !b.lines().any(|m| m == *l)).map(str::to_owned).collect()
+            a.lines()
+                .filter(|l| !b.lines().any(|m| m == *l))
+                .map(str::to_owned)
+                .collect()
         };
         assert_eq!(
             (only(&d, &n), only(&n, &d)),
             (vec![], vec![]),
             "{name}: what only the worker's start gave, and only nextest's"
         );
-        let id = |s: &str| s.lines().find(|l| l.starts_with("env NEXTEST_ATTEMPT_ID=")).map(|l| l.split_once(':').map(|(_, r)| r.to_owned()));
-        assert_eq!(id(&seen_direct[name]), id(&seen_nextest[name]), "{name}: the attempt id past the run id");
+        let id = |s: &str| {
+            s.lines()
+                .find(|l| l.starts_with("env NEXTEST_ATTEMPT_ID="))
+                .map(|l| l.split_once(':').map(|(_, r)| r.to_owned()))
+        };
+        assert_eq!(
+            id(&seen_direct[name]),
+            id(&seen_nextest[name]),
+            "{name}: the attempt id past the run id"
+        );
     }
 }

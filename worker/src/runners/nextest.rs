@@ -53,7 +53,10 @@ async fn run_shard(runner: &CommandRunner, shard: Shard<'_>) -> Result<(), Runne
             if left.is_empty() {
                 return Ok(());
             }
-            Shard { tests: &left, ..shard }
+            Shard {
+                tests: &left,
+                ..shard
+            }
         }
         None => shard,
     };

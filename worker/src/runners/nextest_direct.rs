@@ -122,7 +122,10 @@ pub fn record_start_if_asked() {
         )
     });
     if let Err(e) = started {
-        eprintln!("shardgate: could not record how {} was started: {e}", program.to_string_lossy());
+        eprintln!(
+            "shardgate: could not record how {} was started: {e}",
+            program.to_string_lossy()
+        );
         std::process::exit(127);
     }
     let e = std::process::Command::new(program).args(&args[4..]).exec();
@@ -233,9 +236,7 @@ pub(crate) async fn record(
 }
 
 fn lookup<'a>(env: &'a [(OsString, OsString)], name: &str) -> Option<&'a OsStr> {
-    env.iter()
-        .find(|(k, _)| k == name)
-        .map(|(_, v)| v.as_os_str())
+    env.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_os_str())
 }
 
 /// The starts [`write_start`] recorded in `files`, by binary id. A binary started twice in
@@ -261,8 +262,7 @@ fn read_started(files: &Path, runner_var: &str) -> Option<HashMap<String, Launch
             .filter(|(k, _)| k != runner_var)
             .collect();
         env.sort();
-        let Some(binary) = lookup(&env, "NEXTEST_BINARY_ID").map(|b| b.to_string_lossy().into_owned())
-        else {
+        let Some(binary) = lookup(&env, "NEXTEST_BINARY_ID").map(|b| b.to_string_lossy().into_owned()) else {
             continue;
         };
         let cwd = {
@@ -283,10 +283,8 @@ fn read_started(files: &Path, runner_var: &str) -> Option<HashMap<String, Launch
             })
             .or_insert(Some(launch));
     }
-    let by_binary: HashMap<String, Launch> = by_binary
-        .into_iter()
-        .filter_map(|(b, l)| Some((b, l?)))
-        .collect();
+    let by_binary: HashMap<String, Launch> =
+        by_binary.into_iter().filter_map(|(b, l)| Some((b, l?))).collect();
     (!by_binary.is_empty()).then_some(by_binary)
 }
 
@@ -329,7 +327,9 @@ fn judge(finished: process::Finished) -> Option<TestRun> {
         detail,
     };
     match &finished.ending {
-        Ending::Exited(0) => passed_one(&finished.output).then(|| run(Outcome::Passed, String::new(), String::new())),
+        Ending::Exited(0) => {
+            passed_one(&finished.output).then(|| run(Outcome::Passed, String::new(), String::new()))
+        }
         Ending::Exited(code) => Some(run(
             Outcome::Failed,
             format!("test failed with exit code {code}"),
@@ -360,11 +360,7 @@ fn passed_one(output: &str) -> bool {
 /// Runs what it can of `shard` from `launches`, sending each result as its test ends; returns
 /// the tests left for nextest, in the shard's order. Stops (returning nothing) when the shard
 /// is cancelled or nobody takes the results any more.
-pub(crate) async fn run(
-    runner: &CommandRunner,
-    launches: &Launches,
-    shard: &Shard<'_>,
-) -> Vec<String> {
+pub(crate) async fn run(runner: &CommandRunner, launches: &Launches, shard: &Shard<'_>) -> Vec<String> {
     let mut left = Vec::new();
     let max_output = runner.config().max_output;
     for id in shard.tests {
@@ -424,7 +420,10 @@ mod tests {
     #[test]
     fn a_pass_is_libtests_word_that_exactly_one_test_ran_and_passed() {
         let r = judge(finished(Ending::Exited(0), PASSED)).unwrap();
-        assert_eq!((r.outcome, r.duration), (Outcome::Passed, Duration::from_millis(7)));
+        assert_eq!(
+            (r.outcome, r.duration),
+            (Outcome::Passed, Duration::from_millis(7))
+        );
         // A name that matched nothing, an ignored test, a harness of its own, a test that
         // printed the words inside its own output line: none of them is a pass here.
         for out in [
@@ -450,9 +449,15 @@ mod tests {
         let r = judge(finished(Ending::Exited(1), PASSED)).unwrap();
         assert_eq!(r.outcome, Outcome::Failed);
         let r = judge(finished(Ending::Signaled(6), "")).unwrap();
-        assert_eq!((r.outcome, r.detail.as_str()), (Outcome::Failed, "test aborted: killed by signal 6"));
+        assert_eq!(
+            (r.outcome, r.detail.as_str()),
+            (Outcome::Failed, "test aborted: killed by signal 6")
+        );
         let r = judge(finished(Ending::TimedOut, "")).unwrap();
-        assert_eq!((r.outcome, r.detail.as_str()), (Outcome::TimedOut, "test timed out after 3000 ms"));
+        assert_eq!(
+            (r.outcome, r.detail.as_str()),
+            (Outcome::TimedOut, "test timed out after 3000 ms")
+        );
     }
 
     #[test]
@@ -461,7 +466,8 @@ mod tests {
             runner_var("x86_64-unknown-linux-gnu"),
             "CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER"
         );
-        let json = r#"{"rust-build-meta":{"platforms":{"host":{"platform":{"triple":"aarch64-apple-darwin"}}}}}"#;
+        let json =
+            r#"{"rust-build-meta":{"platforms":{"host":{"platform":{"triple":"aarch64-apple-darwin"}}}}}"#;
         assert_eq!(host_triple(json).as_deref(), Some("aarch64-apple-darwin"));
         assert_eq!(host_triple("{}"), None);
     }
@@ -477,9 +483,17 @@ mod tests {
         std::fs::create_dir_all(root.path().join("a/.cargo")).unwrap();
         std::fs::write(root.path().join("a/.cargo/config.toml"), "[build]\njobs = 2\n").unwrap();
         assert_eq!(cargo_config_runner(&work, Some(&home)), None);
-        std::fs::write(home.join("config"), "[target.x86_64-unknown-linux-gnu]\nrunner = \"qemu\"\n").unwrap();
+        std::fs::write(
+            home.join("config"),
+            "[target.x86_64-unknown-linux-gnu]\nrunner = \"qemu\"\n",
+        )
+        .unwrap();
         assert_eq!(cargo_config_runner(&work, Some(&home)), Some(home.join("config")));
-        std::fs::write(root.path().join("a/.cargo/config.toml"), "[target.'cfg(unix)']\nrunner = 'valgrind'\n").unwrap();
+        std::fs::write(
+            root.path().join("a/.cargo/config.toml"),
+            "[target.'cfg(unix)']\nrunner = 'valgrind'\n",
+        )
+        .unwrap();
         assert_eq!(
             cargo_config_runner(&work, Some(&home)),
             Some(root.path().join("a/.cargo/config.toml"))
@@ -506,7 +520,12 @@ mod tests {
             write_start(dir.path(), id, &argv, Path::new("/w/a b"), env).unwrap();
         };
         start(1, "c::one", "a\nb=c", &["--list", "--format", "terse"]);
-        start(2, "c::one", "a\nb=c", &["--list", "--format", "terse", "--ignored"]);
+        start(
+            2,
+            "c::one",
+            "a\nb=c",
+            &["--list", "--format", "terse", "--ignored"],
+        );
         start(3, "c::two", "x", &["--list"]);
         start(4, "c::two", "y", &["--list"]);
         start(5, "c::three", "x", &["--exact", "t"]);
@@ -516,7 +535,10 @@ mod tests {
         assert_eq!(one.program, PathBuf::from("/bin/t"));
         assert_eq!(one.cwd, PathBuf::from("/w/a b"));
         let names: Vec<_> = one.env.iter().map(|(k, _)| k.to_str().unwrap()).collect();
-        assert_eq!(names, ["CARGO_BIN_EXE_with-dashes", "EMPTY", "EXTRA", "NEXTEST_BINARY_ID"]);
+        assert_eq!(
+            names,
+            ["CARGO_BIN_EXE_with-dashes", "EMPTY", "EXTRA", "NEXTEST_BINARY_ID"]
+        );
         assert_eq!(lookup(&one.env, "EXTRA"), Some(OsStr::new("a\nb=c")));
         assert_eq!(lookup(&one.env, "EMPTY"), Some(OsStr::new("")));
         // Nothing recorded: nothing to use.
