@@ -1027,8 +1027,8 @@ fn nextest_profile(dir: &Path) -> String {
     )
 }
 
-/// Once a worker has recorded a run's build, it starts nextest without cargo (`cargo-nextest
-/// nextest run`, in the environment cargo gives its subcommands): the tests of every shard
+/// Once a worker has recorded a run's build, the shards that go through nextest start it
+/// without cargo (`cargo-nextest nextest run`, in the environment cargo gives its subcommands): the tests of every shard
 /// still see what `cargo nextest run` gives them, `CARGO` first (trybuild and its like start
 /// cargo from it).
 #[test]
@@ -1042,7 +1042,8 @@ fn nextest_started_without_cargo_still_gives_the_tests_cargos_environment() {
         })
         .collect();
     unit_test_crate(dir.path(), "cargoenv", &tests);
-    let profile = nextest_profile(dir.path());
+    // Shards through nextest, not started by the worker (see the next tests for those).
+    let profile = nextest_profile(dir.path()) + "env = { SHARDGATE_NEXTEST_DIRECT = \"0\" }\n";
     // One slot: every shard of the run goes to the one worker, which records the build once.
     let cluster = Cluster::builder().workers(1).slots(1).runners(&profile).start();
     let (r, report, ours) = run_discovered(&cluster, "nextest", "cargoenv");
@@ -1191,4 +1192,41 @@ fn nextest_tests_started_without_nextest_see_what_nextest_gives_them_and_end_the
             "{name}: the attempt id past the run id"
         );
     }
+}
+
+/// A worker keeps the last run's listing and record of how nextest starts the test binaries
+/// only while the binaries are unchanged: a test added between two runs is listed.
+#[test]
+fn the_last_runs_nextest_listing_is_kept_only_while_the_test_binaries_are_unchanged() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |n: usize| {
+        let tests: String = (0..n)
+            .map(|i| format!("    #[test]\n    fn t{i}() {{}}\n"))
+            .collect();
+        unit_test_crate(dir.path(), "kept", &tests);
+    };
+    write(3);
+    let profile = nextest_profile(dir.path());
+    let cluster = Cluster::builder().workers(1).slots(1).runners(&profile).start();
+    const KEPT: &str = "test binaries unchanged";
+    let (_, _, ours) = run_discovered(&cluster, "nextest", "kept");
+    assert_eq!(ours.len(), 3, "{ours:?}");
+    assert_eq!(cluster.worker_log_count(KEPT), 0);
+    let (_, _, ours) = run_discovered(&cluster, "nextest", "kept");
+    assert_eq!(ours.len(), 3, "{ours:?}");
+    assert_eq!(cluster.worker_log_count(KEPT), 1, "{}", cluster.logs());
+    write(4);
+    let (r, _, ours) = run_discovered(&cluster, "nextest", "kept");
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(
+        ours.keys().collect::<Vec<_>>(),
+        [
+            "kept tests::t0",
+            "kept tests::t1",
+            "kept tests::t2",
+            "kept tests::t3"
+        ],
+        "the added test is listed and run"
+    );
+    assert_eq!(cluster.worker_log_count(KEPT), 1, "{}", cluster.logs());
 }

@@ -20,9 +20,12 @@ impl Tool for Nextest {
         })
     }
 
-    /// Lists with the profile's command, as by default; beside it, records the run's build
-    /// for its shards on this worker (see [`build_once`]), so that their first one does not wait
-    /// for cargo's build check a second time.
+    /// Where the run's tests may start without nextest (see `nextest_direct.rs`) and the
+    /// profile lists as by default, the listing is the one the run's record makes anyway:
+    /// one build check and one listing, not two of each side by side. Otherwise it lists with
+    /// the profile's command, as by default, and beside it records the run's build for its
+    /// shards on this worker (see [`build_once`]), so that their first one does not wait for
+    /// cargo's build check a second time.
     fn list_for_run<'a>(
         &'a self,
         runner: &'a CommandRunner,
@@ -30,8 +33,18 @@ impl Tool for Nextest {
         run: &'a str,
         _limit: std::time::Duration,
     ) -> BoxFuture<'a, Option<Vec<String>>> {
-        record_in_background(runner, revision, run);
-        Box::pin(async { None })
+        if runner.cfg.list.as_ref() != Some(&list()) || super::nextest_direct::refusal(runner, &[]).is_some()
+        {
+            record_in_background(runner, revision, run);
+            return Box::pin(async { None });
+        }
+        Box::pin(async move {
+            let cancel = tokio_util::sync::CancellationToken::new();
+            let mut built = runner.nextest_build.lock().await;
+            let recorded = fill(&mut built, runner, revision, run, &cancel).await?;
+            // Without a record of the starts, the profile's listing runs after all.
+            recorded.launches.as_ref().map(|l| l.listing().to_vec())
+        })
     }
 
     fn run_shard<'a>(
@@ -126,7 +139,9 @@ pub(crate) struct Recorded {
     direct: Option<Direct>,
     /// How nextest starts each test binary, for tests started without nextest (see
     /// `nextest_direct.rs`), if that could be recorded and may be used.
-    launches: Option<super::nextest_direct::Launches>,
+    launches: Option<std::sync::Arc<super::nextest_direct::Launches>>,
+    /// What `launches` was made from.
+    inputs: Option<super::nextest_direct::Inputs>,
 }
 
 /// nextest started as cargo starts it (`cargo-nextest nextest …`), without cargo's own start
@@ -170,7 +185,8 @@ async fn fill(
     {
         return recorded.clone();
     }
-    let recorded = record_build(runner, revision, cancel)
+    let previous = built.take().and_then(|(_, r)| r);
+    let recorded = record_build(runner, revision, cancel, previous.as_deref())
         .await
         .map(std::sync::Arc::new);
     *built = Some((run.to_owned(), recorded.clone()));
@@ -192,10 +208,13 @@ fn record_in_background(runner: &CommandRunner, revision: &str, run: &str) {
     });
 }
 
+/// Records a run's build; `previous` is the last run's record on this worker, whose record of
+/// the starts (and listing) is kept when nothing it came from changed.
 async fn record_build(
     runner: &CommandRunner,
     revision: &str,
     cancel: &tokio_util::sync::CancellationToken,
+    previous: Option<&Recorded>,
 ) -> Option<Recorded> {
     let dir = tempfile::tempdir().ok()?;
     let record = |argv: &[&str], file: &'static str| {
@@ -233,11 +252,26 @@ async fn record_build(
     );
     binaries?;
     metadata?;
-    let launches = record_launches(runner, revision, cancel, dir.path(), direct.as_ref()).await;
+    let inputs = super::nextest_direct::Inputs::read(
+        runner,
+        &dir.path().join(BINARIES),
+        &dir.path().join(CARGO),
+        &format!("{direct:?}"),
+    );
+    let launches = match previous.and_then(|p| p.launches.as_ref()) {
+        Some(l) if inputs.is_some() && previous.and_then(|p| p.inputs.as_ref()) == inputs.as_ref() => {
+            tracing::info!(runner = %runner.cfg.name, "test binaries unchanged: the last run's listing and record of their starts are kept");
+            Some(std::sync::Arc::clone(l))
+        }
+        _ => record_launches(runner, revision, cancel, dir.path(), direct.as_ref())
+            .await
+            .map(std::sync::Arc::new),
+    };
     Some(Recorded {
         dir,
         direct,
         launches,
+        inputs,
     })
 }
 

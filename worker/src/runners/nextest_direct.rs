@@ -52,6 +52,61 @@ pub(crate) struct Launches {
     by_binary: HashMap<String, Launch>,
     /// The ids nextest's listing under shardgate's profile named (`<binary-id> <test name>`).
     tests: HashSet<String>,
+    /// The same, in nextest's order.
+    listing: Vec<String>,
+}
+
+impl Launches {
+    /// The suite as nextest lists it under shardgate's profile.
+    pub(crate) fn listing(&self) -> &[String] {
+        &self.listing
+    }
+}
+
+/// Everything a record of the starts and the listing is made from, to keep the last run's when
+/// none of it changed (a later run of unchanged code then lists nothing): nextest's record of
+/// the build (binary paths, build script directories...), cargo's metadata, the environment
+/// cargo adds, the content of cargo's configuration files (`[env]`), and each test binary's
+/// size, inode and times, which any rebuild changes.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Inputs(Vec<u8>);
+
+impl Inputs {
+    /// `None` when some of it cannot be read: the record is then made again.
+    pub(crate) fn read(
+        runner: &CommandRunner,
+        binaries: &Path,
+        metadata: &Path,
+        cargo_env: &str,
+    ) -> Option<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let binaries = std::fs::read(binaries).ok()?;
+        let mut all = binaries.clone();
+        all.extend(std::fs::read(metadata).ok()?);
+        all.extend(cargo_env.as_bytes());
+        let home = cargo_home(|k| super::nextest::runner_env(runner, k));
+        for f in cargo_configs(&runner.config().workdir, home.as_deref()) {
+            if let Ok(text) = std::fs::read(&f) {
+                all.extend(f.as_os_str().as_encoded_bytes());
+                all.extend(text);
+            }
+        }
+        let v: serde_json::Value = serde_json::from_slice(&binaries).ok()?;
+        for b in v["rust-binaries"].as_object()?.values() {
+            let path = b["binary-path"].as_str()?;
+            let m = std::fs::metadata(path).ok()?;
+            let stamp = (
+                m.len(),
+                m.ino(),
+                m.mtime(),
+                m.mtime_nsec(),
+                m.ctime(),
+                m.ctime_nsec(),
+            );
+            all.extend(format!("\0{path}{stamp:?}").as_bytes());
+        }
+        Some(Self(all))
+    }
 }
 
 /// Why direct starts are not used for a runner, if they are not.
@@ -77,19 +132,40 @@ pub(crate) fn refusal(runner: &CommandRunner, env: &[(OsString, OsString)]) -> O
             return Some(format!("a target runner is set ({name})"));
         }
     }
-    let home = var("CARGO_HOME")
-        .map(PathBuf::from)
-        .or_else(|| var("HOME").map(|h| PathBuf::from(h).join(".cargo")));
-    cargo_config_runner(&runner.config().workdir, home.as_deref())
+    // The workspace's root is the working directory or above it.
+    let workdir = &runner.config().workdir;
+    if let Some(f) = workdir
+        .ancestors()
+        .map(|d| d.join(".config/nextest.toml"))
+        .find(|f| f.exists())
+    {
+        return Some(format!("a nextest configuration ({})", f.display()));
+    }
+    let home = cargo_home(var);
+    cargo_config_runner(workdir, home.as_deref())
         .map(|f| format!("cargo's configuration may set a target runner ({})", f.display()))
 }
 
-/// A cargo configuration file cargo would read for `workdir` that mentions a runner: the
-/// `.cargo/config[.toml]` of the directory and each one above it, then cargo's home.
-fn cargo_config_runner(workdir: &Path, cargo_home: Option<&Path>) -> Option<PathBuf> {
+/// Cargo's home in an environment (`var`): `CARGO_HOME`, else `~/.cargo`.
+fn cargo_home(var: impl Fn(&str) -> Option<OsString>) -> Option<PathBuf> {
+    var("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| var("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+}
+
+/// The configuration files cargo would read for `workdir`: the `.cargo/config[.toml]` of the
+/// directory and each one above it, then cargo's home.
+fn cargo_configs(workdir: &Path, cargo_home: Option<&Path>) -> Vec<PathBuf> {
     let dirs = workdir.ancestors().map(|d| d.join(".cargo"));
     dirs.chain(cargo_home.map(Path::to_path_buf))
         .flat_map(|d| [d.join("config.toml"), d.join("config")])
+        .collect()
+}
+
+/// A cargo configuration file cargo would read for `workdir` that mentions a runner.
+fn cargo_config_runner(workdir: &Path, cargo_home: Option<&Path>) -> Option<PathBuf> {
+    cargo_configs(workdir, cargo_home)
+        .into_iter()
         .find(|f| std::fs::read_to_string(f).is_ok_and(|t| t.contains("runner")))
 }
 
@@ -212,7 +288,7 @@ pub(crate) async fn record(
         );
         return None;
     }
-    let tests = String::from_utf8_lossy(&out.stdout)
+    let listing: Vec<String> = String::from_utf8_lossy(&out.stdout)
         .lines()
         .map(str::trim)
         .filter(|l| !l.is_empty())
@@ -232,7 +308,11 @@ pub(crate) async fn record(
         return None;
     }
     debug!(runner = %runner.config().name, binaries = by_binary.len(), "recorded how nextest starts the test binaries");
-    Some(Launches { by_binary, tests })
+    Some(Launches {
+        by_binary,
+        tests: listing.iter().cloned().collect(),
+        listing,
+    })
 }
 
 fn lookup<'a>(env: &'a [(OsString, OsString)], name: &str) -> Option<&'a OsStr> {
