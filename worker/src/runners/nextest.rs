@@ -31,7 +31,7 @@ impl Tool for Nextest {
         runner: &'a CommandRunner,
         revision: &'a str,
         run: &'a str,
-        _limit: std::time::Duration,
+        limit: std::time::Duration,
     ) -> BoxFuture<'a, Option<Vec<String>>> {
         if runner.cfg.list.as_ref() != Some(&list()) || super::nextest_direct::refusal(runner, &[]).is_some()
         {
@@ -41,7 +41,11 @@ impl Tool for Nextest {
         Box::pin(async move {
             let cancel = tokio_util::sync::CancellationToken::new();
             let mut built = runner.nextest_build.lock().await;
-            let recorded = fill(&mut built, runner, revision, run, &cancel).await?;
+            // Past the listing's limit the record's commands are killed (dropped), and the
+            // profile's listing runs under the same limit to say what hangs.
+            let recorded = tokio::time::timeout(limit, fill(&mut built, runner, revision, run, &cancel))
+                .await
+                .ok()??;
             // Without a record of the starts, the profile's listing runs after all.
             recorded.launches.as_ref().map(|l| l.listing().to_vec())
         })
