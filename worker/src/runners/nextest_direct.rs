@@ -12,8 +12,10 @@
 //!   very program with [`RECORD_START`]): nextest lists each test binary through it, and it
 //!   writes down the program, the directory and the whole environment nextest gave it before
 //!   it becomes the binary (not a shell script: a shell drops variables whose names are not
-//!   shell names, such as cargo's `CARGO_BIN_EXE_<name-with-dashes>`). That is nextest's environment for the binary's tests, built by nextest itself,
-//!   minus what nextest adds per test ([`per_test_env`], the variables of nextest 0.9.143).
+//!   shell names, such as cargo's `CARGO_BIN_EXE_<name-with-dashes>`). That is nextest's
+//!   environment for the binary's tests, built by nextest itself, minus what nextest adds per
+//!   test ([`per_test_env`], the variables of nextest 0.9.143). The listing it makes is the
+//!   run's listing where the profile lists as by default.
 //! - A shard's tests that the record covers run one by one from it; each result is sent as
 //!   its test ends. The rest (a binary the record lacks, a test the listing did not name) and
 //!   any test whose output does not say that libtest ran and passed exactly it (`test result:
@@ -176,7 +178,7 @@ fn cargo_config_runner(workdir: &Path, cargo_home: Option<&Path>) -> Option<Path
 pub const RECORD_START: &str = "__shardgate-record-start";
 
 /// Called first thing by the binaries that run workers: when this process was started with
-/// [`RECORD_START`], records the start and becomes the program it names, never returning;
+/// `__shardgate-record-start`, records the start and becomes the program it names, never returning;
 /// otherwise returns at once.
 pub fn record_start_if_asked() {
     use std::os::unix::process::CommandExt;
@@ -237,7 +239,8 @@ fn write_start(
     std::fs::write(dir.join(format!("{id}.argv")), a)
 }
 
-/// The environment variable that makes nextest start the host's test binaries through `program`.
+/// The environment variable that names the program nextest starts the host's test binaries
+/// through (a target runner).
 fn runner_var(host_triple: &str) -> String {
     format!(
         "CARGO_TARGET_{}_RUNNER",
@@ -253,9 +256,10 @@ pub(crate) fn host_triple(binaries_json: &str) -> Option<String> {
         .map(str::to_owned)
 }
 
-/// Lists the suite with nextest through [`capture_script`] (`list` is the command, `env` what
-/// it needs besides the runner's own), and reads back how each binary was started. `None`
-/// when the listing failed or nothing could be read: the run's shards then all go to nextest.
+/// Runs `cmd` (nextest's listing under shardgate's profile) with this program as the host's
+/// target runner ([`RECORD_START`]), and reads back how each binary was started; with the
+/// listing itself. `None` when the listing failed or nothing could be read: the run is then
+/// listed and its shards run through nextest as before.
 pub(crate) async fn record(
     runner: &CommandRunner,
     cmd: tokio::process::Command,
