@@ -1108,7 +1108,8 @@ fn nextest_tests_started_without_nextest_see_what_nextest_gives_them_and_end_the
         .collect();
     tests += "    #[test]\n    fn fails() { assert_eq!(1 + 1, 3); }\n";
     tests += "    #[test]\n    fn aborts() { std::process::abort(); }\n";
-    tests += "    #[test]\n    fn hangs() { if std::env::var_os(\"HANG\").is_some() { std::thread::sleep(std::time::Duration::from_secs(600)); } }\n";
+    // Blocks until the test timeout kills it: no sleep to outlast.
+    tests += "    #[test]\n    fn hangs() { while std::env::var_os(\"HANG\").is_some() { std::thread::park(); } }\n";
     // Output that looks like libtest's from a test that then fails.
     tests += "    #[test]\n    fn says_it_passed() { println!(\"test result: ok. 1 passed; 0 failed;\"); panic!(\"no\"); }\n";
     unit_test_crate(dir.path(), "started", &tests);

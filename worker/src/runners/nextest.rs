@@ -98,33 +98,16 @@ async fn run_shard(runner: &CommandRunner, shard: Shard<'_>) -> Result<(), Runne
         })
         .collect::<Vec<_>>()
         .join(" | ");
-    let mut argv = run();
-    if let Some(r) = &reuse {
-        argv.extend([
-            "--binaries-metadata".to_owned(),
-            r.dir.path().join(BINARIES).display().to_string(),
-            "--cargo-metadata".to_owned(),
-            r.dir.path().join(CARGO).display().to_string(),
-        ]);
-        if let Some(direct) = &r.direct {
-            // `cargo nextest …` is `cargo-nextest nextest …` in the environment cargo gives
-            // its subcommands.
-            argv[0] = direct.program.display().to_string();
-        }
-    }
-    let mut cmd = runner.command_with(
-        &argv,
-        &[],
-        &[
-            ("{toolconfig}", &toolconfig.display().to_string()),
-            ("{profile}", PROFILE),
-            ("{filterset}", &filterset),
-            ("{revision}", revision),
-        ],
-    );
-    if let Some(direct) = reuse.as_ref().and_then(|r| r.direct.as_ref()) {
-        cmd.envs(direct.env.iter().map(|(k, v)| (k, v)));
-    }
+    let vars = [
+        ("{toolconfig}", &*toolconfig.display().to_string()),
+        ("{profile}", PROFILE),
+        ("{filterset}", &filterset),
+        ("{revision}", revision),
+    ];
+    let cmd = match &reuse {
+        Some(r) => r.command(runner, run(), &vars),
+        None => runner.command_with(&run(), &[], &vars),
+    };
     let ran = runner.run_junit(cmd, junit_path, None, shard).await;
     drop(dir);
     ran
@@ -146,6 +129,34 @@ pub(crate) struct Recorded {
     launches: Option<std::sync::Arc<super::nextest_direct::Launches>>,
     /// What `launches` was made from.
     inputs: Option<super::nextest_direct::Inputs>,
+}
+
+impl Recorded {
+    /// `argv`, a `cargo nextest …` command with `vars` to fill in, reusing this record's build
+    /// and started without cargo where that could be found out.
+    fn command(
+        &self,
+        runner: &CommandRunner,
+        mut argv: Vec<String>,
+        vars: &[(&str, &str)],
+    ) -> tokio::process::Command {
+        argv.extend([
+            "--binaries-metadata".to_owned(),
+            self.dir.path().join(BINARIES).display().to_string(),
+            "--cargo-metadata".to_owned(),
+            self.dir.path().join(CARGO).display().to_string(),
+        ]);
+        if let Some(direct) = &self.direct {
+            // `cargo nextest …` is `cargo-nextest nextest …` in the environment cargo gives
+            // its subcommands.
+            argv[0] = direct.program.display().to_string();
+        }
+        let mut cmd = runner.command_with(&argv, &[], vars);
+        if let Some(direct) = &self.direct {
+            cmd.envs(direct.env.iter().map(|(k, v)| (k, v)));
+        }
+        cmd
+    }
 }
 
 /// nextest started as cargo starts it (`cargo-nextest nextest …`), without cargo's own start
@@ -256,27 +267,30 @@ async fn record_build(
     );
     binaries?;
     metadata?;
+    let binaries = std::fs::read_to_string(dir.path().join(BINARIES)).ok()?;
     let inputs = super::nextest_direct::Inputs::read(
         runner,
-        &dir.path().join(BINARIES),
+        &binaries,
         &dir.path().join(CARGO),
         &format!("{direct:?}"),
     );
-    let launches = match previous.and_then(|p| p.launches.as_ref()) {
-        Some(l) if inputs.is_some() && previous.and_then(|p| p.inputs.as_ref()) == inputs.as_ref() => {
+    let mut recorded = Recorded {
+        dir,
+        direct,
+        launches: None,
+        inputs,
+    };
+    let kept = previous.filter(|p| p.inputs.is_some() && p.inputs == recorded.inputs);
+    recorded.launches = match kept.and_then(|p| p.launches.as_ref()) {
+        Some(l) => {
             tracing::info!(runner = %runner.cfg.name, "test binaries unchanged: the last run's listing and record of their starts are kept");
             Some(std::sync::Arc::clone(l))
         }
-        _ => record_launches(runner, revision, cancel, dir.path(), direct.as_ref())
+        None => record_launches(runner, revision, cancel, &recorded, &binaries)
             .await
             .map(std::sync::Arc::new),
     };
-    Some(Recorded {
-        dir,
-        direct,
-        launches,
-        inputs,
-    })
+    Some(recorded)
 }
 
 /// Lists the suite with nextest, reusing the recorded build, under shardgate's profile, and
@@ -286,20 +300,24 @@ async fn record_launches(
     runner: &CommandRunner,
     revision: &str,
     cancel: &tokio_util::sync::CancellationToken,
-    dir: &std::path::Path,
-    direct: Option<&Direct>,
+    recorded: &Recorded,
+    binaries: &str,
 ) -> Option<super::nextest_direct::Launches> {
-    let cargo_env = direct.map(|d| d.env.as_slice()).unwrap_or_default();
+    let cargo_env = recorded
+        .direct
+        .as_ref()
+        .map(|d| d.env.as_slice())
+        .unwrap_or_default();
     if let Some(why) = super::nextest_direct::refusal(runner, cargo_env) {
         tracing::info!(runner = %runner.cfg.name, why, "every test starts through nextest");
         return None;
     }
-    let binaries = std::fs::read_to_string(dir.join(BINARIES)).ok()?;
-    let host = super::nextest_direct::host_triple(&binaries)?;
+    let host = super::nextest_direct::host_triple(binaries)?;
+    let dir = recorded.dir.path();
     let toolconfig = dir.join("list.toml");
     let junit = dir.join("list-junit.xml").display().to_string();
     std::fs::write(&toolconfig, profile(&junit, std::time::Duration::from_secs(3600))).ok()?;
-    let mut argv: Vec<String> = [
+    let argv = [
         "cargo",
         "nextest",
         "list",
@@ -309,25 +327,15 @@ async fn record_launches(
         PROFILE,
         "-T",
         "oneline",
-        "--binaries-metadata",
-    ]
-    .map(String::from)
-    .to_vec();
-    argv.push(dir.join(BINARIES).display().to_string());
-    argv.push("--cargo-metadata".into());
-    argv.push(dir.join(CARGO).display().to_string());
-    if let Some(d) = direct {
-        argv[0] = d.program.display().to_string();
-    }
-    let mut cmd = runner.command_with(
-        &argv,
-        &[],
+    ];
+    let cmd = recorded.command(
+        runner,
+        argv.map(String::from).to_vec(),
         &[
             ("{toolconfig}", &toolconfig.display().to_string()),
             ("{revision}", revision),
         ],
     );
-    cmd.envs(cargo_env.iter().map(|(k, v)| (k, v)));
     super::nextest_direct::record(runner, cmd, &host, cancel).await
 }
 

@@ -43,6 +43,8 @@ use crate::process::{self, Ending};
 struct Launch {
     program: PathBuf,
     cwd: PathBuf,
+    /// The nextest run it was recorded in (`NEXTEST_RUN_ID`), for `NEXTEST_ATTEMPT_ID`.
+    run_id: String,
     /// The whole environment (the child's is cleared first), without the per-test variables.
     env: Vec<(OsString, OsString)>,
 }
@@ -77,13 +79,12 @@ impl Inputs {
     /// `None` when some of it cannot be read: the record is then made again.
     pub(crate) fn read(
         runner: &CommandRunner,
-        binaries: &Path,
+        binaries: &str,
         metadata: &Path,
         cargo_env: &str,
     ) -> Option<Self> {
         use std::os::unix::fs::MetadataExt;
-        let binaries = std::fs::read(binaries).ok()?;
-        let mut all = binaries.clone();
+        let mut all = binaries.as_bytes().to_vec();
         all.extend(std::fs::read(metadata).ok()?);
         all.extend(cargo_env.as_bytes());
         let home = cargo_home(|k| super::nextest::runner_env(runner, k));
@@ -93,7 +94,7 @@ impl Inputs {
                 all.extend(text);
             }
         }
-        let v: serde_json::Value = serde_json::from_slice(&binaries).ok()?;
+        let v: serde_json::Value = serde_json::from_str(binaries).ok()?;
         for b in v["rust-binaries"].as_object()?.values() {
             let path = b["binary-path"].as_str()?;
             let m = std::fs::metadata(path).ok()?;
@@ -300,6 +301,8 @@ pub(crate) async fn record(
         .collect();
     let by_binary = read_started(files.path(), &var)?;
     // nextest's own configuration changes how tests run in ways a record cannot show.
+    // `refusal` looked above the working directory; the workspace's root can be elsewhere
+    // (`package.workspace`), and only nextest says where.
     let root = by_binary
         .values()
         .find_map(|l| lookup(&l.env, "NEXTEST_WORKSPACE_ROOT"))
@@ -353,9 +356,13 @@ fn read_started(files: &Path, runner_var: &str) -> Option<HashMap<String, Launch
             use std::os::unix::ffi::OsStrExt;
             PathBuf::from(OsStr::from_bytes(&cwd))
         };
+        let run_id = lookup(&env, "NEXTEST_RUN_ID")
+            .map(|r| r.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let launch = Launch {
             program: PathBuf::from(&argv[0]),
             cwd,
+            run_id,
             env,
         };
         by_binary
@@ -459,15 +466,12 @@ pub(crate) async fn run(runner: &CommandRunner, launches: &Launches, shard: &Sha
                 continue;
             }
         };
-        let run_id = lookup(&launch.env, "NEXTEST_RUN_ID")
-            .map(|r| r.to_string_lossy().into_owned())
-            .unwrap_or_default();
         let mut cmd = tokio::process::Command::new(&launch.program);
         cmd.args(["--exact", name, "--nocapture"])
             .current_dir(&launch.cwd)
             .env_clear()
             .envs(launch.env.iter().map(|(k, v)| (k, v)))
-            .envs(per_test_env(&run_id, binary, name));
+            .envs(per_test_env(&launch.run_id, binary, name));
         let finished = process::run(cmd, Some(shard.test_timeout), shard.cancel, max_output).await;
         if finished.ending == Ending::Cancelled {
             return Vec::new();
