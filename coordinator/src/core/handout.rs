@@ -203,6 +203,15 @@ impl Core {
         self.effects.workers_changed.insert(a.worker);
         let pending = a.tests.clone();
         let estimate_ms = run.estimate_ms(&a.tests);
+        tracing::debug!(
+            run = %a.run,
+            attempt = %a.id,
+            tests = a.tests.len(),
+            estimate_ms = estimate_ms as u64,
+            first = shard.tests.first().map(String::as_str).unwrap_or_default(),
+            last = shard.tests.last().map(String::as_str).unwrap_or_default(),
+            "shard handed out"
+        );
         let attempt = Attempt::from_row(&a, pending, now.at + lease, estimate_ms, overhead_ms);
         run.outstanding.add(attempt.due_ms, a.id);
         self.attempts.insert(a.id, attempt);

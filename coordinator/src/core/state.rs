@@ -204,6 +204,12 @@ impl RunState {
         if !self.tests[idx as usize].plan.cold || !self.learning.observe(idx, duration_ms) {
             return;
         }
+        tracing::debug!(
+            test = %self.tests[idx as usize].id,
+            duration_ms,
+            waiting = self.queue.len(),
+            "re-planning the run's tests with no history"
+        );
         let tests = &mut self.tests;
         self.learning
             .replan(&mut self.queue, |i, p| tests[i as usize].plan = p);

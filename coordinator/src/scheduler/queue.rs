@@ -172,7 +172,11 @@ impl RunQueue {
         let slots = ctx.slots.max(1) as f64;
         let per_slot = (self.queued_ms() + ctx.running_ms.max(0.0)) / slots;
         let mut out = vec![self.pop()];
-        if head.estimate_ms >= per_slot / 2.0 {
+        // A test large against what is left per slot goes alone, unless it is too small to be
+        // worth a hand-out of its own (at the end of a run, when nothing is left, every test is
+        // "large": quick ones go out together).
+        let floor = 2.0 * ctx.overhead_ms.max(MIN_OVERHEAD_MS);
+        if head.estimate_ms >= per_slot / 2.0 && head.estimate_ms >= floor {
             self.settle();
             return out;
         }
@@ -396,6 +400,23 @@ mod tests {
         taken.sort_unstable();
         assert_eq!(taken, (0..61).collect::<Vec<u32>>(), "every test once");
         assert!(without.is_empty());
+    }
+
+    #[test]
+    fn quick_tests_at_the_end_of_a_run_go_out_together() {
+        // Nothing else is left or running: each test is half the work per slot, but far below
+        // a hand-out's cost, so they share a shard.
+        let mut q = RunQueue::new(&plans(&[0.0; 40]));
+        assert_eq!(q.next_shard(ctx(2)).len(), 40);
+        let mut q = RunQueue::new(&plans(&[5.0; 40]));
+        assert_eq!(
+            q.next_shard(ctx(2)).len(),
+            40,
+            "200 ms of work: two hand-outs' worth"
+        );
+        // A test worth a hand-out of its own still goes alone.
+        let mut q = RunQueue::new(&plans(&[300.0, 5.0, 5.0]));
+        assert_eq!(q.next_shard(ctx(2)), vec![0]);
     }
 
     #[test]
