@@ -35,6 +35,10 @@ pub struct RealArgs {
     /// long before it runs), or `both`, one after the other.
     #[arg(long, value_enum, default_value_t = Layout::Both)]
     pub shape: Layout,
+    /// Keep the coordinator's database here (its shard log shows each hand-out), instead of
+    /// in a temporary directory.
+    #[arg(long)]
+    pub db: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, clap::ValueEnum)]
@@ -151,7 +155,7 @@ pub fn run(a: RealArgs) -> anyhow::Result<()> {
     let mut coordinator = Command::new(bins.join("shardgate-coordinator"))
         .args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
         .arg("--db")
-        .arg(dir.path().join("db.sqlite"))
+        .arg(a.db.clone().unwrap_or_else(|| dir.path().join("db.sqlite")))
         .stdout(Stdio::piped())
         .stderr(log("coordinator.log")?)
         .spawn()?;
@@ -265,6 +269,95 @@ fn run_twice(
             handouts,
             cpu
         );
+        if label.starts_with("first") {
+            let b = blind_orders(&durations, workers, BLIND_ORDERS);
+            println!(
+                "  {:<28} median {:.3}×, p10–p90 {:.3}–{:.3}×, within 1.10× in {:.1} % of them",
+                format!("{BLIND_ORDERS} duration-blind orders"),
+                b.median,
+                b.p10,
+                b.p90,
+                b.within_110 * 100.0
+            );
+        }
     }
     Ok(())
+}
+
+/// How many random orders [`blind_orders`] tries.
+const BLIND_ORDERS: usize = 1000;
+
+/// Makespan ÷ lower bound of an order that knows nothing of durations, over random orders.
+#[derive(Debug, Clone, Copy)]
+struct Blind {
+    p10: f64,
+    median: f64,
+    p90: f64,
+    /// Share of the orders within 1.10× of the lower bound.
+    within_110: f64,
+}
+
+/// What a scheduler that cannot tell tests apart before they run could do with these measured
+/// durations at best: each of `orders` random orders handed out one test at a time to the
+/// first free of `slots` slots, at no cost per hand-out. When durations are independent of
+/// the tests' names, every order such a scheduler may choose is one of these, so their spread
+/// is the first run's floor; a run below it learned something.
+fn blind_orders(durations: &[f64], slots: usize, orders: usize) -> Blind {
+    use rand::seq::SliceRandom;
+    use std::cmp::Reverse;
+    use std::collections::BinaryHeap;
+
+    let slots = slots.max(1);
+    let lb =
+        (durations.iter().sum::<f64>() / slots as f64).max(durations.iter().copied().fold(0.0, f64::max));
+    if lb <= 0.0 || orders == 0 {
+        return Blind {
+            p10: 1.0,
+            median: 1.0,
+            p90: 1.0,
+            within_110: 1.0,
+        };
+    }
+    let mut rng = StdRng::seed_from_u64(1);
+    let mut order = durations.to_vec();
+    let mut ratios: Vec<f64> = (0..orders)
+        .map(|_| {
+            order.shuffle(&mut rng);
+            // Free times in whole microseconds, so the heap orders integers.
+            let mut free: BinaryHeap<Reverse<u64>> = (0..slots).map(|_| Reverse(0)).collect();
+            for d in &order {
+                let Reverse(t) = free.pop().expect("one entry per slot");
+                free.push(Reverse(t + (d * 1000.0) as u64));
+            }
+            let end = free.into_iter().map(|Reverse(t)| t).max().unwrap_or(0);
+            end as f64 / 1000.0 / lb
+        })
+        .collect();
+    ratios.sort_by(f64::total_cmp);
+    let at = |q: f64| ratios[((ratios.len() - 1) as f64 * q).round() as usize];
+    Blind {
+        p10: at(0.1),
+        median: at(0.5),
+        p90: at(0.9),
+        within_110: ratios.iter().filter(|&&r| r <= 1.10).count() as f64 / ratios.len() as f64,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blind_orders_find_no_better_than_the_bound_and_suffer_from_a_giant() {
+        // Equal tests: every order is at the bound.
+        let b = blind_orders(&[10.0; 40], 4, 50);
+        assert!((b.median - 1.0).abs() < 1e-9 && b.within_110 == 1.0, "{b:?}");
+        // One giant worth a slot's whole share, among equal tests: it lands at a random place,
+        // so most orders start it late.
+        let mut d = vec![1.0; 300];
+        d.push(100.0);
+        let b = blind_orders(&d, 4, 400);
+        assert!(b.median > 1.3 && b.p10 >= 1.0 && b.p90 > b.median, "{b:?}");
+        assert!(b.within_110 < 0.2, "{b:?}");
+    }
 }
