@@ -14,7 +14,7 @@ use anyhow::{Context, bail};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 
-use crate::workload::normal;
+use crate::workload::{lower_bound_ms, normal};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct RealArgs {
@@ -230,7 +230,7 @@ fn run_twice(
         "  {:<28} {:>10} {:>10} {:>8} {:>9} {:>14}",
         "run", "makespan", "LB", "÷ LB", "hand-outs", "coord. CPU"
     );
-    for label in ["first run (no history)", "second run (history)"] {
+    for (label, first) in [("first run (no history)", true), ("second run (history)", false)] {
         let cpu_before = cpu_seconds(pid);
         let out = Command::new(bins.join("shardgate"))
             .args([
@@ -257,8 +257,7 @@ fn run_twice(
             .iter()
             .map(|t| t["duration_ms"].as_f64().unwrap_or(0.0))
             .collect();
-        let lb = (durations.iter().sum::<f64>() / workers as f64)
-            .max(durations.iter().copied().fold(0.0, f64::max));
+        let lb = lower_bound_ms(&durations, workers);
         let makespan = report["makespan_ms"].as_f64().unwrap_or(0.0);
         let handouts = report["shards"].as_u64().unwrap_or(0);
         println!(
@@ -269,7 +268,7 @@ fn run_twice(
             handouts,
             cpu
         );
-        if label.starts_with("first") {
+        if first {
             let b = blind_orders(&durations, workers, BLIND_ORDERS);
             println!(
                 "  {:<28} median {:.3}×, p10–p90 {:.3}–{:.3}×, within 1.10× in {:.1} % of them",
@@ -308,8 +307,7 @@ fn blind_orders(durations: &[f64], slots: usize, orders: usize) -> Blind {
     use std::collections::BinaryHeap;
 
     let slots = slots.max(1);
-    let lb =
-        (durations.iter().sum::<f64>() / slots as f64).max(durations.iter().copied().fold(0.0, f64::max));
+    let lb = lower_bound_ms(durations, slots);
     if lb <= 0.0 || orders == 0 {
         return Blind {
             p10: 1.0,

@@ -67,8 +67,15 @@ impl Workload {
 
     /// `max(total work / slots, longest test)`.
     pub fn lower_bound_ms(&self, slots: usize) -> f64 {
-        (self.total_ms() / slots as f64).max(self.longest_ms())
+        lower_bound_ms(&self.actual_ms, slots)
     }
+}
+
+/// The makespan no schedule of tests taking `durations_ms` on `slots` slots can beat:
+/// `max(total work / slots, longest test)`.
+pub fn lower_bound_ms(durations_ms: &[f64], slots: usize) -> f64 {
+    let longest = durations_ms.iter().copied().fold(0.0, f64::max);
+    (durations_ms.iter().sum::<f64>() / slots.max(1) as f64).max(longest)
 }
 
 /// A standard normal sample (Box–Muller).

@@ -175,8 +175,7 @@ impl RunQueue {
         // A test large against what is left per slot goes alone, unless it is too small to be
         // worth a hand-out of its own (at the end of a run, when nothing is left, every test is
         // "large": quick ones go out together).
-        let floor = 2.0 * ctx.overhead_ms.max(MIN_OVERHEAD_MS);
-        if head.estimate_ms >= per_slot / 2.0 && head.estimate_ms >= floor {
+        if head.estimate_ms >= per_slot / 2.0 && head.estimate_ms >= min_shard_ms(ctx.overhead_ms) {
             self.settle();
             return out;
         }
@@ -306,7 +305,13 @@ pub fn target_ms(per_slot: f64, overhead_ms: f64, batch: Batch) -> f64 {
         Batch::FailingFirst => per_slot / 3.0,
         Batch::Cold => (per_slot / 3.0).min((2.0 * o * per_slot).sqrt()),
     };
-    t.max(2.0 * o)
+    t.max(min_shard_ms(overhead_ms))
+}
+
+/// The least estimated work worth a hand-out: two hand-outs' worth of overhead (at least
+/// [`MIN_OVERHEAD_MS`] each). No shard is sized below it, and no test below it goes alone.
+fn min_shard_ms(overhead_ms: f64) -> f64 {
+    2.0 * overhead_ms.max(MIN_OVERHEAD_MS)
 }
 
 #[cfg(test)]
