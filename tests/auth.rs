@@ -352,6 +352,7 @@ fn a_rogue_worker_can_neither_take_a_name_nor_report_into_another_workers_attemp
             worker_id: shard.clone(),
             attempt_id: attempt.clone(),
             results: passed.clone(),
+            tested_commit: String::new(),
         };
         let e = rogue.report_results(report).await.unwrap_err();
         assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
@@ -361,6 +362,7 @@ fn a_rogue_worker_can_neither_take_a_name_nor_report_into_another_workers_attemp
                 attempt_id: attempt.clone(),
                 error: "forged".into(),
                 draining: false,
+                unknown_revision: false,
             })
             .await
             .unwrap_err();
@@ -384,6 +386,7 @@ fn a_rogue_worker_can_neither_take_a_name_nor_report_into_another_workers_attemp
                 worker_id: own,
                 attempt_id: attempt.clone(),
                 results: passed,
+                tested_commit: String::new(),
             })
             .await
             .unwrap_err();

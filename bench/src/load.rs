@@ -485,6 +485,7 @@ async fn worker(
                     worker_id: worker_id.clone(),
                     attempt_id: shard.attempt_id.clone(),
                     results,
+                    tested_commit: String::new(),
                 })
                 .await?
                 .into_inner();
@@ -501,6 +502,7 @@ async fn worker(
                 attempt_id: shard.attempt_id.clone(),
                 error: String::new(),
                 draining: false,
+                unknown_revision: false,
             })
             .await?;
     }

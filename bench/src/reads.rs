@@ -335,6 +335,7 @@ async fn drive(
                         worker_id: w.clone(),
                         attempt_id: shard.attempt_id.clone(),
                         results,
+                        tested_commit: String::new(),
                     })
                     .await?;
                 client
@@ -343,6 +344,7 @@ async fn drive(
                         attempt_id: shard.attempt_id,
                         error: String::new(),
                         draining: false,
+                        unknown_revision: false,
                     })
                     .await?;
             }

@@ -491,6 +491,7 @@ async fn paced_worker(
                         duration_ms: pace.as_millis() as u64,
                         ..Default::default()
                     }],
+                    tested_commit: String::new(),
                 })
                 .await?;
         }
@@ -500,6 +501,7 @@ async fn paced_worker(
                 attempt_id: shard.attempt_id.clone(),
                 error: String::new(),
                 draining: false,
+                unknown_revision: false,
             })
             .await?;
     }

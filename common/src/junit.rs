@@ -208,9 +208,13 @@ fn write(w: &mut W, r: &RunReport) -> std::io::Result<()> {
     for (name, value) in [
         ("shardgate.run_id", r.run_id.as_str()),
         ("shardgate.revision", r.revision.as_str()),
+        ("shardgate.tested_commit", r.tested_commit.as_str()),
         ("shardgate.requested_by", r.requested_by.as_str()),
         ("shardgate.verdict", r.status.as_str()),
     ] {
+        if value.is_empty() && name == "shardgate.tested_commit" {
+            continue;
+        }
         element(w, "property", &[("name", name), ("value", &clean(value))], None)?;
     }
     w.write_event(Event::End(BytesEnd::new("properties")))?;

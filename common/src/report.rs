@@ -65,6 +65,10 @@ pub struct RunReport {
     pub status: RunStatus,
     pub suite: String,
     pub revision: String,
+    /// The full commit hash the run's results were produced from, as its workers proved it;
+    /// absent while none proved one.
+    #[serde(skip_serializing_if = "String::is_empty", default)]
+    pub tested_commit: String,
     pub requested_by: String,
     pub runner: String,
     pub labels: labels::Labels,
@@ -113,6 +117,7 @@ impl RunReport {
             status,
             suite: run.suite.clone(),
             revision: run.revision.clone(),
+            tested_commit: run.tested_commit.clone(),
             requested_by: run.requested_by.clone(),
             runner: run.runner.clone(),
             labels: run

@@ -141,6 +141,56 @@ pub fn proposes_quarantine(f: &FlakinessRow, min_runs: u32, threshold: f64) -> b
     f.runs >= min_runs && flake_rate(f) >= threshold
 }
 
+/// What a worker's proof of the commit it ran means for a run (see [`check_tested_commit`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CommitCheck {
+    /// The worker's runner cannot tell which commit it ran (no `git` source, no
+    /// `revision_check`): counted as before, proving nothing.
+    Unproven,
+    /// The commit the run is pinned to.
+    Pinned,
+    /// The run's first proof, which matches its revision: pin it.
+    Pin,
+    /// Not the run's revision: nothing of the attempt is counted.
+    Refused(String),
+}
+
+/// Whether a full commit hash `tested`, which a worker says its attempt ran, may count for a run
+/// of `revision` whose results so far were pinned to `pinned` (empty: none yet). A revision that
+/// is written as a hexadecimal hash (4 to 64 digits, abbreviated or full) must be a prefix of
+/// the tested commit; a ref name (`main`, `v1.2`) is whatever the first proof resolved it to,
+/// and every later attempt must have run that same commit.
+pub fn check_tested_commit(revision: &str, pinned: &str, tested: &str) -> CommitCheck {
+    if tested.is_empty() {
+        return CommitCheck::Unproven;
+    }
+    let is_hex = |s: &str| s.bytes().all(|b| b.is_ascii_hexdigit());
+    if !matches!(tested.len(), 40 | 64) || !is_hex(tested) {
+        return CommitCheck::Refused(format!(
+            "the worker's tested commit '{}' is not a full commit hash",
+            tested.chars().take(80).collect::<String>()
+        ));
+    }
+    let tested = tested.to_ascii_lowercase();
+    if (4..=64).contains(&revision.len())
+        && is_hex(revision)
+        && !tested.starts_with(&revision.to_ascii_lowercase())
+    {
+        return CommitCheck::Refused(format!(
+            "the worker ran commit {tested}, which is not the run's revision '{revision}'"
+        ));
+    }
+    if pinned.is_empty() {
+        CommitCheck::Pin
+    } else if pinned == tested {
+        CommitCheck::Pinned
+    } else {
+        CommitCheck::Refused(format!(
+            "the worker ran commit {tested}, but the run's revision '{revision}' was tested as {pinned}"
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use shardgate_common::WorkerId;
@@ -302,5 +352,34 @@ mod tests {
         assert!(proposes_quarantine(&f(10, 1), 10, 0.05));
         assert!(!proposes_quarantine(&f(9, 5), 10, 0.05), "too few runs");
         assert!(!proposes_quarantine(&f(100, 4), 10, 0.05));
+    }
+
+    #[test]
+    fn a_tested_commit_counts_only_when_it_is_the_runs_revision_and_the_pinned_one() {
+        let a = "0123456789abcdef0123456789abcdef01234567";
+        let b = "fedcba9876543210fedcba9876543210fedcba98";
+        assert_eq!(check_tested_commit("main", "", ""), CommitCheck::Unproven);
+        assert_eq!(check_tested_commit("main", "", a), CommitCheck::Pin);
+        assert_eq!(check_tested_commit("main", a, a), CommitCheck::Pinned);
+        assert_eq!(
+            check_tested_commit("0123456", "", a),
+            CommitCheck::Pin,
+            "an abbreviated hash"
+        );
+        assert_eq!(check_tested_commit(&a.to_uppercase(), "", a), CommitCheck::Pin);
+        let refused = |r: CommitCheck| match r {
+            CommitCheck::Refused(why) => why,
+            other => panic!("{other:?} should be refused"),
+        };
+        assert_eq!(
+            refused(check_tested_commit("main", a, b)),
+            format!("the worker ran commit {b}, but the run's revision 'main' was tested as {a}")
+        );
+        assert_eq!(
+            refused(check_tested_commit("0123456", "", b)),
+            format!("the worker ran commit {b}, which is not the run's revision '0123456'")
+        );
+        assert!(refused(check_tested_commit("main", "", "HEAD")).contains("not a full commit hash"));
+        assert!(refused(check_tested_commit("main", "", &"g".repeat(40))).contains("not a full commit hash"));
     }
 }

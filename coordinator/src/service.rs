@@ -237,7 +237,7 @@ impl WorkerService for Services {
             .handle
             .call(move |core, now| {
                 core.authorize_worker(w, &who, false)?;
-                core.report(w, a, req.results, now)
+                core.report_proven(w, a, req.results, &req.tested_commit, now)
             })
             .await?;
         self.handle
@@ -260,7 +260,7 @@ impl WorkerService for Services {
         self.handle
             .call(move |core, now| {
                 core.authorize_worker(w, &who, false)?;
-                core.discovery(w, a, req.tests, &req.error, now)
+                core.discovery_proven(w, a, req.tests, &req.error, &req.tested_commit, now)
             })
             .await?;
         Ok(Response::new(pb::ReportDiscoveryResponse {}))
@@ -280,7 +280,11 @@ impl WorkerService for Services {
             self.handle
                 .call(move |core, now| {
                     core.authorize_worker(w, &who, false)?;
-                    core.finish(w, a, &req.error, req.draining, now)
+                    if req.unknown_revision && !req.error.is_empty() && !req.draining {
+                        core.finish_unknown_revision(w, a, &req.error, now)
+                    } else {
+                        core.finish(w, a, &req.error, req.draining, now)
+                    }
                 })
                 .await?,
         ))

@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Code, Status};
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::runners::{Runners, TestRun};
+use crate::runners::{Proof, RunnerError, Runners, TestRun};
 
 /// How long an `AcquireShard` call may wait on the coordinator for work.
 const ACQUIRE_WAIT: Duration = Duration::from_secs(10);
@@ -456,10 +456,15 @@ async fn run_shard(shared: &Shared, worker: WorkerId, shard: pb::Shard) {
         .lock()
         .expect("active lock")
         .insert(attempt, token.clone());
+    let proof = Proof::default();
+    let mut unknown_revision = false;
     let error = match shared.cfg.runners.get(&shard.runner) {
         None => format!("worker {} has no runner '{}'", shared.cfg.name, shard.runner),
         Some(runner) if shard.kind == pb::ShardKind::Discover as i32 => {
-            let (tests, error) = match runner.discover_for_run(&shard.revision, &shard.run_id).await {
+            let (tests, error) = match runner
+                .discover_for_run(&shard.revision, &shard.run_id, &proof)
+                .await
+            {
                 Ok(t) => (t, String::new()),
                 Err(e) => (Vec::new(), e.to_string()),
             };
@@ -469,6 +474,7 @@ async fn run_shard(shared: &Shared, worker: WorkerId, shard: pb::Shard) {
                 attempt_id: attempt.to_string(),
                 tests,
                 error,
+                tested_commit: proof.get(),
             };
             let client = shared.client.clone();
             if let Err(s) = retry(&token, || {
@@ -492,12 +498,21 @@ async fn run_shard(shared: &Shared, worker: WorkerId, shard: pb::Shard) {
                     .max(1),
             );
             let (tx, rx) = mpsc::channel(64);
-            let reporter = report_loop(shared, worker, attempt, token.clone(), rx);
-            let running = runner.run_shard(&shard.tests, &shard.revision, &shard.run_id, timeout, &token, tx);
+            let reporter = report_loop(shared, worker, attempt, token.clone(), rx, &proof);
+            let running = runner.run_shard_proven(
+                &shard.tests,
+                &shard.revision,
+                &shard.run_id,
+                timeout,
+                &token,
+                tx,
+                &proof,
+            );
             let (ran, ()) = tokio::join!(running, reporter);
             if shared.kill.is_cancelled() {
                 "worker shutting down".to_owned()
             } else if let Err(e) = ran {
+                unknown_revision = matches!(e, RunnerError::UnknownRevision(_));
                 let e = e.to_string();
                 warn!(error = %e.lines().next().unwrap_or_default(), "runner failed; handing the shard back");
                 e
@@ -512,6 +527,7 @@ async fn run_shard(shared: &Shared, worker: WorkerId, shard: pb::Shard) {
         attempt_id: attempt.to_string(),
         error,
         draining: shared.kill.is_cancelled(),
+        unknown_revision,
     };
     let never = CancellationToken::new();
     let client = shared.client.clone();
@@ -534,6 +550,7 @@ async fn report_loop(
     attempt: AttemptId,
     token: CancellationToken,
     mut rx: mpsc::Receiver<(String, TestRun)>,
+    proof: &Proof,
 ) {
     while let Some(first) = rx.recv().await {
         // Results that finished while the last report was in flight go together.
@@ -560,6 +577,7 @@ async fn report_loop(
                     quarantined: false,
                 })
                 .collect(),
+            tested_commit: proof.get(),
         };
         let faults = &shared.cfg.faults;
         if Faults::roll(faults.delay_reports) {

@@ -88,7 +88,18 @@ async fn run_check(
     test_timeout: Duration,
     report: &mut Report,
 ) -> Result<String, Problem> {
-    if let Runner::Command(c) = runner {
+    if let Runner::Command(c) = runner
+        && let Some(g) = c.checkouts().map(|c| c.config())
+    {
+        // The workdir and programs are inside a checkout, made per revision.
+        if depth == Depth::Light {
+            return Ok(format!(
+                "git source '{}': each revision is checked out on demand under '{}'",
+                g.repo,
+                g.dir.display()
+            ));
+        }
+    } else if let Runner::Command(c) = runner {
         let cfg = c.config();
         if !cfg.workdir.is_dir() {
             return Err((

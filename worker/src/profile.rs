@@ -62,6 +62,53 @@ struct Spec {
     setup_timeout: Option<String>,
     shard_timeout: Option<String>,
     id: Option<IdFormat>,
+    /// A repository to check each revision out of, in a worktree of its own.
+    git: Option<String>,
+    /// With `git`: where the mirror and worktrees live.
+    checkouts: Option<PathBuf>,
+    /// With `git`: most worktrees kept.
+    max_checkouts: Option<usize>,
+    /// With `git`: most disk the worktrees may take, e.g. "20GiB".
+    max_checkouts_size: Option<String>,
+    /// With `git`: the longest a clone, fetch or checkout may take.
+    checkout_timeout: Option<String>,
+    /// Prints the commit the workdir holds, the proof sent with results.
+    revision_check: Option<Vec<String>>,
+}
+
+/// Bytes in a size like `512MiB`, `20GB` or `1000000`.
+fn size(runner: &str, field: &str, v: &str) -> Result<u64, ProfileError> {
+    let t = v.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (n, unit) = t.split_at(split);
+    let unit_bytes: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        "tb" => 1_000_000_000_000,
+        "kib" => 1 << 10,
+        "mib" => 1 << 20,
+        "gib" => 1 << 30,
+        "tib" => 1 << 40,
+        _ => u64::MAX,
+    };
+    match n.parse::<u64>() {
+        Ok(n) if unit_bytes != u64::MAX => Ok(n.saturating_mul(unit_bytes)),
+        _ => Err(ProfileError::Invalid {
+            runner: runner.to_owned(),
+            reason: format!("{field} '{v}' is not a size like 20GiB"),
+        }),
+    }
+}
+
+/// Where a `git` runner keeps its checkouts when its profile does not say.
+fn default_checkouts(runner: &str) -> PathBuf {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir);
+    base.join("shardgate").join("checkouts").join(runner)
 }
 
 fn duration(runner: &str, field: &str, v: &Option<String>) -> Result<Option<Duration>, ProfileError> {
@@ -108,6 +155,17 @@ pub fn parse(text: &str, max_output: usize) -> Result<Runners, ProfileError> {
         non_empty(&name, "list", &spec.list)?;
         non_empty(&name, "run", &spec.run)?;
         non_empty(&name, "setup", &spec.setup)?;
+        non_empty(&name, "revision_check", &spec.revision_check)?;
+        if spec.git.is_none()
+            && (spec.checkouts.is_some()
+                || spec.max_checkouts.is_some()
+                || spec.max_checkouts_size.is_some()
+                || spec.checkout_timeout.is_some())
+        {
+            return Err(invalid(
+                "checkouts, max_checkouts, max_checkouts_size and checkout_timeout need git",
+            ));
+        }
         let runner = match runners::tool(spec.kind) {
             None => {
                 let root = spec
@@ -120,10 +178,40 @@ pub fn parse(text: &str, max_output: usize) -> Result<Runners, ProfileError> {
                 Runner::Exec(ExecRunner::new(root, max_output).map_err(|e| invalid(&e.to_string()))?)
             }
             Some(tool) => {
-                let workdir = spec
-                    .workdir
-                    .clone()
-                    .ok_or_else(|| invalid("workdir is required"))?;
+                let git = match &spec.git {
+                    None => None,
+                    Some(repo) if repo.trim().is_empty() || repo.starts_with('-') => {
+                        return Err(invalid("git must name a repository (a URL or a path)"));
+                    }
+                    Some(repo) => Some(runners::workspace::GitConfig {
+                        repo: repo.clone(),
+                        dir: spec.checkouts.clone().unwrap_or_else(|| default_checkouts(&name)),
+                        max_checkouts: match spec.max_checkouts {
+                            Some(0) => return Err(invalid("max_checkouts must be at least 1")),
+                            n => n.unwrap_or(8),
+                        },
+                        max_bytes: spec
+                            .max_checkouts_size
+                            .as_deref()
+                            .map(|v| size(&name, "max_checkouts_size", v))
+                            .transpose()?,
+                        timeout: duration(&name, "checkout_timeout", &spec.checkout_timeout)?
+                            .unwrap_or(Duration::from_secs(600)),
+                    }),
+                };
+                let workdir = match (&git, spec.workdir.clone()) {
+                    (Some(_), None) => PathBuf::new(),
+                    (Some(_), Some(w))
+                        if w.is_absolute()
+                            || w.components().any(|c| c == std::path::Component::ParentDir) =>
+                    {
+                        return Err(invalid(
+                            "with git, workdir is a path inside the checkout (relative, without '..')",
+                        ));
+                    }
+                    (Some(_), Some(w)) => w,
+                    (None, w) => w.ok_or_else(|| invalid("workdir is required (or git)"))?,
+                };
                 if spec.root.is_some() {
                     return Err(invalid("root is for exec runners; use workdir"));
                 }
@@ -153,6 +241,8 @@ pub fn parse(text: &str, max_output: usize) -> Result<Runners, ProfileError> {
                     shard_timeout: duration(&name, "shard_timeout", &spec.shard_timeout)?,
                     id: commands.id,
                     max_output,
+                    git,
+                    revision_check: spec.revision_check.clone(),
                 }))
             }
         };
@@ -226,7 +316,7 @@ root = "{d}"
             ),
             (
                 "[runners.x]\nkind = \"pytest\"",
-                "runner 'x': workdir is required",
+                "runner 'x': workdir is required (or git)",
             ),
             (
                 "[runners.x]\nkind = \"pytest\"\nworkdir = \"/\"\nsetup_timeout = \"soon\"",

@@ -120,7 +120,51 @@ impl Core {
         draining: bool,
         now: Now,
     ) -> Result<pb::FinishShardResponse, Error> {
+        self.atomically(|c| c.end_attempt_by_worker(worker, attempt_id, error, draining, now))
+    }
+
+    /// Ends an attempt whose runner could not find the run's revision in its repository: no
+    /// worker can test it, so the run ends `errored` with the runner's words.
+    pub fn finish_unknown_revision(
+        &mut self,
+        worker: WorkerId,
+        attempt_id: AttemptId,
+        error: &str,
+        now: Now,
+    ) -> Result<pb::FinishShardResponse, Error> {
         self.atomically(|c| {
+            match c.live_attempt(worker, attempt_id) {
+                Ok(_) => {}
+                Err(_) if !c.attempts.contains_key(&attempt_id) => {
+                    return Ok(pb::FinishShardResponse { requeued: 0 });
+                }
+                Err(e) => return Err(e),
+            }
+            let run = c.attempts[&attempt_id].run;
+            let message = format!(
+                "worker {}: {}",
+                c.worker_name(worker),
+                cap(error.lines().next().unwrap_or(error), 2048)
+            );
+            warn!(run = %run, %message, "the run's revision is unknown to a runner's repository");
+            let ending = c.decide_end(run, RunStatus::Errored, message, now)?;
+            c.write_end(&ending)?;
+            c.apply_end(ending);
+            Ok(pb::FinishShardResponse { requeued: 0 })
+        })
+    }
+
+    /// The body of [`Core::finish`], inside a message that is already atomic.
+    pub(crate) fn end_attempt_by_worker(
+        &mut self,
+        worker: WorkerId,
+        attempt_id: AttemptId,
+        error: &str,
+        draining: bool,
+        now: Now,
+    ) -> Result<pb::FinishShardResponse, Error> {
+        {
+            let c = &mut *self;
             match c.live_attempt(worker, attempt_id) {
                 Ok(_) => {}
                 // The attempt already ended (its run finished, its lease expired): nothing is
@@ -164,7 +208,7 @@ impl Core {
             }
             let requeued = c.apply_end_attempt(plan);
             Ok(pb::FinishShardResponse { requeued })
-        })
+        }
     }
 
     /// Expires attempts whose lease ran out and marks silent workers lost. Each expiry is a

@@ -40,6 +40,20 @@ impl Core {
         results: Vec<pb::TestResult>,
         now: Now,
     ) -> Result<pb::ReportResultsResponse, Error> {
+        self.report_proven(worker, attempt_id, results, "", now)
+    }
+
+    /// [`Core::report`] of results the worker says it produced from commit `tested` (empty:
+    /// it cannot tell). A commit that is not the run's revision ends the attempt as a runner
+    /// failure with nothing of it counted; the run's first proof pins its tested commit.
+    pub fn report_proven(
+        &mut self,
+        worker: WorkerId,
+        attempt_id: AttemptId,
+        results: Vec<pb::TestResult>,
+        tested: &str,
+        now: Now,
+    ) -> Result<pb::ReportResultsResponse, Error> {
         self.atomically(|c| {
             let attempt = c.live_attempt(worker, attempt_id)?;
             if attempt.kind != AttemptKind::Run {
@@ -56,8 +70,24 @@ impl Core {
                     stop: true,
                 });
             }
-            let plan = c.decide_report(worker, attempt_id, results, now)?;
+            let pin = match c.check_commit(run_id, tested) {
+                Ok(pin) => pin,
+                Err(why) => {
+                    c.end_attempt_by_worker(worker, attempt_id, &why, false, now)?;
+                    return Ok(pb::ReportResultsResponse {
+                        accepted: 0,
+                        stop: true,
+                    });
+                }
+            };
+            let mut plan = c.decide_report(worker, attempt_id, results, now)?;
+            if let (Some(p), Some(e)) = (&pin, &mut plan.ending) {
+                e.row.tested_commit = p.clone();
+            }
             // Write.
+            if let Some(p) = &pin {
+                c.store.set_tested_commit(run_id, p)?;
+            }
             let revived = c.write_touch(worker, now)?;
             let suite = c.runs[&run_id].row.suite.clone();
             let states: Vec<(u32, &RetryState)> = plan.retried.iter().map(|(i, st)| (*i, st)).collect();
@@ -78,8 +108,33 @@ impl Core {
             }
             // Apply.
             c.apply_touch(worker, revived, now);
+            c.apply_pin(run_id, pin);
             Ok(c.apply_report(attempt_id, plan, now))
         })
+    }
+
+    /// The commit to pin for run `run` when a worker proves it ran `tested` (`None`: nothing to
+    /// pin), or why the proof is refused.
+    pub(crate) fn check_commit(&self, run: RunId, tested: &str) -> Result<Option<String>, String> {
+        let r = &self.runs[&run].row;
+        match policy::check_tested_commit(&r.revision, &r.tested_commit, tested) {
+            policy::CommitCheck::Unproven | policy::CommitCheck::Pinned => Ok(None),
+            policy::CommitCheck::Pin => Ok(Some(tested.to_ascii_lowercase())),
+            policy::CommitCheck::Refused(why) => {
+                warn!(run = %run, tested, revision = %r.revision, "refused an attempt that ran another commit");
+                Err(format!(
+                    "refused: {why}; none of the attempt's results were counted"
+                ))
+            }
+        }
+    }
+
+    /// Applies a pin that [`Core::check_commit`] decided and the store took.
+    pub(crate) fn apply_pin(&mut self, run: RunId, pin: Option<String>) {
+        if let (Some(p), Some(r)) = (pin, self.runs.get_mut(&run)) {
+            info!(run = %run, commit = %p, "tested commit pinned");
+            r.row.tested_commit = p;
+        }
     }
 
     fn decide_report(

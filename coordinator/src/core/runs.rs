@@ -197,6 +197,7 @@ impl Core {
                 started_ms: 0,
                 finished_ms: 0,
                 shards: 0,
+                tested_commit: String::new(),
             },
             kind,
             rollout,
@@ -387,7 +388,22 @@ impl Core {
         error: &str,
         now: Now,
     ) -> Result<(), Error> {
-        self.atomically(|c| c.discovery_inner(worker, attempt_id, tests, error, now))
+        self.atomically(|c| c.discovery_inner(worker, attempt_id, tests, error, "", now))
+    }
+
+    /// [`Core::discovery`] of a listing the worker says ran on commit `tested` (empty: it
+    /// cannot tell); a commit that is not the run's revision ends the attempt as a runner
+    /// failure (the discovery goes round again, elsewhere), and the first proof pins it.
+    pub fn discovery_proven(
+        &mut self,
+        worker: shardgate_common::WorkerId,
+        attempt_id: shardgate_common::AttemptId,
+        tests: Vec<String>,
+        error: &str,
+        tested: &str,
+        now: Now,
+    ) -> Result<(), Error> {
+        self.atomically(|c| c.discovery_inner(worker, attempt_id, tests, error, tested, now))
     }
 
     fn discovery_inner(
@@ -396,6 +412,7 @@ impl Core {
         attempt_id: shardgate_common::AttemptId,
         tests: Vec<String>,
         error: &str,
+        tested: &str,
         now: Now,
     ) -> Result<(), Error> {
         let attempt = self.live_attempt(worker, attempt_id)?;
@@ -412,6 +429,13 @@ impl Core {
             .map(|r| (r.kind, r.row.suite.clone(), r.row.policy))
             .ok_or_else(|| Error::FailedPrecondition(format!("run '{run_id}' ended")))?;
         // Decide.
+        let pin = match self.check_commit(run_id, tested) {
+            Ok(pin) => pin,
+            Err(why) => {
+                self.end_attempt_by_worker(worker, attempt_id, &why, false, now)?;
+                return Ok(());
+            }
+        };
         let failure = if !error.is_empty() {
             Some(format!(
                 "discovery failed on worker {worker_name}: {}",
@@ -432,11 +456,15 @@ impl Core {
             return Ok(());
         }
         // Write.
+        if let Some(p) = &pin {
+            self.store.set_tested_commit(run_id, p)?;
+        }
         self.write_attempt_gone(attempt_id, "finished", now.ms)?;
         self.store.add_tests(run_id, 0, &tests)?;
         let quarantined = self.store.mark_quarantined(run_id, &suite)?;
         let mut planned = PlannedTests::plan(self.store.as_ref(), &suite, tests, policy, now)?;
         // Apply.
+        self.apply_pin(run_id, pin);
         self.forget_attempt(attempt_id);
         planned.quarantine(&quarantined);
         let run = self.runs.get_mut(&run_id).expect("checked above");

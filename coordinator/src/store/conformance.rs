@@ -94,6 +94,7 @@ pub(crate) fn run_row() -> RunRow {
         started_ms: 0,
         finished_ms: 0,
         shards: 0,
+        tested_commit: String::new(),
     }
 }
 
@@ -328,6 +329,25 @@ fn a_run_finds_its_own_deploy_and_sees_it_move(db: &dyn Backend) {
     );
 }
 
+fn a_pinned_tested_commit_outlives_status_updates_reopen_and_reads(db: &dyn Backend) {
+    let mut s = db.open();
+    let mut run = run_row();
+    s.insert_run(&run, &["t".into()], false).unwrap();
+    let commit = "0123456789abcdef0123456789abcdef01234567";
+    s.set_tested_commit(run.id, commit).unwrap();
+    // A status update carries a row decided before the pin: it must not clear it.
+    run.status = RunStatus::Running;
+    s.update_run_status(&run).unwrap();
+    drop(s);
+    let s = db.open();
+    let stored = s.unfinished_runs().unwrap();
+    assert_eq!(stored.len(), 1);
+    assert_eq!(stored[0].tested_commit, commit);
+    let (row, _) = db.reader().run_with_counts(run.id).unwrap().expect("the run");
+    assert_eq!(row.tested_commit, commit);
+    assert_eq!(db.reader().runs_page(5).unwrap()[0].0.tested_commit, commit);
+}
+
 fn a_second_writer_on_the_same_database_is_refused(db: &dyn Backend) {
     let _first = db.open();
     let Err(err) = db.try_open() else {
@@ -357,4 +377,5 @@ on_every_store!(
     a_page_of_runs_comes_with_counts_from_one_query_and_readers_see_commits,
     a_second_writer_on_the_same_database_is_refused,
     a_run_finds_its_own_deploy_and_sees_it_move,
+    a_pinned_tested_commit_outlives_status_updates_reopen_and_reads,
 );

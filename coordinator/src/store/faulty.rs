@@ -107,6 +107,10 @@ impl<S: RunStore> RunStore for FaultyStore<S> {
         self.faults.write()?;
         self.inner.update_run_status(row)
     }
+    fn set_tested_commit(&mut self, run: RunId, commit: &str) -> StoreResult<()> {
+        self.faults.write()?;
+        self.inner.set_tested_commit(run, commit)
+    }
     fn record_results(
         &mut self,
         run: RunId,

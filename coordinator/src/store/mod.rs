@@ -95,6 +95,8 @@ pub trait RunStore {
     /// `before_ms` (their outcomes, details and times stay); returns how many.
     fn prune_output(&mut self, before_ms: u64, limit: u32) -> StoreResult<u32>;
     fn update_run_status(&mut self, row: &RunRow) -> StoreResult<()>;
+    /// Pins the commit `run`'s counted results were produced from.
+    fn set_tested_commit(&mut self, run: RunId, commit: &str) -> StoreResult<()>;
     /// Writes results, the histories they update and the retry state of tests that go round
     /// again. A test that already has an outcome is left alone, so a result is never counted
     /// twice; returns how many results were written.

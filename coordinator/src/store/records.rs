@@ -51,6 +51,9 @@ pub struct RunRow {
     pub started_ms: u64,
     pub finished_ms: u64,
     pub shards: u32,
+    /// The full commit hash the run's counted results were produced from, pinned by the
+    /// first worker that proved one (see `policy::check_tested_commit`); empty until then.
+    pub tested_commit: String,
 }
 
 /// Counted results of one run per outcome, and how many tests have none yet.
@@ -264,6 +267,7 @@ pub fn summary_of(row: &RunRow, counts: pb::RunCounts) -> pb::RunSummary {
         shards: row.shards,
         eta_ms: 0,
         slots_busy: 0,
+        tested_commit: row.tested_commit.clone(),
     }
 }
 

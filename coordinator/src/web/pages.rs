@@ -305,7 +305,7 @@ pub async fn run(
         h,
         r#"<section class="runhead" data-status="{status}">
 <div class="title"><h1>{suite} <code>{rev}</code></h1>{pill}</div>
-<p class="meta">run <code>{id}</code> · by <b>{who}</b> · runner <b>{runner}</b>{labels} · submitted {submitted}</p>
+<p class="meta">run <code>{id}</code> · by <b>{who}</b> · runner <b>{runner}</b>{labels}{tested} · submitted {submitted}</p>
 {message}{deploy}
 </section>"#,
         deploy = p.deploy.as_ref().map(|d| deploy_line(d, now)).unwrap_or_default(),
@@ -322,6 +322,15 @@ pub async fn run(
             format!(" · labels <b>{}</b>", esc(&labels.join(",")))
         },
         submitted = ago(r.created_at_ms, now),
+        tested = if r.tested_commit.is_empty() {
+            String::new()
+        } else {
+            format!(
+                r#" · tested commit <code title="{c}">{s}</code>"#,
+                c = esc(&r.tested_commit),
+                s = esc(&short(&r.tested_commit))
+            )
+        },
         message = if r.message.is_empty() {
             String::new()
         } else {

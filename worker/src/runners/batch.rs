@@ -18,7 +18,8 @@ use tokio::sync::{Mutex, mpsc};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::{RunnerError, TestRun, Tool};
+use super::workspace::{Checkouts, Prover, SharedDir, Workspace};
+use super::{Proof, RunnerError, TestRun, Tool};
 use crate::junit::{self, Case};
 use crate::process::{self, Ending};
 
@@ -68,6 +69,12 @@ pub struct Config {
     pub shard_timeout: Option<Duration>,
     pub id: IdFormat,
     pub max_output: usize,
+    /// A `git` source: each revision gets a worktree of its own, and `workdir` is relative to
+    /// its root (see `workspace.rs`).
+    pub git: Option<super::workspace::GitConfig>,
+    /// Prints the commit the workdir holds (e.g. `git rev-parse HEAD`), the proof sent with a
+    /// shard's results when the source is not `git`.
+    pub revision_check: Option<Vec<String>>,
 }
 
 /// One shard as a tool runs it.
@@ -99,12 +106,26 @@ pub fn default_shard_limit(tests: usize, test_timeout: Duration) -> Duration {
 pub struct CommandRunner {
     pub(super) cfg: Config,
     tool: &'static dyn Tool,
-    /// Setup outcome per revision: run once per worker per revision.
+    /// Setup outcome per revision, in a runner whose directory never changes revision (a
+    /// worktree's, or a profile without a setup).
     setups: std::sync::Arc<Mutex<HashMap<String, Result<(), RunnerError>>>>,
+    /// Where the runner's commands run for a revision.
+    source: Source,
     /// pytest's warm processes (see `pytest_warm.rs`); empty for other tools.
     pub(super) warm: std::sync::Arc<super::pytest_warm::WarmPool>,
     /// nextest: the run whose build is recorded, and where (see `nextest.rs`).
     pub(super) nextest_build: std::sync::Arc<Mutex<Option<RecordedBuild>>>,
+}
+
+/// Where a runner's commands run for a revision (see `workspace.rs`).
+#[derive(Debug, Clone)]
+enum Source {
+    /// The profile's `workdir`, as it is (or, for a worktree's runner, that worktree).
+    Plain,
+    /// The profile's `workdir`, which its `setup` switches from revision to revision.
+    Shared(std::sync::Arc<SharedDir>),
+    /// A worktree per revision.
+    Git(std::sync::Arc<Checkouts>),
 }
 
 /// A run's id and its recorded build, if recording it worked.
@@ -113,10 +134,20 @@ pub(super) type RecordedBuild = (String, Option<std::sync::Arc<super::nextest::R
 impl CommandRunner {
     /// A batch runner; `cfg.kind` must be a batch tool's (not `exec`).
     pub fn new(cfg: Config) -> Self {
+        let source = match (&cfg.git, &cfg.setup) {
+            (Some(g), _) => Source::Git(Checkouts::new(g.clone())),
+            (None, Some(_)) => Source::Shared(Default::default()),
+            (None, None) => Source::Plain,
+        };
+        Self::with_source(cfg, source)
+    }
+
+    fn with_source(cfg: Config, source: Source) -> Self {
         let tool = super::tool(cfg.kind).expect("a batch runner has a batch tool's kind");
         Self {
             cfg,
             tool,
+            source,
             setups: Default::default(),
             warm: Default::default(),
             nextest_build: Default::default(),
@@ -171,16 +202,102 @@ impl CommandRunner {
         cmd
     }
 
+    /// The `git` source's checkouts, if the runner has one.
+    pub fn checkouts(&self) -> Option<&std::sync::Arc<Checkouts>> {
+        match &self.source {
+            Source::Git(c) => Some(c),
+            _ => None,
+        }
+    }
+
+    /// The workspace of `revision` for run `run`, set up and held until it is dropped.
+    pub(super) async fn enter(
+        &self,
+        revision: &str,
+        run: &str,
+        cancel: &CancellationToken,
+    ) -> Result<Workspace, RunnerError> {
+        match &self.source {
+            Source::Plain => {
+                let mentions = |a: &Vec<String>| a.iter().any(|x| x.contains("{revision}"));
+                let cfg = &self.cfg;
+                if [
+                    Some(&cfg.run),
+                    cfg.list.as_ref(),
+                    cfg.setup.as_ref(),
+                    cfg.revision_check.as_ref(),
+                ]
+                .into_iter()
+                .flatten()
+                .any(mentions)
+                {
+                    super::workspace::check_revision(revision)?;
+                }
+                self.setup(revision, cancel).await?;
+                Ok(Workspace::plain(self.clone(), self.revision_prover(revision)))
+            }
+            Source::Shared(dir) => {
+                super::workspace::check_revision(revision)?;
+                let lease = dir
+                    .acquire(revision, cancel, || self.run_setup(revision, cancel))
+                    .await?;
+                Ok(Workspace::shared(
+                    self.clone(),
+                    self.revision_prover(revision),
+                    lease,
+                ))
+            }
+            Source::Git(checkouts) => {
+                let rel = self.cfg.workdir.clone();
+                let ws = checkouts
+                    .acquire(revision, run, cancel, |root| {
+                        let mut cfg = self.cfg.clone();
+                        cfg.workdir = root.join(&rel);
+                        cfg.git = None;
+                        Self::with_source(cfg, Source::Plain)
+                    })
+                    .await?;
+                ws.runner.setup(revision, cancel).await?;
+                Ok(ws)
+            }
+        }
+    }
+
+    fn revision_prover(&self, revision: &str) -> Option<Prover> {
+        let check = self.cfg.revision_check.as_ref()?;
+        let cmd = self.command(check, &[], "", revision);
+        let std = cmd.as_std();
+        let mut argv = vec![std.get_program().to_string_lossy().into_owned()];
+        argv.extend(std.get_args().map(|a| a.to_string_lossy().into_owned()));
+        Some(Prover::Command {
+            argv,
+            workdir: self.cfg.workdir.clone(),
+            env: self.cfg.env.clone(),
+        })
+    }
+
     /// Runs the profile's setup for `revision` once; later calls return the first outcome.
     async fn setup(&self, revision: &str, cancel: &CancellationToken) -> Result<(), RunnerError> {
-        let Some(setup) = &self.cfg.setup else {
+        if self.cfg.setup.is_none() {
             return Ok(());
-        };
+        }
         let mut done = self.setups.lock().await;
         if let Some(r) = done.get(revision) {
             return r.clone();
         }
-        info!(runner = %self.cfg.name, revision, "running setup");
+        let result = self.run_setup(revision, cancel).await;
+        if !matches!(&result, Err(RunnerError::Setup(e)) if e == "setup cancelled") {
+            done.insert(revision.to_owned(), result.clone());
+        }
+        result
+    }
+
+    /// Runs the profile's setup for `revision` in its workdir.
+    async fn run_setup(&self, revision: &str, cancel: &CancellationToken) -> Result<(), RunnerError> {
+        let Some(setup) = &self.cfg.setup else {
+            return Ok(());
+        };
+        info!(runner = %self.cfg.name, revision, workdir = %self.cfg.workdir.display(), "running setup");
         let cmd = self.command(setup, &[], "", revision);
         let finished = process::run(cmd, Some(self.cfg.setup_timeout), cancel, self.cfg.max_output).await;
         let result = match finished.ending {
@@ -192,15 +309,31 @@ impl CommandRunner {
                 finished.output
             ))),
         };
-        done.insert(revision.to_owned(), result.clone());
         result
     }
 
     /// Lists the suite's tests with the profile's list command, or for a run in the tool's own
     /// way where it has one (see [`super::Tool::list_for_run`]).
-    pub async fn discover(&self, revision: &str, for_run: Option<&str>) -> Result<Vec<String>, RunnerError> {
+    pub async fn discover(
+        &self,
+        revision: &str,
+        for_run: Option<&str>,
+        proof: &Proof,
+    ) -> Result<Vec<String>, RunnerError> {
         let cancel = CancellationToken::new();
-        self.setup(revision, &cancel).await?;
+        let ws = self.enter(revision, for_run.unwrap_or(""), &cancel).await?;
+        if let Some(p) = &ws.prover {
+            proof.set(p.prove().await);
+        }
+        let ids = ws.runner.discover_here(revision, for_run).await?;
+        if let Some(p) = &ws.prover {
+            proof.set(p.prove().await);
+        }
+        Ok(ids)
+    }
+
+    /// [`CommandRunner::discover`] in this runner's workdir as it is.
+    async fn discover_here(&self, revision: &str, for_run: Option<&str>) -> Result<Vec<String>, RunnerError> {
         let limit = self.cfg.shard_timeout.unwrap_or(Duration::from_secs(3600));
         if let Some(run) = for_run
             && let Some(ids) = self.tool.list_for_run(self, revision, run, limit).await
@@ -259,25 +392,51 @@ impl CommandRunner {
         test_timeout: Duration,
         cancel: &CancellationToken,
         results: mpsc::Sender<(String, TestRun)>,
+        proof: &Proof,
     ) -> Result<(), RunnerError> {
-        if let Err(e) = self.setup(revision, cancel).await {
-            let e = e.to_string();
-            return Err(RunnerError::Setup(join_detail(first_line(&e), e)));
+        let ws = match self.enter(revision, run, cancel).await {
+            Ok(ws) => ws,
+            Err(RunnerError::Setup(e)) => return Err(RunnerError::Setup(join_detail(first_line(&e), e))),
+            Err(e) => return Err(e),
+        };
+        let view = &ws.runner;
+        if let Some(p) = &ws.prover {
+            proof.set(p.prove().await);
         }
-        let limit = self
+        let limit = view
             .cfg
             .shard_timeout
             .unwrap_or_else(|| default_shard_limit(tests.len(), test_timeout));
+        // Results pass through here so that the proof is read again before each leaves: a
+        // checkout moved while the tool ran is caught before its results are reported.
+        let (tx, mut rx) = mpsc::channel(64);
         let shard = Shard {
             tests,
             revision,
             run,
             cancel,
-            results,
+            results: tx,
             test_timeout,
             limit,
         };
-        self.tool.run_shard(self, shard).await
+        let forward = async {
+            let mut proved: Option<std::time::Instant> = None;
+            while let Some(r) = rx.recv().await {
+                if let Some(p) = &ws.prover {
+                    // A HEAD is two small files; a profile's command is rate-limited.
+                    let cheap = matches!(p, Prover::Head { .. });
+                    if cheap || proved.is_none_or(|t| t.elapsed() > Duration::from_secs(1)) {
+                        proof.set(p.prove().await);
+                        proved = Some(std::time::Instant::now());
+                    }
+                }
+                if results.send(r).await.is_err() {
+                    break;
+                }
+            }
+        };
+        let (ran, ()) = tokio::join!(view.tool.run_shard(view, shard), forward);
+        ran
     }
 
     /// The profile's run command with `{junit}` in a directory of the shard's own; results
@@ -513,6 +672,8 @@ mod tests {
             shard_timeout: Some(Duration::from_secs(10)),
             id: IdFormat::Name,
             max_output: 4096,
+            git: None,
+            revision_check: None,
         })
     }
 
@@ -535,6 +696,7 @@ mod tests {
                 Duration::from_secs(60),
                 &CancellationToken::new(),
                 tx,
+                &Proof::default(),
             )
             .await;
         let mut out = Vec::new();

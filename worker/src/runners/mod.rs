@@ -19,6 +19,7 @@ mod nextest;
 mod nextest_direct;
 mod pytest;
 mod pytest_warm;
+pub mod workspace;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -58,6 +59,26 @@ pub enum RunnerError {
     /// The runner cannot do what was asked (a discovery without a list command).
     #[error("{0}")]
     Unsupported(String),
+    /// The runner's repository does not have the revision (or it is no revision at all): no
+    /// worker with this source can test it.
+    #[error("{0}")]
+    UnknownRevision(String),
+}
+
+/// The commit an attempt's results were produced from, as its runner proved it: set by the
+/// runner (before a shard starts, and again as its results leave), read by the agent for every
+/// report. Empty when the runner cannot prove one.
+#[derive(Debug, Clone, Default)]
+pub struct Proof(std::sync::Arc<std::sync::Mutex<String>>);
+
+impl Proof {
+    pub fn set(&self, commit: String) {
+        *self.0.lock().expect("proof lock") = commit;
+    }
+
+    pub fn get(&self) -> String {
+        self.0.lock().expect("proof lock").clone()
+    }
 }
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -166,18 +187,29 @@ impl Runner {
 
     /// The suite's tests at `revision`, in a stable order.
     pub async fn discover(&self, revision: &str) -> Result<Vec<String>, RunnerError> {
-        self.discover_for(revision, None).await
+        self.discover_for(revision, None, &Proof::default()).await
     }
 
     /// The suite's tests for a run's discovery shard: as [`Runner::discover`], but a runner
-    /// that keeps warm processes (pytest) lists from one that then serves the run's shards.
-    pub async fn discover_for_run(&self, revision: &str, run: &str) -> Result<Vec<String>, RunnerError> {
-        self.discover_for(revision, Some(run)).await
+    /// that keeps warm processes (pytest) lists from one that then serves the run's shards;
+    /// `proof` gets the commit the listing ran on.
+    pub async fn discover_for_run(
+        &self,
+        revision: &str,
+        run: &str,
+        proof: &Proof,
+    ) -> Result<Vec<String>, RunnerError> {
+        self.discover_for(revision, Some(run), proof).await
     }
 
-    async fn discover_for(&self, revision: &str, run: Option<&str>) -> Result<Vec<String>, RunnerError> {
+    async fn discover_for(
+        &self,
+        revision: &str,
+        run: Option<&str>,
+        proof: &Proof,
+    ) -> Result<Vec<String>, RunnerError> {
         match self {
-            Runner::Command(c) => c.discover(revision, run).await,
+            Runner::Command(c) => c.discover(revision, run, proof).await,
             Runner::Exec(r) => {
                 let r = r.clone();
                 tokio::task::spawn_blocking(move || r.discover())
@@ -200,9 +232,33 @@ impl Runner {
         cancel: &CancellationToken,
         results: mpsc::Sender<(String, TestRun)>,
     ) -> Result<(), RunnerError> {
+        self.run_shard_proven(
+            tests,
+            revision,
+            run,
+            test_timeout,
+            cancel,
+            results,
+            &Proof::default(),
+        )
+        .await
+    }
+
+    /// [`Runner::run_shard`], with `proof` kept up to date with the commit the shard runs.
+    #[expect(clippy::too_many_arguments, reason = "run_shard's arguments and the proof")]
+    pub async fn run_shard_proven(
+        &self,
+        tests: &[String],
+        revision: &str,
+        run: &str,
+        test_timeout: Duration,
+        cancel: &CancellationToken,
+        results: mpsc::Sender<(String, TestRun)>,
+        proof: &Proof,
+    ) -> Result<(), RunnerError> {
         match self {
             Runner::Command(c) => {
-                c.run_shard(tests, revision, run, test_timeout, cancel, results)
+                c.run_shard(tests, revision, run, test_timeout, cancel, results, proof)
                     .await
             }
             Runner::Exec(r) => {

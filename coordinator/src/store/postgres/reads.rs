@@ -311,7 +311,7 @@ fn runs_with_counts(
             last = Some(id);
         }
         let counts = &mut out.last_mut().expect("pushed above").1;
-        counts.add(parse_outcome(get(r, 15)?)?, int32(r, 16)?);
+        counts.add(parse_outcome(get(r, 16)?)?, int32(r, 17)?);
     }
     Ok(out)
 }

@@ -18,9 +18,9 @@ use crate::store::{
 /// The columns [`run_row`] reads, in order.
 pub(super) const RUN_COLUMNS: &str = "runs.id, runs.suite, runs.revision, runs.requested_by, runs.runner,
         runs.labels, runs.policy, runs.priority, runs.discover, runs.status, runs.message,
-        runs.created_ms, runs.started_ms, runs.finished_ms, runs.shards";
+        runs.created_ms, runs.started_ms, runs.finished_ms, runs.shards, runs.tested_commit";
 
-/// A run from the first 15 columns of a row selected with [`RUN_COLUMNS`].
+/// A run from the first 16 columns of a row selected with [`RUN_COLUMNS`].
 pub(super) fn run_row(r: &Row) -> StoreResult<RunRow> {
     Ok(RunRow {
         id: parse("runs", get::<&str>(r, 0)?)?,
@@ -38,6 +38,7 @@ pub(super) fn run_row(r: &Row) -> StoreResult<RunRow> {
         started_ms: int(r, 12)?,
         finished_ms: int(r, 13)?,
         shards: int32(r, 14)?,
+        tested_commit: get(r, 15)?,
     })
 }
 
@@ -195,6 +196,14 @@ impl RunStore for PgStore {
                 &(row.finished_ms as i64),
                 &i64::from(row.shards),
             ],
+        )?;
+        Ok(())
+    }
+
+    fn set_tested_commit(&mut self, run: RunId, commit: &str) -> StoreResult<()> {
+        self.conn.get_mut().write_execute(
+            "UPDATE runs SET tested_commit = $2 WHERE id = $1",
+            &[&run.to_string(), &text(commit)],
         )?;
         Ok(())
     }

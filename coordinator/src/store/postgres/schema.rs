@@ -11,7 +11,10 @@ use crate::store::{StoreError, StoreResult};
 pub(crate) const SCHEMA_VERSION: i64 = 1 + MIGRATIONS.len() as i64;
 
 /// Later versions, in order. Append; never edit one that has shipped.
-const MIGRATIONS: &[&str] = &[];
+const MIGRATIONS: &[&str] = &[
+    // 2: the commit a run's counted results were produced from, as its workers proved it.
+    "ALTER TABLE runs ADD COLUMN tested_commit TEXT NOT NULL DEFAULT '';",
+];
 
 /// The advisory lock key that serialises migrations ("shardgate" in ASCII, truncated).
 const MIGRATION_LOCK: i64 = 0x7368_6172_6467_6174;

@@ -255,7 +255,7 @@ fn runs_with_counts(
          ORDER BY runs.created_ms DESC, runs.id DESC"
     ))?;
     let rows = stmt.query_map(args, |r| {
-        Ok((raw_run(r)?, r.get::<_, Option<String>>(15)?, r.get::<_, u32>(16)?))
+        Ok((raw_run(r)?, r.get::<_, Option<String>>(16)?, r.get::<_, u32>(17)?))
     })?;
     let mut out: Vec<(RunRow, OutcomeCounts)> = Vec::new();
     let mut last: Option<String> = None;

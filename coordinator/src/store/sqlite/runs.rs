@@ -10,9 +10,9 @@ use crate::store::{ResultRow, RetryState, RunRow, RunStore, StoreResult, StoredT
 /// The columns [`run_row`] reads, in order.
 pub(super) const RUN_COLUMNS: &str = "runs.id, runs.suite, runs.revision, runs.requested_by, runs.runner,
         runs.labels, runs.policy, runs.priority, runs.discover, runs.status, runs.message,
-        runs.created_ms, runs.started_ms, runs.finished_ms, runs.shards";
+        runs.created_ms, runs.started_ms, runs.finished_ms, runs.shards, runs.tested_commit";
 
-/// A run from the first 15 columns of a row selected with [`RUN_COLUMNS`]. Parsing happens
+/// A run from the first 16 columns of a row selected with [`RUN_COLUMNS`]. Parsing happens
 /// outside rusqlite's closure so that a corrupt value names its table.
 pub(super) struct RawRun {
     id: String,
@@ -30,6 +30,7 @@ pub(super) struct RawRun {
     started_ms: i64,
     finished_ms: i64,
     shards: u32,
+    tested_commit: String,
 }
 
 pub(super) fn raw_run(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawRun> {
@@ -49,6 +50,7 @@ pub(super) fn raw_run(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawRun> {
         started_ms: r.get(12)?,
         finished_ms: r.get(13)?,
         shards: r.get(14)?,
+        tested_commit: r.get(15)?,
     })
 }
 
@@ -74,6 +76,7 @@ impl RawRun {
             started_ms: self.started_ms as u64,
             finished_ms: self.finished_ms as u64,
             shards: self.shards,
+            tested_commit: self.tested_commit,
         })
     }
 }
@@ -190,6 +193,14 @@ impl RunStore for SqliteStore {
                 row.finished_ms as i64,
                 row.shards
             ],
+        )?;
+        Ok(())
+    }
+
+    fn set_tested_commit(&mut self, run: RunId, commit: &str) -> StoreResult<()> {
+        self.conn.execute(
+            "UPDATE runs SET tested_commit = ?2 WHERE id = ?1",
+            params![run.to_string(), commit],
         )?;
         Ok(())
     }

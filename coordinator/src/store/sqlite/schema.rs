@@ -75,6 +75,8 @@ const MIGRATIONS: &[&str] = &[
         estimated_ms INTEGER NOT NULL
     );
     CREATE INDEX shard_log_by_run ON shard_log(run_id, started_ms);",
+    // 9: the commit a run's counted results were produced from, as its workers proved it.
+    "ALTER TABLE runs ADD COLUMN tested_commit TEXT NOT NULL DEFAULT '';",
 ];
 
 const SCHEMA: &str = r#"
