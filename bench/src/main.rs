@@ -5,6 +5,7 @@
 //! - `chaos`: faulted runs on real processes, checked by the history checker.
 //! - `flaky`: false reds per retry policy on a suite with flaky tests.
 //! - `reads`: hand-out latency with readers and during a large submission.
+//! - `checkouts`: a worktree per revision against the shared-directory profile.
 
 use clap::{Parser, Subcommand};
 
@@ -12,6 +13,7 @@ use clap::{Parser, Subcommand};
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod chaos;
+mod checkouts;
 mod flaky;
 mod load;
 mod mem;
@@ -51,6 +53,9 @@ enum Command {
     Watchers(watchers::WatchersArgs),
     /// `shardgate local` against `pytest -n N` and `cargo nextest run -j N`: first and later runs.
     Peers(peers::PeersArgs),
+    /// A worktree per revision against the shared-directory profile: time to the first result
+    /// on a new, the same and the previous revision, and the disk each holds.
+    Checkouts(checkouts::CheckoutsArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -91,6 +96,7 @@ fn main() -> anyhow::Result<()> {
         Command::Reads(a) => tokio::runtime::Runtime::new()?.block_on(reads::run(a)),
         Command::Watchers(a) => tokio::runtime::Runtime::new()?.block_on(watchers::run(a)),
         Command::Peers(a) => peers::run(a),
+        Command::Checkouts(a) => checkouts::run(a),
     }
 }
 

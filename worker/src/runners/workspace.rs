@@ -220,6 +220,9 @@ pub struct Checkouts {
     /// worktrees.
     mirror: tokio::sync::Mutex<Option<std::fs::File>>,
     state: Mutex<Trees>,
+    /// The directory this worker locked: the profile's `checkouts`, or `<checkouts>.N` when
+    /// other workers on the machine hold that one.
+    dir: std::sync::OnceLock<PathBuf>,
 }
 
 impl std::fmt::Debug for Checkouts {
@@ -269,6 +272,7 @@ impl Checkouts {
             cfg,
             mirror: tokio::sync::Mutex::new(None),
             state: Mutex::new(Trees::default()),
+            dir: std::sync::OnceLock::new(),
         })
     }
 
@@ -276,12 +280,17 @@ impl Checkouts {
         &self.cfg
     }
 
+    /// The checkouts directory this worker holds (the profile's until one is locked).
+    pub fn dir(&self) -> &Path {
+        self.dir.get().unwrap_or(&self.cfg.dir)
+    }
+
     fn mirror_dir(&self) -> PathBuf {
-        self.cfg.dir.join("mirror.git")
+        self.dir().join("mirror.git")
     }
 
     fn trees_dir(&self) -> PathBuf {
-        self.cfg.dir.join("trees")
+        self.dir().join("trees")
     }
 
     /// The worktrees on disk now, for tests and the benchmark: their directories.
@@ -412,22 +421,10 @@ impl Checkouts {
     /// Locks the directory for this worker, removes the worktrees of an earlier life and makes
     /// sure the mirror exists.
     async fn open(&self) -> Result<std::fs::File, RunnerError> {
+        let lock = self.lock_dir()?;
         let local = |what: &str, e: &dyn std::fmt::Display| {
-            RunnerError::Local(format!("failed to {what} in '{}': {e}", self.cfg.dir.display()))
+            RunnerError::Local(format!("failed to {what} in '{}': {e}", self.dir().display()))
         };
-        std::fs::create_dir_all(&self.cfg.dir).map_err(|e| local("create the checkouts directory", &e))?;
-        let lock = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(self.cfg.dir.join("lock"))
-            .map_err(|e| local("open the lock file", &e))?;
-        if let Err(e) = lock.try_lock() {
-            return Err(RunnerError::Local(format!(
-                "the checkouts directory '{}' is in use by another worker ({e}): give each worker its own `checkouts`",
-                self.cfg.dir.display()
-            )));
-        }
         let trees = self.trees_dir();
         if trees.exists() {
             info!(dir = %trees.display(), "removing the worktrees of an earlier run of this worker");
@@ -435,7 +432,9 @@ impl Checkouts {
             let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(t)).await;
         }
         std::fs::create_dir_all(&trees).map_err(|e| local("create the worktrees directory", &e))?;
-        let _ = std::fs::remove_dir_all(self.cfg.dir.join("mirror.tmp"));
+        let trash = self.dir().join("trash");
+        let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(trash)).await;
+        let _ = std::fs::remove_dir_all(self.dir().join("mirror.tmp"));
         let mirror = self.mirror_dir();
         let usable = mirror.join("HEAD").exists()
             && git(&mirror, &["rev-parse", "--git-dir"], Duration::from_secs(30))
@@ -446,9 +445,9 @@ impl Checkouts {
         } else {
             let _ = std::fs::remove_dir_all(&mirror);
             info!(repo = %self.cfg.repo, dir = %mirror.display(), "cloning the repository's mirror");
-            let tmp = self.cfg.dir.join("mirror.tmp");
+            let tmp = self.dir().join("mirror.tmp");
             git(
-                &self.cfg.dir,
+                self.dir(),
                 &[
                     "clone",
                     "--bare",
@@ -464,6 +463,40 @@ impl Checkouts {
             std::fs::rename(&tmp, &mirror).map_err(|e| local("move the new mirror into place", &e))?;
         }
         Ok(lock)
+    }
+
+    /// Locks the first checkouts directory no other worker holds: the profile's, then
+    /// `<checkouts>.2`, `<checkouts>.3`, … (several workers on one machine share a profile).
+    fn lock_dir(&self) -> Result<std::fs::File, RunnerError> {
+        let base = &self.cfg.dir;
+        for n in 1..=64 {
+            let dir = if n == 1 {
+                base.clone()
+            } else {
+                let mut name = base.file_name().unwrap_or_default().to_owned();
+                name.push(format!(".{n}"));
+                base.with_file_name(name)
+            };
+            std::fs::create_dir_all(&dir).map_err(|e| {
+                RunnerError::Local(format!("failed to create the checkouts directory '{}': {e}", dir.display()))
+            })?;
+            let lock = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(dir.join("lock"))
+                .map_err(|e| {
+                    RunnerError::Local(format!("failed to open '{}': {e}", dir.join("lock").display()))
+                })?;
+            if lock.try_lock().is_ok() {
+                let _ = self.dir.set(dir);
+                return Ok(lock);
+            }
+        }
+        Err(RunnerError::Local(format!(
+            "64 workers hold checkouts directories next to '{}': give this worker its own `checkouts`",
+            base.display()
+        )))
     }
 
     /// The full commit hash `revision` names in the mirror, fetching once when it is not there
@@ -567,8 +600,16 @@ impl Checkouts {
         let path = path.unwrap_or_else(|| self.trees_dir().join(commit));
         if path.exists() {
             info!(commit, dir = %path.display(), "removing a worktree");
-            let p = path.clone();
-            let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(p)).await;
+            // Moved aside at once (it is no worktree from then on) and deleted in the
+            // background, so that a shard waiting for a new checkout does not wait for it.
+            let trash = self.dir().join("trash").join(uuid_like());
+            let moved = std::fs::create_dir_all(self.dir().join("trash"))
+                .and_then(|()| std::fs::rename(&path, &trash));
+            let doomed = if moved.is_ok() { trash } else { path };
+            let gone = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(doomed));
+            if moved.is_err() {
+                let _ = gone.await;
+            }
             let _ = git(&self.mirror_dir(), &["worktree", "prune"], self.cfg.timeout).await;
         }
     }
