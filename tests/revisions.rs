@@ -227,9 +227,39 @@ fn a_git_source_tests_each_revision_in_a_worktree_of_its_own_in_turn_and_side_by
     let checkouts = tempfile::tempdir().unwrap();
     let cluster = cluster(&git_profile(&repo, checkouts.path(), ""), 1, 2);
     serial_then_concurrent(&cluster, &repo);
-    // A ref name is resolved by the worker and proven like a hash.
-    let main = run(&cluster, "main");
+    // A ref name is resolved by the worker and proven like a hash; the JUnit file and the
+    // run's page show the tested commit too.
+    let junit = cluster.dir.path().join("main.xml");
+    let main = cluster.client(&[
+        "run",
+        "--runner",
+        "src",
+        "--suite",
+        "app",
+        "--revision=main",
+        "--requested-by",
+        "ci",
+        "--discover",
+        "--json",
+        "--junit",
+        junit.to_str().unwrap(),
+    ]);
     check(&main, "main", &repo.r2, "passed");
+    let xml = std::fs::read_to_string(&junit).unwrap();
+    assert!(
+        xml.contains(&format!(
+            r#"<property name="shardgate.tested_commit" value="{}"/>"#,
+            repo.r2
+        )),
+        "{xml}"
+    );
+    let id = main.json()["run_id"].as_str().unwrap().to_owned();
+    let (code, page) = harness::http_get(&cluster.http_addr, &format!("/runs/{id}")).unwrap();
+    assert_eq!(code, 200);
+    assert!(
+        page.contains(&format!(r#"tested commit <code title="{}">"#, repo.r2)),
+        "{page}"
+    );
 }
 
 #[test]
@@ -347,7 +377,14 @@ fn worktrees_stay_within_their_bound_and_one_in_use_is_never_removed() {
         commits.push(git(p, &["rev-parse", "HEAD"]));
     }
     let checkouts = tempfile::tempdir().unwrap();
-    let cluster = cluster(&git_profile(&repo, checkouts.path(), "max_checkouts = 1"), 1, 2);
+    // The setup leaves a file of its own; it must never be found by another commit's setup,
+    // even in a worktree moved from one commit to the next.
+    let profile = git_profile(
+        &repo,
+        checkouts.path(),
+        "max_checkouts = 1\nsetup = [\"sh\", \"-c\", \"test ! -e leftover && touch leftover\"]",
+    );
+    let cluster = cluster(&profile, 1, 2);
     for c in &commits {
         let want = if c == &repo.r1 { "failed" } else { "passed" };
         check(&run(&cluster, c), c, c, want);
@@ -374,7 +411,9 @@ fn a_worker_killed_with_a_half_made_checkout_cleans_up_at_start() {
     cluster.kill_worker(0);
     // What a kill in the middle of `git worktree add` and of the first clone leaves: a
     // worktree with files missing, and a half-cloned mirror.
-    let tree = checkouts.path().join("trees").join(&repo.r2);
+    let made = trees(checkouts.path());
+    assert_eq!(made.len(), 1, "{made:?}");
+    let tree = &made[0];
     assert!(tree.join("cases/c").exists());
     std::fs::remove_file(tree.join("cases/c")).unwrap();
     std::fs::write(tree.join("cases/a"), "fail").unwrap();
@@ -382,6 +421,9 @@ fn a_worker_killed_with_a_half_made_checkout_cleans_up_at_start() {
     cluster.start_worker(0);
     cluster.wait_for_live_workers(1);
     check(&run(&cluster, &repo.r2), &repo.r2, &repo.r2, "passed");
-    assert_eq!(std::fs::read_to_string(tree.join("cases/c")).unwrap(), "pass");
+    assert!(!tree.exists(), "the worktree of the earlier life is gone");
+    let made = trees(checkouts.path());
+    assert_eq!(made.len(), 1, "{made:?}");
+    assert_eq!(std::fs::read_to_string(made[0].join("cases/c")).unwrap(), "pass");
     assert!(!checkouts.path().join("mirror.tmp").exists());
 }

@@ -60,7 +60,10 @@ fn make_repo(dir: &Path, files: usize, revisions: usize) -> anyhow::Result<Vec<S
     for i in 0..files {
         let d = dir.join(format!("src/m{:03}", i / 100));
         std::fs::create_dir_all(&d)?;
-        std::fs::write(d.join(format!("f{i}.txt")), format!("file {i}\n{}\n", "x".repeat(200)))?;
+        std::fs::write(
+            d.join(format!("f{i}.txt")),
+            format!("file {i}\n{}\n", "x".repeat(200)),
+        )?;
     }
     let mut commits = Vec::new();
     for r in 0..revisions {
@@ -106,11 +109,7 @@ async fn first_result(runner: &Runner, revision: &str, run: &str) -> anyhow::Res
         "{revision}: {:?}",
         r.outcome
     );
-    anyhow::ensure!(
-        proof.get() == revision,
-        "{revision} proven as {}",
-        proof.get()
-    );
+    anyhow::ensure!(proof.get() == revision, "{revision} proven as {}", proof.get());
     Ok(elapsed)
 }
 
@@ -179,7 +178,12 @@ id = "name"
     let shared = tmp.path().join("shared");
     git(
         tmp.path(),
-        &["clone", "--quiet", &repo.display().to_string(), &shared.display().to_string()],
+        &[
+            "clone",
+            "--quiet",
+            &repo.display().to_string(),
+            &shared.display().to_string(),
+        ],
     )?;
     let shared_profile = format!(
         r#"[runners.src]
@@ -205,7 +209,11 @@ id = "name"
         ("first run on the worker", g.first, s.first),
         ("new revision (median)", median(g.new), median(s.new)),
         ("same revision again (median)", median(g.warm), median(s.warm)),
-        ("back to the revision before (median)", median(g.switch), median(s.switch)),
+        (
+            "back to the revision before (median)",
+            median(g.switch),
+            median(s.switch),
+        ),
     ];
     if args.json {
         let j: Vec<_> = rows

@@ -228,7 +228,7 @@ pub fn parse(text: &str, max_output: usize) -> Result<Runners, ProfileError> {
                 if tool.writes_junit() && !commands.run.iter().any(|a| a.contains("{junit}")) {
                     return Err(invalid("run must write JUnit XML to {junit}"));
                 }
-                Runner::Command(CommandRunner::new(runners::Config {
+                Runner::Command(Box::new(CommandRunner::new(runners::Config {
                     name: name.clone(),
                     kind: spec.kind,
                     workdir,
@@ -243,7 +243,7 @@ pub fn parse(text: &str, max_output: usize) -> Result<Runners, ProfileError> {
                     max_output,
                     git,
                     revision_check: spec.revision_check.clone(),
-                }))
+                })))
             }
         };
         out.insert(name, runner);

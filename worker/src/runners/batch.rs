@@ -300,16 +300,15 @@ impl CommandRunner {
         info!(runner = %self.cfg.name, revision, workdir = %self.cfg.workdir.display(), "running setup");
         let cmd = self.command(setup, &[], "", revision);
         let finished = process::run(cmd, Some(self.cfg.setup_timeout), cancel, self.cfg.max_output).await;
-        let result = match finished.ending {
+        match finished.ending {
             Ending::Exited(0) => Ok(()),
-            Ending::Cancelled => return Err(RunnerError::Setup("setup cancelled".into())),
+            Ending::Cancelled => Err(RunnerError::Setup("setup cancelled".into())),
             e => Err(RunnerError::Setup(format!(
                 "setup for revision '{revision}' failed ({}):\n{}",
                 e.describe(Some(self.cfg.setup_timeout)),
                 finished.output
             ))),
-        };
-        result
+        }
     }
 
     /// Lists the suite's tests with the profile's list command, or for a run in the tool's own
@@ -384,6 +383,7 @@ impl CommandRunner {
     /// Runs a shard in one command and sends one result per requested test. An error means
     /// the runner itself failed for the whole shard (setup, no readable results): the agent
     /// hands the shard back so its tests run again, elsewhere if possible.
+    #[expect(clippy::too_many_arguments, reason = "a shard's fields and the proof")]
     pub async fn run_shard(
         &self,
         tests: &[String],

@@ -174,7 +174,7 @@ pub fn tool(kind: RunnerKind) -> Option<&'static dyn Tool> {
 pub enum Runner {
     Exec(ExecRunner),
     /// A batch tool, a whole shard per command.
-    Command(CommandRunner),
+    Command(Box<CommandRunner>),
 }
 
 impl Runner {

@@ -216,8 +216,8 @@ async fn git(dir: &Path, args: &[&str], limit: Duration) -> Result<String, Strin
 /// The checkouts of one `git` runner on this worker.
 pub struct Checkouts {
     cfg: GitConfig,
-    /// Serialises what changes the mirror: the first clone, fetches, adding and removing
-    /// worktrees.
+    /// Serialises what changes the mirror: the first clone, fetches, adding, moving and
+    /// removing worktrees.
     mirror: tokio::sync::Mutex<Option<std::fs::File>>,
     state: Mutex<Trees>,
     /// The directory this worker locked: the profile's `checkouts`, or `<checkouts>.N` when
@@ -233,14 +233,35 @@ impl std::fmt::Debug for Checkouts {
 
 #[derive(Default)]
 struct Trees {
-    by_commit: HashMap<String, Tree>,
+    /// Every worktree this worker made, by an id of its own.
+    trees: HashMap<u64, Tree>,
     /// What a revision resolved to: for a hash, for good; for a ref name, for the run that
     /// asked (a branch moves, a run does not).
     resolved: HashMap<(String, String), String>,
     clock: u64,
+    next_id: u64,
+}
+
+impl Trees {
+    /// The worktree that holds `commit` and may be given out.
+    fn good(&mut self, commit: &str) -> Option<(&u64, &mut Tree)> {
+        self.trees
+            .iter_mut()
+            .find(|(_, t)| t.commit == commit && !t.spoiled)
+    }
+
+    /// The idle worktree used longest ago, spoiled ones first.
+    fn least_recent_idle(&self) -> Option<u64> {
+        self.trees
+            .iter()
+            .filter(|(_, t)| t.users == 0)
+            .min_by_key(|(_, t)| (!t.spoiled, t.last_used))
+            .map(|(id, _)| *id)
+    }
 }
 
 struct Tree {
+    commit: String,
     path: PathBuf,
     runner: CommandRunner,
     users: usize,
@@ -251,7 +272,7 @@ struct Tree {
 
 struct TreeLease {
     checkouts: Arc<Checkouts>,
-    commit: String,
+    id: u64,
 }
 
 impl Drop for TreeLease {
@@ -259,7 +280,7 @@ impl Drop for TreeLease {
         let mut s = self.checkouts.state.lock().expect("checkouts lock");
         s.clock += 1;
         let clock = s.clock;
-        if let Some(t) = s.by_commit.get_mut(&self.commit) {
+        if let Some(t) = s.trees.get_mut(&self.id) {
             t.users -= 1;
             t.last_used = clock;
         }
@@ -293,21 +314,9 @@ impl Checkouts {
         self.dir().join("trees")
     }
 
-    /// The worktrees on disk now, for tests and the benchmark: their directories.
-    pub fn trees_on_disk(&self) -> Vec<PathBuf> {
-        std::fs::read_dir(self.trees_dir())
-            .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
-            .unwrap_or_default()
-    }
-
     fn spoil(&self, commit: &str) {
-        if let Some(t) = self
-            .state
-            .lock()
-            .expect("checkouts lock")
-            .by_commit
-            .get_mut(commit)
-        {
+        let mut s = self.state.lock().expect("checkouts lock");
+        for t in s.trees.values_mut().filter(|t| t.commit == commit) {
             t.spoiled = true;
         }
     }
@@ -340,38 +349,31 @@ impl Checkouts {
         let commit = self.resolve(revision).await?;
         let existing = {
             let mut s = self.state.lock().expect("checkouts lock");
-            s.resolved.insert(key.clone(), commit.clone());
-            if s.resolved.len() > 4096 {
+            if s.resolved.len() >= 4096 {
                 s.resolved.clear();
-                s.resolved.insert(key.clone(), commit.clone());
             }
-            s.by_commit.get(&commit).is_some_and(|t| !t.spoiled)
+            s.resolved.insert(key.clone(), commit.clone());
+            s.good(&commit).is_some()
         };
         if !existing {
-            self.evict(1).await;
-            let path = self.trees_dir().join(&commit);
-            let in_use = self
-                .state
-                .lock()
-                .expect("checkouts lock")
-                .by_commit
-                .get(&commit)
-                .is_some_and(|t| t.users > 0);
-            // A spoiled worktree still in use stays where it is; this one goes beside it.
-            let path = if in_use {
-                self.trees_dir().join(format!("{commit}.{}", uuid_like()))
-            } else {
-                self.remove_tree(&commit).await;
-                path
+            self.evict().await;
+            let path = match self.recycle(&commit).await {
+                Some(p) => p,
+                None => {
+                    let p = self.trees_dir().join(uuid_like());
+                    self.add_tree(&p, &commit).await?;
+                    p
+                }
             };
-            self.add_tree(&path, &commit).await?;
             let runner = make(&path);
             let mut s = self.state.lock().expect("checkouts lock");
             s.clock += 1;
-            let clock = s.clock;
-            s.by_commit.insert(
-                commit.clone(),
+            s.next_id += 1;
+            let (clock, id) = (s.clock, s.next_id);
+            s.trees.insert(
+                id,
                 Tree {
+                    commit: commit.clone(),
                     path,
                     runner,
                     users: 0,
@@ -397,7 +399,7 @@ impl Checkouts {
     fn take_existing(self: &Arc<Self>, key: &(String, String)) -> Option<Workspace> {
         let mut s = self.state.lock().expect("checkouts lock");
         let commit = s.resolved.get(key)?.clone();
-        let t = s.by_commit.get_mut(&commit).filter(|t| !t.spoiled)?;
+        let (&id, t) = s.good(&commit)?;
         t.users += 1;
         let runner = t.runner.clone();
         let tree = t.path.clone();
@@ -406,12 +408,12 @@ impl Checkouts {
             prover: Some(Prover::Head {
                 tree,
                 checkouts: self.clone(),
-                commit: commit.clone(),
+                commit,
             }),
             _lease: Lease {
                 _tree: Some(TreeLease {
                     checkouts: self.clone(),
-                    commit,
+                    id,
                 }),
                 _shared: None,
             },
@@ -478,7 +480,10 @@ impl Checkouts {
                 base.with_file_name(name)
             };
             std::fs::create_dir_all(&dir).map_err(|e| {
-                RunnerError::Local(format!("failed to create the checkouts directory '{}': {e}", dir.display()))
+                RunnerError::Local(format!(
+                    "failed to create the checkouts directory '{}': {e}",
+                    dir.display()
+                ))
             })?;
             let lock = std::fs::OpenOptions::new()
                 .create(true)
@@ -587,55 +592,106 @@ impl Checkouts {
         Ok(())
     }
 
-    /// Removes the worktree of `commit` (no slot uses it), on disk and in memory.
-    async fn remove_tree(&self, commit: &str) {
+    /// Removes worktree `id` (no slot uses it), in memory and on disk.
+    async fn remove_tree(&self, id: u64) {
         let path = {
             let mut s = self.state.lock().expect("checkouts lock");
-            match s.by_commit.get(commit) {
+            match s.trees.get(&id) {
                 Some(t) if t.users > 0 => return,
-                Some(_) => s.by_commit.remove(commit).map(|t| t.path),
+                Some(_) => s.trees.remove(&id).map(|t| t.path),
                 None => None,
             }
         };
-        let path = path.unwrap_or_else(|| self.trees_dir().join(commit));
-        if path.exists() {
-            info!(commit, dir = %path.display(), "removing a worktree");
-            // Moved aside at once (it is no worktree from then on) and deleted in the
-            // background, so that a shard waiting for a new checkout does not wait for it.
-            let trash = self.dir().join("trash").join(uuid_like());
-            let moved = std::fs::create_dir_all(self.dir().join("trash"))
-                .and_then(|()| std::fs::rename(&path, &trash));
-            let doomed = if moved.is_ok() { trash } else { path };
-            let gone = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(doomed));
-            if moved.is_err() {
-                let _ = gone.await;
-            }
-            let _ = git(&self.mirror_dir(), &["worktree", "prune"], self.cfg.timeout).await;
+        if let Some(path) = path {
+            self.discard(&path).await;
         }
     }
 
-    /// Evicts spoiled worktrees no slot uses, then the least recently used idle ones until
-    /// `room` more fit within the bounds. Called with the mirror locked.
-    async fn evict(&self, room: usize) {
+    /// Deletes a worktree's directory that nothing holds any more.
+    async fn discard(&self, path: &Path) {
+        if !path.exists() {
+            return;
+        }
+        info!(dir = %path.display(), "removing a worktree");
+        // Moved aside at once (it is no worktree from then on) and deleted in the background,
+        // so that a shard waiting for a new checkout does not wait for it.
+        let trash = self.dir().join("trash").join(uuid_like());
+        let moved =
+            std::fs::create_dir_all(self.dir().join("trash")).and_then(|()| std::fs::rename(path, &trash));
+        let doomed = if moved.is_ok() { trash } else { path.to_owned() };
+        let gone = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(doomed));
+        if moved.is_err() {
+            let _ = gone.await;
+        }
+        let _ = git(&self.mirror_dir(), &["worktree", "prune"], self.cfg.timeout).await;
+    }
+
+    /// Evicts spoiled worktrees no slot uses, then the least recently used idle ones while
+    /// there are more than `max_checkouts` or they take more than `max_checkouts_size`. Called
+    /// with the mirror locked.
+    async fn evict(&self) {
         loop {
             let victim = {
                 let s = self.state.lock().expect("checkouts lock");
-                let idle = s.by_commit.iter().filter(|(_, t)| t.users == 0);
-                let spoiled = idle.clone().find(|(_, t)| t.spoiled).map(|(c, _)| c.clone());
-                let over_count = s.by_commit.len() + room > self.cfg.max_checkouts.max(1);
+                let spoiled = s
+                    .trees
+                    .iter()
+                    .find(|(_, t)| t.users == 0 && t.spoiled)
+                    .map(|(id, _)| *id);
+                let over_count = s.trees.len() > self.cfg.max_checkouts.max(1);
                 let over_bytes = self
                     .cfg
                     .max_bytes
-                    .is_some_and(|max| s.by_commit.values().map(|t| dir_size(&t.path)).sum::<u64>() > max);
+                    .is_some_and(|max| s.trees.values().map(|t| dir_size(&t.path)).sum::<u64>() > max);
                 spoiled.or_else(|| {
                     (over_count || over_bytes)
-                        .then(|| idle.min_by_key(|(_, t)| t.last_used).map(|(c, _)| c.clone()))
+                        .then(|| s.least_recent_idle())
                         .flatten()
                 })
             };
             match victim {
-                Some(c) => self.remove_tree(&c).await,
+                Some(id) => self.remove_tree(id).await,
                 None => return,
+            }
+        }
+    }
+
+    /// When the worktrees are at their bound, the least recently used idle one, checked out at
+    /// `commit` instead and cleaned of every file the commit does not have (ignored ones
+    /// included): only the files that differ are written, where a new worktree writes them
+    /// all. `None` when there is none to take or moving it failed (it is removed then).
+    async fn recycle(&self, commit: &str) -> Option<PathBuf> {
+        let old = {
+            let mut s = self.state.lock().expect("checkouts lock");
+            if s.trees.len() < self.cfg.max_checkouts.max(1) {
+                return None;
+            }
+            let id = s.least_recent_idle()?;
+            s.trees.remove(&id)?
+        };
+        info!(from = %old.commit, to = commit, dir = %old.path.display(), "moving the least recently used worktree to a new commit");
+        let moved = async {
+            git(
+                &old.path,
+                &["checkout", "--force", "--detach", "--quiet", commit, "--"],
+                self.cfg.timeout,
+            )
+            .await?;
+            git(&old.path, &["clean", "-ffdxq"], self.cfg.timeout).await?;
+            let head = head_of(&old.path).await?;
+            if head == commit {
+                Ok(())
+            } else {
+                Err(format!("its HEAD is {head}"))
+            }
+        }
+        .await;
+        match moved {
+            Ok(()) => Some(old.path),
+            Err(e) => {
+                warn!(dir = %old.path.display(), error = %e, "failed to move a worktree; making a new one");
+                self.discard(&old.path).await;
+                None
             }
         }
     }
