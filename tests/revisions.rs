@@ -65,9 +65,11 @@ impl Repo {
         git(p, &["init", "--quiet", "--initial-branch=main"]);
         std::fs::write(p.join("run.sh"), RUN_SH).unwrap();
         let tests = if mover { "a\nb\nc\nmover\n" } else { "a\nb\nc\n" };
+        // With ADVANCE set, the first listing anywhere moves the source's `main` on.
+        let advance = r#"if [ -n "$ADVANCE" ] && mkdir "$ADVANCE.once" 2>/dev/null; then git -C "$ADVANCE" commit --quiet --allow-empty -m moved; fi"#;
         std::fs::write(
             p.join("list.sh"),
-            format!("printf '{}'\n", tests.replace('\n', "\\n")),
+            format!("{advance}\nprintf '{}'\n", tests.replace('\n', "\\n")),
         )
         .unwrap();
         std::fs::create_dir(p.join("cases")).unwrap();
@@ -259,6 +261,35 @@ fn a_git_source_tests_each_revision_in_a_worktree_of_its_own_in_turn_and_side_by
     assert!(
         page.contains(&format!(r#"tested commit <code title="{}">"#, repo.r2)),
         "{page}"
+    );
+}
+
+#[test]
+fn every_worker_tests_the_commit_a_ref_name_was_pinned_to_even_after_the_branch_moves() {
+    let repo = Repo::new(false);
+    let checkouts = tempfile::tempdir().unwrap();
+    let env = format!(
+        r#"env = {{ ADVANCE = "{}", GIT_AUTHOR_NAME = "t", GIT_AUTHOR_EMAIL = "t@example.com", GIT_COMMITTER_NAME = "t", GIT_COMMITTER_EMAIL = "t@example.com" }}"#,
+        repo.path().display()
+    );
+    let cluster = cluster(&git_profile(&repo, &checkouts.path().join("c"), &env), 3, 1);
+    let r = run(&cluster, "main");
+    check(&r, "main", &repo.r2, "passed");
+    assert_ne!(
+        git(repo.path(), &["rev-parse", "main"]),
+        repo.r2,
+        "main moved during the run"
+    );
+    let id = r.json()["run_id"].as_str().unwrap().to_owned();
+    let progress = cluster.http_json(&format!("/api/runs/{id}/progress")).unwrap();
+    let shards = progress["shards"].as_array().unwrap();
+    assert!(
+        shards.len() >= 3,
+        "the discovery and shards on more than one worker: {progress}"
+    );
+    assert!(
+        shards.iter().all(|s| s["state"] == "finished"),
+        "no attempt ran another commit: {progress}"
     );
 }
 

@@ -456,7 +456,7 @@ async fn run_shard(shared: &Shared, worker: WorkerId, shard: pb::Shard) {
         .lock()
         .expect("active lock")
         .insert(attempt, token.clone());
-    let proof = Proof::default();
+    let proof = Proof::pinned(&shard.tested_commit);
     let mut unknown_revision = false;
     let error = match shared.cfg.runners.get(&shard.runner) {
         None => format!("worker {} has no runner '{}'", shared.cfg.name, shard.runner),

@@ -198,6 +198,7 @@ impl Core {
                 .collect(),
             policy: Some(run.row.policy.to_wire()),
             lease_ms: lease.as_millis() as u64,
+            tested_commit: run.row.tested_commit.clone(),
         };
         self.effects.runs_changed.insert(a.run);
         self.effects.workers_changed.insert(a.worker);

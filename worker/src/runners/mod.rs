@@ -69,9 +69,23 @@ pub enum RunnerError {
 /// runner (before a shard starts, and again as its results leave), read by the agent for every
 /// report. Empty when the runner cannot prove one.
 #[derive(Debug, Clone, Default)]
-pub struct Proof(std::sync::Arc<std::sync::Mutex<String>>);
+pub struct Proof(std::sync::Arc<std::sync::Mutex<String>>, Option<String>);
 
 impl Proof {
+    /// The proof of an attempt of a run the coordinator pinned to `commit` (empty: not yet):
+    /// a runner that checks revisions out itself tests that commit.
+    pub fn pinned(commit: &str) -> Self {
+        Self(
+            Default::default(),
+            (!commit.is_empty()).then(|| commit.to_owned()),
+        )
+    }
+
+    /// The commit the run is pinned to, if it is.
+    pub fn pin(&self) -> Option<&str> {
+        self.1.as_deref()
+    }
+
     pub fn set(&self, commit: String) {
         *self.0.lock().expect("proof lock") = commit;
     }
