@@ -215,6 +215,7 @@ impl CommandRunner {
         &self,
         revision: &str,
         run: &str,
+        pinned: Option<&str>,
         cancel: &CancellationToken,
     ) -> Result<Workspace, RunnerError> {
         match &self.source {
@@ -249,8 +250,10 @@ impl CommandRunner {
             }
             Source::Git(checkouts) => {
                 let rel = self.cfg.workdir.clone();
+                // A run already pinned to a commit tests that commit, whatever its ref
+                // name says now.
                 let ws = checkouts
-                    .acquire(revision, run, cancel, |root| {
+                    .acquire(pinned.unwrap_or(revision), run, cancel, |root| {
                         let mut cfg = self.cfg.clone();
                         cfg.workdir = root.join(&rel);
                         cfg.git = None;
@@ -320,7 +323,9 @@ impl CommandRunner {
         proof: &Proof,
     ) -> Result<Vec<String>, RunnerError> {
         let cancel = CancellationToken::new();
-        let ws = self.enter(revision, for_run.unwrap_or(""), &cancel).await?;
+        let ws = self
+            .enter(revision, for_run.unwrap_or(""), proof.pin(), &cancel)
+            .await?;
         if let Some(p) = &ws.prover {
             proof.set(p.prove().await);
         }
@@ -367,7 +372,7 @@ impl CommandRunner {
                 )));
             }
         };
-        if !out.status.success() {
+        if !out.status.success() && !self.tool.listing_failure_is_results(scratch.path()) {
             return Err(RunnerError::Tool(format!(
                 "listing tests failed ({}):\n{}{}",
                 out.status,
@@ -394,7 +399,7 @@ impl CommandRunner {
         results: mpsc::Sender<(String, TestRun)>,
         proof: &Proof,
     ) -> Result<(), RunnerError> {
-        let ws = match self.enter(revision, run, cancel).await {
+        let ws = match self.enter(revision, run, proof.pin(), cancel).await {
             Ok(ws) => ws,
             Err(RunnerError::Setup(e)) => return Err(RunnerError::Setup(join_detail(first_line(&e), e))),
             Err(e) => return Err(e),
