@@ -149,6 +149,12 @@ pub trait Tool: Sync + std::fmt::Debug {
         self.parse_listing(stdout)
     }
 
+    /// Whether a listing that exited non-zero still stands, from what it left in its scratch
+    /// directory (pytest: modules that failed to collect are tests of their own).
+    fn listing_failure_is_results(&self, _scratch: &std::path::Path) -> bool {
+        false
+    }
+
     /// Lists the suite for run `run` in a way of the tool's own, or `None` for the profile's
     /// list command (the default). pytest lists from a warm pytest that then serves the run.
     fn list_for_run<'a>(
