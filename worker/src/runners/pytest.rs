@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use serde::Deserialize;
 use shardgate_common::Outcome;
 use tokio_util::sync::CancellationToken;
+use tracing::warn;
 
 use super::batch::{CommandRunner, IdFormat, Shard, deliver, tail};
 use super::pytest_warm as warm;
@@ -54,11 +55,7 @@ impl Tool for Pytest {
     /// blank line and a summary).
     fn parse_listing_in(&self, scratch: &Path, stdout: &str) -> Vec<String> {
         let events = read_events(&scratch.join(EVENTS));
-        let collected: Vec<String> = events
-            .into_iter()
-            .filter(|e| e.e == "collected")
-            .map(|e| e.id)
-            .collect();
+        let collected = listed(&events);
         if !collected.is_empty() {
             return collected;
         }
@@ -68,6 +65,15 @@ impl Tool for Pytest {
             .filter(|l| l.contains("::"))
             .map(|l| l.trim().to_owned())
             .collect()
+    }
+
+    /// pytest's listing fails (exit status 2) when a module fails to collect; those modules
+    /// are tests of their own in the listing (each fails with its error when run), so the
+    /// listing stands when the plugin reported every such error.
+    fn listing_failure_is_results(&self, scratch: &Path) -> bool {
+        read_events(&scratch.join(EVENTS))
+            .iter()
+            .any(|e| e.e == "collecterror")
     }
 
     /// With its default commands, from a warm pytest that then serves the run's shards.
@@ -111,6 +117,9 @@ pub(super) fn run() -> Vec<String> {
         "-o",
         "junit_family=xunit1",
         "--junitxml={junit}",
+        // A module that fails to collect is a failed result of its own, and the shard's other
+        // tests still run.
+        "--continue-on-collection-errors",
         "--",
         "{tests}",
     ]
@@ -178,11 +187,55 @@ pub(super) struct Event {
     #[serde(default)]
     duration: f64,
     #[serde(default)]
-    message: String,
+    pub message: String,
     #[serde(default)]
     longrepr: String,
     #[serde(default)]
     sections: Vec<(String, String)>,
+}
+
+/// What a listing found: every collected item, then every collector (a module) that failed to
+/// collect, which is a test of its own that fails with its error.
+pub(super) fn listed(events: &[Event]) -> Vec<String> {
+    let mut seen = HashSet::new();
+    events
+        .iter()
+        .filter(|e| e.e == "collected" || e.e == "collecterror")
+        .filter(|e| seen.insert(e.id.as_str()))
+        .map(|e| e.id.clone())
+        .collect()
+}
+
+/// The test a pytest was running when it ended without finishing it (a test that killed its
+/// interpreter, by a signal or `os._exit`), if one was.
+pub(super) fn died_in(events: &[Event]) -> Option<String> {
+    let mut running: Vec<&str> = Vec::new();
+    for e in events {
+        match e.e.as_str() {
+            "start" => running.push(&e.id),
+            "finish" => running.retain(|id| *id != e.id),
+            _ => {}
+        }
+    }
+    running.last().map(|id| (*id).to_owned())
+}
+
+/// The result of the test a pytest died in: a failure of its own (retried as any failure),
+/// which costs the shard's other tests nothing.
+pub(super) fn crashed(id: &str, how: &str, events: &[Event], output: &str) -> TestRun {
+    let mut out = String::new();
+    for r in events.iter().filter(|e| e.e == "report" && e.id == id) {
+        out.push_str(&r.longrepr);
+    }
+    out.push_str(&tail(output, MAX_TEST_OUTPUT / 2));
+    TestRun {
+        outcome: Outcome::Failed,
+        duration: Duration::ZERO,
+        output: tail(&out, MAX_TEST_OUTPUT),
+        detail: format!(
+            "pytest ended ({how}) while this test ran: the test ended its process; the shard's other tests ran on in a fresh pytest"
+        ),
+    }
 }
 
 /// The events in a file; a line cut short by a killed pytest is skipped.
@@ -209,6 +262,18 @@ fn results_of(events: &[Event]) -> HashMap<String, TestRun> {
         }
     }
     let mut out = HashMap::new();
+    // A module that failed to collect: its id fails with the collection's error.
+    for e in events.iter().filter(|e| e.e == "collecterror") {
+        out.entry(e.id.clone()).or_insert_with(|| TestRun {
+            outcome: Outcome::Failed,
+            duration: Duration::ZERO,
+            output: tail(&e.longrepr, MAX_TEST_OUTPUT),
+            detail: format!(
+                "failed to collect: {}",
+                e.message.lines().next().unwrap_or("error")
+            ),
+        });
+    }
     for id in finished {
         let reports = phases.remove(id).unwrap_or_default();
         if reports.is_empty() {
@@ -350,6 +415,16 @@ async fn run_shard(runner: &CommandRunner, shard: Shard<'_>) -> Result<(), Runne
             &shard,
             &finished,
         );
+        if let Some(how) = &ran.died
+            && let Some(victim) = died_in(&ran.events).filter(|v| !results.contains_key(v))
+        {
+            warn!(test = %victim, how = %how, "a test ended its warm pytest; the shard's other tests run on");
+            results.insert(
+                victim.clone(),
+                crashed(&victim, how, &ran.events, &finished.output),
+            );
+            remaining.retain(|t| t != &victim);
+        }
         if remaining.is_empty() || Instant::now() >= deadline {
             return finish(runner, shard, results, &finished).await;
         }
@@ -386,7 +461,22 @@ async fn run_shard(runner: &CommandRunner, shard: Shard<'_>) -> Result<(), Runne
             &shard,
             &finished,
         );
-        if hung.is_none() || remaining.is_empty() || Instant::now() >= deadline {
+        // One crash, one victim: a pytest that ended in the middle of a test charges that test
+        // alone, and the shard's other tests go on in a fresh pytest.
+        let mut crashed_one = false;
+        if hung.is_none()
+            && matches!(finished.ending, Ending::Exited(_) | Ending::Signaled(_))
+            && let Some(victim) = died_in(&events).filter(|v| !results.contains_key(v))
+        {
+            warn!(test = %victim, how = %finished.describe(), "a test ended its pytest; the shard's other tests run on");
+            results.insert(
+                victim.clone(),
+                crashed(&victim, &finished.describe(), &events, &finished.output),
+            );
+            remaining.retain(|t| t != &victim);
+            crashed_one = true;
+        }
+        if (hung.is_none() && !crashed_one) || remaining.is_empty() || Instant::now() >= deadline {
             return finish(runner, shard, results, &finished).await;
         }
     }

@@ -84,6 +84,8 @@ pub struct Ran {
     pub hung: Option<String>,
     /// The end of the warm pytest's own output, as evidence for a test it left unfinished.
     pub output: String,
+    /// How the warm pytest ended, when it died during the shard by itself.
+    pub died: Option<String>,
 }
 
 /// Runs `shard` in a warm pytest, started if none is idle. `None` when none could be started
@@ -127,13 +129,19 @@ pub async fn run(runner: &CommandRunner, shard: &Shard<'_>, deadline: Instant) -
                 events,
                 hung: None,
                 output: String::new(),
+                died: None,
             });
         }
         let hung = running.past(shard.test_timeout);
         if hung.is_some() || shard.cancel.is_cancelled() || Instant::now() >= deadline {
             let _ = w.child.kill().await;
             let output = log_tail(&w);
-            return Some(Ran { events, hung, output });
+            return Some(Ran {
+                events,
+                hung,
+                output,
+                died: None,
+            });
         }
         if let Ok(Some(status)) = w.child.try_wait() {
             // It died in the middle of the shard (a test that ends the interpreter): what it
@@ -144,6 +152,7 @@ pub async fn run(runner: &CommandRunner, shard: &Shard<'_>, deadline: Instant) -
                 events,
                 hung: None,
                 output,
+                died: Some(describe(status)),
             });
         }
         tokio::time::sleep(POLL).await;
@@ -239,7 +248,13 @@ async fn launch(
     loop {
         for e in read_new_events(&events_path, &mut w.offset) {
             match e.e.as_str() {
+                // A module that failed to collect is a test of its own (see `pytest::listed`).
                 "collected" => collected.push(e.id),
+                "collecterror" if !collected.contains(&e.id) => collected.push(e.id),
+                "nowarm" => {
+                    info!(runner = %runner.config().name, reason = %e.message, "no warm pytest for this suite; each shard runs in a pytest of its own");
+                    return None;
+                }
                 "ready" => {
                     info!(
                         runner = %runner.config().name,
@@ -261,6 +276,16 @@ async fn launch(
             return None;
         }
         tokio::time::sleep(POLL).await;
+    }
+}
+
+/// An exit status as the rest of the worker says it ("exit status 1", "killed by signal 9").
+fn describe(status: std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(c), _) => format!("exit status {c}"),
+        (None, Some(s)) => format!("killed by signal {s}"),
+        _ => status.to_string(),
     }
 }
 

@@ -8,6 +8,7 @@ named by SHARDGATE_PYTEST_EVENTS:
   {"e": "start", "id": ...}                      a test begins
   {"e": "report", "id": ..., "when": ..., ...}   each phase's report
   {"e": "finish", "id": ...}                     a test ended
+  {"e": "collecterror", "id": ..., ...}          a module (or other collector) failed to collect
 
 Node ids come from pytest itself, whatever the project's addopts (-q, -v, -ra), junit_family or
 inheritance; the worker times each started test against the run's test timeout from these
@@ -19,6 +20,11 @@ file named by SHARDGATE_PYTEST_COMMANDS, one JSON object a line ({"shard": K, "i
 ending each with {"e": "done", "shard": K}. A node id it did not collect, or one it already ran
 (a retry gets a fresh pytest), is {"e": "skip", "id": ...}: the worker runs those the ordinary
 way. It exits when its worker is gone or after a while with nothing to do.
+
+A warm pytest never serves a session whose ending could turn red: where a plugin or conftest
+other than pytest's own implements pytest_sessionfinish or wraps pytest_runtestloop (a coverage
+threshold, a leak check), it says {"e": "nowarm", "message": ...} and exits, and the run's shards
+go to a pytest each, whose exit status the worker reads.
 """
 
 import json
@@ -54,6 +60,34 @@ def pytest_collection_finish(session):
     if session.config.option.collectonly or session.config.getoption("shardgate_serve", False):
         for item in session.items:
             _emit({"e": "collected", "id": item.nodeid})
+
+
+def pytest_collectreport(report):
+    if not report.failed:
+        return
+    crash = getattr(getattr(report, "longrepr", None), "reprcrash", None)
+    try:
+        text = report.longreprtext
+    except Exception:  # a plugin's own report type
+        text = str(report.longrepr)
+    message = getattr(crash, "message", "") or ""
+    if not message:
+        lines = [l for l in text.splitlines() if l.strip()]
+        message = lines[-1] if lines else "collection failed"
+    _emit({"e": "collecterror", "id": report.nodeid, "message": message, "longrepr": text})
+
+
+def _session_end_hooks(config):
+    """The plugins and conftests besides pytest's own that could turn a session red at its end."""
+    found = []
+    pm = config.pluginmanager
+    for name in ("pytest_sessionfinish", "pytest_runtestloop"):
+        for impl in getattr(pm.hook, name).get_hookimpls():
+            module = getattr(impl.function, "__module__", "") or ""
+            if module.startswith("_pytest") or module == __name__:
+                continue
+            found.append("%s (%s)" % (name, module or impl.plugin_name))
+    return found
 
 
 def pytest_runtest_logstart(nodeid, location):
@@ -129,6 +163,10 @@ def _commands(path, parent):
 def pytest_runtestloop(session):
     if not session.config.getoption("shardgate_serve", False):
         return None
+    foreign = _session_end_hooks(session.config)
+    if foreign:
+        _emit({"e": "nowarm", "message": "the session's end could fail it: " + ", ".join(foreign)})
+        return True
     items = {item.nodeid: item for item in session.items}
     ran = set()
     _emit({"e": "ready", "count": len(items)})
