@@ -146,22 +146,27 @@ id = "name"
     )
 }
 
-fn run(cluster: &Cluster, revision: &str) -> Ran {
-    cluster.client(&[
+/// `shardgate run --json` of suite `app` at `revision` with the runner `src`, then `extra`.
+fn submit(cluster: &Cluster, revision: &str, extra: &[&str]) -> Ran {
+    let revision = format!("--revision={revision}");
+    let mut args = vec![
         "run",
         "--runner",
         "src",
         "--suite",
         "app",
-        &format!("--revision={revision}"),
+        &revision,
         "--requested-by",
         "ci",
-        "--discover",
-        "--retries",
-        "0",
-        "--rollout",
         "--json",
-    ])
+    ];
+    args.extend_from_slice(extra);
+    cluster.client(&args)
+}
+
+/// A discovered run of `revision` with no retries that asks for a rollout.
+fn run(cluster: &Cluster, revision: &str) -> Ran {
+    submit(cluster, revision, &["--discover", "--retries", "0", "--rollout"])
 }
 
 /// Checks that a run of `revision` ended as `want`, with its results proven to come from
@@ -232,20 +237,11 @@ fn a_git_source_tests_each_revision_in_a_worktree_of_its_own_in_turn_and_side_by
     // A ref name is resolved by the worker and proven like a hash; the JUnit file and the
     // run's page show the tested commit too.
     let junit = cluster.dir.path().join("main.xml");
-    let main = cluster.client(&[
-        "run",
-        "--runner",
-        "src",
-        "--suite",
-        "app",
-        "--revision=main",
-        "--requested-by",
-        "ci",
-        "--discover",
-        "--json",
-        "--junit",
-        junit.to_str().unwrap(),
-    ]);
+    let main = submit(
+        &cluster,
+        "main",
+        &["--discover", "--junit", junit.to_str().unwrap()],
+    );
     check(&main, "main", &repo.r2, "passed");
     let xml = std::fs::read_to_string(&junit).unwrap();
     assert!(
@@ -353,19 +349,7 @@ fn a_revision_the_repository_does_not_have_ends_the_run_errored_with_its_name() 
         let discovered = run(&cluster, revision);
         let list = cluster.dir.path().join("tests.txt");
         std::fs::write(&list, "a\nb\n").unwrap();
-        let given = cluster.client(&[
-            "run",
-            "--runner",
-            "src",
-            "--suite",
-            "app",
-            &format!("--revision={revision}"),
-            "--requested-by",
-            "ci",
-            "--tests-file",
-            list.to_str().unwrap(),
-            "--json",
-        ]);
+        let given = submit(&cluster, revision, &["--tests-file", list.to_str().unwrap()]);
         for r in [&discovered, &given] {
             let j = r.json();
             assert_eq!(j["status"], "errored", "{}", r.stdout);

@@ -123,6 +123,17 @@ impl Core {
         self.atomically(|c| c.end_attempt_by_worker(worker, attempt_id, error, draining, now))
     }
 
+    /// Whether a worker's attempt is still live: `false` when it already ended (its run finished,
+    /// its lease expired), where nothing is left to requeue and finishing twice is harmless; an
+    /// error when it is another worker's.
+    fn still_live(&self, worker: WorkerId, attempt_id: AttemptId) -> Result<bool, Error> {
+        match self.live_attempt(worker, attempt_id) {
+            Ok(_) => Ok(true),
+            Err(_) if !self.attempts.contains_key(&attempt_id) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Ends an attempt whose runner could not find the run's revision in its repository: no
     /// worker can test it, so the run ends `errored` with the runner's words.
     pub fn finish_unknown_revision(
@@ -133,12 +144,8 @@ impl Core {
         now: Now,
     ) -> Result<pb::FinishShardResponse, Error> {
         self.atomically(|c| {
-            match c.live_attempt(worker, attempt_id) {
-                Ok(_) => {}
-                Err(_) if !c.attempts.contains_key(&attempt_id) => {
-                    return Ok(pb::FinishShardResponse { requeued: 0 });
-                }
-                Err(e) => return Err(e),
+            if !c.still_live(worker, attempt_id)? {
+                return Ok(pb::FinishShardResponse { requeued: 0 });
             }
             let run = c.attempts[&attempt_id].run;
             let message = format!(
@@ -163,52 +170,44 @@ impl Core {
         draining: bool,
         now: Now,
     ) -> Result<pb::FinishShardResponse, Error> {
-        {
-            let c = &mut *self;
-            match c.live_attempt(worker, attempt_id) {
-                Ok(_) => {}
-                // The attempt already ended (its run finished, its lease expired): nothing is
-                // left to requeue, and finishing twice is harmless.
-                Err(_) if !c.attempts.contains_key(&attempt_id) => {
-                    return Ok(pb::FinishShardResponse { requeued: 0 });
-                }
-                Err(e) => return Err(e),
-            }
-            let name = c.worker_name(worker);
-            let reason = if draining {
-                RequeueReason::Deregistered(name)
-            } else if error.is_empty() {
-                RequeueReason::NoResult(name)
-            } else {
-                RequeueReason::RunnerError {
-                    worker: name,
-                    error: cap(error, 2048),
-                }
-            };
-            let plan = c.decide_end_attempt(attempt_id, &reason, now)?;
-            c.write_end_attempt(&plan)?;
-            // Apply: the runner failed on this worker, so the run's shards go elsewhere; a
-            // whole shard's wall time minus its tests' time is what one hand-out costs.
-            let a = &c.attempts[&attempt_id];
-            let (run, whole, wall, tests_ms) = (
-                a.run,
-                a.pending.is_empty() && a.kind == AttemptKind::Run && a.total > 0,
-                now.ms.saturating_sub(a.started_ms),
-                a.reported_ms,
-            );
-            if let Some(r) = c.runs.get_mut(&run) {
-                if matches!(reason, RequeueReason::RunnerError { .. }) {
-                    r.excluded.insert(worker);
-                }
-                if whole {
-                    let initial = c.cfg.initial_overhead.as_millis() as f64;
-                    let o = c.overhead_ms.entry(r.row.runner.clone()).or_insert(initial);
-                    *o = policy::next_overhead(*o, wall, tests_ms);
-                }
-            }
-            let requeued = c.apply_end_attempt(plan);
-            Ok(pb::FinishShardResponse { requeued })
+        let c = self;
+        if !c.still_live(worker, attempt_id)? {
+            return Ok(pb::FinishShardResponse { requeued: 0 });
         }
+        let name = c.worker_name(worker);
+        let reason = if draining {
+            RequeueReason::Deregistered(name)
+        } else if error.is_empty() {
+            RequeueReason::NoResult(name)
+        } else {
+            RequeueReason::RunnerError {
+                worker: name,
+                error: cap(error, 2048),
+            }
+        };
+        let plan = c.decide_end_attempt(attempt_id, &reason, now)?;
+        c.write_end_attempt(&plan)?;
+        // Apply: the runner failed on this worker, so the run's shards go elsewhere; a
+        // whole shard's wall time minus its tests' time is what one hand-out costs.
+        let a = &c.attempts[&attempt_id];
+        let (run, whole, wall, tests_ms) = (
+            a.run,
+            a.pending.is_empty() && a.kind == AttemptKind::Run && a.total > 0,
+            now.ms.saturating_sub(a.started_ms),
+            a.reported_ms,
+        );
+        if let Some(r) = c.runs.get_mut(&run) {
+            if matches!(reason, RequeueReason::RunnerError { .. }) {
+                r.excluded.insert(worker);
+            }
+            if whole {
+                let initial = c.cfg.initial_overhead.as_millis() as f64;
+                let o = c.overhead_ms.entry(r.row.runner.clone()).or_insert(initial);
+                *o = policy::next_overhead(*o, wall, tests_ms);
+            }
+        }
+        let requeued = c.apply_end_attempt(plan);
+        Ok(pb::FinishShardResponse { requeued })
     }
 
     /// Expires attempts whose lease ran out and marks silent workers lost. Each expiry is a

@@ -388,7 +388,7 @@ impl Core {
         error: &str,
         now: Now,
     ) -> Result<(), Error> {
-        self.atomically(|c| c.discovery_inner(worker, attempt_id, tests, error, "", now))
+        self.discovery_proven(worker, attempt_id, tests, error, "", now)
     }
 
     /// [`Core::discovery`] of a listing the worker says ran on commit `tested` (empty: it
