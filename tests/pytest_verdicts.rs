@@ -110,8 +110,7 @@ fn a_session_that_fails_at_its_end_is_never_a_pass() {
     );
     for warm in MODES {
         let cluster = cluster(dir.path(), warm, 2);
-        // The listing's session fails. (Given tests, each shard's session failing, end up
-        // waiting out the queue timeout once every worker is excluded: see the closing note.)
+        // The listing's session fails.
         let r = run(&cluster, &format!("end-{warm}"), &[]);
         let j = r.json();
         assert_ne!(j["status"], "passed", "warm={warm}: {}", r.stdout);
@@ -120,6 +119,34 @@ fn a_session_that_fails_at_its_end_is_never_a_pass() {
         assert!(
             said.contains("exit status 3") || said.contains("exit status: 3"),
             "the tool's ending is named (warm={warm}): {said}"
+        );
+        // Given tests: each shard's session fails, and so does every worker's check of the
+        // runner; the run errors at its queue timeout, naming the tool's ending.
+        let list = dir.path().join("tests.txt");
+        std::fs::write(
+            &list,
+            "tests/test_good.py::test_one\ntests/test_good.py::test_two\n",
+        )
+        .unwrap();
+        let r = cluster.client(&[
+            "run",
+            "--runner",
+            "py",
+            "--suite",
+            &format!("end-given-{warm}"),
+            "--json",
+            "--tests-file",
+            list.to_str().unwrap(),
+            "--queue-timeout",
+            "3s",
+        ]);
+        let j = r.json();
+        assert_ne!(j["status"], "passed", "warm={warm}: {}", r.stdout);
+        assert_ne!(r.code, 0);
+        let said = format!("{} {}", j["message"], j["tests"]);
+        assert!(
+            said.contains("exit status 3") || said.contains("exit status: 3"),
+            "warm={warm}: {said}"
         );
     }
 }
@@ -163,6 +190,68 @@ fn a_test_that_ends_its_pytest_is_the_only_one_charged_on_a_first_run_and_with_h
                     "retried like any failure ({ctx}): {killer}"
                 );
             }
+        }
+    }
+}
+
+#[test]
+fn skips_and_xfails_keep_the_tools_outcomes_reasons_and_counts() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        &[
+            ("tests/test_good.py", GOOD),
+            (
+                "tests/test_optional.py",
+                "import pytest\nnp = pytest.importorskip('not_installed_numpy')\n\ndef test_np():\n    pass\n",
+            ),
+            (
+                "tests/test_marks.py",
+                concat!(
+                    "import pytest\n\n",
+                    "def test_skip_in_body():\n    pytest.skip('no network here')\n\n",
+                    "@pytest.mark.skip(reason='not on this platform')\ndef test_skip_mark():\n    pass\n\n",
+                    "@pytest.mark.xfail(reason='bug 1234')\ndef test_xfail():\n    assert False\n\n",
+                    "@pytest.mark.xfail(reason='fixed upstream?')\ndef test_xpass():\n    pass\n",
+                ),
+            ),
+        ],
+    );
+    for warm in MODES {
+        let cluster = cluster(dir.path(), warm, 2);
+        let r = run(&cluster, &format!("skips-{warm}"), &[]);
+        let j = r.json();
+        assert_eq!(j["status"], "passed", "warm={warm}: {}\n{}", r.stdout, r.stderr);
+        // pytest's own summary: 2 passed, 3 skipped (the module counts once), 1 xfailed,
+        // 1 xpassed.
+        assert_eq!(j["counts"]["total"], 7, "warm={warm}: {j}");
+        let module = outcome(&j, "tests/test_optional.py");
+        assert_eq!(module["outcome"], "skipped", "warm={warm}: {module}");
+        assert!(
+            module["detail"].as_str().unwrap().contains("not_installed_numpy"),
+            "warm={warm}: {module}"
+        );
+        for (id, outcome_, detail) in [
+            (
+                "tests/test_marks.py::test_skip_in_body",
+                "skipped",
+                "no network here",
+            ),
+            (
+                "tests/test_marks.py::test_skip_mark",
+                "skipped",
+                "not on this platform",
+            ),
+            ("tests/test_marks.py::test_xfail", "skipped", "xfailed: bug 1234"),
+            (
+                "tests/test_marks.py::test_xpass",
+                "passed",
+                "xpassed: fixed upstream?",
+            ),
+        ] {
+            let t = outcome(&j, id);
+            assert_eq!(t["outcome"], outcome_, "warm={warm}: {t}");
+            assert_eq!(t["detail"], detail, "warm={warm}: {t}");
         }
     }
 }

@@ -300,7 +300,7 @@ impl Core {
         for (id, limit) in expired {
             let run = &self.runs[&id];
             let labels = labels::to_text(&run.row.labels);
-            let message = format!(
+            let mut message = format!(
                 "no live worker could take this run for {:?} (its queue timeout): it needs runner '{}'{}; start or free such a worker",
                 limit,
                 run.row.runner,
@@ -310,6 +310,24 @@ impl Core {
                     format!(" with labels {labels}")
                 }
             );
+            // Workers that offer the runner but found it broken say why, in the tool's words.
+            let mut broken: Vec<(&str, &str)> = self
+                .workers
+                .values()
+                .filter(|w| w.live() && labels::satisfies(&w.row.labels, &run.row.labels))
+                .filter_map(|w| {
+                    let why = w.unavailable.get(&run.row.runner)?;
+                    Some((w.row.name.as_str(), why.as_str()))
+                })
+                .collect();
+            broken.sort();
+            if let Some((name, why)) = broken.first() {
+                message.push_str(&format!(
+                    "; the runner failed the worker's check on {} worker(s), e.g. {name}: {}",
+                    broken.len(),
+                    cap(why, 1024)
+                ));
+            }
             warn!(run = %id, %message, "run errored");
             self.atomically(|c| {
                 let ending = c.decide_end(id, RunStatus::Errored, message, now)?;

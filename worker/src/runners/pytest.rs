@@ -192,6 +192,12 @@ pub(super) struct Event {
     longrepr: String,
     #[serde(default)]
     sections: Vec<(String, String)>,
+    /// A skip's or an xfail's reason.
+    #[serde(default)]
+    reason: String,
+    /// The report is of a test pytest expected to fail (`wasxfail`).
+    #[serde(default)]
+    xfail: bool,
 }
 
 /// What a listing found: every collected item, then every collector (a module) that failed to
@@ -274,6 +280,15 @@ fn results_of(events: &[Event]) -> HashMap<String, TestRun> {
             ),
         });
     }
+    // A module that skipped itself (`importorskip` at import): its id is skipped.
+    for e in events.iter().filter(|e| e.e == "collectskip") {
+        out.entry(e.id.clone()).or_insert_with(|| TestRun {
+            outcome: Outcome::Skipped,
+            duration: Duration::ZERO,
+            output: String::new(),
+            detail: e.reason.clone(),
+        });
+    }
     for id in finished {
         let reports = phases.remove(id).unwrap_or_default();
         if reports.is_empty() {
@@ -306,7 +321,12 @@ fn results_of(events: &[Event]) -> HashMap<String, TestRun> {
         if outcome == Outcome::Skipped
             && let Some(r) = reports.iter().find(|r| r.outcome == "skipped")
         {
-            detail = r.longrepr.lines().last().unwrap_or_default().to_owned();
+            detail = skip_detail(r);
+        } else if outcome == Outcome::Passed
+            && let Some(r) = reports.iter().find(|r| r.xfail)
+        {
+            // pytest's XPASS of a non-strict xfail: a pass, said as pytest says it.
+            detail = labelled("xpassed", &r.reason);
         }
         let seconds: f64 = reports.iter().map(|r| r.duration.clamp(0.0, 1e7)).sum();
         out.insert(
@@ -320,6 +340,28 @@ fn results_of(events: &[Event]) -> HashMap<String, TestRun> {
         );
     }
     out
+}
+
+/// A skipped test's detail: its reason, or for an xfail `xfailed: <reason>` (the outcome stays
+/// `skipped`, which is what an xfail means to the gate; pytest's summary counts the two apart,
+/// and so can a reader of the detail).
+fn skip_detail(r: &Event) -> String {
+    if r.xfail {
+        return labelled("xfailed", &r.reason);
+    }
+    if !r.reason.is_empty() {
+        return r.reason.clone();
+    }
+    // A plugin older than `reason`, or a report type of a plugin's own.
+    r.longrepr.lines().last().unwrap_or_default().to_owned()
+}
+
+fn labelled(label: &str, reason: &str) -> String {
+    if reason.is_empty() {
+        label.to_owned()
+    } else {
+        format!("{label}: {reason}")
+    }
 }
 
 /// Reads `events` while pytest runs; when a started test has been running longer than
@@ -539,6 +581,9 @@ fn timed_out(id: &str, timeout: Duration, events: &[Event], finished: &process::
     }
 }
 
+/// pytest's exit status when it collected no test.
+const NO_TESTS_COLLECTED: i32 = 5;
+
 /// Sends one result per requested test; a test the events never finished gets `infra_error`.
 async fn finish(
     runner: &CommandRunner,
@@ -546,7 +591,7 @@ async fn finish(
     mut results: HashMap<String, TestRun>,
     finished: &process::Finished,
 ) -> Result<(), RunnerError> {
-    let runs = shard
+    let runs: Vec<(String, TestRun)> = shard
         .tests
         .iter()
         .map(|t| {
@@ -562,6 +607,18 @@ async fn finish(
             ending: Ending::Exited(1),
             ..finished.clone()
         },
+        // pytest's "no tests collected" for a shard of modules that each skipped themselves:
+        // what a whole-suite pytest would say of them is "skipped", exit status 0.
+        Ending::Exited(NO_TESTS_COLLECTED)
+            if runs
+                .iter()
+                .all(|(_, r): &(String, TestRun)| r.outcome == Outcome::Skipped) =>
+        {
+            process::Finished {
+                ending: Ending::Exited(0),
+                ..finished.clone()
+            }
+        }
         _ => finished.clone(),
     };
     deliver(runs, &finished, &shard.results).await
@@ -647,7 +704,7 @@ mod tests {
             r#"{"e":"finish","id":"t.py::bad"}"#,
             r#"{"e":"report","id":"t.py::fx","when":"setup","outcome":"failed","message":"RuntimeError: no db"}"#,
             r#"{"e":"finish","id":"t.py::fx"}"#,
-            r#"{"e":"report","id":"t.py::xf","when":"call","outcome":"skipped","xfail":true,"longrepr":"reason"}"#,
+            r#"{"e":"report","id":"t.py::xf","when":"call","outcome":"skipped","xfail":true,"reason":"bug 12","longrepr":"reason"}"#,
             r#"{"e":"finish","id":"t.py::xf"}"#,
             r#"{"e":"start","id":"t.py::hung"}"#,
         ]
@@ -663,6 +720,7 @@ mod tests {
         assert_eq!(r["t.py::fx"].outcome, Outcome::Failed);
         assert_eq!(r["t.py::fx"].detail, "error in setup: RuntimeError: no db");
         assert_eq!(r["t.py::xf"].outcome, Outcome::Skipped);
+        assert_eq!(r["t.py::xf"].detail, "xfailed: bug 12");
         assert!(
             !r.contains_key("t.py::hung"),
             "a test that never finished has no result"

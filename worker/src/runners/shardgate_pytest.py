@@ -9,6 +9,9 @@ named by SHARDGATE_PYTEST_EVENTS:
   {"e": "report", "id": ..., "when": ..., ...}   each phase's report
   {"e": "finish", "id": ...}                     a test ended
   {"e": "collecterror", "id": ..., ...}          a module (or other collector) failed to collect
+  {"e": "collectskip", "id": ..., "reason": ...} a module skipped itself (importorskip at import)
+
+A report's "reason" is a skip's reason or an xfail's (pytest's `wasxfail`), with "xfail" set.
 
 Node ids come from pytest itself, whatever the project's addopts (-q, -v, -ra), junit_family or
 inheritance; the worker times each started test against the run's test timeout from these
@@ -60,9 +63,35 @@ def pytest_collection_finish(session):
     if session.config.option.collectonly or session.config.getoption("shardgate_serve", False):
         for item in session.items:
             _emit({"e": "collected", "id": item.nodeid})
+        # A module that skipped itself is a test of its own, skipped with its reason.
+        for nodeid, event in _collect_events.items():
+            if event["e"] == "collectskip":
+                _emit({"e": "collected", "id": nodeid})
+
+
+# The collectors that failed or skipped themselves, by node id: a warm pytest serving one of
+# them as a test reports it again.
+_collect_events = {}
+
+
+def _skip_reason(report):
+    """A skip's reason as pytest's summary prints it, without its "Skipped: " prefix."""
+    longrepr = getattr(report, "longrepr", None)
+    if isinstance(longrepr, tuple) and len(longrepr) == 3:
+        text = str(longrepr[2])
+    elif longrepr is None:
+        text = ""
+    else:
+        text = getattr(getattr(longrepr, "reprcrash", None), "message", None) or str(longrepr)
+    return text[len("Skipped: "):] if text.startswith("Skipped: ") else text
 
 
 def pytest_collectreport(report):
+    if report.skipped and report.nodeid:
+        event = {"e": "collectskip", "id": report.nodeid, "reason": _skip_reason(report)}
+        _collect_events.setdefault(report.nodeid, event)
+        _emit(event)
+        return
     if not report.failed:
         return
     crash = getattr(getattr(report, "longrepr", None), "reprcrash", None)
@@ -74,7 +103,9 @@ def pytest_collectreport(report):
     if not message:
         lines = [l for l in text.splitlines() if l.strip()]
         message = lines[-1] if lines else "collection failed"
-    _emit({"e": "collecterror", "id": report.nodeid, "message": message, "longrepr": text})
+    event = {"e": "collecterror", "id": report.nodeid, "message": message, "longrepr": text}
+    _collect_events.setdefault(report.nodeid, event)
+    _emit(event)
 
 
 def _session_end_hooks(config):
@@ -103,6 +134,10 @@ def pytest_runtest_logreport(report):
         "duration": getattr(report, "duration", 0.0),
         "xfail": hasattr(report, "wasxfail"),
     }
+    if hasattr(report, "wasxfail"):
+        event["reason"] = str(report.wasxfail or "")
+    elif report.skipped:
+        event["reason"] = _skip_reason(report)
     if report.failed or (report.skipped and report.when != "call"):
         crash = getattr(getattr(report, "longrepr", None), "reprcrash", None)
         event["message"] = getattr(crash, "message", "") or ""
@@ -175,7 +210,11 @@ def pytest_runtestloop(session):
         todo = []
         for nodeid in command["ids"]:
             item = items.get(nodeid)
-            if item is None or nodeid in ran:
+            collector = _collect_events.get(nodeid)
+            if collector is not None and nodeid not in ran:
+                ran.add(nodeid)
+                _emit(collector)
+            elif item is None or nodeid in ran:
                 _emit({"e": "skip", "id": nodeid})
             else:
                 ran.add(nodeid)
