@@ -519,17 +519,43 @@ fn cargo_test_counts_should_panic_tests_and_never_passes_a_failing_custom_harnes
         .output()
         .unwrap();
     assert!(!direct.status.success(), "the direct run fails");
-    let (r, report, _) = run_discovered(&cluster, "cargo", "setups");
+    let (r, report, ours) = run_discovered(&cluster, "cargo", "setups");
     assert_ne!(report["verdict"], "passed", "{report}");
     assert_ne!(r.code, 0, "{report}");
-    // Every shard fails the same way, so the run stops once with the reason as its message.
+    // The custom harness is a test of its own, failed in its own words; the rest pass.
+    assert_eq!(report["verdict"], "failed", "{report}");
+    let custom = "setups::custom (custom harness)";
+    assert_eq!(ours[custom], "failed", "{report}");
+    let t = report["tests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["id"] == custom)
+        .unwrap();
+    assert!(
+        t["output"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("custom harness: 1 check failed"),
+        "{t}"
+    );
+    assert_eq!(ours["tests::adds"], "passed", "{report}");
+
+    // Through cargo (the profile's own commands, here the defaults written out), every shard
+    // runs the failing target: the run stops once with the reason as its message.
+    let profile = format!(
+        "[runners.cargo]\nkind = \"cargo-test\"\nworkdir = \"{}\"\nenv = {{ SHARDGATE_CARGO_TEST_DIRECT = \"0\" }}\n",
+        dir.path().display()
+    );
+    let cluster = Cluster::builder().workers(2).slots(1).runners(&profile).start();
+    let (r, report, _) = run_discovered(&cluster, "cargo", "setups-cargo");
+    assert_ne!(r.code, 0, "{report}");
     assert_eq!(report["verdict"], "errored", "{report}");
     let message = report["message"].as_str().unwrap_or_default();
     assert!(
         message.contains("outside these tests") && message.contains("custom harness: 1 check failed"),
         "the reason names the tool's failure in its own words: {report}"
     );
-    // Every shard ran the failing target, so no test passed in any of them.
     let passed = report["tests"]
         .as_array()
         .unwrap()
@@ -537,6 +563,76 @@ fn cargo_test_counts_should_panic_tests_and_never_passes_a_failing_custom_harnes
         .filter(|t| t["outcome"] == "passed")
         .count();
     assert_eq!(passed, 0, "{report}");
+}
+
+#[test]
+fn cargo_test_keeps_one_name_in_two_test_binaries_apart_and_accepts_the_bare_name() {
+    let dir = tempfile::tempdir().unwrap();
+    write_tree(
+        dir.path(),
+        &[
+            (
+                "Cargo.toml",
+                "[package]\nname = \"twice\"\nversion = \"0.1.0\"\nedition = \"2021\"\n\n[workspace]\n",
+            ),
+            (
+                "src/lib.rs",
+                "#[test]\nfn same() {}\n\n#[test]\nfn only_lib() {\n    assert_eq!(std::env::var(\"CARGO_PKG_NAME\").unwrap(), \"twice\");\n    assert!(std::path::Path::new(\"Cargo.toml\").exists(), \"in the package's directory\");\n}\n",
+            ),
+            (
+                "tests/it.rs",
+                "#[test]\nfn same() {\n    panic!(\"the integration test fails\");\n}\n",
+            ),
+        ],
+    );
+    let profile = format!(
+        "[runners.cargo]\nkind = \"cargo-test\"\nworkdir = \"{}\"\n",
+        dir.path().display()
+    );
+    let cluster = Cluster::builder().workers(2).slots(1).runners(&profile).start();
+    let (r, report, ours) = run_discovered(&cluster, "cargo", "twice");
+    let want: BTreeMap<String, String> = [
+        ("only_lib", "passed"),
+        ("twice same", "passed"),
+        ("twice::it same", "failed"),
+    ]
+    .into_iter()
+    .map(|(a, b)| (a.to_owned(), b.to_owned()))
+    .collect();
+    assert_eq!(
+        ours, want,
+        "nextest's count, not cargo test's folded one: {report}"
+    );
+    assert_eq!(r.code, 1, "{}", r.stderr);
+
+    // An older listing's bare name runs in every binary that has it, and keeps the worst.
+    let list = dir.path().join("tests.txt");
+    std::fs::write(&list, "same\nonly_lib\n").unwrap();
+    let r = cluster.client(&[
+        "run",
+        "--runner",
+        "cargo",
+        "--suite",
+        "twice-old",
+        "--retries",
+        "0",
+        "--json",
+        "--tests-file",
+        list.to_str().unwrap(),
+    ]);
+    let j = r.json();
+    let outcome = |id: &str| {
+        j["tests"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["id"] == id)
+            .unwrap()["outcome"]
+            .clone()
+    };
+    assert_eq!(outcome("same"), "failed", "{j}");
+    assert_eq!(outcome("only_lib"), "passed", "{j}");
+    assert_eq!(r.code, 1);
 }
 
 /// A crate with its own nextest configuration (retries, a store directory of its own), a test

@@ -115,6 +115,9 @@ pub struct CommandRunner {
     pub(super) warm: std::sync::Arc<super::pytest_warm::WarmPool>,
     /// nextest: the run whose build is recorded, and where (see `nextest.rs`).
     pub(super) nextest_build: std::sync::Arc<Mutex<Option<RecordedBuild>>>,
+    /// cargo test: the run whose test binaries are recorded, and how cargo starts them (see
+    /// `cargo_test.rs`).
+    pub(super) cargo_build: std::sync::Arc<Mutex<Option<super::cargo_test::RecordedRun>>>,
 }
 
 /// Where a runner's commands run for a revision (see `workspace.rs`).
@@ -151,6 +154,7 @@ impl CommandRunner {
             setups: Default::default(),
             warm: Default::default(),
             nextest_build: Default::default(),
+            cargo_build: Default::default(),
         }
     }
 
@@ -548,6 +552,19 @@ pub(super) async fn deliver(
     finished: &process::Finished,
     results: &mpsc::Sender<(String, TestRun)>,
 ) -> Result<(), RunnerError> {
+    judge(&mut runs, finished)?;
+    for run in runs {
+        if results.send(run).await.is_err() {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// What [`deliver`] checks of one tool command's results before they are sent: a test left
+/// without a result when the command timed out is the one that hung, and an ending no result
+/// explains fails the shard.
+pub(super) fn judge(runs: &mut [(String, TestRun)], finished: &process::Finished) -> Result<(), RunnerError> {
     // A shard stopped at its limit with one test left without a result: that test hung.
     if finished.ending == Ending::TimedOut {
         let mut missing = runs.iter_mut().filter(|(_, r)| is_missing(r));
@@ -570,11 +587,6 @@ pub(super) async fn deliver(
             ),
             finished.output.clone(),
         )));
-    }
-    for run in runs {
-        if results.send(run).await.is_err() {
-            break;
-        }
     }
     Ok(())
 }

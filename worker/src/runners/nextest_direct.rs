@@ -114,16 +114,27 @@ impl Inputs {
 
 /// Why direct starts are not used for a runner, if they are not.
 pub(crate) fn refusal(runner: &CommandRunner, env: &[(OsString, OsString)]) -> Option<String> {
-    let var = |name: &str| {
-        env.iter()
-            .rev()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.clone())
-            .or_else(|| super::nextest::runner_env(runner, name))
-    };
+    let var = |name: &str| env_var(runner, env, name);
     if var("SHARDGATE_NEXTEST_DIRECT").is_some_and(|v| v.to_string_lossy().trim() == "0") {
         return Some("SHARDGATE_NEXTEST_DIRECT=0".into());
     }
+    // The workspace's root is the working directory or above it.
+    let workdir = &runner.config().workdir;
+    if let Some(f) = workdir
+        .ancestors()
+        .map(|d| d.join(".config/nextest.toml"))
+        .find(|f| f.exists())
+    {
+        return Some(format!("a nextest configuration ({})", f.display()));
+    }
+    target_runner_refusal(runner, env)
+}
+
+/// Why a target runner of shardgate's own cannot record how cargo starts the test binaries,
+/// if it cannot: the project or the worker has one already (in the environment, `env`
+/// included, or in a cargo configuration file cargo would read).
+pub(crate) fn target_runner_refusal(runner: &CommandRunner, env: &[(OsString, OsString)]) -> Option<String> {
+    let var = |name: &str| env_var(runner, env, name);
     let given = runner.config().env.keys().cloned().map(OsString::from);
     let names = std::env::vars_os()
         .map(|(k, _)| k)
@@ -135,18 +146,19 @@ pub(crate) fn refusal(runner: &CommandRunner, env: &[(OsString, OsString)]) -> O
             return Some(format!("a target runner is set ({name})"));
         }
     }
-    // The workspace's root is the working directory or above it.
     let workdir = &runner.config().workdir;
-    if let Some(f) = workdir
-        .ancestors()
-        .map(|d| d.join(".config/nextest.toml"))
-        .find(|f| f.exists())
-    {
-        return Some(format!("a nextest configuration ({})", f.display()));
-    }
     let home = cargo_home(var);
     cargo_config_runner(workdir, home.as_deref())
         .map(|f| format!("cargo's configuration may set a target runner ({})", f.display()))
+}
+
+/// A variable of `env` (the last setting wins), else of the runner's environment.
+fn env_var(runner: &CommandRunner, env: &[(OsString, OsString)], name: &str) -> Option<OsString> {
+    env.iter()
+        .rev()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.clone())
+        .or_else(|| super::nextest::runner_env(runner, name))
 }
 
 /// Cargo's home in an environment (`var`): `CARGO_HOME`, else `~/.cargo`.
@@ -242,7 +254,7 @@ fn write_start(
 
 /// The environment variable that names the program nextest starts the host's test binaries
 /// through (a target runner).
-fn runner_var(host_triple: &str) -> String {
+pub(crate) fn runner_var(host_triple: &str) -> String {
     format!(
         "CARGO_TARGET_{}_RUNNER",
         host_triple.to_uppercase().replace(['-', '.'], "_")
@@ -267,39 +279,14 @@ pub(crate) async fn record(
     host_triple: &str,
     cancel: &tokio_util::sync::CancellationToken,
 ) -> Option<Launches> {
-    let mut cmd = cmd;
-    let files = tempfile::tempdir().ok()?;
-    let me = std::env::current_exe().ok()?;
-    let value = format!("{} {RECORD_START} {}", me.display(), files.path().display());
-    // cargo splits a runner's command line at white space.
-    if value.split_whitespace().count() != 3 {
-        info!(runner = %runner.config().name, value, "a path has white space in it: every test starts through nextest");
-        return None;
-    }
-    let var = runner_var(host_triple);
-    cmd.env(&var, &value)
-        .stdin(std::process::Stdio::null())
-        .kill_on_drop(true);
-    let out = tokio::select! {
-        out = cmd.output() => out.ok()?,
-        () = cancel.cancelled() => return None,
-    };
-    if !out.status.success() {
-        info!(
-            runner = %runner.config().name,
-            status = %out.status,
-            stderr = %super::batch::tail(&String::from_utf8_lossy(&out.stderr), 2048),
-            "could not record how nextest starts the test binaries; every shard goes through nextest"
-        );
-        return None;
-    }
+    let (out, starts) = run_recording(runner, cmd, host_triple, cancel, "nextest").await?;
     let listing: Vec<String> = String::from_utf8_lossy(&out.stdout)
         .lines()
         .map(str::trim)
         .filter(|l| !l.is_empty())
         .map(str::to_owned)
         .collect();
-    let by_binary = read_started(files.path(), &var)?;
+    let by_binary = read_started(starts)?;
     // nextest's own configuration changes how tests run in ways a record cannot show.
     // `refusal` looked above the working directory; the workspace's root can be elsewhere
     // (`package.workspace`), and only nextest says where.
@@ -326,11 +313,60 @@ fn lookup<'a>(env: &'a [(OsString, OsString)], name: &str) -> Option<&'a OsStr> 
     env.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_os_str())
 }
 
-/// The starts [`write_start`] recorded in `files`, by binary id. A binary started twice in
-/// two different ways is left out (nextest would start it in one). The runner variable is
-/// taken out.
-fn read_started(files: &Path, runner_var: &str) -> Option<HashMap<String, Launch>> {
-    let mut by_binary: HashMap<String, Option<Launch>> = HashMap::new();
+/// Runs `cmd` (a listing of every test binary: nextest's or cargo's) with this program as
+/// the host's target runner ([`RECORD_START`]); returns its output and every start it
+/// recorded. `None` when it failed or nothing could be read: the shards then go through
+/// `tool`, as before.
+pub(crate) async fn run_recording(
+    runner: &CommandRunner,
+    mut cmd: tokio::process::Command,
+    host_triple: &str,
+    cancel: &tokio_util::sync::CancellationToken,
+    tool: &str,
+) -> Option<(std::process::Output, Vec<Start>)> {
+    let files = tempfile::tempdir().ok()?;
+    let me = std::env::current_exe().ok()?;
+    let value = format!("{} {RECORD_START} {}", me.display(), files.path().display());
+    // cargo splits a runner's command line at white space.
+    if value.split_whitespace().count() != 3 {
+        info!(runner = %runner.config().name, value, "a path has white space in it: every test starts through {tool}");
+        return None;
+    }
+    let var = runner_var(host_triple);
+    cmd.env(&var, &value)
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    let out = tokio::select! {
+        out = cmd.output() => out.ok()?,
+        () = cancel.cancelled() => return None,
+    };
+    if !out.status.success() {
+        // The shards go through the tool, whose own output then says what failed.
+        info!(
+            runner = %runner.config().name,
+            status = %out.status,
+            stderr = %super::batch::tail(&String::from_utf8_lossy(&out.stderr), 2048),
+            "could not record how the test binaries are started; every shard goes through {tool}"
+        );
+        return None;
+    }
+    let starts = read_starts(files.path(), &var)?;
+    Some((out, starts))
+}
+
+/// One start [`write_start`] recorded: the arguments (the program first), the directory and
+/// the whole environment, sorted, without the runner variable.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Start {
+    pub argv: Vec<OsString>,
+    pub cwd: PathBuf,
+    pub env: Vec<(OsString, OsString)>,
+}
+
+/// Every start recorded in `files` whose first argument is `--list` (a listing of a test
+/// binary).
+fn read_starts(files: &Path, runner_var: &str) -> Option<Vec<Start>> {
+    let mut starts = Vec::new();
     for entry in std::fs::read_dir(files).ok()? {
         let path = entry.ok()?.path();
         if path.extension() != Some(OsStr::new("argv")) {
@@ -349,12 +385,22 @@ fn read_started(files: &Path, runner_var: &str) -> Option<HashMap<String, Launch
             .filter(|(k, _)| k != runner_var)
             .collect();
         env.sort();
-        let Some(binary) = lookup(&env, "NEXTEST_BINARY_ID").map(|b| b.to_string_lossy().into_owned()) else {
-            continue;
-        };
         let cwd = {
             use std::os::unix::ffi::OsStrExt;
             PathBuf::from(OsStr::from_bytes(&cwd))
+        };
+        starts.push(Start { argv, cwd, env });
+    }
+    Some(starts)
+}
+
+/// nextest's starts by binary id. A binary started twice in two different ways is left out
+/// (nextest would start it in one).
+fn read_started(starts: Vec<Start>) -> Option<HashMap<String, Launch>> {
+    let mut by_binary: HashMap<String, Option<Launch>> = HashMap::new();
+    for Start { argv, cwd, env } in starts {
+        let Some(binary) = lookup(&env, "NEXTEST_BINARY_ID").map(|b| b.to_string_lossy().into_owned()) else {
+            continue;
         };
         let run_id = lookup(&env, "NEXTEST_RUN_ID")
             .map(|r| r.to_string_lossy().into_owned())
@@ -617,7 +663,7 @@ mod tests {
         start(3, "c::two", "x", &["--list"]);
         start(4, "c::two", "y", &["--list"]);
         start(5, "c::three", "x", &["--exact", "t"]);
-        let got = read_started(dir.path(), var).unwrap();
+        let got = read_started(read_starts(dir.path(), var).unwrap()).unwrap();
         assert_eq!(got.keys().collect::<Vec<_>>(), vec!["c::one"], "{got:?}");
         let one = &got["c::one"];
         assert_eq!(one.program, PathBuf::from("/bin/t"));
@@ -630,6 +676,6 @@ mod tests {
         assert_eq!(lookup(&one.env, "EXTRA"), Some(OsStr::new("a\nb=c")));
         assert_eq!(lookup(&one.env, "EMPTY"), Some(OsStr::new("")));
         // Nothing recorded: nothing to use.
-        assert!(read_started(tempfile::tempdir().unwrap().path(), var).is_none());
+        assert!(read_started(read_starts(tempfile::tempdir().unwrap().path(), var).unwrap()).is_none());
     }
 }
