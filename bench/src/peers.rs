@@ -1,7 +1,9 @@
 //! `shardgate local` against the tools people already have, on the same machine and slots:
 //! a PyPI project's suite under `pytest -n N` (pytest-xdist) and a crates.io crate's suite under
 //! `cargo nextest run -j N`, each against `shardgate local --pytest DIR` / `--nextest DIR` with
-//! N workers of one slot: its first run (no history) and the runs after it. Wall time of the
+//! N workers of one slot: its first run (no history) and the runs after it; with
+//! `--cargo-test` the crate under `--cargo-test` too, and with `--go-test` a Go module under
+//! `go test -p N`. Wall time of the
 //! whole command, as a user waits for it; each of shardgate's runs is read against the peer
 //! runs just before and after it, and `--repeats` repeats the whole sequence.
 
@@ -23,6 +25,17 @@ pub struct PeersArgs {
     /// whose suite runs under nextest (`""` to skip).
     #[arg(long, default_value = "itertools-0.15.0")]
     pub krate: String,
+    /// Also run the crate's suite with `shardgate local --cargo-test`, against
+    /// `cargo nextest run -j N` and against `cargo test --tests`.
+    #[arg(long)]
+    pub cargo_test: bool,
+    /// A Go module whose suite runs under `shardgate local --go-test`, against
+    /// `go test -count=1 -p N ./...` (`-count=1`: go's result cache would answer a later run
+    /// without running a test): a directory, or `go-cmp` for the Debian package of
+    /// github.com/google/go-cmp 0.5.9 (`golang-github-google-go-cmp-dev`, installed with apt
+    /// if missing). `""` skips it.
+    #[arg(long, default_value = "")]
+    pub go_test: String,
     /// shardgate runs after the first one.
     #[arg(long, default_value_t = 2)]
     pub later: usize,
@@ -228,6 +241,93 @@ pub fn run(a: PeersArgs) -> anyhow::Result<()> {
             "nextest",
             &dir,
         )?;
+        if a.cargo_test {
+            timed(
+                Command::new("cargo")
+                    .args(["test", "--tests", "--no-run"])
+                    .current_dir(&dir),
+                "cargo test --no-run",
+            )?;
+            compare(
+                &a,
+                &bins,
+                &format!(
+                    "{} under cargo test: `cargo nextest run -j {slots}` as the peer",
+                    a.krate
+                ),
+                &mut nextest,
+                "cargo-test",
+                &dir,
+            )?;
+            let mut cargo_test = || {
+                timed(
+                    Command::new("cargo")
+                        .args(["test", "--tests", "--quiet"])
+                        .current_dir(&dir),
+                    "cargo test",
+                )
+            };
+            compare(
+                &a,
+                &bins,
+                &format!("{} under cargo test: `cargo test --tests` as the peer", a.krate),
+                &mut cargo_test,
+                "cargo-test",
+                &dir,
+            )?;
+        }
+    }
+    if !a.go_test.is_empty() {
+        let dir = go_module(&a.go_test, work.path())?;
+        // Both measure running the tests: the packages are compiled into go's cache first.
+        timed(
+            Command::new("go")
+                .args(["test", "-count=1", "-run", "^$", "./..."])
+                .current_dir(&dir),
+            "go test (apt-get install golang-go)",
+        )?;
+        let mut go = || {
+            timed(
+                Command::new("go")
+                    .args(["test", "-count=1", "-p", &slots, "./..."])
+                    .current_dir(&dir),
+                "go test -p",
+            )
+        };
+        compare(
+            &a,
+            &bins,
+            &format!(
+                "{} under go test: `go test -count=1 -p {slots} ./...` as the peer",
+                a.go_test
+            ),
+            &mut go,
+            "go-test",
+            &dir,
+        )?;
     }
     Ok(())
+}
+
+/// A writable copy of the Go module `what`: a directory, or `go-cmp` (Debian's package).
+fn go_module(what: &str, work: &Path) -> anyhow::Result<PathBuf> {
+    let src = if what == "go-cmp" {
+        let dir = PathBuf::from("/usr/share/gocode/src/github.com/google/go-cmp");
+        if !dir.join("go.mod").exists() {
+            timed(
+                Command::new("apt-get").args(["install", "-y", "-qq", "golang-github-google-go-cmp-dev"]),
+                "apt-get install golang-github-google-go-cmp-dev",
+            )?;
+        }
+        dir
+    } else {
+        PathBuf::from(what)
+    };
+    anyhow::ensure!(src.join("go.mod").exists(), "{} holds no go.mod", src.display());
+    let dst = work.join("go-module");
+    timed(
+        Command::new("cp").arg("-rL").arg(&src).arg(&dst),
+        "copying the Go module",
+    )?;
+    Ok(dst)
 }

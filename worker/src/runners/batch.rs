@@ -118,6 +118,8 @@ pub struct CommandRunner {
     /// cargo test: the run whose test binaries are recorded, and how cargo starts them (see
     /// `cargo_test.rs`).
     pub(super) cargo_build: std::sync::Arc<Mutex<Option<super::cargo_test::RecordedRun>>>,
+    /// go test: the run whose test binaries are compiled, and where (see `go_test.rs`).
+    pub(super) go_build: std::sync::Arc<Mutex<Option<super::go_test::CompiledRun>>>,
 }
 
 /// Where a runner's commands run for a revision (see `workspace.rs`).
@@ -155,6 +157,7 @@ impl CommandRunner {
             warm: Default::default(),
             nextest_build: Default::default(),
             cargo_build: Default::default(),
+            go_build: Default::default(),
         }
     }
 

@@ -1,7 +1,18 @@
-//! go test: `<package> <Name>` test ids, listed per package with `-list`, a shard run as one
-//! `go test -json -run '^(A|B)$' PKG` per package with results from test2json.
+//! go test: `<package> <Name>` test ids, listed per package with `-list`, results from
+//! test2json.
+//!
+//! **Compiled once per run**: a worker compiles each package's test binary the first time a
+//! shard of the run needs it (`go test -c`, then the `go vet` checks `go test` runs), and each
+//! shard then runs the binary itself, as `go test` would (in the package's directory, with
+//! `-test.paniconexit0 -test.timeout=10m0s -test.run '^(A|B)$'`), under Go's own `test2json`
+//! (from `go env GOTOOLDIR`): no `go` start, build check or link per shard. A binary is never
+//! reused by another run, so code edited between two runs is never missed. Where the toolchain
+//! cannot be asked (`go list` or `go env` fail, no `test2json`), or with
+//! `SHARDGATE_GO_TEST_DIRECT=0`, each shard runs `go test -json -count=1 -run … PKG`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
 
 use shardgate_common::Outcome;
 
@@ -46,7 +57,146 @@ fn list() -> Vec<String> {
     ["go", "test", "-list", ".", "./..."].map(String::from).to_vec()
 }
 
-/// `go test`: one `go test -json -run '^(A|B)$' PKG` per package of the shard.
+/// The run whose test binaries a worker compiles, and where (`None`: the toolchain could not
+/// be asked, so shards go through `go test`).
+pub(super) type CompiledRun = (String, Option<Arc<Compiled>>);
+
+/// A run's test binaries on this worker, compiled as shards need them.
+#[derive(Debug)]
+pub(super) struct Compiled {
+    dir: tempfile::TempDir,
+    test2json: PathBuf,
+    /// Each package's source directory, by import path.
+    sources: HashMap<String, PathBuf>,
+    /// Each package's binary once compiled, or what compiling it said.
+    binaries: std::sync::Mutex<HashMap<String, Arc<tokio::sync::OnceCell<Result<PathBuf, String>>>>>,
+    /// Numbers the binaries' files.
+    made: std::sync::atomic::AtomicUsize,
+}
+
+/// The checks `go test` runs `go vet` with before a package's tests.
+const VET_CHECKS: [&str; 8] = [
+    "-atomic",
+    "-bool",
+    "-buildtags",
+    "-errorsas",
+    "-ifaceassert",
+    "-nilfunc",
+    "-printf",
+    "-stringintconv",
+];
+
+/// The run's compiled binaries on this worker, set up by its first shard here.
+async fn compiled_for(runner: &CommandRunner, revision: &str, run: &str) -> Option<Arc<Compiled>> {
+    if super::nextest::runner_env(runner, "SHARDGATE_GO_TEST_DIRECT")
+        .is_some_and(|v| v.to_string_lossy().trim() == "0")
+    {
+        return None;
+    }
+    if run.is_empty() {
+        return prepare(runner, revision).await.map(Arc::new);
+    }
+    let mut held = runner.go_build.lock().await;
+    if let Some((r, c)) = &*held
+        && r == run
+    {
+        return c.clone();
+    }
+    let c = prepare(runner, revision).await.map(Arc::new);
+    *held = Some((run.to_owned(), c.clone()));
+    c
+}
+
+/// Asks the toolchain where `test2json` is and where each package's sources are.
+async fn prepare(runner: &CommandRunner, revision: &str) -> Option<Compiled> {
+    let ask = |argv: &[&str]| {
+        let argv: Vec<String> = argv.iter().map(|a| (*a).to_owned()).collect();
+        let mut cmd = runner.command(&argv, &[], "", revision);
+        cmd.stdin(std::process::Stdio::null()).kill_on_drop(true);
+        async move {
+            let out = cmd.output().await.ok()?;
+            out.status
+                .success()
+                .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+        }
+    };
+    let (tooldir, list) = tokio::join!(
+        ask(&["go", "env", "GOTOOLDIR"]),
+        ask(&["go", "list", "-f", "{{.ImportPath}}\t{{.Dir}}", "./..."])
+    );
+    let test2json = PathBuf::from(tooldir?.trim()).join("test2json");
+    if !test2json.is_file() {
+        return None;
+    }
+    let sources = list?
+        .lines()
+        .filter_map(|l| l.split_once('\t'))
+        .map(|(pkg, dir)| (pkg.to_owned(), PathBuf::from(dir)))
+        .collect();
+    Some(Compiled {
+        dir: tempfile::tempdir().ok()?,
+        test2json,
+        sources,
+        binaries: Default::default(),
+        made: Default::default(),
+    })
+}
+
+impl Compiled {
+    /// `pkg`'s test binary, compiled (and vetted) the first time it is asked for.
+    async fn binary(&self, runner: &CommandRunner, revision: &str, pkg: &str) -> Result<PathBuf, String> {
+        let cell = self
+            .binaries
+            .lock()
+            .expect("go binaries lock")
+            .entry(pkg.to_owned())
+            .or_default()
+            .clone();
+        cell.get_or_init(|| async {
+            let n = self.made.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let out = self.dir.path().join(format!("{n}.test"));
+            let build: Vec<String> = ["go", "test", "-c", "-o", "{out}", "{pkg}"]
+                .map(String::from)
+                .to_vec();
+            let mut vet: Vec<String> = vec!["go".into(), "vet".into()];
+            vet.extend(VET_CHECKS.map(String::from));
+            vet.push("{pkg}".into());
+            let out_s = out.display().to_string();
+            let vars = [
+                ("{out}", out_s.as_str()),
+                ("{pkg}", pkg),
+                ("{revision}", revision),
+            ];
+            let run = |argv: Vec<String>| {
+                let mut cmd = runner.command_with(&argv, &[], &vars);
+                cmd.stdin(std::process::Stdio::null()).kill_on_drop(true);
+                async move { cmd.output().await }
+            };
+            let (built, vetted) = tokio::join!(run(build), run(vet));
+            for (what, r) in [("go test -c", built), ("go vet", vetted)] {
+                let o = r.map_err(|e| format!("{what} {pkg} could not start: {e}"))?;
+                if !o.status.success() {
+                    return Err(format!(
+                        "{what} {pkg} failed ({}):\n{}{}",
+                        o.status,
+                        String::from_utf8_lossy(&o.stdout),
+                        String::from_utf8_lossy(&o.stderr)
+                    ));
+                }
+            }
+            if out.is_file() {
+                Ok(out)
+            } else {
+                Err(format!("go test -c {pkg} wrote no test binary"))
+            }
+        })
+        .await
+        .clone()
+    }
+}
+
+/// `go test`: per package of the shard, its test binary under test2json, or one
+/// `go test -json -run '^(A|B)$' PKG`.
 async fn run_shard(runner: &CommandRunner, shard: Shard<'_>) -> Result<(), RunnerError> {
     let Shard {
         tests,
@@ -56,6 +206,8 @@ async fn run_shard(runner: &CommandRunner, shard: Shard<'_>) -> Result<(), Runne
         limit,
         ..
     } = shard;
+    let compiled = compiled_for(runner, revision, shard.run).await;
+    let deadline = std::time::Instant::now() + limit;
     let mut by_pkg: BTreeMap<&str, Vec<(&String, &str)>> = BTreeMap::new();
     for t in tests {
         let (pkg, name) = crate::gotest::split(t).unwrap_or((t.as_str(), ""));
@@ -64,15 +216,53 @@ async fn run_shard(runner: &CommandRunner, shard: Shard<'_>) -> Result<(), Runne
     for (pkg, group) in by_pkg {
         let names: Vec<&str> = group.iter().map(|(_, n)| *n).collect();
         let pattern = crate::gotest::run_pattern(&names);
-        let argv: Vec<String> = ["go", "test", "-json", "-count=1", "-run", "{pattern}", "{pkg}"]
-            .map(String::from)
-            .to_vec();
-        let cmd = runner.command_with(
-            &argv,
-            &[],
-            &[("{pattern}", &pattern), ("{pkg}", pkg), ("{revision}", revision)],
-        );
-        let finished = process::run(cmd, Some(limit), cancel, 16 * 1024 * 1024).await;
+        let direct = match compiled.as_ref().and_then(|c| Some((c, c.sources.get(pkg)?))) {
+            Some((c, source)) => {
+                let binary = c.binary(runner, revision, pkg).await.map_err(RunnerError::Tool)?;
+                Some((c, source, binary))
+            }
+            None => None,
+        };
+        let cmd = match &direct {
+            Some((c, source, binary)) => {
+                let argv: Vec<String> = [
+                    "{test2json}",
+                    "-t",
+                    "-p",
+                    "{pkg}",
+                    "{binary}",
+                    "-test.v",
+                    "-test.paniconexit0",
+                    "-test.timeout=10m0s",
+                    "-test.run",
+                    "{pattern}",
+                ]
+                .map(String::from)
+                .to_vec();
+                let (t, b) = (c.test2json.display().to_string(), binary.display().to_string());
+                let vars = [
+                    ("{test2json}", t.as_str()),
+                    ("{binary}", &b),
+                    ("{pattern}", &pattern),
+                    ("{pkg}", pkg),
+                ];
+                let mut cmd = runner.command_with(&argv, &[], &vars);
+                cmd.current_dir(source);
+                cmd
+            }
+            None => {
+                let argv: Vec<String> = ["go", "test", "-json", "-count=1", "-run", "{pattern}", "{pkg}"]
+                    .map(String::from)
+                    .to_vec();
+                runner.command_with(
+                    &argv,
+                    &[],
+                    &[("{pattern}", &pattern), ("{pkg}", pkg), ("{revision}", revision)],
+                )
+            }
+        };
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let finished = process::run(cmd, Some(left), cancel, 16 * 1024 * 1024).await;
         if finished.ending == Ending::Cancelled {
             return Ok(());
         }
