@@ -69,10 +69,13 @@ pub(super) struct Compiled {
     /// Each package's source directory, by import path.
     sources: HashMap<String, PathBuf>,
     /// Each package's binary once compiled, or what compiling it said.
-    binaries: std::sync::Mutex<HashMap<String, Arc<tokio::sync::OnceCell<Result<PathBuf, String>>>>>,
+    binaries: std::sync::Mutex<HashMap<String, Arc<OnceBinary>>>,
     /// Numbers the binaries' files.
     made: std::sync::atomic::AtomicUsize,
 }
+
+/// A package's test binary once compiled, or what compiling it said.
+type OnceBinary = tokio::sync::OnceCell<Result<PathBuf, String>>;
 
 /// The checks `go test` runs `go vet` with before a package's tests.
 const VET_CHECKS: [&str; 8] = [
