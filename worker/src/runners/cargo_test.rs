@@ -153,9 +153,7 @@ fn direct_refusal(runner: &CommandRunner) -> Option<String> {
     if cfg.run != run() || cfg.list != Some(list()) {
         return Some("the profile has commands of its own".into());
     }
-    if super::nextest::runner_env(runner, "SHARDGATE_CARGO_TEST_DIRECT")
-        .is_some_and(|v| v.to_string_lossy().trim() == "0")
-    {
+    if super::nextest::turned_off(runner, "SHARDGATE_CARGO_TEST_DIRECT") {
         return Some("SHARDGATE_CARGO_TEST_DIRECT=0".into());
     }
     super::nextest_direct::target_runner_refusal(runner, &[])

@@ -91,9 +91,7 @@ const VET_CHECKS: [&str; 8] = [
 
 /// The run's compiled binaries on this worker, set up by its first shard here.
 async fn compiled_for(runner: &CommandRunner, revision: &str, run: &str) -> Option<Arc<Compiled>> {
-    if super::nextest::runner_env(runner, "SHARDGATE_GO_TEST_DIRECT")
-        .is_some_and(|v| v.to_string_lossy().trim() == "0")
-    {
+    if super::nextest::turned_off(runner, "SHARDGATE_GO_TEST_DIRECT") {
         return None;
     }
     if run.is_empty() {

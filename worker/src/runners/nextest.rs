@@ -364,6 +364,12 @@ async fn output(
 
 /// `name` in the environment the runner's commands start with: the profile's, else this
 /// process's.
+/// Whether the profile's or the worker's environment sets `name` to `0`: a fast path turned
+/// off (`SHARDGATE_NEXTEST_DIRECT`, `SHARDGATE_CARGO_TEST_DIRECT`, `SHARDGATE_GO_TEST_DIRECT`).
+pub(super) fn turned_off(runner: &CommandRunner, name: &str) -> bool {
+    runner_env(runner, name).is_some_and(|v| v.to_string_lossy().trim() == "0")
+}
+
 pub(super) fn runner_env(runner: &CommandRunner, name: &str) -> Option<std::ffi::OsString> {
     runner
         .cfg
